@@ -1,0 +1,110 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+* Training state (``<run>/train/round_<r>/state.safetensors`` + ``state.json``): student, teacher and initial decoder
+  weights, Adam moments, RNG state; enough to resume a round exactly where it stopped.
+* Model (``<run>/model/decoder.safetensors`` + ``model.json``): what prediction needs and nothing else: the decoder,
+  the backbone name and weights source (the random backbone itself when the run had no pretrained weights), the
+  number of channels, the sizes, the cluster -> class mapping when one was matched, and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from transfgu.store import atomic_write_json
+
+MODEL_JSON = "model.json"
+DECODER_FILE = "decoder.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors and JSON-able scalars."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"opt.{pid}.{k}"] = v
+            else:
+                scalars["state"].setdefault(str(pid), {})[k] = v
+    return tensors, scalars
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, st in scalars["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def save_train_state(
+    directory: Path,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    initial: dict[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    generator: torch.Generator | None = None,
+) -> None:
+    """Atomically write a resumable training state (tensors first, then the JSON that marks it complete)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"student.{k}": v for k, v in student.state_dict().items()}
+    tensors.update({f"initial.{k}": v for k, v in initial.items()})
+    if teacher is not None:
+        tensors.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
+    opt_t, opt_s = optimizer_tensors(optimizer)
+    tensors.update(opt_t)
+    if generator is not None:
+        tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    _save_tensors(tensors, directory / "state.safetensors")
+    atomic_write_json(directory / "state.json", {**info, "optimizer": opt_s, "has_teacher": teacher is not None})
+
+
+def load_train_state(directory: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """Read a state written by :func:`save_train_state`: tensors grouped by prefix, and the JSON info."""
+    info = json.loads((directory / "state.json").read_text())
+    flat = load_file(str(directory / "state.safetensors"))
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, v in flat.items():
+        head, rest = key.split(".", 1)
+        groups.setdefault(head, {})[rest] = v
+    groups.setdefault("opt", {})
+    groups["opt"] = {f"opt.{k}": v for k, v in groups["opt"].items()}
+    return groups, info
+
+
+def save_model(directory: Path, decoder: torch.nn.Module, meta: dict[str, Any], backbone=None) -> None:
+    """Write the self-contained prediction checkpoint. ``backbone`` is stored only when it is not pretrained."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_tensors(decoder.state_dict(), directory / DECODER_FILE)
+    if backbone is not None and not getattr(backbone, "pretrained", True):
+        _save_tensors(backbone.vit.state_dict(), directory / BACKBONE_FILE)
+        meta = {**meta, "backbone_file": BACKBONE_FILE}
+    atomic_write_json(directory / MODEL_JSON, meta)
+
+
+def read_model_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MODEL_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"no model checkpoint in {directory} (missing {MODEL_JSON})")
+    return json.loads(path.read_text())

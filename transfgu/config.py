@@ -1,0 +1,325 @@
+"""Run configuration: pydantic v2 models (``extra="forbid"``), YAML presets in ``conf/`` and dotted overrides.
+
+Every entry point builds a :class:`Config` with :func:`load_config` before any work starts, so a typo or a bad value
+fails at once with a message that names the key. Defaults are the paper's COCO-Stuff-27 settings
+(reference_method.md §1.1) where one exists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_size(v: tuple[int, int]) -> tuple[int, int]:
+    if v[0] < 8 or v[1] < 8:
+        raise ValueError(f"image size {v} is too small (each side must be >= 8 pixels)")
+    return v
+
+
+class DataConfig(_Base):
+    """Which images to read (see :mod:`transfgu.data`)."""
+
+    name: str = "camvid"
+    root: Path = Path("../shared/data/camvid")
+    train_split: str = "train"
+    val_split: str | None = "val"
+    options: dict[str, Any] = Field(default_factory=dict, description="reader options, e.g. granularity: 27")
+    max_train_images: int | None = Field(None, ge=1, description="use the first N training images (demos)")
+    max_val_images: int | None = Field(None, ge=1)
+
+
+class BackboneConfig(_Base):
+    """Frozen self-supervised ViT (§3)."""
+
+    arch: str = "vit_small_patch8"
+    weights: str = Field("none", description="'none', 'timm', 'hub:<tag>' or a .pth/.safetensors path")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA devices that support it, fp32 otherwise"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from transfgu.models.backbone import ARCHS
+
+        if v not in ARCHS:
+            raise ValueError(f"unknown arch {v!r}; choose one of {sorted(ARCHS)}")
+        return v
+
+
+class CropConfig(_Base):
+    """Sliding windows and the foreground prior (§2)."""
+
+    input_size: tuple[int, int] = (640, 640)
+    resize_mode: Literal["bilinear", "nearest"] = Field(
+        "bilinear", description="the reference uses nearest for COCO, bilinear elsewhere"
+    )
+    betas: list[float] = Field(default_factory=lambda: [0.5, 0.4, 0.3, 0.2])
+    selection: Literal["fg_bg", "fg", "all"] = "fg_bg"
+    th_fg: float = Field(0.5, ge=0, le=1)
+    th_bg: float = Field(0.8, ge=0, le=1)
+    crop_size: int = Field(320, ge=8)
+    batch_size: int = Field(64, ge=1)
+
+    _size = field_validator("input_size")(_check_size)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("betas must not be empty")
+        bad = [b for b in v if not 0 < b <= 1]
+        if bad:
+            raise ValueError(f"every beta must lie in (0, 1], got {bad}")
+        return v
+
+
+class ConceptConfig(_Base):
+    """k-means concepts (§4): K per pool, fg concepts first."""
+
+    k_per_pool: dict[str, int] = Field(default_factory=lambda: {"fg": 12, "bg": 15})
+    niter: int = Field(100, ge=1)
+    seed: int = 1
+
+    @field_validator("k_per_pool")
+    @classmethod
+    def _k(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v:
+            raise ValueError("k_per_pool must name at least one pool")
+        for pool, k in v.items():
+            if pool not in ("fg", "bg", "all"):
+                raise ValueError(f"unknown pool {pool!r} (use fg, bg or all)")
+            if k < 1:
+                raise ValueError(f"K must be >= 1, got {k} for pool {pool!r}")
+        return v
+
+    @property
+    def k(self) -> int:
+        return sum(self.k_per_pool.values())
+
+
+class PseudoLabelConfig(_Base):
+    """Attention Grad-CAM label bank (§5)."""
+
+    input_size: tuple[int, int] = (320, 320)
+    resize_mode: Literal["bilinear", "nearest"] = "bilinear"
+    grad_scale: float = Field(0.125, gt=0, description="per-image objective scale; 1/8 = reference batch of 8")
+    mass: float = Field(0.8, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+
+    _size = field_validator("input_size")(_check_size)
+
+
+class TrainConfig(_Base):
+    """Decoder training and bootstrapping (§6-7)."""
+
+    variant: Literal["thingstuff", "things"] = "thingstuff"
+    train_size: tuple[int, int] = (320, 320)
+    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(200, ge=1)
+    repeat: int = Field(1, ge=1, description="passes over the training set per epoch")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    w_div: float = Field(1.0, ge=0, description="omega_1, diversity weight (eq. 16)")
+    w_unc: float = Field(0.3, ge=0, description="omega_2, uncertainty weight (eq. 16)")
+    teacher_intervals: list[int] = Field(default_factory=lambda: [2])
+    bootstrap_start: int = Field(2, ge=0)
+    t_bg: float = Field(0.1, ge=0, le=1)
+    teacher_mix: float = Field(0.5, ge=0, le=1)
+    colour_aug: Literal["batch", "per_sample"] = Field("batch", description="batch = the reference's behaviour")
+    cls_emb_init: Literal["reference", "orthogonal"] = "orthogonal"
+    clamp_grad: float = Field(1.0, gt=0)
+    skip_nonpositive: bool = True
+    num_workers: int = Field(0, ge=0)
+
+    _size = field_validator("train_size")(_check_size)
+
+    @field_validator("teacher_intervals")
+    @classmethod
+    def _intervals(cls, v: list[int]) -> list[int]:
+        if not v or any(i < 1 for i in v):
+            raise ValueError(f"teacher_intervals must be positive integers, got {v}")
+        return v
+
+
+class EvalConfig(_Base):
+    """Evaluation (§8)."""
+
+    eval_size: tuple[int, int] = (320, 320)
+    overcluster: Literal["hungarian", "majority"] = "hungarian"
+    batch_size: int = Field(16, ge=1)
+    every_epoch: bool = Field(False, description="evaluate after every epoch (needed for select_best)")
+    select_best: bool = Field(False, description="keep the best-on-val epoch, as the reference does (label peeking)")
+
+    _size = field_validator("eval_size")(_check_size)
+
+
+class RunConfig(_Base):
+    """Where outputs go and how the run executes."""
+
+    root: Path = Path("runs")
+    name: str = "demo"
+    seed: int = 2021
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    error_budget: float = Field(0.05, ge=0, le=1, description="max fraction of unreadable images")
+    report: bool = True
+
+
+class MlflowConfig(_Base):
+    """Tracking: an embedded SQLite store under the run root unless a URI (or MLFLOW_TRACKING_URI) is given."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "transfgu"
+
+
+class RayConfig(_Base):
+    """Ray resources for the distributed pipeline (ignored by the one-process pipeline)."""
+
+    address: str | None = Field(None, description="None = start or join a local Ray")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = Train V2 local mode)")
+    use_gpu: bool | Literal["auto"] = "auto"
+    extract_actors: tuple[int, int] = (1, 4)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    kmeans_shards: int = Field(4, ge=1)
+
+
+class Config(_Base):
+    """The whole resolved configuration of one pipeline run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    crops: CropConfig = Field(default_factory=CropConfig)
+    concepts: ConceptConfig = Field(default_factory=ConceptConfig)
+    pseudo: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        pools = set(self.concepts.k_per_pool)
+        sel = self.crops.selection
+        allowed = {"fg_bg": {"fg", "bg"}, "fg": {"fg"}, "all": {"all"}}[sel]
+        if not pools <= allowed:
+            raise ValueError(
+                f"concepts.k_per_pool pools {sorted(pools)} do not match crops.selection={sel!r} "
+                f"(which yields pools {sorted(allowed)})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.root / self.run.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (MLflow params, Tune spaces)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict) and obj:
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = obj
+
+        walk("", json.loads(self.model_dump_json()))
+        return out
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and says what to change."""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, checking keys against the model."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        depth = _check_key(parts, key)
+        node = data
+        defaults: Any = json.loads(Config().model_dump_json())
+        for i, p in enumerate(parts[:-1]):
+            defaults = defaults.get(p, {}) if isinstance(defaults, dict) else {}
+            # Entering a free-form dict (e.g. concepts.k_per_pool): start from its default, not from empty.
+            fill = defaults if i + 1 >= depth and isinstance(defaults, dict) else {}
+            node = node.setdefault(p, dict(fill))
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def _check_key(parts: list[str], key: str) -> int:
+    """Check the model part of a dotted key; returns how many leading parts are model fields."""
+    model: Any = Config
+    for i, p in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return i  # inside a free-form dict (e.g. data.options)
+        if p not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown config key {key!r}: {p!r} is not a field of {where} (known: {sorted(fields)})")
+        ann = fields[p].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return i + 1
+    return len(parts)
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        lines.append(f"  {loc or '(config)'}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML preset (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        data = loaded
+        for key in data:
+            _check_key([key], key)
+    data = apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from transfgu.store import atomic_write_text
+
+    atomic_write_text(Path(path), cfg.to_yaml())

@@ -1,0 +1,51 @@
+"""Data sets, label maps and robust image decoding (see ``datasets.py`` for the on-disk layouts)."""
+
+from __future__ import annotations
+
+from transfgu.data.datasets import (
+    DATASETS,
+    DatasetError,
+    DatasetSpec,
+    ImageRecord,
+    RecordList,
+    dataset_info,
+    dataset_spec,
+    list_records,
+    load_sample,
+)
+from transfgu.data.io import DecodeError, load_label, load_rgb, resize_image, resize_label
+from transfgu.data.labelmaps import (
+    IGNORE_INDEX,
+    LabelMap,
+    LabelMapError,
+    cityscapes_label_map,
+    coco_stuff_label_map,
+    label_map_from_classes_file,
+    lip_label_map,
+    voc_label_map,
+)
+
+__all__ = [
+    "DATASETS",
+    "IGNORE_INDEX",
+    "DatasetError",
+    "DatasetSpec",
+    "DecodeError",
+    "ImageRecord",
+    "LabelMap",
+    "LabelMapError",
+    "RecordList",
+    "cityscapes_label_map",
+    "coco_stuff_label_map",
+    "dataset_info",
+    "dataset_spec",
+    "label_map_from_classes_file",
+    "lip_label_map",
+    "list_records",
+    "load_label",
+    "load_rgb",
+    "load_sample",
+    "resize_image",
+    "resize_label",
+    "voc_label_map",
+]

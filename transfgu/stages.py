@@ -1,0 +1,296 @@
+"""Stage functions shared by the one-process pipeline and the Ray pipeline.
+
+Each function takes decoded images (or file records) and explicit settings and returns Arrow tables or arrays; none
+of them knows about Ray, MLflow or where a run directory lives, so the Ray actors in ``transfgu.distributed`` call
+exactly the same code as :mod:`transfgu.pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from transfgu.config import BackboneConfig, Config, CropConfig, PseudoLabelConfig
+from transfgu.crops import extract_crops_batch
+from transfgu.data.datasets import ImageRecord, dataset_spec, list_records, load_sample
+from transfgu.data.io import load_rgb
+from transfgu.models.backbone import DinoViT, build_backbone, normalize, save_backbone_weights
+from transfgu.pseudo_labels import concept_maps
+from transfgu.store import features_table, label_bank_table
+
+log = logging.getLogger(__name__)
+
+RANDOM_BACKBONE_FILE = "backbone_random.safetensors"
+
+
+# -- environment ---------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present; asking for CUDA on a machine without it is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda was requested but no CUDA device is available; use run.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device supports it (``precision=auto``), else full precision."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def load_run_backbone(cfg: BackboneConfig, run_dir: Path | None, seed: int) -> DinoViT:
+    """Build the backbone of a run. A random backbone is saved once in the run directory and reloaded afterwards,
+    so every stage (and every Ray worker) of the run sees the same weights."""
+    if cfg.weights != "none" or run_dir is None:
+        torch.manual_seed(seed)
+        return build_backbone(cfg.arch, cfg.weights)
+    path = Path(run_dir) / RANDOM_BACKBONE_FILE
+    if path.is_file():
+        bb = build_backbone(cfg.arch, str(path))
+        bb.pretrained = False
+        bb.weights = "none"
+        return bb
+    torch.manual_seed(seed)
+    bb = build_backbone(cfg.arch, "none")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    save_backbone_weights(bb, path)
+    log.warning("random backbone weights saved to %s so this run can be reproduced", path)
+    return bb
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+class ErrorBudgetExceeded(RuntimeError):
+    """More inputs failed than ``run.error_budget`` allows."""
+
+
+class ErrorLog:
+    """Append-only ``<run>/errors.jsonl``: one JSON line (file, stage, reason) per input that could not be used."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def record(self, file: str, stage: str, reason: str) -> None:
+        log.warning("skipping %s in stage %s: %s", file, stage, reason)
+        if self.path is None:
+            return
+        line = json.dumps({"file": str(file), "stage": stage, "reason": reason, "time": time.time()})
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def entries(self, stage: str | None = None) -> list[dict]:
+        if self.path is None or not self.path.is_file():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [r for r in rows if stage is None or r["stage"] == stage]
+
+    def count(self, stage: str | None = None) -> int:
+        return len({(r["file"], r["stage"]) for r in self.entries(stage)})
+
+
+def check_error_budget(n_failed: int, n_total: int, budget: float, stage: str) -> None:
+    if n_total and n_failed / n_total > budget:
+        raise ErrorBudgetExceeded(
+            f"stage {stage}: {n_failed} of {n_total} inputs failed ({n_failed / n_total:.1%}), more than "
+            f"run.error_budget={budget:.1%}; see errors.jsonl, fix or remove those files, or raise the budget"
+        )
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+def split_records(cfg: Config, split: str) -> list[ImageRecord]:
+    """The images of one split, limited by ``data.max_*_images``."""
+    opts = {k: v for k, v in cfg.data.options.items()}
+    records = list_records(cfg.data.name, cfg.data.root, split, **opts)
+    limit = cfg.data.max_train_images if split == cfg.data.train_split else cfg.data.max_val_images
+    return list(records[:limit] if limit else records)
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> float ImageNet-normalised ``(3, h, w)``.
+
+    Bilinear resizing commutes with the per-channel normalisation, so resizing before normalising equals the
+    reference's normalise-then-resize for VOC/Cityscapes/LIP; ``nearest`` is the reference's COCO behaviour.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    if mode == "nearest":
+        x = F.interpolate(x, size=size, mode="nearest")
+    else:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return normalize(x[0])
+
+
+def resize_uint8(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> uint8 ``(3, h, w)`` resized bilinearly (the train loader of §7.1)."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(label)).long()[None, None].float()
+    return F.interpolate(x, size=size, mode="nearest")[0, 0].long()
+
+
+def decode_images(
+    records: Sequence[ImageRecord], errors: ErrorLog, stage: str
+) -> Iterator[tuple[ImageRecord, np.ndarray]]:
+    """Decode images one by one, recording (not raising) the ones that cannot be read."""
+    for rec in records:
+        try:
+            yield rec, load_rgb(rec.image_path)
+        except (OSError, ValueError) as exc:
+            errors.record(str(rec.image_path), stage, str(exc))
+
+
+# -- stage 1: crops + CLS features ---------------------------------------------------------------------------------
+def extract_features(
+    backbone: DinoViT,
+    images: Sequence[np.ndarray],
+    image_ids: Sequence[str],
+    split: str,
+    crops: CropConfig,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> pa.Table:
+    """Crop + embed a group of decoded images into rows of the features table (DESIGN.md §3)."""
+    if not images:
+        return features_table([], split, [], dim=backbone.embed_dim)
+    x = torch.stack([resize_image(im, tuple(crops.input_size), crops.resize_mode) for im in images]).to(device)
+    recs = extract_crops_batch(
+        backbone,
+        x,
+        betas=crops.betas,
+        mode=crops.selection,
+        th_fg=crops.th_fg,
+        th_bg=crops.th_bg,
+        crop_size=crops.crop_size,
+        batch_size=crops.batch_size,
+        autocast_dtype=amp,
+    )
+    return features_table(list(image_ids), split, recs)
+
+
+# -- stage 3: pseudo-label bank ------------------------------------------------------------------------------------
+def build_label_maps(
+    backbone: DinoViT,
+    images: Sequence[np.ndarray],
+    centroids: np.ndarray,
+    pseudo: PseudoLabelConfig,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> list[np.ndarray]:
+    """Concept maps ``(K, h, w)`` float16 for a group of decoded images (eq. 5-7)."""
+    out: list[np.ndarray] = []
+    c = torch.from_numpy(np.asarray(centroids, dtype=np.float32)).to(device)
+    for start in range(0, len(images), pseudo.batch_size):
+        group = images[start : start + pseudo.batch_size]
+        x = torch.stack([resize_image(im, tuple(pseudo.input_size), pseudo.resize_mode) for im in group]).to(device)
+        maps = concept_maps(backbone, x, c, grad_scale=pseudo.grad_scale, mass=pseudo.mass, autocast_dtype=amp)
+        out.extend(m.to(torch.float16).cpu().numpy() for m in maps)
+    return out
+
+
+def label_bank_rows(image_ids: Sequence[str], maps: Sequence[np.ndarray]) -> pa.Table:
+    return label_bank_table(list(image_ids), list(maps))
+
+
+# -- training data -------------------------------------------------------------------------------------------------
+@dataclass
+class TrainSample:
+    image: torch.Tensor  # uint8 (3, H, W) at the train size
+    pseudo: torch.Tensor  # float32 (K, h, w)
+
+
+class BankDataset(torch.utils.data.Dataset):
+    """Training images (resized to the train size, §7.1) with their stored pseudo labels.
+
+    Decoded images are cached in memory when they fit ``cache_bytes``, since the same images are read every epoch.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        bank: dict[str, np.ndarray],
+        train_size: tuple[int, int],
+        repeat: int = 1,
+        cache_bytes: int = 2 * 1024**3,
+    ) -> None:
+        self.records = [r for r in records if r.image_id in bank]
+        self.bank = bank
+        self.size = tuple(train_size)
+        self.repeat = repeat
+        need = len(self.records) * 3 * self.size[0] * self.size[1]
+        self.cache: dict[int, torch.Tensor] | None = {} if need <= cache_bytes else None
+
+    def __len__(self) -> int:
+        return len(self.records) * self.repeat
+
+    def _image(self, i: int) -> torch.Tensor:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        img = resize_uint8(load_rgb(self.records[i].image_path), self.size)
+        if self.cache is not None:
+            self.cache[i] = img
+        return img
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        i = idx % len(self.records)
+        pseudo = torch.from_numpy(self.bank[self.records[i].image_id].astype(np.float32))
+        return {"image": self._image(i), "pseudo": pseudo}
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """Validation images resized bilinearly and labels resized with nearest to the eval size (§8)."""
+
+    def __init__(self, records: Sequence[ImageRecord], label_map, eval_size: tuple[int, int], ignore_index: int) -> None:
+        self.records = list(records)
+        self.label_map = label_map
+        self.size = tuple(eval_size)
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        img, label = load_sample(self.records[idx], self.label_map)
+        lab = resize_label(label, self.size)
+        lab[lab == self.ignore_index] = -1
+        return {"image": resize_uint8(img, self.size), "label": lab}
+
+
+def dataset_classes(cfg: Config) -> tuple[tuple[str, ...], int, object]:
+    spec = dataset_spec(cfg.data.name, cfg.data.root, **cfg.data.options)
+    return spec.class_names, spec.ignore_index, spec.label_map
+
+
+def n_output_channels(cfg: Config) -> int:
+    """Decoder channels: K concepts, plus the background channel 0 in the "things" variant (eq. 8)."""
+    return cfg.concepts.k + (1 if cfg.train.variant == "things" else 0)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

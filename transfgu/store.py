@@ -1,0 +1,477 @@
+"""On-disk contracts of a pipeline run (DESIGN.md §3): Parquet tables, atomic writes and the run manifest.
+
+Every file is readable with plain ``pyarrow.parquet`` or ``json``; nothing is pickled.
+
+``features/*.parquet`` -- one row per kept crop (stage 1, reference_method.md §2-§3)::
+
+    image_id    string                        image identifier (unique within the data set)
+    split       string                        data split the image came from
+    crop_index  int32                         window index in the image's WindowLayout
+    scale       float32                       window scale beta
+    box         fixed_size_list<int32>[4]     box (x0, y0, x1, y1) in the stage-size image (exclusive ends)
+    pool        string                        "fg" | "bg" | "all"
+    cls         fixed_size_list<float32>[D]   final-LayerNorm CLS token of the resized crop (raw)
+
+``label_bank/*.parquet`` -- one row per image (stage 3, reference_method.md §5)::
+
+    image_id    string
+    h, w, K     int32                         token grid and number of concept maps
+    maps        large_list<halffloat>         the K x h x w maps, C order, float16
+
+Why ``large_list<halffloat>``: pyarrow >= 15 writes Arrow ``halffloat`` as the Parquet FLOAT16 logical type
+(FIXED_LEN_BYTE_ARRAY(2)) and reads it back as ``halffloat`` bit-exactly, so the maps stay typed and
+self-describing (no opaque bytes). ``large_list`` (int64 offsets) because a COCO-171 row holds 171 * 40 * 40 =
+273,600 values and a 32-bit list column would overflow after ~7,800 rows in one chunk. Float16 at token
+resolution is a quarter of the reference's float32 pickles; the maps are attention probabilities plus a
+gradient bonus, in [0, 2], where float16's relative precision (~5e-4) is well below anything the training
+targets resolve.
+
+Files are written to a hidden temporary name in the target directory, fsync'ed and renamed with
+``os.replace``, so a reader (or a resumed stage) sees either the old complete file or the new complete file,
+never a torn one. Readers of a directory ignore names starting with ``.`` or ``_`` (the same rule as
+``pyarrow.dataset``).
+
+The run manifest ``<run>/_manifest.json`` records per stage its status, row counts, the hash of its inputs,
+outputs, timestamps and free-form extras. It is meant to have a single writer (the driver process); every
+update re-reads the file and rewrites it atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+__all__ = [
+    "FEATURES_FORMAT",
+    "LABEL_BANK_FORMAT",
+    "LABEL_BANK_SCHEMA",
+    "Manifest",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "config_hash",
+    "features_schema",
+    "features_table",
+    "iter_feature_shards",
+    "label_bank_table",
+    "list_parquet_files",
+    "read_features",
+    "read_label_bank",
+    "write_parquet_atomic",
+]
+
+PathLike = str | os.PathLike
+
+FEATURES_FORMAT = "transfgu.features/1"
+LABEL_BANK_FORMAT = "transfgu.label_bank/1"
+FEATURE_META_COLUMNS = ("image_id", "split", "crop_index", "scale", "box", "pool")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on clean exit fsync it and rename it to ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is untouched (absent, or its old content).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(final.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    with atomic_open(path, "w", encoding=encoding) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+
+
+def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zstd", **kwargs: Any) -> None:
+    """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``."""
+    with atomic_open(path, "wb") as f:
+        pq.write_table(table, f, compression=compression, **kwargs)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def config_hash(obj: Mapping[str, Any]) -> str:
+    """sha256 hex digest of the canonical JSON of ``obj`` (sorted keys, no whitespace, UTF-8)."""
+    text = json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------------------
+class _CropRecordsLike(Protocol):
+    crop_index: np.ndarray
+    scale: np.ndarray
+    box: np.ndarray
+    pool: np.ndarray
+    cls: np.ndarray
+
+
+def features_schema(dim: int) -> pa.Schema:
+    """Arrow schema of ``features/*.parquet`` for ``dim``-dimensional CLS features."""
+    return pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("crop_index", pa.int32(), nullable=False),
+            pa.field("scale", pa.float32(), nullable=False),
+            pa.field("box", pa.list_(pa.int32(), 4), nullable=False),
+            pa.field("pool", pa.string(), nullable=False),
+            pa.field("cls", pa.list_(pa.float32(), int(dim)), nullable=False),
+        ],
+        metadata={"format": FEATURES_FORMAT, "dim": str(int(dim))},
+    )
+
+
+def _fixed_list(values: np.ndarray, size: int, typ: pa.DataType) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=typ)
+    return pa.FixedSizeListArray.from_arrays(flat, size)
+
+
+def features_table(
+    image_ids: Sequence[str],
+    split: str | Sequence[str],
+    records: Sequence[_CropRecordsLike],
+    dim: int | None = None,
+) -> pa.Table:
+    """One row per crop from per-image crop records (``transfgu.crops.CropRecords``), in image order."""
+    if len(image_ids) != len(records):
+        raise ValueError(f"{len(image_ids)} image ids for {len(records)} crop records")
+    splits = [split] * len(records) if isinstance(split, str) else list(split)
+    if len(splits) != len(records):
+        raise ValueError(f"{len(splits)} splits for {len(records)} crop records")
+    if dim is None:
+        if not records:
+            raise ValueError("dim is required to build a table from zero records")
+        dim = int(np.shape(records[0].cls)[1])
+    counts = np.array([len(r.crop_index) for r in records], dtype=np.int64)
+    for r, n in zip(records, counts):
+        if np.shape(r.cls) != (n, dim) or np.shape(r.box) != (n, 4) or len(r.scale) != n or len(r.pool) != n:
+            raise ValueError(
+                f"inconsistent crop record: {n} crops, cls {np.shape(r.cls)}, box {np.shape(r.box)}"
+            )
+
+    def cat(attr: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        parts = [np.asarray(getattr(r, attr), dtype=dtype).reshape(-1, *shape) for r in records]
+        return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=dtype)
+
+    schema = features_schema(dim)
+    columns = [
+        pa.array(np.repeat(np.asarray(list(image_ids), dtype=object), counts), type=pa.string()),
+        pa.array(np.repeat(np.asarray(splits, dtype=object), counts), type=pa.string()),
+        pa.array(cat("crop_index", np.int32, ()), type=pa.int32()),
+        pa.array(cat("scale", np.float32, ()), type=pa.float32()),
+        _fixed_list(cat("box", np.int32, (4,)), 4, pa.int32()),
+        pa.array(cat("pool", object, ()).astype(str).tolist(), type=pa.string()),
+        _fixed_list(cat("cls", np.float32, (dim,)), dim, pa.float32()),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def list_parquet_files(path_or_dir: PathLike) -> list[Path]:
+    """``[path]`` for a file, else the sorted visible ``*.parquet`` files of the directory."""
+    p = Path(path_or_dir)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"no Parquet file or directory at {p}")
+    return sorted(f for f in p.glob("*.parquet") if not f.name.startswith((".", "_")) and f.is_file())
+
+
+def fixed_list_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """``(n, size)`` numpy view/copy of a fixed_size_list column (respects slicing of the chunks)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    size = col.type.list_size
+    dtype = col.type.value_type.to_pandas_dtype()
+    parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(-1, size) for c in chunks if len(c)]
+    return np.concatenate(parts) if parts else np.zeros((0, size), dtype=dtype)
+
+
+def _read_one_features(
+    path: Path, columns: Sequence[str] | None, pools: Sequence[str] | None
+) -> tuple[pa.Table, np.ndarray]:
+    meta_cols = list(FEATURE_META_COLUMNS if columns is None else columns)
+    unknown = set(meta_cols) - set(FEATURE_META_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown feature columns {sorted(unknown)}; choose from {FEATURE_META_COLUMNS}")
+    read_cols = [c for c in meta_cols if c != "cls"] + ["cls"]
+    if pools is not None and "pool" not in read_cols:
+        read_cols.append("pool")
+    table = pq.read_table(path, columns=read_cols)
+    if pools is not None:
+        table = table.filter(pc.is_in(table["pool"], value_set=pa.array(list(pools), type=pa.string())))
+    cls = fixed_list_to_numpy(table["cls"]).astype(np.float32, copy=False)
+    return table.select([c for c in meta_cols if c != "cls"]), cls
+
+
+def iter_feature_shards(
+    path_or_dir: PathLike, columns: Sequence[str] | None = None, pools: Sequence[str] | None = None
+) -> Iterator[tuple[Path, pa.Table, np.ndarray]]:
+    """Yield ``(path, meta table, cls (n, D) float32)`` per features shard, in file-name order."""
+    for path in list_parquet_files(path_or_dir):
+        meta, cls = _read_one_features(path, columns, pools)
+        yield path, meta, cls
+
+
+def read_features(
+    path_or_dir: PathLike, columns: Sequence[str] | None = None, pools: Sequence[str] | None = None
+) -> tuple[pa.Table, np.ndarray]:
+    """All crops of a features file or directory: ``(meta table without cls, cls (n, D) float32)``.
+
+    Args:
+        columns: meta columns to return (default: all but ``cls``).
+        pools: keep only crops whose pool is in this list (e.g. ``["fg"]``).
+    """
+    metas, feats = [], []
+    for _, meta, cls in iter_feature_shards(path_or_dir, columns, pools):
+        metas.append(meta)
+        feats.append(cls)
+    if not metas:
+        raise FileNotFoundError(f"no features Parquet files under {path_or_dir}")
+    return pa.concat_tables(metas), np.concatenate(feats, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Label bank
+# ----------------------------------------------------------------------------------------------------------
+LABEL_BANK_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("h", pa.int32(), nullable=False),
+        pa.field("w", pa.int32(), nullable=False),
+        pa.field("K", pa.int32(), nullable=False),
+        pa.field("maps", pa.large_list(pa.float16()), nullable=False),
+    ],
+    metadata={"format": LABEL_BANK_FORMAT},
+)
+
+
+def label_bank_table(image_ids: Sequence[str], maps: Sequence[np.ndarray]) -> pa.Table:
+    """One row per image: ``maps[i]`` is ``(K, h, w)`` (any float dtype; stored as float16)."""
+    if len(image_ids) != len(maps):
+        raise ValueError(f"{len(image_ids)} image ids for {len(maps)} maps")
+    shapes = []
+    for m in maps:
+        if np.ndim(m) != 3:
+            raise ValueError(f"each label map must be (K, h, w), got shape {np.shape(m)}")
+        shapes.append(np.shape(m))
+    sizes = np.array([k * h * w for k, h, w in shapes], dtype=np.int64)
+    offsets = np.zeros(len(maps) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    flat = (
+        np.concatenate([np.asarray(m, dtype=np.float16).reshape(-1) for m in maps])
+        if maps
+        else np.zeros(0, dtype=np.float16)
+    )
+    columns = [
+        pa.array(list(image_ids), type=pa.string()),
+        pa.array([s[1] for s in shapes], type=pa.int32()),
+        pa.array([s[2] for s in shapes], type=pa.int32()),
+        pa.array([s[0] for s in shapes], type=pa.int32()),
+        pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), pa.array(flat, type=pa.float16())),
+    ]
+    return pa.Table.from_arrays(columns, schema=LABEL_BANK_SCHEMA)
+
+
+def read_label_bank(path_or_dir: PathLike, image_ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``{image_id: (K, h, w) float16}`` from a label-bank file or directory; KeyError for missing ids."""
+    filters = None
+    if image_ids is not None:
+        filters = pc.is_in(pc.field("image_id"), value_set=pa.array(list(image_ids), type=pa.string()))
+    out: dict[str, np.ndarray] = {}
+    for path in list_parquet_files(path_or_dir):
+        table = pq.read_table(path, filters=filters)
+        ids = table["image_id"].to_pylist()
+        hs, ws, ks = (table[c].to_numpy() for c in ("h", "w", "K"))
+        row = 0
+        for chunk in table["maps"].chunks:
+            offsets = chunk.offsets.to_numpy()
+            values = chunk.values.to_numpy(zero_copy_only=False)
+            for j in range(len(chunk)):
+                k, h, w = int(ks[row]), int(hs[row]), int(ws[row])
+                a = values[offsets[j] : offsets[j + 1]]
+                if a.size != k * h * w:
+                    raise ValueError(
+                        f"{path}: row {ids[row]!r} has {a.size} values, expected K*h*w={k * h * w}"
+                    )
+                out[ids[row]] = a.reshape(k, h, w).astype(np.float16, copy=False)
+                row += 1
+    if image_ids is not None:
+        missing = [i for i in image_ids if i not in out]
+        if missing:
+            raise KeyError(f"{len(missing)} image ids not in the label bank, e.g. {missing[:5]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run manifest
+# ----------------------------------------------------------------------------------------------------------
+STATUSES = ("running", "done", "failed")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Manifest:
+    """``<run>/_manifest.json``: per-stage status, row counts, input hash, outputs, timestamps and extras.
+
+    A stage is skipped on resume when ``is_done(stage, input_hash)``: it finished and was computed from the
+    same inputs. Every ``mark_*`` call re-reads the file (so sequential writers from different processes do
+    not drop each other's stages) and rewrites it atomically.
+    """
+
+    FILE = "_manifest.json"
+
+    def __init__(self, run_dir: PathLike, stages: dict[str, dict[str, Any]] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.stages: dict[str, dict[str, Any]] = dict(stages or {})
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.FILE
+
+    @classmethod
+    def load(cls, run_dir: PathLike) -> Manifest:
+        """The run's manifest, or an empty one when the file does not exist yet."""
+        path = Path(run_dir) / cls.FILE
+        if not path.exists():
+            return cls(run_dir)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(run_dir, data.get("stages", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "transfgu.manifest/1", "updated_at": _now(), "stages": self.stages}
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.to_dict())
+
+    def stage(self, name: str) -> dict[str, Any] | None:
+        return self.stages.get(name)
+
+    def _refresh(self) -> None:
+        # Merge what other processes wrote meanwhile; the file wins for stages present in both.
+        if self.path.exists():
+            self.stages = {**self.stages, **Manifest.load(self.run_dir).stages}
+
+    def _update(self, name: str, status: str, **fields: Any) -> dict[str, Any]:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        rec = dict(self.stages.get(name, {}))
+        rec["status"] = status
+        rec.update(fields)
+        self.stages[name] = rec
+        self.save()
+        return rec
+
+    def mark_running(self, stage: str, input_hash: str | None = None, **info: Any) -> dict[str, Any]:
+        self._refresh()
+        prev = self.stages.get(stage, {})
+        return self._update(
+            stage,
+            "running",
+            input_hash=input_hash,
+            started_at=_now(),
+            finished_at=None,
+            error=None,
+            extra={**prev.get("extra", {}), **info},
+        )
+
+    def mark_done(
+        self,
+        stage: str,
+        rows: int | Mapping[str, int] | None = None,
+        input_hash: str | None = None,
+        outputs: Sequence[str] | None = None,
+        **info: Any,
+    ) -> dict[str, Any]:
+        """Record a finished stage; ``rows`` is a count or ``{output: count}``, ``info`` goes to ``extra``."""
+        self._refresh()
+        prev = self.stages.get(stage, {})
+        return self._update(
+            stage,
+            "done",
+            rows=dict(rows) if isinstance(rows, Mapping) else rows,
+            input_hash=input_hash if input_hash is not None else prev.get("input_hash"),
+            outputs=[str(o) for o in outputs] if outputs is not None else prev.get("outputs", []),
+            started_at=prev.get("started_at"),
+            finished_at=_now(),
+            error=None,
+            extra={**prev.get("extra", {}), **info},
+        )
+
+    def mark_failed(self, stage: str, error: str, **info: Any) -> dict[str, Any]:
+        self._refresh()
+        prev = self.stages.get(stage, {})
+        return self._update(
+            stage, "failed", error=str(error), finished_at=_now(), extra={**prev.get("extra", {}), **info}
+        )
+
+    def is_done(self, stage: str, input_hash: str | None = None) -> bool:
+        """True when ``stage`` finished and, if ``input_hash`` is given, was computed from those inputs."""
+        rec = self.stages.get(stage)
+        if rec is None or rec.get("status") != "done":
+            return False
+        return input_hash is None or rec.get("input_hash") == input_hash
