@@ -182,10 +182,7 @@ def evaluate_folders(
     n_resized = 0
     for _key, gt_path, pred_path in pairs:
         raw = load_label(gt_path)
-        if label_map is not None:
-            gt = label_map.apply(raw, source=gt_path, on_unknown=on_unknown_label)
-        else:
-            gt = raw
+        gt = label_map.apply(raw, source=gt_path, on_unknown=on_unknown_label) if label_map is not None else raw
         valid = gt != ignore_index
         gt_ids = gt[valid]
         if gt_ids.size and (gt_ids.min() < 0 or (n_classes is not None and gt_ids.max() >= n_classes)):

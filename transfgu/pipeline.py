@@ -116,7 +116,8 @@ class Context:
     @property
     def backbone(self):
         if self._backbone is None:
-            self._backbone = stages.load_run_backbone(self.cfg.backbone, self.run_dir, self.cfg.run.seed).to(self.device)
+            bb = stages.load_run_backbone(self.cfg.backbone, self.run_dir, self.cfg.run.seed)
+            self._backbone = bb.to(self.device)
         return self._backbone
 
     @property

@@ -266,7 +266,9 @@ class BankDataset(torch.utils.data.Dataset):
 class EvalDataset(torch.utils.data.Dataset):
     """Validation images resized bilinearly and labels resized with nearest to the eval size (§8)."""
 
-    def __init__(self, records: Sequence[ImageRecord], label_map, eval_size: tuple[int, int], ignore_index: int) -> None:
+    def __init__(
+        self, records: Sequence[ImageRecord], label_map, eval_size: tuple[int, int], ignore_index: int
+    ) -> None:
         self.records = list(records)
         self.label_map = label_map
         self.size = tuple(eval_size)

@@ -186,7 +186,7 @@ def _unwrap_state_dict(obj: object, path: str) -> dict[str, Tensor]:
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors`` file into a backbone state dict."""
+    """Read a ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors`` file as a backbone state dict."""
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weights file not found: {p}")
