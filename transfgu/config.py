@@ -189,9 +189,23 @@ class RayConfig(_Base):
     address: str | None = Field(None, description="None = start or join a local Ray")
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = Train V2 local mode)")
     use_gpu: bool | Literal["auto"] = "auto"
-    extract_actors: tuple[int, int] = (1, 4)
+    extract_actors: tuple[int, int] = Field((1, 4), description="(min, max) actors of the extract/label-bank pools")
     cpus_per_actor: float = Field(1.0, gt=0)
-    kmeans_shards: int = Field(4, ge=1)
+    kmeans_shards: int = Field(4, ge=1, description="at most this many k-means tasks per Lloyd iteration")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker (fractions allowed)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a Ray started by the job (None = all)")
+    object_store_memory: int | None = Field(None, ge=78643200, description="bytes, for a Ray started by the job")
+    include_dashboard: bool = Field(False, description="start the dashboard (needed for the Jobs API)")
+    storage_path: str | None = Field(
+        None, description="Ray Train/Tune storage (shared FS or s3://...); default <run>/ray_results"
+    )
+
+    @field_validator("extract_actors")
+    @classmethod
+    def _pool(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 1 or v[1] < v[0]:
+            raise ValueError(f"extract_actors must be (min >= 1, max >= min), got {v}")
+        return v
 
 
 class Config(_Base):

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,10 @@ class Context:
         self.amp = stages.autocast_dtype(cfg.backbone.precision, self.device)
         self.errors = stages.ErrorLog(self.run_dir / "errors.jsonl")
         self._backbone = None
+        # Set by run_pipeline around each stage: the stage's MLflow child run and an on_epoch(metrics) callback.
+        self.tracker: Any = None
+        self.stage_run_id: str | None = None
+        self.on_epoch: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def backbone(self):
@@ -218,11 +222,13 @@ def train_rounds(
     on_epoch: Any = None,
     rank: int = 0,
     wrap: Any = None,
+    stop_epoch: int | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Bootstrapped training (eq. 10-12) with one checkpoint directory per round; resumes from the newest state.
 
     ``wrap`` optionally wraps the student for data parallelism (Ray Train passes DDP); ``on_epoch(metrics)`` is
-    called after every epoch (MLflow / Ray reporting).
+    called after every epoch (MLflow / Ray reporting). ``stop_epoch`` ends the call before that epoch (the Ray
+    pipeline runs one fit per bootstrapping round); the default trains to ``train.epochs``.
     """
     t = cfg.train
     torch.manual_seed(cfg.run.seed)
@@ -245,13 +251,15 @@ def train_rounds(
         load_optimizer(optimizer, groups["opt"], info["optimizer"])
         if "rng" in groups:
             gen.set_state(groups["rng"]["generator"])
+            torch.set_rng_state(groups["rng"]["torch"])  # dropout draws from the global generator
         first_epoch = info["epoch"] + 1
         log.info("[train] resuming after epoch %d from %s", info["epoch"], state_dir)
     model = wrap(student) if wrap is not None else student
     weights = LossWeights(peer=1.0, div=t.w_div, unc=t.w_unc)
     history: list[dict[str, Any]] = []
     round_idx = sum(1 for e in range(first_epoch) if schedule.is_reboot(e))
-    for epoch in range(first_epoch, t.epochs):
+    last_epoch = t.epochs if stop_epoch is None else min(int(stop_epoch), t.epochs)
+    for epoch in range(first_epoch, last_epoch):
         plan = schedule.plan(epoch)
         if plan.reboot:
             if teacher is None:
@@ -283,6 +291,31 @@ def train_rounds(
     return student, {"epochs": t.epochs, "rounds": round_idx + 1, "history": _jsonable(history)}
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A shuffle that is a pure function of (seed, epoch, rank), so a resumed run sees the same batches.
+
+    With ``world_size > 1`` each rank takes every ``world_size``-th index of the shuffled order (padded by wrapping
+    around, as ``DistributedSampler`` does).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = len(self) * self.world_size
+        order += order[: total - len(order)]
+        return iter(order[self.rank : total : self.world_size])
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
@@ -295,11 +328,11 @@ def run_train(ctx: Context) -> dict[str, Any]:
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=min(cfg.train.batch_size, len(ds)), shuffle=True, num_workers=cfg.train.num_workers,
-        drop_last=False, generator=torch.Generator().manual_seed(cfg.run.seed),
+        ds, batch_size=min(cfg.train.batch_size, len(ds)), sampler=EpochShuffleSampler(len(ds), cfg.run.seed),
+        num_workers=cfg.train.num_workers, drop_last=False,
     )
     train_dir = ctx.run_dir / "train"
-    student, info = train_rounds(cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp)
+    student, info = train_rounds(cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp, on_epoch=ctx.on_epoch)
     write_model(ctx, student)
     return {"rows": len(ds), **{k: v for k, v in info.items() if k != "history"}, "final_loss": _last_loss(info)}
 
@@ -398,8 +431,21 @@ RUNNERS = {
 }
 
 
-def run_pipeline(cfg: Config, only: Sequence[str] | None = None, force: Sequence[str] = ()) -> dict[str, Any]:
-    """Run (or resume) every stage in this process; returns the manifest as a dict."""
+def run_pipeline(
+    cfg: Config,
+    only: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+    runners: Mapping[str, Callable[[Context], dict[str, Any]]] | None = None,
+    kind: str = "pipeline",
+) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the manifest as a dict.
+
+    ``runners`` replaces stage implementations by name (the Ray pipeline passes its distributed stages; skip-if-done,
+    the manifest, MLflow and the report stay here). With ``mlflow.enabled`` the run is tracked as one parent MLflow
+    run with a child per stage and per bootstrapping round (:mod:`transfgu.tracking`).
+    """
+    from transfgu.tracking import PipelineTracker
+
     ctx = Context(cfg)
     setup_logging(ctx.run_dir)
     save_config(cfg, ctx.run_dir / "config.yaml")
@@ -408,28 +454,50 @@ def run_pipeline(cfg: Config, only: Sequence[str] | None = None, force: Sequence
         log.warning("RUN WITHOUT PRETRAINED WEIGHTS: backbone %s is random; metrics are not the method's",
                     cfg.backbone.arch)
     log.info("run directory %s on %s", ctx.run_dir, ctx.device)
-    for name in STAGES:
-        if only is not None and name not in only:
-            continue
-        h = ctx.hashes[name]
-        if name not in force and ctx.manifest.is_done(name, h):
-            log.info("[%s] already done (input %s); skipping", name, h[:12])
-            continue
-        ctx.manifest.mark_running(name, input_hash=h)
-        t0 = time.time()
-        try:
-            info = RUNNERS[name](ctx)
-        except Exception as exc:
-            ctx.manifest.mark_failed(name, error=f"{type(exc).__name__}: {exc}")
-            raise
-        info = {**info, "seconds": round(time.time() - t0, 2), "pretrained": ctx.pretrained}
-        ctx.manifest.mark_done(name, input_hash=h, **info)
-        log.info("[%s] done in %.1fs: %s", name, info["seconds"], {k: v for k, v in info.items() if k != "history"})
-    if cfg.run.report and (only is None or "report" in only):
-        try:
-            from transfgu.report import write_report
+    impl = {**RUNNERS, **(runners or {})}
+    tracker = PipelineTracker.from_config(cfg, kind=kind)
+    ctx.tracker = tracker
+    tracker.start()
+    try:
+        for name in STAGES:
+            if only is not None and name not in only:
+                continue
+            h = ctx.hashes[name]
+            if name not in force and ctx.manifest.is_done(name, h):
+                log.info("[%s] already done (input %s); skipping", name, h[:12])
+                tracker.stage_run(name, skipped=True, info=ctx.manifest.stage(name).get("extra", {}))
+                continue
+            ctx.manifest.mark_running(name, input_hash=h)
+            ctx.stage_run_id = tracker.stage_run(name)
+            epoch_log = tracker.epoch_logger(ctx.stage_run_id) if name == "train" else None
+            ctx.on_epoch = epoch_log
+            t0 = time.time()
+            try:
+                info = impl[name](ctx)
+            except BaseException as exc:
+                ctx.manifest.mark_failed(name, error=f"{type(exc).__name__}: {exc}")
+                if epoch_log is not None:
+                    epoch_log.close("FAILED")
+                tracker.end_stage(ctx.stage_run_id, {}, status="FAILED")
+                raise
+            finally:
+                ctx.on_epoch = None
+            if epoch_log is not None:
+                epoch_log.close()
+            info = {**info, "seconds": round(time.time() - t0, 2), "pretrained": ctx.pretrained}
+            ctx.manifest.mark_done(name, input_hash=h, **info)
+            tracker.end_stage(ctx.stage_run_id, info)
+            ctx.stage_run_id = None
+            log.info("[%s] done in %.1fs: %s", name, info["seconds"], {k: v for k, v in info.items() if k != "history"})
+        if cfg.run.report and (only is None or "report" in only):
+            try:
+                from transfgu.report import write_report
 
-            write_report(ctx.run_dir)
-        except ImportError:
-            pass
+                write_report(ctx.run_dir)
+            except ImportError:
+                pass
+    except BaseException:
+        tracker.finish(ctx.run_dir, status="FAILED")
+        raise
+    tracker.finish(ctx.run_dir)
     return ctx.manifest.to_dict()

@@ -135,7 +135,7 @@ def resize_image(img: np.ndarray, size: tuple[int, int], mode: str = "bilinear")
     Bilinear resizing commutes with the per-channel normalisation, so resizing before normalising equals the
     reference's normalise-then-resize for VOC/Cityscapes/LIP; ``nearest`` is the reference's COCO behaviour.
     """
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
     if mode == "nearest":
         x = F.interpolate(x, size=size, mode="nearest")
     else:
@@ -145,13 +145,13 @@ def resize_image(img: np.ndarray, size: tuple[int, int], mode: str = "bilinear")
 
 def resize_uint8(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` -> uint8 ``(3, h, w)`` resized bilinearly (the train loader of §7.1)."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(label)).long()[None, None].float()
+    x = torch.from_numpy(np.require(label, requirements=["C", "W"])).long()[None, None].float()
     return F.interpolate(x, size=size, mode="nearest")[0, 0].long()
 
 

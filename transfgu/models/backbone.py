@@ -210,7 +210,10 @@ def _load_into(vit: VisionTransformer, sd: dict[str, Tensor], path: str) -> None
         sd["pos_embed"] = resample_abs_pos_embed(
             sd["pos_embed"], new_size=list(vit.patch_embed.grid_size), old_size=[old, old], num_prefix_tokens=n_prefix
         )
-    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = vit.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise WeightsError(f"{path}: checkpoint does not match the architecture: {exc}") from exc
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
         raise WeightsError(

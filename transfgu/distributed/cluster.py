@@ -1,0 +1,70 @@
+"""Connecting to Ray and sizing remote work.
+
+``ray.init(local_mode=True)`` is gone (Ray >= 2.54); tests use a small real cluster instead, and Ray Train's own
+local mode (``ScalingConfig(num_workers=0)``) for in-process training (ecosystem_notes.md §1.1, §1.7).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from transfgu.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: Config, **kwargs: Any) -> None:
+    """Join the cluster at ``ray.address`` / ``RAY_ADDRESS`` (set by ``ray job submit``), else a Ray already
+    running on this machine (``ray start --head``), else start a local one bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, **kwargs)
+        return
+    if address != "local":
+        try:
+            ray.init(address="auto", **kwargs)
+            log.info("joined the Ray cluster running on this machine")
+            return
+        except ConnectionError:
+            pass
+    ray.init(
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory=cfg.ray.object_store_memory,
+        include_dashboard=cfg.ray.include_dashboard,
+        _node_ip_address="127.0.0.1",
+        **kwargs,
+    )
+    log.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def cluster_has_gpus(cfg: Config) -> bool:
+    """``ray.use_gpu``: ``auto`` = the cluster has GPUs now; ``true`` = request them (an autoscaler adds nodes)."""
+    import ray
+
+    if cfg.ray.use_gpu == "auto":
+        return float(ray.cluster_resources().get("GPU", 0)) > 0
+    return bool(cfg.ray.use_gpu)
+
+
+def task_resources(cfg: Config, gpu: bool | None = None) -> dict[str, float]:
+    """One GPU per actor/task when GPUs are used, else an explicit CPU share (``ray.cpus_per_actor``).
+
+    Explicit CPUs matter on small nodes: actors that take every CPU starve Ray Data's own tasks
+    (ray-project/ray#44687).
+    """
+    if gpu is None:
+        gpu = cluster_has_gpus(cfg)
+    if gpu:
+        return {"num_gpus": 1, "num_cpus": min(1.0, cfg.ray.cpus_per_actor)}
+    return {"num_cpus": float(cfg.ray.cpus_per_actor)}
+
+
+def torch_threads(num_cpus: float) -> int:
+    """Intra-op threads for a worker holding ``num_cpus`` CPUs (at least one)."""
+    return max(1, int(num_cpus))

@@ -1,0 +1,450 @@
+"""Label new images with a trained checkpoint: the Python API (:func:`load`, :meth:`Predictor.predict`) and
+``transfgu predict``.
+
+The checkpoint is the run's ``model/`` directory (:mod:`transfgu.checkpoint`): ``model.json`` names the backbone
+(arch + weights source; the random backbone itself is stored as ``backbone.safetensors``), the decoder shape, the
+eval size and, once the run was evaluated, the cluster -> class matching. Nothing else is read.
+
+Prediction follows the evaluation protocol (reference_method.md §8): the image is resized bilinearly to the eval
+size and ImageNet-normalised, the frozen backbone and the decoder give patch-resolution logits, which are
+upsampled bilinearly (``align_corners=False``) straight to the input's original size, and the argmax is taken
+there. Label maps therefore always have the input's size. With ``as_classes=True`` cluster ids become class ids
+through the Hungarian matching stored in the checkpoint; clusters left unmatched (over-clustering) give
+:data:`UNMATCHED`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_model_meta
+from transfgu.data.io import load_rgb
+from transfgu.engine import predict_logits
+from transfgu.models.backbone import DinoViT, build_backbone, normalize
+from transfgu.models.decoder import MaskTransformerDecoder
+
+__all__ = [
+    "UNMATCHED",
+    "CheckpointError",
+    "Predictor",
+    "collect_inputs",
+    "find_checkpoint",
+    "load",
+    "main",
+    "save_label_png",
+]
+
+log = logging.getLogger(__name__)
+
+#: Class id of pixels whose cluster has no matched class (``as_classes=True`` with over-clustering).
+UNMATCHED = -1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint directory or one of the files it needs is missing or does not match."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The model directory for ``path``: a ``model/`` checkpoint itself, or a run directory containing one."""
+    p = Path(path)
+    if (p / MODEL_JSON).is_file():
+        return p
+    if (p / "model" / MODEL_JSON).is_file():
+        return p / "model"
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p} does not exist")
+    raise CheckpointError(
+        f"no model checkpoint in {p}: expected {p / MODEL_JSON} or {p / 'model' / MODEL_JSON} "
+        "(has the run's train stage finished?)"
+    )
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _build_backbone(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
+    arch = meta["backbone"]["arch"]
+    stored = ckpt / meta.get("backbone_file", BACKBONE_FILE)
+    if weights is None and stored.is_file():
+        bb = build_backbone(arch, str(stored))
+        bb.pretrained = bool(meta["backbone"].get("pretrained", False))
+        bb.weights = str(meta["backbone"].get("weights", "none"))
+        return bb
+    source = str(weights if weights is not None else meta["backbone"].get("weights", "none"))
+    if source == "none":
+        raise CheckpointError(
+            f"{ckpt}: the model was trained on a random backbone but {stored.name} is missing from the "
+            "checkpoint, so its backbone cannot be rebuilt"
+        )
+    if source not in ("timm",) and not source.startswith("hub:") and not Path(source).is_file():
+        raise CheckpointError(
+            f"{ckpt}: backbone weights file {source!r} named in {MODEL_JSON} was not found; copy it there or "
+            "pass weights=<path> (CLI: --weights PATH)"
+        )
+    return build_backbone(arch, source)
+
+
+def _build_decoder(ckpt: Path, meta: dict[str, Any], d_encoder: int) -> MaskTransformerDecoder:
+    from safetensors.torch import load_file
+
+    path = ckpt / DECODER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: decoder weights {DECODER_FILE} are missing")
+    dm = meta["decoder"]
+    if int(dm["d_encoder"]) != d_encoder:
+        raise CheckpointError(
+            f"{ckpt}: decoder expects {dm['d_encoder']}-d tokens but the backbone gives {d_encoder}-d"
+        )
+    d_model = int(dm.get("d_model", d_encoder))
+    # Same shape rule as transfgu.pipeline.build_decoder (the checkpoint records what differs from it).
+    dec = MaskTransformerDecoder(
+        n_classes=int(dm["n_classes"]), d_encoder=d_encoder, d_model=d_model,
+        n_layers=int(dm.get("n_layers", 2)), n_heads=int(dm.get("n_heads", max(1, d_model // 64))),
+        cls_emb_init=dm.get("cls_emb_init", "orthogonal"),
+    )
+    try:
+        dec.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the decoder described in {MODEL_JSON}: {exc}") from exc
+    return dec.eval()
+
+
+@dataclass
+class Predictor:
+    """A loaded checkpoint: frozen backbone + decoder on one device, and what ``model.json`` says about them."""
+
+    backbone: DinoViT
+    decoder: MaskTransformerDecoder
+    meta: dict[str, Any]
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    batch_size: int = 8
+
+    @property
+    def eval_size(self) -> tuple[int, int]:
+        return int(self.meta["eval_size"][0]), int(self.meta["eval_size"][1])
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.meta["decoder"]["n_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
+    @property
+    def cluster_to_class(self) -> np.ndarray | None:
+        m = self.meta.get("cluster_to_class")
+        return None if m is None else np.asarray(m, dtype=np.int64)
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(self.meta["backbone"].get("pretrained", False))
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 ``(H, W, 3)`` -> ImageNet-normalised float ``(3, *eval_size)`` (bilinear, as in evaluation)."""
+        img = np.asarray(image)
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {img.dtype} {img.shape}")
+        if not img.flags.writeable:  # torch warns on read-only arrays (e.g. decoded by PIL)
+            img = img.copy()
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=self.eval_size, mode="bilinear", align_corners=False)
+        return normalize(x[0])
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch-resolution logits ``(B, C, h, w)`` (float32) of normalised ``(B, 3, H, W)`` images."""
+        ps = self.backbone.patch_size
+        grid = (int(x.shape[-2]) // ps, int(x.shape[-1]) // ps)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            out = predict_logits(self.decoder, self.backbone, x.to(self.device), grid)
+        return out.float()
+
+    def _to_classes(self, labels: torch.Tensor) -> torch.Tensor:
+        mapping = self.cluster_to_class
+        if mapping is None:
+            raise ValueError(
+                "this checkpoint has no cluster -> class matching (the run was not evaluated on labelled data); "
+                "predict cluster ids instead (as_classes=False)"
+            )
+        return torch.as_tensor(mapping, device=labels.device)[labels]
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        as_classes: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Label map(s) at each input's original size.
+
+        Args:
+            images: one uint8 ``(H, W, 3)`` RGB image, a uint8 ``(B, H, W, 3)`` array, or a list of images of
+                any sizes.
+            as_classes: return matched class ids (``UNMATCHED`` = -1 for unmatched clusters) instead of cluster ids.
+            batch_size: images per forward pass (default ``self.batch_size``).
+
+        Returns:
+            int64 ``(H, W)`` for one image, ``(B, H, W)`` for an array batch, else a list of ``(H_i, W_i)``.
+        """
+        single = isinstance(images, np.ndarray) and images.ndim == 3
+        stacked = isinstance(images, np.ndarray) and images.ndim == 4
+        items = [images] if single else list(images)
+        bs = batch_size or self.batch_size
+        out: list[np.ndarray] = []
+        for start in range(0, len(items), bs):
+            group = items[start : start + bs]
+            x = torch.stack([self.preprocess(im) for im in group])
+            logits = self.logits(x)
+            for im, lg in zip(group, logits):
+                h, w = int(im.shape[0]), int(im.shape[1])
+                full = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)
+                lab = full[0].argmax(dim=0)
+                if as_classes:
+                    lab = self._to_classes(lab)
+                out.append(lab.cpu().numpy().astype(np.int64))
+        if single:
+            return out[0]
+        if stacked:
+            return np.stack(out) if out else np.zeros((0, 0, 0), dtype=np.int64)
+        return out
+
+
+def load(
+    checkpoint_dir: str | Path,
+    device: str | torch.device | None = None,
+    weights: str | None = None,
+    precision: str = "auto",
+    batch_size: int = 8,
+) -> Predictor:
+    """Load a prediction checkpoint (a run's ``model/`` directory, or the run directory itself).
+
+    Args:
+        device: ``None``/``"auto"`` = CUDA when present, else CPU.
+        weights: override the backbone weights source recorded in ``model.json`` (a path or timm tag), e.g.
+            when the DINO file lives elsewhere on this machine.
+        precision: ``"auto"`` (bf16 autocast on CUDA devices that support it), ``"fp32"`` or ``"bf16"``.
+    """
+    ckpt = find_checkpoint(checkpoint_dir)
+    meta = read_model_meta(ckpt)
+    dev = _resolve_device(device)
+    backbone = _build_backbone(ckpt, meta, weights).to(dev).eval()
+    decoder = _build_decoder(ckpt, meta, backbone.embed_dim).to(dev)
+    if not meta["backbone"].get("pretrained", False):
+        log.warning("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
+    return Predictor(backbone, decoder, meta, dev, _amp_dtype(dev, precision), batch_size)
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """``(image path, output stem)`` for every input, in order.
+
+    A folder gives every image below it (recursive, sorted) with its path relative to the folder as the stem;
+    a file with an image extension is one image (stem = its name); any other file is a list of image paths, one
+    per line (blank lines and ``#`` comments skipped; relative paths are relative to the list's folder; the
+    stem is the path as written). Stems that would collide keep their extension (``a_jpg``), then get a counter.
+    """
+    found: list[tuple[Path, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file() and _is_image(q)):
+                found.append((f, f.relative_to(p).with_suffix("").as_posix()))
+        elif p.is_file() and _is_image(p):
+            found.append((p, p.stem))
+        elif p.is_file():
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                q = Path(line)
+                path = q if q.is_absolute() else p.parent / q
+                rel = q.with_suffix("")
+                stem = rel.as_posix() if not q.is_absolute() and ".." not in q.parts else q.stem
+                found.append((path, stem))
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    counts: dict[str, int] = {}
+    for _, stem in found:
+        counts[stem] = counts.get(stem, 0) + 1
+    out: list[tuple[Path, str]] = []
+    used: set[str] = set()
+    for path, stem in found:
+        if counts[stem] > 1:
+            stem = f"{stem}_{path.suffix.lstrip('.').lower()}" if path.suffix else stem
+        base, n = stem, 1
+        while stem in used:
+            stem, n = f"{base}_{n}", n + 1
+        used.add(stem)
+        out.append((path, stem))
+    return out
+
+
+def save_label_png(label: np.ndarray, path: Path, n_ids: int) -> None:
+    """Write an id map as a single-channel PNG: uint8 when ``n_ids < 255``, else uint16.
+
+    Negative ids (:data:`UNMATCHED`) are written as the dtype's maximum (255 or 65535).
+    """
+    from PIL import Image
+
+    dtype = np.uint8 if n_ids < 255 else np.uint16
+    top = np.iinfo(dtype).max
+    arr = np.where(label < 0, top, label).astype(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    if dtype == np.uint8:
+        Image.fromarray(arr, mode="L").save(tmp, format="PNG")
+    else:
+        Image.fromarray(arr.astype(np.uint16)).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def _decode_stream(
+    items: Sequence[tuple[Path, str]], batch_size: int, errors: Any
+) -> Iterator[list[tuple[Path, str, np.ndarray]]]:
+    """Batches of decoded images; decoding runs in threads (PIL releases the GIL) one batch ahead."""
+
+    def decode(item: tuple[Path, str]) -> tuple[Path, str, np.ndarray | Exception]:
+        try:
+            return item[0], item[1], load_rgb(item[0])
+        except (OSError, ValueError) as exc:
+            return item[0], item[1], exc
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        pending = pool.map(lambda b: [decode(it) for it in b], batches)
+        for decoded in pending:
+            good = []
+            for path, stem, img in decoded:
+                if isinstance(img, Exception):
+                    errors.record(str(path), "predict", str(img))
+                else:
+                    good.append((path, stem, img))
+            yield good
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="transfgu predict",
+        description="Label images with a trained checkpoint. Writes <out>/<stem>.png (cluster ids, or class ids "
+        "with --classes; uint8, uint16 when there are more than 254 ids) and, with --overlay, "
+        "<out>/overlay/<stem>.jpg. Unreadable images are skipped and listed in <out>/errors.jsonl.",
+    )
+    p.add_argument("checkpoint", help="a run directory or its model/ checkpoint directory")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or text files listing "
+                   "image paths")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overlay", action="store_true", help="also write colour overlays as JPEG")
+    p.add_argument("--classes", action="store_true",
+                   help="write matched class ids (255 = cluster without a class) instead of cluster ids")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from transfgu.stages import ErrorLog
+
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        items = collect_inputs(args.inputs)
+        predictor = load(args.checkpoint, device=args.device, weights=args.weights, precision=args.precision,
+                         batch_size=args.batch_size)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.classes and predictor.cluster_to_class is None:
+        print("error: --classes needs a checkpoint with a cluster -> class matching (evaluate the run first)",
+              file=sys.stderr)
+        return 2
+    if not items:
+        print("error: no images found in the inputs", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    err_path = out / "errors.jsonl"
+    err_path.unlink(missing_ok=True)  # this run's errors only
+    errors = ErrorLog(err_path)
+    n_ids = len(predictor.class_names) if args.classes else predictor.n_clusters
+    if args.overlay:
+        from transfgu.viz import overlay, palette
+
+        colours = palette(n_ids)
+    done, t0 = 0, time.time()
+    for batch in _decode_stream(items, args.batch_size, errors):
+        if not batch:
+            continue
+        labels = predictor.predict([img for _, _, img in batch], as_classes=args.classes)
+        for (_, stem, img), lab in zip(batch, labels):
+            save_label_png(lab, out / f"{stem}.png", n_ids)
+            if args.overlay:
+                from PIL import Image
+
+                path = out / "overlay" / f"{stem}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(overlay(img, lab, colours)).save(path, quality=90)
+        done += len(batch)
+        rate = done / max(time.time() - t0, 1e-9)
+        log.info("[predict] %d/%d images (%.2f/s)", done, len(items), rate)
+    n_err = errors.count()
+    summary = {
+        "checkpoint": str(find_checkpoint(args.checkpoint).resolve()),
+        "ids": "classes" if args.classes else "clusters",
+        "names": predictor.class_names if args.classes else [f"cluster {i}" for i in range(n_ids)],
+        "unmatched_value": (255 if n_ids < 255 else 65535) if args.classes else None,
+        "n_images": done,
+        "n_errors": n_err,
+        "pretrained_backbone": predictor.pretrained,
+        "device": str(predictor.device),
+    }
+    (out / "predict.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"{done} label maps written to {out.resolve()}" + (f"; {n_err} unreadable (see {err_path})" if n_err
+                                                               else ""))
+    if not predictor.pretrained:
+        print("warning: the checkpoint's backbone is RANDOM (no pretrained weights): predictions are not the "
+              "method's", file=sys.stderr)
+    return 0 if done else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

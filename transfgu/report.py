@@ -1,0 +1,590 @@
+"""The visual report of a run directory: PNGs under ``<run>/report/`` and one self-contained ``index.html``.
+
+``transfgu report RUN_DIR`` (and :func:`write_report`, which the pipeline calls when it finishes) draws, from what
+the run directory holds:
+
+* a banner saying whether the backbone was pretrained (a random-backbone run's numbers are not the method's);
+* the metrics of ``eval/`` (mIoU, pixel accuracy, per-class IoU bars, the row-normalised confusion matrix after
+  the Hungarian matching);
+* the stage table of ``_manifest.json``;
+* per-concept galleries: for each k-means concept, the training crops whose CLS features lie nearest its centroid
+  (``features/`` + ``concepts/``; crop boxes are in the crop stage's resized image, ``crops.input_size``);
+* CAM panels: a few training images with the K response maps of the pseudo-label bank (``label_bank/``, eq. 5-7);
+* prediction vs ground truth for a few validation images (``model/`` checkpoint + the data set's labels);
+* the inputs that were skipped (``errors.jsonl``) and the resolved configuration.
+
+A section whose inputs are missing (e.g. no evaluation yet, or the data set is not on this machine) is replaced by
+a note; the report never fails because a stage has not run. Images are embedded as base64 PNG so the HTML file
+stands alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transfgu import viz
+
+__all__ = ["ReportOptions", "main", "nearest_crops", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportOptions:
+    """How much to draw."""
+
+    n_per_concept: int = 8  # crops per concept row
+    concepts_per_png: int = 16  # concept rows per gallery PNG
+    max_concepts: int = 200  # galleries stop after this many concepts
+    max_feature_rows: int = 2_000_000  # crops scanned for the galleries (the first shards)
+    n_cam_images: int = 3
+    max_cam_maps: int = 17  # maps per CAM panel; with more concepts the strongest are shown
+    n_pred_images: int = 4
+    display_width: int = 320  # width of images in the CAM and prediction panels
+    thumb: int = 96  # longer side of a gallery thumbnail
+    device: str | None = None  # for the prediction section; None = CUDA when present
+
+
+@dataclass
+class Section:
+    title: str
+    html: str = ""
+    images: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption)
+    note: str | None = None
+
+
+# -- run directory helpers -------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+
+
+def _load_config(run_dir: Path, meta: dict[str, Any] | None):
+    """The run's resolved config (config.yaml, else the copy in model.json), or None."""
+    from transfgu.config import Config, load_config
+
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        try:
+            return load_config(path)
+        except Exception as exc:  # an older or edited config must not stop the report
+            log.warning("cannot read %s: %s", path, exc)
+    if meta and meta.get("config"):
+        try:
+            return Config.model_validate(meta["config"])
+        except Exception as exc:
+            log.warning("cannot read the config stored in model.json: %s", exc)
+    return None
+
+
+def _pretrained(meta: dict[str, Any] | None, metrics: dict[str, Any] | None, cfg: Any) -> bool | None:
+    if meta is not None and "pretrained" in meta.get("backbone", {}):
+        return bool(meta["backbone"]["pretrained"])
+    if metrics is not None and "pretrained" in metrics:
+        return bool(metrics["pretrained"])
+    if cfg is not None:
+        return cfg.backbone.weights != "none"
+    return None
+
+
+def _records_by_id(cfg: Any, split: str) -> dict[str, Any]:
+    from transfgu.data.datasets import list_records
+
+    return {r.image_id: r for r in list_records(cfg.data.name, cfg.data.root, split, **dict(cfg.data.options))}
+
+
+def _resize_to_width(img: np.ndarray, width: int, mode: str = "bilinear") -> np.ndarray:
+    from transfgu.data.io import resize_image, resize_label
+
+    h, w = img.shape[:2]
+    if w <= width:
+        return img
+    size = (max(1, round(h * width / w)), width)
+    return resize_image(img, size, mode) if img.ndim == 3 else resize_label(img, size)
+
+
+def _channel_names(meta: dict[str, Any] | None, n_concepts: int, pools: Sequence[str]) -> list[str]:
+    """``"k (pool) -> class"`` per concept; concept k is decoder channel k (k + 1 in the "things" variant)."""
+    offset = 1 if meta is not None and meta.get("variant") == "things" else 0
+    mapping = (meta or {}).get("cluster_to_class")
+    names = (meta or {}).get("class_names") or []
+    out = []
+    for k in range(n_concepts):
+        text = f"{k} ({pools[k]})"
+        if mapping is not None and k + offset < len(mapping):
+            c = int(mapping[k + offset])
+            if 0 <= c < len(names):
+                text += f" \u2192 {names[c]}"
+        out.append(text)
+    return out
+
+
+# -- sections --------------------------------------------------------------------------------------------------------
+def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metrics: dict[str, Any] | None) -> Section:
+    from transfgu.metrics import matched_confusion
+
+    sec = Section("Metrics")
+    if metrics is None:
+        sec.note = "No evaluation yet (eval/metrics.json is missing): run the evaluate stage to get metrics."
+        return sec
+    miou, pa = metrics.get("mIoU"), metrics.get("pixel_accuracy")
+    rows = [
+        ("mIoU", f"{100 * miou:.2f} %" if miou is not None else "n/a"),
+        ("pixel accuracy", f"{100 * pa:.2f} %" if pa is not None else "n/a"),
+        ("validation images", str(metrics.get("n_images", "?"))),
+        ("clusters", str(metrics.get("n_clusters", "?"))),
+        ("classes", str(len(metrics.get("per_class_iou", {})))),
+    ]
+    if metrics.get("warning"):
+        rows.append(("warning", metrics["warning"]))
+    sec.html = _table(["", ""], rows, show_header=False)
+    per_class = metrics.get("per_class_iou") or {}
+    if per_class:
+        fig = viz.iou_bar_figure(per_class, miou, title="Per-class IoU (Hungarian matching over the split)")
+        sec.images.append((viz.save_figure(fig, out / "per_class_iou.png"), "Per-class IoU; grey = class absent."))
+    conf_path = run_dir / "eval" / "confusion.csv"
+    if conf_path.is_file() and metrics.get("mapping") is not None:
+        conf = np.loadtxt(conf_path, delimiter=",", dtype=np.int64, ndmin=2)
+        names = list(per_class) or [str(i) for i in range(conf.shape[0])]
+        matched = matched_confusion(conf, np.asarray(metrics["mapping"]))
+        fig = viz.confusion_figure(matched, names, title="Confusion matrix after matching (row %)")
+        caption = "Rows: ground truth; columns: prediction after cluster-to-class matching; cells: % of the row."
+        n_unmatched = int(conf[:, np.asarray(metrics["mapping"]) < 0].sum())
+        if n_unmatched:
+            caption += f" {n_unmatched} pixels fell in unmatched clusters and appear in no column."
+        sec.images.append((viz.save_figure(fig, out / "confusion.png"), caption))
+    return sec
+
+
+def _stages_section(run_dir: Path) -> Section:
+    sec = Section("Stages")
+    man = _read_json(run_dir / "_manifest.json")
+    if not man or not man.get("stages"):
+        sec.note = "No stage has run yet (_manifest.json is missing or empty)."
+        return sec
+    rows = []
+    for name, rec in man["stages"].items():
+        extra = rec.get("extra", {})
+        rows.append((name, rec.get("status", "?"), str(rec.get("rows", "")), str(extra.get("seconds", "")),
+                     rec.get("finished_at") or "", rec.get("error") or ""))
+    sec.html = _table(["stage", "status", "rows", "seconds", "finished", "error"], rows)
+    return sec
+
+
+def nearest_crops(
+    shards: Any, centroids: np.ndarray, pools: Sequence[str], n: int, max_rows: int | None = None
+) -> tuple[list[list[tuple[float, str, tuple[int, int, int, int]]]], int]:
+    """The ``n`` crops nearest each centroid (squared L2 on the raw CLS features, as k-means uses), streamed.
+
+    Args:
+        shards: iterable of ``(path, meta table with image_id/box/pool, cls (m, D))`` (see
+            :func:`transfgu.store.iter_feature_shards`).
+        centroids: ``(K, D)``; ``pools[k]`` is the pool of concept k: it is compared with that pool's crops only.
+        max_rows: stop after the shard that reaches this many crops.
+
+    Returns:
+        per concept a list of ``(distance, image_id, box)`` nearest first, and the number of crops scanned.
+    """
+    c = np.asarray(centroids, dtype=np.float32)
+    c2 = (c.astype(np.float64) ** 2).sum(1)
+    best: list[list[tuple[float, str, tuple[int, int, int, int]]]] = [[] for _ in range(len(c))]
+    pool_of = np.asarray(list(pools))
+    scanned = 0
+    for _, table, cls in shards:
+        ids = table["image_id"].to_pylist()
+        boxes = np.asarray(table["box"].to_pylist(), dtype=np.int64).reshape(-1, 4)
+        crop_pool = np.asarray(table["pool"].to_pylist())
+        x = np.asarray(cls, dtype=np.float32)
+        x2 = (x.astype(np.float64) ** 2).sum(1)
+        for pool in np.unique(pool_of):
+            ks = np.flatnonzero(pool_of == pool)
+            rows = np.flatnonzero(crop_pool == pool)
+            if not len(rows):
+                continue
+            d = x2[rows, None] - 2.0 * (x[rows] @ c[ks].T).astype(np.float64) + c2[None, ks]
+            take = min(n, len(rows))
+            idx = np.argpartition(d, take - 1, axis=0)[:take] if take < len(rows) else np.arange(len(rows))[:, None]
+            for j, k in enumerate(ks):
+                col = idx[:, j] if idx.shape[1] > 1 else idx[:, 0]
+                cand = best[k] + [(float(d[i, j]), ids[rows[i]], tuple(int(v) for v in boxes[rows[i]])) for i in col]
+                cand.sort(key=lambda t: t[0])
+                best[k] = cand[:n]
+        scanned += len(ids)
+        if max_rows is not None and scanned >= max_rows:
+            break
+    return best, scanned
+
+
+def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None, opt: ReportOptions) -> Section:
+    from transfgu.concepts import ConceptBank
+    from transfgu.data.io import load_rgb, resize_image
+    from transfgu.store import iter_feature_shards, list_parquet_files
+
+    sec = Section("Concept galleries")
+    if not (run_dir / "concepts" / ConceptBank.META_FILE).is_file():
+        sec.note = "No concepts yet (concepts/ is missing): run the concepts stage."
+        return sec
+    if not (run_dir / "features").is_dir() or not list_parquet_files(run_dir / "features"):
+        sec.note = "No crop features (features/ is missing or empty)."
+        return sec
+    if cfg is None:
+        sec.note = "The run's config is missing, so the crops cannot be located in their images."
+        return sec
+    bank = ConceptBank.load(run_dir / "concepts")
+    k_show = min(bank.num_concepts, opt.max_concepts)
+    shards = iter_feature_shards(run_dir / "features", columns=["image_id", "split", "box", "pool"])
+    best, scanned = nearest_crops(shards, bank.centroids[:k_show], bank.pools[:k_show], opt.n_per_concept,
+                                  opt.max_feature_rows)
+    splits = {cfg.data.train_split}
+    records: dict[str, Any] = {}
+    for split in splits:
+        try:
+            records.update(_records_by_id(cfg, split))
+        except Exception as exc:
+            sec.note = f"The training images are not readable here ({exc}); galleries skipped."
+            return sec
+    size = tuple(cfg.crops.input_size)
+    cache: dict[str, np.ndarray | None] = {}
+
+    def stage_image(image_id: str) -> np.ndarray | None:
+        if image_id not in cache:
+            try:
+                cache[image_id] = resize_image(load_rgb(records[image_id].image_path), size, cfg.crops.resize_mode)
+            except (KeyError, OSError, ValueError):
+                cache[image_id] = None
+            if len(cache) > 512:
+                cache.pop(next(iter(cache)))
+        return cache[image_id]
+
+    thumbs: list[list[np.ndarray]] = []
+    for picks in best:
+        row = []
+        for _, image_id, (x0, y0, x1, y1) in picks:
+            img = stage_image(image_id)
+            if img is None:
+                continue
+            crop = img[y0:y1, x0:x1]
+            if crop.size == 0:
+                continue
+            h, w = crop.shape[:2]
+            s = opt.thumb / max(h, w)
+            row.append(resize_image(crop, (max(1, round(h * s)), max(1, round(w * s)))))
+        thumbs.append(row)
+    titles = _channel_names(meta, k_show, bank.pools)
+    for start in range(0, k_show, opt.concepts_per_png):
+        stop = min(k_show, start + opt.concepts_per_png)
+        fig = viz.concept_gallery(thumbs[start:stop], titles[start:stop],
+                                  title=f"Concepts {start}-{stop - 1}: crops nearest each centroid")
+        path = viz.save_figure(fig, out / f"concepts_{start // opt.concepts_per_png:02d}.png", dpi=80)
+        sec.images.append((path, f"Concepts {start}-{stop - 1}, nearest crop first."))
+    sec.html = (
+        f"<p>{bank.num_concepts} concepts (k-means on crop CLS features, pools {html.escape(str(bank.k_per_pool))}); "
+        f"each row shows the {opt.n_per_concept} crops nearest the concept's centroid among {scanned:,} crops "
+        "scanned. The arrow names the class its decoder channel was matched to at evaluation.</p>"
+    )
+    if k_show < bank.num_concepts:
+        sec.html += f"<p>Only the first {k_show} of {bank.num_concepts} concepts are shown.</p>"
+    return sec
+
+
+def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None, opt: ReportOptions) -> Section:
+    import pyarrow.parquet as pq
+
+    from transfgu.concepts import ConceptBank
+    from transfgu.data.io import load_rgb
+    from transfgu.store import list_parquet_files, read_label_bank
+
+    sec = Section("CAM panels (pseudo-label bank)")
+    files = list_parquet_files(run_dir / "label_bank") if (run_dir / "label_bank").is_dir() else []
+    if not files:
+        sec.note = "No pseudo-label bank yet (label_bank/ is missing or empty): run the label_bank stage."
+        return sec
+    if cfg is None:
+        sec.note = "The run's config is missing, so the images of the label bank cannot be found."
+        return sec
+    ids = pq.read_table(files[0], columns=["image_id"])["image_id"].to_pylist()[: opt.n_cam_images]
+    maps = read_label_bank(files[0], ids)
+    try:
+        records = _records_by_id(cfg, cfg.data.train_split)
+    except Exception as exc:
+        sec.note = f"The training images are not readable here ({exc}); CAM panels skipped."
+        return sec
+    pools = None
+    if (run_dir / "concepts" / ConceptBank.META_FILE).is_file():
+        pools = ConceptBank.load(run_dir / "concepts").pools
+    for i, image_id in enumerate(ids):
+        m = maps[image_id].astype(np.float32)
+        k = m.shape[0]
+        names = _channel_names(meta, k, pools if pools is not None and len(pools) == k else ["?"] * k)
+        order = np.arange(k)
+        note = ""
+        if k > opt.max_cam_maps:
+            order = np.sort(np.argsort(-m.reshape(k, -1).max(1))[: opt.max_cam_maps])
+            note = f" (the {opt.max_cam_maps} of {k} maps with the highest peak)"
+        try:
+            img = _resize_to_width(load_rgb(records[image_id].image_path), opt.display_width)
+        except (KeyError, OSError, ValueError) as exc:
+            sec.html += f"<p>{html.escape(image_id)}: image not readable ({html.escape(str(exc))})</p>"
+            continue
+        fig = viz.cam_panel(img, m[order], [names[j].replace(" \u2192 ", "\n\u2192 ") for j in order],
+                            title=f"{image_id}: concept response maps{note}")
+        sec.images.append((viz.save_figure(fig, out / f"cam_{i:02d}.png", dpi=80), f"{image_id}{note}"))
+    sec.html = (
+        "<p>Attention Grad-CAM of each concept (eq. 5-7) as stored in the label bank; they become the "
+        "training pseudo labels. One colour scale per image.</p>" + sec.html
+    )
+    return sec
+
+
+def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None,
+                        opt: ReportOptions) -> Section:
+    from transfgu.data.datasets import dataset_spec, list_records, load_sample
+    from transfgu.data.io import load_rgb
+    from transfgu.predict import load
+
+    sec = Section("Predictions vs ground truth")
+    if meta is None:
+        sec.note = "No trained model yet (model/model.json is missing): run the train stage."
+        return sec
+    if cfg is None:
+        sec.note = "The run's config is missing, so no validation images can be found."
+        return sec
+    labelled = cfg.data.val_split is not None and cfg.data.name != "folder"
+    split = cfg.data.val_split if labelled else cfg.data.train_split
+    try:
+        records = list(list_records(cfg.data.name, cfg.data.root, split, **dict(cfg.data.options)))
+        records = records[: opt.n_pred_images]
+        spec = dataset_spec(cfg.data.name, cfg.data.root, **dict(cfg.data.options)) if labelled else None
+    except Exception as exc:
+        sec.note = f"The {split} images are not readable here ({exc}); section skipped."
+        return sec
+    predictor = load(run_dir, device=opt.device)
+    as_classes = predictor.cluster_to_class is not None and spec is not None
+    names = list(spec.class_names) if as_classes else [f"cluster {i}" for i in range(predictor.n_clusters)]
+    colours = viz.palette(max(len(names), 1))
+    rows = []
+    for rec in records:
+        try:
+            if spec is not None:
+                img, gt = load_sample(rec, spec.label_map)
+                gt = np.where((gt == spec.ignore_index) | (gt < 0) | (gt >= len(spec.class_names)), -1, gt)
+            else:
+                img, gt = load_rgb(rec.image_path), None
+        except Exception as exc:
+            sec.html += f"<p>{html.escape(rec.image_id)}: not readable ({html.escape(str(exc))})</p>"
+            continue
+        pred = predictor.predict(img, as_classes=as_classes)
+        small = _resize_to_width(img, opt.display_width)
+        hw = small.shape[:2]
+        from transfgu.data.io import resize_label
+
+        rows.append((rec.image_id, small, None if gt is None or not as_classes else resize_label(gt, hw),
+                     resize_label(pred, hw)))
+    if rows:
+        fig = viz.prediction_panel(rows, names, colours,
+                                   pred_title="prediction (matched classes)" if as_classes else "prediction (clusters)")
+        sec.images.append((viz.save_figure(fig, out / "predictions.png", dpi=80), ""))
+    what = (
+        "Cluster ids are mapped to classes with the Hungarian matching of the evaluation; black = ignored "
+        "ground truth or an unmatched cluster." if as_classes else
+        "No cluster-to-class matching is available, so clusters are shown with their own colours (ground truth "
+        "is not comparable colour for colour and is not drawn)."
+    )
+    sec.html = f"<p>The first {len(rows)} images of split <code>{html.escape(str(split))}</code>. {what}</p>" + sec.html
+    return sec
+
+
+def _errors_section(run_dir: Path) -> Section:
+    sec = Section("Skipped inputs")
+    path = run_dir / "errors.jsonl"
+    if not path.is_file():
+        sec.html = "<p>No input was skipped.</p>"
+        return sec
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    rows = [(e.get("stage", ""), e.get("file", ""), e.get("reason", "")) for e in entries[:50]]
+    sec.html = f"<p>{len(entries)} inputs were skipped (errors.jsonl).</p>" + _table(["stage", "file", "reason"], rows)
+    return sec
+
+
+def _config_section(cfg: Any, run_dir: Path) -> Section:
+    sec = Section("Configuration")
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif cfg is not None:
+        text = cfg.to_yaml()
+    else:
+        sec.note = "No config.yaml in the run directory."
+        return sec
+    sec.html = f"<pre>{html.escape(text)}</pre>"
+    return sec
+
+
+# -- HTML ------------------------------------------------------------------------------------------------------------
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], show_header: bool = True) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if show_header else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _img_tag(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">{cap}</figure>'
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;
+color:#222;padding:0 16px}
+h1{margin-bottom:4px} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:36px}
+.banner{padding:14px 18px;border-radius:6px;font-size:17px;margin:16px 0}
+.random{background:#fde2e1;border:2px solid #d62728;color:#8b0000}
+.pretrained{background:#e3f4e1;border:2px solid #2ca02c;color:#145214}
+.unknown{background:#fff3cd;border:2px solid #e0a800;color:#6b5000}
+.note{background:#f4f4f4;border-left:4px solid #999;padding:8px 12px;color:#555}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding:4px 10px;text-align:left;
+font-size:14px;vertical-align:top}
+th{background:#f6f6f6} figure{margin:12px 0} img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:13px;color:#555} pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px}
+.meta{color:#666;font-size:14px}
+"""
+
+
+def _banner(pretrained: bool | None, meta: dict[str, Any] | None, cfg: Any) -> str:
+    bb = (meta or {}).get("backbone") or {}
+    arch = bb.get("arch") or (cfg.backbone.arch if cfg is not None else "?")
+    weights = bb.get("weights") or (cfg.backbone.weights if cfg is not None else "?")
+    if pretrained is False:
+        return (
+            '<div class="banner random"><b>RANDOM BACKBONE (no pretrained weights).</b> '
+            f"The {html.escape(str(arch))} backbone of this run was randomly initialised, so its features, "
+            "concepts, pseudo labels and metrics are <b>not the method's</b>: this run is a smoke test. Give "
+            "<code>backbone.weights</code> a DINO checkpoint for real results.</div>"
+        )
+    if pretrained is True:
+        return (
+            f'<div class="banner pretrained"><b>Pretrained backbone:</b> {html.escape(str(arch))} with weights '
+            f"<code>{html.escape(str(weights))}</code>.</div>"
+        )
+    return '<div class="banner unknown"><b>Backbone weights unknown</b>: no model, metrics or config found.</div>'
+
+
+def _render(run_dir: Path, sections: Sequence[Section], banner: str, summary: str) -> str:
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>TransFGU report: {html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>TransFGU run <code>{html.escape(run_dir.name)}</code></h1>",
+        f"<div class='meta'>{html.escape(str(run_dir.resolve()))} &middot; report written "
+        f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</div>",
+        banner,
+        summary,
+    ]
+    for sec in sections:
+        parts.append(f"<h2>{html.escape(sec.title)}</h2>")
+        if sec.note:
+            parts.append(f"<p class='note'>{html.escape(sec.note)}</p>")
+        parts.append(sec.html)
+        parts.extend(_img_tag(p, c) for p, c in sec.images)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _summary(metrics: dict[str, Any] | None, meta: dict[str, Any] | None, cfg: Any) -> str:
+    items = []
+    if cfg is not None:
+        items.append(f"data set <b>{html.escape(cfg.data.name)}</b> ({html.escape(str(cfg.data.root))})")
+        items.append(f"K = {cfg.concepts.k} concepts {html.escape(str(dict(cfg.concepts.k_per_pool)))}, "
+                     f"variant {html.escape(cfg.train.variant)}")
+    if metrics is not None and metrics.get("mIoU") is not None:
+        items.append(f"<b>mIoU {100 * metrics['mIoU']:.2f} %</b>, pixel accuracy "
+                     f"{100 * metrics['pixel_accuracy']:.2f} % on {metrics.get('n_images', '?')} images")
+    return "<p>" + " &middot; ".join(items) + "</p>" if items else ""
+
+
+def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> Path:
+    """Write ``<run>/report/*.png`` and the self-contained ``<run>/report/index.html``; returns the HTML path.
+
+    Sections whose inputs are missing, or that fail, are replaced by a note naming the reason.
+    """
+    opt = options or ReportOptions()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    meta = _read_json(run_dir / "model" / "model.json")
+    metrics = _read_json(run_dir / "eval" / "metrics.json")
+    cfg = _load_config(run_dir, meta)
+    pretrained = _pretrained(meta, metrics, cfg)
+    builders: list[tuple[str, Callable[[], Section]]] = [
+        ("Metrics", lambda: _metrics_section(run_dir, out, meta, metrics)),
+        ("Predictions vs ground truth", lambda: _prediction_section(run_dir, out, cfg, meta, opt)),
+        ("Concept galleries", lambda: _gallery_section(run_dir, out, cfg, meta, opt)),
+        ("CAM panels (pseudo-label bank)", lambda: _cam_section(run_dir, out, cfg, meta, opt)),
+        ("Stages", lambda: _stages_section(run_dir)),
+        ("Skipped inputs", lambda: _errors_section(run_dir)),
+        ("Configuration", lambda: _config_section(cfg, run_dir)),
+    ]
+    sections = []
+    for title, build in builders:
+        try:
+            sections.append(build())
+        except Exception as exc:  # one broken section must not cost the user the rest of the report
+            log.exception("report section %r failed", title)
+            sections.append(Section(title, note=f"This section could not be drawn: {type(exc).__name__}: {exc}"))
+    page = _render(run_dir, sections, _banner(pretrained, meta, cfg), _summary(metrics, meta, cfg))
+    path = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    log.info("report written to %s", path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="transfgu report",
+                                description="Write <RUN_DIR>/report/index.html (self-contained) and its PNGs.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--per-concept", type=int, default=8, help="crops per concept in the galleries")
+    p.add_argument("--cam-images", type=int, default=3, help="images with CAM panels")
+    p.add_argument("--pred-images", type=int, default=4, help="validation images with predictions")
+    p.add_argument("--device", default=None, help="device for the prediction panels (default: CUDA when present)")
+    args = p.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opt = ReportOptions(n_per_concept=args.per_concept, n_cam_images=args.cam_images,
+                        n_pred_images=args.pred_images, device=args.device)
+    try:
+        path = write_report(args.run_dir, opt)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

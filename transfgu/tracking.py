@@ -1,0 +1,388 @@
+"""MLflow tracking of pipeline runs and sweeps (no Ray import here: the one-process pipeline uses it too).
+
+Store: ``sqlite:///<run.root>/mlflow.db`` with artifacts under ``<run.root>/mlartifacts`` unless ``mlflow.tracking_uri``
+or ``MLFLOW_TRACKING_URI`` names another store (e.g. ``http://mlflow-server:5000`` on a cluster). MLflow >= 3.13
+refuses the old ``./mlruns`` file store, and a SQLite file needs no server.
+
+Run tree (ecosystem_notes.md §4.3)::
+
+    pipeline <run.name>               params = Config.flat(), tag pretrained, artifacts: config, eval, report PNGs
+      ├─ stage extract / concepts / label_bank / train / evaluate   (tag skipped=true when resumed past)
+      │    └─ (train) round=<r>       metrics per epoch, step = epoch
+    sweep <name>                      best config + best metric logged at the end
+      └─ trial <id>                   params = the trial's flattened config, metrics per epoch
+
+Every call goes through :class:`mlflow.MlflowClient` with explicit run ids, never the fluent API: the fluent active
+run is thread-local and process-local, and Ray workers (Train rank 0, Tune trials) log into runs created elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transfgu.config import Config
+
+log = logging.getLogger(__name__)
+
+_PARAM_BATCH = 100  # MLflow's log_batch limit for params
+_PARAM_VALUE_MAX = 6000
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """``mlflow.tracking_uri`` if set, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the run root."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(cfg.run.root).resolve() / 'mlflow.db').as_posix()}"
+
+
+def _is_local_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class TrackerSpec:
+    """What a remote process needs to log into an existing run tree (plain data: crosses the Ray boundary)."""
+
+    tracking_uri: str
+    experiment_id: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, str]) -> TrackerSpec:
+        return cls(tracking_uri=d["tracking_uri"], experiment_id=d["experiment_id"])
+
+
+class Tracker:
+    """A thin, process-safe wrapper of :class:`mlflow.MlflowClient` bound to one experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str | None = None, experiment_id: str | None = None,
+                 artifact_location: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        if _is_local_sqlite(tracking_uri):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if experiment_id is None:
+            if experiment is None:
+                raise ValueError("give an experiment name or id")
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+                except Exception:  # another process created it meanwhile
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    experiment_id = exp.experiment_id
+            else:
+                experiment_id = exp.experiment_id
+        self.experiment_id = str(experiment_id)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Tracker | None:
+        """The run's tracker, or None when ``mlflow.enabled`` is false."""
+        if not cfg.mlflow.enabled:
+            return None
+        uri = resolve_tracking_uri(cfg)
+        artifacts = None
+        if _is_local_sqlite(uri):
+            artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return cls(uri, experiment=cfg.mlflow.experiment, artifact_location=artifacts)
+
+    @classmethod
+    def from_spec(cls, spec: TrackerSpec | Mapping[str, str]) -> Tracker:
+        if not isinstance(spec, TrackerSpec):
+            spec = TrackerSpec.from_dict(spec)
+        return cls(spec.tracking_uri, experiment_id=spec.experiment_id)
+
+    @property
+    def spec(self) -> TrackerSpec:
+        return TrackerSpec(self.tracking_uri, self.experiment_id)
+
+    # -- runs ----------------------------------------------------------------------------------------------------
+    def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, Any] | None = None) -> str:
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), _PARAM_BATCH):
+            self.client.log_batch(run_id, params=items[i : i + _PARAM_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(str(k), float(v), ts, int(step or 0))
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    @contextlib.contextmanager
+    def run(self, name: str, parent_id: str | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, or FAILED when the block raises."""
+        run_id = self.start_run(name, parent_id, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
+
+
+def _param_value(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= _PARAM_VALUE_MAX else s[: _PARAM_VALUE_MAX - 3] + "..."
+
+
+def run_tags(cfg: Config, kind: str) -> dict[str, str]:
+    """Tags every run of a pipeline carries (ecosystem_notes.md §4.2)."""
+    from transfgu.store import config_hash
+
+    tags = {
+        "kind": kind,
+        "pretrained": str(cfg.backbone.weights != "none").lower(),
+        "backbone": cfg.backbone.arch,
+        "dataset": cfg.data.name,
+        "run_name": cfg.run.name,
+        "config_hash": config_hash(cfg.model_dump(mode="json"))[:16],
+    }
+    sha = _git_sha()
+    if sha:
+        tags["git_sha"] = sha
+    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    if job:
+        tags["ray_job_submission_id"] = job
+    return tags
+
+
+def config_params(cfg: Config) -> dict[str, Any]:
+    """The flattened config plus ``pretrained``, which every run states (its numbers mean nothing without it)."""
+    return {**cfg.flat(), "pretrained": cfg.backbone.weights != "none"}
+
+
+class EpochLogger:
+    """``on_epoch(metrics)`` callback: one child run per bootstrapping round under a stage run, step = epoch.
+
+    Built from a :class:`TrackerSpec` so that Ray Train's rank 0 can log into the driver's run tree.
+    """
+
+    def __init__(self, spec: TrackerSpec | Mapping[str, str], stage_run_id: str, prefix: str = "train",
+                 tags: Mapping[str, Any] | None = None) -> None:
+        self.tracker = Tracker.from_spec(spec)
+        self.stage_run_id = stage_run_id
+        self.prefix = prefix
+        self.tags = dict(tags or {})
+        self.round: int | None = None
+        self.round_run_id: str | None = None
+
+    def __call__(self, metrics: Mapping[str, Any]) -> None:
+        r = int(metrics.get("round", 0))
+        if r != self.round:
+            self.close()
+            self.round = r
+            self.round_run_id = self.tracker.start_run(
+                f"{self.prefix}/round={r}", parent_id=self.stage_run_id,
+                tags={**self.tags, "pipeline_stage": "train", "round": r},
+            )
+        step = int(metrics.get("epoch", 0))
+        m = {f"{self.prefix}/{k}": v for k, v in metrics.items() if k not in ("epoch", "round")}
+        self.tracker.log_metrics(self.round_run_id, m, step=step)
+        self.tracker.log_metrics(self.stage_run_id, m, step=step)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.round_run_id is not None:
+            self.tracker.end_run(self.round_run_id, status)
+            self.round_run_id = None
+
+
+def chain(*callbacks: Callable[[Mapping[str, Any]], None] | None) -> Callable[[Mapping[str, Any]], None] | None:
+    """Call several ``on_epoch`` callbacks in order (None entries are dropped)."""
+    cbs = [c for c in callbacks if c is not None]
+    if not cbs:
+        return None
+
+    def call(metrics: Mapping[str, Any]) -> None:
+        for c in cbs:
+            c(metrics)
+
+    return call
+
+
+class PipelineTracker:
+    """The MLflow side of one pipeline run: a parent run, a child per stage, per-round runs under train.
+
+    Every method is a no-op when tracking is disabled (``tracker is None``), so callers need no ``if``.
+    """
+
+    def __init__(self, cfg: Config, tracker: Tracker | None, kind: str = "pipeline",
+                 parent_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.tracker = tracker
+        self.kind = kind
+        self.parent_of_root = parent_id
+        self.run_id: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None) -> PipelineTracker:
+        return cls(cfg, Tracker.from_config(cfg), kind, parent_id)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracker is not None
+
+    @property
+    def spec(self) -> TrackerSpec | None:
+        return self.tracker.spec if self.tracker is not None else None
+
+    def start(self, name: str | None = None, tags: Mapping[str, Any] | None = None) -> str | None:
+        if self.tracker is None:
+            return None
+        self.run_id = self.tracker.start_run(
+            name or f"{self.kind} {self.cfg.run.name}", parent_id=self.parent_of_root,
+            tags={**run_tags(self.cfg, self.kind), **(tags or {})},
+        )
+        self.tracker.log_params(self.run_id, config_params(self.cfg))
+        self.tracker.log_dict(self.run_id, self.cfg.model_dump(mode="json"), "config/config.json")
+        log.info("[mlflow] %s run %s in %s", self.kind, self.run_id, self.tracker.tracking_uri)
+        return self.run_id
+
+    def stage_run(self, stage: str, skipped: bool = False, info: Mapping[str, Any] | None = None) -> str | None:
+        """Open the child run of a stage (closed with :meth:`end_stage`); a skipped stage is opened and closed."""
+        if self.tracker is None or self.run_id is None:
+            return None
+        rid = self.tracker.start_run(
+            f"stage {stage}", parent_id=self.run_id,
+            tags={"pipeline_stage": stage, "skipped": str(skipped).lower(),
+                  "pretrained": str(self.cfg.backbone.weights != "none").lower()},
+        )
+        if skipped:
+            self.end_stage(rid, info or {})
+        return rid
+
+    def end_stage(self, run_id: str | None, info: Mapping[str, Any], status: str = "FINISHED") -> None:
+        if self.tracker is None or run_id is None:
+            return
+        self.tracker.log_metrics(run_id, _numeric(info))
+        self.tracker.end_run(run_id, status)
+
+    def epoch_logger(self, stage_run_id: str | None) -> EpochLogger | None:
+        if self.tracker is None or stage_run_id is None:
+            return None
+        return EpochLogger(self.tracker.spec, stage_run_id)
+
+    def finish(self, run_dir: Path | None, status: str = "FINISHED") -> None:
+        """Final metrics and artifacts on the parent run, then close it."""
+        if self.tracker is None or self.run_id is None:
+            return
+        if run_dir is not None:
+            try:
+                log_run_artifacts(self.tracker, self.run_id, Path(run_dir))
+            except Exception as exc:  # artifacts are a convenience; never fail a finished pipeline on them
+                log.warning("[mlflow] could not log artifacts: %s", exc)
+        self.tracker.end_run(self.run_id, status)
+
+
+def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
+    """Resolved config, eval metrics, per-class IoU, confusion matrix (CSV + PNG) and report PNGs of a run dir."""
+    import json
+
+    tracker.log_artifact(run_id, run_dir / "config.yaml", "config")
+    ev = run_dir / "eval"
+    metrics_path = ev / "metrics.json"
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        tracker.log_metrics(run_id, {"mIoU": m.get("mIoU"), "pixel_accuracy": m.get("pixel_accuracy")})
+        tracker.log_metrics(run_id, {f"iou/{k}": v for k, v in m.get("per_class_iou", {}).items()
+                                     if v is not None})
+        for name in ("metrics.json", "per_class_iou.csv", "confusion.csv"):
+            tracker.log_artifact(run_id, ev / name, "eval")
+        png = run_dir / "report" / "confusion.png"
+        if not png.is_file() and (ev / "confusion.csv").is_file():
+            png = confusion_png(ev / "confusion.csv", ev / "confusion.png")
+        if png is not None and png.is_file():
+            tracker.log_artifact(run_id, png, "eval")
+    report = run_dir / "report"
+    if report.is_dir():
+        for p in sorted(report.glob("*.png")):
+            tracker.log_artifact(run_id, p, "report")
+        tracker.log_artifact(run_id, report / "index.html", "report")
+
+
+def confusion_png(csv_path: Path, out: Path) -> Path | None:
+    """A row-normalised confusion-matrix image (rows: ground truth, columns: predicted class)."""
+    import numpy as np
+
+    conf = np.loadtxt(csv_path, delimiter=",", ndmin=2)
+    if conf.size == 0:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title("confusion (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
