@@ -70,6 +70,7 @@ class CropConfig(_Base):
     th_bg: float = Field(0.8, ge=0, le=1)
     crop_size: int = Field(320, ge=8)
     batch_size: int = Field(64, ge=1)
+    trim_last_pixel: bool = Field(True, description="the reference's one-pixel-short crops; false = full windows")
 
     _size = field_validator("input_size")(_check_size)
 
@@ -140,6 +141,9 @@ class TrainConfig(_Base):
     cls_emb_init: Literal["reference", "orthogonal"] = "orthogonal"
     clamp_grad: float = Field(1.0, gt=0)
     skip_nonpositive: bool = True
+    empty_fg: Literal["zero", "nan"] = Field(
+        "zero", description="uncertainty loss with no foreground pixel: 0 (fix) or NaN -> skipped step (reference)"
+    )
     num_workers: int = Field(0, ge=0)
 
     _size = field_validator("train_size")(_check_size)
@@ -158,8 +162,6 @@ class EvalConfig(_Base):
     eval_size: tuple[int, int] = (320, 320)
     overcluster: Literal["hungarian", "majority"] = "hungarian"
     batch_size: int = Field(16, ge=1)
-    every_epoch: bool = Field(False, description="evaluate after every epoch (needed for select_best)")
-    select_best: bool = Field(False, description="keep the best-on-val epoch, as the reference does (label peeking)")
 
     _size = field_validator("eval_size")(_check_size)
 

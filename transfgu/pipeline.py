@@ -273,7 +273,7 @@ def train_rounds(
         metrics = train_one_epoch(
             model, teacher if plan.bootstrapping else None, backbone, loader, optimizer, plan, device,
             loss_weights=weights, variant=t.variant, clamp_grad=t.clamp_grad, skip_nonpositive=t.skip_nonpositive,
-            generator=gen, colour_mode=t.colour_aug, t_bg=t.t_bg, mix=t.teacher_mix, amp_dtype=amp,
+            generator=gen, colour_mode=t.colour_aug, t_bg=t.t_bg, mix=t.teacher_mix, empty_fg=t.empty_fg, amp_dtype=amp,
         )
         metrics = {**metrics, "epoch": epoch, "round": round_idx, "alpha": plan.alpha, "time_s": time.time() - t0}
         history.append(metrics)

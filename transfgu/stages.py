@@ -190,6 +190,7 @@ def extract_features(
         crop_size=crops.crop_size,
         batch_size=crops.batch_size,
         autocast_dtype=amp,
+        trim_last_pixel=crops.trim_last_pixel,
     )
     return features_table(list(image_ids), split, recs)
 
