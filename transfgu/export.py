@@ -24,11 +24,14 @@ stored in the file as the extra file ``transfgu.json``; :func:`load_exported` re
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from transfgu.predict import Predictor, load
 
-__all__ = ["SegmentationModel", "export_torchscript", "load_exported", "main"]
+__all__ = ["SegmentationModel", "export_program", "export_torchscript", "load_exported", "main"]
 
 EXTRA_FILE = "transfgu.json"
 
@@ -86,20 +89,7 @@ class _SizeChecked(nn.Module):
         return self.inner(x)
 
 
-def export_torchscript(
-    predictor: Predictor,
-    path: str | Path,
-    output: str = "labels",
-    classes: bool = False,
-    example: Tensor | None = None,
-) -> Path:
-    """Trace ``predictor``'s backbone + decoder on CPU in float32 and save it as TorchScript at ``path``.
-
-    Args:
-        output: ``"labels"`` or ``"logits"`` (see the module docstring).
-        classes: map cluster ids to class ids with the checkpoint's matching (``output="labels"`` only).
-        example: a normalised ``(B, 3, H, W)`` batch at the eval size to trace with (default: random).
-    """
+def _prepare(predictor: Predictor, output: str, classes: bool) -> tuple[SegmentationModel, dict[str, Any]]:
     if classes and output != "labels":
         raise ValueError("classes=True needs output='labels'")
     mapping = None
@@ -107,23 +97,16 @@ def export_torchscript(
         if predictor.cluster_to_class is None:
             raise ValueError("the checkpoint has no cluster -> class matching (evaluate the run first)")
         mapping = torch.as_tensor(predictor.cluster_to_class, dtype=torch.long)
-    backbone = predictor.backbone.to("cpu").float().eval()
-    decoder = predictor.decoder.to("cpu").float().eval()
-    model = SegmentationModel(backbone, decoder, output, mapping).eval()
     hh, ww = predictor.eval_size
     ps = predictor.backbone.patch_size
     if hh % ps or ww % ps:
         raise ValueError(f"eval size {hh}x{ww} is not a multiple of the patch size {ps}; export needs one")
-    if example is None:
-        example = torch.randn(2, 3, hh, ww, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), warnings.catch_warnings():
-        # Python-side shape checks in the backbone become constants of the trace; the wrapper re-checks the size.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        traced = torch.jit.trace(model, example.float().cpu(), check_trace=False)
-        scripted = torch.jit.script(_SizeChecked(traced, hh, ww))
+    # Copies, so exporting leaves the predictor (maybe on a GPU, maybe in use) as it was.
+    backbone = copy.deepcopy(predictor.backbone).to("cpu").float().eval()
+    decoder = copy.deepcopy(predictor.decoder).to("cpu").float().eval()
+    model = SegmentationModel(backbone, decoder, output, mapping).eval()
     info = {
-        "format": "transfgu-torchscript/1",
+        "format": "transfgu-export/1",
         "input": {"shape": ["B", 3, hh, ww], "dtype": "float32", "mean": list(IMAGENET_MEAN),
                   "std": list(IMAGENET_STD), "note": "RGB in [0, 1], then (x - mean) / std"},
         "output": output,
@@ -134,23 +117,75 @@ def export_torchscript(
         "backbone": predictor.meta.get("backbone"),
         "pretrained": predictor.pretrained,
     }
+    return model, info
+
+
+def _example(predictor: Predictor, batch: int = 2) -> Tensor:
+    hh, ww = predictor.eval_size
+    return torch.randn(batch, 3, hh, ww, generator=torch.Generator().manual_seed(0))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.jit is deprecated (FutureWarning); the backbone's Python-side shape checks become trace constants
+    (TracerWarning), which is fine because the wrapper re-checks the input size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def export_torchscript(
+    predictor: Predictor, path: str | Path, output: str = "labels", classes: bool = False
+) -> Path:
+    """Trace ``predictor``'s backbone + decoder on CPU in float32 and save it as TorchScript at ``path``.
+
+    Args:
+        output: ``"labels"`` or ``"logits"`` (see the module docstring).
+        classes: map cluster ids to class ids with the checkpoint's matching (``output="labels"`` only).
+    """
+    model, info = _prepare(predictor, output, classes)
+    hh, ww = predictor.eval_size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(scripted, str(tmp), _extra_files={EXTRA_FILE: json.dumps(info)})
+    extra = {EXTRA_FILE: json.dumps({**info, "format_kind": "torchscript"})}
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(model, _example(predictor), check_trace=False)
+        scripted = torch.jit.script(_SizeChecked(traced, hh, ww))
+        torch.jit.save(scripted, str(tmp), _extra_files=extra)
     tmp.replace(path)
     return path
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
-    """Load an exported model and its ``transfgu.json`` description."""
-    extra = {EXTRA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    return module.eval(), json.loads(extra[EXTRA_FILE] or "{}")
+def export_program(predictor: Predictor, path: str | Path, output: str = "labels", classes: bool = False) -> Path:
+    """``torch.export`` the model (dynamic batch, fixed eval size) and save the ExportedProgram (``.pt2``)."""
+    model, info = _prepare(predictor, output, classes)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(model, (_example(predictor),), dynamic_shapes={"x": {0: batch}})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    torch.export.save(program, str(tmp), extra_files={EXTRA_FILE: json.dumps({**info, "format_kind": "export"})})
+    tmp.replace(path)
+    return path
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Load a file written by :func:`export_torchscript` or :func:`export_program` and its ``transfgu.json``.
+
+    Returns a callable module (eval mode) and the description dict. ``.pt2`` files are ExportedPrograms.
+    """
+    extra: dict[str, Any] = {EXTRA_FILE: ""}
+    if Path(path).suffix == ".pt2":
+        program = torch.export.load(str(path), extra_files=extra)
+        module = program.module().to(device)
+    else:
+        with _quiet():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
+    return module, json.loads(extra[EXTRA_FILE] or "{}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("checkpoint", help="a run directory or its model/ checkpoint directory")
     p.add_argument("--out", required=True, type=Path, help="output file, e.g. model.pt")
-    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    p.add_argument("--format", choices=("torchscript", "export", "onnx"), default="torchscript",
+                   help="torchscript (.pt, default) or export (torch.export ExportedProgram, .pt2); onnx is not "
+                   "supported")
     p.add_argument("--output", choices=("labels", "logits"), default="labels")
     p.add_argument("--classes", action="store_true", help="labels are matched class ids instead of cluster ids")
     p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
@@ -172,12 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         predictor = load(args.checkpoint, device="cpu", weights=args.weights, precision="fp32")
-        path = export_torchscript(predictor, args.out, output=args.output, classes=args.classes)
+        fn = export_torchscript if args.format == "torchscript" else export_program
+        path = fn(predictor, args.out, output=args.output, classes=args.classes)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     hh, ww = predictor.eval_size
-    print(f"TorchScript model written to {path.resolve()}: input normalised (B, 3, {hh}, {ww}) float32, "
+    kind = "TorchScript" if args.format == "torchscript" else "torch.export"
+    print(f"{kind} model written to {path.resolve()}: input normalised (B, 3, {hh}, {ww}) float32, "
           f"output {args.output}" + (" (class ids)" if args.classes else ""))
     if not predictor.pretrained:
         print("warning: the checkpoint's backbone is RANDOM (no pretrained weights)", file=sys.stderr)

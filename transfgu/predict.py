@@ -35,6 +35,7 @@ from transfgu.data.io import load_rgb
 from transfgu.engine import predict_logits
 from transfgu.models.backbone import DinoViT, build_backbone, normalize
 from transfgu.models.decoder import MaskTransformerDecoder
+from transfgu.stages import ErrorLog, autocast_dtype, resolve_device
 
 __all__ = [
     "UNMATCHED",
@@ -45,6 +46,7 @@ __all__ = [
     "load",
     "main",
     "save_label_png",
+    "upsampled_argmax",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,22 +73,6 @@ def find_checkpoint(path: str | Path) -> Path:
         f"no model checkpoint in {p}: expected {p / MODEL_JSON} or {p / 'model' / MODEL_JSON} "
         "(has the run's train stage finished?)"
     )
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def _build_backbone(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
@@ -134,6 +120,33 @@ def _build_decoder(ckpt: Path, meta: dict[str, Any], d_encoder: int) -> MaskTran
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the decoder described in {MODEL_JSON}: {exc}") from exc
     return dec.eval()
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], max_elements: int = 1 << 26) -> torch.Tensor:
+    """``argmax_c`` of the logits ``(C, h, w)`` upsampled bilinearly (align_corners=False) to ``size``.
+
+    Large outputs (more than ``max_elements`` upsampled values, e.g. 171 classes on a 12-megapixel photo) are
+    done a few channels at a time with a running maximum, so memory stays bounded (ties keep the lower channel,
+    as ``argmax`` does; values can differ from one full-tensor interpolation in the last bit, so only channels
+    within float rounding of each other can come out differently).
+    """
+    c = int(logits.shape[0])
+    hw = int(size[0]) * int(size[1])
+    if c * hw <= max_elements:
+        return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].argmax(dim=0)
+    step = max(1, max_elements // max(hw, 1))
+    best_val = best_idx = None
+    for c0 in range(0, c, step):
+        up = F.interpolate(logits[None, c0 : c0 + step], size=size, mode="bilinear", align_corners=False)[0]
+        val, idx = up.max(dim=0)
+        idx = idx + c0
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+    return best_idx
 
 
 @dataclass
@@ -226,9 +239,7 @@ class Predictor:
             x = torch.stack([self.preprocess(im) for im in group])
             logits = self.logits(x)
             for im, lg in zip(group, logits):
-                h, w = int(im.shape[0]), int(im.shape[1])
-                full = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)
-                lab = full[0].argmax(dim=0)
+                lab = upsampled_argmax(lg, (int(im.shape[0]), int(im.shape[1])))
                 if as_classes:
                     lab = self._to_classes(lab)
                 out.append(lab.cpu().numpy().astype(np.int64))
@@ -256,12 +267,12 @@ def load(
     """
     ckpt = find_checkpoint(checkpoint_dir)
     meta = read_model_meta(ckpt)
-    dev = _resolve_device(device)
+    dev = resolve_device("auto" if device is None else str(device))
     backbone = _build_backbone(ckpt, meta, weights).to(dev).eval()
     decoder = _build_decoder(ckpt, meta, backbone.embed_dim).to(dev)
     if not meta["backbone"].get("pretrained", False):
         log.warning("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
-    return Predictor(backbone, decoder, meta, dev, _amp_dtype(dev, precision), batch_size)
+    return Predictor(backbone, decoder, meta, dev, autocast_dtype(precision, dev), batch_size)
 
 
 # -- files ---------------------------------------------------------------------------------------------------------
@@ -333,9 +344,10 @@ def save_label_png(label: np.ndarray, path: Path, n_ids: int) -> None:
 
 
 def _decode_stream(
-    items: Sequence[tuple[Path, str]], batch_size: int, errors: Any
+    items: Sequence[tuple[Path, str]], batch_size: int, errors: ErrorLog
 ) -> Iterator[list[tuple[Path, str, np.ndarray]]]:
-    """Batches of decoded images; decoding runs in threads (PIL releases the GIL) one batch ahead."""
+    """Batches of decoded images. Decoding runs in threads (PIL releases the GIL), one batch ahead of the model,
+    so at most two batches are in memory whatever the number of inputs."""
 
     def decode(item: tuple[Path, str]) -> tuple[Path, str, np.ndarray | Exception]:
         try:
@@ -343,12 +355,14 @@ def _decode_stream(
         except (OSError, ValueError) as exc:
             return item[0], item[1], exc
 
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        pending = pool.map(lambda b: [decode(it) for it in b], batches)
-        for decoded in pending:
+        ahead = [pool.submit(decode, it) for it in batches[0]] if batches else []
+        for i in range(len(batches)):
+            current = ahead
+            ahead = [pool.submit(decode, it) for it in batches[i + 1]] if i + 1 < len(batches) else []
             good = []
-            for path, stem, img in decoded:
+            for path, stem, img in (f.result() for f in current):
                 if isinstance(img, Exception):
                     errors.record(str(path), "predict", str(img))
                 else:
@@ -378,8 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from transfgu.stages import ErrorLog
-
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -48,7 +48,8 @@ class ReportOptions:
     n_per_concept: int = 8  # crops per concept row
     concepts_per_png: int = 16  # concept rows per gallery PNG
     max_concepts: int = 200  # galleries stop after this many concepts
-    max_feature_rows: int = 2_000_000  # crops scanned for the galleries (the first shards)
+    max_feature_rows: int = 500_000  # crops scanned for the galleries (the first shards)
+    max_crops_per_image: int | None = 2  # per concept row, so one photo's overlapping windows do not fill it
     n_cam_images: int = 3
     max_cam_maps: int = 17  # maps per CAM panel; with more concepts the strongest are shown
     n_pred_images: int = 4
@@ -74,21 +75,44 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _validate_lenient(data: dict[str, Any]):
+    """Validate a config dict, dropping keys this version no longer knows (a report of an older run must work)."""
+    from pydantic import ValidationError
+
+    from transfgu.config import Config
+
+    data = json.loads(json.dumps(data, default=str))
+    for _ in range(50):
+        try:
+            return Config.model_validate(data)
+        except ValidationError as exc:
+            extra = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+            if not extra:
+                raise
+            for loc in extra:
+                node = data
+                for key in loc[:-1]:
+                    node = node[key]
+                node.pop(loc[-1], None)
+                log.warning("report: ignoring config key %s unknown to this version", ".".join(map(str, loc)))
+    return Config.model_validate(data)
+
+
 def _load_config(run_dir: Path, meta: dict[str, Any] | None):
     """The run's resolved config (config.yaml, else the copy in model.json), or None."""
-    from transfgu.config import Config, load_config
+    import yaml
 
     path = run_dir / "config.yaml"
+    sources: list[tuple[str, Any]] = []
     if path.is_file():
-        try:
-            return load_config(path)
-        except Exception as exc:  # an older or edited config must not stop the report
-            log.warning("cannot read %s: %s", path, exc)
+        sources.append((str(path), lambda: yaml.safe_load(path.read_text(encoding="utf-8"))))
     if meta and meta.get("config"):
+        sources.append(("model/model.json", lambda: meta["config"]))
+    for name, read in sources:
         try:
-            return Config.model_validate(meta["config"])
-        except Exception as exc:
-            log.warning("cannot read the config stored in model.json: %s", exc)
+            return _validate_lenient(read())
+        except Exception as exc:  # an unreadable config must not stop the report
+            log.warning("cannot read the config in %s: %s", name, exc)
     return None
 
 
@@ -106,6 +130,13 @@ def _records_by_id(cfg: Any, split: str) -> dict[str, Any]:
     from transfgu.data.datasets import list_records
 
     return {r.image_id: r for r in list_records(cfg.data.name, cfg.data.root, split, **dict(cfg.data.options))}
+
+
+def _rgb(path: Path) -> np.ndarray:
+    """A writable decoded image (PIL-backed arrays are read-only and torch warns about them)."""
+    from transfgu.data.io import load_rgb
+
+    return np.array(load_rgb(path))
 
 
 def _resize_to_width(img: np.ndarray, width: int, mode: str = "bilinear") -> np.ndarray:
@@ -186,9 +217,18 @@ def _stages_section(run_dir: Path) -> Section:
     return sec
 
 
+Crop = tuple[float, str, tuple[int, int, int, int]]  # (squared distance, image_id, box)
+
+
 def nearest_crops(
-    shards: Any, centroids: np.ndarray, pools: Sequence[str], n: int, max_rows: int | None = None
-) -> tuple[list[list[tuple[float, str, tuple[int, int, int, int]]]], int]:
+    shards: Any,
+    centroids: np.ndarray,
+    pools: Sequence[str],
+    n: int,
+    max_rows: int | None = None,
+    max_per_image: int | None = None,
+    pool_factor: int = 16,
+) -> tuple[list[list[Crop]], int]:
     """The ``n`` crops nearest each centroid (squared L2 on the raw CLS features, as k-means uses), streamed.
 
     Args:
@@ -196,13 +236,16 @@ def nearest_crops(
             :func:`transfgu.store.iter_feature_shards`).
         centroids: ``(K, D)``; ``pools[k]`` is the pool of concept k: it is compared with that pool's crops only.
         max_rows: stop after the shard that reaches this many crops.
+        max_per_image: at most this many crops of one image per concept (overlapping windows of one photo
+            otherwise fill a row); the nearest ``n * pool_factor`` crops are kept as candidates for it.
 
     Returns:
         per concept a list of ``(distance, image_id, box)`` nearest first, and the number of crops scanned.
     """
     c = np.asarray(centroids, dtype=np.float32)
     c2 = (c.astype(np.float64) ** 2).sum(1)
-    best: list[list[tuple[float, str, tuple[int, int, int, int]]]] = [[] for _ in range(len(c))]
+    keep = n if max_per_image is None else n * pool_factor
+    cands: list[list[Crop]] = [[] for _ in range(len(c))]
     pool_of = np.asarray(list(pools))
     scanned = 0
     for _, table, cls in shards:
@@ -216,23 +259,34 @@ def nearest_crops(
             rows = np.flatnonzero(crop_pool == pool)
             if not len(rows):
                 continue
-            d = x2[rows, None] - 2.0 * (x[rows] @ c[ks].T).astype(np.float64) + c2[None, ks]
-            take = min(n, len(rows))
-            idx = np.argpartition(d, take - 1, axis=0)[:take] if take < len(rows) else np.arange(len(rows))[:, None]
+            d = x2[rows, None] - 2.0 * (x[rows] @ c[ks].T).astype(np.float64) + c2[None, ks]  # (rows, len(ks))
+            take = min(keep, len(rows))
+            top = np.argpartition(d, take - 1, axis=0)[:take] if take < len(rows) else np.arange(len(rows))[:, None]
             for j, k in enumerate(ks):
-                col = idx[:, j] if idx.shape[1] > 1 else idx[:, 0]
-                cand = best[k] + [(float(d[i, j]), ids[rows[i]], tuple(int(v) for v in boxes[rows[i]])) for i in col]
-                cand.sort(key=lambda t: t[0])
-                best[k] = cand[:n]
+                col = top[:, j] if top.shape[1] == len(ks) else top[:, 0]
+                new = [(float(d[i, j]), ids[rows[i]], tuple(int(v) for v in boxes[rows[i]])) for i in col]
+                cands[k] = sorted(cands[k] + new, key=lambda t: t[0])[:keep]
         scanned += len(ids)
         if max_rows is not None and scanned >= max_rows:
             break
+    best: list[list[Crop]] = []
+    for cand in cands:
+        picked: list[Crop] = []
+        per_image: dict[str, int] = {}
+        for item in cand:
+            if max_per_image is not None and per_image.get(item[1], 0) >= max_per_image:
+                continue
+            per_image[item[1]] = per_image.get(item[1], 0) + 1
+            picked.append(item)
+            if len(picked) == n:
+                break
+        best.append(picked)
     return best, scanned
 
 
 def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None, opt: ReportOptions) -> Section:
     from transfgu.concepts import ConceptBank
-    from transfgu.data.io import load_rgb, resize_image
+    from transfgu.data.io import resize_image
     from transfgu.store import iter_feature_shards, list_parquet_files
 
     sec = Section("Concept galleries")
@@ -249,7 +303,7 @@ def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | 
     k_show = min(bank.num_concepts, opt.max_concepts)
     shards = iter_feature_shards(run_dir / "features", columns=["image_id", "split", "box", "pool"])
     best, scanned = nearest_crops(shards, bank.centroids[:k_show], bank.pools[:k_show], opt.n_per_concept,
-                                  opt.max_feature_rows)
+                                  opt.max_feature_rows, max_per_image=opt.max_crops_per_image)
     splits = {cfg.data.train_split}
     records: dict[str, Any] = {}
     for split in splits:
@@ -264,7 +318,7 @@ def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | 
     def stage_image(image_id: str) -> np.ndarray | None:
         if image_id not in cache:
             try:
-                cache[image_id] = resize_image(load_rgb(records[image_id].image_path), size, cfg.crops.resize_mode)
+                cache[image_id] = resize_image(_rgb(records[image_id].image_path), size, cfg.crops.resize_mode)
             except (KeyError, OSError, ValueError):
                 cache[image_id] = None
             if len(cache) > 512:
@@ -295,7 +349,8 @@ def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | 
     sec.html = (
         f"<p>{bank.num_concepts} concepts (k-means on crop CLS features, pools {html.escape(str(bank.k_per_pool))}); "
         f"each row shows the {opt.n_per_concept} crops nearest the concept's centroid among {scanned:,} crops "
-        "scanned. The arrow names the class its decoder channel was matched to at evaluation.</p>"
+        f"scanned (at most {opt.max_crops_per_image} per image). The arrow names the class its decoder channel "
+        "was matched to at evaluation.</p>"
     )
     if k_show < bank.num_concepts:
         sec.html += f"<p>Only the first {k_show} of {bank.num_concepts} concepts are shown.</p>"
@@ -306,7 +361,6 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
     import pyarrow.parquet as pq
 
     from transfgu.concepts import ConceptBank
-    from transfgu.data.io import load_rgb
     from transfgu.store import list_parquet_files, read_label_bank
 
     sec = Section("CAM panels (pseudo-label bank)")
@@ -337,7 +391,7 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
             order = np.sort(np.argsort(-m.reshape(k, -1).max(1))[: opt.max_cam_maps])
             note = f" (the {opt.max_cam_maps} of {k} maps with the highest peak)"
         try:
-            img = _resize_to_width(load_rgb(records[image_id].image_path), opt.display_width)
+            img = _resize_to_width(_rgb(records[image_id].image_path), opt.display_width)
         except (KeyError, OSError, ValueError) as exc:
             sec.html += f"<p>{html.escape(image_id)}: image not readable ({html.escape(str(exc))})</p>"
             continue
@@ -354,7 +408,7 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
 def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None,
                         opt: ReportOptions) -> Section:
     from transfgu.data.datasets import dataset_spec, list_records, load_sample
-    from transfgu.data.io import load_rgb
+    from transfgu.data.io import resize_label
     from transfgu.predict import load
 
     sec = Section("Predictions vs ground truth")
@@ -382,17 +436,16 @@ def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any]
         try:
             if spec is not None:
                 img, gt = load_sample(rec, spec.label_map)
+                img = np.array(img)
                 gt = np.where((gt == spec.ignore_index) | (gt < 0) | (gt >= len(spec.class_names)), -1, gt)
             else:
-                img, gt = load_rgb(rec.image_path), None
+                img, gt = _rgb(rec.image_path), None
         except Exception as exc:
             sec.html += f"<p>{html.escape(rec.image_id)}: not readable ({html.escape(str(exc))})</p>"
             continue
         pred = predictor.predict(img, as_classes=as_classes)
         small = _resize_to_width(img, opt.display_width)
         hw = small.shape[:2]
-        from transfgu.data.io import resize_label
-
         rows.append((rec.image_id, small, None if gt is None or not as_classes else resize_label(gt, hw),
                      resize_label(pred, hw)))
     if rows:

@@ -112,10 +112,8 @@ def concept_gallery(
     plt = _plt()
     rows = len(crops)
     cols = max([len(c) for c in crops] + [1])
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cols * thumb_inches + 1.8, rows * thumb_inches + (0.5 if title else 0.1)),
-        squeeze=False,
-    )
+    fig_h = rows * thumb_inches + (0.5 if title else 0.1)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * thumb_inches + 1.8, fig_h), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -127,8 +125,9 @@ def concept_gallery(
                 ax.imshow(crops[r][c])
         axes[r][0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=11)
-    fig.subplots_adjust(wspace=0.04, hspace=0.06)
+        fig.suptitle(title, fontsize=11, y=1 - 0.1 / fig_h, va="top")
+    # Margins in inches, not fractions, so tall galleries get no gap under the title.
+    fig.subplots_adjust(wspace=0.04, hspace=0.06, top=1 - (0.45 if title else 0.05) / fig_h, bottom=0.05 / fig_h)
     return fig
 
 
@@ -186,7 +185,9 @@ def prediction_panel(
     plt = _plt()
     n = len(rows)
     aspect = rows[0][1].shape[0] / rows[0][1].shape[1] if rows else 0.75
-    fig, axes = plt.subplots(n, 4, figsize=(4 * 3.0, n * 3.0 * aspect + 0.9), squeeze=False)
+    panel_w = 12.0 * 0.98 / (4 + 3 * 0.03)  # axes width in inches with the margins set below
+    fig_h = n * (panel_w * aspect + 0.35) + 0.3
+    fig, axes = plt.subplots(n, 4, figsize=(4 * 3.0, fig_h), squeeze=False)
     used: set[int] = set()
     for r, (caption, image, gt, pred) in enumerate(rows):
         panels = [
@@ -210,11 +211,14 @@ def prediction_panel(
                 used.update(int(i) for i in ids if 0 <= i < len(names))
     keep = sorted(used)
     handles = _legend_handles([names[i] for i in keep], colours[keep]) if keep else []
+    legend_in = 0.15 + 0.2 * math.ceil(len(handles) / 6) if handles else 0.05  # inches below the panels
+    fig_h += legend_in
+    fig.set_size_inches(12.0, fig_h)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False,
                    bbox_to_anchor=(0.5, 0.0))
-        fig.subplots_adjust(bottom=0.04 + 0.025 * math.ceil(len(handles) / 6) * (4 / max(n, 1)))
-    fig.subplots_adjust(wspace=0.03, hspace=0.15)
+    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.03, hspace=0.35 / (panel_w * aspect),
+                        top=1 - 0.3 / fig_h, bottom=legend_in / fig_h)
     return fig
 
 
