@@ -40,7 +40,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes and the tiny model (CI smoke mode)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="compute device")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores of the process)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: all cores of the process)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     p.add_argument("--repeat", type=int, default=None, help="timed repetitions (median is reported)")
     return p
@@ -48,7 +50,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Threads and device; CUDA asked for but absent is an error (no silent CPU figures labelled GPU)."""
-    threads = args.threads or len(os.sched_getaffinity(0))
+    # Quick mode is a CI smoke run next to other jobs: one thread avoids OpenMP stalls on a busy machine.
+    threads = args.threads or (1 if args.quick else len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
     with contextlib.suppress(ImportError, AttributeError):
         import faiss
@@ -124,8 +127,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["pyarrow"] = pyarrow.__version__
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 1024**3, 1),
-                       "cuda": torch.version.cuda}
+        info["gpu"] = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 1024**3, 1),
+            "cuda": torch.version.cuda,
+        }
     return info
 
 
@@ -169,16 +175,28 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeat: int = 
     b = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
     t = timeit(lambda: torch.matmul(a, b), device, repeat=repeat, warmup=1)
     flops = 2.0 * n**3
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops": flops, **t,
-            "flops_per_s": flops / t["min_s"], "flops_per_s_median": flops / t["median_s"]}
+    return {
+        "n": n,
+        "dtype": str(dtype).replace("torch.", ""),
+        "flops": flops,
+        **t,
+        "flops_per_s": flops / t["min_s"],
+        "flops_per_s_median": flops / t["median_s"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Analytic FLOP counts
 # ----------------------------------------------------------------------------------------------------------
 def vit_forward_flops(
-    height: int, width: int, patch: int = 8, dim: int = 384, depth: int = 12, mlp_ratio: float = 4.0,
-    in_chans: int = 3, prefix_tokens: int = 1,
+    height: int,
+    width: int,
+    patch: int = 8,
+    dim: int = 384,
+    depth: int = 12,
+    mlp_ratio: float = 4.0,
+    in_chans: int = 3,
+    prefix_tokens: int = 1,
 ) -> dict[str, float]:
     """FLOPs (2 per multiply-add) of one ViT forward pass on one ``height x width`` image.
 
@@ -200,7 +218,12 @@ def vit_forward_flops(
     tokens = n + prefix_tokens
     embed = 2.0 * n * in_chans * patch * patch * dim
     per_block = (8.0 + 4.0 * mlp_ratio) * tokens * dim * dim + 4.0 * tokens * tokens * dim
-    return {"tokens": tokens, "patch_embed": embed, "per_block": per_block, "total": embed + depth * per_block}
+    return {
+        "tokens": tokens,
+        "patch_embed": embed,
+        "per_block": per_block,
+        "total": embed + depth * per_block,
+    }
 
 
 def backbone_flops(backbone: torch.nn.Module, height: int, width: int) -> float:
@@ -208,8 +231,13 @@ def backbone_flops(backbone: torch.nn.Module, height: int, width: int) -> float:
     blk = vit.blocks[0]
     mlp_ratio = blk.mlp.fc1.out_features / backbone.embed_dim
     return vit_forward_flops(
-        height, width, patch=backbone.patch_size, dim=backbone.embed_dim, depth=len(vit.blocks),
-        mlp_ratio=mlp_ratio, prefix_tokens=backbone.num_prefix_tokens,
+        height,
+        width,
+        patch=backbone.patch_size,
+        dim=backbone.embed_dim,
+        depth=len(vit.blocks),
+        mlp_ratio=mlp_ratio,
+        prefix_tokens=backbone.num_prefix_tokens,
     )["total"]
 
 
@@ -228,11 +256,22 @@ def comparison(
     **extra: Any,
 ) -> dict[str, Any]:
     """One line of the summary: ``value`` compares ``candidate`` with ``baseline`` (e.g. a speedup)."""
-    return {"name": name, "baseline": baseline, "candidate": candidate, "value": float(value), "unit": unit,
-            "target": target, "target_met": target_met, "measured": measured, **extra}
+    return {
+        "name": name,
+        "baseline": baseline,
+        "candidate": candidate,
+        "value": float(value),
+        "unit": unit,
+        "target": target,
+        "target_met": target_met,
+        "measured": measured,
+        **extra,
+    }
 
 
-def new_result(name: str, args: argparse.Namespace, device: torch.device, config: dict[str, Any]) -> dict[str, Any]:
+def new_result(
+    name: str, args: argparse.Namespace, device: torch.device, config: dict[str, Any]
+) -> dict[str, Any]:
     argv = getattr(args, "_argv", None)
     command = "python -m bench." + name + (" " + " ".join(argv) if argv else "")
     return {
@@ -293,17 +332,28 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 def print_table(result: dict[str, Any], file: Any = None) -> None:
     file = file or sys.stdout
     m = result["machine"]
-    print(f"\n== bench.{result['bench']} ({'quick' if result['quick'] else 'full'}) on {m['cpu_model']}, "
-          f"{m['cpus_available']} cpus, torch {m['torch']} x{m['torch_threads']} threads, device {m['device']}",
-          file=file)
+    print(
+        f"\n== bench.{result['bench']} ({'quick' if result['quick'] else 'full'}) on {m['cpu_model']}, "
+        f"{m['cpus_available']} cpus, torch {m['torch']} x{m['torch_threads']} threads, device {m['device']}",
+        file=file,
+    )
     rows = [
-        (c["name"], c["candidate"], c["baseline"], c["value"], c["unit"], c["target"] or "-",
-         "-" if c["target_met"] is None else ("yes" if c["target_met"] else "NO"),
-         "yes" if c["measured"] else "no")
+        (
+            c["name"],
+            c["candidate"],
+            c["baseline"],
+            c["value"],
+            c["unit"],
+            c["target"] or "-",
+            "-" if c["target_met"] is None else ("yes" if c["target_met"] else "NO"),
+            "yes" if c["measured"] else "no",
+        )
         for c in result["comparisons"]
     ]
-    print(table(rows, ["comparison", "candidate", "baseline", "value", "unit", "target", "met", "measured"]),
-          file=file)
+    print(
+        table(rows, ["comparison", "candidate", "baseline", "value", "unit", "target", "met", "measured"]),
+        file=file,
+    )
     for n in result["notes"]:
         print(f"note: {n}", file=file)
 

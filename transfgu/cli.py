@@ -36,7 +36,11 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         return 2
     from transfgu.pipeline import run_pipeline
 
-    run_pipeline(cfg, only=args.only, force=args.force)
+    try:
+        run_pipeline(cfg, only=args.only, force=args.force)
+    except ConfigError as exc:  # preflight: data, weights, device, window layout
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print_outputs(cfg.run_dir)
     return 0
 

@@ -188,7 +188,9 @@ class MlflowConfig(_Base):
 class RayConfig(_Base):
     """Ray resources for the distributed pipeline (ignored by the one-process pipeline)."""
 
-    address: str | None = Field(None, description="None = start or join a local Ray")
+    address: str | None = Field(
+        None, description="None = RAY_ADDRESS if set, else start a local Ray; 'auto' = the `ray start` on this machine"
+    )
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = Train V2 local mode)")
     use_gpu: bool | Literal["auto"] = "auto"
     extract_actors: tuple[int, int] = Field((1, 4), description="(min, max) actors of the extract/label-bank pools")
@@ -201,6 +203,10 @@ class RayConfig(_Base):
     storage_path: str | None = Field(
         None, description="Ray Train/Tune storage (shared FS or s3://...); default <run>/ray_results"
     )
+    fit_per_round: bool = Field(
+        True, description="one TorchTrainer fit per bootstrapping round (False: one fit for all epochs)"
+    )
+    trial_cpus: float = Field(0.5, gt=0, description="CPUs of a Tune trial's driver function")
 
     @field_validator("extract_actors")
     @classmethod

@@ -129,6 +129,18 @@ class Context:
         return self.cfg.backbone.weights != "none"
 
 
+def _kept_rows(path: Path, stage: str) -> int | None:
+    """Rows of a finished shard file; None when there is none or it is unreadable (then it is removed and redone)."""
+    if not path.is_file():
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a torn or foreign file
+        log.warning("[%s] %s is unreadable (%s); computing it again", stage, path, exc)
+        path.unlink()
+        return None
+
+
 def run_extract(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     out_dir = ctx.run_dir / "features"
@@ -139,8 +151,9 @@ def run_extract(ctx: Context) -> dict[str, Any]:
     rows = 0
     for si, shard in enumerate(shards):
         path = out_dir / f"part-{si:05d}.parquet"
-        if path.is_file():
-            rows += pq.ParquetFile(path).metadata.num_rows
+        kept = _kept_rows(path, "extract")
+        if kept is not None:
+            rows += kept
             prog.update(len(shard), "(kept)")
             continue
         decoded = list(stages.decode_images(shard, ctx.errors, "extract"))
@@ -181,8 +194,9 @@ def run_label_bank(ctx: Context) -> dict[str, Any]:
     rows = 0
     for si, shard in enumerate(shards):
         path = out_dir / f"part-{si:05d}.parquet"
-        if path.is_file():
-            rows += pq.ParquetFile(path).metadata.num_rows
+        kept = _kept_rows(path, "label_bank")
+        if kept is not None:
+            rows += kept
             prog.update(len(shard), "(kept)")
             continue
         decoded = list(stages.decode_images(shard, ctx.errors, "label_bank"))
@@ -373,28 +387,48 @@ def load_student(ctx: Context) -> MaskTransformerDecoder:
     return dec
 
 
-def run_evaluate(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg
-    if cfg.data.val_split is None or cfg.data.name == "folder":
-        log.info("[evaluate] no labelled validation split configured; skipping")
-        return {"rows": 0, "skipped": "no labels"}
+def has_labelled_val(cfg: Config) -> bool:
+    return cfg.data.val_split is not None and cfg.data.name != "folder"
+
+
+def evaluate_decoder(
+    cfg: Config, backbone: torch.nn.Module, dec: torch.nn.Module, device: torch.device, amp: torch.dtype | None = None,
+    errors: stages.ErrorLog | None = None,
+) -> tuple[dict[str, Any], tuple[str, ...], int]:
+    """Scores of a decoder on the labelled validation split: ``(scores, class names, number of images)``.
+
+    Unusable validation samples are recorded in ``errors`` and left out (``scores["skipped"]`` counts them); more
+    than ``run.error_budget`` of them fail the evaluation.
+    """
     names, ignore, label_map = stages.dataset_classes(cfg)
     records = stages.split_records(cfg, cfg.data.val_split)
-    ds = stages.EvalDataset(records, label_map, tuple(cfg.eval.eval_size), ignore)
+    ds = stages.EvalDataset(records, label_map, tuple(cfg.eval.eval_size), ignore, errors=errors)
+    stages.check_error_budget(len(ds.skipped), len(records), cfg.run.error_budget, "evaluate")
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False)
-    dec = load_student(ctx)
     scores = evaluate(
-        dec, ctx.backbone, loader, n_clusters=stages.n_output_channels(cfg), n_classes=len(names), device=ctx.device,
+        dec, backbone, loader, n_clusters=stages.n_output_channels(cfg), n_classes=len(names), device=device,
         eval_hw=tuple(cfg.eval.eval_size), ignore_index=-1, class_names=names, overcluster=cfg.eval.overcluster,
-        amp_dtype=ctx.amp,
+        amp_dtype=amp,
     )
-    write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=len(ds))
+    scores["skipped"] = len(ds.skipped)
+    return scores, names, len(ds)
+
+
+def run_evaluate(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+    if not has_labelled_val(cfg):
+        log.info("[evaluate] no labelled validation split configured; skipping")
+        return {"rows": 0, "skipped": "no labels"}
+    dec = load_student(ctx)
+    scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
+    write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=n_images)
     # The prediction checkpoint learns which cluster is which class, so `transfgu predict` can name them.
     meta_path = ctx.run_dir / "model" / "model.json"
     meta = json.loads(meta_path.read_text())
     meta["cluster_to_class"] = [int(x) for x in np.asarray(scores["mapping"]).tolist()]
     atomic_write_json(meta_path, meta)
-    return {"rows": len(ds), "mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"])}
+    return {"rows": n_images, "errors": scores["skipped"], "mIoU": float(scores["mIoU"]),
+            "pixel_accuracy": float(scores["pixel_accuracy"])}
 
 
 def write_eval(
@@ -437,17 +471,22 @@ def run_pipeline(
     force: Sequence[str] = (),
     runners: Mapping[str, Callable[[Context], dict[str, Any]]] | None = None,
     kind: str = "pipeline",
+    tracking_parent: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns the manifest as a dict.
 
     ``runners`` replaces stage implementations by name (the Ray pipeline passes its distributed stages; skip-if-done,
     the manifest, MLflow and the report stay here). With ``mlflow.enabled`` the run is tracked as one parent MLflow
-    run with a child per stage and per bootstrapping round (:mod:`transfgu.tracking`).
+    run with a child per stage and per bootstrapping round (:mod:`transfgu.tracking`), itself a child of
+    ``tracking_parent`` when given (a Tune trial under its sweep).
     """
+    from transfgu.preflight import preflight
     from transfgu.tracking import PipelineTracker
 
+    images = preflight(cfg)  # data, weights, device, window layout: fail before any stage writes anything
     ctx = Context(cfg)
     setup_logging(ctx.run_dir)
+    log.info("preflight: images per split %s", images)
     save_config(cfg, ctx.run_dir / "config.yaml")
     stages.seed_everything(cfg.run.seed)
     if not ctx.pretrained:
@@ -455,7 +494,7 @@ def run_pipeline(
                     cfg.backbone.arch)
     log.info("run directory %s on %s", ctx.run_dir, ctx.device)
     impl = {**RUNNERS, **(runners or {})}
-    tracker = PipelineTracker.from_config(cfg, kind=kind)
+    tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent)
     ctx.tracker = tracker
     tracker.start()
     try:
@@ -476,9 +515,10 @@ def run_pipeline(
                 info = impl[name](ctx)
             except BaseException as exc:
                 ctx.manifest.mark_failed(name, error=f"{type(exc).__name__}: {exc}")
+                status = _run_status(exc)
                 if epoch_log is not None:
-                    epoch_log.close("FAILED")
-                tracker.end_stage(ctx.stage_run_id, {}, status="FAILED")
+                    epoch_log.close(status)
+                tracker.end_stage(ctx.stage_run_id, {}, status=status)
                 raise
             finally:
                 ctx.on_epoch = None
@@ -496,8 +536,13 @@ def run_pipeline(
                 write_report(ctx.run_dir)
             except ImportError:
                 pass
-    except BaseException:
-        tracker.finish(ctx.run_dir, status="FAILED")
+    except BaseException as exc:
+        tracker.finish(ctx.run_dir, status=_run_status(exc))
         raise
     tracker.finish(ctx.run_dir)
     return ctx.manifest.to_dict()
+
+
+def _run_status(exc: BaseException) -> str:
+    """MLflow status of an interrupted run: KILLED when stopped from outside (Ctrl-C, a Tune early stop)."""
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"

@@ -34,7 +34,10 @@ Rules common to all readers:
 - Entries from user-provided lists (the curated list, VOC split files) must be plain relative names: absolute
   paths and ``..`` are rejected so a list cannot point outside the data root.
 - A missing label file raises :class:`DatasetError` naming it; with ``on_missing_label="skip"`` the image is
-  left out, logged, and recorded in the returned list's ``skipped`` attribute.
+  left out, logged, and recorded in the returned list's ``skipped`` attribute; with ``"keep"`` the record is kept
+  with the label path it should have, so the consumer (e.g. the evaluation, which records and skips bad samples)
+  decides, and :func:`load_sample` raises :class:`DatasetError` naming the missing file. Training never reads
+  labels, so ``keep`` also lets a split train on images whose labels are incomplete.
 """
 
 from __future__ import annotations
@@ -183,15 +186,15 @@ def _pair_labels(
     where: str,
     on_missing_label: str,
 ) -> RecordList:
-    """Attach label files; a missing one raises, or (``on_missing_label='skip'``) is dropped and recorded."""
-    if on_missing_label not in ("error", "skip"):
-        raise ValueError(f"on_missing_label must be 'error' or 'skip', got {on_missing_label!r}")
+    """Attach label files; a missing one raises, is dropped and recorded (``skip``) or kept as it is (``keep``)."""
+    if on_missing_label not in ("error", "skip", "keep"):
+        raise ValueError(f"on_missing_label must be 'error', 'skip' or 'keep', got {on_missing_label!r}")
     records: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
     missing: list[Path] = []
     for image_id, image_path in images:
         label_path = label_of(image_id, image_path)
-        if label_path.is_file():
+        if label_path.is_file() or on_missing_label == "keep":
             records.append(ImageRecord(image_id, image_path, label_path))
         elif on_missing_label == "skip":
             skipped.append((image_id, f"missing label file {label_path}"))
@@ -200,8 +203,8 @@ def _pair_labels(
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
         raise DatasetError(
-            f"{where}: {len(missing)} label file(s) missing (pass on_missing_label='skip' to leave those "
-            f"images out):\n  {shown}"
+            f"{where}: {len(missing)} label file(s) missing (set data.options.on_missing_label=skip to leave "
+            f"those images out, or =keep to record and skip them where labels are read):\n  {shown}"
         )
     if skipped:
         log.warning(
@@ -378,7 +381,7 @@ def _list_folder(root, split=None, **_unused) -> RecordList:
 def list_records(name: str, root: str | Path | None, split: str | None = None, **opts) -> RecordList:
     """List the images (and ground-truth files) of one split of data set ``name``, sorted by image id.
 
-    ``opts``: ``on_missing_label`` ("error" | "skip") for labelled sets, plus the per-set options of the
+    ``opts``: ``on_missing_label`` ("error" | "skip" | "keep") for labelled sets, plus the per-set options of the
     module docstring (``granularity``, ``curated_list``, ``coarse``, ``label_dir``). Options that only
     affect the label map (``granularity``) are accepted and ignored here.
     """
@@ -455,6 +458,8 @@ def load_sample(
     image = load_rgb(record.image_path, exif_transpose=exif != "ignore")
     if record.label_path is None:
         return image, None
+    if not Path(record.label_path).is_file():  # kept by on_missing_label="keep"
+        raise DatasetError(f"label file missing: {record.label_path} (for image {record.image_path})")
     raw = load_label(record.label_path)
     if image.shape[:2] != raw.shape and exif == "auto":
         stored = load_rgb(record.image_path, exif_transpose=False)

@@ -16,8 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: Config, **kwargs: Any) -> None:
-    """Join the cluster at ``ray.address`` / ``RAY_ADDRESS`` (set by ``ray job submit``), else a Ray already
-    running on this machine (``ray start --head``), else start a local one bound to 127.0.0.1."""
+    """Join the cluster at ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it; ``auto`` = the Ray that
+    ``ray start --head`` runs on this machine), else start a private local Ray bound to 127.0.0.1.
+
+    Nothing is joined implicitly: a Ray some other process happens to run on this machine (a test cluster, another
+    user's) may vanish under the job.
+    """
     import ray
 
     if ray.is_initialized():
@@ -25,15 +29,10 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, **kwargs)
+        log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         return
-    if address != "local":
-        try:
-            ray.init(address="auto", **kwargs)
-            log.info("joined the Ray cluster running on this machine")
-            return
-        except ConnectionError:
-            pass
     ray.init(
+        address="local",
         num_cpus=cfg.ray.num_cpus,
         object_store_memory=cfg.ray.object_store_memory,
         include_dashboard=cfg.ray.include_dashboard,
@@ -68,3 +67,20 @@ def task_resources(cfg: Config, gpu: bool | None = None) -> dict[str, float]:
 def torch_threads(num_cpus: float) -> int:
     """Intra-op threads for a worker holding ``num_cpus`` CPUs (at least one)."""
     return max(1, int(num_cpus))
+
+
+def worker_config(cfg: Config) -> dict[str, Any]:
+    """The config as plain data for remote workers, with paths made absolute against this driver's directory.
+
+    Ray Train workers run in their own directory, so a relative ``data.root`` would not resolve there. Only the
+    shipped copy changes: the driver keeps the config as given, so its stage hashes (and resume) are unaffected.
+    """
+    from pathlib import Path
+
+    d = cfg.model_dump(mode="json")
+    d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
+    d["run"]["root"] = str(Path(d["run"]["root"]).resolve())
+    w = d["backbone"]["weights"]
+    if w not in ("none", "timm") and not w.startswith("hub:") and Path(w).exists():
+        d["backbone"]["weights"] = str(Path(w).resolve())
+    return d

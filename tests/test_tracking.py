@@ -1,0 +1,64 @@
+"""MLflow tracking of the one-process pipeline: the run tree, params, per-epoch metrics and artifacts (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+
+from transfgu.tracking import resolve_tracking_uri
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config(tmp_path)
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve().as_posix()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert resolve_tracking_uri(cfg) == "http://mlflow.example:5000"
+    cfg2 = tiny_config(tmp_path, **{"mlflow.tracking_uri": "sqlite:////x/y.db"})
+    assert resolve_tracking_uri(cfg2) == "sqlite:////x/y.db"
+
+
+def test_one_process_pipeline_run_tree(tmp_path, monkeypatch):
+    import torch
+    from mlflow import MlflowClient
+
+    from transfgu.pipeline import run_pipeline
+
+    torch.set_num_threads(2)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config(tmp_path, **{"mlflow.enabled": "true", "run.report": "false"})
+    run_pipeline(cfg)
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["pretrained"] == "false" and parent.data.params["pretrained"] == "False"
+    flat = cfg.flat()
+    assert parent.data.params["train.epochs"] == str(flat["train.epochs"])
+    assert parent.data.params["crops.betas"] == str(flat["crops.betas"])
+    assert parent.data.metrics["mIoU"] >= 0
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "eval")}
+    assert {"eval/per_class_iou.csv", "eval/metrics.json", "eval/confusion.csv", "eval/confusion.png"} <= arts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "config")} >= {"config/config.yaml"}
+
+    def children(run_id):
+        return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run_id]
+
+    stages = {r.data.tags["pipeline_stage"]: r for r in children(parent.info.run_id)}
+    assert set(stages) == {"extract", "concepts", "label_bank", "train", "evaluate"}
+    rounds = sorted(children(stages["train"].info.run_id), key=lambda r: r.data.tags["round"])
+    assert [r.data.tags["round"] for r in rounds] == ["0", "1"]  # teacher_intervals [1] from epoch 1: two rounds
+    hist = client.get_metric_history(stages["train"].info.run_id, "train/loss")
+    assert sorted(m.step for m in hist) == [0, 1]  # one point per epoch
+    assert stages["evaluate"].data.metrics["mIoU"] == pytest.approx(parent.data.metrics["mIoU"])
+
+    # a resumed run is a new parent whose stages are all marked skipped
+    run_pipeline(cfg)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert len(parents) == 2
+    second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    assert len(second) == 5 and all(r.data.tags["skipped"] == "true" for r in second)

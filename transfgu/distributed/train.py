@@ -1,0 +1,295 @@
+"""Stage 4 on Ray: bootstrapped decoder training with Ray Train V2 (issue 4 item 4).
+
+One ``TorchTrainer.fit()`` per bootstrapping round, named ``<run>-train-<hash>-round<r>`` (no timestamp: a re-run
+with the same storage restores that round's checkpoint manager). The worker loop is the one-process loop,
+:func:`transfgu.pipeline.train_rounds`, stopped at the round's last epoch; DDP comes from
+``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU, chosen by Ray Train from ``use_gpu``).
+
+Data: the label bank is read by a *sharded reader*: worker ``r`` of ``W`` reads only the bank rows of its images
+(``DistributedSampler``'s split: indices padded to a multiple of ``W``, every ``W``-th from ``r``), so no worker holds
+the whole bank and every worker runs the same number of batches (DDP needs that); each worker reshuffles its own
+shard every epoch (``EpochShuffleSampler`` seeded with ``seed + rank``), and the per-worker batch is
+``train.batch_size // W``. With one worker (or Train's local mode, ``num_workers=0``) the loader is exactly the
+one-process one, so the results equal :func:`transfgu.pipeline.run_train`'s.
+
+Checkpoints: rank 0 writes ``<run>/train/round_<r>/`` every epoch (as the one-process loop does) and reports that
+directory as the Ray checkpoint; a worker that starts without it (a fresh node, no shared disk) restores it from
+``ray.train.get_checkpoint()``. Every epoch all ranks call ``ray.train.report`` (it is a barrier in V2); rank 0 adds
+``val_mIoU`` when asked (Tune's objective) and logs the epoch to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfgu import stages
+from transfgu.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def round_segments(cfg: Config) -> list[tuple[int, int, int]]:
+    """``(round, first epoch, stop epoch)`` of every bootstrapping round (train_rounds' round numbering)."""
+    from transfgu.losses import BootstrapSchedule
+
+    t = cfg.train
+    schedule = BootstrapSchedule(t.teacher_intervals, t.bootstrap_start)
+    segs: list[tuple[int, int, int]] = []
+    r, start = 0, 0
+    for e in range(t.epochs):
+        if schedule.is_reboot(e):
+            if e > start:
+                segs.append((r, start, e))
+            r, start = r + 1, e
+    segs.append((r, start, t.epochs))
+    return segs
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """``DistributedSampler(shuffle=False)``'s split: pad to a multiple of ``world`` by wrapping, then stride."""
+    if world <= 1:
+        return list(range(n))
+    total = -(-n // world) * world
+    idx = list(range(n)) + [i % n for i in range(total - n)]
+    return idx[rank:total:world]
+
+
+def bank_image_ids(bank_dir: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    from transfgu.store import list_parquet_files
+
+    ids: set[str] = set()
+    for p in list_parquet_files(bank_dir):
+        ids.update(pq.read_table(p, columns=["image_id"])["image_id"].to_pylist())
+    return ids
+
+
+def make_loader(cfg: Config, run_dir: Path, rank: int, world: int) -> torch.utils.data.DataLoader:
+    """The training loader of one worker (see the module docstring)."""
+    from transfgu.pipeline import EpochShuffleSampler
+    from transfgu.store import read_label_bank
+
+    bank_dir = run_dir / "label_bank"
+    records = stages.split_records(cfg, cfg.data.train_split)
+    if world <= 1:
+        bank = read_label_bank(bank_dir)
+        batch = cfg.train.batch_size
+        seed = cfg.run.seed
+    else:
+        have = bank_image_ids(bank_dir)
+        records = [r for r in records if r.image_id in have]
+        if not records:
+            raise RuntimeError("train: the label bank has no image of the training split")
+        records = [records[i] for i in shard_indices(len(records), rank, world)]
+        bank = read_label_bank(bank_dir, image_ids=sorted({r.image_id for r in records}))
+        batch = max(1, cfg.train.batch_size // world)
+        seed = cfg.run.seed + rank
+    ds = stages.BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
+    if len(ds) == 0:
+        raise RuntimeError("train: the label bank has no image of the training split")
+    # The one-process sampler: a shuffle that is a pure function of (seed, epoch), so resumed rounds see the same
+    # batches; with several workers each shuffles its own shard.
+    return torch.utils.data.DataLoader(
+        ds, batch_size=min(batch, len(ds)), sampler=EpochShuffleSampler(len(ds), seed),
+        num_workers=cfg.train.num_workers, drop_last=False,
+    )
+
+
+def restore_from_checkpoint(train_dir: Path) -> None:
+    """Copy the latest Ray checkpoint into ``train_dir`` when this node does not already have that state."""
+    import ray.train
+
+    from transfgu.pipeline import latest_round_state
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return
+    with ckpt.as_directory() as d:
+        state = Path(d) / "state.json"
+        if not state.is_file():
+            return
+        info = json.loads(state.read_text())
+        latest = latest_round_state(train_dir)
+        have = json.loads((latest / "state.json").read_text())["epoch"] if latest is not None else -1
+        if have >= info["epoch"]:
+            return
+        target = train_dir / f"round_{int(info['round']):03d}"
+        train_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=train_dir))
+        for f in Path(d).iterdir():
+            shutil.copy2(f, tmp / f.name)
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        log.info("[train] restored epoch %d from the Ray checkpoint into %s", info["epoch"], target)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function: one bootstrapping round (epochs ``[start, stop)``) of train_rounds."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from transfgu.pipeline import build_decoder, evaluate_decoder, setup_logging, train_rounds
+
+    setup_logging()
+    cfg = Config.model_validate(config["cfg"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    # Inside a Tune trial, Train's local mode (num_workers=0) runs this in the trial's process, where ray.train.*
+    # is disallowed (ray-project/ray#49454): then rank 0 of 1 reports straight to Tune.
+    tune_direct = bool(config.get("tune_direct"))
+    if tune_direct:
+        rank, world = 0, 1
+    else:
+        tctx = ray.train.get_context()
+        rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    run_dir = Path(config["run_dir"])
+    train_dir = run_dir / "train"
+    if not tune_direct:
+        restore_from_checkpoint(train_dir)
+    stages.seed_everything(cfg.run.seed)
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    amp = stages.autocast_dtype(cfg.backbone.precision, device)
+    backbone = stages.load_run_backbone(cfg.backbone, run_dir, cfg.run.seed).to(device).eval()
+    loader = make_loader(cfg, run_dir, rank, world)
+
+    epoch_log = None
+    mlf = config.get("mlflow") or {}
+    if rank == 0 and mlf.get("spec") and mlf.get("stage_run_id"):
+        from transfgu.tracking import EpochLogger
+
+        # one MLflow child run per bootstrapping round under the driver's train-stage run
+        epoch_log = EpochLogger(mlf["spec"], mlf["stage_run_id"])
+
+    def on_epoch(metrics: dict[str, Any]) -> None:
+        out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        r, e = int(metrics["round"]), int(metrics["epoch"])
+        round_dir = train_dir / f"round_{r:03d}"
+        if rank == 0 and config.get("eval_every_epoch"):
+            from transfgu.checkpoint import load_train_state
+
+            dec = build_decoder(cfg, backbone.embed_dim).to(device)
+            dec.load_state_dict(load_train_state(round_dir)[0]["student"])
+            dec.eval()
+            scores, _, _ = evaluate_decoder(cfg, backbone, dec, device, amp)
+            out["val_mIoU"] = float(scores["mIoU"])
+            out["val_pixel_accuracy"] = float(scores["pixel_accuracy"])
+            log.info("[train] round %d epoch %d val mIoU %.4f", r, e + 1, out["val_mIoU"])
+        if epoch_log is not None:
+            epoch_log(out)
+        ckpt = Checkpoint.from_directory(str(round_dir)) if rank == 0 else None
+        if tune_direct:
+            from ray import tune
+
+            tune.report(out, checkpoint=ckpt)
+        else:
+            ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"round_{r:03d}_epoch_{e:03d}")
+
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    try:
+        train_rounds(cfg, backbone, loader, train_dir, device, amp, on_epoch=on_epoch, rank=rank, wrap=wrap,
+                     stop_epoch=int(config["stop_epoch"]))
+    except BaseException:
+        if epoch_log is not None:
+            epoch_log.close("FAILED")
+        raise
+    if epoch_log is not None:
+        epoch_log.close()
+
+
+def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
+    """Drop-in for :func:`transfgu.pipeline.run_train`: one TorchTrainer fit per round, then the model files.
+
+    ``tune=True`` (inside a Tune trial) evaluates on val after every epoch and forwards rank 0's reports to Tune.
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from transfgu.checkpoint import load_train_state
+    from transfgu.distributed.cluster import cluster_has_gpus, worker_config
+    from transfgu.pipeline import _jsonable, build_decoder, has_labelled_val, latest_round_state, write_model
+
+    cfg: Config = ctx.cfg
+    train_dir = ctx.run_dir / "train"
+    gpu = cluster_has_gpus(cfg)
+    n_workers = cfg.ray.num_workers
+    if n_workers == 0:
+        scaling = ScalingConfig(num_workers=0)
+    else:
+        per = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+        scaling = ScalingConfig(num_workers=n_workers, use_gpu=gpu, resources_per_worker=per)
+    storage = cfg.ray.storage_path or str((ctx.run_dir / "ray_results").resolve())
+    tracker = ctx.tracker if ctx.tracker is not None and getattr(ctx.tracker, "enabled", False) else None
+    callbacks = []
+    if tune and n_workers > 0:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    h = ctx.hashes["train"][:10]
+    last_metrics: dict[str, Any] = {}
+    segments = round_segments(cfg)
+    if not cfg.ray.fit_per_round:
+        segments = [(segments[0][0], 0, cfg.train.epochs)]
+    for r, start, stop in segments:
+        latest = latest_round_state(train_dir)
+        done = json.loads((latest / "state.json").read_text())["epoch"] if latest is not None else -1
+        if done >= stop - 1:
+            log.info("[train] round %d (epochs %d-%d) already trained; skipping", r, start + 1, stop)
+            continue
+        log.info("[train] round %d: epochs %d-%d on %s worker(s)%s", r, start + 1, stop, max(n_workers, 1),
+                 " with GPUs" if gpu else "")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": worker_config(cfg),
+                "run_dir": str(ctx.run_dir.resolve()),
+                "stop_epoch": stop,
+                "threads": max(1, int(cfg.ray.cpus_per_worker)),
+                "use_gpu": gpu,
+                "eval_every_epoch": bool(tune and has_labelled_val(cfg)),
+                "tune_direct": bool(tune and n_workers == 0),
+                "mlflow": {
+                    "spec": tracker.spec.to_dict() if tracker is not None else None,
+                    "stage_run_id": ctx.stage_run_id,
+                },
+            },
+            scaling_config=scaling,
+            run_config=ray.train.RunConfig(
+                name=f"{cfg.run.name}-train-{h}" + (f"-round{r:03d}" if cfg.ray.fit_per_round else ""),
+                storage_path=storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=1),
+                callbacks=callbacks or None,
+            ),
+        )
+        result = trainer.fit()
+        last_metrics = dict(result.metrics or {})
+    latest = latest_round_state(train_dir)
+    if latest is None:
+        raise RuntimeError(f"train: no training state under {train_dir}")
+    groups, info = load_train_state(latest)
+    student = build_decoder(cfg, ctx.backbone.embed_dim).to(ctx.device)
+    student.load_state_dict(groups["student"])
+    write_model(ctx, student)
+    metrics = info.get("metrics", {})
+    n_images = len(bank_image_ids(ctx.run_dir / "label_bank"))
+    out = {
+        "rows": n_images * cfg.train.repeat,
+        "epochs": cfg.train.epochs,
+        "rounds": len(round_segments(cfg)),
+        "final_loss": float(metrics["loss"]) if "loss" in metrics else None,
+        "workers": n_workers,
+    }
+    if "val_mIoU" in last_metrics:
+        out["val_mIoU"] = float(last_metrics["val_mIoU"])
+    return _jsonable(out)

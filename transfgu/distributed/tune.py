@@ -1,0 +1,228 @@
+"""Ray Tune sweeps over K, the beta set, omega1/omega2 and lr, with ASHA (issue 4 item 6).
+
+Each trial is a *driver function* (the Train V2 pattern: ``Tuner(trainable=function)``, never ``Tuner(trainer)``)
+that runs the Ray pipeline for its config: Ray Data extraction, distributed k-means, the label-bank pool, then one
+``TorchTrainer`` whose rank 0 reports ``val_mIoU`` once per epoch (one ASHA rung step per report), then evaluation.
+
+Shared stages: a trial's stage outputs live in ``<sweep>/cache/<stage>-<input hash>/`` and the trial's run directory
+links to them, so trials with the same betas (same extract hash) reuse the features and trials with the same betas
+and K (same concepts and label-bank hashes) reuse the concepts and the label bank. A per-key file lock makes a trial
+wait while another computes the same key; a ``_done.json`` marks a finished key.
+
+MLflow: a parent run ``sweep <name>`` with one child per trial (itself the parent of the trial's stage runs); the best
+trial's config and metric are logged on the sweep run at the end.
+
+Without labels there is no mIoU: sweep on ``train/loss`` of the last round (``metric="loss", mode="min"``), or
+better, fix the settings from a labelled stand-in data set and only sweep the cheap ones (K) by inspection of the
+report's concept galleries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from transfgu.config import Config
+from transfgu.store import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+#: Short names of the swept settings -> config keys (``K`` sets ``concepts.k_per_pool``).
+SWEEP_KEYS = {"betas": "crops.betas", "w_div": "train.w_div", "w_unc": "train.w_unc", "lr": "train.lr"}
+#: Stage -> its output directory in the run directory.
+SHARED_STAGES = {"extract": "features", "concepts": "concepts", "label_bank": "label_bank"}
+
+
+def apply_trial(base: Config, params: Mapping[str, Any], run_root: Path, name: str) -> Config:
+    """The trial's config: ``base`` with the sampled values, its run directory, and the sweep's MLflow store."""
+    from transfgu.tracking import resolve_tracking_uri
+
+    d = base.model_dump(mode="json")
+    for key, value in params.items():
+        if key == "K":
+            pools = list(d["concepts"]["k_per_pool"])
+            if isinstance(value, Mapping):
+                d["concepts"]["k_per_pool"] = {str(k): int(v) for k, v in value.items()}
+            elif len(pools) == 1:
+                d["concepts"]["k_per_pool"] = {pools[0]: int(value)}
+            else:
+                raise ValueError(f"K={value!r}: the config has pools {pools}; give K as a dict per pool")
+            continue
+        path = SWEEP_KEYS.get(key, key).split(".")
+        node = d
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = list(value) if isinstance(value, tuple) else value
+    d["run"]["root"] = str(run_root)
+    d["run"]["name"] = name
+    d["mlflow"]["tracking_uri"] = resolve_tracking_uri(base)
+    return Config.model_validate(d)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (works across processes on one machine and on NFS with lock support)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def cached_stage(stage: str, runner: Callable[[Any], dict[str, Any]], cache_root: Path) -> Callable[[Any], dict]:
+    """Wrap a stage runner so that its output directory is shared by every trial with the same input hash."""
+
+    def run(ctx: Any) -> dict[str, Any]:
+        key = f"{stage}-{ctx.hashes[stage][:16]}"
+        shared = cache_root / key
+        out = SHARED_STAGES[stage]
+        (shared / out).mkdir(parents=True, exist_ok=True)
+        link = ctx.run_dir / out
+        if link.is_symlink() or not link.exists():
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to((shared / out).resolve(), target_is_directory=True)
+        done = shared / "_done.json"
+        with file_lock(cache_root / f".{key}.lock"):
+            if done.is_file():
+                info = json.loads(done.read_text())
+                log.info("[%s] reusing %s (computed by %s)", stage, shared, info.get("computed_by"))
+                return {**info, "reused": True}
+            info = runner(ctx)
+            atomic_write_json(done, {**info, "computed_by": ctx.cfg.run.name})
+        return {**info, "reused": False}
+
+    return run
+
+
+def trial_driver(params: dict[str, Any], base: dict[str, Any], sweep_dir: str, parent_run_id: str | None) -> None:
+    """The Tune trainable: the whole Ray pipeline of one trial, reporting val mIoU every epoch."""
+    import ray.tune
+
+    from transfgu.distributed.extract import run_extract_ray
+    from transfgu.distributed.kmeans import run_concepts_ray
+    from transfgu.distributed.label_bank import run_label_bank_ray
+    from transfgu.distributed.pipeline import prepare_run_dir
+    from transfgu.distributed.train import run_train_ray
+    from transfgu.pipeline import run_pipeline, setup_logging
+
+    setup_logging()
+    trial = ray.tune.get_context().get_trial_name() or ray.tune.get_context().get_trial_id()
+    root = Path(sweep_dir)
+    cfg = apply_trial(Config.model_validate(base), params, root / "trials", trial)
+    cache = root / "cache"
+    runners = {
+        "extract": cached_stage("extract", run_extract_ray, cache),
+        "concepts": cached_stage("concepts", run_concepts_ray, cache),
+        "label_bank": cached_stage("label_bank", run_label_bank_ray, cache),
+        "train": lambda ctx: run_train_ray(ctx, tune=True),
+    }
+    from transfgu.distributed.pipeline import RAY_RUNNERS
+
+    prepare_run_dir(cfg)
+    run_pipeline(cfg, runners={**RAY_RUNNERS, **runners}, kind="trial", tracking_parent=parent_run_id)
+
+
+def default_space(cfg: Config) -> dict[str, Any]:
+    """A small default search space around the config (Tune domain objects stay out of the pydantic model)."""
+    from ray import tune
+
+    k = cfg.concepts.k
+    pools = list(cfg.concepts.k_per_pool)
+    ks = [max(1, k - 2), k, k + 3] if len(pools) == 1 else [dict(cfg.concepts.k_per_pool)]
+    return {
+        "K": tune.choice(ks),
+        "betas": tune.choice([list(cfg.crops.betas), list(cfg.crops.betas)[:2]]),
+        "w_div": tune.uniform(0.5, 1.5),
+        "w_unc": tune.uniform(0.1, 0.5),
+        "lr": tune.loguniform(cfg.train.lr / 3, cfg.train.lr * 3),
+    }
+
+
+def run_sweep(
+    cfg: Config,
+    space: Mapping[str, Any] | None = None,
+    name: str = "sweep",
+    num_samples: int = 4,
+    max_concurrent: int = 1,
+    metric: str = "val_mIoU",
+    mode: str = "max",
+    grace_period: int = 1,
+    reduction_factor: int = 2,
+) -> dict[str, Any]:
+    """Run a sweep; returns ``{"best_config", "best_metric", "trials", "sweep_dir", "mlflow_run_id"}``.
+
+    Trials share ``<run.root>/<name>/cache``; ``grace_period`` epochs run before ASHA may stop a trial
+    (``grace_period = train.epochs`` disables early stopping).
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from transfgu.distributed.cluster import init_ray, worker_config
+    from transfgu.pipeline import setup_logging
+    from transfgu.tracking import Tracker, config_params, run_tags
+
+    setup_logging()
+    init_ray(cfg)
+    sweep_dir = (Path(cfg.run.root) / name).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    space = dict(space if space is not None else default_space(cfg))
+    tracker = Tracker.from_config(cfg)
+    parent = None
+    if tracker is not None:
+        parent = tracker.start_run(f"sweep {name}", tags={**run_tags(cfg, "sweep"), "pipeline_stage": "tune"})
+        tracker.log_params(parent, {f"base.{k}": v for k, v in config_params(cfg).items()})
+        tracker.log_dict(parent, {k: repr(v) for k, v in space.items()}, "sweep/space.json")
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, base=worker_config(cfg), sweep_dir=str(sweep_dir),
+                             parent_run_id=parent),
+        {"cpu": cfg.ray.trial_cpus},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=max_concurrent,
+            # max_t one past the last report: a trial that survives every rung ends by itself (and evaluates)
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
+                                    grace_period=min(grace_period, cfg.train.epochs),
+                                    reduction_factor=reduction_factor),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=cfg.ray.storage_path or str(sweep_dir / "ray_results")),
+    )
+    try:
+        grid = tuner.fit()
+        best = grid.get_best_result(metric=metric, mode=mode)
+    except BaseException:
+        if tracker is not None and parent is not None:
+            tracker.end_run(parent, "FAILED")
+        raise
+    best_params = {k: best.config[k] for k in space if k in best.config}
+    best_metric = float(best.metrics.get(metric, float("nan"))) if best.metrics else float("nan")
+    if tracker is not None and parent is not None:
+        tracker.log_params(parent, {f"best.{k}": v for k, v in best_params.items()})
+        tracker.log_metrics(parent, {f"best_{metric}": best_metric})
+        tracker.log_dict(parent, {"params": _plain(best_params), metric: best_metric}, "sweep/best.json")
+        tracker.end_run(parent, "FINISHED")
+    summary = {
+        "best_config": _plain(best_params),
+        "best_metric": best_metric,
+        "trials": len(grid),
+        "errors": len(grid.errors),
+        "sweep_dir": str(sweep_dir),
+        "mlflow_run_id": parent,
+    }
+    atomic_write_json(sweep_dir / "best.json", summary)
+    log.info("[tune] best %s = %.4f with %s", metric, best_metric, summary["best_config"])
+    return summary
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

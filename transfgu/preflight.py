@@ -1,0 +1,149 @@
+"""Checks of a run's environment and data that need more than the config schema, done before any stage starts.
+
+:func:`transfgu.config.load_config` already rejects unknown keys, wrong types and out-of-range values. What it
+cannot see -- the data folder, the weights file, the device, and whether the sizes fit the backbone's patch grid --
+is checked here, so a run that would die an hour in (a missing label at evaluation, windows that do not fit the
+grid at the first image) fails in a second, with every problem listed and the key to change named. Nothing is
+written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from transfgu.config import Config, ConfigError
+from transfgu.crops import window_layout
+from transfgu.data.datasets import DatasetError, dataset_spec, list_records
+from transfgu.models.backbone import ARCHS
+
+__all__ = ["PreflightError", "patch_size_of", "preflight"]
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+class PreflightError(ConfigError):
+    """The run cannot start; the message lists each problem with the config key to change."""
+
+
+def patch_size_of(arch: str) -> int:
+    """Patch size of a backbone name of :data:`transfgu.models.backbone.ARCHS`, without building the model."""
+    if arch == "vit_test_tiny":
+        return 8
+    m = re.search(r"patch(\d+)", ARCHS.get(arch, "") or arch)
+    if m:
+        return int(m.group(1))
+    from transfgu.models.backbone import build_backbone  # unknown naming: ask the model itself
+
+    return int(build_backbone(arch, "none").patch_size)
+
+
+def _multiple(size: tuple[int, int], step: int) -> list[int]:
+    return [max(step, round(s / step) * step) for s in size]
+
+
+def _check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for key, size in (("crops.input_size", cfg.crops.input_size), ("pseudo.input_size", cfg.pseudo.input_size)):
+        if size[0] % p or size[1] % p:
+            problems.append((key, f"{list(size)} is not a multiple of the backbone's patch size {p} "
+                                  f"({cfg.backbone.arch}); use e.g. {_multiple(size, p)}"))
+    if cfg.crops.crop_size % p:
+        problems.append(("crops.crop_size", f"{cfg.crops.crop_size} is not a multiple of the patch size {p}; use "
+                                            f"e.g. {_multiple((cfg.crops.crop_size,) * 2, p)[0]}"))
+    size = cfg.train.train_size
+    if size[0] % (2 * p) or size[1] % (2 * p):  # training crops are half the train size, in whole patches
+        problems.append(("train.train_size", f"{list(size)}: each side must be a multiple of 2 x patch size = "
+                                             f"{2 * p} (training crops are half that size); use e.g. "
+                                             f"{_multiple(size, 2 * p)}"))
+    h, w = cfg.crops.input_size
+    if not (h % p or w % p):
+        try:
+            window_layout(h // p, w // p, cfg.crops.betas)
+        except ValueError as exc:
+            problems.append(("crops.betas", f"{cfg.crops.betas} with crops.input_size={list(cfg.crops.input_size)} "
+                                            f"(a {h // p}x{w // p} patch grid): {exc}"))
+    return problems
+
+
+def _check_data(cfg: Config) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    d = cfg.data
+    counts: dict[str, int] = {}
+    if not Path(d.root).is_dir():
+        return [("data.root", f"folder not found: {d.root}; point data.root at the data set's top folder")], counts
+    problems: list[tuple[str, str]] = []
+    try:
+        dataset_spec(d.name, d.root, **d.options)
+    except DatasetError as exc:
+        problems.append(("data.root", str(exc)))
+    splits = [("data.train_split", d.train_split)]
+    if d.val_split is not None and d.name != "folder":
+        splits.append(("data.val_split", d.val_split))
+    for key, split in splits:
+        try:
+            n = len(list_records(d.name, d.root, split, **d.options))
+        except DatasetError as exc:
+            problems.append((key, f"{split!r}: {exc}"))
+            continue
+        except ValueError as exc:  # a bad reader option, e.g. on_missing_label
+            problems.append(("data.options", str(exc)))
+            continue
+        if n == 0:
+            problems.append((key, f"no images in split {split!r} under {d.root}"))
+        counts[split] = n
+    return problems, counts
+
+
+def _check_weights(cfg: Config) -> list[tuple[str, str]]:
+    w = cfg.backbone.weights
+    if w in ("none", "timm") or w.startswith("hub:"):
+        return []
+    p = Path(w)
+    if not p.is_file():
+        return [("backbone.weights", f"file not found: {p}; give a DINO .pth/.safetensors file, or 'none' for a "
+                                     "random backbone (smoke runs only)")]
+    if p.suffix not in WEIGHT_SUFFIXES:
+        return [("backbone.weights", f"{p} is not a {'/'.join(WEIGHT_SUFFIXES)} file")]
+    if p.stat().st_size == 0:
+        return [("backbone.weights", f"{p} is empty")]
+    return []
+
+
+def _check_device(cfg: Config) -> list[tuple[str, str]]:
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        return [("run.device", "cuda was requested but no CUDA device is visible (torch.cuda.is_available() is "
+                               "False); set run.device=cpu, or auto to use a GPU only when there is one")]
+    return []
+
+
+def _check_run_root(cfg: Config) -> list[tuple[str, str]]:
+    path = Path(cfg.run.root).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        return [("run.root", f"cannot create the run directory under {cfg.run.root} ({path} is not writable)")]
+    return []
+
+
+def preflight(cfg: Config) -> dict[str, int]:
+    """Check data, weights, device, output folder and the window layout before any work; returns images per split.
+
+    Raises :class:`PreflightError` listing every problem found (not just the first), each with the key to change.
+    """
+    problems: list[tuple[str, str]] = []
+    problems += _check_weights(cfg)
+    problems += _check_device(cfg)
+    problems += _check_run_root(cfg)
+    try:
+        problems += _check_sizes(cfg, patch_size_of(cfg.backbone.arch))
+    except Exception as exc:  # noqa: BLE001 - an unbuildable backbone is reported, not raised half way
+        problems.append(("backbone.arch", f"cannot determine the patch size of {cfg.backbone.arch!r}: {exc}"))
+    data_problems, counts = _check_data(cfg)
+    problems += data_problems
+    if problems:
+        lines = "\n".join(f"  - {key}: {msg}" for key, msg in problems)
+        raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run):\n{lines}")
+    return counts
