@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Ray replaces 127.0.0.1 with the machine's outward address unless told this is a single-machine setup; tests
+# (and the Ray processes they start, which inherit the environment) must talk over loopback only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 SHARED_DATA = Path(
     os.environ.get("TRANSFGU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )

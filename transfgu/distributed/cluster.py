@@ -31,6 +31,16 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
         ray.init(address=address, **kwargs)
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         return
+    # A private Ray is single-machine: keep every Ray process on loopback. Ray otherwise swaps 127.0.0.1 for the
+    # machine's outward address; this switch (read by Ray at call time, and inherited by the processes it starts)
+    # is how Ray itself runs single-machine clusters on macOS/Windows.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
+    except (ImportError, AttributeError):  # private API moved: Ray's default address is used
+        pass
     ray.init(
         address="local",
         num_cpus=cfg.ray.num_cpus,
