@@ -141,34 +141,47 @@ def _kept_rows(path: Path, stage: str) -> int | None:
         return None
 
 
-def run_extract(ctx: Context) -> dict[str, Any]:
-    cfg = ctx.cfg
-    out_dir = ctx.run_dir / "features"
+def _run_sharded(ctx: Context, stage: str, out_name: str, make_table: Any) -> tuple[int, int, int]:
+    """Run ``make_table(decoded images, image ids) -> pa.Table`` over the training split in shards of
+    ``SHARD_IMAGES`` images, one ``part-<s>.parquet`` each; readable finished shards are kept (resume).
+
+    Returns ``(rows written or kept, images listed, images that failed to decode)``.
+    """
+    out_dir = ctx.run_dir / out_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = stages.split_records(cfg, cfg.data.train_split)
-    shards = [records[i : i + SHARD_IMAGES] for i in range(0, len(records), SHARD_IMAGES)]
-    prog = Progress("extract", len(records))
+    records = stages.split_records(ctx.cfg, ctx.cfg.data.train_split)
+    prog = Progress(stage, len(records))
     rows = 0
-    for si, shard in enumerate(shards):
-        path = out_dir / f"part-{si:05d}.parquet"
-        kept = _kept_rows(path, "extract")
+    for si in range(0, len(records), SHARD_IMAGES):
+        shard = records[si : si + SHARD_IMAGES]
+        path = out_dir / f"part-{si // SHARD_IMAGES:05d}.parquet"
+        kept = _kept_rows(path, stage)
         if kept is not None:
             rows += kept
             prog.update(len(shard), "(kept)")
             continue
-        decoded = list(stages.decode_images(shard, ctx.errors, "extract"))
-        table = stages.extract_features(
-            ctx.backbone, [im for _, im in decoded], [r.image_id for r, _ in decoded], cfg.data.train_split,
-            cfg.crops, ctx.device, ctx.amp,
-        )
+        decoded = list(stages.decode_images(shard, ctx.errors, stage))
+        table = make_table([im for _, im in decoded], [r.image_id for r, _ in decoded])
         write_parquet_atomic(table, path)
         rows += table.num_rows
-        prog.update(len(shard), f"crops={rows}")
-    n_err = ctx.errors.count("extract")
-    stages.check_error_budget(n_err, len(records), cfg.run.error_budget, "extract")
+        prog.update(len(shard), f"rows={rows}")
+    n_err = ctx.errors.count(stage)
+    stages.check_error_budget(n_err, len(records), ctx.cfg.run.error_budget, stage)
+    return rows, len(records), n_err
+
+
+def run_extract(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
+
+    def table(images: list[np.ndarray], ids: list[str]) -> Any:
+        return stages.extract_features(
+            ctx.backbone, images, ids, cfg.data.train_split, cfg.crops, ctx.device, ctx.amp
+        )
+
+    rows, n_images, n_err = _run_sharded(ctx, "extract", "features", table)
     if rows == 0:
         raise RuntimeError("extract: no crops were produced (no readable images, or no window passed the fg/bg test)")
-    return {"rows": rows, "images": len(records) - n_err, "errors": n_err}
+    return {"rows": rows, "images": n_images - n_err, "errors": n_err}
 
 
 def run_concepts(ctx: Context) -> dict[str, Any]:
@@ -186,28 +199,12 @@ def run_concepts(ctx: Context) -> dict[str, Any]:
 def run_label_bank(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     bank = ConceptBank.load(ctx.run_dir / "concepts")
-    out_dir = ctx.run_dir / "label_bank"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = stages.split_records(cfg, cfg.data.train_split)
-    shards = [records[i : i + SHARD_IMAGES] for i in range(0, len(records), SHARD_IMAGES)]
-    prog = Progress("label_bank", len(records))
-    rows = 0
-    for si, shard in enumerate(shards):
-        path = out_dir / f"part-{si:05d}.parquet"
-        kept = _kept_rows(path, "label_bank")
-        if kept is not None:
-            rows += kept
-            prog.update(len(shard), "(kept)")
-            continue
-        decoded = list(stages.decode_images(shard, ctx.errors, "label_bank"))
-        maps = stages.build_label_maps(
-            ctx.backbone, [im for _, im in decoded], bank.centroids, cfg.pseudo, ctx.device, ctx.amp
-        )
-        write_parquet_atomic(stages.label_bank_rows([r.image_id for r, _ in decoded], maps), path)
-        rows += len(maps)
-        prog.update(len(shard))
-    n_err = ctx.errors.count("label_bank")
-    stages.check_error_budget(n_err, len(records), cfg.run.error_budget, "label_bank")
+
+    def table(images: list[np.ndarray], ids: list[str]) -> Any:
+        maps = stages.build_label_maps(ctx.backbone, images, bank.centroids, cfg.pseudo, ctx.device, ctx.amp)
+        return stages.label_bank_rows(ids, maps)
+
+    rows, _, n_err = _run_sharded(ctx, "label_bank", "label_bank", table)
     return {"rows": rows, "errors": n_err}
 
 
