@@ -18,9 +18,10 @@ objective with an explicit scale ``s`` (``grad_scale``); ``s = 1/8`` reproduces 
 ``s = 1/2`` its Cityscapes/LIP batch of 2, whatever batch size is used here.
 
 Speed: only the CLS row of the last block's attention reaches ``z``, so all K gradients come from one pass through
-blocks 1..L-1 without autograd and a vectorised (``is_grads_batched``) backward through the CLS path of the last
-block. :func:`naive_concept_maps` keeps the reference's definition (K full backward passes through every block) as a
-test oracle and benchmark baseline.
+blocks 1..L-1 without autograd, a vectorised (``is_grads_batched``) backward of the K objectives through the CLS
+token's path in the last block (projection, MLP, LayerNorms: D-sized work) down to the heads' CLS output ``o``, and
+one contraction ``dL/dA[h, 0, j] = <dL/do_h, v_hj>`` with the values. :func:`naive_concept_maps` keeps the
+reference's definition (K full backward passes through every block) as a test oracle and benchmark baseline.
 """
 
 from __future__ import annotations
@@ -99,17 +100,28 @@ def concept_maps(
             tokens, (h, w) = backbone.tokens_before_last_block(images)
         a_full, v = backbone.last_block_cls_attention(tokens)
     k = centroids.shape[0]
+    b = images.shape[0]
     c = centroids.to(device=device, dtype=torch.float32)
+    blk = backbone.vit.blocks[-1]
+    attn = blk.attn
+    with torch.no_grad():
+        o = torch.einsum("bht,bhtd->bhd", a_full, v).reshape(b, 1, -1)  # CLS output of the heads, pre-projection
+    # dL_k/dA[h, 0, j] = <dL_k/do_h, v_hj>: back-propagate the K objectives only as far as o (a D-vector per image,
+    # through projection, MLP and LayerNorms of the CLS token), then contract with the values once.
+    o = o.detach().requires_grad_(True)
     with torch.enable_grad():
-        a = a_full.detach().requires_grad_(True)
-        z = backbone.cls_from_attention(tokens, a, v)
+        oo = attn.norm(o) if hasattr(attn, "norm") else o
+        u = tokens[:, :1] + blk.ls1(attn.proj(oo))
+        u = u + blk.ls2(blk.mlp(blk.norm2(u)))
+        z = backbone.vit.norm(u)[:, 0]
         obj = _objective(z, c, grad_scale)
         # One cotangent per concept: row k selects objective k of every image (images are independent).
-        cot = torch.eye(k, device=device, dtype=obj.dtype)[:, None, :].expand(k, obj.shape[0], k)
-        (grads,) = torch.autograd.grad(obj, a, grad_outputs=cot, is_grads_batched=True)
+        cot = torch.eye(k, device=device, dtype=obj.dtype)[:, None, :].expand(k, b, k)
+        (g_o,) = torch.autograd.grad(obj, o, grad_outputs=cot, is_grads_batched=True)  # (K, B, 1, D)
+    grads = torch.einsum("kbhd,bhtd->kbht", g_o.reshape(k, b, attn.num_heads, -1), v)
     p = backbone.num_prefix_tokens
-    maps = combine_maps(a_full[:, :, p:].detach(), grads[..., p:], mass)
-    return maps.reshape(images.shape[0], k, h, w)
+    maps = combine_maps(a_full[:, :, p:], grads[..., p:], mass)
+    return maps.reshape(b, k, h, w)
 
 
 def naive_concept_maps(
