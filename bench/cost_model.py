@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "x",
                     None,
                     None,
+                    measured=False,
                 )
             )
     result["notes"].append("PROJECTIONS, not measurements: no GPU was available; GPU figures are missing")

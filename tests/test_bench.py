@@ -85,8 +85,19 @@ def test_pseudo_labels_bench(tmp_path):
     assert all(a["entries_differing_gt_1e-4"] == 0 for a in naive["agreement_vs_fast"].values())
     assert max(naive["max_abs_diff_proposal_vs_naive"].values()) < 1e-4
     speed = [c for c in r["comparisons"] if c["name"].startswith("naive / fast")]
-    assert len(speed) == len(ks) and all(c["measured"] for c in speed)
-    assert all(c["naive_s"] > 0 and c["fast_s"] > 0 for c in speed)
+    direct = [c for c in speed if "line model" not in c["name"]]
+    model = [c for c in speed if "line model" in c["name"]]
+    assert len(direct) == len(model) == len(ks)
+    assert all(c["measured"] and c["naive_s"] > 0 and c["fast_s"] > 0 for c in direct)
+    assert all(not c["measured"] and c["naive_model_s"] > 0 for c in model)  # a model is never "measured"
+    fit = naive["fit"]
+    assert fit["per_concept_backward_s"] == pytest.approx(
+        (
+            res["fast_and_forward"]["1"][f"naive_K{fit['from_ks'][1]}"]["min_s"]
+            - res["fast_and_forward"]["1"][f"naive_K{fit['from_ks'][0]}"]["min_s"]
+        )
+        / (fit["from_ks"][1] - fit["from_ks"][0])
+    )
 
 
 def test_pseudo_labels_bench_marks_extrapolation(tmp_path):

@@ -18,7 +18,7 @@ objective with an explicit scale ``s`` (``grad_scale``); ``s = 1/8`` reproduces 
 ``s = 1/2`` its Cityscapes/LIP batch of 2, whatever batch size is used here.
 
 Speed: only the CLS row of the last block's attention reaches ``z``, so all K gradients come from one pass through
-blocks 1..L-1 without autograd, a vectorised (``is_grads_batched``) backward of the K objectives through the CLS
+blocks 1..L-1 without autograd, one backward of the K objectives (on K replicated copies of the CLS row) through the CLS
 token's path in the last block (projection, MLP, LayerNorms: D-sized work) down to the heads' CLS output ``o``, and
 one contraction ``dL/dA[h, 0, j] = <dL/do_h, v_hj>`` with the values. :func:`naive_concept_maps` keeps the
 reference's definition (K full backward passes through every block) as a test oracle and benchmark baseline.
@@ -108,16 +108,18 @@ def concept_maps(
         o = torch.einsum("bht,bhtd->bhd", a_full, v).reshape(b, 1, -1)  # CLS output of the heads, pre-projection
     # dL_k/dA[h, 0, j] = <dL_k/do_h, v_hj>: back-propagate the K objectives only as far as o (a D-vector per image,
     # through projection, MLP and LayerNorms of the CLS token), then contract with the values once.
-    o = o.detach().requires_grad_(True)
+    # Each (concept, image) pair gets its own copy of the image's D-wide CLS row, so one ordinary backward gives
+    # every dL_k/do at once (a vmapped backward would loop over K in LayerNorm/GELU backward, which have no
+    # batching rule).
     with torch.enable_grad():
-        oo = attn.norm(o) if hasattr(attn, "norm") else o
-        u = tokens[:, :1] + blk.ls1(attn.proj(oo))
+        oo = o.reshape(1, b, -1).expand(k, b, -1).reshape(k * b, -1).clone().requires_grad_(True)
+        u = attn.norm(oo) if hasattr(attn, "norm") else oo
+        u = tokens[:, 0][None].expand(k, b, -1).reshape(k * b, -1) + blk.ls1(attn.proj(u))
         u = u + blk.ls2(blk.mlp(blk.norm2(u)))
-        z = backbone.vit.norm(u)[:, 0]
-        obj = _objective(z, c, grad_scale)
-        # One cotangent per concept: row k selects objective k of every image (images are independent).
-        cot = torch.eye(k, device=device, dtype=obj.dtype)[:, None, :].expand(k, b, k)
-        (g_o,) = torch.autograd.grad(obj, o, grad_outputs=cot, is_grads_batched=True)  # (K, B, 1, D)
+        z = backbone.vit.norm(u)
+        # Row (k, b) is scored against concept k only: eq. 5 for that pair.
+        obj = grad_scale * (1.0 - (F.normalize(z, dim=-1) * F.normalize(c, dim=-1).repeat_interleave(b, 0)).sum(-1))
+        (g_o,) = torch.autograd.grad(obj.sum(), oo)
     grads = torch.einsum("kbhd,bhtd->kbht", g_o.reshape(k, b, attn.num_heads, -1), v)
     p = backbone.num_prefix_tokens
     maps = combine_maps(a_full[:, :, p:], grads[..., p:], mass)
