@@ -60,41 +60,6 @@ def _interleaved(fns: dict[str, Any], device: torch.device, repeat: int) -> dict
     return out
 
 
-def replicated_concept_maps(
-    backbone: Any, images: torch.Tensor, centroids: torch.Tensor, grad_scale: float = 0.125, mass: float = 0.8
-) -> torch.Tensor:
-    """PROPOSAL (not library code): ``concept_maps`` with the gradient taken at the CLS attention output.
-
-    Two costs of the library's fast path grow with K: ``is_grads_batched`` runs the backward under vmap, and
-    torch has no batching rule for ``gelu_backward`` / ``native_layer_norm_backward`` (a per-concept loop of
-    small ops, K+1 calls each in the profiler); and the K cotangents flow back through ``einsum(a, v)``, whose
-    batched backward touches K copies of ``v`` (K*B*T*D numbers). Here the objective is differentiated with
-    respect to ``o`` = the per-head CLS output ``a @ v`` (B, heads, hd): K replicated D-wide rows through
-    proj + MLP + LayerNorm (one ordinary backward), then ``dL_k/da[b,h,t] = <dL_k/do[b,h], v[b,h,t]>`` is one
-    einsum with ``v`` shared. Same maps (checked against the naive oracle by the bench).
-    """
-    from transfgu.pseudo_labels import _objective, combine_maps
-
-    blk = backbone.vit.blocks[-1]
-    attn = blk.attn
-    with torch.no_grad():
-        tokens, (h, w) = backbone.tokens_before_last_block(images)
-        a_full, v = backbone.last_block_cls_attention(tokens)
-        o = torch.einsum("bht,bhtd->bhd", a_full, v)
-    k, b = centroids.shape[0], images.shape[0]
-    with torch.enable_grad():
-        oo = o[None].expand(k, *o.shape).reshape(k * b, -1).clone().requires_grad_(True)
-        u = attn.norm(oo) if hasattr(attn, "norm") else oo
-        u = tokens[:, 0][None].expand(k, b, -1).reshape(k * b, -1) + blk.ls1(attn.proj(u))
-        u = u + blk.ls2(blk.mlp(blk.norm2(u)))
-        obj = _objective(backbone.vit.norm(u), centroids.to(u), grad_scale).view(k, b, k)
-        (g_o,) = torch.autograd.grad(obj.diagonal(dim1=0, dim2=2).sum(), oo)
-    grads = torch.einsum("kbhd,bhtd->kbht", g_o.view(k, b, attn.num_heads, -1), v)
-    p = backbone.num_prefix_tokens
-    maps = combine_maps(a_full[:, :, p:], grads[..., p:], mass)
-    return maps.reshape(b, k, h, w)
-
-
 def _time_once(fn: Any, device: torch.device) -> tuple[float, Any]:
     sync(device)
     t0 = time.perf_counter()
@@ -121,11 +86,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument(
         "--fit-ks", default=None, help="two small K for the naive line fit a + b K (default 1,9; quick 1,2)"
-    )
-    p.add_argument(
-        "--proposal",
-        action="store_true",
-        help="also time replicated_concept_maps, a bench-only proposal for the fast path",
     )
     p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast for blocks 1..L-1")
     args = parse(p, argv)
@@ -180,8 +140,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fns: dict[str, Any] = {"forward": lambda xb=xb: forward(xb)}
         for k in ks:
             fns[f"fast_K{k}"] = lambda xb=xb, k=k: concept_maps(bb, xb, cents[k], autocast_dtype=amp)
-            if args.proposal:
-                fns[f"proposal_K{k}"] = lambda xb=xb, k=k: replicated_concept_maps(bb, xb, cents[k])
         if b == args.batch:
             # The naive path at two small K in the same rounds: its per-concept cost relative to the forward
             # and the fast path is then measured under the same load (see the module docstring).
@@ -204,19 +162,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     forward_s_per_image=t["forward"]["min_s"] / b,
                 )
             )
-            if args.proposal:
-                pr = t[f"proposal_K{k}"]["min_s"] / t["forward"]["min_s"]
-                result["comparisons"].append(
-                    comparison(
-                        f"PROPOSAL grad at CLS output / one forward, K={k}, B={b}",
-                        f"backbone forward B={b}",
-                        f"replicated_concept_maps K={k} (bench-only proposal)",
-                        pr,
-                        "x forward time (min of interleaved runs)",
-                        "<= 1.1",
-                        pr <= 1.1,
-                    )
-                )
     res["fast_and_forward"] = per_batch
     fwd_s = per_batch[str(args.batch)]["forward"]["min_s"]
     res["forward_flops_per_s"] = flops_fwd * args.batch / fwd_s
@@ -236,9 +181,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "entries_differing_gt_1e-4": int((diff > 1e-4).sum()),
             "argmax_label_agreement": float((maps.argmax(1) == fast_maps.argmax(1)).float().mean()),
         }
-        if args.proposal:
-            prop = replicated_concept_maps(bb, x, cents[k])
-            naive.setdefault("max_abs_diff_proposal_vs_naive", {})[str(k)] = float((maps - prop).abs().max())
         del maps
     k1, k2 = fit_ks
     rounds = per_batch[str(args.batch)]

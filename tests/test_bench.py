@@ -71,7 +71,7 @@ def test_vit_flop_formula_matches_torch_flop_counter():
 
 
 def test_pseudo_labels_bench(tmp_path):
-    r = run_bench("pseudo_labels", tmp_path, "--proposal")
+    r = run_bench("pseudo_labels", tmp_path)
     res = r["results"]
     ks = r["config"]["ks"]
     for per_batch in res["fast_and_forward"].values():
@@ -83,7 +83,6 @@ def test_pseudo_labels_bench(tmp_path):
         assert naive["direct_s"][str(k)] > 0
     assert max(naive["max_abs_diff_vs_fast"].values()) < 1e-4
     assert all(a["entries_differing_gt_1e-4"] == 0 for a in naive["agreement_vs_fast"].values())
-    assert max(naive["max_abs_diff_proposal_vs_naive"].values()) < 1e-4
     speed = [c for c in r["comparisons"] if c["name"].startswith("naive / fast")]
     direct = [c for c in speed if "line model" not in c["name"]]
     model = [c for c in speed if "line model" in c["name"]]
