@@ -16,11 +16,13 @@ reproducible and independent of other users of the global RNG.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +32,15 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from transfgu.losses import EpochPlan, LossWeights, total_loss
+from transfgu.ddp import all_reduce_sum, batch_piece, step_generator, step_seed, world_info
+from transfgu.losses import (
+    EpochPlan,
+    LossTerms,
+    LossWeights,
+    diversity_loss,
+    peer_loss,
+    uncertainty_loss,
+)
 from transfgu.metrics import Overcluster, RunningConfusion
 from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_to_multiple
 
@@ -79,6 +89,7 @@ def make_targets(
     mix: float = 0.5,
     generator: torch.Generator | None = None,
     eps: float = 1e-6,
+    perm: Tensor | None = None,
 ) -> Targets:
     """Bootstrapped targets from RoI-aligned pseudo-label crops (§7.3).
 
@@ -92,6 +103,8 @@ def make_targets(
         mix: weight of the teacher softmax in eq. 12 (``mix * softmax(teacher) + (1 - mix) * P~``).
         generator: CPU generator for the negative-label permutation (one per call = per iteration).
         eps: range below which a crop's map counts as constant (see :func:`minmax_normalise`).
+        perm: an already drawn permutation of the C classes (data-parallel ranks share one); then ``generator`` is
+            not used.
     """
     p = minmax_normalise(pseudo.float(), eps=eps)
     fg_mask = None
@@ -108,7 +121,10 @@ def make_targets(
             )
         p = mix * teacher_logits.float().softmax(dim=1) + (1.0 - mix) * p
     hard = p.argmax(dim=1)
-    perm = torch.randperm(p.shape[1], generator=generator)
+    if perm is None:
+        perm = torch.randperm(p.shape[1], generator=generator)
+    elif perm.shape != (p.shape[1],):
+        raise ValueError(f"permutation of {perm.shape[0]} classes for {p.shape[1]} target channels")
     inverse = torch.argsort(perm).to(hard.device)
     return Targets(hard=hard, negative=inverse[hard], fg_mask=fg_mask, soft=p)
 
@@ -122,35 +138,75 @@ def _bernoulli(generator: torch.Generator | None, p: float) -> bool:
     return p > 0 and bool(torch.rand((), generator=generator) < p)
 
 
-def _colour_one(
-    x: Tensor,
+@dataclass(frozen=True)
+class ColourDraw:
+    """The colour decisions for one image (or for a whole batch in the reference's ``"batch"`` mode)."""
+
+    jitter: tuple[tuple[int, ...], tuple[float, float, float, float]] | None  # (op order, factors) or None
+    gray: bool
+    blur_sigma: float | None
+
+
+def draw_colour(
     generator: torch.Generator | None,
-    jitter: tuple[float, float, float, float],
-    p_jitter: float,
-    p_gray: float,
-    p_blur: float,
-    blur_sigma: tuple[float, float],
-) -> Tensor:
-    """One decision and one parameter set for all images in ``x`` (float in [0, 1])."""
+    jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2),
+    p_jitter: float = 0.3,
+    p_gray: float = 0.2,
+    p_blur: float = 0.2,
+    blur_sigma: tuple[float, float] = (1.0, 2.0),
+) -> ColourDraw:
+    """Draw one colour decision (§7.1 item 3); the draws and their order are those of applying it directly."""
+    jit = None
     if _bernoulli(generator, p_jitter):
         # torchvision ColorJitter semantics: factors in [max(0, 1-v), 1+v], hue in [-v, v], random op order.
         b, c, s, h = jitter
-        order = torch.randperm(4, generator=generator).tolist()
-        factors = [
+        order = tuple(torch.randperm(4, generator=generator).tolist())
+        factors = (
             _uniform(generator, max(0.0, 1 - b), 1 + b),
             _uniform(generator, max(0.0, 1 - c), 1 + c),
             _uniform(generator, max(0.0, 1 - s), 1 + s),
             _uniform(generator, -h, h),
-        ]
+        )
+        jit = (order, factors)
+    gray = _bernoulli(generator, p_gray)
+    sigma = _uniform(generator, *blur_sigma) if _bernoulli(generator, p_blur) else None
+    return ColourDraw(jitter=jit, gray=gray, blur_sigma=sigma)
+
+
+def apply_colour(x: Tensor, draw: ColourDraw) -> Tensor:
+    """Apply one :class:`ColourDraw` to every image of ``x`` (float in [0, 1])."""
+    if draw.jitter is not None:
+        order, factors = draw.jitter
         ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
         for i in order:
             x = ops[i](x, factors[i])
-    if _bernoulli(generator, p_gray):
+    if draw.gray:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    if _bernoulli(generator, p_blur):
-        sigma = _uniform(generator, *blur_sigma)
-        x = TF.gaussian_blur(x, kernel_size=[3, 3], sigma=[sigma, sigma])
+    if draw.blur_sigma is not None:
+        x = TF.gaussian_blur(x, kernel_size=[3, 3], sigma=[draw.blur_sigma, draw.blur_sigma])
     return x
+
+
+def draw_colours(
+    batch: int, generator: torch.Generator | None, mode: ColourMode = "batch", **kw: Any
+) -> list[ColourDraw]:
+    """One draw for the batch (``"batch"``, the reference) or one per image (``"per_sample"``)."""
+    if mode == "batch":
+        return [draw_colour(generator, **kw)]
+    if mode == "per_sample":
+        return [draw_colour(generator, **kw) for _ in range(batch)]
+    raise ValueError(f"colour mode must be 'batch' or 'per_sample', got {mode!r}")
+
+
+def apply_colours(x: Tensor, draws: Sequence[ColourDraw]) -> Tensor:
+    """Apply :func:`draw_colours`' result: one draw to all of ``x``, or one per image."""
+    if len(draws) == 1 and x.shape[0] != 1:
+        return apply_colour(x, draws[0])
+    if len(draws) != x.shape[0]:
+        raise ValueError(f"{len(draws)} colour draws for {x.shape[0]} images")
+    if len(draws) == 1:
+        return apply_colour(x, draws[0])
+    return torch.cat([apply_colour(x[i : i + 1], d) for i, d in enumerate(draws)], dim=0)
 
 
 def colour_augment(
@@ -169,12 +225,8 @@ def colour_augment(
     ``mode="per_sample"`` draws them per image (the fix). ``x``: float ``(B, 3, H, W)`` in [0, 1]. The ops are
     torchvision.transforms.v2 functionals; parameters are drawn from ``generator`` rather than the global RNG.
     """
-    args = (jitter, p_jitter, p_gray, p_blur, blur_sigma)
-    if mode == "batch":
-        return _colour_one(x, generator, *args)
-    if mode == "per_sample":
-        return torch.cat([_colour_one(x[i : i + 1], generator, *args) for i in range(x.shape[0])], dim=0)
-    raise ValueError(f"colour mode must be 'batch' or 'per_sample', got {mode!r}")
+    kw = dict(jitter=jitter, p_jitter=p_jitter, p_gray=p_gray, p_blur=p_blur, blur_sigma=blur_sigma)
+    return apply_colours(x, draw_colours(x.shape[0], generator, mode, **kw))
 
 
 def sample_crop_boxes(
@@ -229,6 +281,73 @@ def crop_labels(pseudo: Tensor, boxes: Tensor, image_hw: tuple[int, int], out_hw
     return roi_align(pseudo, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
+@dataclass(frozen=True)
+class StepDraws:
+    """Every random decision of one training step for a (global) batch of ``B`` images (§7.1, §7.3 item 5).
+
+    Drawn in the order colour, crop boxes, flips, class permutation. Data-parallel ranks draw the same
+    ``StepDraws`` for the global batch and each uses :meth:`piece` for its own images.
+    """
+
+    colours: list[ColourDraw]  # one ("batch" mode) or B ("per_sample")
+    boxes: Tensor  # (B, 4) float64 crop boxes (x0, y0, x1, y1) in pixels
+    flip: Tensor  # (B,) bool
+    perm: Tensor | None  # (C,) class permutation for the negative labels, or None when not drawn
+
+    def piece(self, offset: int, count: int) -> StepDraws:
+        """The draws of images ``[offset, offset + count)``; the batch-wide ones are shared."""
+        colours = self.colours if len(self.colours) == 1 else self.colours[offset : offset + count]
+        end = offset + count
+        return StepDraws(colours, self.boxes[offset:end], self.flip[offset:end], self.perm)
+
+
+def draw_step(
+    batch: int,
+    image_hw: tuple[int, int],
+    generator: torch.Generator | None,
+    n_channels: int | None = None,
+    colour_mode: ColourMode = "batch",
+    scales: Sequence[float] = CROP_SCALES,
+    p_flip: float = 0.5,
+    p_jitter: float = 0.3,
+    p_gray: float = 0.2,
+    p_blur: float = 0.2,
+) -> StepDraws:
+    """Draw the augmentation of ``batch`` images and, when ``n_channels`` is given, the class permutation."""
+    colours = draw_colours(batch, generator, colour_mode, p_jitter=p_jitter, p_gray=p_gray, p_blur=p_blur)
+    boxes = sample_crop_boxes(batch, image_hw, scales, generator)
+    flip = torch.rand(batch, generator=generator) < p_flip
+    perm = torch.randperm(n_channels, generator=generator) if n_channels is not None else None
+    return StepDraws(colours, boxes, flip, perm)
+
+
+def apply_augment(
+    images: Tensor,
+    pseudo: Tensor,
+    draws: StepDraws,
+    out_hw: tuple[int, int] | None = None,
+    patch_size: int = 8,
+) -> tuple[Tensor, Tensor]:
+    """Apply drawn augmentation (see :func:`augment_batch`) to ``images`` and their pseudo labels."""
+    b, _, hh, ww = images.shape
+    oh, ow = out_hw if out_hw is not None else (hh // 2, ww // 2)
+    if oh % patch_size or ow % patch_size:
+        raise ValueError(f"crop size {oh}x{ow} is not a multiple of the patch size {patch_size}")
+    if draws.boxes.shape[0] != b:
+        raise ValueError(f"{draws.boxes.shape[0]} drawn crops for {b} images")
+    x = images.float() / 255.0
+    x = apply_colours(x, draws.colours)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    crops = crop_images(x, draws.boxes, (oh, ow))
+    labels = crop_labels(pseudo.float(), draws.boxes, (hh, ww), (oh // patch_size, ow // patch_size))
+    flip = draws.flip.view(b, 1, 1, 1)
+    crops = torch.where(flip.to(crops.device), crops.flip(-1), crops)
+    labels = torch.where(flip.to(labels.device), labels.flip(-1), labels)
+    return crops, labels
+
+
 def augment_batch(
     images: Tensor,
     pseudo: Tensor,
@@ -242,7 +361,7 @@ def augment_batch(
     p_gray: float = 0.2,
     p_blur: float = 0.2,
 ) -> tuple[Tensor, Tensor]:
-    """The reference's in-model augmentation (§7.1).
+    """The reference's in-model augmentation (§7.1): :func:`draw_step` then :func:`apply_augment`.
 
     Args:
         images: uint8 ``(B, 3, H, W)`` (on the compute device).
@@ -258,21 +377,8 @@ def augment_batch(
         ImageNet-normalised image crops ``(B, 3, oh, ow)`` and label crops ``(B, K, oh/ps, ow/ps)``.
     """
     b, _, hh, ww = images.shape
-    oh, ow = out_hw if out_hw is not None else (hh // 2, ww // 2)
-    if oh % patch_size or ow % patch_size:
-        raise ValueError(f"crop size {oh}x{ow} is not a multiple of the patch size {patch_size}")
-    x = images.float() / 255.0
-    x = colour_augment(x, generator, colour_mode, p_jitter=p_jitter, p_gray=p_gray, p_blur=p_blur)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
-    boxes = sample_crop_boxes(b, (hh, ww), scales, generator)
-    crops = crop_images(x, boxes, (oh, ow))
-    labels = crop_labels(pseudo.float(), boxes, (hh, ww), (oh // patch_size, ow // patch_size))
-    flip = (torch.rand(b, generator=generator) < p_flip).to(crops.device)
-    crops = torch.where(flip.view(b, 1, 1, 1), crops.flip(-1), crops)
-    labels = torch.where(flip.view(b, 1, 1, 1).to(labels.device), labels.flip(-1), labels)
-    return crops, labels
+    draws = draw_step(b, (hh, ww), generator, None, colour_mode, scales, p_flip, p_jitter, p_gray, p_blur)
+    return apply_augment(images, pseudo, draws, out_hw, patch_size)
 
 
 # -- model helpers -------------------------------------------------------------------------------------------
@@ -334,6 +440,60 @@ def predict_logits(
 
 
 # -- training loop (§7.4) ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _dropout_rng(seed: int | None, epoch: int, step: int, rank: int, device: torch.device) -> Iterator[None]:
+    """Seed dropout (the global RNG) from ``(seed, epoch, step, rank)`` for one step, restoring the caller's state.
+
+    Dropout masks are the only per-rank randomness: each rank draws its own, a pure function of the step, so a
+    resumed run draws the same masks as an uninterrupted one.
+    """
+    if seed is None:
+        yield
+        return
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(step_seed(seed, epoch, step, 1 + rank))
+        yield
+
+
+def shared_loss(
+    logits: Tensor,
+    targets: Targets,
+    class_emb: Tensor,
+    negative: bool,
+    alpha: float,
+    variant: Variant,
+    weights: LossWeights,
+    empty_fg: Literal["zero", "nan"],
+    fraction: float,
+    fg_total: float | None,
+) -> LossTerms:
+    """This rank's share of eq. 16 over a global batch; the shares of all ranks sum to :func:`total_loss` of the
+    whole batch.
+
+    Every term of eq. 16 is a mean over images (diversity) or over equally sized images' pixels (peer; uncertainty
+    in the "thingstuff" variant), so the global mean is ``sum_r fraction_r * mean_r`` with ``fraction_r`` = the
+    rank's images / the global batch. The "things" uncertainty is a mean over foreground pixels: its weight is the
+    rank's foreground pixels / all of them (``fg_total``, all-reduced by the caller). When the global batch has no
+    foreground pixel the term is the definition's (0, or NaN with ``empty_fg="nan"``). With one process,
+    ``fraction = 1`` and this is exactly :func:`total_loss`.
+    """
+    lp = peer_loss(logits, targets.hard, targets.negative if negative else None, alpha)
+    ld = diversity_loss(class_emb)
+    if targets.fg_mask is None or fg_total is None:
+        lu = uncertainty_loss(logits, targets.fg_mask, exclude_channel0=variant == "things", empty_fg=empty_fg)
+        w_u = fraction
+    elif fg_total > 0:
+        lu = uncertainty_loss(logits, targets.fg_mask, exclude_channel0=variant == "things", empty_fg="zero")
+        w_u = float(targets.fg_mask.sum()) / fg_total
+    else:
+        lu = uncertainty_loss(logits, targets.fg_mask, exclude_channel0=variant == "things", empty_fg=empty_fg)
+        w_u = fraction
+    sp, sd, su = fraction * lp, fraction * ld, w_u * lu
+    return LossTerms(total=weights.peer * sp + weights.div * sd + weights.unc * su, peer=sp, diversity=sd,
+                     uncertainty=su)
+
+
 def train_one_epoch(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -354,27 +514,44 @@ def train_one_epoch(
     empty_fg: Literal["zero", "nan"] = "zero",
     amp_dtype: torch.dtype | None = None,
     max_steps: int | None = None,
+    seed: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """One epoch of decoder training on frozen patch tokens.
+    """One epoch of decoder training on frozen patch tokens; data-parallel ranks train as one process.
 
     Each batch ``{"image": uint8 (B,3,H,W), "pseudo": float (B,K,h,w), ...}`` is augmented
     (:func:`augment_batch`), the frozen backbone embeds the crops under ``no_grad``, the teacher (eval mode,
     when ``schedule_state.bootstrapping``) predicts on the same crops, and the student is trained with eq. 16
     at ``alpha = schedule_state.alpha``.
 
+    Randomness: with ``seed`` every step ``i`` draws its augmentation and class permutation from
+    :func:`transfgu.ddp.step_generator` ``(seed, epoch, i)`` and its dropout from a seed of ``(seed, epoch, i,
+    rank)``; otherwise everything is drawn from ``generator`` (and dropout from the global RNG).
+
+    Data parallelism (a ``torch.distributed`` group of W > 1 ranks; the student wrapped in DDP; ``seed`` required;
+    batches from :func:`transfgu.ddp.step_loader`): each rank draws the decisions of the whole global batch and
+    uses its slice, computes its share of the global loss (:func:`shared_loss`), and one ``all_reduce`` gives
+    every rank the global loss, so all ranks take the same step decision (see :mod:`transfgu.ddp`).
+
     Step rule (§7.4): with ``skip_nonpositive`` (reference) the optimizer steps only if the loss is > 0, which
     also skips NaN; without it, only non-finite losses are skipped. Gradients are clamped element-wise to
     ``[-clamp_grad, clamp_grad]`` (value clipping, not norm clipping). Reboots are the caller's job
-    (:func:`reboot`).
+    (:func:`reboot`). ``on_step`` receives a dict per step (global loss, decision, draws, dataset indices).
 
-    Returns the means over batches of ``loss``, ``peer``, ``diversity``, ``uncertainty`` (finite values only),
-    plus ``steps``, ``skipped``, ``batches``, ``alpha``, ``images`` and ``seconds``.
+    Returns the means over batches of the global ``loss``, ``peer``, ``diversity``, ``uncertainty`` (finite
+    values only), plus ``steps``, ``skipped``, ``batches``, ``alpha``, ``images`` (global) and ``seconds``.
     """
     device = torch.device(device)
     plan = schedule_state
     use_teacher = plan.bootstrapping
     if use_teacher and teacher is None:
         raise ValueError("a teacher is required for a bootstrapping epoch")
+    rank, world = world_info()
+    if world > 1:
+        if seed is None:
+            raise ValueError("data-parallel training needs seed= (every rank must draw the same decisions)")
+        if not isinstance(student, nn.parallel.DistributedDataParallel):
+            raise ValueError("data-parallel training needs the student wrapped in DistributedDataParallel")
     student.train()
     backbone.eval()
     if teacher is not None:
@@ -389,55 +566,71 @@ def train_one_epoch(
             break
         images = batch["image"].to(device, non_blocking=True)
         pseudo = batch["pseudo"].to(device, non_blocking=True).float()
-        crops, labels = augment_batch(images, pseudo, generator, colour_mode=colour_mode, patch_size=ps)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            with torch.no_grad():
-                feats = backbone(crops)
-                teacher_logits = teacher(feats.patch, feats.grid)[0].float() if use_teacher else None
-            logits, class_emb = student(feats.patch, feats.grid)
-        targets = make_targets(labels, teacher_logits, variant, t_bg=t_bg, mix=mix, generator=generator)
-        if logits.shape[1] != targets.soft.shape[1]:
-            raise ValueError(
-                f"student has {logits.shape[1]} channels, {variant!r} targets {targets.soft.shape[1]}"
-                " (the 'things' variant needs K + 1 decoder channels, channel 0 = background)"
-            )
-        terms = total_loss(
-            logits.float(),
-            targets.hard,
-            class_emb.float(),
-            negative_target=targets.negative if use_teacher else None,
-            alpha=plan.alpha if use_teacher else 0.0,
-            fg_mask=targets.fg_mask,
-            exclude_channel0=variant == "things",
-            w_div=loss_weights.div,
-            w_unc=loss_weights.unc,
-            w_peer=loss_weights.peer,
-            empty_fg=empty_fg,
-        )
-        loss_value = float(terms.total.detach())
-        do_step = loss_value > 0 if skip_nonpositive else math.isfinite(loss_value)
-        optimizer.zero_grad(set_to_none=True)
-        if do_step:
-            terms.total.backward()
-            if clamp_grad is not None:
-                torch.nn.utils.clip_grad_value_(params, clamp_grad)
-            optimizer.step()
-            n_steps += 1
-        else:
-            n_skipped += 1
+        offset, n_real, global_b = batch_piece(batch, images.shape[0])
+        c = pseudo.shape[1] + (variant == "things")  # target channels: the permutation's size
+        g = step_generator(seed, plan.epoch, i) if seed is not None else generator
+        hw = (int(images.shape[-2]), int(images.shape[-1]))
+        draws = draw_step(global_b, hw, g, c, colour_mode)
+        mine = draws.piece(offset, images.shape[0]) if n_real else draws.piece(0, images.shape[0])
+        with _dropout_rng(seed, plan.epoch, i, rank, device):
+            crops, labels = apply_augment(images, pseudo, mine, patch_size=ps)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                with torch.no_grad():
+                    feats = backbone(crops)
+                    teacher_logits = teacher(feats.patch, feats.grid)[0].float() if use_teacher else None
+                logits, class_emb = student(feats.patch, feats.grid)
+            targets = make_targets(labels, teacher_logits, variant, t_bg=t_bg, mix=mix, perm=mine.perm)
+            if logits.shape[1] != targets.soft.shape[1]:
+                raise ValueError(
+                    f"student has {logits.shape[1]} channels, {variant!r} targets {targets.soft.shape[1]}"
+                    " (the 'things' variant needs K + 1 decoder channels, channel 0 = background)"
+                )
+            fg_total = None
+            if targets.fg_mask is not None:
+                if not n_real:  # a placeholder image: no foreground of the global batch
+                    targets.fg_mask = torch.zeros_like(targets.fg_mask)
+                fg_total = float(all_reduce_sum(targets.fg_mask.sum().double().reshape(1), device)[0])
+            terms = shared_loss(
+                logits.float(), targets, class_emb.float(), negative=use_teacher,
+                alpha=plan.alpha if use_teacher else 0.0, variant=variant, weights=loss_weights,
+                empty_fg=empty_fg, fraction=n_real / global_b, fg_total=fg_total,
+            )  # fmt: skip
+            # One all-reduce of the shares: every rank gets the global loss and takes the same decision.
+            parts = torch.stack([terms.total, terms.peer, terms.diversity, terms.uncertainty]).detach().double().cpu()
+            reduced = all_reduce_sum(torch.cat([parts, torch.tensor([float(n_real)], dtype=torch.float64)]), device)
+            loss_value, peer, div, unc, n_global = (float(v) for v in reduced)
+            do_step = loss_value > 0 if skip_nonpositive else math.isfinite(loss_value)
+            optimizer.zero_grad(set_to_none=True)
+            if do_step:
+                # DDP averages gradients over ranks: W x the share makes the average the gradient of the sum.
+                (terms.total * world if world > 1 else terms.total).backward()
+                if clamp_grad is not None:
+                    torch.nn.utils.clip_grad_value_(params, clamp_grad)
+                optimizer.step()
+                n_steps += 1
+            else:
+                n_skipped += 1
         n_batches += 1
-        n_images += images.shape[0]
+        n_images += int(n_global)
         if math.isfinite(loss_value):
             n_finite += 1
             sums["loss"] += loss_value
-            sums["peer"] += float(terms.peer.detach())
-            sums["diversity"] += float(terms.diversity.detach())
-            sums["uncertainty"] += float(terms.uncertainty.detach())
+            sums["peer"] += peer
+            sums["diversity"] += div
+            sums["uncertainty"] += unc
+        if on_step is not None:
+            on_step({
+                "epoch": plan.epoch, "step": i, "loss": loss_value, "stepped": do_step, "images": int(n_global),
+                "perm": draws.perm.tolist() if draws.perm is not None else None,
+                "colours": [dataclasses.asdict(d) for d in draws.colours], "boxes": draws.boxes.tolist(),
+                "flip": draws.flip.tolist(),
+                "indices": [int(x) for x in batch["index"]] if "index" in batch and n_real else [],
+                "offset": offset,
+            })  # fmt: skip
         if log_every and (i + 1) % log_every == 0:
             log.info(
                 "epoch %d step %d loss %.4f (peer %.4f div %.4f unc %.4f) skipped %d",
-                plan.epoch, i + 1, loss_value, float(terms.peer), float(terms.diversity),
-                float(terms.uncertainty), n_skipped,
+                plan.epoch, i + 1, loss_value, peer, div, unc, n_skipped,
             )  # fmt: skip
     out = {k: (v / n_finite if n_finite else float("nan")) for k, v in sums.items()}
     out.update(
