@@ -1,7 +1,7 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 * Training state (``<run>/train/round_<r>/state.safetensors`` + ``state.json``): student, teacher and initial decoder
-  weights, Adam moments, RNG state; enough to resume a round exactly where it stopped.
+  weights, Adam moments, RNG states (CPU, and CUDA when in use); enough to resume a round exactly where it stopped.
 * Model (``<run>/model/decoder.safetensors`` + ``model.json``): what prediction needs and nothing else: the decoder,
   the backbone name and weights source (the random backbone itself when the run had no pretrained weights), the
   number of channels, the sizes, the cluster -> class mapping when one was matched, and the resolved config.
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from transfgu.store import atomic_write_json
 MODEL_JSON = "model.json"
 DECODER_FILE = "decoder.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
@@ -76,8 +79,26 @@ def save_train_state(
     if generator is not None:
         tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
     _save_tensors(tensors, directory / "state.safetensors")
     atomic_write_json(directory / "state.json", {**info, "optimizer": opt_s, "has_teacher": teacher is not None})
+
+
+def restore_rng(rng: dict[str, Tensor]) -> None:
+    """Restore the global CPU RNG and, when the state has them and this process sees as many CUDA devices, the
+    CUDA RNGs (``rng`` is the ``"rng"`` group of :func:`load_train_state`)."""
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))]
+    if not cuda:
+        return
+    if not torch.cuda.is_available() or torch.cuda.device_count() != len(cuda):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        log.warning("checkpoint holds %d CUDA RNG states but %d CUDA devices are visible; not restored", len(cuda), n)
+        return
+    torch.cuda.set_rng_state_all(cuda)
 
 
 def load_train_state(directory: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:

@@ -139,6 +139,7 @@ class TrainConfig(_Base):
     teacher_mix: float = Field(0.5, ge=0, le=1)
     colour_aug: Literal["batch", "per_sample"] = Field("batch", description="batch = the reference's behaviour")
     cls_emb_init: Literal["reference", "orthogonal"] = "orthogonal"
+    dropout: float = Field(0.1, ge=0, lt=1, description="decoder attention/MLP dropout (0.1 = the reference)")
     clamp_grad: float = Field(1.0, gt=0)
     skip_nonpositive: bool = True
     empty_fg: Literal["zero", "nan"] = Field(

@@ -22,7 +22,7 @@ This module knows nothing of Ray; it uses ``torch.distributed`` only when a proc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -111,7 +111,15 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int, bool
     batches are exactly ``DataLoader(batch_size=batch_size, sampler=<epoch_order>, drop_last=False)``'s.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        on_epoch: Callable[[GlobalBatchSampler], None] | None = None,
+    ) -> None:
         if n < 1:
             raise ValueError("GlobalBatchSampler needs at least one sample")
         if batch_size < 1:
@@ -119,10 +127,17 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[tuple[int, int, int, bool
         global_split(0, rank, world_size)  # validates rank / world
         self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.on_epoch = on_epoch
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffle; ``on_epoch(self)`` then prepares what the rank reads (e.g. its bank rows).
+
+        Called before the loader's iterator is made, so DataLoader worker processes get the prepared dataset.
+        """
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(self)
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -161,11 +176,54 @@ class StepDataset(torch.utils.data.Dataset):
         return item
 
 
+class EpochRows(Mapping[str, Any]):
+    """``{image id: row}`` over all ``ids`` that holds in memory only the rows :meth:`load` was last asked for.
+
+    A rank's images change every epoch (the reshuffle across ranks), so a rank reads its epoch's rows of a
+    large store (the label bank) at :meth:`GlobalBatchSampler.set_epoch` instead of holding all of them.
+    """
+
+    def __init__(self, ids: Iterable[str], read: Callable[[list[str]], dict[str, Any]]) -> None:
+        self.ids = frozenset(ids)
+        self.read = read
+        self.rows: dict[str, Any] = {}
+
+    def load(self, ids: Iterable[str]) -> None:
+        want = sorted(set(ids))
+        missing = [i for i in want if i not in self.ids]
+        if missing:
+            raise KeyError(f"{len(missing)} ids are not in the store, e.g. {missing[:5]}")
+        keep = {i: self.rows[i] for i in want if i in self.rows}
+        new = [i for i in want if i not in keep]
+        self.rows = {**keep, **(self.read(new) if new else {})}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.ids
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.rows:
+            raise KeyError(f"{key!r} was not loaded for this epoch (EpochRows.load)")
+        return self.rows[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def step_loader(
-    dataset: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0
+    dataset: Any,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    on_epoch: Callable[[GlobalBatchSampler], None] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """The training loader of one rank (``world_size=1``: the one-process loader)."""
-    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+    """The training loader of one rank (``world_size=1``: the one-process loader). Call
+    ``loader.batch_sampler.set_epoch(e)`` before each epoch."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size, on_epoch)
     return torch.utils.data.DataLoader(StepDataset(dataset), batch_sampler=sampler, num_workers=num_workers)
 
 

@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 import torch
 
 from transfgu import stages
-from transfgu.checkpoint import load_optimizer, load_train_state, save_model, save_train_state
+from transfgu.checkpoint import load_optimizer, load_train_state, restore_rng, save_model, save_train_state
 from transfgu.concepts import ConceptBank, fit_concepts
 from transfgu.config import Config, save_config
+from transfgu.ddp import step_loader
 from transfgu.engine import evaluate, make_optimizer, reboot, train_one_epoch
 from transfgu.losses import BootstrapSchedule, LossWeights
 from transfgu.models.decoder import MaskTransformerDecoder
@@ -219,7 +220,7 @@ def latest_round_state(train_dir: Path) -> Path | None:
 def build_decoder(cfg: Config, d_encoder: int) -> MaskTransformerDecoder:
     return MaskTransformerDecoder(
         n_classes=stages.n_output_channels(cfg), d_encoder=d_encoder, d_model=d_encoder,
-        n_heads=max(1, d_encoder // 64), cls_emb_init=cfg.train.cls_emb_init,
+        n_heads=max(1, d_encoder // 64), cls_emb_init=cfg.train.cls_emb_init, dropout=cfg.train.dropout,
     )
 
 
@@ -248,7 +249,6 @@ def train_rounds(
     optimizer = make_optimizer(student, t.lr, t.weight_decay)
     teacher: torch.nn.Module | None = None
     schedule = BootstrapSchedule(t.teacher_intervals, t.bootstrap_start)
-    gen = torch.Generator().manual_seed(cfg.run.seed + rank)
     first_epoch = 0
     state_dir = latest_round_state(train_dir)
     if state_dir is not None:
@@ -260,9 +260,7 @@ def train_rounds(
             teacher.load_state_dict(groups["teacher"])
             teacher.eval()
         load_optimizer(optimizer, groups["opt"], info["optimizer"])
-        if "rng" in groups:
-            gen.set_state(groups["rng"]["generator"])
-            torch.set_rng_state(groups["rng"]["torch"])  # dropout draws from the global generator
+        restore_rng(groups.get("rng", {}))
         first_epoch = info["epoch"] + 1
         log.info("[train] resuming after epoch %d from %s", info["epoch"], state_dir)
     model = wrap(student) if wrap is not None else student
@@ -278,13 +276,15 @@ def train_rounds(
             reboot(student, teacher, initial)
             teacher.eval()
             round_idx += 1
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
         t0 = time.time()
         metrics = train_one_epoch(
             model, teacher if plan.bootstrapping else None, backbone, loader, optimizer, plan, device,
             loss_weights=weights, variant=t.variant, clamp_grad=t.clamp_grad, skip_nonpositive=t.skip_nonpositive,
-            generator=gen, colour_mode=t.colour_aug, t_bg=t.t_bg, mix=t.teacher_mix, empty_fg=t.empty_fg, amp_dtype=amp,
+            seed=cfg.run.seed, colour_mode=t.colour_aug, t_bg=t.t_bg, mix=t.teacher_mix, empty_fg=t.empty_fg,
+            amp_dtype=amp,
         )
         metrics = {**metrics, "epoch": epoch, "round": round_idx, "alpha": plan.alpha, "time_s": time.time() - t0}
         history.append(metrics)
@@ -295,36 +295,11 @@ def train_rounds(
         if rank == 0:
             save_train_state(
                 train_dir / f"round_{round_idx:03d}", student, teacher, initial, optimizer,
-                {"epoch": epoch, "round": round_idx, "metrics": _jsonable(metrics)}, gen,
+                {"epoch": epoch, "round": round_idx, "metrics": _jsonable(metrics)},
             )
         if on_epoch is not None:
             on_epoch(metrics)
     return student, {"epochs": t.epochs, "rounds": round_idx + 1, "history": _jsonable(history)}
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A shuffle that is a pure function of (seed, epoch, rank), so a resumed run sees the same batches.
-
-    With ``world_size > 1`` each rank takes every ``world_size``-th index of the shuffled order (padded by wrapping
-    around, as ``DistributedSampler`` does).
-    """
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        total = len(self) * self.world_size
-        order += order[: total - len(order)]
-        return iter(order[self.rank : total : self.world_size])
 
 
 def _jsonable(obj: Any) -> Any:
@@ -338,10 +313,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
     ds = stages.BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=min(cfg.train.batch_size, len(ds)), sampler=EpochShuffleSampler(len(ds), cfg.run.seed),
-        num_workers=cfg.train.num_workers, drop_last=False,
-    )
+    loader = step_loader(ds, cfg.train.batch_size, cfg.run.seed, num_workers=cfg.train.num_workers)
     train_dir = ctx.run_dir / "train"
     student, info = train_rounds(cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp, on_epoch=ctx.on_epoch)
     write_model(ctx, student)

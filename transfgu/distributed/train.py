@@ -5,12 +5,11 @@ with the same storage restores that round's checkpoint manager). The worker loop
 :func:`transfgu.pipeline.train_rounds`, stopped at the round's last epoch; DDP comes from
 ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU, chosen by Ray Train from ``use_gpu``).
 
-Data: the label bank is read by a *sharded reader*: worker ``r`` of ``W`` reads only the bank rows of its images
-(``DistributedSampler``'s split: indices padded to a multiple of ``W``, every ``W``-th from ``r``), so no worker holds
-the whole bank and every worker runs the same number of batches (DDP needs that); each worker reshuffles its own
-shard every epoch (``EpochShuffleSampler`` seeded with ``seed + rank``), and the per-worker batch is
-``train.batch_size // W``. With one worker (or Train's local mode, ``num_workers=0``) the loader is exactly the
-one-process one, so the results equal :func:`transfgu.pipeline.run_train`'s.
+Data (:mod:`transfgu.ddp`): every worker draws the one-process epoch order (reshuffled every epoch), cuts it into
+global batches of ``train.batch_size`` and takes its contiguous slice of each, so W workers train on the one-process
+batches, take one step decision per global batch and share its random draws; the run equals the one-process run
+(tested). A worker holds only the label-bank rows of its current epoch (about 1/W of the bank), read when the epoch
+starts. With one worker (or Train's local mode, ``num_workers=0``) the loader is exactly the one-process one.
 
 Checkpoints: rank 0 writes ``<run>/train/round_<r>/`` every epoch (as the one-process loop does) and reports that
 directory as the Ray checkpoint; a worker that starts without it (a fresh node, no shared disk) restores it from
@@ -53,15 +52,6 @@ def round_segments(cfg: Config) -> list[tuple[int, int, int]]:
     return segs
 
 
-def shard_indices(n: int, rank: int, world: int) -> list[int]:
-    """``DistributedSampler(shuffle=False)``'s split: pad to a multiple of ``world`` by wrapping, then stride."""
-    if world <= 1:
-        return list(range(n))
-    total = -(-n // world) * world
-    idx = list(range(n)) + [i % n for i in range(total - n)]
-    return idx[rank:total:world]
-
-
 def bank_image_ids(bank_dir: Path) -> set[str]:
     import pyarrow.parquet as pq
 
@@ -74,34 +64,28 @@ def bank_image_ids(bank_dir: Path) -> set[str]:
 
 
 def make_loader(cfg: Config, run_dir: Path, rank: int, world: int) -> torch.utils.data.DataLoader:
-    """The training loader of one worker (see the module docstring)."""
-    from transfgu.pipeline import EpochShuffleSampler
+    """The training loader of one worker (see the module docstring and :mod:`transfgu.ddp`)."""
+    from transfgu.ddp import EpochRows, GlobalBatchSampler, step_loader
     from transfgu.store import read_label_bank
 
     bank_dir = run_dir / "label_bank"
     records = stages.split_records(cfg, cfg.data.train_split)
     if world <= 1:
-        bank = read_label_bank(bank_dir)
-        batch = cfg.train.batch_size
-        seed = cfg.run.seed
+        bank: Any = read_label_bank(bank_dir)
     else:
-        have = bank_image_ids(bank_dir)
-        records = [r for r in records if r.image_id in have]
-        if not records:
-            raise RuntimeError("train: the label bank has no image of the training split")
-        records = [records[i] for i in shard_indices(len(records), rank, world)]
-        bank = read_label_bank(bank_dir, image_ids=sorted({r.image_id for r in records}))
-        batch = max(1, cfg.train.batch_size // world)
-        seed = cfg.run.seed + rank
+        # Every epoch reshuffles images across workers, so a worker may need any bank row over the run; it holds
+        # only the rows of its current epoch (about 1/W of the bank), read when the epoch starts.
+        bank = EpochRows(bank_image_ids(bank_dir), lambda ids: read_label_bank(bank_dir, image_ids=ids))
     ds = stages.BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")
-    # The one-process sampler: a shuffle that is a pure function of (seed, epoch), so resumed rounds see the same
-    # batches; with several workers each shuffles its own shard.
-    return torch.utils.data.DataLoader(
-        ds, batch_size=min(batch, len(ds)), sampler=EpochShuffleSampler(len(ds), seed),
-        num_workers=cfg.train.num_workers, drop_last=False,
-    )
+
+    def load_rows(sampler: GlobalBatchSampler) -> None:
+        if isinstance(bank, EpochRows):
+            bank.load(ds.records[i % len(ds.records)].image_id for i in sampler.rank_indices())
+
+    # The global batch is train.batch_size whatever the number of workers; each worker gets its slice of it.
+    return step_loader(ds, cfg.train.batch_size, cfg.run.seed, rank, world, cfg.train.num_workers, load_rows)
 
 
 def restore_from_checkpoint(train_dir: Path) -> None:
