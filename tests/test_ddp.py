@@ -312,6 +312,7 @@ def test_round_state_saves_and_restores_the_cuda_rng(tmp_path):
 
 
 # -- two gloo ranks against one process ----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
@@ -345,6 +346,7 @@ def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
         assert moved > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("shift,expect_step", [(-1e-3, True), (-100.0, False)],
                          ids=["global-positive", "global-nonpositive"])

@@ -451,8 +451,12 @@ def _dropout_rng(seed: int | None, epoch: int, step: int, rank: int, device: tor
         yield
         return
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    s = step_seed(seed, epoch, step, 1 + rank)
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(step_seed(seed, epoch, step, 1 + rank))
+        torch.random.default_generator.manual_seed(s)
+        if cuda:  # only the training device's generator (fork_rng restores only that one)
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(s)
         yield
 
 
