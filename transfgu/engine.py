@@ -10,8 +10,10 @@ Pieces, in the order a training step uses them:
 * :func:`reboot`: teacher <- student, student <- its saved initial weights (eq. 10-12, §7.2).
 * :func:`evaluate`: bilinear logits at the eval size, one confusion matrix for the split, Hungarian matching.
 
-Everything takes explicit arguments; randomness comes from an explicit ``torch.Generator`` (CPU) so a run is
-reproducible and independent of other users of the global RNG.
+Everything takes explicit arguments; randomness comes from an explicit ``torch.Generator`` (CPU), in training one
+per step seeded from ``(seed, epoch, step)`` (:mod:`transfgu.ddp`), so a run is reproducible, a resumed run draws what
+an uninterrupted one would, data-parallel ranks share every decision, and other users of the global RNG are not
+disturbed.
 """
 
 from __future__ import annotations
