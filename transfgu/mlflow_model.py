@@ -265,8 +265,10 @@ def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None, dst: str
         return _data_dir(p) if (p / "MLmodel").is_file() else find_checkpoint(p)
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri,
-                                                     dst_path=None if dst is None else str(dst)))
+    # runs:/ URIs of MLflow 3 logged models are resolved through the fluent API's store, so set it too.
+    with _tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, tracking_uri=tracking_uri,
+                                                         dst_path=None if dst is None else str(dst)))
     return _data_dir(local)
 
 
