@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import require_shared_data, tiny_config
 
-from tests.conftest import require_shared_data, tiny_config
 from transfgu.data.io import load_rgb
 from transfgu.mlflow_model import decode_label_png, resolve_model_dir, save_model
 from transfgu.predict import load

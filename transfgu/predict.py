@@ -428,10 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Data instead (CPU decoding ahead of GPU actors, Parquet ledger, resumable; "
+                   "globs and s3:// prefixes as inputs): see `transfgu predict --ray --help`")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ray" in argv:  # the Ray executor of the same per-image functions (imported only when asked for)
+        import importlib
+
+        return int(importlib.import_module("transfgu.distributed.predict").main(argv))
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
