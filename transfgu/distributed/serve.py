@@ -24,8 +24,8 @@ Labels come from :class:`transfgu.predict.Predictor` (same preprocessing, same l
 they equal ``transfgu predict``. ``@serve.batch`` stacks concurrent requests into one forward pass.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures (``request: Request``) at runtime,
+# and Serve's class-based routes do not resolve string annotations.
 import asyncio
 import base64
 import io
