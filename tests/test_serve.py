@@ -247,7 +247,9 @@ def test_page_uploads_an_image_and_shows_the_overlay(endpoint, browser, predicto
     target = browser.call("Target.createTarget", url=endpoint + "/")["targetId"]
     session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
     deadline = time.time() + 60
-    while browser.evaluate(session, "document.readyState") != "complete" and time.time() < deadline:
+    ready = "document.readyState === 'complete' && document.getElementById('file') !== null"
+    while not browser.evaluate(session, ready):  # the new tab starts on about:blank, then loads the page
+        assert time.time() < deadline, "the page did not load"
         time.sleep(0.2)
     node = browser.call("Runtime.evaluate", session, expression="document.getElementById('file')")["result"]
     image = _val_image(camvid, 2)

@@ -111,6 +111,18 @@ def _flag(value: str | None, name: str) -> bool:
     raise BadRequest(422, f"query parameter {name}={value!r}: use true or false")
 
 
+def _overlay_jpeg(image: np.ndarray, labels: np.ndarray, n_ids: int) -> bytes:
+    from PIL import Image
+
+    from transfgu.viz import overlay, palette
+
+    buf = io.BytesIO()
+    Image.fromarray(overlay(image, labels, palette(n_ids))).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+# Everything the ingress class uses must be defined above it: @serve.ingress captures the module's globals when the
+# class is decorated.
 @serve.deployment
 @serve.ingress(api)
 class Api:
@@ -219,16 +231,6 @@ class Api:
             out["overlay_jpeg"] = base64.b64encode(jpeg).decode("ascii")
             out["palette"] = ["#" + "".join(f"{int(v):02x}" for v in c) for c in palette(n_ids)]
         return JSONResponse(out)
-
-
-def _overlay_jpeg(image: np.ndarray, labels: np.ndarray, n_ids: int) -> bytes:
-    from PIL import Image
-
-    from transfgu.viz import overlay, palette
-
-    buf = io.BytesIO()
-    Image.fromarray(overlay(image, labels, palette(n_ids))).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def build_app(args: Mapping[str, Any]) -> Any:
