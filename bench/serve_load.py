@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-replicas", type=int, default=2)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--device", default="cpu", help="model replicas' device: cpu or cuda (one GPU per replica)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -113,11 +114,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = args.model or str(_tiny_model(Path(tempfile.mkdtemp(prefix="transfgu_bench_serve_"))))
     image = sorted((shared_data_dir() / "camvid" / "images" / "val").glob("*.jpg"))[0]
     body = image.read_bytes()
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=args.num_cpus, num_gpus=None if args.device == "cuda" else 0,
+             include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=200 * 1024**2, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    opts = {"model": model, "device": "cpu", "model_cpus": "0.5", "api_cpus": "0.25",
+    opts = {"model": model, "device": args.device, "model_cpus": "0.5", "api_cpus": "0.25",
             "max_replicas": str(args.max_replicas), "max_batch_size": str(args.max_batch_size)}
     serve.run(app(opts), name="transfgu", route_prefix="/")
     try:
