@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.concepts import ConceptBank
     from transfgu.config import load_config
     from transfgu.crops import extract_crops_batch
+    from transfgu.ddp import step_loader
     from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
     from transfgu.losses import EpochPlan
     from transfgu.models.backbone import build_backbone
@@ -295,11 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rng = np.random.default_rng(0)
         bank = {r.image_id: rng.random((27, h, h)).astype(np.float16) for r in records}
         ds = stages.BankDataset(records, bank, (train_size, train_size))
-        loader = PrefetchLoader(
-            torch.utils.data.DataLoader(
-                ds, batch_size=train_batch, sampler=pipeline.EpochShuffleSampler(len(ds), 0), pin_memory=cuda
-            )
-        )
+        loader = PrefetchLoader(step_loader(ds, train_batch, seed=0))  # as run_train builds it
         torch.manual_seed(0)
         d = bb.embed_dim
         student = MaskTransformerDecoder(n_classes=27, d_encoder=d, d_model=d, n_heads=max(1, d // 64)).to(device)

@@ -25,6 +25,7 @@ from torch import nn
 
 from transfgu import pipeline, stages
 from transfgu.concepts import ConceptBank
+from transfgu.ddp import step_loader
 from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
 from transfgu.losses import EpochPlan
 from transfgu.models.backbone import ViTFeatures, build_backbone
@@ -249,7 +250,9 @@ def test_device_side_step_rule_equals_host_side_rule():
         for _ in range(2)
     ]  # fmt: skip
     results = []
-    for fused in (True, False):
+    # (fused Adam, per-step callback): (True, None) decides on the device; a callback or a non-fused optimizer
+    # makes the host decide (main's path, also the data-parallel one).
+    for fused, on_step in ((True, None), (True, lambda d: None), (False, None)):
         torch.manual_seed(1)
         student = MaskTransformerDecoder(n_classes=k, d_encoder=48, d_model=48, n_heads=1)
         teacher = make_teacher(student)
@@ -262,17 +265,22 @@ def test_device_side_step_rule_equals_host_side_rule():
         outs = []
         for alpha in (0.1, 50.0, 0.1):  # alpha 50 makes the loss negative: both steps of that epoch are skipped
             plan = EpochPlan(epoch=2, bootstrapping=True, reboot=False, epoch_iter=0, alpha=alpha)
-            outs.append(train_one_epoch(student, teacher, bb, batches, opt, plan, "cpu", generator=gen, log_every=1))
+            outs.append(
+                train_one_epoch(
+                    student, teacher, bb, batches, opt, plan, "cpu", generator=gen, log_every=1, on_step=on_step
+                )
+            )
         state = {n: p.detach().clone() for n, p in student.named_parameters()}
         results.append((outs, state, opt.state_dict()["state"]))
-    (a, pa_, sa), (b, pb, sb) = results
-    assert [o["steps"] for o in a] == [o["steps"] for o in b] == [2, 0, 2]
-    assert [o["skipped"] for o in a] == [0, 2, 0]
-    for oa, ob in zip(a, b):
-        assert oa["loss"] == pytest.approx(ob["loss"], rel=1e-5)
-    for n in pa_:
-        torch.testing.assert_close(pa_[n], pb[n], rtol=1e-5, atol=1e-6)
-    assert all(float(sa[i]["step"]) == float(sb[i]["step"]) == 4 for i in sa)
+    a, pa_, sa = results[0]
+    for b, pb, sb in results[1:]:
+        assert [o["steps"] for o in a] == [o["steps"] for o in b] == [2, 0, 2]
+        assert [o["skipped"] for o in a] == [0, 2, 0]
+        for oa, ob in zip(a, b):
+            assert oa["loss"] == pytest.approx(ob["loss"], rel=1e-5)
+        for n in pa_:
+            torch.testing.assert_close(pa_[n], pb[n], rtol=1e-5, atol=1e-6)
+        assert all(float(sa[i]["step"]) == float(sb[i]["step"]) == 4 for i in sa)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,7 +371,8 @@ def test_label_bank_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
 
 
 def test_training_epoch_wall_is_max_not_sum(tmp_path, monkeypatch):
-    """The loader of ``run_train`` (BankDataset, num_workers=0) with and without PrefetchLoader."""
+    """The loader of ``run_train`` (BankDataset through ``step_loader``, num_workers=0) with and without
+    PrefetchLoader."""
     torch.set_num_threads(1)
     cfg = tiny_config(tmp_path, "tr", **{"data.max_train_images": str(N_ITEMS)})
     records = stages.split_records(cfg, cfg.data.train_split)
@@ -375,9 +384,7 @@ def test_training_epoch_wall_is_max_not_sum(tmp_path, monkeypatch):
     for mode in ("sequential", "prefetch"):
         decode = _slow_decode(monkeypatch)
         ds = stages.BankDataset(records, bank, (64, 80))
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=1, sampler=pipeline.EpochShuffleSampler(len(ds), 0), num_workers=0
-        )
+        loader = step_loader(ds, batch_size=1, seed=0)  # run_train's loader (num_workers=0)
         if mode == "prefetch":
             loader = PrefetchLoader(loader)
         torch.manual_seed(0)
