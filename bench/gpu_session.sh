@@ -6,7 +6,7 @@
 #
 # Writes at most 8 flat files into "$OUT": session.log (environment + every command's output), throughput.json
 # (stage vs kernel-only rates: the issue's four targets), crop_embedding.json, pseudo_labels.json, training.json
-# (the project's benches, `python -m bench.run_all --only ...` equivalents, one per command so each has its own
+# (the project's benches, `python -m bench.run_all --only ...` equivalents, one process each so each has its own
 # time limit), results.md (tables by bench.report + the list of skipped benches with reasons).
 # kmeans (needs ray), end_to_end (needs mlflow), storage (needs ../shared/data) and cost_model (reads a full
 # results set) are not run here; results.md records why. Every step has a time limit; a step that fails or runs out
@@ -84,9 +84,20 @@ run() {  # run <limit seconds> <name> <command...>
 run "$LIM_TP" throughput $PY -m bench.throughput "${DEV[@]}" --out "$OUT/throughput.json"
 # 2. The project's benches that need neither ray nor mlflow nor ../shared/data (bench.run_all --only ..., one
 #    process per bench as run_all does, each with its own limit).
-for b in crop_embedding pseudo_labels training; do
-  run "$LIM_B" "$b" $PY -m "bench.$b" "${DEV[@]}" --out "$OUT/$b.json"
-done
+if [ "$MODE" = cuda ]; then
+  for b in crop_embedding pseudo_labels training; do
+    run "$LIM_B" "$b" $PY -m "bench.$b" "${DEV[@]}" --out "$OUT/$b.json"
+  done
+else
+  # The smoke runs the same three bench mains in one process (one torch import instead of three: the 2-core VM
+  # it is meant for is often loaded).
+  run 120 "crop_embedding+pseudo_labels+training" $PY -c "
+import sys
+from bench import crop_embedding, pseudo_labels, training
+for m in (crop_embedding, pseudo_labels, training):
+    m.main(['--device', 'cpu', '--quick', '--out', sys.argv[1] + '/' + m.__name__.split('.')[-1] + '.json'])
+" "$OUT"
+fi
 
 # 3. results.md: the tables (bench.report) and what was not run, with the reason.
 {
