@@ -7,7 +7,7 @@
 # Writes at most 8 flat files into "$OUT": session.log (environment + every command's output), throughput.json
 # (stage vs kernel-only rates: the four targets), crop_embedding.json, pseudo_labels.json, training.json
 # (the project's benches, `python -m bench.run_all --only ...` equivalents, one process each so each has its own
-# time limit), results.md (tables by bench.report + the list of skipped benches with reasons).
+# time limit; the --cpu-smoke runs them in one process), results.md (tables by bench.report + what was skipped, why).
 # kmeans (needs ray), end_to_end (needs mlflow), storage (needs ../shared/data) and cost_model (reads a full
 # results set) are not run here; results.md records why. Every step has a time limit; a step that fails or runs out
 # of time is recorded and the script goes on, so whatever was measured comes back.
