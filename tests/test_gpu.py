@@ -46,3 +46,61 @@ def test_faiss_gpu_kmeans_if_available():
     x = np.concatenate([rng.normal(i * 10, 1, (500, 32)) for i in range(4)]).astype(np.float32)
     res = kmeans(x, 4, niter=20, use_gpu=True)
     assert len(set(res.assignments.tolist())) == 4
+
+
+def _count_syncs(fn) -> int:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_training_epoch_does_not_synchronise_every_step():
+    from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
+    from transfgu.losses import EpochPlan
+    from transfgu.models.decoder import MaskTransformerDecoder
+
+    torch.manual_seed(0)
+    bb = build_backbone("vit_test_tiny", "none").cuda()
+    student = MaskTransformerDecoder(n_classes=5, d_encoder=48, d_model=48, n_heads=1).cuda()
+    teacher = make_teacher(student)
+    opt = make_optimizer(student, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    steps = 8
+    batches = [
+        {"image": torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8, generator=g).pin_memory(),
+         "pseudo": torch.rand(2, 5, 8, 10, generator=g).pin_memory()}
+        for _ in range(steps)
+    ]  # fmt: skip
+    plan = EpochPlan(epoch=2, bootstrapping=True, reboot=False, epoch_iter=0, alpha=0.1)
+
+    def epoch():
+        return train_one_epoch(student, teacher, bb, batches, opt, plan, "cuda", log_every=0,
+                               amp_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))  # fmt: skip
+
+    epoch()  # warm-up
+    n = _count_syncs(epoch)
+    assert n < steps, f"{n} host synchronisations in {steps} steps"
+
+
+def test_compiled_forward_matches_eager_on_cuda():
+    from transfgu.crops import embed_crops
+    from transfgu.throughput import compile_forward
+
+    torch.manual_seed(0)
+    ref = build_backbone("vit_test_tiny", "none").cuda()
+    bb = build_backbone("vit_test_tiny", "none").cuda()
+    bb.load_state_dict(ref.state_dict())
+    compile_forward(bb, mode="auto")  # auto compiles on CUDA
+    assert bb._transfgu_compiled
+    crops = torch.randn(11, 3, 32, 32, device="cuda")
+    a = embed_crops(bb, crops, 4)
+    b = embed_crops(ref, crops, 4)
+    assert not bb._transfgu_compile_state["failed"]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

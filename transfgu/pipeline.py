@@ -38,6 +38,7 @@ from transfgu.store import (
     read_label_bank,
     write_parquet_atomic,
 )
+from transfgu.throughput import PrefetchLoader, compile_forward, overlapped, prepare_images
 
 log = logging.getLogger("transfgu")
 
@@ -122,7 +123,7 @@ class Context:
     def backbone(self):
         if self._backbone is None:
             bb = stages.load_run_backbone(self.cfg.backbone, self.run_dir, self.cfg.run.seed)
-            self._backbone = bb.to(self.device)
+            self._backbone = compile_forward(bb.to(self.device))  # eval forward compiled on CUDA, eager fallback
         return self._backbone
 
     @property
@@ -142,17 +143,23 @@ def _kept_rows(path: Path, stage: str) -> int | None:
         return None
 
 
-def _run_sharded(ctx: Context, stage: str, out_name: str, make_table: Any) -> tuple[int, int, int]:
-    """Run ``make_table(decoded images, image ids) -> pa.Table`` over the training split in shards of
-    ``SHARD_IMAGES`` images, one ``part-<s>.parquet`` each; readable finished shards are kept (resume).
+def _run_sharded(
+    ctx: Context, stage: str, out_name: str, make_table: Any, prepare: Any = None
+) -> tuple[int, int, int]:
+    """Run ``make_table(images, image ids) -> pa.Table`` over the training split in shards of ``SHARD_IMAGES``
+    images, one ``part-<s>.parquet`` each; readable finished shards are kept (resume).
 
-    Returns ``(rows written or kept, images listed, images that failed to decode)``.
+    Decoding (and ``prepare(decoded images)``, e.g. the resize into one batch) of the next shard runs on a prefetch
+    thread and the Parquet write of the previous one on a writer thread (``transfgu.throughput.overlapped``), so
+    the model is not kept waiting by either. Returns ``(rows written or kept, images listed, images that failed to
+    decode)``.
     """
     out_dir = ctx.run_dir / out_name
     out_dir.mkdir(parents=True, exist_ok=True)
     records = stages.split_records(ctx.cfg, ctx.cfg.data.train_split)
     prog = Progress(stage, len(records))
     rows = 0
+    todo = []
     for si in range(0, len(records), SHARD_IMAGES):
         shard = records[si : si + SHARD_IMAGES]
         path = out_dir / f"part-{si // SHARD_IMAGES:05d}.parquet"
@@ -161,9 +168,16 @@ def _run_sharded(ctx: Context, stage: str, out_name: str, make_table: Any) -> tu
             rows += kept
             prog.update(len(shard), "(kept)")
             continue
-        decoded = list(stages.decode_images(shard, ctx.errors, stage))
-        table = make_table([im for _, im in decoded], [r.image_id for r, _ in decoded])
-        write_parquet_atomic(table, path)
+        todo.append((shard, path))
+
+    def load(item: Any) -> tuple[Any, list[str]]:
+        decoded = list(stages.decode_images(item[0], ctx.errors, stage))
+        images = [im for _, im in decoded]
+        return (prepare(images) if prepare is not None else images), [r.image_id for r, _ in decoded]
+
+    for (shard, _), table in overlapped(
+        todo, load, lambda item, payload: make_table(*payload), lambda item, table: write_parquet_atomic(table, item[1])
+    ):
         rows += table.num_rows
         prog.update(len(shard), f"rows={rows}")
     n_err = ctx.errors.count(stage)
@@ -179,7 +193,9 @@ def run_extract(ctx: Context) -> dict[str, Any]:
             ctx.backbone, images, ids, cfg.data.train_split, cfg.crops, ctx.device, ctx.amp
         )
 
-    rows, n_images, n_err = _run_sharded(ctx, "extract", "features", table)
+    rows, n_images, n_err = _run_sharded(
+        ctx, "extract", "features", table, lambda ims: prepare_images(ims, cfg.crops.input_size, cfg.crops.resize_mode)
+    )
     if rows == 0:
         raise RuntimeError("extract: no crops were produced (no readable images, or no window passed the fg/bg test)")
     return {"rows": rows, "images": n_images - n_err, "errors": n_err}
@@ -205,7 +221,10 @@ def run_label_bank(ctx: Context) -> dict[str, Any]:
         maps = stages.build_label_maps(ctx.backbone, images, bank.centroids, cfg.pseudo, ctx.device, ctx.amp)
         return stages.label_bank_rows(ids, maps)
 
-    rows, _, n_err = _run_sharded(ctx, "label_bank", "label_bank", table)
+    rows, _, n_err = _run_sharded(
+        ctx, "label_bank", "label_bank", table,
+        lambda ims: prepare_images(ims, cfg.pseudo.input_size, cfg.pseudo.resize_mode),
+    )  # fmt: skip
     return {"rows": rows, "errors": n_err}
 
 
@@ -314,6 +333,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")
     loader = step_loader(ds, cfg.train.batch_size, cfg.run.seed, num_workers=cfg.train.num_workers)
+    loader = PrefetchLoader(loader)  # the next batches are decoded while the step runs
     train_dir = ctx.run_dir / "train"
     student, info = train_rounds(cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp, on_epoch=ctx.on_epoch)
     write_model(ctx, student)

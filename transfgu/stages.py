@@ -30,6 +30,7 @@ from transfgu.data.labelmaps import LabelMapError
 from transfgu.models.backbone import DinoViT, build_backbone, normalize, save_backbone_weights
 from transfgu.pseudo_labels import concept_maps
 from transfgu.store import features_table, label_bank_table
+from transfgu.throughput import prepare_images, to_device
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def decode_images(
 # -- stage 1: crops + CLS features ---------------------------------------------------------------------------------
 def extract_features(
     backbone: DinoViT,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | torch.Tensor,
     image_ids: Sequence[str],
     split: str,
     crops: CropConfig,
@@ -178,9 +179,11 @@ def extract_features(
     amp: torch.dtype | None = None,
 ) -> pa.Table:
     """Crop + embed a group of decoded images into rows of the features table (DESIGN.md §3)."""
-    if not images:
+    if len(images) == 0:
         return features_table([], split, [], dim=backbone.embed_dim)
-    x = torch.stack([resize_image(im, tuple(crops.input_size), crops.resize_mode) for im in images]).to(device)
+    # ``images`` may already be the resized batch (transfgu.throughput.prepare_images, run in the prefetch thread).
+    x = images if isinstance(images, torch.Tensor) else prepare_images(images, crops.input_size, crops.resize_mode)
+    x = to_device(x, device)
     recs = extract_crops_batch(
         backbone,
         x,
@@ -199,7 +202,7 @@ def extract_features(
 # -- stage 3: pseudo-label bank ------------------------------------------------------------------------------------
 def build_label_maps(
     backbone: DinoViT,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | torch.Tensor,
     centroids: np.ndarray,
     pseudo: PseudoLabelConfig,
     device: torch.device,
@@ -210,7 +213,8 @@ def build_label_maps(
     c = torch.from_numpy(np.asarray(centroids, dtype=np.float32)).to(device)
     for start in range(0, len(images), pseudo.batch_size):
         group = images[start : start + pseudo.batch_size]
-        x = torch.stack([resize_image(im, tuple(pseudo.input_size), pseudo.resize_mode) for im in group]).to(device)
+        x = group if isinstance(group, torch.Tensor) else prepare_images(group, pseudo.input_size, pseudo.resize_mode)
+        x = to_device(x, device)
         maps = concept_maps(backbone, x, c, grad_scale=pseudo.grad_scale, mass=pseudo.mass, autocast_dtype=amp)
         out.extend(m.to(torch.float16).cpu().numpy() for m in maps)
     return out
