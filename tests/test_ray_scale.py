@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_config
+from test_ray_kmeans import ATOL, _blobs, _write_shards
 
-from tests.conftest import tiny_config
-from tests.test_ray_kmeans import ATOL, _blobs, _write_shards
 from transfgu.concepts import kmeans
 from transfgu.store import read_features
 
