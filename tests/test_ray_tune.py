@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
     yield
     ray.shutdown()
 
