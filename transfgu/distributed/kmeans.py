@@ -192,7 +192,13 @@ def distributed_kmeans(
     if use_gpu:
         opts.setdefault("num_gpus", 1)
     pools = list(k_per_pool)
-    groups = _groups(files, num_tasks)
+    # holders live for the whole clustering: never ask for more of them than the cluster can host at once, or they
+    # would wait for each other forever (tasks could queue; long-lived actors cannot)
+    total = ray.cluster_resources()
+    fit = int(total.get("CPU", 1) // max(float(opts.get("num_cpus", 1)), 1e-3))
+    if opts.get("num_gpus"):
+        fit = min(fit, int(total.get("GPU", 0) // float(opts["num_gpus"])))
+    groups = _groups(files, max(1, min(num_tasks, fit)))
     holders = [ray.remote(ShardHolder).options(**opts).remote(g, pools) for g in groups]
     try:
         return _kmeans_on_holders(holders, groups, k_per_pool, niter, seed, init_centroids, use_gpu)
