@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from transfgu import stages
+from transfgu import integrity, stages
 from transfgu.checkpoint import load_optimizer, load_train_state, restore_rng, save_model, save_train_state
 from transfgu.concepts import ConceptBank, fit_concepts
 from transfgu.config import Config, save_config
@@ -131,58 +130,43 @@ class Context:
         return self.cfg.backbone.weights != "none"
 
 
-def _kept_rows(path: Path, stage: str) -> int | None:
-    """Rows of a finished shard file; None when there is none or it is unreadable (then it is removed and redone)."""
-    if not path.is_file():
-        return None
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a torn or foreign file
-        log.warning("[%s] %s is unreadable (%s); computing it again", stage, path, exc)
-        path.unlink()
-        return None
-
-
 def _run_sharded(
     ctx: Context, stage: str, out_name: str, make_table: Any, prepare: Any = None
-) -> tuple[int, int, int]:
+) -> integrity.ShardSummary:
     """Run ``make_table(images, image ids) -> pa.Table`` over the training split in shards of ``SHARD_IMAGES``
-    images, one ``part-<s>.parquet`` each; readable finished shards are kept (resume).
+    images, one Parquet file each, stamped with the stage's input hash and the ids it covers.
 
-    Decoding (and ``prepare(decoded images)``, e.g. the resize into one batch) of the next shard runs on a prefetch
-    thread and the Parquet write of the previous one on a writer thread (``transfgu.throughput.overlapped``), so
-    the model is not kept waiting by either. Returns ``(rows written or kept, images listed, images that failed to
-    decode)``.
+    Resume is by image id (:func:`integrity.plan_shards`): kept files are those of this input hash whose images are
+    all still listed; the rest are set aside. Decoding (and ``prepare(decoded images)``, e.g. the resize into one
+    batch) of the next shard runs on a prefetch thread and the Parquet write of the previous one on a writer thread
+    (``transfgu.throughput.overlapped``), so the model is not kept waiting by either. Returns what the directory
+    holds afterwards, counted from disk.
     """
     out_dir = ctx.run_dir / out_name
     out_dir.mkdir(parents=True, exist_ok=True)
     records = stages.split_records(ctx.cfg, ctx.cfg.data.train_split)
+    ids = [r.image_id for r in records]
+    h = ctx.hashes[stage]
+    plan = integrity.plan_shards(out_dir, ctx.run_dir, stage, h, ids, SHARD_IMAGES)
     prog = Progress(stage, len(records))
-    rows = 0
-    todo = []
-    for si in range(0, len(records), SHARD_IMAGES):
-        shard = records[si : si + SHARD_IMAGES]
-        path = out_dir / f"part-{si // SHARD_IMAGES:05d}.parquet"
-        kept = _kept_rows(path, stage)
-        if kept is not None:
-            rows += kept
-            prog.update(len(shard), "(kept)")
-            continue
-        todo.append((shard, path))
+    prog.update(len(plan.covered), "(kept)")
+    todo = [([records[p] for p in g.positions], out_dir / g.name) for g in plan.groups]
 
     def load(item: Any) -> tuple[Any, list[str]]:
         decoded = list(stages.decode_images(item[0], ctx.errors, stage))
         images = [im for _, im in decoded]
         return (prepare(images) if prepare is not None else images), [r.image_id for r, _ in decoded]
 
-    for (shard, _), table in overlapped(
-        todo, load, lambda item, payload: make_table(*payload), lambda item, table: write_parquet_atomic(table, item[1])
-    ):
-        rows += table.num_rows
-        prog.update(len(shard), f"rows={rows}")
-    n_err = ctx.errors.count(stage)
-    stages.check_error_budget(n_err, len(records), ctx.cfg.run.error_budget, stage)
-    return rows, len(records), n_err
+    def compute(item: Any, payload: tuple[Any, list[str]]) -> Any:
+        shard_ids = [r.image_id for r in item[0]]
+        ok = set(payload[1])
+        return integrity.stamp_table(make_table(*payload), h, shard_ids, [i for i in shard_ids if i not in ok])
+
+    for (shard, _), table in overlapped(todo, load, compute, lambda item, table: write_parquet_atomic(table, item[1])):
+        prog.update(len(shard), f"rows={table.num_rows}")
+    summary = integrity.verify_shards(out_dir, stage, h, ids)
+    stages.check_error_budget(summary.failed, len(records), ctx.cfg.run.error_budget, stage)
+    return summary
 
 
 def run_extract(ctx: Context) -> dict[str, Any]:
@@ -193,16 +177,17 @@ def run_extract(ctx: Context) -> dict[str, Any]:
             ctx.backbone, images, ids, cfg.data.train_split, cfg.crops, ctx.device, ctx.amp
         )
 
-    rows, n_images, n_err = _run_sharded(
+    disk = _run_sharded(
         ctx, "extract", "features", table, lambda ims: prepare_images(ims, cfg.crops.input_size, cfg.crops.resize_mode)
     )
-    if rows == 0:
+    if disk.rows == 0:
         raise RuntimeError("extract: no crops were produced (no readable images, or no window passed the fg/bg test)")
-    return {"rows": rows, "images": n_images - n_err, "errors": n_err}
+    return {"rows": disk.rows, "images": disk.images, "errors": disk.failed}
 
 
 def run_concepts(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
+    integrity.require_stamped(ctx.run_dir / "features", "extract", ctx.hashes["extract"])
     pools: dict[str, np.ndarray] = {}
     for pool in cfg.concepts.k_per_pool:
         _, cls = read_features(ctx.run_dir / "features", pools=[pool])
@@ -210,27 +195,52 @@ def run_concepts(ctx: Context) -> dict[str, Any]:
         log.info("[concepts] pool %s: %d crop features", pool, len(cls))
     bank = fit_concepts(pools, dict(cfg.concepts.k_per_pool), niter=cfg.concepts.niter, seed=cfg.concepts.seed)
     bank.save(ctx.run_dir / "concepts")
+    integrity.stamp_json(ctx.run_dir / "concepts" / ConceptBank.META_FILE, ctx.hashes["concepts"])
     return {"rows": int(bank.centroids.shape[0]), "k": int(bank.centroids.shape[0])}
 
 
 def run_label_bank(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
-    bank = ConceptBank.load(ctx.run_dir / "concepts")
+    bank = load_checked_concepts(ctx)
 
     def table(images: list[np.ndarray], ids: list[str]) -> Any:
         maps = stages.build_label_maps(ctx.backbone, images, bank.centroids, cfg.pseudo, ctx.device, ctx.amp)
         return stages.label_bank_rows(ids, maps)
 
-    rows, _, n_err = _run_sharded(
+    disk = _run_sharded(
         ctx, "label_bank", "label_bank", table,
         lambda ims: prepare_images(ims, cfg.pseudo.input_size, cfg.pseudo.resize_mode),
     )  # fmt: skip
-    return {"rows": rows, "errors": n_err}
+    return {"rows": disk.rows, "images": disk.images, "errors": disk.failed}
 
 
-def latest_round_state(train_dir: Path) -> Path | None:
-    """The most recent complete training state (``state.json`` is written last, so it marks completeness)."""
+def load_checked_concepts(ctx: Context) -> ConceptBank:
+    """The concept bank, after checking that the current concepts stage wrote it (hash) and its values are finite."""
+    path = ctx.run_dir / "concepts" / ConceptBank.META_FILE
+    integrity.check_json_stamp(path, ctx.hashes["concepts"], "the concept bank",
+                               "re-run with --force concepts label_bank")
+    bank = ConceptBank.load(ctx.run_dir / "concepts")
+    if bank.num_concepts != cfg_k(ctx.cfg) or not np.isfinite(bank.centroids).all():
+        raise integrity.IntegrityError(
+            f"{path.parent}: {bank.num_concepts} concepts (config asks for {cfg_k(ctx.cfg)}) or non-finite "
+            "centroids; re-run with --force concepts label_bank"
+        )
+    return bank
+
+
+def cfg_k(cfg: Config) -> int:
+    return int(sum(cfg.concepts.k_per_pool.values()))
+
+
+def latest_round_state(train_dir: Path, input_hash: str | None = None) -> Path | None:
+    """The most recent complete training state (``state.json`` is written last, so it marks completeness).
+
+    With ``input_hash`` only states written under that train hash count: a round trained under other settings is
+    never resumed from (docs/reliability.md, "Re-running with a changed config").
+    """
     done = [p for p in train_dir.glob("round_*") if (p / "state.json").is_file()]
+    if input_hash is not None:
+        done = [p for p in done if integrity.read_json_stamp(p / "state.json") == input_hash]
     if not done:
         return None
     return max(done, key=lambda p: json.loads((p / "state.json").read_text())["epoch"])
@@ -254,14 +264,18 @@ def train_rounds(
     rank: int = 0,
     wrap: Any = None,
     stop_epoch: int | None = None,
+    input_hash: str | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Bootstrapped training (eq. 10-12) with one checkpoint directory per round; resumes from the newest state.
 
     ``wrap`` optionally wraps the student for data parallelism (Ray Train passes DDP); ``on_epoch(metrics)`` is
     called after every epoch (MLflow / Ray reporting). ``stop_epoch`` ends the call before that epoch (the Ray
-    pipeline runs one fit per bootstrapping round); the default trains to ``train.epochs``.
+    pipeline runs one fit per bootstrapping round); the default trains to ``train.epochs``. Every saved state
+    records ``input_hash`` (default: the config's train hash) and only such states are resumed from.
     """
     t = cfg.train
+    if input_hash is None:
+        input_hash = stage_hashes(cfg)["train"]
     torch.manual_seed(cfg.run.seed)
     student = build_decoder(cfg, backbone.embed_dim).to(device)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -269,7 +283,7 @@ def train_rounds(
     teacher: torch.nn.Module | None = None
     schedule = BootstrapSchedule(t.teacher_intervals, t.bootstrap_start)
     first_epoch = 0
-    state_dir = latest_round_state(train_dir)
+    state_dir = latest_round_state(train_dir, input_hash)
     if state_dir is not None:
         groups, info = load_train_state(state_dir)
         student.load_state_dict(groups["student"])
@@ -314,7 +328,7 @@ def train_rounds(
         if rank == 0:
             save_train_state(
                 train_dir / f"round_{round_idx:03d}", student, teacher, initial, optimizer,
-                {"epoch": epoch, "round": round_idx, "metrics": _jsonable(metrics)},
+                {"epoch": epoch, "round": round_idx, "metrics": _jsonable(metrics), "input_hash": input_hash},
             )
         if on_epoch is not None:
             on_epoch(metrics)
@@ -327,6 +341,7 @@ def _jsonable(obj: Any) -> Any:
 
 def run_train(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
+    integrity.require_stamped(ctx.run_dir / "label_bank", "label_bank", ctx.hashes["label_bank"])
     bank = read_label_bank(ctx.run_dir / "label_bank")
     records = stages.split_records(cfg, cfg.data.train_split)
     ds = stages.BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
@@ -335,7 +350,8 @@ def run_train(ctx: Context) -> dict[str, Any]:
     loader = step_loader(ds, cfg.train.batch_size, cfg.run.seed, num_workers=cfg.train.num_workers)
     loader = PrefetchLoader(loader)  # the next batches are decoded while the step runs
     train_dir = ctx.run_dir / "train"
-    student, info = train_rounds(cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp, on_epoch=ctx.on_epoch)
+    student, info = train_rounds(cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp, on_epoch=ctx.on_epoch,
+                                 input_hash=ctx.hashes["train"])
     write_model(ctx, student)
     return {"rows": len(ds), **{k: v for k, v in info.items() if k != "history"}, "final_loss": _last_loss(info)}
 
@@ -359,19 +375,27 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
         "class_names": list(names),
         "cluster_to_class": None,
         "config": json.loads(cfg.model_dump_json()),
+        "input_hash": stage_hashes(cfg)["train"],
     }
 
 
 def write_model(ctx: Context, student: torch.nn.Module) -> None:
-    meta = model_meta(ctx.cfg, ctx.pretrained, ctx.backbone.embed_dim)
+    meta = {**model_meta(ctx.cfg, ctx.pretrained, ctx.backbone.embed_dim), "input_hash": ctx.hashes["train"]}
     save_model(ctx.run_dir / "model", student, meta, backbone=ctx.backbone)
 
 
 def load_student(ctx: Context) -> MaskTransformerDecoder:
     from safetensors.torch import load_file
 
+    integrity.check_json_stamp(ctx.run_dir / "model" / "model.json", ctx.hashes["train"], "the model",
+                               "re-run with --force train")
     dec = build_decoder(ctx.cfg, ctx.backbone.embed_dim).to(ctx.device)
-    dec.load_state_dict(load_file(str(ctx.run_dir / "model" / "decoder.safetensors")))
+    state = load_file(str(ctx.run_dir / "model" / "decoder.safetensors"))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise integrity.IntegrityError(f"{ctx.run_dir / 'model'}: non-finite decoder weights in {bad[:3]}; "
+                                       "check train.lr and re-run with --force train")
+    dec.load_state_dict(state)
     dec.eval()
     return dec
 
@@ -410,20 +434,27 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
         return {"rows": 0, "skipped": "no labels"}
     dec = load_student(ctx)
     scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
-    write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=n_images)
+    write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=n_images,
+               input_hash=ctx.hashes["evaluate"])
     # The prediction checkpoint learns which cluster is which class, so `transfgu predict` can name them.
     meta_path = ctx.run_dir / "model" / "model.json"
     meta = json.loads(meta_path.read_text())
     meta["cluster_to_class"] = [int(x) for x in np.asarray(scores["mapping"]).tolist()]
     atomic_write_json(meta_path, meta)
+    if not math.isfinite(float(scores["mIoU"])):
+        log.warning("[evaluate] mIoU is not defined: the validation images hold no labelled pixel")
     return {"rows": n_images, "errors": scores["skipped"], "mIoU": float(scores["mIoU"]),
             "pixel_accuracy": float(scores["pixel_accuracy"])}
 
 
 def write_eval(
-    eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int
+    eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int,
+    input_hash: str | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained."""
+    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained.
+
+    metrics.json is strict JSON: an undefined score (no labelled pixel) is ``null`` with a ``null_reasons`` entry.
+    """
     eval_dir.mkdir(parents=True, exist_ok=True)
     conf = np.asarray(scores.get("confusion", scores.get("conf", [])))
     metrics = {
@@ -437,7 +468,9 @@ def write_eval(
     }
     if not pretrained:
         metrics["warning"] = "random backbone (no pretrained weights): these numbers are not the method's"
-    atomic_write_json(eval_dir / "metrics.json", metrics)
+    if input_hash is not None:
+        metrics["input_hash"] = input_hash
+    integrity.write_json_strict(eval_dir / "metrics.json", metrics)
     lines = ["class,iou"] + [f"{k},{v}" for k, v in metrics["per_class_iou"].items()]
     (eval_dir / "per_class_iou.csv").write_text("\n".join(lines) + "\n")
     if conf.size:
@@ -495,6 +528,7 @@ def run_pipeline(
                 log.info("[%s] already done (input %s); skipping", name, h[:12])
                 tracker.stage_run(name, skipped=True, info=ctx.manifest.stage(name).get("extra", {}))
                 continue
+            integrity.prepare_stage_outputs(ctx.run_dir, name, h, force=name in force)
             ctx.manifest.mark_running(name, input_hash=h)
             ctx.stage_run_id = tracker.stage_run(name)
             epoch_log = tracker.epoch_logger(ctx.stage_run_id) if name == "train" else None

@@ -42,6 +42,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -129,7 +130,30 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
 
 
 def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
+    """Strict JSON: a non-finite float is written as ``null`` (bare ``NaN``/``Infinity`` are not JSON and most
+    parsers reject them); callers that want the reason recorded use ``integrity.write_json_strict``."""
+    text = json.dumps(strict_jsonable(obj), indent=indent, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def strict_jsonable(obj: Any, path: str = "", reasons: dict[str, str] | None = None) -> Any:
+    """``obj`` with every non-finite float (numpy scalars included) replaced by ``None``; the JSON path of each
+    replaced value goes to ``reasons`` when given."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        if reasons is not None:
+            reasons[path or "$"] = f"not finite ({obj})"
+        return None
+    if isinstance(obj, Mapping):
+        return {k: strict_jsonable(v, f"{path}.{k}" if path else str(k), reasons) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_jsonable(v, f"{path}[{i}]", reasons) for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+        return strict_jsonable(obj.tolist(), path, reasons)
+    return obj
 
 
 def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zstd", **kwargs: Any) -> None:

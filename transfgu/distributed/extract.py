@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transfgu import stages
+from transfgu import integrity, stages
 from transfgu.distributed.shards import ShardActor, run_sharded_stage
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,8 @@ def run_extract_ray(ctx: Any) -> dict[str, Any]:
     prog = Progress("extract", len(records))
     out_dir = ctx.run_dir / "features"
     res = run_sharded_stage(ctx, "extract", out_dir, FeatureExtractor, records, progress=prog.update)
-    n_err = ctx.errors.count("extract")
-    stages.check_error_budget(n_err, len(records), cfg.run.error_budget, "extract")
-    rows = _total_rows(out_dir)
-    if rows == 0:
+    disk = integrity.verify_shards(out_dir, "extract", ctx.hashes["extract"], [r.image_id for r in records])
+    stages.check_error_budget(disk.failed, len(records), cfg.run.error_budget, "extract")
+    if disk.rows == 0:
         raise RuntimeError("extract: no crops were produced (no readable images, or no window passed the fg/bg test)")
-    return {"rows": rows, "images": len(records) - n_err, "errors": n_err, "new_images": res["images"]}
-
-
-def _total_rows(out_dir) -> int:
-    import pyarrow.parquet as pq
-
-    from transfgu.store import list_parquet_files
-
-    return int(sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(out_dir)))
+    return {"rows": disk.rows, "images": disk.images, "errors": disk.failed, "new_images": res["images"]}

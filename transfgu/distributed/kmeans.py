@@ -314,11 +314,13 @@ def _reduce(parts: Sequence[Mapping[str, Any]], pool: str) -> tuple[np.ndarray, 
 
 def run_concepts_ray(ctx: Any) -> dict[str, Any]:
     """Drop-in for :func:`transfgu.pipeline.run_concepts`: the same ConceptBank, computed by Ray tasks."""
+    from transfgu import integrity
     from transfgu.concepts import ConceptBank, order_pools
     from transfgu.distributed.cluster import cluster_has_gpus, task_resources
     from transfgu.store import list_parquet_files
 
     cfg = ctx.cfg
+    integrity.require_stamped(ctx.run_dir / "features", "extract", ctx.hashes["extract"])
     files = list_parquet_files(ctx.run_dir / "features")
     gpu = cluster_has_gpus(cfg)
     res = task_resources(cfg, gpu)
@@ -340,4 +342,5 @@ def run_concepts_ray(ctx: Any) -> dict[str, Any]:
         extra={"nredo": 1, "init": "random", "engine": "ray", "shards": len(files)},
     )
     bank.save(ctx.run_dir / "concepts")
+    integrity.stamp_json(ctx.run_dir / "concepts" / ConceptBank.META_FILE, ctx.hashes["concepts"])
     return {"rows": int(bank.centroids.shape[0]), "k": int(bank.centroids.shape[0])}

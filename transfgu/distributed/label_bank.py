@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from transfgu import stages
-from transfgu.concepts import ConceptBank
+from transfgu import integrity, stages
 from transfgu.distributed.shards import ShardActor, run_sharded_stage
 
 
@@ -38,7 +37,9 @@ def run_label_bank_ray(ctx: Any) -> dict[str, Any]:
     from transfgu.pipeline import Progress
 
     cfg = ctx.cfg
-    bank = ConceptBank.load(ctx.run_dir / "concepts")
+    from transfgu.pipeline import load_checked_concepts
+
+    bank = load_checked_concepts(ctx)
     records = stages.split_records(cfg, cfg.data.train_split)
     prog = Progress("label_bank", len(records))
     out_dir = ctx.run_dir / "label_bank"
@@ -46,8 +47,6 @@ def run_label_bank_ray(ctx: Any) -> dict[str, Any]:
         ctx, "label_bank", out_dir, LabelBankBuilder, records,
         extra_kwargs={"centroids": bank.centroids.tolist()}, progress=prog.update,
     )
-    n_err = ctx.errors.count("label_bank")
-    stages.check_error_budget(n_err, len(records), cfg.run.error_budget, "label_bank")
-    from transfgu.distributed.extract import _total_rows
-
-    return {"rows": _total_rows(out_dir), "errors": n_err}
+    disk = integrity.verify_shards(out_dir, "label_bank", ctx.hashes["label_bank"], [r.image_id for r in records])
+    stages.check_error_budget(disk.failed, len(records), cfg.run.error_budget, "label_bank")
+    return {"rows": disk.rows, "images": disk.images, "errors": disk.failed}

@@ -23,12 +23,14 @@ from transfgu.distributed.train import run_train_ray
 log = logging.getLogger(__name__)
 
 
-def _evaluate_task(cfg_dict: dict[str, Any], num_cpus: float) -> dict[str, Any]:
+def _evaluate_task(cfg_dict: dict[str, Any], num_cpus: float, hashes: dict[str, str]) -> dict[str, Any]:
     from transfgu.pipeline import Context, run_evaluate, setup_logging
 
     setup_logging()
     torch.set_num_threads(torch_threads(num_cpus))
-    return run_evaluate(Context(Config.model_validate(cfg_dict)))
+    ctx = Context(Config.model_validate(cfg_dict))
+    ctx.hashes = dict(hashes)  # the driver's: the shipped config has absolute paths, which change the hashes
+    return run_evaluate(ctx)
 
 
 def run_evaluate_ray(ctx: Any) -> dict[str, Any]:
@@ -38,7 +40,7 @@ def run_evaluate_ray(ctx: Any) -> dict[str, Any]:
     res = task_resources(ctx.cfg)
     # "DEFAULT": on the cluster, not inside the placement group of a Tune trial that runs this pipeline
     task = ray.remote(_evaluate_task).options(**res, scheduling_strategy="DEFAULT")
-    return ray.get(task.remote(worker_config(ctx.cfg), res["num_cpus"]))
+    return ray.get(task.remote(worker_config(ctx.cfg), res["num_cpus"], ctx.hashes))
 
 
 RAY_RUNNERS = {

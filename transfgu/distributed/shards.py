@@ -7,16 +7,15 @@ actor decodes the images itself (undecodable files are reported back, not raised
 ``errors.jsonl`` by the driver), runs the stage function of :mod:`transfgu.stages`, writes its shard atomically
 (``store.write_parquet_atomic``: plain pyarrow reads it) and returns one small summary row per input image.
 
-Resume: each shard file lists the record indices it covers in its key-value metadata (``transfgu.images``), decode
-failures included, so a re-run only sends the images no finished file covers. One-process shard files (no such
-metadata) cover their whole shard.
+Resume is by image id, as in the one-process pipeline (:mod:`transfgu.integrity`): each shard file carries the
+stage's input hash and the ids it covers (decode failures included) in its key-value metadata; the driver plans
+which files are kept and names every new file before the pool starts, so a re-run only sends the images no kept
+file covers, and a retried batch replaces its own file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,16 +26,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transfgu import stages
+from transfgu import integrity, stages
 from transfgu.config import Config
 from transfgu.data.datasets import ImageRecord
 from transfgu.distributed.cluster import task_resources, torch_threads, worker_config
-from transfgu.store import list_parquet_files, write_parquet_atomic
+from transfgu.store import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
-META_KEY = b"transfgu.images"
-_LEGACY = re.compile(r"^part-(\d{5})\.parquet$")
 SUMMARY_COLUMNS = ("index", "image_id", "ok", "reason", "rows", "file")
 
 
@@ -52,54 +49,18 @@ class _CollectErrors(stages.ErrorLog):
         self.failed[str(file)] = reason
 
 
-def covered_indices(out_dir: Path, shard_images: int) -> set[int]:
-    """Record indices already covered by finished shard files in ``out_dir``."""
-    done: set[int] = set()
-    if not out_dir.is_dir():
-        return done
-    for path in list_parquet_files(out_dir):
-        try:
-            meta = pq.read_schema(path).metadata or {}
-        except (OSError, ValueError) as exc:  # a torn file (ArrowInvalid): its images are computed again
-            log.warning("%s is unreadable (%s); recomputing its images", path, exc)
-            path.unlink()
-            continue
-        if META_KEY in meta:
-            done.update(int(i) for i in json.loads(meta[META_KEY]))
-            continue
-        m = _LEGACY.match(path.name)
-        if m:  # a shard written by the one-process pipeline covers all its images
-            s = int(m.group(1))
-            done.update(range(s * shard_images, (s + 1) * shard_images))
-    return done
-
-
-def shard_tables(records: Sequence[ImageRecord], todo: Sequence[int], shard_images: int) -> list[pa.Table]:
-    """One small Arrow table (index, image_id, path, shard) per shard that still has work."""
-    by_shard: dict[int, list[int]] = {}
-    for i in sorted(todo):
-        by_shard.setdefault(i // shard_images, []).append(i)
+def shard_tables(records: Sequence[ImageRecord], plan: integrity.ShardPlan) -> list[pa.Table]:
+    """One small Arrow table (index, image_id, path, shard, file) per new shard file of the plan."""
     return [
         pa.table({
-            "index": pa.array(idx, pa.int64()),
-            "image_id": pa.array([records[i].image_id for i in idx], pa.string()),
-            "path": pa.array([str(Path(records[i].image_path).resolve()) for i in idx], pa.string()),
-            "shard": pa.array([s] * len(idx), pa.int64()),
+            "index": pa.array(g.positions, pa.int64()),
+            "image_id": pa.array([records[i].image_id for i in g.positions], pa.string()),
+            "path": pa.array([str(Path(records[i].image_path).resolve()) for i in g.positions], pa.string()),
+            "shard": pa.array([n] * len(g.positions), pa.int64()),
+            "file": pa.array([g.name] * len(g.positions), pa.string()),
         })
-        for s, idx in sorted(by_shard.items())
+        for n, g in enumerate(plan.groups)
     ]
-
-
-def shard_path(out_dir: Path, shard: int, indices: Sequence[int], shard_images: int) -> Path:
-    """``part-<shard>.parquet`` for a whole shard (the one-process name), ``part-<shard>-<first>`` for a piece.
-
-    The name is a function of the images alone, so a batch that Ray retries (its actor died after writing)
-    replaces its own file atomically instead of adding a second copy of its rows.
-    """
-    whole = list(indices) == list(range(shard * shard_images, shard * shard_images + len(indices)))
-    if whole:
-        return out_dir / f"part-{shard:05d}.parquet"
-    return out_dir / f"part-{shard:05d}-{min(indices):07d}.parquet"
 
 
 class ShardActor:
@@ -111,7 +72,7 @@ class ShardActor:
     stage = "?"
 
     def __init__(self, cfg: dict[str, Any], run_dir: str, out_dir: str, shard_images: int, num_cpus: float,
-                 use_gpu: bool) -> None:
+                 use_gpu: bool, input_hash: str = "") -> None:
         import torch
 
         torch.set_num_threads(torch_threads(num_cpus))
@@ -119,6 +80,7 @@ class ShardActor:
         self.run_dir = Path(run_dir)
         self.out_dir = Path(out_dir)
         self.shard_images = int(shard_images)
+        self.input_hash = input_hash  # the driver's stage hash (the shipped config has absolute paths)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.amp = stages.autocast_dtype(self.cfg.backbone.precision, self.device)
         # The run's backbone, built once per actor: a random one is read from the file the driver saved.
@@ -145,10 +107,9 @@ class ShardActor:
             decoded = list(stages.decode_images(recs, errors, self.stage))
             ok_ids = [r.image_id for r, _ in decoded]
             table = self.compute([im for _, im in decoded], ok_ids)
-            meta = dict(table.schema.metadata or {})
-            meta[META_KEY] = json.dumps(indices).encode()
-            path = shard_path(self.out_dir, int(s), indices, self.shard_images)
-            write_parquet_atomic(table.replace_schema_metadata(meta), path)
+            table = integrity.stamp_table(table, self.input_hash, ids, [i for i in ids if i not in set(ok_ids)])
+            path = self.out_dir / str(batch["file"][sel][0])
+            write_parquet_atomic(table, path)
             counts = self.rows_per_image(table, ok_ids)
             for i, image_id, p in zip(indices, ids, paths):
                 reason = errors.failed.get(p)
@@ -189,15 +150,14 @@ def run_sharded_stage(
 
     cfg: Config = ctx.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = covered_indices(out_dir, SHARD_IMAGES)
-    todo = [i for i in range(len(records)) if i not in done]
+    h = ctx.hashes[stage]
+    plan = integrity.plan_shards(out_dir, ctx.run_dir, stage, h, [r.image_id for r in records], SHARD_IMAGES)
+    todo = plan.todo
     kept = len(records) - len(todo)
-    if kept:
-        log.info("[%s] %d of %d images already covered by finished shards", stage, kept, len(records))
     empty = {"images": 0, "errors": 0, "rows": 0, "kept": kept, "summary": {}}
     if not todo:
         return empty
-    tables = shard_tables(records, todo, SHARD_IMAGES)
+    tables = shard_tables(records, plan)
     res = task_resources(cfg)
     gpu = "num_gpus" in res
     lo, hi = cfg.ray.extract_actors
@@ -213,7 +173,7 @@ def run_sharded_stage(
         fn_constructor_kwargs={
             "cfg": worker_config(cfg), "run_dir": str(ctx.run_dir.resolve()),
             "out_dir": str(out_dir.resolve()), "shard_images": SHARD_IMAGES, "num_cpus": res["num_cpus"],
-            "use_gpu": gpu, **(extra_kwargs or {}),
+            "use_gpu": gpu, "input_hash": h, **(extra_kwargs or {}),
         },
         **res,
     )

@@ -88,8 +88,11 @@ def make_loader(cfg: Config, run_dir: Path, rank: int, world: int) -> torch.util
     return step_loader(ds, cfg.train.batch_size, cfg.run.seed, rank, world, cfg.train.num_workers, load_rows)
 
 
-def restore_from_checkpoint(train_dir: Path) -> None:
-    """Copy the latest Ray checkpoint into ``train_dir`` when this node does not already have that state."""
+def restore_from_checkpoint(train_dir: Path, input_hash: str | None = None) -> None:
+    """Copy the latest Ray checkpoint into ``train_dir`` when this node does not already have that state.
+
+    A checkpoint whose state records another train hash than ``input_hash`` is ignored (never resumed from).
+    """
     import ray.train
 
     from transfgu.pipeline import latest_round_state
@@ -102,7 +105,10 @@ def restore_from_checkpoint(train_dir: Path) -> None:
         if not state.is_file():
             return
         info = json.loads(state.read_text())
-        latest = latest_round_state(train_dir)
+        if input_hash is not None and info.get("input_hash") != input_hash:
+            log.warning("[train] the Ray checkpoint was trained under other settings; not restoring it")
+            return
+        latest = latest_round_state(train_dir, input_hash)
         have = json.loads((latest / "state.json").read_text())["epoch"] if latest is not None else -1
         if have >= info["epoch"]:
             return
@@ -139,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     train_dir = run_dir / "train"
     if not tune_direct:
-        restore_from_checkpoint(train_dir)
+        restore_from_checkpoint(train_dir, config.get("input_hash"))
     stages.seed_everything(cfg.run.seed)
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     amp = stages.autocast_dtype(cfg.backbone.precision, device)
@@ -181,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     wrap = ray.train.torch.prepare_model if world > 1 else None
     try:
         train_rounds(cfg, backbone, loader, train_dir, device, amp, on_epoch=on_epoch, rank=rank, wrap=wrap,
-                     stop_epoch=int(config["stop_epoch"]))
+                     stop_epoch=int(config["stop_epoch"]), input_hash=config.get("input_hash"))
     except BaseException:
         if epoch_log is not None:
             epoch_log.close("FAILED")
@@ -224,8 +230,11 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
     segments = round_segments(cfg)
     if not cfg.ray.fit_per_round:
         segments = [(segments[0][0], 0, cfg.train.epochs)]
+    from transfgu import integrity
+
+    integrity.require_stamped(ctx.run_dir / "label_bank", "label_bank", ctx.hashes["label_bank"])
     for r, start, stop in segments:
-        latest = latest_round_state(train_dir)
+        latest = latest_round_state(train_dir, ctx.hashes["train"])
         done = json.loads((latest / "state.json").read_text())["epoch"] if latest is not None else -1
         if done >= stop - 1:
             log.info("[train] round %d (epochs %d-%d) already trained; skipping", r, start + 1, stop)
@@ -238,6 +247,7 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
                 "cfg": worker_config(cfg),
                 "run_dir": str(ctx.run_dir.resolve()),
                 "stop_epoch": stop,
+                "input_hash": ctx.hashes["train"],
                 "threads": max(1, int(cfg.ray.cpus_per_worker)),
                 "use_gpu": gpu,
                 "eval_every_epoch": bool(tune and has_labelled_val(cfg)),
@@ -258,7 +268,7 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
         )
         result = trainer.fit()
         last_metrics = dict(result.metrics or {})
-    latest = latest_round_state(train_dir)
+    latest = latest_round_state(train_dir, ctx.hashes["train"])
     if latest is None:
         raise RuntimeError(f"train: no training state under {train_dir}")
     groups, info = load_train_state(latest)
