@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.lr=.inf` (or nan) is refused with the key named, like any out-of-range value
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_size(v: tuple[int, int]) -> tuple[int, int]:
@@ -36,6 +37,9 @@ class DataConfig(_Base):
     options: dict[str, Any] = Field(default_factory=dict, description="reader options, e.g. granularity: 27")
     max_train_images: int | None = Field(None, ge=1, description="use the first N training images (demos)")
     max_val_images: int | None = Field(None, ge=1)
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="larger images are refused from their header, before decoding (memory bound)"
+    )
 
 
 class BackboneConfig(_Base):

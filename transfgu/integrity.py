@@ -348,3 +348,55 @@ def write_json_strict(path: Path, obj: dict[str, Any]) -> dict[str, Any]:
         clean = {**clean, "null_reasons": {**clean.get("null_reasons", {}), **reasons}}
     atomic_write_json(path, clean)
     return clean
+
+
+# -- commands that write into a directory the user names -------------------------------------------------------------
+RUN_MARKERS = ("_manifest.json", "config.yaml")
+
+
+def is_run_dir(path: Path) -> bool:
+    """True for a directory a pipeline run created (it holds ``_manifest.json`` or ``config.yaml``)."""
+    return Path(path).is_dir() and any((Path(path) / m).is_file() for m in RUN_MARKERS)
+
+
+def require_run_dir(path: Path, command: str) -> Path:
+    """``path`` when it is a run directory, else a ``ValueError`` (``command`` would write into a foreign folder)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"run directory not found: {p}")
+    if not is_run_dir(p):
+        raise ValueError(
+            f"{p} is not a transfgu run directory (no {' or '.join(RUN_MARKERS)}); {command} writes only into "
+            "run directories, to never touch files it did not create"
+        )
+    return p
+
+
+PREDICT_MARKER = "predict.json"
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_predict_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse a ``predict --out`` that could overwrite or re-read user files.
+
+    ``out`` may not be an input folder or lie inside one (the label maps would replace the images, and a later
+    run would read them as inputs), may not contain an input, and, when it already holds files, must be an
+    earlier prediction output (it holds ``predict.json``).
+    """
+    o = Path(out).resolve()
+    for item in inputs:
+        i = Path(item).resolve()
+        folder = i if i.is_dir() else i.parent
+        if i.is_dir() and _inside(o, folder):
+            raise ValueError(f"--out {out} is the input folder {item} or inside it: the label maps could replace "
+                             "the images and be read as inputs by a later run; choose a folder outside the inputs")
+        if _inside(i, o):
+            raise ValueError(f"--out {out} contains the input {item}; choose a folder outside the inputs")
+        if i.is_file() and not i.is_dir() and folder == o:
+            raise ValueError(f"--out {out} is the folder of the input {item}; choose a folder outside the inputs")
+    if o.is_dir() and any(o.iterdir()) and not (o / PREDICT_MARKER).is_file():
+        raise ValueError(f"--out {out} already holds files that `transfgu predict` did not write (no "
+                         f"{PREDICT_MARKER}); choose an empty or new folder")

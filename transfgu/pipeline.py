@@ -112,6 +112,7 @@ class Context:
         self.device = stages.resolve_device(cfg.run.device)
         self.amp = stages.autocast_dtype(cfg.backbone.precision, self.device)
         self.errors = stages.ErrorLog(self.run_dir / "errors.jsonl")
+        stages.configure_inputs(cfg)
         self._backbone = None
         # Set by run_pipeline around each stage: the stage's MLflow child run and an on_epoch(metrics) callback.
         self.tracker: Any = None

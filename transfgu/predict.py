@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_model_meta
 from transfgu.data.io import load_rgb
 from transfgu.engine import predict_logits
+from transfgu.integrity import PREDICT_MARKER, check_predict_output
 from transfgu.models.backbone import DinoViT, build_backbone, normalize
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.stages import ErrorLog, autocast_dtype, resolve_device
@@ -312,7 +313,10 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            for f in sorted(q for q in p.rglob("*") if q.is_file() and _is_image(q)):
+            # a sub-folder holding predict.json is an earlier prediction output: its label maps are not inputs
+            outputs = [d.parent for d in p.rglob(PREDICT_MARKER)]
+            for f in sorted(q for q in p.rglob("*") if q.is_file() and _is_image(q)
+                            and not any(d in q.parents for d in outputs)):
                 found.append((f, f.relative_to(p).with_suffix("").as_posix()))
         elif p.is_file() and _is_image(p):
             found.append((p, p.stem))
@@ -447,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
+        check_predict_output(args.out, [Path(i) for i in args.inputs])
         items = collect_inputs(args.inputs)
         predictor = load(args.checkpoint, device=args.device, weights=args.weights, precision=args.precision,
                          batch_size=args.batch_size)
@@ -462,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # Written first: marks the folder as prediction output (a re-run may write into it again, nothing else may).
+    (out / PREDICT_MARKER).write_text(json.dumps({"status": "running"}) + "\n", encoding="utf-8")
     err_path = out / "errors.jsonl"
     err_path.unlink(missing_ok=True)  # this run's errors only
     errors = ErrorLog(err_path)

@@ -128,6 +128,60 @@ def _check_run_root(cfg: Config) -> list[tuple[str, str]]:
     return []
 
 
+SERVICE_TIMEOUT_S = 5.0
+
+
+def _tcp_problem(host: str, port: int, timeout: float) -> str | None:
+    """None when a TCP connection to ``host:port`` opens within ``timeout`` seconds, else why it did not."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def check_mlflow_uri(cfg: Config, timeout: float = SERVICE_TIMEOUT_S) -> list[tuple[str, str]]:
+    """An http(s) MLflow tracking server must answer within ``timeout`` s (MLflow's own retries take minutes)."""
+    from urllib.parse import urlsplit
+
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not cfg.mlflow.enabled or not uri:
+        return []
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return []
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    why = _tcp_problem(parts.hostname, port, timeout)
+    if why is None:
+        return []
+    return [("mlflow.tracking_uri", f"cannot reach the tracking server {uri} within {timeout:g}s ({why}); start it, "
+                                    "fix the URI, or set mlflow.enabled=false")]
+
+
+def check_ray_address(cfg: Config, timeout: float = SERVICE_TIMEOUT_S) -> list[tuple[str, str]]:
+    """A remote Ray address (``host:port`` or ``ray://host:port``) must accept a connection within ``timeout`` s."""
+    addr = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not addr or addr in ("auto", "local"):
+        return []
+    rest = addr.split("://", 1)[1] if "://" in addr else addr
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return [("ray.address", f"{addr!r} is not host:port, ray://host:port, 'auto' or 'local'")]
+    why = _tcp_problem(host.strip("[]"), int(port), timeout)
+    if why is None:
+        return []
+    return [("ray.address", f"cannot reach the Ray cluster at {addr} within {timeout:g}s ({why}); start it, fix "
+                            "the address, or leave ray.address unset for a local Ray")]
+
+
+def raise_problems(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        lines = "\n".join(f"  - {key}: {msg}" for key, msg in problems)
+        raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run):\n{lines}")
+
+
 def preflight(cfg: Config) -> dict[str, int]:
     """Check data, weights, device, output folder and the window layout before any work; returns images per split.
 
@@ -143,7 +197,6 @@ def preflight(cfg: Config) -> dict[str, int]:
         problems.append(("backbone.arch", f"cannot determine the patch size of {cfg.backbone.arch!r}: {exc}"))
     data_problems, counts = _check_data(cfg)
     problems += data_problems
-    if problems:
-        lines = "\n".join(f"  - {key}: {msg}" for key, msg in problems)
-        raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run):\n{lines}")
+    problems += check_mlflow_uri(cfg)
+    raise_problems(problems)
     return counts

@@ -580,12 +580,12 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     Sections whose inputs are missing, or that fail, are replaced by a note naming the reason.
     """
     opt = options or ReportOptions()
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    from transfgu.integrity import require_run_dir
+
+    run_dir = require_run_dir(Path(run_dir), "transfgu report")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
+    for old in out.glob("*.png"):  # only in a run directory's report/, which holds nothing but this function's files
         old.unlink()
     meta = _read_json(run_dir / "model" / "model.json")
     metrics = _read_json(run_dir / "eval" / "metrics.json")
@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         n_pred_images=args.pred_images, device=args.device)
     try:
         path = write_report(args.run_dir, opt)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {path.resolve()}")

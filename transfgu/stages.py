@@ -38,6 +38,13 @@ RANDOM_BACKBONE_FILE = "backbone_random.safetensors"
 
 
 # -- environment ---------------------------------------------------------------------------------------------------
+def configure_inputs(cfg: Config) -> None:
+    """Per-process input limits from the config (every process that decodes images calls this)."""
+    from transfgu.data.io import set_max_image_pixels
+
+    set_max_image_pixels(cfg.data.max_image_pixels)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

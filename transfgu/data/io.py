@@ -10,6 +10,10 @@
   float (``F``) images are taken as ``0..1`` when their maximum is at most 1, else clipped to ``0..255``;
 - multi-frame files (GIF, TIFF) give their first frame.
 
+Images larger than :data:`MAX_IMAGE_PIXELS` (``data.max_image_pixels``, 64 MP by default) are refused from the
+header, before any pixel is decoded: a 492 KB PNG can declare 13000 x 13000 pixels and take 8 GB to decode, and
+PIL's own decompression-bomb error only starts at 179 MP.
+
 Zero-byte, truncated and non-image files raise :class:`DecodeError` (a ``ValueError``) naming the file;
 PIL's ``LOAD_TRUNCATED_IMAGES`` is left off, so a truncated file is an error rather than a grey-filled image.
 
@@ -32,8 +36,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DecodeError", "ImageTooLarge", "decode_rgb", "load_rgb", "load_label", "resize_image", "resize_label",
-    "nearest_indices",
+    "nearest_indices", "set_max_image_pixels",
 ]
+
+#: Largest image (width x height) :func:`load_rgb` decodes; set from ``data.max_image_pixels`` by
+#: :func:`set_max_image_pixels`.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def set_max_image_pixels(n: int) -> None:
+    """Set the pixel limit of this process (each Ray worker sets it from the run's config)."""
+    global MAX_IMAGE_PIXELS
+    if int(n) < 1:
+        raise ValueError(f"max image pixels must be >= 1, got {n}")
+    MAX_IMAGE_PIXELS = int(n)
 
 
 class DecodeError(ValueError):
@@ -69,8 +85,14 @@ def _open_loaded(path: str | Path) -> Image.Image:
     if os.path.getsize(path) == 0:
         raise DecodeError(path, "file is empty (0 bytes)")
     try:
-        img = Image.open(path)
+        img = Image.open(path)  # reads the header only
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ImageTooLarge(path, f"image of {w} x {h} = {w * h:,} pixels is larger than data.max_image_pixels="
+                                    f"{MAX_IMAGE_PIXELS:,}; refused before decoding (raise the limit to read it)")
         img.load()  # decode now: truncation is only detected when pixels are read
+    except DecodeError:
+        raise
     except _DECODE_ERRORS as exc:
         reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise DecodeError(path, reason or type(exc).__name__) from exc

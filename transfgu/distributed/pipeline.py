@@ -64,10 +64,11 @@ def run_pipeline_ray(cfg: Config, only: Sequence[str] | None = None, force: Sequ
                      tracking_parent: str | None = None) -> dict[str, Any]:
     """Run (or resume) every stage on the Ray cluster this process joins (or starts); returns the manifest."""
     from transfgu.pipeline import run_pipeline, setup_logging
-    from transfgu.preflight import preflight
+    from transfgu.preflight import check_ray_address, preflight, raise_problems
 
     setup_logging()
     preflight(cfg)  # fail on bad data paths, weights, device or window layout before starting Ray
+    raise_problems(check_ray_address(cfg))  # a short timeout instead of ray.init's long retries
     init_ray(cfg)
     prepare_run_dir(cfg)
     return run_pipeline(cfg, only=only, force=force, runners={**RAY_RUNNERS, **(runners or {})}, kind=kind,

@@ -77,6 +77,7 @@ class ShardActor:
 
         torch.set_num_threads(torch_threads(num_cpus))
         self.cfg = Config.model_validate(cfg)
+        stages.configure_inputs(self.cfg)
         self.run_dir = Path(run_dir)
         self.out_dir = Path(out_dir)
         self.shard_images = int(shard_images)

@@ -133,6 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     setup_logging()
     cfg = Config.model_validate(config["cfg"])
+    stages.configure_inputs(cfg)
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     # Inside a Tune trial, Train's local mode (num_workers=0) runs this in the trial's process, where ray.train.*
     # is disallowed (ray-project/ray#49454): then rank 0 of 1 reports straight to Tune.
