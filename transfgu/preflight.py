@@ -69,9 +69,25 @@ def _check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
     return problems
 
 
+#: Every option a data set reader accepts (transfgu.data.datasets); a reader rejects the ones not its own.
+READER_OPTIONS = ("on_missing_label", "granularity", "curated_list", "coarse", "label_dir")
+
+
+def _option_problem(exc: TypeError, name: str) -> tuple[str, str]:
+    import re
+
+    m = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    key = m.group(1) if m else "?"
+    return (f"data.options.{key}", f"not an option of the {name!r} reader ({exc})")
+
+
 def _check_data(cfg: Config) -> tuple[list[tuple[str, str]], dict[str, int]]:
     d = cfg.data
     counts: dict[str, int] = {}
+    unknown = sorted(set(d.options) - set(READER_OPTIONS))
+    if unknown:  # a free-form map: a typo would otherwise crash a reader (TypeError) or be silently ignored
+        known = list(READER_OPTIONS)
+        return [(f"data.options.{k}", f"unknown reader option (known: {known})") for k in unknown], counts
     if not Path(d.root).is_dir():
         return [("data.root", f"folder not found: {d.root}; point data.root at the data set's top folder")], counts
     problems: list[tuple[str, str]] = []
@@ -79,6 +95,8 @@ def _check_data(cfg: Config) -> tuple[list[tuple[str, str]], dict[str, int]]:
         dataset_spec(d.name, d.root, **d.options)
     except DatasetError as exc:
         problems.append(("data.root", str(exc)))
+    except TypeError as exc:
+        problems.append(_option_problem(exc, d.name))
     splits = [("data.train_split", d.train_split)]
     if d.val_split is not None and d.name != "folder":
         splits.append(("data.val_split", d.val_split))
@@ -87,6 +105,9 @@ def _check_data(cfg: Config) -> tuple[list[tuple[str, str]], dict[str, int]]:
             n = len(list_records(d.name, d.root, split, **d.options))
         except DatasetError as exc:
             problems.append((key, f"{split!r}: {exc}"))
+            continue
+        except TypeError as exc:  # an option another reader takes, e.g. label_dir for camvid
+            problems.append(_option_problem(exc, d.name))
             continue
         except ValueError as exc:  # a bad reader option, e.g. on_missing_label
             problems.append(("data.options", str(exc)))
@@ -177,6 +198,7 @@ def check_ray_address(cfg: Config, timeout: float = SERVICE_TIMEOUT_S) -> list[t
 
 
 def raise_problems(problems: list[tuple[str, str]]) -> None:
+    problems = list(dict.fromkeys(problems))  # the same problem found for two splits is listed once
     if problems:
         lines = "\n".join(f"  - {key}: {msg}" for key, msg in problems)
         raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run):\n{lines}")
