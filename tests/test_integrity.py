@@ -318,6 +318,17 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     (mine / "report" / "holiday.png").write_bytes(b"precious")
     assert main([str(mine)]) == 2
     assert (mine / "report" / "holiday.png").read_bytes() == b"precious"
+    # in a run directory, only the files an earlier report wrote are replaced
+    from transfgu.report import write_report
+
+    (mine / "pipeline.log").write_text("")
+    (mine / "report" / "_report.json").write_text(json.dumps({"files": ["old.png", "../../escape.png"]}))
+    (mine / "report" / "old.png").write_bytes(b"an earlier report's")
+    (tmp_path / "escape.png").write_bytes(b"outside")
+    write_report(mine)
+    assert (mine / "report" / "holiday.png").read_bytes() == b"precious"
+    assert not (mine / "report" / "old.png").exists() and (tmp_path / "escape.png").is_file()
+    assert (mine / "report" / "index.html").is_file()
 
 
 def test_predict_refuses_to_write_over_or_inside_its_inputs(tmp_path, tiny_run_dir, capsys):

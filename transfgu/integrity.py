@@ -351,12 +351,25 @@ def write_json_strict(path: Path, obj: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- commands that write into a directory the user names -------------------------------------------------------------
-RUN_MARKERS = ("_manifest.json", "config.yaml")
+RUN_MARKERS = ("_manifest.json", "config.yaml", "pipeline.log")
+REPORT_MARKER = "_report.json"
 
 
 def is_run_dir(path: Path) -> bool:
-    """True for a directory a pipeline run created (it holds ``_manifest.json`` or ``config.yaml``)."""
-    return Path(path).is_dir() and any((Path(path) / m).is_file() for m in RUN_MARKERS)
+    """True for a directory a pipeline run created (it holds one of :data:`RUN_MARKERS`) or that
+    ``transfgu report`` already wrote into (``report/_report.json``)."""
+    p = Path(path)
+    return p.is_dir() and (any((p / m).is_file() for m in RUN_MARKERS) or (p / "report" / REPORT_MARKER).is_file())
+
+
+def report_files(report_dir: Path) -> list[str]:
+    """Names of the files an earlier ``write_report`` created in ``report_dir`` (the only ones it may remove)."""
+    try:
+        names = json.loads((Path(report_dir) / REPORT_MARKER).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    # names only: a crafted marker must not point outside report/
+    return [n for n in names if isinstance(n, str) and "/" not in n and "\\" not in n and n not in ("", ".", "..")]
 
 
 def require_run_dir(path: Path, command: str) -> Path:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from transfgu import viz
+from transfgu.store import atomic_write_json
 
 __all__ = ["ReportOptions", "main", "nearest_crops", "write_report"]
 
@@ -580,13 +581,14 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     Sections whose inputs are missing, or that fail, are replaced by a note naming the reason.
     """
     opt = options or ReportOptions()
-    from transfgu.integrity import require_run_dir
+    from transfgu.integrity import REPORT_MARKER, report_files, require_run_dir
 
     run_dir = require_run_dir(Path(run_dir), "transfgu report")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):  # only in a run directory's report/, which holds nothing but this function's files
-        old.unlink()
+    for name in report_files(out):  # only the files an earlier report wrote, never a user's
+        (out / name).unlink(missing_ok=True)
+    foreign = {p.name for p in out.glob("*.png")}
     meta = _read_json(run_dir / "model" / "model.json")
     metrics = _read_json(run_dir / "eval" / "metrics.json")
     cfg = _load_config(run_dir, meta)
@@ -612,6 +614,8 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     tmp = out / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
+    mine = sorted({p.name for p in out.glob("*.png")} - foreign)
+    atomic_write_json(out / REPORT_MARKER, {"files": mine})
     log.info("report written to %s", path)
     return path
 
