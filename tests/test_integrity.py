@@ -465,3 +465,30 @@ def test_readers_refuse_artifacts_of_other_inputs(tmp_path, tiny_run_dir):
     load_student(ctx)
     with pytest.raises(integrity.IntegrityError, match="label_bank"):
         integrity.require_stamped(run / "label_bank", "label_bank", "another")
+
+
+# -- the Ray executor follows the same rules -------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_rerun_with_changed_crops_and_grown_list_equals_a_fresh_run(tmp_path, tiny_run_dir):
+    ray = pytest.importorskip("ray")
+    from transfgu.distributed.pipeline import run_pipeline_ray
+    from transfgu.pipeline import run_pipeline
+
+    over = {"crops.betas": "[0.5, 0.4]", "pseudo.grad_scale": "0.25", "data.max_train_images": "8",
+            "ray.cpus_per_actor": "0.5", "ray.extract_actors": "[1, 1]", "ray.kmeans_shards": "2", "ray.num_cpus": "2"}
+    run = _copy_run(tiny_run_dir, tmp_path / "runs")
+    try:
+        manifest = run_pipeline_ray(tiny_config(tmp_path / "runs", **over), only=["extract", "concepts", "label_bank"])
+    finally:
+        ray.shutdown()
+    fresh_cfg = tiny_config(tmp_path / "fresh", **over)
+    run_pipeline(fresh_cfg, only=["extract", "concepts", "label_bank"])
+    _assert_same_features(run, fresh_cfg.run_dir)
+    assert _covered_ids(run / "features") == _covered_ids(fresh_cfg.run_dir / "features")
+    assert sum(_covered_ids(run / "label_bank").values()) == 8
+    bank, fresh_bank = read_label_bank(run / "label_bank"), read_label_bank(fresh_cfg.run_dir / "label_bank")
+    assert sorted(bank) == sorted(fresh_bank)
+    for k in bank:
+        np.testing.assert_allclose(bank[k].astype(np.float32), fresh_bank[k].astype(np.float32), atol=2e-3)
+    assert manifest["stages"]["extract"]["extra"]["images"] == 8

@@ -133,7 +133,8 @@ def test_missing_checkpoint_files_are_clear_errors(tiny_run_dir, tmp_path, capsy
     (ckpt / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="dino.pth"):
         load(ckpt)
-    assert main([str(ckpt), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    # --out outside the input folder (inside it is refused before the checkpoint is read)
+    assert main([str(ckpt), str(tmp_path), "--out", str(tmp_path.parent / f"{tmp_path.name}-out")]) == 2
     assert "dino.pth" in capsys.readouterr().err
 
 
