@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from transfgu.store import atomic_write_json
+from transfgu.store import atomic_write_json, read_json_strict
 
 MODEL_JSON = "model.json"
 DECODER_FILE = "decoder.safetensors"
@@ -103,7 +102,7 @@ def restore_rng(rng: dict[str, Tensor]) -> None:
 
 def load_train_state(directory: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Read a state written by :func:`save_train_state`: tensors grouped by prefix, and the JSON info."""
-    info = json.loads((directory / "state.json").read_text())
+    info = read_json_strict(directory / "state.json")
     flat = load_file(str(directory / "state.safetensors"))
     groups: dict[str, dict[str, Tensor]] = {}
     for key, v in flat.items():
@@ -128,4 +127,4 @@ def read_model_meta(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MODEL_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint in {directory} (missing {MODEL_JSON})")
-    return json.loads(path.read_text())
+    return read_json_strict(path)

@@ -156,6 +156,15 @@ def strict_jsonable(obj: Any, path: str = "", reasons: dict[str, str] | None = N
     return obj
 
 
+def read_json_strict(path: PathLike) -> Any:
+    """``json.loads`` of a file that refuses bare ``NaN``/``Infinity`` (not JSON), naming the file."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"{path}: non-finite number {token} (not valid JSON)")
+
+    return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=refuse)
+
+
 def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zstd", **kwargs: Any) -> None:
     """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``."""
     with atomic_open(path, "wb") as f:
