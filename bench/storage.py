@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pyarrow as pa
 
     from transfgu.crops import extract_crops_batch
+    from transfgu.data.transforms import to_model_input
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_maps
-    from transfgu.stages import resize_image
     from transfgu.store import features_table, label_bank_table
 
     p = base_parser(__doc__.splitlines()[0])
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = [f"img{i:04d}" for i in range(len(images))]
 
     # -- features ------------------------------------------------------------------------------------------------
-    x = torch.stack([resize_image(im, (stage, stage)) for im in images]).to(device)
+    x = torch.stack([to_model_input(im, (stage, stage)) for im in images]).to(device)
     betas = (0.5, 0.4, 0.3, 0.2)
     recs = extract_crops_batch(bb, x, betas=betas, mode="fg_bg", crop_size=crop, batch_size=64)
     if sum(len(r) for r in recs) < 4:  # a random prior can drop nearly everything: keep all windows instead
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # -- label bank ----------------------------------------------------------------------------------------------
-    xp = torch.stack([resize_image(im, (psize, psize)) for im in images]).to(device)
+    xp = torch.stack([to_model_input(im, (psize, psize)) for im in images]).to(device)
     res["label_bank"] = {}
     for kfg, kbg in splits:
         k = kfg + kbg

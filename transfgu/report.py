@@ -122,7 +122,7 @@ def _pretrained(meta: dict[str, Any] | None, metrics: dict[str, Any] | None, cfg
     if metrics is not None and "pretrained" in metrics:
         return bool(metrics["pretrained"])
     if cfg is not None:
-        return cfg.backbone.weights != "none"
+        return cfg.backbone.source.pretrained
     return None
 
 

@@ -208,7 +208,7 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
 
     tags = {
         "kind": kind,
-        "pretrained": str(cfg.backbone.weights != "none").lower(),
+        "pretrained": str(cfg.backbone.source.pretrained).lower(),
         "backbone": cfg.backbone.arch,
         "dataset": cfg.data.name,
         "run_name": cfg.run.name,
@@ -229,7 +229,7 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
 
 def config_params(cfg: Config) -> dict[str, Any]:
     """The flattened config plus ``pretrained``, which every run states (its numbers mean nothing without it)."""
-    return {**cfg.flat(), "pretrained": cfg.backbone.weights != "none"}
+    return {**cfg.flat(), "pretrained": cfg.backbone.source.pretrained}
 
 
 class EpochLogger:
@@ -342,7 +342,7 @@ class PipelineTracker:
         rid = self.tracker.start_run(
             f"stage {stage}", parent_id=self.run_id,
             tags={"pipeline_stage": stage, "skipped": str(skipped).lower(),
-                  "pretrained": str(self.cfg.backbone.weights != "none").lower()},
+                  "pretrained": str(self.cfg.backbone.source.pretrained).lower()},
         )
         if skipped:
             self.end_stage(rid, info or {})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config
@@ -85,12 +87,18 @@ def worker_config(cfg: Config) -> dict[str, Any]:
     Ray Train workers run in their own directory, so a relative ``data.root`` would not resolve there. Only the
     shipped copy changes: the driver keeps the config as given, so its stage hashes (and resume) are unaffected.
     """
-    from pathlib import Path
-
     d = cfg.model_dump(mode="json")
     d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
     d["run"]["root"] = str(Path(d["run"]["root"]).resolve())
-    w = d["backbone"]["weights"]
-    if w not in ("none", "timm") and not w.startswith("hub:") and Path(w).exists():
-        d["backbone"]["weights"] = str(Path(w).resolve())
+    src = cfg.backbone.source
+    if src.path is not None and src.path.exists():
+        d["backbone"]["weights"] = src.spec
     return d
+
+
+def configure_data_context(ctx: Any) -> None:
+    """Ray Data settings of this project: its own progress bars on a terminal (off in job logs, where each redraw
+    would be a line), and no per-operator progress bars (one bar per stage is enough)."""
+    ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("TRANSFGU_NO_BAR")
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = False
