@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import pickle
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.common import (
-    base_parser,
-    comparison,
-    finish,
-    new_result,
-    parse,
-    quiet_backbone_warnings,
-    setup,
-    shared_data_dir,
-)
+from bench.common import base_parser, comparison, finish, new_result, shared_data_dir, start
 
 
 def _pickle_len(a: np.ndarray) -> int:
@@ -90,12 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--pseudo-size", type=int, default=None, help="pseudo-label input side (default 320; quick 64)"
     )
     p.add_argument("--ks", default=None, help="fg/bg concept splits, e.g. 12/15,80/91 (quick 2/2)")
-    args = parse(p, argv)
-    device = setup(args)
-    quiet_backbone_warnings()
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv)
     q = args.quick
-    arch = args.arch or ("vit_test_tiny" if q else "vit_small_patch8")
+    arch = args.arch
     n_img = args.images or (2 if q else 8)
     stage = args.stage_size or (96 if q else 256)
     crop = args.crop_size or (32 if q else 64)
