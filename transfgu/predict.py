@@ -35,6 +35,7 @@ from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_model_input
 from transfgu.engine import predict_logits
 from transfgu.errors import ErrorLog
+from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.runtime import autocast_dtype, resolve_device
@@ -70,8 +71,8 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / MODEL_JSON).is_file():
         return p
-    if (p / "model" / MODEL_JSON).is_file():
-        return p / "model"
+    if (RunLayout(p).model / MODEL_JSON).is_file():
+        return RunLayout(p).model
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p} does not exist")
     raise CheckpointError(

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config
+from transfgu.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -438,9 +439,10 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
     """Resolved config, eval metrics, per-class IoU, confusion matrix (CSV + PNG) and report PNGs of a run dir."""
     import json
 
-    tracker.log_artifact(run_id, run_dir / "config.yaml", "config")
-    ev = run_dir / "eval"
-    metrics_path = ev / "metrics.json"
+    layout = RunLayout(run_dir)
+    tracker.log_artifact(run_id, layout.config, "config")
+    ev = layout.eval
+    metrics_path = layout.metrics
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         tracker.log_metrics(run_id, {"mIoU": m.get("mIoU"), "pixel_accuracy": m.get("pixel_accuracy")})
@@ -448,12 +450,12 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
                                      if v is not None})
         for name in ("metrics.json", "per_class_iou.csv", "confusion.csv"):
             tracker.log_artifact(run_id, ev / name, "eval")
-        png = run_dir / "report" / "confusion.png"
+        png = layout.report / "confusion.png"
         if not png.is_file() and (ev / "confusion.csv").is_file():
             png = confusion_png(ev / "confusion.csv", ev / "confusion.png")
         if png is not None and png.is_file():
             tracker.log_artifact(run_id, png, "eval")
-    report = run_dir / "report"
+    report = layout.report
     if report.is_dir():
         for p in sorted(report.glob("*.png")):
             tracker.log_artifact(run_id, p, "report")
