@@ -8,7 +8,7 @@ foreground first, then background.
 
 :func:`lloyd_step_stats` exposes one Lloyd step as per-shard sufficient statistics (sums, counts, inertia) so
 that a distributed driver can stream feature shards and reduce the statistics instead of loading every feature
-into one process (DESIGN.md §5).
+into one process (docs/architecture.md, "concepts").
 """
 
 from __future__ import annotations
