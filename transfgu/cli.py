@@ -47,16 +47,12 @@ def parse_run_args(
     argv: Sequence[str] | None, prog: str, description: str | None, ray_flag: bool = True,
     extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[Config, argparse.Namespace]:
-    """Parse the arguments and load the config; a bad key or value exits with status 2 before any work."""
+    """Parse the arguments and load the config; a bad key or value raises :class:`ConfigError` before any work."""
     p = run_parser(prog, description, ray_flag)
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = load_config(args.config, args.overrides)
     from transfgu.logs import setup_logging
 
     setup_logging(verbose=args.verbose)
@@ -85,7 +81,11 @@ def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Se
 
 
 def run_main(argv: Sequence[str] | None = None) -> int:
-    cfg, args = parse_run_args(argv, "transfgu run", SUBCOMMANDS["run"][2])
+    try:
+        cfg, args = parse_run_args(argv, "transfgu run", SUBCOMMANDS["run"][2])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return execute(cfg, ray=args.ray, only=args.only, force=args.force)
 
 

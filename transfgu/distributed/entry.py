@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from transfgu.cli import execute, parse_run_args, print_outputs
-from transfgu.config import Config
+from transfgu.config import Config, ConfigError
 
 __all__ = ["main_stages", "parse", "print_outputs"]
 
@@ -21,7 +21,11 @@ __all__ = ["main_stages", "parse", "print_outputs"]
 def parse(argv: Sequence[str] | None, description: str | None,
           extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
     """Arguments of a ``ray_jobs/`` script: ``transfgu run``'s, without ``--ray`` (always Ray) and ``--only``."""
-    cfg, args = parse_run_args(argv, Path(sys.argv[0]).name, description, ray_flag=False, extra=extra)
+    try:
+        cfg, args = parse_run_args(argv, Path(sys.argv[0]).name, description, ray_flag=False, extra=extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     _warn_relative_paths(cfg)
     return cfg, args
 
