@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config, ConfigError, load_config
+from transfgu.layout import RunLayout
+from transfgu.logs import setup_logging
+from transfgu.tracking import resolve_tracking_uri
 
 SUBCOMMANDS = {
     "run": ("transfgu.cli", "run_main", "run every stage of the method (--ray: on a Ray cluster)"),
@@ -53,8 +56,6 @@ def parse_run_args(
         extra(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from transfgu.logs import setup_logging
-
     setup_logging(verbose=args.verbose)
     return cfg, args
 
@@ -91,9 +92,6 @@ def run_main(argv: Sequence[str] | None = None) -> int:
 
 def print_outputs(cfg: Config) -> None:
     """Where the run's metrics, report, model, manifest and MLflow store are."""
-    from transfgu.layout import RunLayout
-    from transfgu.tracking import resolve_tracking_uri
-
     layout = RunLayout(Path(cfg.run_dir).resolve())
     print(f"run directory:  {layout.root}")
     for label, path in (("metrics:", layout.metrics), ("report:", layout.report / "index.html"),

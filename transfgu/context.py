@@ -1,22 +1,35 @@
-"""What the stages of one run share, on the driver: config, run layout, manifest, device, backbone, tracking."""
+"""What the stages of one run share, on the driver: config, input hashes, run layout, manifest, device, backbone,
+tracking."""
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from transfgu.config import Config
 from transfgu.errors import ErrorLog
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.runtime import autocast_dtype, load_run_backbone, resolve_device
-from transfgu.stages import stage_hashes
-from transfgu.store import Manifest
+from transfgu.store import Manifest, config_hash
 from transfgu.throughput import compile_forward
+from transfgu.tracking import PipelineTracker
 from transfgu.training import EpochCallback
 
-if TYPE_CHECKING:  # tracking imports MLflow lazily; the type is only needed by checkers
-    from transfgu.tracking import PipelineTracker
+#: The stages of the method, in order (docs/architecture.md, "Stages").
+STAGES = ("extract", "concepts", "label_bank", "train", "evaluate")
+
+
+def stage_hashes(cfg: Config) -> dict[str, str]:
+    """Input hash of every stage: its own config sections chained with its upstream stage's hash."""
+    d = json.loads(cfg.model_dump_json())
+    data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
+    h_ex = config_hash({"data": data, "backbone": d["backbone"], "crops": d["crops"], "seed": d["run"]["seed"]})
+    h_co = config_hash({"up": h_ex, "concepts": d["concepts"]})
+    h_lb = config_hash({"up": h_co, "pseudo": d["pseudo"]})
+    h_tr = config_hash({"up": h_lb, "train": d["train"], "seed": d["run"]["seed"]})
+    h_ev = config_hash({"up": h_tr, "eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]})
+    return {"extract": h_ex, "concepts": h_co, "label_bank": h_lb, "train": h_tr, "evaluate": h_ev}
 
 
 class RunContext:

@@ -18,12 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transfgu.config import Config, save_config
-from transfgu.context import RunContext
+from transfgu.context import STAGES, RunContext, stage_hashes
 from transfgu.local import LOCAL_RUNNERS, StageRunner
 from transfgu.logs import setup_logging
 from transfgu.preflight import preflight
 from transfgu.runtime import seed_everything
-from transfgu.stages import STAGES, stage_hashes
 from transfgu.tracking import PipelineTracker
 
 log = logging.getLogger("transfgu")

@@ -22,11 +22,10 @@ Nothing in this module knows about Ray or MLflow.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +35,7 @@ import torch
 from transfgu.checkpoint import set_cluster_to_class
 from transfgu.concepts import ConceptBank, PoolFit, assemble_bank, order_pools
 from transfgu.config import Config, CropConfig, PseudoLabelConfig
+from transfgu.context import STAGES, RunContext, stage_hashes
 from transfgu.crops import extract_crops_batch
 from transfgu.data.loaders import split_records
 from transfgu.errors import check_error_budget
@@ -44,7 +44,6 @@ from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.pseudo_labels import concept_maps
 from transfgu.store import (
-    config_hash,
     features_table,
     label_bank_image_ids,
     label_bank_table,
@@ -54,26 +53,11 @@ from transfgu.store import (
 from transfgu.throughput import prepare_images, to_device
 from transfgu.training import load_latest_student, load_model_decoder, write_model
 
-if TYPE_CHECKING:
-    from transfgu.context import RunContext
-
 log = logging.getLogger(__name__)
 
-STAGES = ("extract", "concepts", "label_bank", "train", "evaluate")
+__all__ = ["STAGES", "SHARD_IMAGES", "ExtractStage", "LabelBankStage", "ShardedStage", "stage_hashes"]
 #: Images per Parquet shard of the per-image stages (both executors: same grouping, same file names).
 SHARD_IMAGES = 32
-
-
-def stage_hashes(cfg: Config) -> dict[str, str]:
-    """Input hash of every stage: its own config sections chained with its upstream stage's hash."""
-    d = json.loads(cfg.model_dump_json())
-    data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
-    h_ex = config_hash({"data": data, "backbone": d["backbone"], "crops": d["crops"], "seed": d["run"]["seed"]})
-    h_co = config_hash({"up": h_ex, "concepts": d["concepts"]})
-    h_lb = config_hash({"up": h_co, "pseudo": d["pseudo"]})
-    h_tr = config_hash({"up": h_lb, "train": d["train"], "seed": d["run"]["seed"]})
-    h_ev = config_hash({"up": h_tr, "eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]})
-    return {"extract": h_ex, "concepts": h_co, "label_bank": h_lb, "train": h_tr, "evaluate": h_ev}
 
 
 # -- per-item work of the sharded stages -----------------------------------------------------------------------------

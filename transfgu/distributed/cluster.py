@@ -10,9 +10,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transfgu.config import Config
+
+if TYPE_CHECKING:  # Ray is imported where it is used, so importing this module stays cheap
+    from ray.data import DataContext
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def worker_config(cfg: Config) -> dict[str, Any]:
     return d
 
 
-def configure_data_context(ctx: Any) -> None:
+def configure_data_context(ctx: DataContext) -> None:
     """Ray Data settings of this project: its own progress bars on a terminal (off in job logs, where each redraw
     would be a line), and no per-operator progress bars (one bar per stage is enough)."""
     ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("TRANSFGU_NO_BAR")
