@@ -4,8 +4,8 @@
   library loggers (faiss's loader, Ray's internals, MLflow, urllib3, timm's hub) are set to WARNING unless
   ``verbose`` -- their INFO lines say nothing about the run. ``TRANSFGU_VERBOSE=1`` does the same as ``--verbose``
   in processes the CLI does not start (Ray workers).
-* :class:`Progress` -- a tqdm bar on a terminal; elsewhere (job logs, CI) one line per ``min_interval_s`` seconds
-  and one at the end, with counts, rate and ETA.
+* :class:`Progress` -- a tqdm bar on a terminal; elsewhere (job logs, CI) one line per ``min_interval_s`` seconds;
+  in both cases one log line at the end, with counts, rate and ETA.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class Progress:
         self.start = time.time()
         self.min_interval_s = min_interval_s
         self._last_line = 0.0
+        self._logged = -1  # the count of the last logged line
         stream = stream if stream is not None else sys.stderr
         if bar is None:
             bar = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TRANSFGU_NO_BAR") is None
@@ -95,7 +96,8 @@ class Progress:
         self._last_line = now
         self._line(extra)
 
-    def _line(self, extra: str) -> None:
+    def _line(self, extra: str = "") -> None:
+        self._logged = self.done
         el = time.time() - self.start
         rate = self.done / el if el > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
@@ -103,9 +105,12 @@ class Progress:
                  100.0 * self.done / max(self.total, 1), rate, self.unit, _fmt(eta), extra)
 
     def close(self) -> None:
+        """End the bar; the final count always reaches the log (and so ``pipeline.log``)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._logged != self.done:
+            self._line()
 
     def __enter__(self) -> Progress:
         return self
