@@ -30,26 +30,66 @@ def verbose_requested() -> bool:
     return os.environ.get("TRANSFGU_VERBOSE", "").lower() in ("1", "true", "yes")
 
 
-def setup_logging(log_file: Path | None = None, level: int = logging.INFO, verbose: bool | None = None) -> None:
-    """Idempotent: one stderr handler per process, one file handler per log file."""
+def setup_logging(
+    log_file: Path | None = None, level: int = logging.INFO, verbose: bool | None = None, worker: bool = False
+) -> None:
+    """Idempotent: one stderr handler per process, one file handler per log file.
+
+    ``worker=True`` in Ray worker processes: Ray already prints the root logger there (and forwards it to the
+    driver), so a second console handler would print every line twice.
+    """
     verbose = verbose_requested() if verbose is None else verbose
     if verbose:
         os.environ["TRANSFGU_VERBOSE"] = "1"  # inherited by the Ray processes this one starts
     root = logging.getLogger()
-    if not any(getattr(h, "_transfgu", False) for h in root.handlers):
+    ours = any(getattr(h, "_transfgu", False) for h in root.handlers)
+    if not ours and not (worker and root.handlers):
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
         h._transfgu = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else level)
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    quiet_libraries(verbose)
     if log_file is not None:
         path = Path(log_file)
         if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
             fh = logging.FileHandler(path)
             fh.setFormatter(logging.Formatter(_FORMAT))
             root.addHandler(fh)
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes`` (known, explained library lines)."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+#: Ray Data warns once per process that its bars are off; they are off on purpose when stderr is not a terminal.
+_RAY_DATA_BENIGN = _DropMessages(("Progress bars disabled", "Progress bars for operators disabled"))
+
+
+def quiet_libraries(verbose: bool | None = None) -> None:
+    """Library loggers to WARNING (unless ``verbose``). Called again after Ray is imported or started: Ray
+    configures its loggers on import, after ours, and Ray Train names some loggers by file path."""
+    verbose = verbose_requested() if verbose is None else verbose
+    names = list(NOISY_LOGGERS) + [n for n in logging.root.manager.loggerDict
+                                   if n.startswith("ray.") or "/site-packages/ray/" in n]
+    for name in names:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    # Ray Data logs DEBUG to its own file (ray-data.log) and INFO to the console: keep the file, quiet the console.
+    data = logging.getLogger("ray.data")
+    if not verbose and data.handlers:
+        data.setLevel(logging.DEBUG)
+        for h in data.handlers:
+            if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
+                h.setLevel(logging.WARNING)
+                if _RAY_DATA_BENIGN not in h.filters:
+                    h.addFilter(_RAY_DATA_BENIGN)
 
 
 def _fmt(sec: float) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transfgu.config import Config
+from transfgu.logs import quiet_libraries, verbose_requested
 
 if TYPE_CHECKING:  # Ray is imported where it is used, so importing this module stays cheap
     from ray.data import DataContext
@@ -31,9 +32,14 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
+    quiet_libraries()  # before ray.init, which logs its own start-up at INFO
+    # Worker processes' output (Ray Train's controller, placement-group cleaners, every actor's log lines) reaches
+    # this console only with --verbose; it is always in Ray's session logs. The driver logs what each stage did.
+    kwargs.setdefault("log_to_driver", verbose_requested())
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, **kwargs)
+        quiet_libraries()
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     # A private Ray is single-machine: keep every Ray process on loopback. Ray otherwise swaps 127.0.0.1 for the
@@ -54,6 +60,7 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
         _node_ip_address="127.0.0.1",
         **kwargs,
     )
+    quiet_libraries()  # Ray configures its loggers when imported, after setup_logging
     log.info("started a local Ray: %s", ray.cluster_resources())
 
 
@@ -105,3 +112,4 @@ def configure_data_context(ctx: DataContext) -> None:
     ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("TRANSFGU_NO_BAR")
     if hasattr(ctx, "enable_operator_progress_bars"):
         ctx.enable_operator_progress_bars = False
+    quiet_libraries()  # Ray Data sets up its console logger when imported

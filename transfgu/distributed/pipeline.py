@@ -49,7 +49,7 @@ def run_label_bank_ray(ctx: RunContext) -> dict[str, Any]:
 
 
 def _evaluate_task(cfg_dict: dict[str, Any], num_cpus: float) -> dict[str, Any]:
-    setup_logging()
+    setup_logging(worker=True)
     torch.set_num_threads(torch_threads(num_cpus))
     return run_evaluate(RunContext(Config.model_validate(cfg_dict)))
 

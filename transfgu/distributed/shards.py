@@ -105,7 +105,7 @@ class StageActor:
                  num_cpus: float, use_gpu: bool, inputs: dict[str, Any]) -> None:
         import torch
 
-        setup_logging()
+        setup_logging(worker=True)
         torch.set_num_threads(torch_threads(num_cpus))
         self.cfg = Config.model_validate(cfg)
         self.stage = stage

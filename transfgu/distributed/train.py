@@ -77,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    setup_logging()
+    setup_logging(worker=True)
     cfg = Config.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     # Inside a Tune trial, Train's local mode (num_workers=0) runs this in the trial's process, where ray.train.*
@@ -199,6 +199,9 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
         )
         result = trainer.fit()
         last_metrics = dict(result.metrics or {})
+        if "loss" in last_metrics:  # worker lines reach the console only with --verbose: say how the round ended
+            log.info("[train] round %d: epoch %d/%d loss %.4f%s", r, stop, cfg.train.epochs, last_metrics["loss"],
+                     f" val mIoU {last_metrics['val_mIoU']:.4f}" if "val_mIoU" in last_metrics else "")
     out = {**finish_train(ctx), "workers": n_workers}
     if "val_mIoU" in last_metrics:
         out["val_mIoU"] = float(last_metrics["val_mIoU"])

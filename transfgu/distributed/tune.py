@@ -114,7 +114,7 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], sweep_dir: str, p
     """The Tune trainable: the whole Ray pipeline of one trial, reporting val mIoU every epoch."""
     import ray.tune
 
-    setup_logging()
+    setup_logging(worker=True)
     trial = ray.tune.get_context().get_trial_name() or ray.tune.get_context().get_trial_id()
     root = Path(sweep_dir)
     cfg = apply_trial(Config.model_validate(base), params, root / "trials", trial)
