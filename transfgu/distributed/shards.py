@@ -207,7 +207,7 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
             n_seen += len(batch["index"])
             prog.update(len(batch["index"]), f"rows={int(sum(int(r.sum()) for r in parts['rows']))}")
     summary = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    log.info("[%s] %d images through the actor pool in %.1fs", stage, n_seen, time.time() - t0)
+    log.debug("[%s] %d images through the actor pool in %.1fs", stage, n_seen, time.time() - t0)
     _check_counts(stage, todo, summary, out_dir)
     for p, reason, ok in zip(
         [str(records[int(i)].image_path) for i in summary["index"]], summary["reason"], summary["ok"]
