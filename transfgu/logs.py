@@ -118,8 +118,10 @@ class Progress:
             bar = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TRANSFGU_NO_BAR") is None
         self._bar = None
         if bar:
-            from tqdm import tqdm
-
+            try:  # tqdm comes with timm's and Ray's dependencies; without it, log lines as in job logs
+                from tqdm import tqdm
+            except ImportError:
+                return
             self._bar = tqdm(total=self.total, desc=f"[{stage}]", unit=unit, file=stream, leave=False,
                              dynamic_ncols=True)
 
