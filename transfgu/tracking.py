@@ -415,14 +415,14 @@ def log_dataset_inputs(tracker: Tracker, run_id: str, cfg: Config) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    from transfgu import stages
+    from transfgu.data.loaders import split_records  # torch: only when MLflow logs the data sets
 
     inputs = []
     splits = [("training", cfg.data.train_split)]
     if cfg.data.val_split is not None and cfg.data.name != "folder":
         splits.append(("validation", cfg.data.val_split))
     for context, split in splits:
-        records = stages.split_records(cfg, split)
+        records = split_records(cfg, split)
         ds = MetaDataset(source=resolve_dataset_source(str(Path(cfg.data.root).resolve())),
                          name=f"{cfg.data.name}/{split}", digest=dataset_digest([r.image_id for r in records]))
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
