@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def context(name: str, n: int) -> Any:
         ctx = RunContext(cfg_for(name, n))
-        ctx._backbone = bb
+        ctx.backbone = bb
         return ctx
 
     # -- extract -------------------------------------------------------------------------------------------

@@ -321,13 +321,13 @@ def test_extract_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     compute = Timed(stages.extract_features)
     monkeypatch.setattr(stages, "extract_features", compute)
     ctx = RunContext(cfg)
-    ctx._backbone = SleepViT(MODEL_LATENCY)
+    ctx.backbone = SleepViT(MODEL_LATENCY)
     t0 = time.perf_counter()
     info = local.run_extract(ctx)
     wall = time.perf_counter() - t0
     model_s = compute.total
-    assert model_s >= ctx._backbone.calls * MODEL_LATENCY
-    assert info["rows"] == N_ITEMS * 12 and len(decode.durations) == N_ITEMS and ctx._backbone.calls == N_ITEMS
+    assert model_s >= ctx.backbone.calls * MODEL_LATENCY
+    assert info["rows"] == N_ITEMS * 12 and len(decode.durations) == N_ITEMS and ctx.backbone.calls == N_ITEMS
     assert pq.read_table(cfg.run_dir / "features").num_rows == info["rows"]
     if overlap:
         _assert_overlapped(wall, model_s, decode.total, per_item=DATA_LATENCY)
@@ -360,7 +360,7 @@ def test_label_bank_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     if not overlap:
         _sequential(monkeypatch)
     ctx = RunContext(cfg)
-    ctx._backbone = SleepViT(0.0)
+    ctx.backbone = SleepViT(0.0)
     t0 = time.perf_counter()
     info = local.run_label_bank(ctx)
     wall = time.perf_counter() - t0
