@@ -145,21 +145,45 @@ def default_space(cfg: Config) -> dict[str, Any]:
     }
 
 
+def trial_resources(cfg: Config, cluster: Mapping[str, float]) -> dict[str, float]:
+    """Resources of one trial's driver function: its CPUs, plus a sliver of the head's ``TRAIN_DRIVER`` resource when
+    the cluster defines it (cluster.yaml), so drivers run on the on-demand head, never on spot GPU nodes."""
+    res = {"cpu": float(cfg.ray.trial_cpus)}
+    if cluster.get("TRAIN_DRIVER", 0) > 0:
+        res["TRAIN_DRIVER"] = 0.01
+    return res
+
+
+def auto_concurrency(cfg: Config, cluster: Mapping[str, float], num_samples: int) -> int:
+    """Trials that fit side by side: one per GPU when the trial trains on GPUs, else by CPUs (a trial's Train workers
+    plus its driver); at least 1, at most ``num_samples``. Counts the cluster's resources now (an autoscaling cluster
+    grows; Tune then queues the rest)."""
+    workers = max(1, int(cfg.ray.num_workers))
+    if cfg.ray.use_gpu is True and cluster.get("GPU", 0) > 0:
+        fit = int(cluster["GPU"] // workers)
+    else:
+        per_trial = workers * float(cfg.ray.cpus_per_worker) + float(cfg.ray.trial_cpus)
+        fit = int(cluster.get("CPU", 1) // per_trial)
+    return max(1, min(int(num_samples), fit))
+
+
 def run_sweep(
     cfg: Config,
     space: Mapping[str, Any] | None = None,
     name: str = "sweep",
     num_samples: int = 4,
-    max_concurrent: int = 1,
+    max_concurrent: int = 0,
     metric: str = "val_mIoU",
     mode: str = "max",
     grace_period: int = 1,
     reduction_factor: int = 2,
 ) -> dict[str, Any]:
-    """Run a sweep; returns ``{"best_config", "best_metric", "trials", "sweep_dir", "mlflow_run_id"}``.
+    """Run a sweep; returns ``{"best_config", "best_metric", "trials", "sweep_dir", "mlflow_run_id", ...}``.
 
     Trials share ``<run.root>/<name>/cache``; ``grace_period`` epochs run before ASHA may stop a trial
-    (``grace_period = train.epochs`` disables early stopping).
+    (``grace_period = train.epochs`` disables early stopping). ``max_concurrent=0`` sizes concurrency from the
+    cluster (:func:`auto_concurrency`). A trial that fails (a spot node lost) is retried twice from its last report;
+    re-running the same sweep ``name`` resumes it with ``Tuner.restore`` instead of starting the search again.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -175,23 +199,36 @@ def run_sweep(
         parent = tracker.start_run(f"sweep {name}", tags={**run_tags(cfg, "sweep"), "pipeline_stage": "tune"})
         tracker.log_params(parent, {f"base.{k}": v for k, v in config_params(cfg).items()})
         tracker.log_dict(parent, {k: repr(v) for k, v in space.items()}, "sweep/space.json")
+    import ray
+
+    resources = ray.cluster_resources()
+    concurrent = max_concurrent or auto_concurrency(cfg, resources, num_samples)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=worker_config(cfg), sweep_dir=str(sweep_dir),
                              parent_run_id=parent),
-        {"cpu": cfg.ray.trial_cpus},
+        trial_resources(cfg, resources),
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=max_concurrent,
-            # max_t one past the last report: a trial that survives every rung ends by itself (and evaluates)
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
-                                    grace_period=min(grace_period, cfg.train.epochs),
-                                    reduction_factor=reduction_factor),
-        ),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.ray.storage_path or str(sweep_dir / "ray_results")),
-    )
+    storage = cfg.ray.storage_path or str(sweep_dir / "ray_results")
+    experiment = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment):
+        log.info("[tune] resuming sweep %r from %s (finished trials are kept, errored ones retried)", name, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=concurrent,
+                # max_t one past the last report: a trial that survives every rung ends by itself (and evaluates)
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
+                                        grace_period=min(grace_period, cfg.train.epochs),
+                                        reduction_factor=reduction_factor),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=2)),
+        )
+    log.info("[tune] sweep %r: %d samples, up to %d trials at once, trial resources %s", name, num_samples,
+             concurrent, trial_resources(cfg, resources))
     try:
         grid = tuner.fit()
         best = grid.get_best_result(metric=metric, mode=mode)
@@ -213,8 +250,17 @@ def run_sweep(
         "errors": len(grid.errors),
         "sweep_dir": str(sweep_dir),
         "mlflow_run_id": parent,
+        "best_run_dir": _trial_run_dir(sweep_dir, (best.metrics or {}).get("trial_id")),
+        "max_concurrent": concurrent,
     }
     atomic_write_json(sweep_dir / "best.json", summary)
     log.info("[tune] best %s = %.4f with %s", metric, best_metric, summary["best_config"])
     return summary
 
+
+def _trial_run_dir(sweep_dir: Path, trial_id: str | None) -> str | None:
+    """The run directory of a trial (named after Tune's trial name, which ends with its id)."""
+    if not trial_id:
+        return None
+    found = sorted((sweep_dir / "trials").glob(f"*{trial_id}"))
+    return str(found[0]) if found else None
