@@ -53,6 +53,7 @@ def load_run_backbone(cfg: BackboneConfig, layout: RunLayout | None, seed: int) 
         bb = build_backbone(cfg.arch, str(path))
         bb.pretrained = False
         bb.weights = "none"
+        bb.prior = "random"
         return bb
     torch.manual_seed(seed)
     bb = build_backbone(cfg.arch, "none")
