@@ -23,10 +23,8 @@ from bench.common import (
     finish,
     matmul_peak,
     new_result,
-    parse,
     peak_rss_mib,
-    quiet_backbone_warnings,
-    setup,
+    start,
     sync,
 )
 
@@ -44,12 +42,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="timed steps per epoch (default 4; quick 2)")
     p.add_argument("--k", type=int, default=27, help="concepts = decoder classes (thingstuff variant)")
     p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype of the step")
-    args = parse(p, argv)
-    device = setup(args)
-    quiet_backbone_warnings()
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv)
     q = args.quick
-    arch = args.arch or ("vit_test_tiny" if q else "vit_small_patch8")
+    arch = args.arch
     size = args.train_size or (64 if q else 320)
     bsz = args.batch or (4 if q else 8)
     steps = args.steps or (2 if q else 4)
@@ -89,39 +84,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     boot = EpochPlan(epoch=2, bootstrapping=True, reboot=False, epoch_iter=0, alpha=0.1)
     plain = EpochPlan(epoch=0, bootstrapping=False, reboot=False, epoch_iter=0, alpha=0.0)
 
+    def run(plan: EpochPlan, with_teacher: bool, data: list, seed: int) -> dict[str, float]:
+        return train_one_epoch(student, teacher if with_teacher else None, bb, data, opt, plan, device,
+                               generator=torch.Generator().manual_seed(seed), log_every=0, amp_dtype=amp)
+
     def epoch(plan: EpochPlan, with_teacher: bool) -> dict[str, float]:
-        g = torch.Generator().manual_seed(1)
         sync(device)
         t0 = time.perf_counter()
-        out = train_one_epoch(
-            student,
-            teacher if with_teacher else None,
-            bb,
-            batches,
-            opt,
-            plan,
-            device,
-            generator=g,
-            log_every=0,
-            amp_dtype=amp,
-        )
+        out = run(plan, with_teacher, batches, seed=1)
         sync(device)
         return {**out, "wall_s": time.perf_counter() - t0}
 
     # warm-up: one step of each kind (allocator, oneDNN kernels)
     for plan, wt in ((boot, True), (plain, False)):
-        train_one_epoch(
-            student,
-            teacher if wt else None,
-            bb,
-            batches[:1],
-            opt,
-            plan,
-            device,
-            generator=torch.Generator().manual_seed(2),
-            log_every=0,
-            amp_dtype=amp,
-        )
+        run(plan, wt, batches[:1], seed=2)
     rss_before = current_rss_mib()
     peak_before = peak_rss_mib()
     if device.type == "cuda":
@@ -158,18 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for blk in bb.vit.blocks:
         blk.attn.fused_attn = False
     with FlopCounterMode(display=False) as fc:
-        train_one_epoch(
-            student,
-            teacher,
-            bb,
-            batches[:1],
-            opt,
-            boot,
-            device,
-            generator=torch.Generator().manual_seed(3),
-            log_every=0,
-            amp_dtype=amp,
-        )
+        run(boot, True, batches[:1], seed=3)
     for blk, f in zip(bb.vit.blocks, fused):
         blk.attn.fused_attn = f
     step_flops = float(fc.get_total_flops())

@@ -253,17 +253,17 @@ def _extract(root: Path, name: str, **over: str) -> Path:
 
 @pytest.fixture
 def small_shards(monkeypatch):
-    import transfgu.pipeline as pipeline
+    import transfgu.local as local
 
-    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 2)
+    monkeypatch.setattr(local, "SHARD_IMAGES", 2)
 
 
 def test_growing_and_shrinking_the_image_list_gives_every_image_once(tmp_path, small_shards):
-    from transfgu.pipeline import stages
+    from transfgu.data.loaders import split_records
 
     run = _extract(tmp_path / "runs", "r", **{"data.max_train_images": "3"})
     run = _extract(tmp_path / "runs", "r", **{"data.max_train_images": "6"})  # grow
-    ids = [r.image_id for r in stages.split_records(tiny_config(tmp_path, **{"data.max_train_images": "6"}),
+    ids = [r.image_id for r in split_records(tiny_config(tmp_path, **{"data.max_train_images": "6"}),
                                                     "train")]
     assert _covered_ids(run / "features") == Counter(ids)
     _assert_same_features(run, _extract(tmp_path / "fresh", "six", **{"data.max_train_images": "6"}))
@@ -278,7 +278,7 @@ def test_growing_and_shrinking_the_image_list_gives_every_image_once(tmp_path, s
 
 
 def test_images_that_sort_first_after_a_kill_are_added_once(tmp_path, small_shards, monkeypatch):
-    import transfgu.pipeline as pipeline
+    import transfgu.stages as stages
 
     src = sorted((require_shared_data("camvid") / "images" / "train").iterdir())[:9]
     folder = tmp_path / "imgs"
@@ -287,7 +287,7 @@ def test_images_that_sort_first_after_a_kill_are_added_once(tmp_path, small_shar
         shutil.copy(p, folder / f"m{i}.jpg")
     over = {"data.name": "folder", "data.root": str(folder), "data.val_split": "null",
             "data.max_train_images": "null"}
-    real = pipeline.stages.extract_features
+    real = stages.extract_features
     calls = {"n": 0}
 
     def killed_after_two(*a, **k):
@@ -296,10 +296,10 @@ def test_images_that_sort_first_after_a_kill_are_added_once(tmp_path, small_shar
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline.stages, "extract_features", killed_after_two)
+    monkeypatch.setattr(stages, "extract_features", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         _extract(tmp_path / "runs", "r", **over)
-    monkeypatch.setattr(pipeline.stages, "extract_features", real)
+    monkeypatch.setattr(stages, "extract_features", real)
     assert sum(_covered_ids(tmp_path / "runs" / "r" / "features").values()) == 4
     for i, p in enumerate(src[5:9]):  # new images that sort before every earlier one
         shutil.copy(p, folder / f"a{i}.jpg")
@@ -379,7 +379,7 @@ def test_cli_refuses_an_infinite_learning_rate_before_creating_anything(tmp_path
 
 
 def test_undefined_scores_are_written_as_null_with_a_reason(tmp_path):
-    from transfgu.pipeline import write_eval
+    from transfgu.evaluation import write_eval
     from transfgu.store import Manifest
 
     scores = {"mIoU": float("nan"), "pixel_accuracy": float("nan"), "per_class_iou": {"road": float("nan")},
@@ -417,8 +417,8 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
 
 def test_pixel_limit_comes_from_the_config_and_refused_images_are_recorded(tmp_path):
     from transfgu.data import io
+    from transfgu.errors import ErrorBudgetExceeded
     from transfgu.pipeline import run_pipeline
-    from transfgu.stages import ErrorBudgetExceeded
 
     cfg = tiny_config(tmp_path, **{"data.max_image_pixels": "1000", "run.error_budget": "0.5"})
     try:
@@ -459,7 +459,12 @@ def test_unknown_reader_option_is_named_by_preflight(tmp_path):
 
 
 def test_readers_refuse_artifacts_of_other_inputs(tmp_path, tiny_run_dir):
-    from transfgu.pipeline import Context, load_checked_concepts, load_student
+    from transfgu.context import RunContext as Context
+    from transfgu.stages import load_checked_concepts
+    from transfgu.training import load_model_decoder
+
+    def load_student(ctx):
+        return load_model_decoder(ctx.cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device, ctx.hashes["train"])
 
     run = _copy_run(tiny_run_dir, tmp_path / "runs")
     ctx = Context(tiny_config(tmp_path / "runs", **{"concepts.k_per_pool": "{all: 6}"}))
