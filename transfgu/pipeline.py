@@ -74,6 +74,10 @@ def _fmt(sec: float) -> str:
 
 def stage_hashes(cfg: Config) -> dict[str, str]:
     """Input hash of every stage: its own config sections chained with its upstream stage's hash."""
+    if cfg.method == "leopart":
+        from transfgu.leopart.pipeline import stage_hashes as leopart_hashes
+
+        return leopart_hashes(cfg)
     d = json.loads(cfg.model_dump_json())
     data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
     h_ex = config_hash({"data": data, "backbone": d["backbone"], "crops": d["crops"], "seed": d["run"]["seed"]})
@@ -454,6 +458,15 @@ RUNNERS = {
 }
 
 
+def method_stages(cfg: Config) -> tuple[Sequence[str], Mapping[str, Callable[[Context], dict[str, Any]]]]:
+    """Stage names and one-process runners of ``cfg.method`` (Leopart's live in :mod:`transfgu.leopart`)."""
+    if cfg.method == "leopart":
+        from transfgu.leopart import pipeline as leopart
+
+        return leopart.STAGES, leopart.RUNNERS
+    return STAGES, RUNNERS
+
+
 def run_pipeline(
     cfg: Config,
     only: Sequence[str] | None = None,
@@ -482,12 +495,13 @@ def run_pipeline(
         log.warning("RUN WITHOUT PRETRAINED WEIGHTS: backbone %s is random; metrics are not the method's",
                     cfg.backbone.arch)
     log.info("run directory %s on %s", ctx.run_dir, ctx.device)
-    impl = {**RUNNERS, **(runners or {})}
+    names, base = method_stages(cfg)
+    impl = {**base, **(runners or {})}
     tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent)
     ctx.tracker = tracker
     tracker.start()
     try:
-        for name in STAGES:
+        for name in names:
             if only is not None and name not in only:
                 continue
             h = ctx.hashes[name]
@@ -518,7 +532,7 @@ def run_pipeline(
             tracker.end_stage(ctx.stage_run_id, info)
             ctx.stage_run_id = None
             log.info("[%s] done in %.1fs: %s", name, info["seconds"], {k: v for k, v in info.items() if k != "history"})
-        if cfg.run.report and (only is None or "report" in only):
+        if cfg.run.report and cfg.method == "transfgu" and (only is None or "report" in only):
             try:
                 from transfgu.report import write_report
 

@@ -68,5 +68,9 @@ def run_pipeline_ray(cfg: Config, only: Sequence[str] | None = None, force: Sequ
     preflight(cfg)  # fail on bad data paths, weights, device or window layout before starting Ray
     init_ray(cfg)
     prepare_run_dir(cfg)
-    return run_pipeline(cfg, only=only, force=force, runners={**RAY_RUNNERS, **(runners or {})}, kind=kind,
+    if cfg.method == "leopart":
+        from transfgu.distributed.leopart import LEOPART_RAY_RUNNERS as base
+    else:
+        base = RAY_RUNNERS
+    return run_pipeline(cfg, only=only, force=force, runners={**base, **(runners or {})}, kind=kind,
                         tracking_parent=tracking_parent)

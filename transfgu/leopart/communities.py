@@ -111,9 +111,10 @@ def detect_communities(
             raise ValueError(f"edge ({i}, {j}) outside the {n_nodes} nodes")
         net.add_link(int(i), int(j), float(w))
     kw = {"preferred_number_of_modules": int(n_modules)} if n_modules else {}
-    res = infomap.run(net, seed=int(seed), num_trials=int(trials), two_level=True, directed=False,
+    # Infomap seeds start at 1
+    res = infomap.run(net, seed=int(seed) + 1, num_trials=int(trials), two_level=True, directed=False,
                       markov_time=float(markov_time), **kw)
-    modules = {int(k): int(v) for k, v in res.modules.items()}
+    modules = {int(k): int(v) for k, v in res.modules().items()}
     return Communities(modules, float(res.codelength), int(res.num_top_modules))
 
 

@@ -46,7 +46,7 @@ def attention_mask(
 ) -> np.ndarray:
     """Noisy foreground mask ``(h*w,)`` bool of one image's head-mean CLS attention ``(h*w,)``."""
     h, w = grid
-    a = torch.as_tensor(np.asarray(attn, dtype=np.float32).reshape(1, 1, h, w))
+    a = torch.from_numpy(np.array(attn, dtype=np.float32).reshape(1, 1, h, w))  # a copy: Arrow buffers are read-only
     if kernel > 1 and min(h, w) > kernel // 2:  # reflect padding needs the map to be wider than the pad
         a = gaussian_blur(a, [kernel, kernel], [sigma, sigma])
     m = top_mass_mask(a[0, 0].numpy(), mass)
