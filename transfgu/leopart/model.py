@@ -102,7 +102,7 @@ class LeopartModel:
 
 def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an integer ``(h, w)`` map (torch's ``nearest``, as the label resizing)."""
-    x = torch.from_numpy(np.asarray(labels, dtype=np.int64))[None, None].float()
+    x = torch.from_numpy(np.array(labels, dtype=np.int64))[None, None].float()  # a copy: inputs may be read-only
     return F.interpolate(x, size=tuple(int(s) for s in size), mode="nearest")[0, 0].long().numpy()
 
 
