@@ -175,3 +175,268 @@ def test_planted_parts_are_merged_by_cooccurrence_and_infomap():
     comm = detect_communities(6, network_edges(cooccurrence_matrix(s, n), 0.05), 1.0, 2, seed=0)
     seg = community_map(6, comm.modules, bg_node=5)
     assert not (seg[0] == seg[1] == seg[2] != seg[3] and seg[3] == seg[4])
+
+
+# -- PCA, k-means, foreground mask, segmentation -------------------------------------------------------------------
+class ListShards:
+    """The k-means shard protocol over in-memory arrays (one per 'file')."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+
+    def counts(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+    def rows(self, file: int, local_rows) -> np.ndarray:
+        return self.parts[file][np.asarray(local_rows)]
+
+    def stats(self, centroids, spherical):
+        from transfgu.leopart.kmeans import shard_stats
+
+        return [shard_stats(p, centroids, spherical) for p in self.parts]
+
+
+def test_pca_from_shard_moments_equals_faiss_pcamatrix():
+    import faiss
+
+    from transfgu.leopart.pca import MomentStats, fit_pca, reduce_stats
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(600, 12)) @ rng.normal(size=(12, 12)) * rng.uniform(0.1, 5, 12) + 3).astype(np.float32)
+    x[:, 5] = 2.0  # a constant feature: std 1, as StandardScaler
+    pca = fit_pca(reduce_stats([MomentStats.of(p) for p in np.array_split(x, 3)]), 4)
+    z = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1)
+    ref = faiss.PCAMatrix(12, 4)
+    ref.train(np.ascontiguousarray(z, dtype=np.float32))
+    y_ref = ref.apply(np.ascontiguousarray(z, dtype=np.float32))
+    y = pca.transform(x)
+    np.testing.assert_allclose(np.abs(y), np.abs(y_ref), atol=2e-3 * np.abs(y_ref).max())
+    with pytest.raises(ValueError, match="pca_dim"):
+        fit_pca(MomentStats.of(x), 13)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_lloyd_kmeans_over_shards_equals_faiss_from_the_same_init(spherical):
+    import faiss
+
+    from transfgu.leopart.kmeans import gather, init_rows, l2_normalize, lloyd_kmeans
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(loc=c, size=(150, 8)) for c in rng.normal(scale=4, size=(6, 8))]).astype(np.float32)
+    shards = ListShards(np.array_split(x, 4))
+    fit = lloyd_kmeans(shards, 6, niter=15, seed=3, spherical=spherical)
+    init = gather(shards, shards.counts(), init_rows(len(x), 6, 3))
+    km = faiss.Kmeans(8, 6, niter=15, seed=3, spherical=spherical, max_points_per_centroid=10**7)
+    xs = l2_normalize(x) if spherical else x
+    km.train(xs, init_centroids=l2_normalize(init) if spherical else init)
+    np.testing.assert_allclose(fit.centroids, km.centroids, atol=1e-4)
+    assert all(a >= b - 1e-6 * abs(a) for a, b in zip(fit.objective, fit.objective[1:]))  # Lloyd never goes up
+    with pytest.raises(ValueError, match="k=2000"):
+        lloyd_kmeans(shards, 2000, niter=1)
+
+
+def test_attention_mask_keeps_top_mass_and_drops_small_components():
+    from transfgu.leopart.foreground import attention_mask, drop_small_components, top_mass_mask
+
+    rng = np.random.default_rng(2)
+    a = rng.random(100) ** 4
+    m = top_mass_mask(a, 0.65)
+    kept = a[m]
+    assert kept.sum() / a.sum() >= 0.65 - 1e-9
+    assert (kept.sum() - kept.min()) / a.sum() < 0.65  # minimal: dropping the smallest kept value falls short
+    assert a[m].min() >= a[~m].max()  # the largest values
+    blob = np.zeros((8, 8), bool)
+    blob[0, 0:2] = True  # 2 patches: dropped
+    blob[4:7, 4:7] = True  # 9 patches: kept
+    out = drop_small_components(blob, 3)
+    assert not out[0, :2].any() and out[4:7, 4:7].all()
+    # whole pipeline on a peaked map: the peak region is foreground
+    att = np.full((10, 10), 0.01)
+    att[3:6, 3:6] = 1.0
+    fg = attention_mask(att.ravel(), (10, 10)).reshape(10, 10)
+    assert fg[3:6, 3:6].all() and not fg[0, 0]
+
+
+def test_gaussian_blur_equals_torchvision():
+    torch = pytest.importorskip("torch")
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    from transfgu.leopart.foreground import gaussian_blur
+
+    a = np.random.default_rng(0).random((9, 13)).astype(np.float32)
+    ref = tvf.gaussian_blur(torch.from_numpy(a)[None, None], [7, 7], [0.6, 0.6])[0, 0].numpy()
+    np.testing.assert_allclose(gaussian_blur(a, 7, 0.6), ref, atol=1e-6)
+
+
+def test_model_segmentation_matches_per_patch_brute_force():
+    from transfgu.leopart.kmeans import l2_normalize
+    from transfgu.leopart.model import LeopartModel
+    from transfgu.leopart.pca import PCA
+
+    rng = np.random.default_rng(3)
+    p = 6
+    pca = PCA(np.zeros(p), np.ones(p), np.eye(p), np.ones(p), 0)
+    model = LeopartModel(pca, l2_normalize(rng.normal(size=(9, p))), rng.random(9) < 0.5,
+                         rng.normal(size=(5, p)).astype(np.float32), rng.integers(0, 3, size=6))
+    pts = rng.normal(size=(300, p)).astype(np.float32)
+    seg = model.segments(pts)
+    for x, s in zip(pts, seg):
+        c = int(np.argmax(model.cbfe_centroids @ (x / np.linalg.norm(x))))
+        node = int(np.argmin(((model.cd_centroids - x) ** 2).sum(1))) if model.foreground[c] else 5
+        assert s == model.cluster_to_segment[node]
+
+
+# -- the stages end to end on real images --------------------------------------------------------------------------
+def leopart_config(run_root: Path, name: str = "lp", **over: str):
+    """conf/leopart_horse.yaml shrunk for tests: a tiny random ViT on a few real Weizmann-horse images."""
+    from transfgu.config import load_config
+
+    horse = require_shared_data("weizmann_horse")
+    overrides = {
+        "data.root": str(horse), "data.max_train_images": "12", "data.max_val_images": "8",
+        "backbone.arch": "vit_test_tiny", "leopart.input_size": "[64, 64]", "leopart.pca_dim": "16",
+        "leopart.k_cbfe": "12", "leopart.cbfe_niter": "10", "leopart.cbfe_nredo": "2", "leopart.k_community": "8",
+        "leopart.community_niter": "10", "leopart.cooc_size": "[32, 32]", "leopart.edge_threshold": "0.02",
+        "leopart.overcluster_k": "[5, 10]", "leopart.eval_size": "[32, 32]",
+        "run.root": str(run_root), "run.name": name, "mlflow.enabled": "false",
+    }
+    overrides.update(over)
+    return load_config(REPO / "conf" / "leopart_horse.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def lp_run(tmp_path_factory):
+    from transfgu.pipeline import run_pipeline
+
+    cfg = leopart_config(tmp_path_factory.mktemp("leopart"))
+    manifest = run_pipeline(cfg)
+    return cfg, manifest
+
+
+def _copy_run(cfg, tmp_path: Path, name: str, **over: str):
+    shutil.copytree(cfg.run_dir, tmp_path / name)
+    return leopart_config(tmp_path, name, **over)
+
+
+def test_one_process_run_end_to_end(lp_run):
+    from transfgu.leopart.pipeline import STAGES, read_segments
+
+    cfg, manifest = lp_run
+    assert [s for s in STAGES if manifest["stages"][s]["status"] == "done"] == list(STAGES)
+    run = cfg.run_dir
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["method"] == "leopart" and metrics["labels_used_for_fitting"] is False
+    assert metrics["pretrained"] is False and "warning" in metrics
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and metrics["n_images"] == 8
+    assert set(metrics["overclustering"]) == {"5", "10"}
+    assert len(metrics["mapping"]) == metrics["n_segments"]
+    comm = json.loads((run / "communities" / "communities.json").read_text())
+    assert comm["preferred_modules"] == 2 and comm["n_segments"] >= 1
+    segs = read_segments(run, "val")
+    assert len(segs) == 8 and all(s.shape == (8, 8) and s.max() < comm["n_segments"] for s in segs.values())
+    # nothing pickled anywhere: the model is safetensors + JSON
+    assert not [p for p in run.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth")]
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["backbone.safetensors", "leopart.safetensors",
+                                                                  "model.json"]
+    # co-occurrence matrix rows are (averaged) distributions
+    from safetensors.numpy import load_file
+
+    m = load_file(str(run / "communities" / "communities.safetensors"))["cooccurrence"]
+    assert m.shape == (9, 9) and np.all(m.sum(axis=1) <= 1 + 1e-9)
+
+
+def test_rerun_skips_every_finished_stage(lp_run, tmp_path):
+    from transfgu.pipeline import run_pipeline
+
+    cfg, _ = lp_run
+    cfg2 = _copy_run(cfg, tmp_path, "again")
+    files = {p: p.stat().st_mtime_ns for p in cfg2.run_dir.rglob("*.parquet")}
+    run_pipeline(cfg2)
+    assert {p: p.stat().st_mtime_ns for p in cfg2.run_dir.rglob("*.parquet")} == files
+
+
+def test_predict_with_saved_model_reproduces_stored_maps(lp_run, tmp_path):
+    from transfgu.data.datasets import list_records
+    from transfgu.data.io import load_rgb
+    from transfgu.leopart.model import upsample_labels
+    from transfgu.leopart.pipeline import read_segments
+    from transfgu.predict import load, main
+
+    cfg, _ = lp_run
+    pred = load(cfg.run_dir, device="cpu")
+    rec = list_records("weizmann_horse", cfg.data.root, "val")[0]
+    img = load_rgb(rec.image_path)
+    lab = pred.predict(img)
+    assert lab.shape == img.shape[:2]
+    stored = read_segments(cfg.run_dir, "val")[rec.image_id]
+    np.testing.assert_array_equal(lab, upsample_labels(stored, img.shape[:2]))
+    classes = pred.predict(img, as_classes=True)
+    np.testing.assert_array_equal(classes, np.asarray(pred.cluster_to_class)[lab])
+    out = tmp_path / "pred"
+    assert main([str(cfg.run_dir), str(rec.image_path), "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / f"{rec.image_path.stem}.png").is_file()
+
+
+def test_paper_protocol_uses_train_labels_and_says_so(lp_run, tmp_path):
+    from transfgu.pipeline import run_pipeline
+
+    cfg, _ = lp_run
+    cfg2 = _copy_run(cfg, tmp_path, "paper", **{"leopart.protocol": "paper", "leopart.unmatched": "background"})
+    manifest = run_pipeline(cfg2)
+    first = json.loads((cfg.run_dir / "_manifest.json").read_text())["stages"]
+    for stage in ("dense", "pca"):  # upstream of the CBFE threshold: kept, not recomputed
+        assert manifest["stages"][stage]["extra"]["seconds"] == first[stage]["extra"]["seconds"]
+    info = json.loads((cfg2.run_dir / "cbfe" / "cbfe.json").read_text())
+    assert info["labels_used"] is True and info["protocol"] == "paper"
+    assert abs(info["threshold"] / 0.05 - round(info["threshold"] / 0.05)) < 1e-9
+    assert len(info["cut_iou"]) == 3  # 12 clusters: cuts of 7, 8, 9 background clusters (55 %..75 %)
+    metrics = json.loads((cfg2.run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["labels_used_for_fitting"] is True and metrics["unmatched"] == "background"
+
+
+def test_unmatched_to_background_never_lowers_pixel_accuracy(lp_run, tmp_path):
+    from transfgu.pipeline import run_pipeline
+
+    cfg, _ = lp_run
+    strict = json.loads((cfg.run_dir / "eval" / "metrics.json").read_text())
+    cfg2 = _copy_run(cfg, tmp_path, "bg", **{"leopart.unmatched": "background"})
+    manifest = run_pipeline(cfg2)
+    assert manifest["stages"]["communities"]["extra"]["seconds"] == json.loads(
+        (cfg.run_dir / "_manifest.json").read_text())["stages"]["communities"]["extra"]["seconds"]  # not redone
+    loose = json.loads((cfg2.run_dir / "eval" / "metrics.json").read_text())
+    assert loose["pixel_accuracy"] >= strict["pixel_accuracy"] - 1e-12
+    assert all(c >= 0 for c in loose["mapping"])
+
+
+def test_bad_inputs_are_recorded_or_rejected_clearly(tmp_path):
+    from transfgu.config import ConfigError, load_config
+    from transfgu.pipeline import run_pipeline
+
+    horse = require_shared_data("weizmann_horse")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((horse / "images" / "train").glob("*.jpg"))[:6]:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    cfg = leopart_config(tmp_path, "folder", **{
+        "data.name": "folder", "data.root": str(folder), "data.val_split": "null", "data.train_split": "all",
+        "run.error_budget": "0.2", "leopart.k_community": "4", "leopart.n_communities": "null",
+    })
+    manifest = run_pipeline(cfg)
+    assert manifest["stages"]["dense"]["extra"]["errors"] == 1
+    assert manifest["stages"]["evaluate"]["extra"]["skipped"] == "no labels"
+    errors = [json.loads(line) for line in (cfg.run_dir / "errors.jsonl").read_text().splitlines()]
+    assert [Path(e["file"]).name for e in errors] == ["broken.jpg"]
+    # too few foreground patches for the overclustering: a clear message naming the key
+    bad = _copy_run(cfg, tmp_path, "toomany", **{
+        "data.name": "folder", "data.root": str(folder), "data.val_split": "null", "data.train_split": "all",
+        "run.error_budget": "0.2", "leopart.k_community": "100000", "leopart.n_communities": "null"})
+    with pytest.raises(ValueError, match="leopart.k_community"):
+        run_pipeline(bad)
+    # paper protocol on a data set without a background class
+    with pytest.raises(ValueError, match="background"):
+        run_pipeline(leopart_config(tmp_path, "cam", **{"data.name": "camvid", "data.root": str(
+            require_shared_data("camvid")), "leopart.protocol": "paper"}))
+    with pytest.raises(ConfigError, match="blur_kernel"):
+        load_config(REPO / "conf" / "leopart_horse.yaml", ["leopart.blur_kernel=4"])
+    with pytest.raises(ConfigError, match="leopart.kcbfe"):
+        load_config(REPO / "conf" / "leopart_horse.yaml", ["leopart.kcbfe=4"])

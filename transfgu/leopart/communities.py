@@ -15,9 +15,13 @@ cluster that is in no community -- becomes segment 0 (background), the other com
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -100,22 +104,23 @@ def detect_communities(
     n_nodes: int, edges: Sequence[tuple[int, int, float]], markov_time: float, n_modules: int | None, seed: int,
     trials: int = 1,
 ) -> Communities:
-    """Two-level undirected Infomap on the co-occurrence network."""
-    import infomap
-
+    """Two-level undirected Infomap on the co-occurrence network (run in a child process: see
+    :mod:`transfgu.leopart.infomap_worker`)."""
     if not edges:
         return Communities({}, 0.0, 0)
-    net = infomap.Network()
-    for i, j, w in edges:
+    for i, j, _ in edges:
         if not (0 <= i < n_nodes and 0 <= j < n_nodes):
             raise ValueError(f"edge ({i}, {j}) outside the {n_nodes} nodes")
-        net.add_link(int(i), int(j), float(w))
-    kw = {"preferred_number_of_modules": int(n_modules)} if n_modules else {}
-    # Infomap seeds start at 1
-    res = infomap.run(net, seed=int(seed) + 1, num_trials=int(trials), two_level=True, directed=False,
-                      markov_time=float(markov_time), **kw)
-    modules = {int(k): int(v) for k, v in res.modules().items()}
-    return Communities(modules, float(res.codelength), int(res.num_top_modules))
+    req = {"edges": [[int(i), int(j), float(w)] for i, j, w in edges], "seed": int(seed) + 1,  # Infomap seeds >= 1
+           "trials": int(trials), "markov_time": float(markov_time), "n_modules": n_modules}
+    worker = Path(__file__).with_name("infomap_worker.py")
+    proc = subprocess.run([sys.executable, str(worker)], input=json.dumps(req), capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Infomap failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    res = json.loads(proc.stdout)
+    return Communities({int(k): int(v) for k, v in res["modules"].items()}, float(res["codelength"]),
+                       int(res["num_modules"]))
 
 
 def community_map(n_nodes: int, modules: dict[int, int], bg_node: int) -> np.ndarray:

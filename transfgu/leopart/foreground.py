@@ -8,9 +8,19 @@ attention are kept, and connected components of at most 2 patches are dropped. U
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import ndimage
-from torchvision.transforms.functional import gaussian_blur
+
+
+def gaussian_blur(a: np.ndarray, kernel: int, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur with reflect padding: ``torchvision.transforms.functional.gaussian_blur``'s
+    definition (kernel ``exp(-x^2 / 2 sigma^2)`` on ``x = -(k-1)/2 .. (k-1)/2``, normalised), in float32."""
+    x = np.linspace(-(kernel - 1) / 2, (kernel - 1) / 2, kernel)
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    g = (g / g.sum()).astype(np.float32)
+    r = kernel // 2
+    p = np.pad(np.asarray(a, dtype=np.float32), r, mode="reflect")
+    p = np.apply_along_axis(lambda v: np.convolve(v, g, mode="valid"), 0, p)
+    return np.apply_along_axis(lambda v: np.convolve(v, g, mode="valid"), 1, p).astype(np.float32)
 
 
 def top_mass_mask(a: np.ndarray, mass: float) -> np.ndarray:
@@ -46,8 +56,8 @@ def attention_mask(
 ) -> np.ndarray:
     """Noisy foreground mask ``(h*w,)`` bool of one image's head-mean CLS attention ``(h*w,)``."""
     h, w = grid
-    a = torch.from_numpy(np.array(attn, dtype=np.float32).reshape(1, 1, h, w))  # a copy: Arrow buffers are read-only
+    a = np.asarray(attn, dtype=np.float32).reshape(h, w)
     if kernel > 1 and min(h, w) > kernel // 2:  # reflect padding needs the map to be wider than the pad
-        a = gaussian_blur(a, [kernel, kernel], [sigma, sigma])
-    m = top_mass_mask(a[0, 0].numpy(), mass)
+        a = gaussian_blur(a, kernel, sigma)
+    m = top_mass_mask(a, mass)
     return drop_small_components(m, min_component).ravel()
