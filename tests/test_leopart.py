@@ -267,6 +267,18 @@ def test_gaussian_blur_equals_torchvision():
     np.testing.assert_allclose(gaussian_blur(a, 7, 0.6), ref, atol=1e-6)
 
 
+def test_upsample_labels_is_torch_nearest():
+    torch = pytest.importorskip("torch")
+    from transfgu.leopart.model import upsample_labels
+
+    rng = np.random.default_rng(0)
+    for h, w, hh, ww in [(8, 8, 32, 32), (28, 28, 100, 100), (14, 20, 375, 500), (7, 9, 3, 4), (100, 100, 28, 28)]:
+        a = rng.integers(0, 50, (h, w))
+        ref = torch.nn.functional.interpolate(torch.from_numpy(a)[None, None].float(), size=(hh, ww),
+                                              mode="nearest")[0, 0].long().numpy()
+        np.testing.assert_array_equal(upsample_labels(a, (hh, ww)), ref)
+
+
 def test_model_segmentation_matches_per_patch_brute_force():
     from transfgu.leopart.kmeans import l2_normalize
     from transfgu.leopart.model import LeopartModel

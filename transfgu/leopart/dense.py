@@ -17,14 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 
-from transfgu.models.backbone import DinoViT, normalize
+# torch and the backbone are imported inside the functions that need them: shard actors only read these files
 
 DENSE_FORMAT = "transfgu.leopart.dense/1"
 
@@ -51,8 +50,13 @@ class DenseImage:
     grid: tuple[int, int]
 
 
-def preprocess(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def preprocess(image: np.ndarray, size: tuple[int, int]) -> Any:
     """uint8 ``(H, W, 3)`` -> ImageNet-normalised float ``(3, *size)``, resized bilinearly."""
+    import torch
+    import torch.nn.functional as F
+
+    from transfgu.models.backbone import normalize
+
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {img.dtype} {img.shape}")
@@ -61,23 +65,24 @@ def preprocess(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return normalize(x[0])
 
 
-@torch.no_grad()
 def dense_features(
-    backbone: DinoViT,
+    backbone: Any,
     images: Sequence[np.ndarray],
     size: tuple[int, int],
-    device: torch.device,
+    device: Any,
     batch_size: int = 8,
-    amp: torch.dtype | None = None,
+    amp: Any = None,
 ) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
     """Patch tokens ``(h*w, d)`` and head-mean CLS attention ``(h*w,)`` of every image, float32 on the CPU."""
+    import torch
+
     ps = backbone.patch_size
     if size[0] % ps or size[1] % ps:
         raise ValueError(f"leopart.input_size {tuple(size)} is not a multiple of the patch size {ps}")
     out: list[tuple[np.ndarray, np.ndarray, tuple[int, int]]] = []
     for start in range(0, len(images), batch_size):
         x = torch.stack([preprocess(im, size) for im in images[start : start + batch_size]]).to(device)
-        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             f = backbone(x)
         patch = f.patch.float().cpu().numpy()
         attn = f.attn_cls.float().mean(dim=1).cpu().numpy()  # heads averaged, not the best head picked with GT

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
 from transfgu.leopart.kmeans import nearest
@@ -100,17 +98,29 @@ class LeopartModel:
                    t.get("cluster_to_segment"))
 
 
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """torch's ``nearest`` source index: ``min(floor(i * (float32) n_in / n_out), n_in - 1)``, in float32."""
+    if n_in == n_out:
+        return np.arange(n_out)
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, n_in - 1)
+
+
 def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an integer ``(h, w)`` map (torch's ``nearest``, as the label resizing)."""
-    x = torch.from_numpy(np.array(labels, dtype=np.int64))[None, None].float()  # a copy: inputs may be read-only
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode="nearest")[0, 0].long().numpy()
+    """Nearest-neighbour resize of an integer ``(h, w)`` map with torch's ``F.interpolate(mode="nearest")`` rule
+    (the rule the ground truth is resized with), in numpy so that shard actors need not import torch."""
+    lab = np.asarray(labels)
+    rows = _nearest_index(lab.shape[0], int(size[0]))
+    cols = _nearest_index(lab.shape[1], int(size[1]))
+    return lab[rows[:, None], cols[None, :]].astype(np.int64)
 
 
 class LeopartPredictor:
     """A loaded CBFE + CD checkpoint with the interface of :class:`transfgu.predict.Predictor`."""
 
-    def __init__(self, backbone: Any, model: LeopartModel, meta: dict[str, Any], device: torch.device,
-                 amp_dtype: torch.dtype | None = None, batch_size: int = 8) -> None:
+    def __init__(self, backbone: Any, model: LeopartModel, meta: dict[str, Any], device: Any,
+                 amp_dtype: Any = None, batch_size: int = 8) -> None:
         self.backbone, self.model, self.meta, self.device = backbone, model, meta, device
         self.amp_dtype, self.batch_size = amp_dtype, batch_size
 
@@ -175,8 +185,8 @@ def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backb
     atomic_write_json(directory / "model.json", {**meta, "format": MODEL_FORMAT})
 
 
-def load_predictor(ckpt: Path, meta: dict[str, Any], device: torch.device, weights: str | None = None,
-                   amp_dtype: torch.dtype | None = None, batch_size: int = 8) -> LeopartPredictor:
+def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str | None = None,
+                   amp_dtype: Any = None, batch_size: int = 8) -> LeopartPredictor:
     from transfgu.predict import _build_backbone
 
     backbone = _build_backbone(ckpt, meta, weights).to(device).eval()

@@ -344,20 +344,19 @@ def segments_table(seg_maps: list[tuple[str, np.ndarray]], cl_maps: list[tuple[s
 def run_segments(ctx: Any, ex: Any) -> dict[str, Any]:
     cfg = ctx.cfg
     model = load_model(ctx.run_dir, "communities")
+    files = [(split, f) for split in splits(cfg) for f in dense_files(ctx.run_dir, split)]
+    shards = ex.shards([f for _, f in files], model.pca, mask_kwargs(cfg))  # one group of holders for every split
+    try:
+        segs = shards.label_maps(model, "segments")
+        cls = shards.label_maps(model, "clusters")
+    finally:
+        ex.release(shards)
     rows = 0
-    for split in splits(cfg):
-        files = dense_files(ctx.run_dir, split)
-        shards = ex.shards(files, model.pca, mask_kwargs(cfg))
-        try:
-            segs = shards.label_maps(model, "segments")
-            cls = shards.label_maps(model, "clusters")
-        finally:
-            ex.release(shards)
+    for (split, f), s, c in zip(files, segs, cls):
         out = ctx.run_dir / "segments" / split
         out.mkdir(parents=True, exist_ok=True)
-        for f, s, c in zip(files, segs, cls):
-            write_parquet_atomic(segments_table(s, c), out / Path(f).name)
-            rows += len(s)
+        write_parquet_atomic(segments_table(s, c), out / Path(f).name)
+        rows += len(s)
     return {"rows": rows, "segments": model.n_segments}
 
 
