@@ -319,7 +319,7 @@ def leopart_config(run_root: Path, name: str = "lp", **over: str):
 def lp_run(tmp_path_factory):
     from transfgu.pipeline import run_pipeline
 
-    cfg = leopart_config(tmp_path_factory.mktemp("leopart"))
+    cfg = leopart_config(tmp_path_factory.mktemp("leopart"), **{"mlflow.enabled": "true"})
     manifest = run_pipeline(cfg)
     return cfg, manifest
 
@@ -349,6 +349,17 @@ def test_one_process_run_end_to_end(lp_run):
     assert not [p for p in run.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth")]
     assert sorted(p.name for p in (run / "model").iterdir()) == ["backbone.safetensors", "leopart.safetensors",
                                                                   "model.json"]
+    # real MLflow (SQLite under run.root): a parent run with one child per Leopart stage, the scores logged
+    import mlflow
+
+    from transfgu.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
+    runs = mlflow.search_runs(search_all_experiments=True)
+    names = set(runs["tags.mlflow.runName"])
+    assert {f"stage {s}" for s in STAGES} <= names
+    ev = runs[runs["tags.mlflow.runName"] == "stage evaluate"].iloc[0]
+    assert ev["metrics.mIoU"] == pytest.approx(metrics["mIoU"])
     # co-occurrence matrix rows are (averaged) distributions
     from safetensors.numpy import load_file
 
