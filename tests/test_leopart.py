@@ -365,6 +365,10 @@ def test_one_process_run_end_to_end(lp_run):
 
     m = load_file(str(run / "communities" / "communities.safetensors"))["cooccurrence"]
     assert m.shape == (9, 9) and np.all(m.sum(axis=1) <= 1 + 1e-9)
+    from PIL import Image
+
+    with Image.open(run / "communities" / "graph.png") as im:  # the community graph picture
+        assert im.size[0] > 100 and im.size[1] > 100
 
 
 def test_rerun_skips_every_finished_stage(lp_run, tmp_path):

@@ -325,6 +325,9 @@ def run_communities(ctx: Any, ex: Any) -> dict[str, Any]:
             "markov_time": lp.markov_time, "edge_threshold": lp.edge_threshold,
             "preferred_modules": _n_communities(cfg), "objective": fit.objective[-1], "n_points": fit.n_points}
     atomic_write_json(out / "communities.json", meta)
+    from transfgu.leopart.viz import community_graph_png
+
+    community_graph_png(edges, model.cluster_to_segment, lp.k_community, out / "graph.png")
     save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained), backbone=ctx.backbone)
     log.info("[communities] %d edges, %d Infomap modules, %d segments (codelength %.4f)", len(edges),
              comm.num_modules, model.n_segments, comm.codelength)
