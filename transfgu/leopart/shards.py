@@ -17,7 +17,7 @@ from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import cooccurrence_stats
 from transfgu.leopart.dense import read_dense
 from transfgu.leopart.foreground import attention_mask
-from transfgu.leopart.kmeans import Stats, nearest, shard_stats
+from transfgu.leopart.kmeans import Stats, l2_normalize, nearest, shard_stats
 from transfgu.leopart.model import LeopartModel, upsample_labels
 from transfgu.leopart.pca import PCA
 
@@ -49,6 +49,7 @@ class DenseShards:
                 self.points.append(np.zeros((0, pca.dim), dtype=np.float32))
                 self.masks.append(np.zeros(0, dtype=bool))
         self.selection: list[np.ndarray | None] = [None] * len(self.files)
+        self._unit: tuple[list, list[np.ndarray]] | None = None
 
     def _selected(self, f: int) -> np.ndarray:
         sel = self.selection[f]
@@ -70,7 +71,11 @@ class DenseShards:
         return self._selected(file)[np.asarray(local_rows, dtype=np.int64)]
 
     def stats(self, centroids: np.ndarray, spherical: bool) -> list[Stats]:
-        return [shard_stats(self._selected(f), centroids, spherical) for f in range(len(self.files))]
+        if not spherical:
+            return [shard_stats(self._selected(f), centroids, False) for f in range(len(self.files))]
+        if self._unit is None or self._unit[0] is not self.selection:  # unit rows once per selection, not per step
+            self._unit = (self.selection, [l2_normalize(self._selected(f)) for f in range(len(self.files))])
+        return [shard_stats(u, centroids, False) for u in self._unit[1]]
 
     # -- method statistics ----------------------------------------------------------------------------------------
     def _per_image(self, f: int, values: np.ndarray) -> list[np.ndarray]:
