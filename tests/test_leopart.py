@@ -309,7 +309,7 @@ def leopart_config(run_root: Path, name: str = "lp", **over: str):
         "leopart.k_cbfe": "12", "leopart.cbfe_niter": "10", "leopart.cbfe_nredo": "2", "leopart.k_community": "8",
         "leopart.community_niter": "10", "leopart.cooc_size": "[32, 32]", "leopart.edge_threshold": "0.02",
         "leopart.overcluster_k": "[5, 10]", "leopart.eval_size": "[32, 32]",
-        "run.root": str(run_root), "run.name": name, "mlflow.enabled": "false",
+        "run.root": str(run_root), "run.name": name, "mlflow.enabled": "false", "run.report": "false",
     }
     overrides.update(over)
     return load_config(REPO / "conf" / "leopart_horse.yaml", [f"{k}={v}" for k, v in overrides.items()])
@@ -319,7 +319,7 @@ def leopart_config(run_root: Path, name: str = "lp", **over: str):
 def lp_run(tmp_path_factory):
     from transfgu.pipeline import run_pipeline
 
-    cfg = leopart_config(tmp_path_factory.mktemp("leopart"), **{"mlflow.enabled": "true"})
+    cfg = leopart_config(tmp_path_factory.mktemp("leopart"), **{"mlflow.enabled": "true", "run.report": "true"})
     manifest = run_pipeline(cfg)
     return cfg, manifest
 
@@ -366,6 +366,8 @@ def test_one_process_run_end_to_end(lp_run):
     m = load_file(str(run / "communities" / "communities.safetensors"))["cooccurrence"]
     assert m.shape == (9, 9) and np.all(m.sum(axis=1) <= 1 + 1e-9)
     from PIL import Image
+
+    assert (run / "report" / "index.html").is_file()  # the HTML report (predictions, confusion, per-class IoU)
 
     with Image.open(run / "communities" / "graph.png") as im:  # the community graph picture
         assert im.size[0] > 100 and im.size[1] > 100

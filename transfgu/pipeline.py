@@ -532,7 +532,7 @@ def run_pipeline(
             tracker.end_stage(ctx.stage_run_id, info)
             ctx.stage_run_id = None
             log.info("[%s] done in %.1fs: %s", name, info["seconds"], {k: v for k, v in info.items() if k != "history"})
-        if cfg.run.report and cfg.method == "transfgu" and (only is None or "report" in only):
+        if cfg.run.report and (only is None or "report" in only):
             try:
                 from transfgu.report import write_report
 
