@@ -50,18 +50,45 @@ def loop_cooccurrence(maps: np.ndarray, n: int, offsets: list[tuple[int, int]]) 
     return total, present
 
 
+def _cooc_comparison(result: dict[str, Any], quick: bool) -> None:
+    """Vectorised batch vs per-image loop on the same random (B, 100, 100) maps; they must agree."""
+    from transfgu.leopart.communities import cooccurrence_stats, glcm_offsets
+
+    rng = np.random.default_rng(0)
+    b, n = (8, 20) if quick else (160, 150)
+    maps = rng.integers(0, n, size=(b, 100, 100))
+    off = glcm_offsets()
+    t0 = time.perf_counter()
+    fast = cooccurrence_stats(maps, n, off)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slow = loop_cooccurrence(maps, n, off)
+    t_loop = time.perf_counter() - t0
+    err = float(np.abs(fast[0] - slow[0]).max())
+    if err > 1e-9 or not np.array_equal(fast[1], slow[1]):
+        raise AssertionError(f"vectorised and loop co-occurrence differ (max {err})")
+    result["comparisons"].append(comparison(
+        "co-occurrence, per-image loop / vectorised", "per-image np.add.at loop",
+        "one bincount per offset per chunk of images",
+        t_loop / t_fast, "x", images=b, nodes=n, loop_s=t_loop, vectorised_s=t_fast, max_abs_diff=err))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.config import load_config
-    from transfgu.leopart.communities import cooccurrence_stats, glcm_offsets
     from transfgu.leopart.pipeline import STAGES
     from transfgu.pipeline import run_pipeline
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--run-root", type=Path, default=None, help="where the run goes (default: a temp dir, removed)")
     p.add_argument("--set", action="append", default=[], help="extra config override key=value (repeatable)")
+    p.add_argument("--cooc-only", action="store_true", help="only the co-occurrence comparison (no pipeline run)")
     args = parse(p, argv)
     device = setup(args)
     t_start = time.perf_counter()
+    if args.cooc_only:
+        result = new_result("leopart_stages", args, device, {"cooc_only": True})
+        _cooc_comparison(result, args.quick)
+        return finish(result, args, t_start)
     horse = shared_data_dir() / "weizmann_horse"
     if not horse.is_dir():
         raise SystemExit(f"the bench needs real images at {horse} (set TRANSFGU_SHARED_DATA)")
@@ -91,23 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for st, s in stages.items():
         result["comparisons"].append(comparison(f"stage {st}", "-", st, s["seconds"] or 0.0, "s", rows=s["rows"],
                                                 share=(s["seconds"] or 0.0) / total if total else None))
-    # co-occurrence: vectorised batch vs per-image loop, same maps, same numbers
-    rng = np.random.default_rng(0)
-    b, n = (8, 20) if args.quick else (160, 150)
-    maps = rng.integers(0, n, size=(b, 100, 100))
-    off = glcm_offsets()
-    t0 = time.perf_counter()
-    fast = cooccurrence_stats(maps, n, off)
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    slow = loop_cooccurrence(maps, n, off)
-    t_loop = time.perf_counter() - t0
-    err = float(np.abs(fast[0] - slow[0]).max())
-    if err > 1e-9 or not np.array_equal(fast[1], slow[1]):
-        raise AssertionError(f"vectorised and loop co-occurrence differ (max {err})")
-    result["comparisons"].append(comparison(
-        "co-occurrence, per-image loop / vectorised", "per-image np.add.at loop", "one sparse matrix per batch",
-        t_loop / t_fast, "x", images=b, nodes=n, loop_s=t_loop, vectorised_s=t_fast, max_abs_diff=err))
+    _cooc_comparison(result, args.quick)
     result["notes"].append("random-weight backbone: wall times are representative, metrics are not")
     return finish(result, args, t_start)
 

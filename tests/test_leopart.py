@@ -71,6 +71,9 @@ def test_cooccurrence_matches_brute_force(n):
     bs, bc = brute_cooccurrence(maps, n, off)
     np.testing.assert_allclose(s, bs, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(c, bc)
+    s_chunked, c_chunked = cooccurrence_stats(maps, n, off, max_cells=1)  # one image per bincount
+    np.testing.assert_allclose(s_chunked, bs, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(c_chunked, bc)
     # additive over shards: two calls sum to one
     s1, c1 = cooccurrence_stats(maps[:2], n, off)
     s2, c2 = cooccurrence_stats(maps[2:], n, off)

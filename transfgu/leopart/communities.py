@@ -3,9 +3,9 @@
 Co-occurrence (the authors use ``skimage.greycomatrix`` per image, in a Python loop, with at most 256 clusters):
 for every image, count the pairs (cluster at p, cluster at p + offset) over the offsets of distances {1, 2} at 8
 angles (skimage's rule: offset = (round(sin(angle) d), round(cos(angle) d))), zero the diagonal and normalise every
-row to sum 1; then average each row over the images where its cluster occurs. Here one sparse matrix per batch of
-images does the counting (no Python loop over pixels or images, any number of clusters), and the two sums (of the
-normalised rows, of the occurrences) add up over shards.
+row to sum 1; then average each row over the images where its cluster occurs. Here one ``bincount`` of
+(image, cluster, cluster) codes per offset counts a whole chunk of images (no Python loop over pixels or images, any
+number of clusters), and the two sums (of the normalised rows, of the occurrences) add up over shards.
 
 Network: an undirected edge (i, j) when both conditional probabilities reach the edge threshold, weighted by the
 smaller one. Communities: Infomap (``infomap`` package, MapEquation's own), two-level, undirected, with a Markov
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 
 def glcm_offsets(distances: Sequence[int] = (1, 2), n_angles: int = 8) -> list[tuple[int, int]]:
@@ -38,11 +37,13 @@ def glcm_offsets(distances: Sequence[int] = (1, 2), n_angles: int = 8) -> list[t
 
 
 def cooccurrence_stats(
-    maps: np.ndarray, n_nodes: int, offsets: Sequence[tuple[int, int]]
+    maps: np.ndarray, n_nodes: int, offsets: Sequence[tuple[int, int]], max_cells: int = 1 << 22
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sum over images of the row-normalised co-occurrence matrices (n, n) float64, images per node (n,))``.
 
-    ``maps``: ``(B, H, W)`` integer node ids in ``[0, n_nodes)`` of images of one size.
+    ``maps``: ``(B, H, W)`` integer node ids in ``[0, n_nodes)`` of images of one size. Images are counted in chunks
+    of at most ``max_cells`` image x node x node cells, each with one ``bincount`` of (image, node, node) codes over
+    all offsets: no Python loop over pixels, any number of nodes.
     """
     maps = np.asarray(maps, dtype=np.int64)
     if maps.ndim != 3:
@@ -50,32 +51,30 @@ def cooccurrence_stats(
     b, hh, ww = maps.shape
     if maps.size and (maps.min() < 0 or maps.max() >= n_nodes):
         raise ValueError(f"node ids must lie in [0, {n_nodes})")
-    img = np.arange(b, dtype=np.int64)[:, None, None]
-    rows, cols = [], []
-    for dr, dc in offsets:
-        r0, r1 = max(0, -dr), min(hh, hh - dr)
-        c0, c1 = max(0, -dc), min(ww, ww - dc)
-        if r1 <= r0 or c1 <= c0:
-            continue
-        src = maps[:, r0:r1, c0:c1]
-        dst = maps[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]
-        rows.append(((img * n_nodes) + src).ravel())
-        cols.append(dst.ravel())
-    present = np.bincount((img * n_nodes + maps).ravel(), minlength=b * n_nodes).reshape(b, n_nodes) > 0
-    n_present = present.sum(axis=0).astype(np.int64)
-    if not rows:
-        return np.zeros((n_nodes, n_nodes)), n_present
-    r = np.concatenate(rows)
-    c = np.concatenate(cols)
-    off_diag = (r % n_nodes) != c
-    r, c = r[off_diag], c[off_diag]
-    counts = sp.csr_matrix((np.ones(r.size), (r, c)), shape=(b * n_nodes, n_nodes))
-    counts.sum_duplicates()
-    row_sums = np.asarray(counts.sum(axis=1)).ravel()
-    coo = counts.tocoo()
-    data = coo.data / row_sums[coo.row]
-    out = sp.csr_matrix((data, (coo.row % n_nodes, coo.col)), shape=(n_nodes, n_nodes)).toarray()
-    return out, n_present
+    n = n_nodes
+    total = np.zeros((n, n))
+    n_present = np.zeros(n, dtype=np.int64)
+    chunk = max(1, max_cells // (n * n))
+    diag = np.arange(n)
+    for s0 in range(0, b, chunk):
+        m = maps[s0 : s0 + chunk]
+        bc = m.shape[0]
+        base = (np.arange(bc, dtype=np.int64) * n)[:, None, None]
+        counts = np.zeros(bc * n * n, dtype=np.int64)
+        for dr, dc in offsets:
+            r0, r1 = max(0, -dr), min(hh, hh - dr)
+            c0, c1 = max(0, -dc), min(ww, ww - dc)
+            if r1 <= r0 or c1 <= c0:
+                continue
+            src = m[:, r0:r1, c0:c1]
+            dst = m[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]
+            counts += np.bincount(((base + src) * n + dst).ravel(), minlength=bc * n * n)
+        c = counts.reshape(bc, n, n).astype(np.float64)
+        c[:, diag, diag] = 0.0
+        rows = c.sum(axis=2, keepdims=True)
+        total += (c / np.where(rows > 0, rows, 1.0)).sum(axis=0)
+        n_present += (np.bincount((base + m).ravel(), minlength=bc * n).reshape(bc, n) > 0).sum(axis=0)
+    return total, n_present
 
 
 def cooccurrence_matrix(sum_norm: np.ndarray, n_present: np.ndarray) -> np.ndarray:
