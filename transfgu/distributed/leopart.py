@@ -120,7 +120,10 @@ class RayExecutor:
 
         from transfgu.leopart.shards import DenseShards
 
-        groups = _groups(list(files), self.cfg.ray.kmeans_shards)
+        # holders live for a whole step: never more of them than the cluster can host at once, or they would wait
+        # for each other forever (tasks could queue; long-lived actors cannot) -- as the TransFGU k-means holders
+        fit = int(ray.cluster_resources().get("CPU", 1) // max(float(self.res["num_cpus"]), 1e-3))
+        groups = _groups(list(files), max(1, min(self.cfg.ray.kmeans_shards, fit)))
         # "DEFAULT": on the cluster, not inside the placement group of a Tune trial; CPU only (faiss CPU assign)
         cls = ray.remote(DenseShards).options(num_cpus=self.res["num_cpus"], scheduling_strategy="DEFAULT")
         pca_ref = ray.put(pca)

@@ -448,24 +448,29 @@ def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence
 
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     pca = PCA.load(ctx.run_dir / "pca")
-    out: dict[str, Any] = {}
+    fits: dict[str, np.ndarray] = {}
     train = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
-    val = ex.shards(dense_files(ctx.run_dir, cfg.data.val_split), pca, mask_kwargs(cfg))
-    try:
+    try:  # one group of holders at a time: the training patches for the fits, then the val patches
         n_train = int(sum(train.counts()))
         for k in lp.overcluster_k:
-            kk = min(k, n_train)
-            fit = lloyd_kmeans(train, kk, lp.cbfe_niter, lp.seed, spherical=True, name=f"overcluster{k}")
+            fits[str(k)] = lloyd_kmeans(train, min(k, n_train), lp.cbfe_niter, lp.seed, spherical=True,
+                                        name=f"overcluster{k}").centroids
+    finally:
+        ex.release(train)
+    out: dict[str, Any] = {}
+    val = ex.shards(dense_files(ctx.run_dir, cfg.data.val_split), pca, mask_kwargs(cfg))
+    try:
+        for k, centroids in fits.items():
+            kk = int(centroids.shape[0])
             conf = RunningConfusion(len(names), kk, ignore_index=None)
-            for file_maps in val.assign_maps(fit.centroids, spherical=True):
+            for file_maps in val.assign_maps(centroids, spherical=True):
                 for image_id, m in file_maps:
                     if image_id in gt:
                         conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))
             s = conf.scores(names, overcluster="majority")
-            out[str(k)] = {"k": kk, "mIoU": s["mIoU"], "pixel_accuracy": s["pixel_accuracy"]}
+            out[k] = {"k": kk, "mIoU": s["mIoU"], "pixel_accuracy": s["pixel_accuracy"]}
             log.info("[evaluate] overclustering K=%d: mIoU %.4f", kk, s["mIoU"])
     finally:
-        ex.release(train)
         ex.release(val)
     return out
 
