@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import pickle
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.common import (
-    base_parser,
-    comparison,
-    finish,
-    new_result,
-    parse,
-    quiet_backbone_warnings,
-    setup,
-    shared_data_dir,
-)
+from bench.common import base_parser, comparison, finish, new_result, shared_data_dir, start
 
 
 def _pickle_len(a: np.ndarray) -> int:
@@ -74,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pyarrow as pa
 
     from transfgu.crops import extract_crops_batch
+    from transfgu.data.transforms import to_model_input
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_maps
-    from transfgu.stages import resize_image
     from transfgu.store import features_table, label_bank_table
 
     p = base_parser(__doc__.splitlines()[0])
@@ -90,12 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--pseudo-size", type=int, default=None, help="pseudo-label input side (default 320; quick 64)"
     )
     p.add_argument("--ks", default=None, help="fg/bg concept splits, e.g. 12/15,80/91 (quick 2/2)")
-    args = parse(p, argv)
-    device = setup(args)
-    quiet_backbone_warnings()
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv)
     q = args.quick
-    arch = args.arch or ("vit_test_tiny" if q else "vit_small_patch8")
+    arch = args.arch
     n_img = args.images or (2 if q else 8)
     stage = args.stage_size or (96 if q else 256)
     crop = args.crop_size or (32 if q else 64)
@@ -122,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = [f"img{i:04d}" for i in range(len(images))]
 
     # -- features ------------------------------------------------------------------------------------------------
-    x = torch.stack([resize_image(im, (stage, stage)) for im in images]).to(device)
+    x = torch.stack([to_model_input(im, (stage, stage)) for im in images]).to(device)
     betas = (0.5, 0.4, 0.3, 0.2)
     recs = extract_crops_batch(bb, x, betas=betas, mode="fg_bg", crop_size=crop, batch_size=64)
     if sum(len(r) for r in recs) < 4:  # a random prior can drop nearly everything: keep all windows instead
@@ -176,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # -- label bank ----------------------------------------------------------------------------------------------
-    xp = torch.stack([resize_image(im, (psize, psize)) for im in images]).to(device)
+    xp = torch.stack([to_model_input(im, (psize, psize)) for im in images]).to(device)
     res["label_bank"] = {}
     for kfg, kbg in splits:
         k = kfg + kbg

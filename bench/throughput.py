@@ -1,6 +1,6 @@
 """Stage throughput against the kernels alone, in the same run (issue 15 item 4; GPU targets of item "Done means").
 
-Every stage is run as the pipeline runs it -- ``pipeline.run_extract`` / ``pipeline.run_label_bank`` on a folder
+Every stage is run as the pipeline runs it -- ``local.run_extract`` / ``local.run_label_bank`` on a folder
 of JPEG files (decode, resize, model, Arrow table, Parquet write, with the prefetch and writer threads of
 ``transfgu.throughput``), ``train_one_epoch`` over the run's own loader (``BankDataset`` + ``PrefetchLoader``) --
 and compared with its kernel-only rate measured in the same process on tensors already on the device:
@@ -94,10 +94,12 @@ def _save_partial(result: dict[str, Any], args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from transfgu import pipeline, stages
+    from transfgu import local, stages
     from transfgu.concepts import ConceptBank
     from transfgu.config import load_config
+    from transfgu.context import RunContext
     from transfgu.crops import extract_crops_batch
+    from transfgu.data import loaders
     from transfgu.ddp import step_loader
     from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
     from transfgu.losses import EpochPlan
@@ -164,17 +166,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return load_config(None, [f"{a}={b}" for a, b in over.items()])
 
     def context(name: str, n: int) -> Any:
-        ctx = pipeline.Context(cfg_for(name, n))
-        ctx._backbone = bb
+        ctx = RunContext(cfg_for(name, n))
+        ctx.backbone = bb
         return ctx
 
     # -- extract -------------------------------------------------------------------------------------------
     def sec_extract() -> None:
-        warm = min(n_img, pipeline.SHARD_IMAGES)
-        pipeline.run_extract(context("warm_extract", warm))  # compile + allocator warm-up, not timed
-        info, wall = _timed(lambda: pipeline.run_extract(context("extract", n_img)), device)
+        warm = min(n_img, stages.SHARD_IMAGES)
+        local.run_extract(context("warm_extract", warm))  # compile + allocator warm-up, not timed
+        info, wall = _timed(lambda: local.run_extract(context("extract", n_img)), device)
         crops_n = int(info["rows"])
-        x_img = torch.randn(min(n_img, pipeline.SHARD_IMAGES), 3, stage_size, stage_size, device=device)
+        x_img = torch.randn(min(n_img, stages.SHARD_IMAGES), 3, stage_size, stage_size, device=device)
         res["extract_cuda_syncs_per_shard"] = count_syncs(
             lambda: extract_crops_batch(bb, x_img, crop_size=crop_size, batch_size=crop_batch, autocast_dtype=amp),
             device,
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             comparison(
                 "extract crops/s / plain timm crops/s (" + ("compiled" if compiled_cps else "eager") + ")",
                 "plain timm ViT forward_features on device crops" + (" (torch.compile)" if compiled_cps else ""),
-                "pipeline.run_extract (decode, prior pass, crops, table, Parquet)",
+                "local.run_extract (decode, prior pass, crops, table, Parquet)",
                 stage_cps / ref, "fraction of kernel rate", ">= 0.9 (GPU)", (stage_cps / ref >= 0.9) if cuda else None,
                 stage_crops_per_s=stage_cps, kernel_crops_per_s=ref,
             )  # fmt: skip
@@ -237,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ConceptBank(cents, ["fg"] * k, {"fg": k}, seed=0, niter=1).save(ctx.run_dir / "concepts")
             return ctx
 
-        pipeline.run_label_bank(lb_context("warm_label_bank", min(n_img, label_batch)))
+        local.run_label_bank(lb_context("warm_label_bank", min(n_img, label_batch)))
         ctx = lb_context("label_bank", n_img)
-        info, wall = _timed(lambda: pipeline.run_label_bank(ctx), device)
+        info, wall = _timed(lambda: local.run_label_bank(ctx), device)
         stage_ips = int(info["rows"]) / wall
         lb_amp = ctx.amp  # whatever precision the stage used
         x = torch.randn(label_batch, 3, label_size, label_size, device=device)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             comparison(
                 "label bank images/s / concept_maps-only images/s",
                 f"concept_maps on device batches of {label_batch}",
-                "pipeline.run_label_bank (decode, resize, maps, float16, table, Parquet)",
+                "local.run_label_bank (decode, resize, maps, float16, table, Parquet)",
                 stage_ips / kernel_ips, "fraction of kernel rate", ">= 0.5 (GPU)",
                 (stage_ips / kernel_ips >= 0.5) if cuda else None, stage_images_per_s=stage_ips,
                 kernel_images_per_s=kernel_ips,
@@ -291,11 +293,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_jpegs(tmp / "train", n_train, (960, 720) if not q else (160, 120), seed=1)
         cfg = cfg_for("train", n_train)
         cfg.data.root = tmp / "train"
-        records = stages.split_records(cfg, cfg.data.train_split)
+        records = loaders.split_records(cfg, cfg.data.train_split)
         h = train_size // bb.patch_size
         rng = np.random.default_rng(0)
         bank = {r.image_id: rng.random((27, h, h)).astype(np.float16) for r in records}
-        ds = stages.BankDataset(records, bank, (train_size, train_size))
+        ds = loaders.BankDataset(records, bank, (train_size, train_size))
         loader = PrefetchLoader(step_loader(ds, train_batch, seed=0))  # as run_train builds it
         torch.manual_seed(0)
         d = bb.embed_dim

@@ -2,7 +2,7 @@
 
 The overlap checks replace the model by a fixed-latency stand-in (``time.sleep`` inside a fake backbone, or a fake
 ``concept_maps``) and add a fixed latency to the real JPEG decode, then run the real stage code
-(``pipeline.run_extract``, ``pipeline.run_label_bank``, ``train_one_epoch`` over the run's loader). With the overlap
+(``local.run_extract``, ``local.run_label_bank``, ``train_one_epoch`` over the run's loader). With the overlap
 the stage's wall time is close to ``max(model time, data time)``; the same run with the overlap switched off (the
 sequential path) takes their sum, which shows the check can fail. Latencies dominate the CPU work, so the checks hold
 on a loaded 2-core machine.
@@ -23,8 +23,11 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from torch import nn
 
-from transfgu import pipeline, stages
+from transfgu import errors, local, stages
 from transfgu.concepts import ConceptBank
+from transfgu.context import RunContext
+from transfgu.data import loaders
+from transfgu.data.transforms import to_model_input
 from transfgu.ddp import step_loader
 from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
 from transfgu.losses import EpochPlan
@@ -190,7 +193,7 @@ def test_prepare_images_equals_per_image_resize(camvid):
 
     ims = [load_rgb(p) for p in sorted((camvid / "images" / "train").glob("*.jpg"))[:2]]
     x = prepare_images(ims, (64, 80), "bilinear")
-    ref = torch.stack([stages.resize_image(im, (64, 80), "bilinear") for im in ims])
+    ref = torch.stack([to_model_input(im, (64, 80), "bilinear") for im in ims])
     assert torch.equal(x, ref)
     assert torch.equal(to_device(x, "cpu"), x)
 
@@ -294,13 +297,14 @@ N_ITEMS = 8
 
 
 def _slow_decode(monkeypatch) -> Timed:
-    timed = Timed(stages.load_rgb, latency=DATA_LATENCY)
-    monkeypatch.setattr(stages, "load_rgb", timed)
+    timed = Timed(errors.load_rgb, latency=DATA_LATENCY)
+    monkeypatch.setattr(errors, "load_rgb", timed)  # the sharded stages decode here
+    monkeypatch.setattr(loaders, "load_rgb", timed)  # the training loader decodes here
     return timed
 
 
 def _sequential(monkeypatch) -> None:
-    monkeypatch.setattr(pipeline, "overlapped", functools.partial(overlapped, prefetch=0))
+    monkeypatch.setattr(local, "overlapped", functools.partial(overlapped, prefetch=0))
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "sequential"])
@@ -308,7 +312,7 @@ def test_extract_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     torch.set_num_threads(1)
     # one scale: 12 windows per 96x128 image, one backbone call per one-image shard
     cfg = tiny_config(tmp_path, "ov", **{"data.max_train_images": str(N_ITEMS), "crops.betas": "[0.5]"})
-    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 1)
+    monkeypatch.setattr(local, "SHARD_IMAGES", 1)
     decode = _slow_decode(monkeypatch)
     if not overlap:
         _sequential(monkeypatch)
@@ -316,14 +320,14 @@ def test_extract_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     # crop/resize/table work around it, measured as it happens.
     compute = Timed(stages.extract_features)
     monkeypatch.setattr(stages, "extract_features", compute)
-    ctx = pipeline.Context(cfg)
-    ctx._backbone = SleepViT(MODEL_LATENCY)
+    ctx = RunContext(cfg)
+    ctx.backbone = SleepViT(MODEL_LATENCY)
     t0 = time.perf_counter()
-    info = pipeline.run_extract(ctx)
+    info = local.run_extract(ctx)
     wall = time.perf_counter() - t0
     model_s = compute.total
-    assert model_s >= ctx._backbone.calls * MODEL_LATENCY
-    assert info["rows"] == N_ITEMS * 12 and len(decode.durations) == N_ITEMS and ctx._backbone.calls == N_ITEMS
+    assert model_s >= ctx.backbone.calls * MODEL_LATENCY
+    assert info["rows"] == N_ITEMS * 12 and len(decode.durations) == N_ITEMS and ctx.backbone.calls == N_ITEMS
     assert pq.read_table(cfg.run_dir / "features").num_rows == info["rows"]
     if overlap:
         _assert_overlapped(wall, model_s, decode.total, per_item=DATA_LATENCY)
@@ -335,7 +339,7 @@ def test_extract_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
 def test_label_bank_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     torch.set_num_threads(1)
     cfg = tiny_config(tmp_path, "lb", **{"data.max_train_images": str(N_ITEMS)})
-    monkeypatch.setattr(pipeline, "SHARD_IMAGES", 1)
+    monkeypatch.setattr(local, "SHARD_IMAGES", 1)
     k = 4
     ConceptBank(
         centroids=np.random.default_rng(0).normal(size=(k, 16)).astype(np.float32),
@@ -355,10 +359,10 @@ def test_label_bank_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     decode = _slow_decode(monkeypatch)
     if not overlap:
         _sequential(monkeypatch)
-    ctx = pipeline.Context(cfg)
-    ctx._backbone = SleepViT(0.0)
+    ctx = RunContext(cfg)
+    ctx.backbone = SleepViT(0.0)
     t0 = time.perf_counter()
-    info = pipeline.run_label_bank(ctx)
+    info = local.run_label_bank(ctx)
     wall = time.perf_counter() - t0
     model_s = compute.total
     assert model_s >= len(calls) * MODEL_LATENCY
@@ -375,7 +379,7 @@ def test_training_epoch_wall_is_max_not_sum(tmp_path, monkeypatch):
     PrefetchLoader."""
     torch.set_num_threads(1)
     cfg = tiny_config(tmp_path, "tr", **{"data.max_train_images": str(N_ITEMS)})
-    records = stages.split_records(cfg, cfg.data.train_split)
+    records = loaders.split_records(cfg, cfg.data.train_split)
     k = 4
     rng = np.random.default_rng(0)
     bank = {r.image_id: rng.random((k, 8, 10)).astype(np.float16) for r in records}
@@ -383,7 +387,7 @@ def test_training_epoch_wall_is_max_not_sum(tmp_path, monkeypatch):
     walls, outs, data = {}, {}, {}
     for mode in ("sequential", "prefetch"):
         decode = _slow_decode(monkeypatch)
-        ds = stages.BankDataset(records, bank, (64, 80))
+        ds = loaders.BankDataset(records, bank, (64, 80))
         loader = step_loader(ds, batch_size=1, seed=0)  # run_train's loader (num_workers=0)
         if mode == "prefetch":
             loader = PrefetchLoader(loader)

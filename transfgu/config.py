@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from transfgu.models.source import BackboneSource, parse_source
+
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -55,6 +57,11 @@ class BackboneConfig(_Base):
         if v not in ARCHS:
             raise ValueError(f"unknown arch {v!r}; choose one of {sorted(ARCHS)}")
         return v
+
+    @property
+    def source(self) -> BackboneSource:
+        """``weights`` parsed: kind (random/timm/hub/file), tag or absolute path, pretrained."""
+        return parse_source(self.weights)
 
 
 class CropConfig(_Base):

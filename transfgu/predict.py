@@ -32,10 +32,13 @@ import torch.nn.functional as F
 
 from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_model_meta
 from transfgu.data.io import load_rgb
+from transfgu.data.transforms import to_model_input
 from transfgu.engine import predict_logits
-from transfgu.models.backbone import DinoViT, build_backbone, normalize
+from transfgu.errors import ErrorLog
+from transfgu.layout import RunLayout
+from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
-from transfgu.stages import ErrorLog, autocast_dtype, resolve_device
+from transfgu.runtime import autocast_dtype, resolve_device
 
 __all__ = [
     "UNMATCHED",
@@ -68,8 +71,8 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / MODEL_JSON).is_file():
         return p
-    if (p / "model" / MODEL_JSON).is_file():
-        return p / "model"
+    if (RunLayout(p).model / MODEL_JSON).is_file():
+        return RunLayout(p).model
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p} does not exist")
     raise CheckpointError(
@@ -112,7 +115,7 @@ def _build_decoder(ckpt: Path, meta: dict[str, Any], d_encoder: int) -> MaskTran
             f"{ckpt}: decoder expects {dm['d_encoder']}-d tokens but the backbone gives {d_encoder}-d"
         )
     d_model = int(dm.get("d_model", d_encoder))
-    # Same shape rule as transfgu.pipeline.build_decoder (the checkpoint records what differs from it).
+    # Same shape rule as transfgu.training.build_decoder (the checkpoint records what differs from it).
     dec = MaskTransformerDecoder(
         n_classes=int(dm["n_classes"]), d_encoder=d_encoder, d_model=d_model,
         n_layers=int(dm.get("n_layers", 2)), n_heads=int(dm.get("n_heads", max(1, d_model // 64))),
@@ -161,11 +164,7 @@ def preprocess_image(image: np.ndarray, eval_size: tuple[int, int]) -> torch.Ten
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {img.dtype} {img.shape}")
-    if not img.flags.writeable:  # torch warns on read-only arrays (e.g. decoded by PIL)
-        img = img.copy()
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=eval_size, mode="bilinear", align_corners=False)
-    return normalize(x[0])
+    return to_model_input(img, eval_size)
 
 
 @dataclass

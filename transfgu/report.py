@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from transfgu import viz
+from transfgu.layout import RunLayout
 
 __all__ = ["ReportOptions", "main", "nearest_crops", "write_report"]
 
@@ -102,7 +103,7 @@ def _load_config(run_dir: Path, meta: dict[str, Any] | None):
     """The run's resolved config (config.yaml, else the copy in model.json), or None."""
     import yaml
 
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     sources: list[tuple[str, Any]] = []
     if path.is_file():
         sources.append((str(path), lambda: yaml.safe_load(path.read_text(encoding="utf-8"))))
@@ -122,7 +123,7 @@ def _pretrained(meta: dict[str, Any] | None, metrics: dict[str, Any] | None, cfg
     if metrics is not None and "pretrained" in metrics:
         return bool(metrics["pretrained"])
     if cfg is not None:
-        return cfg.backbone.weights != "none"
+        return cfg.backbone.source.pretrained
     return None
 
 
@@ -188,7 +189,7 @@ def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metr
     if per_class:
         fig = viz.iou_bar_figure(per_class, miou, title="Per-class IoU (Hungarian matching over the split)")
         sec.images.append((viz.save_figure(fig, out / "per_class_iou.png"), "Per-class IoU; grey = class absent."))
-    conf_path = run_dir / "eval" / "confusion.csv"
+    conf_path = RunLayout(run_dir).eval / "confusion.csv"
     if conf_path.is_file() and metrics.get("mapping") is not None:
         conf = np.loadtxt(conf_path, delimiter=",", dtype=np.int64, ndmin=2)
         names = list(per_class) or [str(i) for i in range(conf.shape[0])]
@@ -204,7 +205,7 @@ def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metr
 
 def _stages_section(run_dir: Path) -> Section:
     sec = Section("Stages")
-    man = _read_json(run_dir / "_manifest.json")
+    man = _read_json(RunLayout(run_dir).manifest)
     if not man or not man.get("stages"):
         sec.note = "No stage has run yet (_manifest.json is missing or empty)."
         return sec
@@ -290,18 +291,18 @@ def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | 
     from transfgu.store import iter_feature_shards, list_parquet_files
 
     sec = Section("Concept galleries")
-    if not (run_dir / "concepts" / ConceptBank.META_FILE).is_file():
+    if not (RunLayout(run_dir).concepts / ConceptBank.META_FILE).is_file():
         sec.note = "No concepts yet (concepts/ is missing): run the concepts stage."
         return sec
-    if not (run_dir / "features").is_dir() or not list_parquet_files(run_dir / "features"):
+    if not RunLayout(run_dir).features.is_dir() or not list_parquet_files(RunLayout(run_dir).features):
         sec.note = "No crop features (features/ is missing or empty)."
         return sec
     if cfg is None:
         sec.note = "The run's config is missing, so the crops cannot be located in their images."
         return sec
-    bank = ConceptBank.load(run_dir / "concepts")
+    bank = ConceptBank.load(RunLayout(run_dir).concepts)
     k_show = min(bank.num_concepts, opt.max_concepts)
-    shards = iter_feature_shards(run_dir / "features", columns=["image_id", "split", "box", "pool"])
+    shards = iter_feature_shards(RunLayout(run_dir).features, columns=["image_id", "split", "box", "pool"])
     best, scanned = nearest_crops(shards, bank.centroids[:k_show], bank.pools[:k_show], opt.n_per_concept,
                                   opt.max_feature_rows, max_per_image=opt.max_crops_per_image)
     splits = {cfg.data.train_split}
@@ -364,7 +365,7 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
     from transfgu.store import list_parquet_files, read_label_bank
 
     sec = Section("CAM panels (pseudo-label bank)")
-    files = list_parquet_files(run_dir / "label_bank") if (run_dir / "label_bank").is_dir() else []
+    files = list_parquet_files(RunLayout(run_dir).label_bank) if RunLayout(run_dir).label_bank.is_dir() else []
     if not files:
         sec.note = "No pseudo-label bank yet (label_bank/ is missing or empty): run the label_bank stage."
         return sec
@@ -379,8 +380,8 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
         sec.note = f"The training images are not readable here ({exc}); CAM panels skipped."
         return sec
     pools = None
-    if (run_dir / "concepts" / ConceptBank.META_FILE).is_file():
-        pools = ConceptBank.load(run_dir / "concepts").pools
+    if (RunLayout(run_dir).concepts / ConceptBank.META_FILE).is_file():
+        pools = ConceptBank.load(RunLayout(run_dir).concepts).pools
     for i, image_id in enumerate(ids):
         m = maps[image_id].astype(np.float32)
         k = m.shape[0]
@@ -464,7 +465,7 @@ def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any]
 
 def _errors_section(run_dir: Path) -> Section:
     sec = Section("Skipped inputs")
-    path = run_dir / "errors.jsonl"
+    path = RunLayout(run_dir).errors
     if not path.is_file():
         sec.html = "<p>No input was skipped.</p>"
         return sec
@@ -481,7 +482,7 @@ def _errors_section(run_dir: Path) -> Section:
 
 def _config_section(cfg: Any, run_dir: Path) -> Section:
     sec = Section("Configuration")
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     if path.is_file():
         text = path.read_text(encoding="utf-8")
     elif cfg is not None:
@@ -583,12 +584,14 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    out = run_dir / "report"
+    out = RunLayout(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
-    meta = _read_json(run_dir / "model" / "model.json")
-    metrics = _read_json(run_dir / "eval" / "metrics.json")
+    from transfgu.checkpoint import MODEL_JSON  # torch: only when a report is written
+
+    meta = _read_json(RunLayout(run_dir).model / MODEL_JSON)
+    metrics = _read_json(RunLayout(run_dir).metrics)
     cfg = _load_config(run_dir, meta)
     pretrained = _pretrained(meta, metrics, cfg)
     builders: list[tuple[str, Callable[[], Section]]] = [

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from transfgu.data.transforms import to_model_input
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -76,12 +78,10 @@ def to_device(x: Tensor, device: torch.device | str) -> Tensor:
 
 def prepare_images(images: Sequence[np.ndarray], size: Sequence[int], mode: str = "bilinear") -> Tensor:
     """Decoded uint8 ``(H, W, 3)`` images -> one ImageNet-normalised ``(B, 3, h, w)`` float batch (pinned on CUDA
-    machines), exactly :func:`transfgu.stages.resize_image` per image; runs in the prefetch thread."""
-    from transfgu.stages import resize_image
-
+    machines), exactly :func:`transfgu.data.transforms.to_model_input` per image; runs in the prefetch thread."""
     if len(images) == 0:
         return torch.empty(0, 3, int(size[0]), int(size[1]))
-    return pin(torch.stack([resize_image(im, (int(size[0]), int(size[1])), mode) for im in images]))
+    return pin(torch.stack([to_model_input(im, (int(size[0]), int(size[1])), mode) for im in images]))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config
+from transfgu.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
 
     tags = {
         "kind": kind,
-        "pretrained": str(cfg.backbone.weights != "none").lower(),
+        "pretrained": str(cfg.backbone.source.pretrained).lower(),
         "backbone": cfg.backbone.arch,
         "dataset": cfg.data.name,
         "run_name": cfg.run.name,
@@ -229,7 +230,7 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
 
 def config_params(cfg: Config) -> dict[str, Any]:
     """The flattened config plus ``pretrained``, which every run states (its numbers mean nothing without it)."""
-    return {**cfg.flat(), "pretrained": cfg.backbone.weights != "none"}
+    return {**cfg.flat(), "pretrained": cfg.backbone.source.pretrained}
 
 
 class EpochLogger:
@@ -342,7 +343,7 @@ class PipelineTracker:
         rid = self.tracker.start_run(
             f"stage {stage}", parent_id=self.run_id,
             tags={"pipeline_stage": stage, "skipped": str(skipped).lower(),
-                  "pretrained": str(self.cfg.backbone.weights != "none").lower()},
+                  "pretrained": str(self.cfg.backbone.source.pretrained).lower()},
         )
         if skipped:
             self.end_stage(rid, info or {})
@@ -416,14 +417,14 @@ def log_dataset_inputs(tracker: Tracker, run_id: str, cfg: Config) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    from transfgu import stages
+    from transfgu.data.loaders import split_records  # torch: only when MLflow logs the data sets
 
     inputs = []
     splits = [("training", cfg.data.train_split)]
     if cfg.data.val_split is not None and cfg.data.name != "folder":
         splits.append(("validation", cfg.data.val_split))
     for context, split in splits:
-        records = stages.split_records(cfg, split)
+        records = split_records(cfg, split)
         ds = MetaDataset(source=resolve_dataset_source(str(Path(cfg.data.root).resolve())),
                          name=f"{cfg.data.name}/{split}", digest=dataset_digest([r.image_id for r in records]))
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
@@ -440,9 +441,10 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
     """Resolved config, eval metrics, per-class IoU, confusion matrix (CSV + PNG) and report PNGs of a run dir."""
     import json
 
-    tracker.log_artifact(run_id, run_dir / "config.yaml", "config")
-    ev = run_dir / "eval"
-    metrics_path = ev / "metrics.json"
+    layout = RunLayout(run_dir)
+    tracker.log_artifact(run_id, layout.config, "config")
+    ev = layout.eval
+    metrics_path = layout.metrics
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         tracker.log_metrics(run_id, {"mIoU": m.get("mIoU"), "pixel_accuracy": m.get("pixel_accuracy")})
@@ -450,12 +452,12 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
                                      if v is not None})
         for name in ("metrics.json", "per_class_iou.csv", "confusion.csv"):
             tracker.log_artifact(run_id, ev / name, "eval")
-        png = run_dir / "report" / "confusion.png"
+        png = layout.report / "confusion.png"
         if not png.is_file() and (ev / "confusion.csv").is_file():
             png = confusion_png(ev / "confusion.csv", ev / "confusion.png")
         if png is not None and png.is_file():
             tracker.log_artifact(run_id, png, "eval")
-    report = run_dir / "report"
+    report = layout.report
     if report.is_dir():
         for p in sorted(report.glob("*.png")):
             tracker.log_artifact(run_id, p, "report")

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transfgu.config import Config
+from transfgu.logs import quiet_libraries, verbose_requested
+
+if TYPE_CHECKING:  # Ray is imported where it is used, so importing this module stays cheap
+    from ray.data import DataContext
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +33,14 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
+    quiet_libraries()  # before ray.init, which logs its own start-up at INFO
+    # Worker processes' output (Ray Train's controller, placement-group cleaners, every actor's log lines) reaches
+    # this console only with --verbose; it is always in Ray's session logs. The driver logs what each stage did.
+    kwargs.setdefault("log_to_driver", verbose_requested())
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, **kwargs)
+        quiet_libraries()
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         for warning in check_storage(cfg):
             log.warning("%s", warning)
@@ -53,6 +63,7 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
         _node_ip_address="127.0.0.1",
         **kwargs,
     )
+    quiet_libraries()  # Ray configures its loggers when imported, after setup_logging
     log.info("started a local Ray: %s", ray.cluster_resources())
 
 
@@ -175,12 +186,19 @@ def worker_config(cfg: Config) -> dict[str, Any]:
     Ray Train workers run in their own directory, so a relative ``data.root`` would not resolve there. Only the
     shipped copy changes: the driver keeps the config as given, so its stage hashes (and resume) are unaffected.
     """
-    from pathlib import Path
-
     d = cfg.model_dump(mode="json")
     d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
     d["run"]["root"] = str(Path(d["run"]["root"]).resolve())
-    w = d["backbone"]["weights"]
-    if w not in ("none", "timm") and not w.startswith("hub:") and Path(w).exists():
-        d["backbone"]["weights"] = str(Path(w).resolve())
+    src = cfg.backbone.source
+    if src.path is not None and src.path.exists():
+        d["backbone"]["weights"] = src.spec
     return d
+
+
+def configure_data_context(ctx: DataContext) -> None:
+    """Ray Data settings of this project: its own progress bars on a terminal (off in job logs, where each redraw
+    would be a line), and no per-operator progress bars (one bar per stage is enough)."""
+    ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("TRANSFGU_NO_BAR")
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = False
+    quiet_libraries()  # Ray Data sets up its console logger when imported

@@ -24,6 +24,7 @@ assignment can only differ for a point equidistant to two centroids within that 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from transfgu.concepts import PoolFit, lloyd_step_stats
+from transfgu.context import RunContext
+from transfgu.distributed.cluster import cluster_has_gpus, task_resources
+from transfgu.stages import concept_pools, finish_concepts
+from transfgu.store import iter_feature_shards, list_parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,6 @@ class PoolResult:
 
 # -- tasks ---------------------------------------------------------------------------------------------------------
 def _read_pool(path: str, pool: str) -> np.ndarray:
-    from transfgu.store import iter_feature_shards
-
     for _, _, cls in iter_feature_shards(path, columns=["pool"], pools=[pool]):
         return cls
     raise FileNotFoundError(path)
@@ -71,8 +76,6 @@ class ShardHolder:
     """
 
     def __init__(self, paths: Sequence[str], pools: Sequence[str]) -> None:
-        import os
-
         self.paths = [str(p) for p in paths]
         self._bytes_read = sum(os.path.getsize(p) for p in self.paths)
         # one array per (file, pool): row order = file order, as store.read_features concatenates them
@@ -105,8 +108,6 @@ class ShardHolder:
         self, centroids: Mapping[str, np.ndarray], use_gpu: bool = False
     ) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
         """Per pool: ``(sums (k, D) float64, counts (k,), sum of squared distances, sum of squared norms)``."""
-        from transfgu.concepts import lloyd_step_stats
-
         acc: dict[str, list[Any]] = {}
         for d in self.data:
             for pool, c in centroids.items():
@@ -312,32 +313,17 @@ def _reduce(parts: Sequence[Mapping[str, Any]], pool: str) -> tuple[np.ndarray, 
     return sums, counts, inertia
 
 
-def run_concepts_ray(ctx: Any) -> dict[str, Any]:
-    """Drop-in for :func:`transfgu.pipeline.run_concepts`: the same ConceptBank, computed by Ray tasks."""
-    from transfgu.concepts import ConceptBank, order_pools
-    from transfgu.distributed.cluster import cluster_has_gpus, task_resources
-    from transfgu.store import list_parquet_files
-
+def run_concepts_ray(ctx: RunContext) -> dict[str, Any]:
+    """The Ray executor of the concepts stage: the same concept bank as the one-process faiss k-means, computed by
+    Ray tasks over the feature shards, then the stage's own assembly (:func:`transfgu.stages.finish_concepts`)."""
     cfg = ctx.cfg
-    files = list_parquet_files(ctx.run_dir / "features")
+    files = list_parquet_files(ctx.layout.features)
     gpu = cluster_has_gpus(cfg)
     res = task_resources(cfg, gpu)
-    names = order_pools(list(cfg.concepts.k_per_pool))
+    pools = concept_pools(cfg)
     results = distributed_kmeans(
-        files, {p: cfg.concepts.k_per_pool[p] for p in names}, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
-        num_tasks=cfg.ray.kmeans_shards, use_gpu=gpu, task_options={"num_cpus": res["num_cpus"]},
+        files, pools, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
+        num_tasks=cfg.ray.kmeans_shards, use_gpu=gpu, task_options=res,
     )
-    for pool in names:
-        log.info("[concepts] pool %s: %d crop features", pool, results[pool].n_points)
-    bank = ConceptBank(
-        centroids=np.concatenate([results[p].centroids for p in names]),
-        pools=[p for p in names for _ in range(cfg.concepts.k_per_pool[p])],
-        k_per_pool={p: int(cfg.concepts.k_per_pool[p]) for p in names},
-        seed=int(cfg.concepts.seed),
-        niter=int(cfg.concepts.niter),
-        inertia={p: results[p].inertia for p in names},
-        n_points={p: results[p].n_points for p in names},
-        extra={"nredo": 1, "init": "random", "engine": "ray", "shards": len(files)},
-    )
-    bank.save(ctx.run_dir / "concepts")
-    return {"rows": int(bank.centroids.shape[0]), "k": int(bank.centroids.shape[0])}
+    fits = {p: PoolFit(results[p].centroids, results[p].inertia, results[p].n_points) for p in pools}
+    return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "engine": "ray", "shards": len(files)})

@@ -3,8 +3,8 @@
 ==============  ===================================================================================================
 step            Ray
 ==============  ===================================================================================================
-dense           Ray Data actor pool over the image records of each split (:func:`.shards.run_sharded_stage`, the
-                extract stage's machinery: same shard files, resume, row-count checks, errors.jsonl)
+dense           Ray Data actor pool over the image records of each split (:func:`.shards.run_sharded_stage` with
+                :func:`transfgu.leopart.pipeline.dense_stage`: same shard files, resume, row-count checks, errors.jsonl)
 pca             one task per dense file returns its additive moments; the driver reduces them in file order
 k-means, CBFE,  actors that each hold a group of dense files in memory, projected by the PCA
 co-occurrence   (:class:`transfgu.leopart.shards.DenseShards` as a Ray actor); every Lloyd step sends the centroids
@@ -22,27 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from transfgu.config import Config
 from transfgu.distributed.cluster import task_resources
-from transfgu.distributed.shards import ShardActor, run_sharded_stage
+from transfgu.distributed.shards import run_sharded_stage
 from transfgu.leopart import pipeline as lp_pipeline
 from transfgu.leopart.pca import PCA
 
 log = logging.getLogger(__name__)
-
-
-class DenseExtractor(ShardActor):
-    """Actor of the dense pool: ``__call__`` runs :func:`transfgu.leopart.pipeline.dense_rows` on one shard."""
-
-    stage = "dense"
-
-    def compute(self, images: list[np.ndarray], image_ids: list[str]) -> pa.Table:
-        return lp_pipeline.dense_rows(self.backbone, images, image_ids, self.cfg, self.device, self.amp)
-
-    def rows_per_image(self, table: pa.Table, image_ids: list[str]) -> dict[str, int]:
-        return {i: 1 for i in table["image_id"].to_pylist()}
 
 
 def _groups(files: Sequence[Path], n_groups: int) -> list[list[str]]:
@@ -110,10 +97,8 @@ class RayExecutor:
         self.res = task_resources(cfg)
 
     def extract(self, ctx: Any, split: str, records: Sequence[Any], out_dir: Path) -> None:
-        from transfgu.pipeline import Progress
-
-        prog = Progress(f"dense/{split}", len(records))
-        run_sharded_stage(ctx, "dense", out_dir, DenseExtractor, records, progress=prog.update)
+        stage_cls = lp_pipeline.dense_stage(split)  # its records and output directory are ``records``, ``out_dir``
+        run_sharded_stage(ctx, stage_cls)
 
     def shards(self, files: Sequence[Path], pca: PCA, mask: dict[str, Any]) -> RayShards:
         import ray

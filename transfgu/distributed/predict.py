@@ -266,8 +266,8 @@ def predict_ray(
     from ray.data import ActorPoolStrategy, DataContext
 
     from transfgu.checkpoint import read_model_meta
+    from transfgu.errors import ErrorLog
     from transfgu.predict import find_checkpoint
-    from transfgu.stages import ErrorLog
 
     ckpt = find_checkpoint(checkpoint).resolve()
     meta = read_model_meta(ckpt)

@@ -23,25 +23,33 @@ import contextlib
 import fcntl
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config
-from transfgu.store import atomic_write_json
+from transfgu.context import RunContext
+from transfgu.distributed.cluster import init_ray, worker_config
+from transfgu.distributed.kmeans import run_concepts_ray
+from transfgu.distributed.pipeline import RAY_RUNNERS, prepare_run_dir, run_extract_ray, run_label_bank_ray
+from transfgu.distributed.train import run_train_ray
+from transfgu.layout import RunLayout
+from transfgu.local import StageRunner
+from transfgu.logs import setup_logging
+from transfgu.pipeline import run_pipeline
+from transfgu.store import atomic_write_json, to_jsonable
+from transfgu.tracking import Tracker, config_params, resolve_tracking_uri, run_tags
 
 log = logging.getLogger(__name__)
 
 #: Short names of the swept settings -> config keys (``K`` sets ``concepts.k_per_pool``).
 SWEEP_KEYS = {"betas": "crops.betas", "w_div": "train.w_div", "w_unc": "train.w_unc", "lr": "train.lr"}
-#: Stage -> its output directory in the run directory.
-SHARED_STAGES = {"extract": "features", "concepts": "concepts", "label_bank": "label_bank"}
+#: The stages whose outputs trials share.
+SHARED_STAGES = ("extract", "concepts", "label_bank")
 
 
 def apply_trial(base: Config, params: Mapping[str, Any], run_root: Path, name: str) -> Config:
     """The trial's config: ``base`` with the sampled values, its run directory, and the sweep's MLflow store."""
-    from transfgu.tracking import resolve_tracking_uri
-
     d = base.model_dump(mode="json")
     for key, value in params.items():
         if key == "K":
@@ -76,24 +84,24 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def cached_stage(stage: str, runner: Callable[[Any], dict[str, Any]], cache_root: Path) -> Callable[[Any], dict]:
+def cached_stage(stage: str, runner: StageRunner, cache_root: Path) -> StageRunner:
     """Wrap a stage runner so that its output directory is shared by every trial with the same input hash."""
+    assert stage in SHARED_STAGES, stage
 
-    def run(ctx: Any) -> dict[str, Any]:
+    def run(ctx: RunContext) -> dict[str, Any]:
         key = f"{stage}-{ctx.hashes[stage][:16]}"
-        shared = cache_root / key
-        out = SHARED_STAGES[stage]
-        (shared / out).mkdir(parents=True, exist_ok=True)
-        link = ctx.run_dir / out
+        shared = RunLayout(cache_root / key)
+        shared.output(stage).mkdir(parents=True, exist_ok=True)
+        link = ctx.layout.output(stage)
         if link.is_symlink() or not link.exists():
             if link.is_symlink():
                 link.unlink()
-            link.symlink_to((shared / out).resolve(), target_is_directory=True)
-        done = shared / "_done.json"
+            link.symlink_to(shared.output(stage).resolve(), target_is_directory=True)
+        done = shared.root / "_done.json"
         with file_lock(cache_root / f".{key}.lock"):
             if done.is_file():
                 info = json.loads(done.read_text())
-                log.info("[%s] reusing %s (computed by %s)", stage, shared, info.get("computed_by"))
+                log.info("[%s] reusing %s (computed by %s)", stage, shared.root, info.get("computed_by"))
                 return {**info, "reused": True}
             info = runner(ctx)
             atomic_write_json(done, {**info, "computed_by": ctx.cfg.run.name})
@@ -106,14 +114,7 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], sweep_dir: str, p
     """The Tune trainable: the whole Ray pipeline of one trial, reporting val mIoU every epoch."""
     import ray.tune
 
-    from transfgu.distributed.extract import run_extract_ray
-    from transfgu.distributed.kmeans import run_concepts_ray
-    from transfgu.distributed.label_bank import run_label_bank_ray
-    from transfgu.distributed.pipeline import prepare_run_dir
-    from transfgu.distributed.train import run_train_ray
-    from transfgu.pipeline import run_pipeline, setup_logging
-
-    setup_logging()
+    setup_logging(worker=True)
     trial = ray.tune.get_context().get_trial_name() or ray.tune.get_context().get_trial_id()
     root = Path(sweep_dir)
     cfg = apply_trial(Config.model_validate(base), params, root / "trials", trial)
@@ -124,8 +125,6 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], sweep_dir: str, p
         "label_bank": cached_stage("label_bank", run_label_bank_ray, cache),
         "train": lambda ctx: run_train_ray(ctx, tune=True),
     }
-    from transfgu.distributed.pipeline import RAY_RUNNERS
-
     prepare_run_dir(cfg)
     run_pipeline(cfg, runners={**RAY_RUNNERS, **runners}, kind="trial", tracking_parent=parent_run_id)
 
@@ -189,10 +188,6 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from transfgu.distributed.cluster import init_ray, worker_config
-    from transfgu.pipeline import setup_logging
-    from transfgu.tracking import Tracker, config_params, run_tags
-
     setup_logging()
     init_ray(cfg)
     sweep_dir = (Path(cfg.run.root) / name).resolve()
@@ -246,10 +241,10 @@ def run_sweep(
     if tracker is not None and parent is not None:
         tracker.log_params(parent, {f"best.{k}": v for k, v in best_params.items()})
         tracker.log_metrics(parent, {f"best_{metric}": best_metric})
-        tracker.log_dict(parent, {"params": _plain(best_params), metric: best_metric}, "sweep/best.json")
+        tracker.log_dict(parent, {"params": to_jsonable(best_params), metric: best_metric}, "sweep/best.json")
         tracker.end_run(parent, "FINISHED")
     summary = {
-        "best_config": _plain(best_params),
+        "best_config": to_jsonable(best_params),
         "best_metric": best_metric,
         "trials": len(grid),
         "errors": len(grid.errors),
@@ -269,7 +264,3 @@ def _trial_run_dir(sweep_dir: Path, trial_id: str | None) -> str | None:
         return None
     found = sorted((sweep_dir / "trials").glob(f"*{trial_id}"))
     return str(found[0]) if found else None
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

@@ -31,8 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
-from transfgu import stages
 from transfgu.config import Config
+from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
+from transfgu.errors import check_error_budget, decode_images
 from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import (
     community_map,
@@ -111,22 +112,25 @@ class LocalExecutor:
     """Every step in this process."""
 
     def extract(self, ctx: Any, split: str, records: Sequence[Any], out_dir: Path) -> None:
-        from transfgu.pipeline import SHARD_IMAGES, Progress, _kept_rows
+        from transfgu.layout import shard_file
+        from transfgu.local import _kept_rows
+        from transfgu.logs import Progress
+        from transfgu.stages import SHARD_IMAGES
 
         cfg = ctx.cfg
         out_dir.mkdir(parents=True, exist_ok=True)
-        prog = Progress(f"dense/{split}", len(records))
-        for si in range(0, len(records), SHARD_IMAGES):
-            shard = records[si : si + SHARD_IMAGES]
-            path = out_dir / f"part-{si // SHARD_IMAGES:05d}.parquet"
-            if _kept_rows(path, "dense") is not None:
-                prog.update(len(shard), "(kept)")
-                continue
-            decoded = list(stages.decode_images(shard, ctx.errors, "dense"))
-            table = dense_rows(ctx.backbone, [im for _, im in decoded], [r.image_id for r, _ in decoded], cfg,
-                               ctx.device, ctx.amp)
-            write_parquet_atomic(table, path)
-            prog.update(len(shard))
+        with Progress(f"dense/{split}", len(records)) as prog:
+            for si in range(0, len(records), SHARD_IMAGES):
+                shard = records[si : si + SHARD_IMAGES]
+                path = shard_file(out_dir, si // SHARD_IMAGES)
+                if _kept_rows(path, "dense") is not None:
+                    prog.update(len(shard), "(kept)")
+                    continue
+                decoded = list(decode_images(shard, ctx.errors, "dense"))
+                table = dense_rows(ctx.backbone, [im for _, im in decoded], [r.image_id for r, _ in decoded], cfg,
+                                   ctx.device, ctx.amp)
+                write_parquet_atomic(table, path)
+                prog.update(len(shard))
 
     def shards(self, files: Sequence[Path], pca: PCA, mask: dict[str, Any]) -> DenseShards:
         return DenseShards(files, pca, mask)
@@ -144,6 +148,33 @@ def dense_rows(backbone: Any, images: list[np.ndarray], ids: list[str], cfg: Con
     return dense_table(ids, dense_features(backbone, images, tuple(lp.input_size), device, lp.batch_size, amp))
 
 
+def dense_stage(split: str) -> type:
+    """The dense step of one split as a :class:`transfgu.stages.ShardedStage` (the Ray executor's actor pool runs
+    it like extract; the split's records and output directory are the stage's own)."""
+    from transfgu.stages import ShardedStage
+
+    class DenseStage(ShardedStage):
+        name = "dense"
+
+        @classmethod
+        def output(cls, layout: Any) -> Path:
+            return layout.root / "dense" / split
+
+        @classmethod
+        def records(cls, cfg: Config) -> list:
+            return split_records(cfg, split)
+
+        def compute(self, images: Any, image_ids: list[str]) -> pa.Table:
+            return dense_rows(self.backbone, list(images), image_ids, self.cfg, self.device, self.amp)
+
+        @classmethod
+        def finish(cls, ctx: Any, n_images: int) -> dict[str, Any]:
+            return {}  # run_dense checks the error budget and the counts of every split
+
+    DenseStage.__qualname__ = DenseStage.__name__ = f"DenseStage_{split}"
+    return DenseStage
+
+
 # -- stages --------------------------------------------------------------------------------------------------------
 def dense_files(run_dir: Path, split: str) -> list[Path]:
     d = run_dir / "dense" / split
@@ -157,11 +188,11 @@ def run_dense(ctx: Any, ex: Any) -> dict[str, Any]:
     cfg = ctx.cfg
     info: dict[str, Any] = {"rows": 0, "errors": 0}
     for split in splits(cfg):
-        records = stages.split_records(cfg, split)
+        records = split_records(cfg, split)
         before = ctx.errors.count("dense")
         ex.extract(ctx, split, records, ctx.run_dir / "dense" / split)
         n_err = ctx.errors.count("dense") - before
-        stages.check_error_budget(n_err, len(records), cfg.run.error_budget, "dense")
+        check_error_budget(n_err, len(records), cfg.run.error_budget, "dense")
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(ctx.run_dir / "dense" / split))
         if split == cfg.data.train_split and rows == 0:
             raise RuntimeError("dense: no training image could be read")
@@ -194,17 +225,17 @@ def load_model(run_dir: Path, upto: str) -> LeopartModel:
 
 def _fg_classes(cfg: Config) -> tuple[tuple[str, ...], int | None]:
     """Class names and the background class index (None when the data set has no background class)."""
-    names, _, _ = stages.dataset_classes(cfg)
+    names, _, _ = dataset_classes(cfg)
     bg = [i for i, n in enumerate(names) if n.strip().lower() in ("background", "bg", "_background_")]
     return names, (bg[0] if bg else None)
 
 
 def _gt_at(cfg: Config, split: str, errors: Any, stage: str) -> dict[str, np.ndarray]:
     """Ground truth of a split at ``leopart.eval_size`` by image id (-1 = ignore); bad samples are recorded."""
-    names, ignore, label_map = stages.dataset_classes(cfg)
-    records = stages.split_records(cfg, split)
-    ds = stages.EvalDataset(records, label_map, tuple(cfg.leopart.eval_size), ignore, errors=errors, stage=stage)
-    stages.check_error_budget(len(ds.skipped), len(records), cfg.run.error_budget, stage)
+    names, ignore, label_map = dataset_classes(cfg)
+    records = split_records(cfg, split)
+    ds = EvalDataset(records, label_map, tuple(cfg.leopart.eval_size), ignore, errors=errors, stage=stage)
+    check_error_budget(len(ds.skipped), len(records), cfg.run.error_budget, stage)
     return {rec.image_id: ds[i]["label"].numpy() for i, rec in enumerate(ds.records)}
 
 
@@ -276,7 +307,7 @@ def _n_communities(cfg: Config) -> int | None:
 
 
 def model_meta(cfg: Config, pretrained: bool) -> dict[str, Any]:
-    names = stages.dataset_classes(cfg)[0] if cfg.data.name != "folder" else ()
+    names = dataset_classes(cfg)[0] if cfg.data.name != "folder" else ()
     return {
         "method": "leopart",
         "backbone": {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "pretrained": pretrained},
@@ -401,8 +432,8 @@ def scores_unmatched_to_background(conf: np.ndarray, names: Sequence[str], bg: i
 
 
 def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
+    from transfgu.evaluation import has_labelled_val, write_eval
     from transfgu.metrics import RunningConfusion, segmentation_scores
-    from transfgu.pipeline import has_labelled_val, write_eval
 
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     if not has_labelled_val(cfg):

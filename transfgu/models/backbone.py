@@ -27,6 +27,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from transfgu.models.source import parse_source
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -230,29 +232,26 @@ def build_backbone(arch: str = "vit_small_patch8", weights: str = "none") -> Din
             to a ``.pth``/``.pt``/``.safetensors`` file in DINO's or timm's key layout.
     """
     weights = str(weights)
-    if weights == "none":
+    src = parse_source(weights)
+    if src.kind == "random":
         vit = _create_vit(arch, pretrained_tag=False)
         log.warning(
             "backbone %s has RANDOM weights (weights=none): features, pseudo labels and metrics are NOT those of "
             "the method; give model.weights a DINO checkpoint for real results",
             arch,
         )
-        pretrained = False
-    elif weights == "timm" or weights.startswith("hub:"):
-        if weights.startswith("hub:"):
-            tag = weights[4:]
-            try:
-                vit = timm.create_model(tag, pretrained=True, num_classes=0, dynamic_img_size=True)
-            except Exception as exc:
-                raise WeightsError(f"could not load timm hub tag {tag!r}: {exc}") from exc
-        else:
-            vit = _create_vit(arch, pretrained_tag=True)
-        pretrained = True
+    elif src.kind == "hub":
+        try:
+            vit = timm.create_model(src.tag, pretrained=True, num_classes=0, dynamic_img_size=True)
+        except Exception as exc:
+            raise WeightsError(f"could not load timm hub tag {src.tag!r}: {exc}") from exc
+    elif src.kind == "timm":
+        vit = _create_vit(arch, pretrained_tag=True)
     else:
         sd = load_state_dict_file(weights)
         vit = _create_vit(arch, pretrained_tag=False)
         _load_into(vit, sd, weights)
-        pretrained = True
+    pretrained = src.pretrained
     model = DinoViT(vit, arch=arch, weights=weights, pretrained=pretrained)
     model.eval()
     for p in model.parameters():
