@@ -203,6 +203,23 @@ def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metr
     return sec
 
 
+def _funnel_section(metrics: dict[str, Any] | None) -> Section:
+    """concepts -> pseudo labels -> round 1 ... -> final, from ``metrics["stages"]`` (transfgu.quality)."""
+    from transfgu.quality import funnel_rows
+
+    sec = Section("Quality at every stage")
+    rows = funnel_rows(metrics or {})
+    if not metrics or not metrics.get("stages"):
+        sec.note = "No stage-quality measurements in eval/metrics.json (no ground truth, or an older run)."
+        return sec
+    text = ("Each stage scored against the ground truth: concepts on the training crops, pseudo labels on the "
+            "training images, teacher/student of every round on the validation split.")
+    if metrics.get("prior") and metrics["prior"] != "pretrained":
+        text += f" Backbone prior: {metrics['prior']} (not the method's numbers)."
+    sec.html = f"<p>{html.escape(text)}</p>" + _table(["stage", "measure", "value"], rows)
+    return sec
+
+
 def _stages_section(run_dir: Path) -> Section:
     sec = Section("Stages")
     man = _read_json(RunLayout(run_dir).manifest)
@@ -528,6 +545,12 @@ def _banner(pretrained: bool | None, meta: dict[str, Any] | None, cfg: Any) -> s
     bb = (meta or {}).get("backbone") or {}
     arch = bb.get("arch") or (cfg.backbone.arch if cfg is not None else "?")
     weights = bb.get("weights") or (cfg.backbone.weights if cfg is not None else "?")
+    if pretrained is False and bb.get("prior") == "supervised stand-in":
+        return (
+            '<div class="banner random"><b>SUPERVISED STAND-IN PRIOR (not pretrained).</b> '
+            f"The {html.escape(str(arch))} backbone was trained with labels on a stand-in set "
+            "(transfgu.tools.standin_prior): a test fixture, so these numbers are <b>not the method's</b>.</div>"
+        )
     if pretrained is False:
         return (
             '<div class="banner random"><b>RANDOM BACKBONE (no pretrained weights).</b> '
@@ -596,6 +619,7 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     pretrained = _pretrained(meta, metrics, cfg)
     builders: list[tuple[str, Callable[[], Section]]] = [
         ("Metrics", lambda: _metrics_section(run_dir, out, meta, metrics)),
+        ("Quality at every stage", lambda: _funnel_section(metrics)),
         ("Predictions vs ground truth", lambda: _prediction_section(run_dir, out, cfg, meta, opt)),
         ("Concept galleries", lambda: _gallery_section(run_dir, out, cfg, meta, opt)),
         ("CAM panels (pseudo-label bank)", lambda: _cam_section(run_dir, out, cfg, meta, opt)),

@@ -45,7 +45,7 @@ def load_run_backbone(cfg: BackboneConfig, layout: RunLayout | None, seed: int) 
     """Build the backbone of a run. A random backbone is saved once in the run directory and reloaded afterwards,
     so every stage (and every Ray worker) of the run sees the same weights."""
     src = cfg.source
-    if src.pretrained or layout is None:
+    if src.kind != "random" or layout is None:  # (a stand-in file is not pretrained, but it is not random either)
         torch.manual_seed(seed)
         return build_backbone(cfg.arch, cfg.weights)
     path = layout.random_backbone
@@ -53,6 +53,7 @@ def load_run_backbone(cfg: BackboneConfig, layout: RunLayout | None, seed: int) 
         bb = build_backbone(cfg.arch, str(path))
         bb.pretrained = False
         bb.weights = "none"
+        bb.prior = "random"
         return bb
     torch.manual_seed(seed)
     bb = build_backbone(cfg.arch, "none")

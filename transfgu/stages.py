@@ -22,6 +22,7 @@ Nothing in this module knows about Ray or MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -255,7 +256,30 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
     dec = load_model_decoder(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device)
     scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
     write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=n_images)
+    add_stage_quality(ctx)
     # The prediction checkpoint learns which cluster is which class, so `transfgu predict` can name them.
     set_cluster_to_class(ctx.layout.model, np.asarray(scores["mapping"]).tolist())
     return {"rows": n_images, "errors": scores["skipped"], "mIoU": float(scores["mIoU"]),
             "pixel_accuracy": float(scores["pixel_accuracy"])}
+
+
+def add_stage_quality(ctx: RunContext) -> None:
+    """Concept, pseudo-label and per-round quality (:mod:`transfgu.quality`) into ``eval/metrics.json``."""
+    from transfgu.quality import stage_quality
+    from transfgu.store import atomic_write_json
+    from transfgu.training import build_decoder
+
+    cfg = ctx.cfg
+
+    def score(dec: torch.nn.Module) -> dict[str, Any]:
+        return evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp)[0]
+
+    stages_q = stage_quality(ctx.layout.root, cfg, lambda: build_decoder(cfg, ctx.backbone.embed_dim).to(ctx.device),
+                             score)
+    prior = cfg.backbone.source.prior
+    metrics = json.loads(ctx.layout.metrics.read_text())
+    metrics["prior"] = prior
+    if prior != "pretrained":
+        metrics["warning"] = f"{prior} backbone (not pretrained): these numbers are not the method's"
+    metrics["stages"] = to_jsonable(stages_q)
+    atomic_write_json(ctx.layout.metrics, metrics)

@@ -210,6 +210,7 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
     tags = {
         "kind": kind,
         "pretrained": str(cfg.backbone.source.pretrained).lower(),
+        "prior": cfg.backbone.source.prior,
         "backbone": cfg.backbone.arch,
         "dataset": cfg.data.name,
         "run_name": cfg.run.name,
@@ -450,6 +451,14 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
         tracker.log_metrics(run_id, {"mIoU": m.get("mIoU"), "pixel_accuracy": m.get("pixel_accuracy")})
         tracker.log_metrics(run_id, {f"iou/{k}": v for k, v in m.get("per_class_iou", {}).items()
                                      if v is not None})
+        from transfgu.quality import mlflow_metrics
+
+        flat, per_round = mlflow_metrics(m)  # the stage-quality funnel: concepts, pseudo labels, rounds
+        tracker.log_metrics(run_id, flat)
+        for step, vals in per_round:
+            tracker.log_metrics(run_id, vals, step=step)
+        if m.get("prior"):
+            tracker.set_tags(run_id, {"prior": m["prior"]})
         for name in ("metrics.json", "per_class_iou.csv", "confusion.csv"):
             tracker.log_artifact(run_id, ev / name, "eval")
         png = layout.report / "confusion.png"

@@ -43,7 +43,16 @@ ARCHS: dict[str, str] = {
     "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
     # A tiny random ViT with the same structure, for tests and smoke runs only.
     "vit_test_tiny": "",
+    # A small ViT/8 for the supervised stand-in prior (transfgu.tools.standin_prior): tests and development only.
+    "vit_standin": "",
 }
+
+#: What a backbone's weights are, as recorded in metrics, MLflow and reports (``prior``).
+PRIOR_RANDOM = "random"
+PRIOR_PRETRAINED = "pretrained"
+PRIOR_STANDIN = "supervised stand-in"
+#: safetensors metadata key that marks a file written by transfgu.tools.standin_prior.
+PRIOR_METADATA_KEY = "transfgu_prior"
 
 
 class WeightsError(RuntimeError):
@@ -80,6 +89,7 @@ class DinoViT(nn.Module):
         self.arch = arch
         self.weights = weights
         self.pretrained = pretrained
+        self.prior = PRIOR_PRETRAINED if pretrained else PRIOR_RANDOM  # build_backbone refines it
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.embed_dim = int(vit.embed_dim)
         self.num_heads = int(vit.blocks[-1].attn.num_heads)
@@ -153,6 +163,10 @@ def _create_vit(arch: str, pretrained_tag: bool) -> VisionTransformer:
         return VisionTransformer(
             img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True
         )
+    if arch == "vit_standin":
+        return VisionTransformer(
+            img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=0, dynamic_img_size=True
+        )
     try:
         return timm.create_model(ARCHS[arch], pretrained=pretrained_tag, num_classes=0, dynamic_img_size=True)
     except Exception as exc:  # network errors come in many types
@@ -204,6 +218,29 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return _unwrap_state_dict(obj, str(p))
 
 
+def weights_prior(weights: str | os.PathLike[str]) -> str:
+    """What ``backbone.weights`` gives: :data:`PRIOR_RANDOM` for ``none``, :data:`PRIOR_STANDIN` for a safetensors
+    file whose metadata marks it as the supervised stand-in prior, else :data:`PRIOR_PRETRAINED`.
+
+    The stand-in is a test fixture trained with labels, so runs that use it must never claim ``pretrained: true``.
+    """
+    weights = str(weights)
+    if weights == "none":
+        return PRIOR_RANDOM
+    p = Path(weights)
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                meta = fh.metadata() or {}
+        except Exception:  # unreadable files are reported by load_state_dict_file with a clear message
+            meta = {}
+        if meta.get(PRIOR_METADATA_KEY) == PRIOR_STANDIN:
+            return PRIOR_STANDIN
+    return PRIOR_PRETRAINED
+
+
 def _load_into(vit: VisionTransformer, sd: dict[str, Tensor], path: str) -> None:
     if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
         n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
@@ -252,7 +289,11 @@ def build_backbone(arch: str = "vit_small_patch8", weights: str = "none") -> Din
         vit = _create_vit(arch, pretrained_tag=False)
         _load_into(vit, sd, weights)
     pretrained = src.pretrained
+    prior = src.prior
+    if prior == PRIOR_STANDIN:
+        log.warning("backbone %s uses the SUPERVISED STAND-IN prior %s: a test fixture, not the method", arch, weights)
     model = DinoViT(vit, arch=arch, weights=weights, pretrained=pretrained)
+    model.prior = prior
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -24,8 +24,20 @@ class BackboneSource:
     path: Path | None = None
 
     @property
+    def prior(self) -> str:
+        """``random``, ``pretrained`` or ``supervised stand-in`` (a file marked by transfgu.tools.standin_prior)."""
+        if self.kind == "random":
+            return "random"
+        if self.kind == "file" and self.path is not None:
+            from transfgu.models.backbone import weights_prior
+
+            return weights_prior(self.path)
+        return "pretrained"
+
+    @property
     def pretrained(self) -> bool:
-        return self.kind != "random"
+        # The stand-in prior was trained with labels: a test fixture, never recorded as pretrained.
+        return self.prior == "pretrained"
 
     @property
     def spec(self) -> str:
