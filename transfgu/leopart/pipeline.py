@@ -459,6 +459,7 @@ def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
     metrics.update({
         "method": "leopart", "protocol": lp.protocol, "labels_used_for_fitting": lp.protocol == "paper",
         "eval_size": list(lp.eval_size), "unmatched": lp.unmatched, "n_segments": model.n_segments,
+        "prior": cfg.backbone.source.prior,
         "overclustering": over,
         "note": "mIoU: Hungarian matching of label-free segments; overclustering maps clusters to classes WITH "
                 "labels (many-to-one, precision-based), as Leopart reports it",
