@@ -118,7 +118,7 @@ def prepare_stage_outputs(run_dir: Path, stage: str, input_hash: str, force: boo
     """
     run_dir = Path(run_dir)
     moved: list[Path] = []
-    for name in STAGE_OUTPUTS[stage]:
+    for name in STAGE_OUTPUTS.get(stage, ()):  # TransFGU's stages; another method's are left as they are
         out = run_dir / name
         if not (out.exists() or out.is_symlink()):
             continue

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from transfgu import integrity
 from transfgu.concepts import PoolFit, kmeans
 from transfgu.context import RunContext
@@ -26,7 +28,6 @@ from transfgu.stages import (
     finish_concepts,
     finish_train,
     run_evaluate,
-    training_images,
 )
 from transfgu.store import read_features, write_parquet_atomic
 from transfgu.throughput import PrefetchLoader, overlapped
@@ -36,6 +37,22 @@ log = logging.getLogger(__name__)
 
 #: A stage as an executor runs it: the run's context in, the stage's manifest info out.
 StageRunner = Callable[[RunContext], dict[str, Any]]
+
+
+def _kept_rows(path: Path, stage: str) -> int | None:
+    """Rows of a finished shard file; None when there is none or it is unreadable (then it is removed and redone).
+
+    Leopart's one-process dense step keeps shards by file name with this; TransFGU's stages resume by image id
+    (:func:`run_sharded`).
+    """
+    if not path.is_file():
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a torn or foreign file
+        log.warning("[%s] %s is unreadable (%s); computing it again", stage, path, exc)
+        path.unlink()
+        return None
 
 
 def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any]:
@@ -48,7 +65,7 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
     stage_cls.check_inputs(ctx)
     out_dir = stage_cls.output(ctx.layout)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = training_images(ctx.cfg)
+    records = stage_cls.records(ctx.cfg)
     ids = [r.image_id for r in records]
     h = ctx.hashes[stage_cls.name]
     plan = integrity.plan_shards(out_dir, ctx.run_dir, stage_cls.name, h, ids, SHARD_IMAGES)
