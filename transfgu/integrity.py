@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from transfgu.layout import RunLayout
 from transfgu.store import atomic_write_json, list_parquet_files, strict_jsonable
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def set_aside(path: Path, run_dir: Path, stage: str, input_hash: str | None, why
     Returns the new location. The move keeps what a user may still want (an older run's outputs) while
     guaranteeing that no reader of the stage's output directory sees it again.
     """
-    dest_dir = Path(run_dir) / STALE_DIR / stage / _tag(input_hash)
+    dest_dir = RunLayout(Path(run_dir)).stale(stage, _tag(input_hash))
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / path.name
     n = 1

@@ -16,6 +16,7 @@ A run directory holds one run of the method; each stage writes only its own entr
       eval/                         evaluate: metrics.json, per_class_iou.csv, confusion.csv
       report/                       report: index.html
       ray_results/                  Ray Train's own checkpoints (Ray executor, unless ray.storage_path is set)
+      _stale/<stage>/<hash12>/      outputs of other inputs, moved aside and never read (transfgu.integrity)
 
 Nothing else builds these names: stages, executors, the report and the Tune cache ask a :class:`RunLayout`.
 """
@@ -96,6 +97,10 @@ class RunLayout:
     @property
     def ray_results(self) -> Path:
         return self.root / "ray_results"
+
+    def stale(self, stage: str, tag: str) -> Path:
+        """Where outputs of ``stage`` computed from other inputs are moved: ``_stale/<stage>/<tag>``."""
+        return self.root / "_stale" / stage / tag
 
     def output(self, stage: str) -> Path:
         """The output entry of ``stage`` (see :data:`STAGE_OUTPUTS`)."""
