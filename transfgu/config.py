@@ -117,6 +117,10 @@ class PseudoLabelConfig(_Base):
     grad_scale: float = Field(0.125, gt=0, description="per-image objective scale; 1/8 = reference batch of 8")
     mass: float = Field(0.8, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 on every device (the decisions hinge on ~3e-5 gaps); bf16 = opt-in autocast of "
+        "blocks 1..L-1, agreement with fp32 measured by bench/label_bank_agreement.py"
+    )
 
     _size = field_validator("input_size")(_check_size)
 

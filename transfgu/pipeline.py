@@ -202,7 +202,7 @@ def run_label_bank(ctx: Context) -> dict[str, Any]:
     bank = ConceptBank.load(ctx.run_dir / "concepts")
 
     def table(images: list[np.ndarray], ids: list[str]) -> Any:
-        maps = stages.build_label_maps(ctx.backbone, images, bank.centroids, cfg.pseudo, ctx.device, ctx.amp)
+        maps = stages.build_label_maps(ctx.backbone, images, bank.centroids, cfg.pseudo, ctx.device)
         return stages.label_bank_rows(ids, maps)
 
     rows, _, n_err = _run_sharded(ctx, "label_bank", "label_bank", table)
@@ -308,7 +308,7 @@ def _jsonable(obj: Any) -> Any:
 
 def run_train(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
-    bank = read_label_bank(ctx.run_dir / "label_bank")
+    bank = read_label_bank(ctx.run_dir / "label_bank", dense=False)
     records = stages.split_records(cfg, cfg.data.train_split)
     ds = stages.BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
     if len(ds) == 0:

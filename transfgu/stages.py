@@ -28,8 +28,8 @@ from transfgu.data.datasets import DatasetError, ImageRecord, dataset_spec, list
 from transfgu.data.io import DecodeError, load_rgb
 from transfgu.data.labelmaps import LabelMapError
 from transfgu.models.backbone import DinoViT, build_backbone, normalize, save_backbone_weights
-from transfgu.pseudo_labels import concept_maps
-from transfgu.store import features_table, label_bank_table
+from transfgu.pseudo_labels import concept_map_parts
+from transfgu.store import LabelMaps, features_table, label_bank_table
 
 log = logging.getLogger(__name__)
 
@@ -197,22 +197,38 @@ def extract_features(
 
 
 # -- stage 3: pseudo-label bank ------------------------------------------------------------------------------------
+def pseudo_autocast_dtype(pseudo: PseudoLabelConfig) -> torch.dtype | None:
+    """The pseudo-label pass runs in float32 on every device unless ``pseudo.precision=bf16`` opts in (issue 12)."""
+    return torch.bfloat16 if pseudo.precision == "bf16" else None
+
+
 def build_label_maps(
     backbone: DinoViT,
     images: Sequence[np.ndarray],
     centroids: np.ndarray,
     pseudo: PseudoLabelConfig,
     device: torch.device,
-    amp: torch.dtype | None = None,
-) -> list[np.ndarray]:
-    """Concept maps ``(K, h, w)`` float16 for a group of decoded images (eq. 5-7)."""
-    out: list[np.ndarray] = []
+) -> list[LabelMaps]:
+    """Concept maps of a group of decoded images (eq. 5-7) in the lossless label-bank layout.
+
+    Precision comes from ``pseudo.precision`` (float32 by default, also on CUDA), not from ``backbone.precision``:
+    the concept decision hinges on gaps far below bf16's resolution.
+    """
+    out: list[LabelMaps] = []
+    amp = pseudo_autocast_dtype(pseudo)
     c = torch.from_numpy(np.asarray(centroids, dtype=np.float32)).to(device)
     for start in range(0, len(images), pseudo.batch_size):
         group = images[start : start + pseudo.batch_size]
         x = torch.stack([resize_image(im, tuple(pseudo.input_size), pseudo.resize_mode) for im in group]).to(device)
-        maps = concept_maps(backbone, x, c, grad_scale=pseudo.grad_scale, mass=pseudo.mass, autocast_dtype=amp)
-        out.extend(m.to(torch.float16).cpu().numpy() for m in maps)
+        parts, (h, w) = concept_map_parts(
+            backbone, x, c, grad_scale=pseudo.grad_scale, mass=pseudo.mass, autocast_dtype=amp
+        )
+        k = c.shape[0]
+        maps = parts.maps().reshape(len(group), k, h, w).cpu().numpy()
+        a_hat = parts.a_hat.reshape(len(group), h, w).cpu().numpy()
+        gate = parts.gate.reshape(len(group), k, h, w).cpu().numpy()
+        bonus = parts.bonus.reshape(len(group), k, h, w).cpu().numpy()
+        out.extend(LabelMaps.from_parts(a_hat[i], gate[i], bonus[i], maps[i]) for i in range(len(group)))
     return out
 
 
@@ -236,7 +252,7 @@ class BankDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         records: Sequence[ImageRecord],
-        bank: dict[str, np.ndarray],
+        bank: dict[str, np.ndarray] | dict[str, LabelMaps],
         train_size: tuple[int, int],
         repeat: int = 1,
         cache_bytes: int = 2 * 1024**3,
@@ -261,7 +277,9 @@ class BankDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         i = idx % len(self.records)
-        pseudo = torch.from_numpy(self.bank[self.records[i].image_id].astype(np.float32))
+        m = self.bank[self.records[i].image_id]
+        # The compact bank (read_label_bank(dense=False)) is expanded one image at a time, bit-exactly.
+        pseudo = torch.from_numpy(m.dense() if isinstance(m, LabelMaps) else np.asarray(m, dtype=np.float32))
         return {"image": self._image(i), "pseudo": pseudo}
 
 

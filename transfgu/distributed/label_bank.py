@@ -17,7 +17,7 @@ from transfgu.distributed.shards import ShardActor, run_sharded_stage
 
 
 class LabelBankBuilder(ShardActor):
-    """Actor of the label-bank pool: one row of ``K x h x w`` float16 maps per decodable image."""
+    """Actor of the label-bank pool: one row of ``K x h x w`` lossless maps per decodable image."""
 
     stage = "label_bank"
 
@@ -26,7 +26,7 @@ class LabelBankBuilder(ShardActor):
         self.centroids = np.asarray(centroids, dtype=np.float32)
 
     def compute(self, images: list[np.ndarray], image_ids: list[str]) -> pa.Table:
-        maps = stages.build_label_maps(self.backbone, images, self.centroids, self.cfg.pseudo, self.device, self.amp)
+        maps = stages.build_label_maps(self.backbone, images, self.centroids, self.cfg.pseudo, self.device)
         return stages.label_bank_rows(image_ids, maps)
 
     def rows_per_image(self, table: pa.Table, image_ids: list[str]) -> dict[str, int]:

@@ -71,11 +71,11 @@ def make_loader(cfg: Config, run_dir: Path, rank: int, world: int) -> torch.util
     bank_dir = run_dir / "label_bank"
     records = stages.split_records(cfg, cfg.data.train_split)
     if world <= 1:
-        bank: Any = read_label_bank(bank_dir)
+        bank: Any = read_label_bank(bank_dir, dense=False)
     else:
         # Every epoch reshuffles images across workers, so a worker may need any bank row over the run; it holds
         # only the rows of its current epoch (about 1/W of the bank), read when the epoch starts.
-        bank = EpochRows(bank_image_ids(bank_dir), lambda ids: read_label_bank(bank_dir, image_ids=ids))
+        bank = EpochRows(bank_image_ids(bank_dir), lambda ids: read_label_bank(bank_dir, image_ids=ids, dense=False))
     ds = stages.BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")
