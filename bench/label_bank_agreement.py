@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = _args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from transfgu.concepts import ConceptBank  # noqa: F401  (import check: the package is importable)
     from transfgu.config import load_config
     from transfgu.data.io import load_rgb
     from transfgu.models.backbone import build_backbone
@@ -114,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         x2 = torch.stack([resize_image(im, (2 * p.input_size[0], 2 * p.input_size[1])) for im in images])
         hh, ww = p.input_size
-        crops = torch.cat([x2[:, :, :hh, :ww], x2[:, :, hh:, ww:], x2[:, :, hh // 2 : hh // 2 + hh, ww // 2 : ww // 2 + ww],
-                           x2[:, :, :hh, ww:]])
+        mid = x2[:, :, hh // 2 : hh // 2 + hh, ww // 2 : ww // 2 + ww]
+        crops = torch.cat([x2[:, :, :hh, :ww], x2[:, :, hh:, ww:], mid, x2[:, :, :hh, ww:]])
         cls = torch.cat([bb(crops[i : i + 8].to(device)).cls.cpu() for i in range(0, len(crops), 8)])
     g = torch.Generator().manual_seed(1)
     base = cls[torch.arange(max(ks)) % cls.shape[0]]
@@ -145,18 +144,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ref, ref_gate, bf = [], [], []
         ct = torch.from_numpy(c).to(device)
         for s in range(0, len(images), p.batch_size):
-            x = torch.stack([resize_image(im, tuple(p.input_size), p.resize_mode) for im in images[s : s + p.batch_size]])
-            x = x.to(device)
+            group = images[s : s + p.batch_size]
+            x = torch.stack([resize_image(im, tuple(p.input_size), p.resize_mode) for im in group]).to(device)
             parts, (h, w) = concept_map_parts(bb, x, ct, p.grad_scale, p.mass)
             ref.append(parts.maps().reshape(len(x), k, h, w).cpu().numpy())
             ref_gate.append(parts.gate.reshape(len(x), k, h, w).cpu().numpy())
             pb, _ = concept_map_parts(bb, x, ct, p.grad_scale, p.mass, autocast_dtype=torch.bfloat16)
-            bf.append((pb.maps().reshape(len(x), k, h, w).cpu().numpy(), pb.gate.reshape(len(x), k, h, w).cpu().numpy()))
+            bf.append((pb.maps().reshape(len(x), k, h, w).cpu().numpy(),
+                       pb.gate.reshape(len(x), k, h, w).cpu().numpy()))
         ref_a, gate_a = np.concatenate(ref), np.concatenate(ref_gate)
         res["stored_bank_vs_fp32"] = _agree(stored, ref_a, stored_gate, gate_a)
         res["float16_storage_vs_fp32"] = _agree(ref_a.astype(np.float16).astype(np.float32), ref_a, None, gate_a)
-        res["bf16_optin_vs_fp32"] = _agree(np.concatenate([m for m, _ in bf]), ref_a, np.concatenate([g_ for _, g_ in bf]),
-                                           gate_a)
+        bf_maps, bf_gate = np.concatenate([m for m, _ in bf]), np.concatenate([g_ for _, g_ in bf])
+        res["bf16_optin_vs_fp32"] = _agree(bf_maps, ref_a, bf_gate, gate_a)
         srt = np.sort(ref_a, axis=1)
         gap = srt[:, -1] - srt[:, -2]
         res["median_top2_gap"] = float(np.median(gap[gap > 0])) if (gap > 0).any() else 0.0

@@ -88,16 +88,19 @@ def test_precision_default_is_float32_and_bf16_is_opt_in():
     assert pseudo_autocast_dtype(load_config(None, ["pseudo.precision=bf16"]).pseudo) is torch.bfloat16
 
 
+@pytest.mark.slow
 def test_float32_definition_matches_the_k_backward_oracle_decisions(setting):
-    """The definition the bank is compared with is the reference's (K full backward passes), decision for decision."""
+    """The definition the bank is compared with is the reference's (K full backward passes), decision for decision
+    (slow: K full backward passes through ViT-S/8; tests/test_pseudo_labels.py checks the values at small K)."""
     bb, images, _, cents = setting
-    x = torch.stack([resize_image(im, SIZE, "nearest") for im in images[:2]])
-    c = torch.from_numpy(cents[:27])
+    k = 12
+    x = torch.stack([resize_image(im, SIZE, "nearest") for im in images[:1]])
+    c = torch.from_numpy(cents[:k])
     parts, (h, w) = concept_map_parts(bb, x, c, 0.125)
-    fast = parts.maps().reshape(2, 27, h, w)
+    fast = parts.maps().reshape(1, k, h, w)
     naive = naive_concept_maps(bb, x, c, 0.125)
     np.testing.assert_array_equal(fast.argmax(1).numpy(), naive.argmax(1).numpy())
-    np.testing.assert_array_equal(parts.gate.reshape(2, 27, h, w).numpy(), (naive > 0).numpy())
+    np.testing.assert_array_equal(parts.gate.reshape(1, k, h, w).numpy(), (naive > 0).numpy())
 
 
 def test_label_maps_encoding_roundtrip_and_errors(tmp_path):

@@ -150,6 +150,11 @@ class TrainConfig(_Base):
         "zero", description="uncertainty loss with no foreground pixel: 0 (fix) or NaN -> skipped step (reference)"
     )
     num_workers: int = Field(0, ge=0)
+    select: Literal["last", "best_val"] = Field(
+        "last", description="last = final epoch; best_val = best validation mIoU + acc (the paper's protocol, uses "
+        "validation labels for model selection)"
+    )
+    validate_every: int = Field(0, ge=0, description="record validation scores every N epochs (0 = only for best_val)")
 
     _size = field_validator("train_size")(_check_size)
 

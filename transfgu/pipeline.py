@@ -235,13 +235,18 @@ def train_rounds(
     rank: int = 0,
     wrap: Any = None,
     stop_epoch: int | None = None,
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Bootstrapped training (eq. 10-12) with one checkpoint directory per round; resumes from the newest state.
 
     ``wrap`` optionally wraps the student for data parallelism (Ray Train passes DDP); ``on_epoch(metrics)`` is
     called after every epoch (MLflow / Ray reporting). ``stop_epoch`` ends the call before that epoch (the Ray
-    pipeline runs one fit per bootstrapping round); the default trains to ``train.epochs``.
+    pipeline runs one fit per bootstrapping round); the default trains to ``train.epochs``. ``validate(student)``
+    (rank 0 only) scores the student on val after the epochs :func:`transfgu.selection.validation_due` names and
+    records ``train/val_history.jsonl`` (and ``train/best/`` for ``train.select=best_val``).
     """
+    from transfgu.selection import ValHistory, validate_epoch
+
     t = cfg.train
     torch.manual_seed(cfg.run.seed)
     student = build_decoder(cfg, backbone.embed_dim).to(device)
@@ -263,6 +268,9 @@ def train_rounds(
         restore_rng(groups.get("rng", {}))
         first_epoch = info["epoch"] + 1
         log.info("[train] resuming after epoch %d from %s", info["epoch"], state_dir)
+    val_history = ValHistory(train_dir, keep_best=t.select == "best_val") if validate is not None else None
+    if val_history is not None:
+        val_history.truncate_after(first_epoch - 1)
     model = wrap(student) if wrap is not None else student
     weights = LossWeights(peer=1.0, div=t.w_div, unc=t.w_unc)
     history: list[dict[str, Any]] = []
@@ -297,6 +305,8 @@ def train_rounds(
                 train_dir / f"round_{round_idx:03d}", student, teacher, initial, optimizer,
                 {"epoch": epoch, "round": round_idx, "metrics": _jsonable(metrics)},
             )
+        if val_history is not None and validate is not None:
+            metrics.update(validate_epoch(cfg, val_history, validate, student, epoch, round_idx))
         if on_epoch is not None:
             on_epoch(metrics)
     return student, {"epochs": t.epochs, "rounds": round_idx + 1, "history": _jsonable(history)}
@@ -315,9 +325,16 @@ def run_train(ctx: Context) -> dict[str, Any]:
         raise RuntimeError("train: the label bank has no image of the training split")
     loader = step_loader(ds, cfg.train.batch_size, cfg.run.seed, num_workers=cfg.train.num_workers)
     train_dir = ctx.run_dir / "train"
-    student, info = train_rounds(cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp, on_epoch=ctx.on_epoch)
-    write_model(ctx, student)
-    return {"rows": len(ds), **{k: v for k, v in info.items() if k != "history"}, "final_loss": _last_loss(info)}
+    from transfgu.selection import Validator, select_student, validation_wanted
+
+    validate = Validator(cfg, ctx.backbone, ctx.device, ctx.amp) if validation_wanted(cfg) else None
+    student, info = train_rounds(
+        cfg, ctx.backbone, loader, train_dir, ctx.device, ctx.amp, on_epoch=ctx.on_epoch, validate=validate
+    )
+    selection = select_student(cfg, train_dir, student)
+    write_model(ctx, student, selection)
+    return {"rows": len(ds), **{k: v for k, v in info.items() if k != "history"}, "final_loss": _last_loss(info),
+            **selection}
 
 
 def _last_loss(info: dict[str, Any]) -> float | None:
@@ -342,8 +359,9 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     }
 
 
-def write_model(ctx: Context, student: torch.nn.Module) -> None:
+def write_model(ctx: Context, student: torch.nn.Module, selection: dict[str, Any] | None = None) -> None:
     meta = model_meta(ctx.cfg, ctx.pretrained, ctx.backbone.embed_dim)
+    meta.update(selection or {"selection": "last"})
     save_model(ctx.run_dir / "model", student, meta, backbone=ctx.backbone)
 
 
@@ -390,20 +408,23 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
         return {"rows": 0, "skipped": "no labels"}
     dec = load_student(ctx)
     scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
-    write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=n_images)
-    # The prediction checkpoint learns which cluster is which class, so `transfgu predict` can name them.
     meta_path = ctx.run_dir / "model" / "model.json"
     meta = json.loads(meta_path.read_text())
+    selection = {k: v for k, v in meta.items() if k.startswith("select")}
+    write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=n_images, selection=selection)
+    # The prediction checkpoint learns which cluster is which class, so `transfgu predict` can name them.
     meta["cluster_to_class"] = [int(x) for x in np.asarray(scores["mapping"]).tolist()]
     atomic_write_json(meta_path, meta)
     return {"rows": n_images, "errors": scores["skipped"], "mIoU": float(scores["mIoU"]),
-            "pixel_accuracy": float(scores["pixel_accuracy"])}
+            "pixel_accuracy": float(scores["pixel_accuracy"]), **selection}
 
 
 def write_eval(
-    eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int
+    eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained."""
+    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained
+    and how the model was selected (``best_val`` says loudly that validation labels were used)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     conf = np.asarray(scores.get("confusion", scores.get("conf", [])))
     metrics = {
@@ -417,6 +438,7 @@ def write_eval(
     }
     if not pretrained:
         metrics["warning"] = "random backbone (no pretrained weights): these numbers are not the method's"
+    metrics.update(selection or {})
     atomic_write_json(eval_dir / "metrics.json", metrics)
     lines = ["class,iou"] + [f"{k},{v}" for k, v in metrics["per_class_iou"].items()]
     (eval_dir / "per_class_iou.csv").write_text("\n".join(lines) + "\n")

@@ -158,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         r, e = int(metrics["round"]), int(metrics["epoch"])
         round_dir = train_dir / f"round_{r:03d}"
-        if rank == 0 and config.get("eval_every_epoch"):
+        if rank == 0 and config.get("eval_every_epoch") and "val_mIoU" not in metrics:
             from transfgu.checkpoint import load_train_state
 
             dec = build_decoder(cfg, backbone.embed_dim).to(device)
@@ -179,9 +179,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"round_{r:03d}_epoch_{e:03d}")
 
     wrap = ray.train.torch.prepare_model if world > 1 else None
+    from transfgu.selection import Validator, validation_wanted
+
+    # train.select=best_val / validate_every: rank 0 scores the student on val (issue 12 item 3).
+    validate = Validator(cfg, backbone, device, amp) if rank == 0 and validation_wanted(cfg) else None
     try:
         train_rounds(cfg, backbone, loader, train_dir, device, amp, on_epoch=on_epoch, rank=rank, wrap=wrap,
-                     stop_epoch=int(config["stop_epoch"]))
+                     stop_epoch=int(config["stop_epoch"]), validate=validate)
     except BaseException:
         if epoch_log is not None:
             epoch_log.close("FAILED")
@@ -264,7 +268,10 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
     groups, info = load_train_state(latest)
     student = build_decoder(cfg, ctx.backbone.embed_dim).to(ctx.device)
     student.load_state_dict(groups["student"])
-    write_model(ctx, student)
+    from transfgu.selection import select_student
+
+    selection = select_student(cfg, train_dir, student)
+    write_model(ctx, student, selection)
     metrics = info.get("metrics", {})
     n_images = len(bank_image_ids(ctx.run_dir / "label_bank"))
     out = {
@@ -273,6 +280,7 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
         "rounds": len(round_segments(cfg)),
         "final_loss": float(metrics["loss"]) if "loss" in metrics else None,
         "workers": n_workers,
+        **selection,
     }
     if "val_mIoU" in last_metrics:
         out["val_mIoU"] = float(last_metrics["val_mIoU"])
