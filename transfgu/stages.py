@@ -24,7 +24,14 @@ import torch.nn.functional as F
 
 from transfgu.config import BackboneConfig, Config, CropConfig, PseudoLabelConfig
 from transfgu.crops import extract_crops_batch
-from transfgu.data.datasets import DatasetError, ImageRecord, dataset_spec, list_records, load_sample
+from transfgu.data.datasets import (
+    SUBSET_OPTIONS,
+    DatasetError,
+    ImageRecord,
+    dataset_spec,
+    list_records,
+    load_sample,
+)
 from transfgu.data.io import DecodeError, load_rgb
 from transfgu.data.labelmaps import LabelMapError
 from transfgu.models.backbone import DinoViT, build_backbone, normalize, save_backbone_weights
@@ -122,9 +129,13 @@ def check_error_budget(n_failed: int, n_total: int, budget: float, stage: str) -
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def split_records(cfg: Config, split: str) -> list[ImageRecord]:
-    """The images of one split, limited by ``data.max_*_images``."""
-    opts = {k: v for k, v in cfg.data.options.items()}
+def split_records(cfg: Config, split: str, subset: bool = True) -> list[ImageRecord]:
+    """The images of one split, limited by ``data.max_*_images``.
+
+    ``subset=False`` ignores the training/evaluation subsets (``curated_list_train``/``curated_list_val``): the crop,
+    concept and label-bank stages see the full train split, as the reference's do (reference_method.md §8).
+    """
+    opts = {k: v for k, v in cfg.data.options.items() if subset or k not in SUBSET_OPTIONS}
     records = list_records(cfg.data.name, cfg.data.root, split, **opts)
     limit = cfg.data.max_train_images if split == cfg.data.train_split else cfg.data.max_val_images
     return list(records[:limit] if limit else records)

@@ -43,7 +43,7 @@ def run_extract_ray(ctx: Any) -> dict[str, Any]:
     from transfgu.pipeline import Progress
 
     cfg = ctx.cfg
-    records = stages.split_records(cfg, cfg.data.train_split)
+    records = stages.split_records(cfg, cfg.data.train_split, subset=False)
     prog = Progress("extract", len(records))
     out_dir = ctx.run_dir / "features"
     res = run_sharded_stage(ctx, "extract", out_dir, FeatureExtractor, records, progress=prog.update)

@@ -39,7 +39,7 @@ def run_label_bank_ray(ctx: Any) -> dict[str, Any]:
 
     cfg = ctx.cfg
     bank = ConceptBank.load(ctx.run_dir / "concepts")
-    records = stages.split_records(cfg, cfg.data.train_split)
+    records = stages.split_records(cfg, cfg.data.train_split, subset=False)
     prog = Progress("label_bank", len(records))
     out_dir = ctx.run_dir / "label_bank"
     run_sharded_stage(
