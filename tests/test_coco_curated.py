@@ -80,8 +80,8 @@ def test_curated_preset_passes_preflight_and_uses_full_train_for_the_bank(coco_t
 def test_one_curated_list_for_both_splits_is_refused_by_preflight(coco_tree, tmp_path):
     from transfgu.preflight import PreflightError, preflight
 
-    cfg = _cfg(coco_tree, tmp_path, **{"data.options": "{granularity: 27, curated_list: "
-                                                         f"{coco_tree / 'curated/train2017/Coco164kFull_Stuff_Coarse_7.txt'}}}"})
+    one = coco_tree / "curated/train2017/Coco164kFull_Stuff_Coarse_7.txt"
+    cfg = _cfg(coco_tree, tmp_path, **{"data.options": f"{{granularity: 27, curated_list: {one}}}"})
     with pytest.raises(PreflightError, match="curated_list_train and curated_list_val"):
         preflight(cfg)
 

@@ -81,7 +81,9 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     h_ex = config_hash({"data": data, "backbone": d["backbone"], "crops": d["crops"], "seed": d["run"]["seed"]})
     h_co = config_hash({"up": h_ex, "concepts": d["concepts"]})
     h_lb = config_hash({"up": h_co, "pseudo": d["pseudo"]})
-    h_tr = config_hash({"up": h_lb, "train": d["train"], "seed": d["run"]["seed"], **({"subsets": subsets} if subsets else {})})
+    h_tr = config_hash(
+        {"up": h_lb, "train": d["train"], "seed": d["run"]["seed"], **({"subsets": subsets} if subsets else {})}
+    )
     h_ev = config_hash({"up": h_tr, "eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]})
     return {"extract": h_ex, "concepts": h_co, "label_bank": h_lb, "train": h_tr, "evaluate": h_ev}
 
@@ -195,7 +197,8 @@ def run_concepts(ctx: Context) -> dict[str, Any]:
         _, cls = read_features(ctx.run_dir / "features", pools=[pool])
         pools[pool] = cls
         log.info("[concepts] pool %s: %d crop features", pool, len(cls))
-    bank = fit_concepts(pools, dict(cfg.concepts.k_per_pool), niter=cfg.concepts.niter, seed=cfg.concepts.seed)
+    bank = fit_concepts(pools, dict(cfg.concepts.k_per_pool), niter=cfg.concepts.niter, seed=cfg.concepts.seed,
+                        algorithm=cfg.concepts.algorithm)
     bank.save(ctx.run_dir / "concepts")
     return {"rows": int(bank.centroids.shape[0]), "k": int(bank.centroids.shape[0])}
 

@@ -72,7 +72,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def load_run_backbone(cfg: BackboneConfig, run_dir: Path | None, seed: int) -> DinoViT:
     """Build the backbone of a run. A random backbone is saved once in the run directory and reloaded afterwards,
-    so every stage (and every Ray worker) of the run sees the same weights."""
+    so every stage (and every Ray worker) of the run sees the same weights. ``cfg.pos_embed`` picks the
+    position-embedding resampling (timm's or DINO's)."""
+    bb = _load_run_backbone(cfg, run_dir, seed)
+    bb.pos_embed_mode = cfg.pos_embed
+    return bb
+
+
+def _load_run_backbone(cfg: BackboneConfig, run_dir: Path | None, seed: int) -> DinoViT:
     if cfg.weights != "none" or run_dir is None:
         torch.manual_seed(seed)
         return build_backbone(cfg.arch, cfg.weights)

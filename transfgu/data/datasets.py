@@ -262,7 +262,9 @@ def coco_instance_image_ids(root: str | Path, split: str) -> set[str]:
     sd = _coco_split_dir(split)
     path = Path(root) / "annotations" / f"instances_{sd}.json"
     if not path.is_file():
-        raise DatasetError(f"with_instances: {path} not found (COCO's instances_{sd}.json from annotations_trainval2017)")
+        raise DatasetError(
+            f"with_instances: {path} not found (COCO's instances_{sd}.json from annotations_trainval2017)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         ids = {int(a["image_id"]) for a in data.get("annotations", [])}

@@ -258,6 +258,11 @@ def run_concepts_ray(ctx: Any) -> dict[str, Any]:
     from transfgu.store import list_parquet_files
 
     cfg = ctx.cfg
+    if cfg.concepts.algorithm == "minibatch_kmeans":
+        # sklearn's MiniBatchKMeans (protocol: paper, Cityscapes/LIP) is one process: run it on the driver.
+        from transfgu.pipeline import run_concepts
+
+        return run_concepts(ctx)
     files = list_parquet_files(ctx.run_dir / "features")
     gpu = cluster_has_gpus(cfg)
     res = task_resources(cfg, gpu)
