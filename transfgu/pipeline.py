@@ -352,7 +352,8 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     names, ignore, _ = stages.dataset_classes(cfg) if cfg.data.name != "folder" else ((), 255, None)
     return {
         "format": "transfgu-model/1",
-        "backbone": {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "pretrained": pretrained},
+        "backbone": {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "pretrained": pretrained,
+                     "pos_embed": cfg.backbone.pos_embed},
         "decoder": {"n_classes": stages.n_output_channels(cfg), "d_encoder": d_encoder,
                     "cls_emb_init": cfg.train.cls_emb_init},
         "variant": cfg.train.variant,

@@ -141,7 +141,16 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
 
 
 def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zstd", **kwargs: Any) -> None:
-    """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``."""
+    """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``.
+
+    Label-bank tables get their measured encodings (BENCHMARKS.md, "Label bank format"): sorted positions delta-
+    encoded, float32 values byte-stream-split, which zstd then compresses to 0.40 of the reference's pickles
+    instead of 0.61 with Parquet's defaults.
+    """
+    if (table.schema.metadata or {}).get(b"format") == LABEL_BANK_FORMAT.encode() and "column_encoding" not in kwargs:
+        kwargs.setdefault("use_dictionary", ["image_id"])
+        kwargs["column_encoding"] = {"attn": "BYTE_STREAM_SPLIT", "bonus_index": "DELTA_BINARY_PACKED",
+                                     "bonus_value": "BYTE_STREAM_SPLIT"}
     with atomic_open(path, "wb") as f:
         pq.write_table(table, f, compression=compression, **kwargs)
 
