@@ -66,16 +66,25 @@ class Validator:
         self.ds = stages.EvalDataset(records, label_map, tuple(cfg.eval.eval_size), ignore, stage="validate")
 
     def __call__(self, decoder: torch.nn.Module) -> dict[str, float]:
+        loader = torch.utils.data.DataLoader(self.ds, batch_size=self.cfg.eval.batch_size, shuffle=False)
+        # A DataLoader iterator draws its base seed from the global generator: restore it, so that validating
+        # does not change the training run's later random draws.
+        rng = torch.get_rng_state()
+        try:
+            scores = self._evaluate(decoder, loader)
+        finally:
+            torch.set_rng_state(rng)
+        return {"mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"])}
+
+    def _evaluate(self, decoder: torch.nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
         from transfgu import stages
         from transfgu.engine import evaluate
 
-        loader = torch.utils.data.DataLoader(self.ds, batch_size=self.cfg.eval.batch_size, shuffle=False)
-        scores = evaluate(
+        return evaluate(
             decoder, self.backbone, loader, n_clusters=stages.n_output_channels(self.cfg), n_classes=len(self.names),
             device=self.device, eval_hw=tuple(self.cfg.eval.eval_size), ignore_index=-1, class_names=self.names,
             overcluster=self.cfg.eval.overcluster, amp_dtype=self.amp,
         )
-        return {"mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"])}
 
 
 class ValHistory:
