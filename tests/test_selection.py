@@ -83,8 +83,7 @@ def test_validation_history_is_the_real_evaluation_and_reaches_mlflow(tiny_run_d
 
 
 def test_best_val_without_labelled_val_is_a_clear_error(tmp_path):
-    from transfgu.selection import validation_wanted
+    from transfgu.config import ConfigError
 
-    cfg = tiny_config(tmp_path, **{"train.select": "best_val", "data.val_split": "null"})
-    with pytest.raises(ValueError, match="labelled validation split"):
-        validation_wanted(cfg)
+    with pytest.raises(ConfigError, match="labelled validation split"):
+        tiny_config(tmp_path, **{"train.select": "best_val", "data.val_split": "null"})

@@ -301,6 +301,8 @@ class Config(_Base):
         pools = set(self.concepts.k_per_pool)
         sel = self.crops.selection
         allowed = {"fg_bg": {"fg", "bg"}, "fg": {"fg"}, "all": {"all"}}[sel]
+        if self.train.select == "best_val" and (self.data.val_split is None or self.data.name == "folder"):
+            raise ValueError("train.select=best_val needs a labelled validation split (data.val_split)")
         if not pools <= allowed:
             raise ValueError(
                 f"concepts.k_per_pool pools {sorted(pools)} do not match crops.selection={sel!r} "
