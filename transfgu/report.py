@@ -218,7 +218,8 @@ def _val_history_section(run_dir: Path) -> Section:
     sec = Section("Validation history")
     path = run_dir / "train" / VAL_HISTORY
     if not path.is_file():
-        sec.note = "No per-epoch validation (set train.validate_every=N, or train.select=best_val)."
+        # Not a missing input (notes mark those): this run simply did not ask for a validation history.
+        sec.html = "<p>No per-epoch validation in this run (train.validate_every=N or train.select=best_val).</p>"
         return sec
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     best = _read_json(run_dir / "train" / BEST_DIR / "best.json")
