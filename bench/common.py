@@ -368,6 +368,23 @@ def stopwatch() -> Iterator[dict[str, float]]:
         out["s"] = time.perf_counter() - t0
 
 
+def start(
+    parser: argparse.ArgumentParser, argv: list[str] | None, model: bool = True
+) -> tuple[argparse.Namespace, torch.device, float]:
+    """The preamble of every bench's ``main``: parse, set threads and device, start the clock.
+
+    ``model=True`` also quiets the random-backbone warning and fills ``args.arch`` (when the bench has ``--arch``)
+    with its default: the tiny test ViT in quick mode, ViT-S/8 otherwise.
+    """
+    args = parse(parser, argv)
+    device = setup(args)
+    if model:
+        quiet_backbone_warnings()
+        if hasattr(args, "arch") and not args.arch:
+            args.arch = "vit_test_tiny" if args.quick else "vit_small_patch8"
+    return args, device, time.perf_counter()
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

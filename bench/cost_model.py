@@ -11,11 +11,10 @@ extract and label-bank stage times, compared with ``bench.end_to_end``'s measure
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import base_parser, comparison, finish, new_result, parse, setup, vit_forward_flops
+from bench.common import base_parser, comparison, finish, new_result, start, vit_forward_flops
 
 D = 384  # ViT-S width
 DEPTH = 12
@@ -207,9 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--cpu-cores-per-gpu", type=int, default=16, help="ASSUMED data-loading cores per GPU")
     p.add_argument("--gpus", default="1,8,64")
-    args = parse(p, argv)
-    device = setup(args)
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv, model=False)
     if args.quick:  # same model, smaller data set: the arithmetic is what CI checks
         args.images, args.val_images = 1000, 100
     gpus = [int(g) for g in args.gpus.split(",")]

@@ -10,23 +10,11 @@ that peak on CPU. Also timed: the batched cut-and-resize of all 142 windows of a
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
-from bench.common import (
-    backbone_flops,
-    base_parser,
-    comparison,
-    finish,
-    matmul_peak,
-    new_result,
-    parse,
-    quiet_backbone_warnings,
-    setup,
-    timeit,
-)
+from bench.common import backbone_flops, base_parser, comparison, finish, matmul_peak, new_result, start, timeit
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -54,12 +42,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--matmul-n", type=int, default=None, help="side of the peak matmul (default 4096; quick 1024)"
     )
-    args = parse(p, argv)
-    device = setup(args)
-    quiet_backbone_warnings()
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv)
     q = args.quick
-    arch = args.arch or ("vit_test_tiny" if q else "vit_small_patch8")
+    arch = args.arch
     size = args.crop_size or (64 if q else 320)
     n_crops = args.n_crops or (16 if q else 32)
     bs = args.batch_size or (8 if q else 16)

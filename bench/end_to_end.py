@@ -2,7 +2,7 @@
 
 Runs :func:`transfgu.pipeline.run_pipeline` in a fresh run directory and reads the stage seconds the pipeline
 itself records in ``<run>/_manifest.json``. Quick mode runs the tiny whole-method config of the tests
-(``tests/conftest.py::tiny_config``, mirrored in :data:`TINY_OVERRIDES`). Compared in the same run: the sum of the
+(``conf/tiny.yaml``). Compared in the same run: the sum of the
 recorded stage times against the wall time of the whole call (bookkeeping overhead), and the per-image cost of
 the pseudo-label stage against the per-image cost of the crop stage.
 """
@@ -16,32 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, base_parser, comparison, finish, new_result, parse, setup, shared_data_dir
-
-#: tests/conftest.py ``tiny_config`` overrides (checked equal by tests/test_bench.py), without run.root/name.
-TINY_OVERRIDES: dict[str, str] = {
-    "data.name": "camvid",
-    "data.max_train_images": "6",
-    "data.max_val_images": "4",
-    "backbone.arch": "vit_test_tiny",
-    "backbone.weights": "none",
-    "crops.input_size": "[96, 128]",
-    "crops.betas": "[0.5, 0.3]",
-    "crops.selection": "all",
-    "crops.crop_size": "32",
-    "concepts.k_per_pool": "{all: 4}",
-    "concepts.niter": "10",
-    "pseudo.input_size": "[64, 80]",
-    "pseudo.grad_scale": "0.5",
-    "train.train_size": "[64, 80]",
-    "train.batch_size": "4",
-    "train.epochs": "2",
-    "train.teacher_intervals": "[1]",
-    "train.bootstrap_start": "1",
-    "eval.eval_size": "[64, 80]",
-    "eval.batch_size": "4",
-    "mlflow.enabled": "false",
-}
+from bench.common import REPO, base_parser, comparison, finish, new_result, shared_data_dir, start
 
 
 def build_config(quick: bool, run_root: Path, name: str, device: str, extra: list[str]) -> Any:
@@ -52,8 +27,7 @@ def build_config(quick: bool, run_root: Path, name: str, device: str, extra: lis
         raise SystemExit(f"the demo needs real images at {camvid} (set TRANSFGU_SHARED_DATA)")
     common = {"data.root": str(camvid), "run.root": str(run_root), "run.name": name, "run.device": device}
     if quick:
-        over = {**TINY_OVERRIDES, **common}
-        return load_config(None, [f"{k}={v}" for k, v in over.items()] + extra)
+        return load_config(REPO / "conf" / "tiny.yaml", [f"{k}={v}" for k, v in common.items()] + extra)
     over = {**common, "mlflow.enabled": "false"}
     return load_config(REPO / "conf" / "demo_camvid.yaml", [f"{k}={v}" for k, v in over.items()] + extra)
 
@@ -69,14 +43,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--set", action="append", default=[], help="extra config override key=value (repeatable)")
-    args = parse(p, argv)
-    device = setup(args)
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv, model=False)
     root = args.run_root or Path(tempfile.mkdtemp(prefix="transfgu_bench_e2e_"))
     name = f"bench_{'tiny' if args.quick else 'demo'}_{int(time.time())}"
     cfg = build_config(args.quick, root, name, args.device, args.set)
     config = {
-        "preset": "tests/conftest.py tiny_config" if args.quick else "conf/demo_camvid.yaml",
+        "preset": "conf/tiny.yaml" if args.quick else "conf/demo_camvid.yaml",
         "overrides": args.set,
         "config": json.loads(cfg.model_dump_json()),
     }

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import base_parser, comparison, finish, new_result, parse, setup
+from bench.common import base_parser, comparison, finish, new_result, start
 
 
 def torch_threads() -> int:
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--workdir", type=Path, default=None, help="where the Parquet shards go (default: a temp dir)"
     )
-    args = parse(p, argv)
-    device = setup(args)
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv, model=False)
     q = args.quick
     n = args.n or (20_000 if q else 1_000_000)
     k = args.k or (16 if q else 171)

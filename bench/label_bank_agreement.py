@@ -90,10 +90,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(a.threads)
     from transfgu.config import load_config
     from transfgu.data.io import load_rgb
+    from transfgu.data.transforms import to_model_input
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_map_parts, naive_concept_maps
-    from transfgu.stages import build_label_maps, label_bank_rows, resize_image
-    from transfgu.store import read_label_bank, write_parquet_atomic
+    from transfgu.stages import build_label_maps
+    from transfgu.store import label_bank_table, read_label_bank, write_parquet_atomic
 
     device = torch.device(a.device)
     files = sorted(p for p in a.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: a.n]
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Concepts: CLS tokens of four crops per image, perturbed (as many as the largest K).
     with torch.no_grad():
-        x2 = torch.stack([resize_image(im, (2 * p.input_size[0], 2 * p.input_size[1])) for im in images])
+        x2 = torch.stack([to_model_input(im, (2 * p.input_size[0], 2 * p.input_size[1])) for im in images])
         hh, ww = p.input_size
         mid = x2[:, :, hh // 2 : hh // 2 + hh, ww // 2 : ww // 2 + ww]
         crops = torch.cat([x2[:, :, :hh, :ww], x2[:, :, hh:, ww:], mid, x2[:, :, :hh, ww:]])
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["stage_seconds"] = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "part-00000.parquet"
-            write_parquet_atomic(label_bank_rows(ids, lms), path)
+            write_parquet_atomic(label_bank_table(ids, lms), path)
             bank_bytes = path.stat().st_size
             back = read_label_bank(tmp, dense=False)
         stored = np.stack([back[i].dense() for i in ids])
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ct = torch.from_numpy(c).to(device)
         for s in range(0, len(images), p.batch_size):
             group = images[s : s + p.batch_size]
-            x = torch.stack([resize_image(im, tuple(p.input_size), p.resize_mode) for im in group]).to(device)
+            x = torch.stack([to_model_input(im, tuple(p.input_size), p.resize_mode) for im in group]).to(device)
             parts, (h, w) = concept_map_parts(bb, x, ct, p.grad_scale, p.mass)
             ref.append(parts.maps().reshape(len(x), k, h, w).cpu().numpy())
             ref_gate.append(parts.gate.reshape(len(x), k, h, w).cpu().numpy())
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["tied_top2_fraction"] = float((gap == 0).mean())
         if a.naive:
             m = min(a.naive, len(images))
-            x = torch.stack([resize_image(im, tuple(p.input_size), p.resize_mode) for im in images[:m]]).to(device)
+            x = torch.stack([to_model_input(im, tuple(p.input_size), p.resize_mode) for im in images[:m]]).to(device)
             naive = naive_concept_maps(bb, x, ct, p.grad_scale, p.mass).cpu().numpy()
             res["stored_bank_vs_naive_oracle"] = _agree(stored[:m], naive, stored_gate[:m], naive > 0)
         # Bytes per image against the reference's float32 pickles (one per pool, as COCO's fg/bg files).

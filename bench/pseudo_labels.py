@@ -28,17 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.common import (
-    backbone_flops,
-    base_parser,
-    comparison,
-    finish,
-    new_result,
-    parse,
-    quiet_backbone_warnings,
-    setup,
-    sync,
-)
+from bench.common import backbone_flops, base_parser, comparison, finish, new_result, start, sync
 
 
 def _interleaved(fns: dict[str, Any], device: torch.device, repeat: int) -> dict[str, dict[str, Any]]:
@@ -88,12 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--fit-ks", default=None, help="two small K for the naive line fit a + b K (default 1,9; quick 1,2)"
     )
     p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast for blocks 1..L-1")
-    args = parse(p, argv)
-    device = setup(args)
-    quiet_backbone_warnings()
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv)
     q = args.quick
-    arch = args.arch or ("vit_test_tiny" if q else "vit_small_patch8")
+    arch = args.arch
     size = args.size or (64 if q else 320)
     ks = [int(k) for k in (args.ks or ("4,12" if q else "27,171")).split(",")]
     fast_batches = [int(b) for b in (args.fast_batches or ("2" if q else "8")).split(",") if b]

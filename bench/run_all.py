@@ -17,7 +17,16 @@ from typing import Any
 from bench.common import print_table
 
 #: Benchmarks in pipeline order (cost_model last: it reads the others' results when present).
-BENCHES = ("crop_embedding", "kmeans", "pseudo_labels", "training", "storage", "end_to_end", "cost_model")
+BENCHES = (
+    "crop_embedding",
+    "kmeans",
+    "pseudo_labels",
+    "training",
+    "storage",
+    "end_to_end",
+    "throughput",
+    "cost_model",
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

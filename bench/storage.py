@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import pickle
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.common import (
-    base_parser,
-    comparison,
-    finish,
-    new_result,
-    parse,
-    quiet_backbone_warnings,
-    setup,
-    shared_data_dir,
-)
+from bench.common import base_parser, comparison, finish, new_result, shared_data_dir, start
 
 
 def _pickle_len(a: np.ndarray) -> int:
@@ -74,10 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pyarrow as pa
 
     from transfgu.crops import extract_crops_batch
+    from transfgu.data.transforms import to_model_input
     from transfgu.models.backbone import build_backbone
-    from transfgu.pseudo_labels import concept_map_parts
-    from transfgu.stages import resize_image
-    from transfgu.store import LabelMaps, features_table, label_bank_table
+    from transfgu.pseudo_labels import concept_maps
+    from transfgu.store import features_table, label_bank_table
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--arch", default=None, help="backbone (default vit_small_patch8; quick: vit_test_tiny)")
@@ -90,12 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--pseudo-size", type=int, default=None, help="pseudo-label input side (default 320; quick 64)"
     )
     p.add_argument("--ks", default=None, help="fg/bg concept splits, e.g. 12/15,80/91 (quick 2/2)")
-    args = parse(p, argv)
-    device = setup(args)
-    quiet_backbone_warnings()
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv)
     q = args.quick
-    arch = args.arch or ("vit_test_tiny" if q else "vit_small_patch8")
+    arch = args.arch
     n_img = args.images or (2 if q else 8)
     stage = args.stage_size or (96 if q else 256)
     crop = args.crop_size or (32 if q else 64)
@@ -122,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = [f"img{i:04d}" for i in range(len(images))]
 
     # -- features ------------------------------------------------------------------------------------------------
-    x = torch.stack([resize_image(im, (stage, stage)) for im in images]).to(device)
+    x = torch.stack([to_model_input(im, (stage, stage)) for im in images]).to(device)
     betas = (0.5, 0.4, 0.3, 0.2)
     recs = extract_crops_batch(bb, x, betas=betas, mode="fg_bg", crop_size=crop, batch_size=64)
     if sum(len(r) for r in recs) < 4:  # a random prior can drop nearly everything: keep all windows instead
@@ -176,33 +163,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # -- label bank ----------------------------------------------------------------------------------------------
-    xp = torch.stack([resize_image(im, (psize, psize)) for im in images]).to(device)
+    xp = torch.stack([to_model_input(im, (psize, psize)) for im in images]).to(device)
     res["label_bank"] = {}
     for kfg, kbg in splits:
         k = kfg + kbg
         cents = np.concatenate([_centroids(feats, kfg), _centroids(feats[::-1].copy(), kbg)])
-        parts, (gh, gw) = concept_map_parts(bb, xp, torch.from_numpy(cents).to(device), grad_scale=0.125)
-        n_img = xp.shape[0]
-        maps = parts.maps().reshape(n_img, k, gh, gw).cpu().numpy()
-        a_hat = parts.a_hat.reshape(n_img, gh, gw).cpu().numpy()
-        gate = parts.gate.reshape(n_img, k, gh, gw).cpu().numpy()
-        bonus = parts.bonus.reshape(n_img, k, gh, gw).cpu().numpy()
-        lms = [LabelMaps.from_parts(a_hat[i], gate[i], bonus[i], maps[i]) for i in range(n_img)]
-        m16 = [m.astype(np.float16) for m in maps]
-        m32 = list(maps)
+        maps = concept_maps(bb, xp, torch.from_numpy(cents).to(device), grad_scale=0.125)
+        m16 = [m.to(torch.float16).cpu().numpy() for m in maps]
+        m32 = [m.float().cpu().numpy() for m in maps]
         ref = sum(_pickle_len(m[:kfg]) + _pickle_len(m[kfg:]) for m in m32)
         with tempfile.TemporaryDirectory() as tmp:
-            # what the pipeline writes: the lossless v2 bank with its encodings (write_parquet_atomic)
-            ours = _parquet_size(label_bank_table(ids, lms), Path(tmp) / "l.parquet")
-            t = pa.table({"image_id": ids, "maps": pa.array([m.reshape(-1) for m in m16],
-                                                            type=pa.large_list(pa.float16()))})
-            nodict = _parquet_size(t, Path(tmp) / "l2.parquet", use_dictionary=["image_id"])  # old float16 bank
+            t = label_bank_table(ids, m16)
+            ours = _parquet_size(t, Path(tmp) / "l.parquet")
+            nodict = _parquet_size(t, Path(tmp) / "l2.parquet", use_dictionary=["image_id"])
             bss = _parquet_size(
-                pa.table({"maps": pa.array([m.reshape(-1) for m in m32], type=pa.large_list(pa.float32()))}),
+                t,
                 Path(tmp) / "l3.parquet",
-                use_dictionary=False,
+                use_dictionary=["image_id"],
                 use_byte_stream_split=["maps.list.element"],
-            )  # dense float32, lossless too
+            )
         zero = float(np.mean([np.mean(m == 0) for m in m16]))
         res["label_bank"][f"K{k}"] = {
             "k_fg": kfg,
@@ -214,19 +193,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ratio": ours / ref,
             "zero_fraction": zero,
             "variants_ratio": {
-                "old float16 bank (lossy), no float dictionary": nodict / ref,
-                "dense float32 (lossless), no dictionary + byte_stream_split": bss / ref,
+                "no float dictionary": nodict / ref,
+                "no float dictionary + byte_stream_split": bss / ref,
             },
         }
         result["comparisons"].append(
             comparison(
                 f"label bank bytes/image K={k}, Parquet / reference pickles",
                 "pickle float32 (K, h, w), fg + bg files",
-                "label_bank/*.parquet (lossless v2, zstd)",
+                "label_bank/*.parquet (float16, zstd)",
                 ours / ref,
                 "fraction",
-                "<= 0.5 (lossless; issue 12)",
-                ours / ref <= 0.5,
+                "<= 0.25",
+                ours / ref <= 0.25,
                 ours_bytes_per_image=ours / len(images),
                 reference_bytes_per_image=ref / len(images),
                 zero_fraction=zero,

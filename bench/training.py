@@ -23,10 +23,8 @@ from bench.common import (
     finish,
     matmul_peak,
     new_result,
-    parse,
     peak_rss_mib,
-    quiet_backbone_warnings,
-    setup,
+    start,
     sync,
 )
 
@@ -44,12 +42,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="timed steps per epoch (default 4; quick 2)")
     p.add_argument("--k", type=int, default=27, help="concepts = decoder classes (thingstuff variant)")
     p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype of the step")
-    args = parse(p, argv)
-    device = setup(args)
-    quiet_backbone_warnings()
-    t_start = time.perf_counter()
+    args, device, t_start = start(p, argv)
     q = args.quick
-    arch = args.arch or ("vit_test_tiny" if q else "vit_small_patch8")
+    arch = args.arch
     size = args.train_size or (64 if q else 320)
     bsz = args.batch or (4 if q else 8)
     steps = args.steps or (2 if q else 4)

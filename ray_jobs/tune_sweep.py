@@ -22,7 +22,7 @@ from transfgu.distributed.entry import parse, print_outputs  # noqa: E402
 def _extra(p) -> None:
     p.add_argument("--name", default="sweep", help="sweep name (directory under run.root)")
     p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--max-concurrent", type=int, default=0, help="0 = as many as the cluster fits")
     p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
     p.add_argument("--metric", default="val_mIoU")
     p.add_argument("--mode", default="max", choices=("max", "min"))
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     summary = run_sweep(cfg, name=args.name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                         metric=args.metric, mode=args.mode, grace_period=args.grace_period)
     print(json.dumps(summary, indent=2))
+    if summary.get("best_run_dir"):
+        print(f"best trial run:  {summary['best_run_dir']} (model: {summary['best_run_dir']}/model)")
     print_outputs(cfg)
     return 0
 

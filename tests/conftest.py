@@ -37,39 +37,18 @@ def camvid() -> Path:
     return require_shared_data("camvid")
 
 
+REPO = Path(__file__).resolve().parents[1]
+#: The tiny whole-method config of the tests and the quick benchmarks.
+TINY_CONFIG = REPO / "conf" / "tiny.yaml"
+
+
 def tiny_config(run_root: Path, name: str = "tiny", **over: str):
-    """A whole-method config small enough for tests: tiny random ViT, a few real CamVid images, two epochs."""
+    """``conf/tiny.yaml`` on the shared CamVid images: tiny random ViT, 6 training images, two epochs."""
     from transfgu.config import load_config
 
     camvid = require_shared_data("camvid")
-    overrides = {
-        "data.name": "camvid",
-        "data.root": str(camvid),
-        "data.max_train_images": "6",
-        "data.max_val_images": "4",
-        "backbone.arch": "vit_test_tiny",
-        "backbone.weights": "none",
-        "crops.input_size": "[96, 128]",
-        "crops.betas": "[0.5, 0.3]",
-        "crops.selection": "all",
-        "crops.crop_size": "32",
-        "concepts.k_per_pool": "{all: 4}",
-        "concepts.niter": "10",
-        "pseudo.input_size": "[64, 80]",
-        "pseudo.grad_scale": "0.5",
-        "train.train_size": "[64, 80]",
-        "train.batch_size": "4",
-        "train.epochs": "2",
-        "train.teacher_intervals": "[1]",
-        "train.bootstrap_start": "1",
-        "eval.eval_size": "[64, 80]",
-        "eval.batch_size": "4",
-        "run.root": str(run_root),
-        "run.name": name,
-        "mlflow.enabled": "false",
-    }
-    overrides.update(over)
-    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    overrides = {"data.root": str(camvid), "run.root": str(run_root), "run.name": name, **over}
+    return load_config(TINY_CONFIG, [f"{k}={v}" for k, v in overrides.items()])
 
 
 @pytest.fixture(scope="session")

@@ -182,3 +182,20 @@ def test_cost_model_bench(tmp_path):
     assert ratio == pytest.approx(1 + 2 * (80 + 91))  # one forward + K backward passes of ~2 forwards each
     assert all(not c["measured"] for c in r["comparisons"])  # projections are never labelled as measurements
     assert r["results"]["gpu_measured"] is None
+
+
+def test_throughput_bench(tmp_path):
+    r = run_bench("throughput", tmp_path)
+    res = r["results"]
+    names = [c["name"] for c in r["comparisons"]]
+    assert any(n.startswith("extract crops/s") for n in names)
+    assert "label bank images/s / concept_maps-only images/s" in names
+    assert "bootstrapping epoch images/s / frozen-backbone-only images/s" in names
+    assert any(n.startswith("pseudo labels / one forward (fp32") for n in names)
+    # both sides of every comparison were timed in this run
+    assert res["extract"]["stage_crops_per_s"] > 0 and res["extract"]["plain_timm_eager_crops_per_s"] > 0
+    assert res["extract"]["crops"] > 0
+    assert res["label_bank"]["stage_images_per_s"] > 0 and res["label_bank"]["kernel_images_per_s"] > 0
+    assert res["training"]["images_per_s"] > 0 and res["training"]["backbone_only_images_per_s"] > 0
+    assert min(res["pseudo_labels"]["fp32"]["concept_maps_s"]) > 0
+    assert "partial" not in r

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from transfgu.data.io import load_rgb
+from transfgu.data.transforms import to_model_input
 from transfgu.engine import predict_logits
 from transfgu.export import export_program, export_torchscript, load_exported, main
 from transfgu.predict import load
-from transfgu.stages import resize_image
 
 torch.set_num_threads(2)
 
@@ -24,7 +24,7 @@ def predictor(tiny_run_dir):
 def batch(predictor, camvid) -> torch.Tensor:
     """Three real val images, normalised at the eval size (what the exported model takes)."""
     paths = sorted((camvid / "images" / "val").glob("*.jpg"))[::25][:3]
-    return torch.stack([resize_image(load_rgb(p), predictor.eval_size) for p in paths])
+    return torch.stack([to_model_input(load_rgb(p), predictor.eval_size) for p in paths])
 
 
 def _eager_labels(predictor, x: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,12 @@ from conftest import require_shared_data
 
 from transfgu.config import load_config
 from transfgu.data.io import load_rgb
+from transfgu.data.loaders import BankDataset
+from transfgu.data.transforms import to_model_input
 from transfgu.models.backbone import build_backbone
 from transfgu.pseudo_labels import concept_map_parts, naive_concept_maps
-from transfgu.stages import BankDataset, build_label_maps, label_bank_rows, resize_image
-from transfgu.store import LabelMaps, read_label_bank, write_parquet_atomic
+from transfgu.stages import build_label_maps
+from transfgu.store import LabelMaps, label_bank_table, read_label_bank, write_parquet_atomic
 
 SIZE = (64, 80)  # small input, ViT-S/8 shape: an 8 x 10 token grid
 
@@ -32,7 +34,7 @@ def setting():
     files = sorted((require_shared_data("camvid") / "images" / "train").glob("*.jpg"))[:3]
     images = [load_rgb(f) for f in files]
     # Concepts near CLS tokens of the images' own crops, so objectives have both gradient signs (as real ones do).
-    x = torch.stack([resize_image(im, (128, 160)) for im in images])
+    x = torch.stack([to_model_input(im, (128, 160)) for im in images])
     crops = torch.cat([x[:, :, :64, :80], x[:, :, 64:, 80:], x[:, :, 32:96, 40:120], x[:, :, :64, 80:]])
     with torch.no_grad():
         cls = bb(crops).cls
@@ -52,14 +54,14 @@ def test_bank_read_back_keeps_every_float32_decision(setting, tmp_path, preset, 
     c = cents[:k]
 
     # The stage: compute, write Parquet, read back through the reader training uses (compact and dense).
-    table = label_bank_rows(ids, build_label_maps(bb, images, c, cfg.pseudo, torch.device("cpu")))
+    table = label_bank_table(ids, build_label_maps(bb, images, c, cfg.pseudo, torch.device("cpu")))
     write_parquet_atomic(table, tmp_path / "part-00000.parquet")
     assert pq.read_schema(tmp_path / "part-00000.parquet").metadata[b"format"] == b"transfgu.label_bank/2"
     compact = read_label_bank(tmp_path, dense=False)
     dense = read_label_bank(tmp_path)
 
     # The float32 definition, computed independently of the storage code.
-    x = torch.stack([resize_image(im, SIZE, cfg.pseudo.resize_mode) for im in images])
+    x = torch.stack([to_model_input(im, SIZE, cfg.pseudo.resize_mode) for im in images])
     parts, (h, w) = concept_map_parts(bb, x, torch.from_numpy(c), grad_scale, cfg.pseudo.mass)
     ref = parts.maps().reshape(len(images), k, h, w).numpy()
     ref_gate = parts.gate.reshape(len(images), k, h, w).numpy()
@@ -94,7 +96,7 @@ def test_float32_definition_matches_the_k_backward_oracle_decisions(setting):
     (slow: K full backward passes through ViT-S/8; tests/test_pseudo_labels.py checks the values at small K)."""
     bb, images, _, cents = setting
     k = 12
-    x = torch.stack([resize_image(im, SIZE, "nearest") for im in images[:1]])
+    x = torch.stack([to_model_input(im, SIZE, "nearest") for im in images[:1]])
     c = torch.from_numpy(cents[:k])
     parts, (h, w) = concept_map_parts(bb, x, c, 0.125)
     fast = parts.maps().reshape(1, k, h, w)
@@ -113,8 +115,8 @@ def test_label_maps_encoding_roundtrip_and_errors(tmp_path):
     lm = LabelMaps.from_parts(a_hat, gate, bonus, maps)
     assert lm.dense().tobytes() == maps.tobytes()
     arbitrary = rng.standard_normal((3, 2, 2)).astype(np.float32)
-    write_parquet_atomic(label_bank_rows(["a", "b"], [lm, arbitrary]), tmp_path / "p.parquet")
+    write_parquet_atomic(label_bank_table(["a", "b"], [lm, arbitrary]), tmp_path / "p.parquet")
     back = read_label_bank(tmp_path / "p.parquet")
     assert back["a"].tobytes() == maps.tobytes() and back["b"].tobytes() == arbitrary.tobytes()
     with pytest.raises(ValueError, match=r"\(K, h, w\)"):
-        label_bank_rows(["a"], [np.zeros((4, 4), np.float32)])
+        label_bank_table(["a"], [np.zeros((4, 4), np.float32)])

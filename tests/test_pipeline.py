@@ -100,7 +100,7 @@ def test_things_variant_with_fg_prior_runs(tmp_path):
 
 
 def test_error_budget_stops_a_run_with_too_many_bad_images(tmp_path):
-    from transfgu.stages import ErrorBudgetExceeded
+    from transfgu.errors import ErrorBudgetExceeded
 
     data = tmp_path / "data"
     src = tiny_config(tmp_path).data.root

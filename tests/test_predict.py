@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from transfgu.data.io import load_label, load_rgb
+from transfgu.data.transforms import to_model_input
 from transfgu.engine import predict_logits
 from transfgu.predict import CheckpointError, collect_inputs, load, main, save_label_png, upsampled_argmax
-from transfgu.stages import resize_image
 
 torch.set_num_threads(2)
 
@@ -30,7 +30,7 @@ def _val_images(camvid: Path, n: int = 3) -> list[Path]:
 
 def _oracle(predictor, img: np.ndarray) -> np.ndarray:
     """The engine's own path: pipeline resize + normalise at the eval size, predict_logits at the original size."""
-    x = resize_image(img, predictor.eval_size)[None]
+    x = to_model_input(img, predictor.eval_size)[None]
     logits = predict_logits(predictor.decoder, predictor.backbone, x, (img.shape[0], img.shape[1]))
     return logits.argmax(dim=1)[0].numpy()
 

@@ -19,7 +19,8 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+             _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 

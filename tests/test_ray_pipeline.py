@@ -124,9 +124,8 @@ def test_full_pipeline_matches_one_process_and_resumes(cluster, tiny_run_dir, tm
 
 
 def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
-    from transfgu.distributed.extract import run_extract_ray
-    from transfgu.distributed.pipeline import prepare_run_dir
-    from transfgu.pipeline import Context
+    from transfgu.context import RunContext
+    from transfgu.distributed.pipeline import prepare_run_dir, run_extract_ray
     from transfgu.store import read_features
 
     src = require_shared_data("camvid")
@@ -142,7 +141,7 @@ def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
     bad.write_bytes(b"not a jpeg at all")
     cfg = tiny_config(tmp_path / "runs", **RAY_OVERRIDES, **{"data.root": str(root), "run.error_budget": "0.5"})
     prepare_run_dir(cfg)
-    ctx = Context(cfg)
+    ctx = RunContext(cfg)
     info = run_extract_ray(ctx)
     assert info["images"] == 3 and info["errors"] == 1
     meta, _ = read_features(cfg.run_dir / "features")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import tiny_config
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
     yield
     ray.shutdown()
 
@@ -76,6 +77,16 @@ def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path):
         assert sorted(m.step for m in hist) == [0, 1]  # one report per epoch
         assert "mIoU" in t.data.metrics
     assert all(by_id[r.data.tags["mlflow.parentRunId"]] for r in runs if "mlflow.parentRunId" in r.data.tags)
+
+    # the best trial's run directory (with its model) is named; a re-run of the same sweep name restores it
+    best_dir = Path(summary["best_run_dir"])
+    assert best_dir.parent == tmp_path / "runs" / "sw" / "trials" and (best_dir / "model").is_dir()
+    mtimes = {p: p.stat().st_mtime_ns for p in trials}
+    again = run_sweep(cfg, space={"w_div": tune.grid_search([0.5, 1.0]), "K": 4}, name="sw", num_samples=1,
+                      grace_period=cfg.train.epochs)
+    assert again["trials"] == 2 and again["best_metric"] == pytest.approx(summary["best_metric"])
+    assert sorted((tmp_path / "runs" / "sw" / "trials").iterdir()) == trials  # no new trial was started
+    assert {p: p.stat().st_mtime_ns for p in trials} == mtimes
 
 
 def test_train_ddp_two_workers(ray_local, tiny_run_dir, tmp_path):

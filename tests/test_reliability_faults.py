@@ -59,16 +59,16 @@ PAUSING_CLI = textwrap.dedent(
 
         stages.build_label_maps = paused
     elif at == "train":
-        from transfgu import pipeline
+        from transfgu import training
 
-        real = pipeline.save_train_state
+        real = training.save_train_state
 
         def paused(directory, *a, **k):
             real(directory, *a, **k)
             marker.write_text(Path(directory).name)
             time.sleep(300)
 
-        pipeline.save_train_state = paused
+        training.save_train_state = paused
     from transfgu.cli import main
 
     sys.exit(main(sys.argv[1:]))

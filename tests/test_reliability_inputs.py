@@ -21,8 +21,8 @@ from conftest import tiny_config
 from PIL import Image
 
 from transfgu.data.io import load_rgb
+from transfgu.errors import ErrorBudgetExceeded
 from transfgu.pipeline import run_pipeline
-from transfgu.stages import ErrorBudgetExceeded
 from transfgu.store import read_features, read_label_bank
 
 torch.set_num_threads(2)
@@ -300,7 +300,8 @@ def test_eval_dataset_skips_and_records_and_its_cache_changes_nothing(bad_run, t
     """EvalDataset on the crafted validation split: the in-memory cache (uint8 labels) gives exactly the samples
     of the uncached path, and the bad samples are recorded with the file to blame."""
     from transfgu.data.datasets import dataset_spec, list_records
-    from transfgu.stages import ErrorLog, EvalDataset
+    from transfgu.data.loaders import EvalDataset
+    from transfgu.errors import ErrorLog
 
     _, data = bad_run
     spec = dataset_spec("camvid", data)

@@ -99,7 +99,7 @@ def fault_hook() -> None:
 
         mod.write_parquet_atomic = write_parquet_atomic
 
-    def patch_pipeline(mod) -> None:
+    def patch_training(mod) -> None:
         real_save, real_load = mod.save_train_state, mod.load_train_state
 
         def save_train_state(directory, *a, **k):
@@ -119,7 +119,7 @@ def fault_hook() -> None:
         mod.save_train_state, mod.load_train_state = save_train_state, load_train_state
 
     patches = {"transfgu.stages": patch_stages, "transfgu.distributed.shards": patch_shards,
-               "transfgu.pipeline": patch_pipeline}
+               "transfgu.training": patch_training}
 
     class PatchOnImport(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):

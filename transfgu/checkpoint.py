@@ -22,6 +22,8 @@ from torch import Tensor
 from transfgu.store import atomic_write_json
 
 MODEL_JSON = "model.json"
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
 DECODER_FILE = "decoder.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
 
@@ -82,8 +84,8 @@ def save_train_state(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
-    _save_tensors(tensors, directory / "state.safetensors")
-    atomic_write_json(directory / "state.json", {**info, "optimizer": opt_s, "has_teacher": teacher is not None})
+    _save_tensors(tensors, directory / STATE_TENSORS)
+    atomic_write_json(directory / STATE_JSON, {**info, "optimizer": opt_s, "has_teacher": teacher is not None})
 
 
 def restore_rng(rng: dict[str, Tensor]) -> None:
@@ -103,8 +105,8 @@ def restore_rng(rng: dict[str, Tensor]) -> None:
 
 def load_train_state(directory: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Read a state written by :func:`save_train_state`: tensors grouped by prefix, and the JSON info."""
-    info = json.loads((directory / "state.json").read_text())
-    flat = load_file(str(directory / "state.safetensors"))
+    info = json.loads((directory / STATE_JSON).read_text())
+    flat = load_file(str(directory / STATE_TENSORS))
     groups: dict[str, dict[str, Tensor]] = {}
     for key, v in flat.items():
         head, rest = key.split(".", 1)
@@ -112,6 +114,32 @@ def load_train_state(directory: Path) -> tuple[dict[str, dict[str, Tensor]], dic
     groups.setdefault("opt", {})
     groups["opt"] = {f"opt.{k}": v for k, v in groups["opt"].items()}
     return groups, info
+
+
+def read_state_info(directory: Path) -> dict[str, Any] | None:
+    """The JSON half of a training state (epoch, round, metrics); None when ``directory`` holds no complete state."""
+    path = Path(directory) / STATE_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def latest_train_state(train_dir: Path) -> Path | None:
+    """The most recent complete training state under ``train_dir`` (``state.json`` is written last, so it marks
+    completeness)."""
+    done = [(info["epoch"], p) for p in Path(train_dir).glob("round_*") if (info := read_state_info(p)) is not None]
+    return max(done, key=lambda t: t[0])[1] if done else None
+
+
+def last_trained_epoch(train_dir: Path) -> int:
+    """The last epoch with a saved state under ``train_dir``; -1 when there is none."""
+    latest = latest_train_state(train_dir)
+    return int(read_state_info(latest)["epoch"]) if latest is not None else -1  # type: ignore[index]
+
+
+def set_cluster_to_class(directory: Path, mapping: list[int]) -> None:
+    """Record the evaluated cluster -> class mapping in ``model.json`` so ``transfgu predict`` can name classes."""
+    meta = read_model_meta(directory)
+    meta["cluster_to_class"] = [int(x) for x in mapping]
+    atomic_write_json(Path(directory) / MODEL_JSON, meta)
 
 
 def save_model(directory: Path, decoder: torch.nn.Module, meta: dict[str, Any], backbone=None) -> None:

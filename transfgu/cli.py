@@ -1,4 +1,8 @@
-"""The ``transfgu`` command: ``run`` (one-process pipeline), ``evaluate``, ``predict``, ``report``, ``export``.
+"""The ``transfgu`` command: ``run``, ``evaluate``, ``predict``, ``report``, ``export``.
+
+``transfgu run`` runs every stage in this process (the one-process executor); ``transfgu run --ray`` runs the same
+stages on a Ray cluster (joined at ``ray.address`` / ``RAY_ADDRESS``, else a private local one). The scripts in
+``ray_jobs/`` are the same command for ``ray job submit`` (docs/architecture.md).
 
 Subcommands import their module lazily so ``transfgu --help`` stays fast and a missing optional piece only affects
 its own subcommand.
@@ -9,10 +13,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from transfgu.config import Config, ConfigError, load_config
+from transfgu.layout import RunLayout
+from transfgu.logs import setup_logging
+from transfgu.tracking import resolve_tracking_uri
 
 SUBCOMMANDS = {
-    "run": ("transfgu.cli", "run_main", "run every stage of the method in this process"),
+    "run": ("transfgu.cli", "run_main", "run every stage of the method (--ray: on a Ray cluster)"),
     "evaluate": ("transfgu.evaluate_folders", "main", "score predicted label PNGs against ground truth"),
     "predict": ("transfgu.predict", "main", "label new images with a trained checkpoint"),
     "report": ("transfgu.report", "main", "write the visual HTML report of a run directory"),
@@ -21,41 +32,78 @@ SUBCOMMANDS = {
 }
 
 
-def run_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="transfgu run", description=SUBCOMMANDS["run"][2])
+def run_parser(prog: str, description: str | None, ray_flag: bool = True) -> argparse.ArgumentParser:
+    """The arguments of ``transfgu run`` and of the ``ray_jobs/`` scripts."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", default=None, help="YAML preset (see conf/); defaults if omitted")
-    p.add_argument("--only", nargs="*", default=None, help="run only these stages")
+    if ray_flag:
+        p.add_argument("--ray", action="store_true", help="run the stages on a Ray cluster (the Ray executor)")
+        p.add_argument("--only", nargs="*", default=None, help="run only these stages")
     p.add_argument("--force", nargs="*", default=(), help="re-run these stages even if done")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show every library's log lines (faiss, Ray, MLflow); quiet by default")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2 ray.num_workers=2")
+    return p
+
+
+def parse_run_args(
+    argv: Sequence[str] | None, prog: str, description: str | None, ray_flag: bool = True,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """Parse the arguments and load the config; a bad key or value raises :class:`ConfigError` before any work."""
+    p = run_parser(prog, description, ray_flag)
+    if extra is not None:
+        extra(p)
     args = p.parse_args(argv)
-    from transfgu.config import ConfigError, load_config
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(verbose=args.verbose)
+    return cfg, args
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from transfgu.pipeline import run_pipeline
 
+def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Sequence[str] = ()) -> int:
+    """Run the pipeline with the chosen executor, then print a short summary; 2 on a preflight/config error."""
     try:
-        run_pipeline(cfg, only=args.only, force=args.force)
+        if ray:
+            from transfgu.distributed.pipeline import run_pipeline_ray
+
+            manifest: dict[str, Any] = run_pipeline_ray(cfg, only=only, force=force)
+        else:
+            from transfgu.pipeline import run_pipeline
+
+            manifest = run_pipeline(cfg, only=only, force=force)
     except ConfigError as exc:  # preflight: data, weights, device, window layout
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_outputs(cfg.run_dir)
+    for name, rec in manifest["stages"].items():
+        extra = rec.get("extra", {})
+        print(f"{name:12} {rec.get('status', '?'):8} rows={rec.get('rows')} seconds={extra.get('seconds')}")
+    print_outputs(cfg)
     return 0
 
 
-def print_outputs(run_dir) -> None:
-    from pathlib import Path
+def run_main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, args = parse_run_args(argv, "transfgu run", SUBCOMMANDS["run"][2])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return execute(cfg, ray=args.ray, only=args.only, force=args.force)
 
-    run_dir = Path(run_dir)
-    print(f"run directory:  {run_dir.resolve()}")
-    for label, rel in (("metrics:", "eval/metrics.json"), ("report:", "report/index.html"),
-                       ("model:", "model"), ("mlflow store:", "mlflow.db")):
-        path = run_dir / rel if rel != "mlflow.db" else run_dir.parent / rel
+
+def print_outputs(cfg: Config) -> None:
+    """Where the run's metrics, report, model, manifest and MLflow store are."""
+    layout = RunLayout(Path(cfg.run_dir).resolve())
+    print(f"run directory:  {layout.root}")
+    for label, path in (("metrics:", layout.metrics), ("report:", layout.report / "index.html"),
+                        ("model:", layout.model), ("manifest:", layout.manifest)):
         if path.exists():
-            print(f"{label:15} {path.resolve()}")
+            print(f"{label:15} {path}")
+    if cfg.mlflow.enabled:
+        uri = resolve_tracking_uri(cfg)
+        print(f"{'mlflow store:':15} {uri}")
+        if uri.startswith("sqlite:///"):
+            print(f"{'mlflow ui:':15} mlflow ui --backend-store-uri {uri}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

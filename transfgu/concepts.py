@@ -8,7 +8,7 @@ foreground first, then background.
 
 :func:`lloyd_step_stats` exposes one Lloyd step as per-shard sufficient statistics (sums, counts, inertia) so
 that a distributed driver can stream feature shards and reduce the statistics instead of loading every feature
-into one process (DESIGN.md §5).
+into one process (docs/architecture.md, "concepts").
 """
 
 from __future__ import annotations
@@ -289,16 +289,13 @@ def fit_concepts(
     use_gpu: bool | None = None,
     nredo: int = 1,
     init: Literal["random", "kmeans++"] = "random",
-    algorithm: Literal["faiss", "minibatch_kmeans"] = "faiss",
 ) -> ConceptBank:
     """Cluster every pool named in ``k_per_pool`` separately and stack the concepts fg first, then bg.
 
     COCO-Stuff-27: ``{"fg": 12, "bg": 15}``; VOC: ``{"fg": 20}``; Cityscapes/LIP: ``{"all": K}``
     (reference_method.md §4). Pools present in ``pools`` but not in ``k_per_pool`` are ignored (COCO-80 uses
     only the fg pool). Every pool is clustered with the same seed, as in the reference. ``nredo``/``init`` are
-    passed to :func:`kmeans` (reference: 1 / ``"random"``) and recorded in ``extra``. ``algorithm=
-    "minibatch_kmeans"`` uses sklearn's MiniBatchKMeans as the reference does for Cityscapes/LIP
-    (:mod:`transfgu.kmeans_sklearn`; ``niter`` is its ``max_iter``, ``seed`` its ``random_state``).
+    passed to :func:`kmeans` (reference: 1 / ``"random"``) and recorded in ``extra``.
     """
     if not k_per_pool:
         raise ValueError("k_per_pool names no pool to cluster")
@@ -312,26 +309,39 @@ def fit_concepts(
         n = int(np.shape(pools[name])[0])
         if n < k:
             raise ValueError(f"pool {name!r} has {n} crops, fewer than its k={k} concepts")
-    centroids, pool_of, inertia, n_points = [], [], {}, {}
+    fits = {}
     for name in names:
-        k = int(k_per_pool[name])
-        if algorithm == "minibatch_kmeans":
-            from transfgu.kmeans_sklearn import minibatch_kmeans
+        res = kmeans(pools[name], int(k_per_pool[name]), niter=niter, seed=seed, use_gpu=use_gpu, nredo=nredo,
+                     init=init)
+        fits[name] = PoolFit(res.centroids, res.inertia, int(np.shape(pools[name])[0]))
+    return assemble_bank(fits, k_per_pool, seed=seed, niter=niter, extra={"nredo": int(nredo), "init": init})
 
-            res = minibatch_kmeans(pools[name], k, max_iter=niter, random_state=seed)
-        else:
-            res = kmeans(pools[name], k, niter=niter, seed=seed, use_gpu=use_gpu, nredo=nredo, init=init)
-        centroids.append(res.centroids)
-        pool_of += [name] * k
-        inertia[name] = res.inertia
-        n_points[name] = int(np.shape(pools[name])[0])
+
+@dataclass
+class PoolFit:
+    """The k-means result of one pool, as the concept bank records it."""
+
+    centroids: np.ndarray  # (k, D) float32, means of the members
+    inertia: float  # sum of squared distances to the means
+    n_points: int
+
+
+def assemble_bank(
+    fits: Mapping[str, PoolFit], k_per_pool: Mapping[str, int], seed: int, niter: int, extra: dict | None = None
+) -> ConceptBank:
+    """Stack per-pool k-means results into the concept bank: fg first, then bg (:func:`order_pools`).
+
+    The one assembly of both executors: :func:`fit_concepts` (faiss in one process) and the Ray executor's
+    distributed k-means (:mod:`transfgu.distributed.kmeans`) give it their per-pool results.
+    """
+    names = order_pools(list(k_per_pool))
     return ConceptBank(
-        centroids=np.concatenate(centroids, axis=0),
-        pools=pool_of,
-        k_per_pool={name: int(k_per_pool[name]) for name in names},
+        centroids=np.concatenate([fits[p].centroids for p in names], axis=0),
+        pools=[p for p in names for _ in range(int(k_per_pool[p]))],
+        k_per_pool={p: int(k_per_pool[p]) for p in names},
         seed=int(seed),
         niter=int(niter),
-        inertia=inertia,
-        n_points=n_points,
-        extra={"nredo": int(nredo), "init": init, "algorithm": algorithm},
+        inertia={p: fits[p].inertia for p in names},
+        n_points={p: int(fits[p].n_points) for p in names},
+        extra=dict(extra or {}),
     )

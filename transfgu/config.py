@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from transfgu.models.source import BackboneSource, parse_source
+
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -58,6 +60,11 @@ class BackboneConfig(_Base):
         if v not in ARCHS:
             raise ValueError(f"unknown arch {v!r}; choose one of {sorted(ARCHS)}")
         return v
+
+    @property
+    def source(self) -> BackboneSource:
+        """``weights`` parsed: kind (random/timm/hub/file), tag or absolute path, pretrained."""
+        return parse_source(self.weights)
 
 
 class CropConfig(_Base):
@@ -200,6 +207,10 @@ class MlflowConfig(_Base):
     enabled: bool = True
     tracking_uri: str | None = None
     experiment: str = "transfgu"
+    log_model: bool = Field(True, description="log the trained model as an MLflow pyfunc model on the pipeline run")
+    registered_model: str | None = Field(None, description="also register the logged model under this name")
+    system_metrics: bool = Field(True, description="sample CPU/memory/GPU into stage and trial runs")
+    system_metrics_interval: float = Field(10.0, gt=0, description="seconds between system-metric samples")
 
 
 class RayConfig(_Base):
@@ -209,9 +220,17 @@ class RayConfig(_Base):
         None, description="None = RAY_ADDRESS if set, else start a local Ray; 'auto' = the `ray start` on this machine"
     )
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = Train V2 local mode)")
-    use_gpu: bool | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="true: request GPUs (an autoscaler adds GPU nodes); false: CPU only; auto: only for a "
+        "private local Ray (uses its GPUs if any); refused on a remote cluster, where it would guess from the nodes "
+        "that happen to be up",
+    )
+    gpu_wait_s: float = Field(
+        600.0, ge=0, description="with use_gpu=true: seconds to wait for the autoscaler to bring GPUs before failing"
+    )
+    gpus_per_actor: float = Field(1.0, gt=0, description="GPU share of an extract/label-bank/k-means actor (<1 packs)")
     extract_actors: tuple[int, int] = Field((1, 4), description="(min, max) actors of the extract/label-bank pools")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs of each actor (GPU actors too: decoding, batching)")
     kmeans_shards: int = Field(4, ge=1, description="at most this many k-means tasks per Lloyd iteration")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker (fractions allowed)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a Ray started by the job (None = all)")

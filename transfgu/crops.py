@@ -228,8 +228,9 @@ def select_windows(
 # ----------------------------------------------------------------------------------------------------------
 # Crop, resize and embed (reference_method.md §2.3 last bullet, §3)
 # ----------------------------------------------------------------------------------------------------------
-def _as_box_tensor(boxes: Tensor | np.ndarray, device: torch.device) -> Tensor:
-    b = torch.as_tensor(np.asarray(boxes) if not isinstance(boxes, Tensor) else boxes, device=device)
+def _as_box_tensor(boxes: Tensor | np.ndarray) -> Tensor:
+    # Boxes are checked on the host (a check of a device tensor in an ``if`` would synchronise the GPU).
+    b = boxes.detach().cpu() if isinstance(boxes, Tensor) else torch.as_tensor(np.asarray(boxes))
     return b.reshape(-1, 4).to(torch.float64)
 
 
@@ -282,7 +283,7 @@ def crop_and_resize(
     if len(boxes_pixel) != images.shape[0]:
         raise ValueError(f"got {len(boxes_pixel)} box arrays for {images.shape[0]} images")
     c, hh, ww = images.shape[1:]
-    boxes = [_as_box_tensor(b, images.device) for b in boxes_pixel]
+    boxes = [_as_box_tensor(b) for b in boxes_pixel]
     for b in boxes:
         if b.numel() and (
             (b[:, 2] <= b[:, 0]).any()
@@ -295,6 +296,8 @@ def crop_and_resize(
     n_total = sum(b.shape[0] for b in boxes)
     if n_total == 0:
         return images.new_empty((0, c, out_size, out_size))
+    if images.device.type != "cpu":
+        boxes = [b.to(images.device, non_blocking=True) for b in boxes]
     if method == "roi_align":
         rois = torch.cat(
             [torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)], dim=0
@@ -337,10 +340,17 @@ def embed_crops(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dim = int(getattr(backbone, "embed_dim", 0))
+    # A compiled backbone (transfgu.throughput.compile_forward) is specialised per input shape: pad a short last
+    # chunk to the full batch (zeros, outputs dropped) instead of compiling one more graph per ragged tail.
+    pad = bool(getattr(backbone, "_transfgu_compiled", False))
     feats = []
     with torch.inference_mode(), _autocast(crops.device, autocast_dtype):
         for start in range(0, crops.shape[0], batch_size):
-            feats.append(backbone(crops[start : start + batch_size]).cls.float())
+            x = crops[start : start + batch_size]
+            n = x.shape[0]
+            if pad and n < batch_size:
+                x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+            feats.append(backbone(x).cls[:n].float())
     if not feats:
         return torch.empty((0, dim), dtype=torch.float32, device=crops.device)
     return torch.cat(feats, dim=0)
@@ -406,25 +416,31 @@ def extract_crops_batch(
     if mode == "all":
         pools = [select_windows(np.zeros(layout.grid, dtype=bool), layout, "all")] * bsz
     else:
-        pools = []
+        fgs = []
         with torch.inference_mode(), _autocast(images.device, autocast_dtype):
             for start in range(0, bsz, batch_size):
                 out = backbone(images[start : start + batch_size])
-                fg = foreground_prior(out.attn_cls, out.grid).cpu()
-                pools.extend(select_windows(m, layout, mode, th_fg, th_bg) for m in fg)
+                fgs.append(foreground_prior(out.attn_cls, out.grid))
+        # One device -> host copy for all prior passes (not one synchronisation per batch).
+        fg_all = torch.cat(fgs).cpu()
+        pools = [select_windows(m, layout, mode, th_fg, th_bg) for m in fg_all]
 
     kept = [np.flatnonzero(pl != DROPPED) for pl in pools]
     # Global (image, window) list embedded in full batches across image boundaries.
     work = [(i, int(j)) for i in range(bsz) for j in kept[i]]
     dim = int(backbone.embed_dim)
-    cls = np.empty((len(work), dim), dtype=np.float32)
-    row = 0
+    # Features stay on the device until every chunk is queued: the host never waits for the GPU between chunks
+    # (cutting chunk i + 1 is queued while chunk i is embedded), and one copy brings all of them back.
+    feats: list[Tensor] = []
     for chunk in _chunks(work, batch_size):
         per_image = [[j for (i, j) in chunk if i == b] for b in range(bsz)]
         crops = crop_and_resize(images, [boxes_px[idx].reshape(-1, 4) for idx in per_image], crop_size)
-        feats = embed_crops(backbone, crops, batch_size, autocast_dtype)
-        cls[row : row + len(chunk)] = feats.cpu().numpy()
-        row += len(chunk)
+        feats.append(embed_crops(backbone, crops, batch_size, autocast_dtype))
+    cls = (
+        torch.cat(feats).cpu().numpy().astype(np.float32, copy=False)
+        if feats
+        else np.empty((0, dim), dtype=np.float32)
+    )
 
     records = []
     offset = 0

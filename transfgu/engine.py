@@ -127,7 +127,7 @@ def make_targets(
         perm = torch.randperm(p.shape[1], generator=generator)
     elif perm.shape != (p.shape[1],):
         raise ValueError(f"permutation of {perm.shape[0]} classes for {p.shape[1]} target channels")
-    inverse = torch.argsort(perm).to(hard.device)
+    inverse = torch.argsort(perm).to(hard.device, non_blocking=True)  # no stream synchronisation
     return Targets(hard=hard, negative=inverse[hard], fg_mask=fg_mask, soft=p)
 
 
@@ -256,7 +256,7 @@ def crop_images(images: Tensor, boxes: Tensor, out_hw: tuple[int, int]) -> Tenso
     """
     b, _, hh, ww = images.shape
     oh, ow = out_hw
-    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    boxes = boxes.to(torch.float32).to(images.device, non_blocking=True)
     x0, y0, x1, y1 = boxes.unbind(1)
     t_x = (torch.arange(ow, device=images.device, dtype=torch.float32) + 0.5) / ow
     t_y = (torch.arange(oh, device=images.device, dtype=torch.float32) + 0.5) / oh
@@ -279,7 +279,7 @@ def crop_labels(pseudo: Tensor, boxes: Tensor, image_hw: tuple[int, int], out_hw
     hh, ww = image_hw
     scale = torch.tensor([lw / ww, lh / hh, lw / ww, lh / hh], dtype=torch.float64)
     rois = torch.cat([torch.arange(b, dtype=torch.float64)[:, None], boxes.to(torch.float64) * scale], dim=1)
-    rois = rois.to(device=pseudo.device, dtype=pseudo.dtype)
+    rois = rois.to(pseudo.dtype).to(pseudo.device, non_blocking=True)
     return roi_align(pseudo, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
@@ -339,13 +339,15 @@ def apply_augment(
         raise ValueError(f"{draws.boxes.shape[0]} drawn crops for {b} images")
     x = images.float() / 255.0
     x = apply_colours(x, draws.colours)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    # Host-made constants and draws go to the device with non_blocking copies: a blocking copy would wait for
+    # every kernel queued so far (one synchronisation per step).
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     x = (x - mean) / std
     crops = crop_images(x, draws.boxes, (oh, ow))
     labels = crop_labels(pseudo.float(), draws.boxes, (hh, ww), (oh // patch_size, ow // patch_size))
-    flip = draws.flip.view(b, 1, 1, 1)
-    crops = torch.where(flip.to(crops.device), crops.flip(-1), crops)
+    flip = draws.flip.view(b, 1, 1, 1).to(crops.device, non_blocking=True)
+    crops = torch.where(flip, crops.flip(-1), crops)
     labels = torch.where(flip.to(labels.device), labels.flip(-1), labels)
     return crops, labels
 
@@ -390,8 +392,20 @@ def make_optimizer(decoder: nn.Module, lr: float, weight_decay: float = 5e-4) ->
     for p in decoder.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
+    # fused=True: one kernel for the whole update, and it honours ``found_inf`` (see train_one_epoch), which lets
+    # the step rule skip a step on the device instead of reading the loss back on the host every step.
     return torch.optim.Adam(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        fused=True,
+    )
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose ``step`` honours a ``found_inf`` tensor (fused Adam/AdamW): the step is then
+    skipped on the device, parameters, moments and step count untouched, as when it is not called at all."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups
     )
 
 
@@ -566,6 +580,12 @@ def train_one_epoch(
     params = [p for p in student.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "peer": 0.0, "diversity": 0.0, "uncertainty": 0.0}
     n_finite = n_batches = n_steps = n_skipped = n_images = 0
+    # One process, no per-step callback, fused Adam: the step rule is decided on the device (found_inf) and the
+    # running sums stay there, so a step never waits for the GPU (read back at log_every and at the end only).
+    # Data-parallel ranks keep the host decision: it comes with the loss all-reduce every rank must agree on.
+    on_device = world == 1 and on_step is None and _skips_on_device(optimizer)
+    dev_sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, peer, diversity, uncertainty (finite)
+    dev_counts = torch.zeros(2, dtype=torch.int64, device=device)  # finite losses, steps taken
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
         if max_steps is not None and i >= max_steps:
@@ -601,6 +621,30 @@ def train_one_epoch(
                 alpha=plan.alpha if use_teacher else 0.0, variant=variant, weights=loss_weights,
                 empty_fg=empty_fg, fraction=n_real / global_b, fg_total=fg_total,
             )  # fmt: skip
+            if on_device:
+                loss_t = terms.total.detach()
+                finite = torch.isfinite(loss_t)
+                ok = (loss_t > 0) if skip_nonpositive else finite  # NaN > 0 is False: NaN is skipped too
+                optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()  # always; a skipped step is dropped inside the fused update
+                if clamp_grad is not None:
+                    torch.nn.utils.clip_grad_value_(params, clamp_grad)
+                optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.found_inf  # type: ignore[attr-defined]
+                vals = torch.stack([loss_t, terms.peer.detach(), terms.diversity.detach(), terms.uncertainty.detach()])
+                dev_sums += torch.where(finite, vals.double(), 0.0)
+                dev_counts += torch.stack([finite, ok]).long()
+                n_batches += 1
+                n_images += n_real
+                if log_every and (i + 1) % log_every == 0:
+                    log.info(
+                        "epoch %d step %d loss %.4f (peer %.4f div %.4f unc %.4f) skipped %d",
+                        plan.epoch, i + 1, *(float(v) for v in vals), n_batches - int(dev_counts[1]),
+                    )  # fmt: skip
+                continue
             # One all-reduce of the shares: every rank gets the global loss and takes the same decision.
             parts = torch.stack([terms.total, terms.peer, terms.diversity, terms.uncertainty]).detach().double().cpu()
             reduced = all_reduce_sum(torch.cat([parts, torch.tensor([float(n_real)], dtype=torch.float64)]), device)
@@ -638,6 +682,11 @@ def train_one_epoch(
                 "epoch %d step %d loss %.4f (peer %.4f div %.4f unc %.4f) skipped %d",
                 plan.epoch, i + 1, loss_value, peer, div, unc, n_skipped,
             )  # fmt: skip
+    if on_device:
+        fin, taken = (int(c) for c in dev_counts.tolist())
+        for k, v in zip(("loss", "peer", "diversity", "uncertainty"), dev_sums.tolist()):
+            sums[k] += v
+        n_finite, n_steps, n_skipped = n_finite + fin, n_steps + taken, n_skipped + n_batches - taken
     out = {k: (v / n_finite if n_finite else float("nan")) for k, v in sums.items()}
     out.update(
         steps=float(n_steps),

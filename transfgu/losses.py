@@ -70,12 +70,14 @@ def uncertainty_loss(
     margin = top2[:, 0] - top2[:, 1]  # (B, h, w)
     if fg_mask is None:
         return 1.0 - margin.mean()
-    fg_mask = fg_mask.bool()
-    if not bool(fg_mask.any()):
-        if empty_fg == "nan":
-            return logits.sum() * float("nan")
-        return logits.sum() * 0.0
-    return 1.0 - margin[fg_mask].mean()
+    # Masked mean computed on the device: ``margin[fg_mask]`` and ``if fg_mask.any()`` would each synchronise the
+    # host with the GPU every step.
+    m = fg_mask.to(margin.dtype)
+    count = m.sum()
+    if empty_fg == "nan":
+        return 1.0 - (margin * m).sum() / count  # 0 / 0 = NaN for an empty mask, as the reference
+    loss = 1.0 - (margin * m).sum() / count.clamp_min(1.0)
+    return torch.where(count > 0, loss, logits.sum() * 0.0)
 
 
 def diversity_loss(class_emb: Tensor) -> Tensor:

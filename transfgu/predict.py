@@ -32,19 +32,25 @@ import torch.nn.functional as F
 
 from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_model_meta
 from transfgu.data.io import load_rgb
+from transfgu.data.transforms import to_model_input
 from transfgu.engine import predict_logits
-from transfgu.models.backbone import DinoViT, build_backbone, normalize
+from transfgu.errors import ErrorLog
+from transfgu.layout import RunLayout
+from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
-from transfgu.stages import ErrorLog, autocast_dtype, resolve_device
+from transfgu.runtime import autocast_dtype, resolve_device
 
 __all__ = [
     "UNMATCHED",
     "CheckpointError",
     "Predictor",
     "collect_inputs",
+    "encode_label_png",
     "find_checkpoint",
+    "label_histogram",
     "load",
     "main",
+    "preprocess_image",
     "save_label_png",
     "upsampled_argmax",
 ]
@@ -65,8 +71,8 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / MODEL_JSON).is_file():
         return p
-    if (p / "model" / MODEL_JSON).is_file():
-        return p / "model"
+    if (RunLayout(p).model / MODEL_JSON).is_file():
+        return RunLayout(p).model
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p} does not exist")
     raise CheckpointError(
@@ -115,7 +121,7 @@ def _build_decoder(ckpt: Path, meta: dict[str, Any], d_encoder: int) -> MaskTran
             f"{ckpt}: decoder expects {dm['d_encoder']}-d tokens but the backbone gives {d_encoder}-d"
         )
     d_model = int(dm.get("d_model", d_encoder))
-    # Same shape rule as transfgu.pipeline.build_decoder (the checkpoint records what differs from it).
+    # Same shape rule as transfgu.training.build_decoder (the checkpoint records what differs from it).
     dec = MaskTransformerDecoder(
         n_classes=int(dm["n_classes"]), d_encoder=d_encoder, d_model=d_model,
         n_layers=int(dm.get("n_layers", 2)), n_heads=int(dm.get("n_heads", max(1, d_model // 64))),
@@ -155,6 +161,18 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], max_elements: 
     return best_idx
 
 
+def preprocess_image(image: np.ndarray, eval_size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> ImageNet-normalised float ``(3, *eval_size)`` (bilinear, as in evaluation).
+
+    A free function so that a decoding step running ahead of the model (Ray Data CPU tasks, a web server thread)
+    prepares exactly the tensor :meth:`Predictor.predict` would.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {img.dtype} {img.shape}")
+    return to_model_input(img, eval_size)
+
+
 @dataclass
 class Predictor:
     """A loaded checkpoint: frozen backbone + decoder on one device, and what ``model.json`` says about them."""
@@ -188,15 +206,8 @@ class Predictor:
         return bool(self.meta["backbone"].get("pretrained", False))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 ``(H, W, 3)`` -> ImageNet-normalised float ``(3, *eval_size)`` (bilinear, as in evaluation)."""
-        img = np.asarray(image)
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {img.dtype} {img.shape}")
-        if not img.flags.writeable:  # torch warns on read-only arrays (e.g. decoded by PIL)
-            img = img.copy()
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-        x = F.interpolate(x, size=self.eval_size, mode="bilinear", align_corners=False)
-        return normalize(x[0])
+        """uint8 ``(H, W, 3)`` -> ImageNet-normalised float ``(3, *eval_size)`` (:func:`preprocess_image`)."""
+        return preprocess_image(image, self.eval_size)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,16 +254,24 @@ class Predictor:
         for start in range(0, len(items), bs):
             group = items[start : start + bs]
             x = torch.stack([self.preprocess(im) for im in group])
-            logits = self.logits(x)
-            for im, lg in zip(group, logits):
-                lab = upsampled_argmax(lg, (int(im.shape[0]), int(im.shape[1])))
-                if as_classes:
-                    lab = self._to_classes(lab)
-                out.append(lab.cpu().numpy().astype(np.int64))
+            out.extend(self.labels_from_logits(self.logits(x), [im.shape[:2] for im in group], as_classes))
         if single:
             return out[0]
         if stacked:
             return np.stack(out) if out else np.zeros((0, 0, 0), dtype=np.int64)
+        return out
+
+
+    def labels_from_logits(
+        self, logits: torch.Tensor, sizes: Sequence[tuple[int, int]], as_classes: bool = False
+    ) -> list[np.ndarray]:
+        """int64 label maps at the given original ``(H, W)`` sizes from patch logits ``(B, C, h, w)``."""
+        out: list[np.ndarray] = []
+        for lg, (h, w) in zip(logits, sizes):
+            lab = upsampled_argmax(lg, (int(h), int(w)))
+            if as_classes:
+                lab = self._to_classes(lab)
+            out.append(lab.cpu().numpy().astype(np.int64))
         return out
 
 
@@ -330,23 +349,43 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     return out
 
 
-def save_label_png(label: np.ndarray, path: Path, n_ids: int) -> None:
-    """Write an id map as a single-channel PNG: uint8 when ``n_ids < 255``, else uint16.
-
-    Negative ids (:data:`UNMATCHED`) are written as the dtype's maximum (255 or 65535).
-    """
+def _label_image(label: np.ndarray, n_ids: int):
     from PIL import Image
 
     dtype = np.uint8 if n_ids < 255 else np.uint16
     top = np.iinfo(dtype).max
     arr = np.where(label < 0, top, label).astype(dtype)
+    return Image.fromarray(arr, mode="L") if dtype == np.uint8 else Image.fromarray(arr)
+
+
+def save_label_png(label: np.ndarray, path: Path, n_ids: int) -> None:
+    """Write an id map as a single-channel PNG: uint8 when ``n_ids < 255``, else uint16.
+
+    Negative ids (:data:`UNMATCHED`) are written as the dtype's maximum (255 or 65535).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
-    if dtype == np.uint8:
-        Image.fromarray(arr, mode="L").save(tmp, format="PNG")
-    else:
-        Image.fromarray(arr.astype(np.uint16)).save(tmp, format="PNG")
+    _label_image(label, n_ids).save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def encode_label_png(label: np.ndarray, n_ids: int) -> bytes:
+    """The bytes :func:`save_label_png` would write (for HTTP responses and MLflow model outputs)."""
+    import io
+
+    buf = io.BytesIO()
+    _label_image(label, n_ids).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def label_histogram(label: np.ndarray, n_ids: int) -> tuple[np.ndarray, int]:
+    """Pixels per id ``0..n_ids-1`` (int64) and the number of pixels with a negative id (:data:`UNMATCHED`)."""
+    lab = np.asarray(label).ravel()
+    neg = lab < 0
+    counts = np.bincount(lab[~neg], minlength=n_ids)
+    if counts.shape[0] > n_ids:
+        raise ValueError(f"label ids up to {counts.shape[0] - 1} exceed the {n_ids} ids of the model")
+    return counts.astype(np.int64), int(neg.sum())
 
 
 def _decode_stream(
@@ -394,10 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Data instead (CPU decoding ahead of GPU actors, Parquet ledger, resumable; "
+                   "globs and s3:// prefixes as inputs): see `transfgu predict --ray --help`")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ray" in argv:  # the Ray executor of the same per-image functions (imported only when asked for)
+        import importlib
+
+        return int(importlib.import_module("transfgu.distributed.predict").main(argv))
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

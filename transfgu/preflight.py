@@ -103,10 +103,10 @@ def _check_data(cfg: Config) -> tuple[list[tuple[str, str]], dict[str, int]]:
 
 
 def _check_weights(cfg: Config) -> list[tuple[str, str]]:
-    w = cfg.backbone.weights
-    if w in ("none", "timm") or w.startswith("hub:"):
+    src = cfg.backbone.source
+    if src.path is None:
         return []
-    p = Path(w)
+    p = src.path
     if not p.is_file():
         return [("backbone.weights", f"file not found: {p}; give a DINO .pth/.safetensors file, or 'none' for a "
                                      "random backbone (smoke runs only)")]

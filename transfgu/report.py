@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from transfgu import viz
+from transfgu.layout import RunLayout
 
 __all__ = ["ReportOptions", "main", "nearest_crops", "write_report"]
 
@@ -102,7 +103,7 @@ def _load_config(run_dir: Path, meta: dict[str, Any] | None):
     """The run's resolved config (config.yaml, else the copy in model.json), or None."""
     import yaml
 
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     sources: list[tuple[str, Any]] = []
     if path.is_file():
         sources.append((str(path), lambda: yaml.safe_load(path.read_text(encoding="utf-8"))))
@@ -122,7 +123,7 @@ def _pretrained(meta: dict[str, Any] | None, metrics: dict[str, Any] | None, cfg
     if metrics is not None and "pretrained" in metrics:
         return bool(metrics["pretrained"])
     if cfg is not None:
-        return cfg.backbone.weights != "none"
+        return cfg.backbone.source.pretrained
     return None
 
 
@@ -183,21 +184,12 @@ def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metr
     ]
     if metrics.get("warning"):
         rows.append(("warning", metrics["warning"]))
-    if metrics.get("selection"):
-        chosen = metrics["selection"]
-        if metrics.get("selected_epoch") is not None:
-            chosen += f" (epoch {int(metrics['selected_epoch']) + 1})"
-        rows.append(("model selection", chosen))
-    if metrics.get("selection_warning"):
-        rows.append(("selection warning", metrics["selection_warning"]))
     sec.html = _table(["", ""], rows, show_header=False)
-    if metrics.get("selection_warning"):
-        sec.html = f"<p><b>{html.escape(metrics['selection_warning'])}</b></p>" + sec.html
     per_class = metrics.get("per_class_iou") or {}
     if per_class:
         fig = viz.iou_bar_figure(per_class, miou, title="Per-class IoU (Hungarian matching over the split)")
         sec.images.append((viz.save_figure(fig, out / "per_class_iou.png"), "Per-class IoU; grey = class absent."))
-    conf_path = run_dir / "eval" / "confusion.csv"
+    conf_path = RunLayout(run_dir).eval / "confusion.csv"
     if conf_path.is_file() and metrics.get("mapping") is not None:
         conf = np.loadtxt(conf_path, delimiter=",", dtype=np.int64, ndmin=2)
         names = list(per_class) or [str(i) for i in range(conf.shape[0])]
@@ -211,29 +203,26 @@ def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metr
     return sec
 
 
-def _val_history_section(run_dir: Path) -> Section:
-    """Per-epoch validation scores (train.select=best_val or train.validate_every), issue 12 item 3."""
-    from transfgu.selection import BEST_DIR, VAL_HISTORY
+def _funnel_section(metrics: dict[str, Any] | None) -> Section:
+    """concepts -> pseudo labels -> round 1 ... -> final, from ``metrics["stages"]`` (transfgu.quality)."""
+    from transfgu.quality import funnel_rows
 
-    sec = Section("Validation history")
-    path = run_dir / "train" / VAL_HISTORY
-    if not path.is_file():
-        # Not a missing input (notes mark those): this run simply did not ask for a validation history.
-        sec.html = "<p>No per-epoch validation in this run (train.validate_every=N or train.select=best_val).</p>"
+    sec = Section("Quality at every stage")
+    rows = funnel_rows(metrics or {})
+    if not metrics or not metrics.get("stages"):
+        sec.note = "No stage-quality measurements in eval/metrics.json (no ground truth, or an older run)."
         return sec
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    best = _read_json(run_dir / "train" / BEST_DIR / "best.json")
-    rows = [(e["round"], e["epoch"] + 1, f"{100 * e['mIoU']:.2f}", f"{100 * e['pixel_accuracy']:.2f}",
-             "selected (best on val)" if best and best["epoch"] == e["epoch"] else "") for e in entries]
-    sec.html = _table(["round", "epoch", "val mIoU %", "val pixel acc %", ""], rows)
-    if best:
-        sec.html = f"<p><b>{html.escape(best.get('warning', ''))}</b></p>" + sec.html
+    text = ("Each stage scored against the ground truth: concepts on the training crops, pseudo labels on the "
+            "training images, teacher/student of every round on the validation split.")
+    if metrics.get("prior") and metrics["prior"] != "pretrained":
+        text += f" Backbone prior: {metrics['prior']} (not the method's numbers)."
+    sec.html = f"<p>{html.escape(text)}</p>" + _table(["stage", "measure", "value"], rows)
     return sec
 
 
 def _stages_section(run_dir: Path) -> Section:
     sec = Section("Stages")
-    man = _read_json(run_dir / "_manifest.json")
+    man = _read_json(RunLayout(run_dir).manifest)
     if not man or not man.get("stages"):
         sec.note = "No stage has run yet (_manifest.json is missing or empty)."
         return sec
@@ -319,18 +308,18 @@ def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | 
     from transfgu.store import iter_feature_shards, list_parquet_files
 
     sec = Section("Concept galleries")
-    if not (run_dir / "concepts" / ConceptBank.META_FILE).is_file():
+    if not (RunLayout(run_dir).concepts / ConceptBank.META_FILE).is_file():
         sec.note = "No concepts yet (concepts/ is missing): run the concepts stage."
         return sec
-    if not (run_dir / "features").is_dir() or not list_parquet_files(run_dir / "features"):
+    if not RunLayout(run_dir).features.is_dir() or not list_parquet_files(RunLayout(run_dir).features):
         sec.note = "No crop features (features/ is missing or empty)."
         return sec
     if cfg is None:
         sec.note = "The run's config is missing, so the crops cannot be located in their images."
         return sec
-    bank = ConceptBank.load(run_dir / "concepts")
+    bank = ConceptBank.load(RunLayout(run_dir).concepts)
     k_show = min(bank.num_concepts, opt.max_concepts)
-    shards = iter_feature_shards(run_dir / "features", columns=["image_id", "split", "box", "pool"])
+    shards = iter_feature_shards(RunLayout(run_dir).features, columns=["image_id", "split", "box", "pool"])
     best, scanned = nearest_crops(shards, bank.centroids[:k_show], bank.pools[:k_show], opt.n_per_concept,
                                   opt.max_feature_rows, max_per_image=opt.max_crops_per_image)
     splits = {cfg.data.train_split}
@@ -393,7 +382,7 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
     from transfgu.store import list_parquet_files, read_label_bank
 
     sec = Section("CAM panels (pseudo-label bank)")
-    files = list_parquet_files(run_dir / "label_bank") if (run_dir / "label_bank").is_dir() else []
+    files = list_parquet_files(RunLayout(run_dir).label_bank) if RunLayout(run_dir).label_bank.is_dir() else []
     if not files:
         sec.note = "No pseudo-label bank yet (label_bank/ is missing or empty): run the label_bank stage."
         return sec
@@ -408,8 +397,8 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
         sec.note = f"The training images are not readable here ({exc}); CAM panels skipped."
         return sec
     pools = None
-    if (run_dir / "concepts" / ConceptBank.META_FILE).is_file():
-        pools = ConceptBank.load(run_dir / "concepts").pools
+    if (RunLayout(run_dir).concepts / ConceptBank.META_FILE).is_file():
+        pools = ConceptBank.load(RunLayout(run_dir).concepts).pools
     for i, image_id in enumerate(ids):
         m = maps[image_id].astype(np.float32)
         k = m.shape[0]
@@ -493,7 +482,7 @@ def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any]
 
 def _errors_section(run_dir: Path) -> Section:
     sec = Section("Skipped inputs")
-    path = run_dir / "errors.jsonl"
+    path = RunLayout(run_dir).errors
     if not path.is_file():
         sec.html = "<p>No input was skipped.</p>"
         return sec
@@ -510,7 +499,7 @@ def _errors_section(run_dir: Path) -> Section:
 
 def _config_section(cfg: Any, run_dir: Path) -> Section:
     sec = Section("Configuration")
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     if path.is_file():
         text = path.read_text(encoding="utf-8")
     elif cfg is not None:
@@ -556,6 +545,12 @@ def _banner(pretrained: bool | None, meta: dict[str, Any] | None, cfg: Any) -> s
     bb = (meta or {}).get("backbone") or {}
     arch = bb.get("arch") or (cfg.backbone.arch if cfg is not None else "?")
     weights = bb.get("weights") or (cfg.backbone.weights if cfg is not None else "?")
+    if pretrained is False and bb.get("prior") == "supervised stand-in":
+        return (
+            '<div class="banner random"><b>SUPERVISED STAND-IN PRIOR (not pretrained).</b> '
+            f"The {html.escape(str(arch))} backbone was trained with labels on a stand-in set "
+            "(transfgu.tools.standin_prior): a test fixture, so these numbers are <b>not the method's</b>.</div>"
+        )
     if pretrained is False:
         return (
             '<div class="banner random"><b>RANDOM BACKBONE (no pretrained weights).</b> '
@@ -612,20 +607,22 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    out = run_dir / "report"
+    out = RunLayout(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
-    meta = _read_json(run_dir / "model" / "model.json")
-    metrics = _read_json(run_dir / "eval" / "metrics.json")
+    from transfgu.checkpoint import MODEL_JSON  # torch: only when a report is written
+
+    meta = _read_json(RunLayout(run_dir).model / MODEL_JSON)
+    metrics = _read_json(RunLayout(run_dir).metrics)
     cfg = _load_config(run_dir, meta)
     pretrained = _pretrained(meta, metrics, cfg)
     builders: list[tuple[str, Callable[[], Section]]] = [
         ("Metrics", lambda: _metrics_section(run_dir, out, meta, metrics)),
+        ("Quality at every stage", lambda: _funnel_section(metrics)),
         ("Predictions vs ground truth", lambda: _prediction_section(run_dir, out, cfg, meta, opt)),
         ("Concept galleries", lambda: _gallery_section(run_dir, out, cfg, meta, opt)),
         ("CAM panels (pseudo-label bank)", lambda: _cam_section(run_dir, out, cfg, meta, opt)),
-        ("Validation history", lambda: _val_history_section(run_dir)),
         ("Stages", lambda: _stages_section(run_dir)),
         ("Skipped inputs", lambda: _errors_section(run_dir)),
         ("Configuration", lambda: _config_section(cfg, run_dir)),

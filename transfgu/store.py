@@ -597,3 +597,21 @@ class Manifest:
         if rec is None or rec.get("status") != "done":
             return False
         return input_hash is None or rec.get("input_hash") == input_hash
+
+
+def label_bank_image_ids(path_or_dir: PathLike) -> set[str]:
+    """The image ids a label bank holds, without reading its maps."""
+    ids: set[str] = set()
+    for p in list_parquet_files(path_or_dir):
+        ids.update(pq.read_table(p, columns=["image_id"])["image_id"].to_pylist())
+    return ids
+
+
+def parquet_rows(path_or_dir: PathLike) -> int:
+    """Rows of a Parquet file or a directory of shards, from the footers alone."""
+    return int(sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(path_or_dir)))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data: numpy/torch scalars become Python numbers, anything else unknown a string."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

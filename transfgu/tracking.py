@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,10 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config
+from transfgu.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 _PARAM_BATCH = 100  # MLflow's log_batch limit for params
+# The experiment type the MLflow 3 UI keys its layout on ("genai_development" is the default it infers when empty).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _PARAM_VALUE_MAX = 6000
 
 
@@ -103,6 +108,18 @@ class Tracker:
             else:
                 experiment_id = exp.experiment_id
         self.experiment_id = str(experiment_id)
+        if experiment is not None:
+            self._mark_model_training()
+
+    def _mark_model_training(self) -> None:
+        """Tag the experiment as model training, so ``mlflow ui`` opens on its runs rather than on the (empty)
+        GenAI traces overview. A kind already chosen in the UI is left alone."""
+        try:
+            exp = self.client.get_experiment(self.experiment_id)
+            if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception as exc:  # a read-only or older server: the runs still log
+            log.warning("[mlflow] could not tag the experiment kind: %s", exc)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Tracker | None:
@@ -192,7 +209,8 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
 
     tags = {
         "kind": kind,
-        "pretrained": str(cfg.backbone.weights != "none").lower(),
+        "pretrained": str(cfg.backbone.source.pretrained).lower(),
+        "prior": cfg.backbone.source.prior,
         "backbone": cfg.backbone.arch,
         "dataset": cfg.data.name,
         "run_name": cfg.run.name,
@@ -201,6 +219,10 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
     sha = _git_sha()
     if sha:
         tags["git_sha"] = sha
+        tags["mlflow.source.git.commit"] = sha
+    # The UI's "Source" column: the entry point that started the run (ray_jobs/x.py, the transfgu CLI, pytest...).
+    tags["mlflow.source.name"] = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    tags["mlflow.source.type"] = "JOB" if os.environ.get("RAY_JOB_SUBMISSION_ID") else "LOCAL"
     job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
     if job:
         tags["ray_job_submission_id"] = job
@@ -209,7 +231,7 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
 
 def config_params(cfg: Config) -> dict[str, Any]:
     """The flattened config plus ``pretrained``, which every run states (its numbers mean nothing without it)."""
-    return {**cfg.flat(), "pretrained": cfg.backbone.weights != "none"}
+    return {**cfg.flat(), "pretrained": cfg.backbone.source.pretrained}
 
 
 class EpochLogger:
@@ -273,6 +295,7 @@ class PipelineTracker:
         self.kind = kind
         self.parent_of_root = parent_id
         self.run_id: str | None = None
+        self._monitors: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None) -> PipelineTracker:
@@ -295,8 +318,24 @@ class PipelineTracker:
         )
         self.tracker.log_params(self.run_id, config_params(self.cfg))
         self.tracker.log_dict(self.run_id, self.cfg.model_dump(mode="json"), "config/config.json")
+        _best_effort("dataset inputs", log_dataset_inputs, self.tracker, self.run_id, self.cfg)
+        self._monitor(self.run_id)
         log.info("[mlflow] %s run %s in %s", self.kind, self.run_id, self.tracker.tracking_uri)
         return self.run_id
+
+    def _monitor(self, run_id: str) -> None:
+        """System metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) sampled into ``run_id``."""
+        if self.tracker is None or not self.cfg.mlflow.system_metrics:
+            return
+        mon = _best_effort("system metrics", start_system_metrics, self.tracker.tracking_uri, run_id,
+                           self.cfg.mlflow.system_metrics_interval)
+        if mon is not None:
+            self._monitors[run_id] = mon
+
+    def _stop_monitor(self, run_id: str | None) -> None:
+        mon = self._monitors.pop(run_id, None) if run_id is not None else None
+        if mon is not None:
+            _best_effort("system metrics", mon.finish)
 
     def stage_run(self, stage: str, skipped: bool = False, info: Mapping[str, Any] | None = None) -> str | None:
         """Open the child run of a stage (closed with :meth:`end_stage`); a skipped stage is opened and closed."""
@@ -305,15 +344,18 @@ class PipelineTracker:
         rid = self.tracker.start_run(
             f"stage {stage}", parent_id=self.run_id,
             tags={"pipeline_stage": stage, "skipped": str(skipped).lower(),
-                  "pretrained": str(self.cfg.backbone.weights != "none").lower()},
+                  "pretrained": str(self.cfg.backbone.source.pretrained).lower()},
         )
         if skipped:
             self.end_stage(rid, info or {})
+        else:
+            self._monitor(rid)
         return rid
 
     def end_stage(self, run_id: str | None, info: Mapping[str, Any], status: str = "FINISHED") -> None:
         if self.tracker is None or run_id is None:
             return
+        self._stop_monitor(run_id)
         self.tracker.log_metrics(run_id, _numeric(info))
         self.tracker.end_run(run_id, status)
 
@@ -331,7 +373,63 @@ class PipelineTracker:
                 log_run_artifacts(self.tracker, self.run_id, Path(run_dir))
             except Exception as exc:  # artifacts are a convenience; never fail a finished pipeline on them
                 log.warning("[mlflow] could not log artifacts: %s", exc)
+            model_dir = Path(run_dir) / "model"
+            if status == "FINISHED" and self.cfg.mlflow.log_model and (model_dir / "model.json").is_file():
+                from transfgu.mlflow_model import log_model
+
+                _best_effort("the model", log_model, self.tracker.tracking_uri, self.run_id, model_dir,
+                             self.cfg.mlflow.registered_model)
+        for rid in list(self._monitors):
+            self._stop_monitor(rid)
         self.tracker.end_run(self.run_id, status)
+
+
+def _best_effort(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Tracking extras must never fail a pipeline whose work is done: log and carry on."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        log.warning("[mlflow] could not log %s: %s: %s", what, type(exc).__name__, exc)
+        return None
+
+
+def start_system_metrics(tracking_uri: str, run_id: str, interval: float) -> Any:
+    """Start MLflow's system-metrics sampler for ``run_id`` (a thread; ``.finish()`` stops it)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    mon = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                               tracking_uri=tracking_uri)
+    mon.start()
+    return mon
+
+
+def dataset_digest(image_ids: list[str]) -> str:
+    """A short content key of a split: the hash of its sorted image ids (what the run saw, not the pixels)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
+
+
+def log_dataset_inputs(tracker: Tracker, run_id: str, cfg: Config) -> None:
+    """The train (and validation) split as MLflow dataset inputs: name, split (context), digest, source path."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from transfgu.data.loaders import split_records  # torch: only when MLflow logs the data sets
+
+    inputs = []
+    splits = [("training", cfg.data.train_split)]
+    if cfg.data.val_split is not None and cfg.data.name != "folder":
+        splits.append(("validation", cfg.data.val_split))
+    for context, split in splits:
+        records = split_records(cfg, split)
+        ds = MetaDataset(source=resolve_dataset_source(str(Path(cfg.data.root).resolve())),
+                         name=f"{cfg.data.name}/{split}", digest=dataset_digest([r.image_id for r in records]))
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
+            InputTag("mlflow.data.context", context), InputTag("split", str(split)),
+            InputTag("images", str(len(records)))]))
+    tracker.client.log_inputs(run_id, datasets=inputs)
 
 
 def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
@@ -342,25 +440,31 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
     """Resolved config, eval metrics, per-class IoU, confusion matrix (CSV + PNG) and report PNGs of a run dir."""
     import json
 
-    tracker.log_artifact(run_id, run_dir / "config.yaml", "config")
-    ev = run_dir / "eval"
-    metrics_path = ev / "metrics.json"
+    layout = RunLayout(run_dir)
+    tracker.log_artifact(run_id, layout.config, "config")
+    ev = layout.eval
+    metrics_path = layout.metrics
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
         tracker.log_metrics(run_id, {"mIoU": m.get("mIoU"), "pixel_accuracy": m.get("pixel_accuracy")})
         tracker.log_metrics(run_id, {f"iou/{k}": v for k, v in m.get("per_class_iou", {}).items()
                                      if v is not None})
+        from transfgu.quality import mlflow_metrics
+
+        flat, per_round = mlflow_metrics(m)  # the stage-quality funnel: concepts, pseudo labels, rounds
+        tracker.log_metrics(run_id, flat)
+        for step, vals in per_round:
+            tracker.log_metrics(run_id, vals, step=step)
+        if m.get("prior"):
+            tracker.set_tags(run_id, {"prior": m["prior"]})
         for name in ("metrics.json", "per_class_iou.csv", "confusion.csv"):
             tracker.log_artifact(run_id, ev / name, "eval")
-        png = run_dir / "report" / "confusion.png"
+        png = layout.report / "confusion.png"
         if not png.is_file() and (ev / "confusion.csv").is_file():
             png = confusion_png(ev / "confusion.csv", ev / "confusion.png")
         if png is not None and png.is_file():
             tracker.log_artifact(run_id, png, "eval")
-    val_history = run_dir / "train" / "val_history.jsonl"  # train.select=best_val / train.validate_every
-    if val_history.is_file():
-        tracker.log_artifact(run_id, val_history, "train")
-    report = run_dir / "report"
+    report = layout.report
     if report.is_dir():
         for p in sorted(report.glob("*.png")):
             tracker.log_artifact(run_id, p, "report")

@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DecodeError", "load_rgb", "load_label", "resize_image", "resize_label", "nearest_indices"]
+__all__ = [
+    "DecodeError", "ImageTooLarge", "decode_rgb", "load_rgb", "load_label", "resize_image", "resize_label",
+    "nearest_indices",
+]
 
 
 class DecodeError(ValueError):
@@ -40,6 +43,10 @@ class DecodeError(ValueError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"cannot decode {self.path}: {reason}")
+
+
+class ImageTooLarge(DecodeError):
+    """An image whose header announces more pixels than the caller allows (checked before decoding)."""
 
 
 _DECODE_ERRORS = (
@@ -104,6 +111,36 @@ def load_rgb(path: str | Path, *, exif_transpose: bool = True) -> np.ndarray:
         raise DecodeError(path, str(exc) or type(exc).__name__) from exc
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise DecodeError(path, f"decoded to shape {rgb.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(rgb)
+
+
+def decode_rgb(data: bytes, *, max_pixels: int | None = None, exif_transpose: bool = True,
+               name: str = "<bytes>") -> np.ndarray:
+    """:func:`load_rgb` for encoded bytes held in memory (an HTTP body, an object-store read).
+
+    ``max_pixels`` is checked against the size in the file's header, before any pixel is decoded, so a small
+    file that would inflate to a huge image (a "decompression bomb") is refused cheaply with :class:`ImageTooLarge`.
+    """
+    import io
+
+    if not data:
+        raise DecodeError(name, "empty input (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        img.load()
+        if exif_transpose:
+            img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+    except ImageTooLarge:
+        raise
+    except _DECODE_ERRORS as exc:
+        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DecodeError(name, reason or type(exc).__name__) from exc
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DecodeError(name, f"decoded to shape {rgb.shape}, expected (H, W, 3)")
     return np.ascontiguousarray(rgb)
 
 

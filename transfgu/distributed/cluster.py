@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from transfgu.config import Config
+from transfgu.logs import quiet_libraries, verbose_requested
+
+if TYPE_CHECKING:  # Ray is imported where it is used, so importing this module stays cheap
+    from ray.data import DataContext
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +33,17 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
+    quiet_libraries()  # before ray.init, which logs its own start-up at INFO
+    # Worker processes' output (Ray Train's controller, placement-group cleaners, every actor's log lines) reaches
+    # this console only with --verbose; it is always in Ray's session logs. The driver logs what each stage did.
+    kwargs.setdefault("log_to_driver", verbose_requested())
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, **kwargs)
+        quiet_libraries()
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
+        for warning in check_storage(cfg):
+            log.warning("%s", warning)
         return
     # A private Ray is single-machine: keep every Ray process on loopback. Ray otherwise swaps 127.0.0.1 for the
     # machine's outward address; this switch (read by Ray at call time, and inherited by the processes it starts)
@@ -49,29 +63,116 @@ def init_ray(cfg: Config, **kwargs: Any) -> None:
         _node_ip_address="127.0.0.1",
         **kwargs,
     )
+    quiet_libraries()  # Ray configures its loggers when imported, after setup_logging
     log.info("started a local Ray: %s", ray.cluster_resources())
 
 
+def is_remote(cfg: Config) -> bool:
+    """True when the job joins an existing cluster (``ray.address`` / ``RAY_ADDRESS``) rather than a private Ray."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local"
+
+
 def cluster_has_gpus(cfg: Config) -> bool:
-    """``ray.use_gpu``: ``auto`` = the cluster has GPUs now; ``true`` = request them (an autoscaler adds nodes)."""
+    """Whether stages run on GPUs, from ``ray.use_gpu``; GPUs are requested, never guessed, on a remote cluster.
+
+    * ``false``: CPU only.
+    * ``true``: the stages need GPUs: when the cluster has none yet, the autoscaler is asked for one
+      (``ray.autoscaler.sdk.request_resources``) and we wait up to ``ray.gpu_wait_s``, then fail naming the setting.
+      (GPU actors also ask for ``num_gpus`` themselves, which is what makes the autoscaler add GPU nodes.)
+    * ``auto``: for a private local Ray only (its GPUs, if any). On a remote cluster that autoscales from zero GPU
+      workers, "has GPUs now" is the wrong question: the whole pipeline would silently run on CPU. Refused there.
+    """
     import ray
 
     if cfg.ray.use_gpu == "auto":
+        if is_remote(cfg):
+            raise ValueError(
+                "ray.use_gpu=auto refuses to guess on a remote Ray cluster (an autoscaling cluster may have no GPU "
+                "node up yet): set ray.use_gpu=true to request GPUs or ray.use_gpu=false to run on CPUs"
+            )
         return float(ray.cluster_resources().get("GPU", 0)) > 0
-    return bool(cfg.ray.use_gpu)
+    if cfg.ray.use_gpu:
+        wait_for_gpus(cfg.ray.gpu_wait_s)
+        return True
+    return False
+
+
+def wait_for_gpus(timeout_s: float, poll_s: float = 2.0) -> None:
+    """Return once the cluster has a GPU; ask the autoscaler for one meanwhile; raise after ``timeout_s``."""
+    import ray
+
+    if float(ray.cluster_resources().get("GPU", 0)) > 0:
+        return
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1}])
+    except Exception as e:  # no autoscaler (a plain `ray start` cluster): nothing to ask, just wait
+        log.debug("request_resources failed: %s", e)
+    log.info("ray.use_gpu=true: waiting up to %.0f s for a GPU node", timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if float(ray.cluster_resources().get("GPU", 0)) > 0:
+            return
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    raise RuntimeError(
+        f"ray.use_gpu=true but the Ray cluster has no GPU after waiting {timeout_s:.0f} s "
+        f"(resources: {ray.cluster_resources()}); add GPU worker nodes (cluster.yaml gpu_workers), raise "
+        "ray.gpu_wait_s while the autoscaler starts them, or set ray.use_gpu=false"
+    )
 
 
 def task_resources(cfg: Config, gpu: bool | None = None) -> dict[str, float]:
-    """One GPU per actor/task when GPUs are used, else an explicit CPU share (``ray.cpus_per_actor``).
+    """``ray.gpus_per_actor`` GPUs (fractions pack several actors on one GPU) and ``ray.cpus_per_actor`` CPUs per
+    actor/task when GPUs are used, else the CPU share alone.
 
     Explicit CPUs matter on small nodes: actors that take every CPU starve Ray Data's own tasks
-    (ray-project/ray#44687).
+    (ray-project/ray#44687); GPU actors get their own CPUs too (batching, host-to-device copies).
     """
     if gpu is None:
         gpu = cluster_has_gpus(cfg)
     if gpu:
-        return {"num_gpus": 1, "num_cpus": min(1.0, cfg.ray.cpus_per_actor)}
+        return {"num_gpus": float(cfg.ray.gpus_per_actor), "num_cpus": float(cfg.ray.cpus_per_actor)}
     return {"num_cpus": float(cfg.ray.cpus_per_actor)}
+
+
+def check_storage(cfg: Config) -> list[str]:
+    """Refuse run roots and Train storage that other nodes cannot see; return warnings (e.g. a SQLite MLflow store
+    written by several nodes).
+
+    Only for a remote cluster: a private local Ray is one machine, where every path is shared.
+    """
+    import ray
+
+    warnings: list[str] = []
+    if not is_remote(cfg):
+        return warnings
+    if not Path(cfg.run.root).is_absolute() and "://" not in str(cfg.run.root):
+        raise ValueError(
+            f"run.root={str(cfg.run.root)!r} is relative: on a Ray cluster it would resolve inside the job's temporary "
+            "working directory and vanish with it; give an absolute path on storage every node mounts (EFS/NFS)"
+        )
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        sp = cfg.ray.storage_path
+        if sp is None:
+            raise ValueError(
+                f"the Ray cluster has {len(nodes)} nodes and ray.storage_path is not set: Ray Train/Tune would "
+                "checkpoint to <run>/ray_results on each node's local disk; set ray.storage_path=s3://bucket/prefix "
+                "(or an absolute path on a filesystem every node mounts)"
+            )
+        if "://" not in sp and not Path(sp).is_absolute():
+            raise ValueError(f"ray.storage_path={sp!r} must be a URI (s3://...) or an absolute shared path")
+        uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+        if cfg.mlflow.enabled and (uri == "" or uri.startswith("sqlite:")):
+            warnings.append(
+                f"MLflow store is SQLite ({uri or 'the default <run.root>/mlflow.db'}) on a {len(nodes)}-node Ray "
+                "cluster: the driver, Train rank 0 and Tune trials write it concurrently from different machines; "
+                "run `mlflow server --backend-store-uri <database> --artifacts-destination s3://...` and set "
+                "MLFLOW_TRACKING_URI=http://<host>:5000"
+            )
+    return warnings
 
 
 def torch_threads(num_cpus: float) -> int:
@@ -85,12 +186,19 @@ def worker_config(cfg: Config) -> dict[str, Any]:
     Ray Train workers run in their own directory, so a relative ``data.root`` would not resolve there. Only the
     shipped copy changes: the driver keeps the config as given, so its stage hashes (and resume) are unaffected.
     """
-    from pathlib import Path
-
     d = cfg.model_dump(mode="json")
     d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
     d["run"]["root"] = str(Path(d["run"]["root"]).resolve())
-    w = d["backbone"]["weights"]
-    if w not in ("none", "timm") and not w.startswith("hub:") and Path(w).exists():
-        d["backbone"]["weights"] = str(Path(w).resolve())
+    src = cfg.backbone.source
+    if src.path is not None and src.path.exists():
+        d["backbone"]["weights"] = src.spec
     return d
+
+
+def configure_data_context(ctx: DataContext) -> None:
+    """Ray Data settings of this project: its own progress bars on a terminal (off in job logs, where each redraw
+    would be a line), and no per-operator progress bars (one bar per stage is enough)."""
+    ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("TRANSFGU_NO_BAR")
+    if hasattr(ctx, "enable_operator_progress_bars"):
+        ctx.enable_operator_progress_bars = False
+    quiet_libraries()  # Ray Data sets up its console logger when imported

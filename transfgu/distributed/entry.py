@@ -1,8 +1,8 @@
-"""Command-line plumbing shared by the thin entry points in ``ray_jobs/``.
+"""What the thin entry points in ``ray_jobs/`` share: ``transfgu run --ray`` for ``ray job submit``.
 
-``python ray_jobs/<job>.py --config conf/X.yaml key=value ...`` parses the preset and dotted overrides with
-:func:`transfgu.config.load_config` (a bad key fails before Ray starts), joins or starts Ray, runs its stages with
-skip-if-done, and prints where the results are.
+``python ray_jobs/<job>.py --config conf/X.yaml key=value ...`` parses the preset and dotted overrides exactly as
+``transfgu run`` does (:func:`transfgu.cli.parse_run_args`: a bad key fails before Ray starts), joins or starts
+Ray, runs its stages with skip-if-done, and prints where the results are (:func:`transfgu.cli.print_outputs`).
 """
 
 from __future__ import annotations
@@ -11,27 +11,18 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from transfgu.config import Config, ConfigError, load_config
+from transfgu.cli import execute, parse_run_args, print_outputs
+from transfgu.config import Config, ConfigError
 
-
-def parser(description: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", default=None, help="YAML preset (see conf/); defaults if omitted")
-    p.add_argument("--force", nargs="*", default=(), help="re-run these stages even if done")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2 ray.num_workers=2")
-    return p
+__all__ = ["main_stages", "parse", "print_outputs"]
 
 
 def parse(argv: Sequence[str] | None, description: str | None,
           extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
-    p = parser(description)
-    if extra is not None:
-        extra(p)
-    args = p.parse_args(argv)
+    """Arguments of a ``ray_jobs/`` script: ``transfgu run``'s, without ``--ray`` (always Ray) and ``--only``."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, args = parse_run_args(argv, Path(sys.argv[0]).name, description, ray_flag=False, extra=extra)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -49,35 +40,7 @@ def _warn_relative_paths(cfg: Config) -> None:
                   f"pass an absolute path every node can see (e.g. {key}=/mnt/efs/...)", file=sys.stderr)
 
 
-def print_outputs(cfg: Config) -> None:
-    """Where the run's metrics, report, model and MLflow store are."""
-    from transfgu.tracking import resolve_tracking_uri
-
-    run_dir = Path(cfg.run_dir).resolve()
-    print(f"run directory:  {run_dir}")
-    for label, rel in (("metrics:", "eval/metrics.json"), ("report:", "report/index.html"), ("model:", "model"),
-                       ("manifest:", "_manifest.json")):
-        if (run_dir / rel).exists():
-            print(f"{label:15} {run_dir / rel}")
-    if cfg.mlflow.enabled:
-        uri = resolve_tracking_uri(cfg)
-        print(f"{'mlflow store:':15} {uri}")
-        if uri.startswith("sqlite:///"):
-            print(f"{'mlflow ui:':15} mlflow ui --backend-store-uri {uri}")
-
-
 def main_stages(stages: Sequence[str] | None, description: str | None, argv: Sequence[str] | None = None) -> int:
-    """Run ``stages`` (None = all, plus the report) of the Ray pipeline and print the outputs."""
-    from transfgu.distributed.pipeline import run_pipeline_ray
-
+    """Run ``stages`` (None = all, plus the report) with the Ray executor and print the outputs."""
     cfg, args = parse(argv, description)
-    try:
-        manifest: dict[str, Any] = run_pipeline_ray(cfg, only=stages, force=args.force)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for name, rec in manifest["stages"].items():
-        extra = rec.get("extra", {})
-        print(f"{name:12} {rec.get('status', '?'):8} rows={rec.get('rows')} seconds={extra.get('seconds')}")
-    print_outputs(cfg)
-    return 0
+    return execute(cfg, ray=True, only=stages, force=args.force)

@@ -1,8 +1,11 @@
 """Stage 2 on Ray: faiss-equivalent k-means as Ray tasks over the feature shards (issue 4 item 2).
 
-No process holds all features: every Lloyd iteration sends the current centroids to a few tasks, each task reads
-its group of Parquet shards, assigns them with faiss (GPU when the task has one) and returns per-centroid sums and
-counts (:func:`transfgu.concepts.lloyd_step_stats`); the driver adds them up and divides. The driver itself holds
+No process holds all features: a few long-lived :class:`ShardHolder` actors each read their group of Parquet shards
+ONCE (into CPU memory, decoded per pool), and every Lloyd iteration sends them only the current centroids; each returns
+per-centroid sums and counts (:func:`transfgu.concepts.lloyd_step_stats`, faiss on the GPU when the actor holds one) and
+the driver adds them up and divides. Per-iteration traffic is therefore ``K x D`` numbers each way per actor, and no
+feature byte is read from disk after loading (each holder counts the bytes it read: :meth:`ShardHolder.bytes_read`).
+Memory grows with the cluster, not the data: a holder keeps ``1 / num_tasks`` of the features; the driver holds
 ``K x D`` numbers plus one random permutation of the row indices (4 bytes per crop).
 
 It reproduces ``faiss.Kmeans.train`` (faiss/Clustering.cpp, ``nredo = 1``, no subsampling, as
@@ -21,6 +24,7 @@ assignment can only differ for a point equidistant to two centroids within that 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from transfgu.concepts import PoolFit, lloyd_step_stats
+from transfgu.context import RunContext
+from transfgu.distributed.cluster import cluster_has_gpus, task_resources
+from transfgu.stages import concept_pools, finish_concepts
+from transfgu.store import iter_feature_shards, list_parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -44,50 +54,75 @@ class PoolResult:
 
 # -- tasks ---------------------------------------------------------------------------------------------------------
 def _read_pool(path: str, pool: str) -> np.ndarray:
-    from transfgu.store import iter_feature_shards
-
     for _, _, cls in iter_feature_shards(path, columns=["pool"], pools=[pool]):
         return cls
     raise FileNotFoundError(path)
 
 
-def shard_counts(paths: Sequence[str], pools: Sequence[str]) -> list[dict[str, int]]:
-    """Rows per pool of each shard, reading only the ``pool`` column."""
-    import pyarrow.parquet as pq
-
-    out = []
-    for p in paths:
-        col = np.asarray(pq.read_table(p, columns=["pool"])["pool"].to_pylist(), dtype=object)
-        out.append({pool: int((col == pool).sum()) for pool in pools})
-    return out
-
-
-def shard_gather(path: str, pool: str, local_rows: Sequence[int]) -> np.ndarray:
-    """The requested rows (pool-local indices) of one shard."""
-    return _read_pool(path, pool)[np.asarray(local_rows, dtype=np.int64)]
-
-
 def shard_stats(
     paths: Sequence[str], centroids: Mapping[str, np.ndarray], use_gpu: bool = False
 ) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
-    """Per pool: ``(sums (k, D) float64, counts (k,), sum of squared distances, sum of squared norms)``."""
-    from transfgu.concepts import lloyd_step_stats
+    """Per pool: ``(sums (k, D) float64, counts (k,), sum of squared distances, sum of squared norms)``, reading the
+    shards from disk (one-shot use; the driver uses :class:`ShardHolder`, which reads them once)."""
+    holder = ShardHolder(paths, list(centroids))
+    return holder.stats(centroids, use_gpu=use_gpu)
 
-    acc: dict[str, list[Any]] = {}
-    for path in paths:
-        for pool, c in centroids.items():
-            x = _read_pool(path, pool)
-            sums, counts, inertia = lloyd_step_stats(x, c, use_gpu=use_gpu)
-            sq = float(np.einsum("ij,ij->", x.astype(np.float64), x.astype(np.float64)))
-            if pool not in acc:
-                acc[pool] = [sums, counts, inertia, sq]
-            else:
-                a = acc[pool]
-                a[0] += sums
-                a[1] += counts
-                a[2] += inertia
-                a[3] += sq
-    return {pool: (a[0], a[1], float(a[2]), float(a[3])) for pool, a in acc.items()}
+
+class ShardHolder:
+    """A group of feature shards held in memory, per pool, for every Lloyd iteration (run as a Ray actor).
+
+    Loading happens once, in the constructor; :meth:`stats` then only computes. ``bytes_read`` is the Parquet bytes
+    this holder read from storage, so a test can show that iterations after the first read nothing.
+    """
+
+    def __init__(self, paths: Sequence[str], pools: Sequence[str]) -> None:
+        self.paths = [str(p) for p in paths]
+        self._bytes_read = sum(os.path.getsize(p) for p in self.paths)
+        # one array per (file, pool): row order = file order, as store.read_features concatenates them
+        self.data: list[dict[str, np.ndarray]] = []
+        for path in self.paths:
+            per_pool = {}
+            for pool in pools:
+                per_pool[pool] = np.ascontiguousarray(_read_pool(path, pool))
+            self.data.append(per_pool)
+        self.sqnorm = {
+            pool: sum(float(np.einsum("ij,ij->", d[pool].astype(np.float64), d[pool].astype(np.float64)))
+                      for d in self.data)
+            for pool in pools
+        }
+
+    def bytes_read(self) -> int:
+        return self._bytes_read
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for d in self.data for a in d.values())
+
+    def counts(self) -> list[dict[str, int]]:
+        return [{pool: int(a.shape[0]) for pool, a in d.items()} for d in self.data]
+
+    def gather(self, file_index: int, pool: str, local_rows: Sequence[int]) -> np.ndarray:
+        """Rows (pool-local indices) of the ``file_index``-th shard of this holder."""
+        return self.data[file_index][pool][np.asarray(local_rows, dtype=np.int64)]
+
+    def stats(
+        self, centroids: Mapping[str, np.ndarray], use_gpu: bool = False
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
+        """Per pool: ``(sums (k, D) float64, counts (k,), sum of squared distances, sum of squared norms)``."""
+        acc: dict[str, list[Any]] = {}
+        for d in self.data:
+            for pool, c in centroids.items():
+                x = d[pool]
+                if x.shape[0] == 0:
+                    continue
+                sums, counts, inertia = lloyd_step_stats(x, c, use_gpu=use_gpu)
+                if pool not in acc:
+                    acc[pool] = [sums, counts, inertia]
+                else:
+                    a = acc[pool]
+                    a[0] += sums
+                    a[1] += counts
+                    a[2] += inertia
+        return {pool: (a[0], a[1], float(a[2]), self.sqnorm[pool]) for pool, a in acc.items()}
 
 
 # -- faiss's update rules ------------------------------------------------------------------------------------------
@@ -156,14 +191,40 @@ def distributed_kmeans(
     # "DEFAULT": schedule on the cluster, not inside the placement group of a Tune trial that calls this
     opts = {"num_cpus": 1, "scheduling_strategy": "DEFAULT", **(task_options or {})}
     if use_gpu:
-        opts["num_gpus"] = 1
-    counts_task = ray.remote(shard_counts).options(**opts)
-    gather_task = ray.remote(shard_gather).options(**opts)
-    stats_task = ray.remote(shard_stats).options(**opts)
+        opts.setdefault("num_gpus", 1)
     pools = list(k_per_pool)
-    groups = _groups(files, num_tasks)
-    per_file: list[dict[str, int]] = [c for part in ray.get([counts_task.remote(g, pools) for g in groups])
-                                      for c in part]
+    # holders live for the whole clustering: never ask for more of them than the cluster can host at once, or they
+    # would wait for each other forever (tasks could queue; long-lived actors cannot)
+    total = ray.cluster_resources()
+    fit = int(total.get("CPU", 1) // max(float(opts.get("num_cpus", 1)), 1e-3))
+    if opts.get("num_gpus"):
+        fit = min(fit, int(total.get("GPU", 0) // float(opts["num_gpus"])))
+    groups = _groups(files, max(1, min(num_tasks, fit)))
+    holders = [ray.remote(ShardHolder).options(**opts).remote(g, pools) for g in groups]
+    try:
+        return _kmeans_on_holders(holders, groups, k_per_pool, niter, seed, init_centroids, use_gpu)
+    finally:
+        for h in holders:
+            ray.kill(h)
+
+
+def _kmeans_on_holders(
+    holders: Sequence[Any],
+    groups: Sequence[Sequence[str]],
+    k_per_pool: Mapping[str, int],
+    niter: int,
+    seed: int,
+    init_centroids: Mapping[str, np.ndarray] | None,
+    use_gpu: bool,
+) -> dict[str, PoolResult]:
+    import ray
+
+    pools = list(k_per_pool)
+    per_file: list[dict[str, int]] = [c for part in ray.get([h.counts.remote() for h in holders]) for c in part]
+    # (holder, index within the holder) of every file, in file order
+    locate = [(gi, fi) for gi, g in enumerate(groups) for fi in range(len(g))]
+    loaded = sum(ray.get([h.bytes_read.remote() for h in holders]))
+    log.info("[concepts] %d shard holders loaded %.1f MB of features once", len(holders), loaded / 1e6)
     state: dict[str, np.ndarray] = {}
     totals: dict[str, int] = {}
     iters: dict[str, int] = {}
@@ -189,7 +250,8 @@ def distributed_kmeans(
             refs, where = [], []
             for f in np.unique(file_of):
                 sel = np.nonzero(file_of == f)[0]
-                refs.append(gather_task.remote(files[f], pool, (rows[sel] - starts[f]).tolist()))
+                gi, fi = locate[f]
+                refs.append(holders[gi].gather.remote(fi, pool, (rows[sel] - starts[f]).tolist()))
                 where.append(sel)
             c0 = np.zeros((k, 0), dtype=np.float32)
             for sel, got in zip(where, ray.get(refs)):
@@ -202,7 +264,7 @@ def distributed_kmeans(
     for it in range(max(iters.values())):
         active = {p: c for p, c in state.items() if it < iters[p]}
         ref = ray.put(active)
-        parts = ray.get([stats_task.remote(g, ref) for g in groups])
+        parts = ray.get([h.stats.remote(ref, use_gpu) for h in holders])
         for pool in active:
             sums, counts, inertia = _reduce(parts, pool)
             objective[pool].append(inertia)
@@ -221,7 +283,7 @@ def distributed_kmeans(
             log.info("[concepts] Lloyd iteration %d/%d objective %s (%.1fs, eta %.0fs)", it + 1, n_it,
                      {p: f"{v[-1]:.4g}" for p, v in objective.items() if v}, el, eta)
     # the means of the members of the final centroids (transfgu.concepts.kmeans after faiss)
-    parts = ray.get([stats_task.remote(g, ray.put(state)) for g in groups])
+    parts = ray.get([h.stats.remote(ray.put(state), use_gpu) for h in holders])
     out: dict[str, PoolResult] = {}
     for pool in pools:
         sums, counts, _ = _reduce(parts, pool)
@@ -251,37 +313,17 @@ def _reduce(parts: Sequence[Mapping[str, Any]], pool: str) -> tuple[np.ndarray, 
     return sums, counts, inertia
 
 
-def run_concepts_ray(ctx: Any) -> dict[str, Any]:
-    """Drop-in for :func:`transfgu.pipeline.run_concepts`: the same ConceptBank, computed by Ray tasks."""
-    from transfgu.concepts import ConceptBank, order_pools
-    from transfgu.distributed.cluster import cluster_has_gpus, task_resources
-    from transfgu.store import list_parquet_files
-
+def run_concepts_ray(ctx: RunContext) -> dict[str, Any]:
+    """The Ray executor of the concepts stage: the same concept bank as the one-process faiss k-means, computed by
+    Ray tasks over the feature shards, then the stage's own assembly (:func:`transfgu.stages.finish_concepts`)."""
     cfg = ctx.cfg
-    if cfg.concepts.algorithm == "minibatch_kmeans":
-        # sklearn's MiniBatchKMeans (protocol: paper, Cityscapes/LIP) is one process: run it on the driver.
-        from transfgu.pipeline import run_concepts
-
-        return run_concepts(ctx)
-    files = list_parquet_files(ctx.run_dir / "features")
+    files = list_parquet_files(ctx.layout.features)
     gpu = cluster_has_gpus(cfg)
     res = task_resources(cfg, gpu)
-    names = order_pools(list(cfg.concepts.k_per_pool))
+    pools = concept_pools(cfg)
     results = distributed_kmeans(
-        files, {p: cfg.concepts.k_per_pool[p] for p in names}, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
-        num_tasks=cfg.ray.kmeans_shards, use_gpu=gpu, task_options={"num_cpus": res["num_cpus"]},
+        files, pools, niter=cfg.concepts.niter, seed=cfg.concepts.seed,
+        num_tasks=cfg.ray.kmeans_shards, use_gpu=gpu, task_options=res,
     )
-    for pool in names:
-        log.info("[concepts] pool %s: %d crop features", pool, results[pool].n_points)
-    bank = ConceptBank(
-        centroids=np.concatenate([results[p].centroids for p in names]),
-        pools=[p for p in names for _ in range(cfg.concepts.k_per_pool[p])],
-        k_per_pool={p: int(cfg.concepts.k_per_pool[p]) for p in names},
-        seed=int(cfg.concepts.seed),
-        niter=int(cfg.concepts.niter),
-        inertia={p: results[p].inertia for p in names},
-        n_points={p: results[p].n_points for p in names},
-        extra={"nredo": 1, "init": "random", "engine": "ray", "shards": len(files)},
-    )
-    bank.save(ctx.run_dir / "concepts")
-    return {"rows": int(bank.centroids.shape[0]), "k": int(bank.centroids.shape[0])}
+    fits = {p: PoolFit(results[p].centroids, results[p].inertia, results[p].n_points) for p in pools}
+    return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "engine": "ray", "shards": len(files)})

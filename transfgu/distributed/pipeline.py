@@ -1,38 +1,61 @@
-"""The whole method on Ray: :func:`transfgu.pipeline.run_pipeline`'s stage loop with distributed stages.
+"""The Ray executor: the stages of :mod:`transfgu.stages` scheduled on a Ray cluster.
 
-Skip-if-done, the manifest (written by this driver only), MLflow and the report are the one-process pipeline's;
-only the stage implementations are swapped, so a run directory can be resumed by either pipeline.
+=============  =====================================================================================================
+stage          how Ray runs it
+=============  =====================================================================================================
+extract        Ray Data actor pool over the image records, one shard per call (:func:`.shards.run_sharded_stage`)
+concepts       Lloyd iterations as Ray tasks over the feature shards (:func:`.kmeans.run_concepts_ray`)
+label_bank     Ray Data actor pool, as extract
+train          Ray Train ``TorchTrainer`` (V2), one fit per bootstrapping round (:func:`.train.run_train_ray`)
+evaluate       one Ray task, on a GPU when the cluster has one (:func:`run_evaluate_ray`)
+=============  =====================================================================================================
+
+Skip-if-done, the manifest (written by this driver only), MLflow and the report are
+:func:`transfgu.pipeline.run_pipeline`'s; only the stage runners are swapped, so a run directory can be resumed
+by either executor.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from transfgu import stages
 from transfgu.config import Config
+from transfgu.context import RunContext
 from transfgu.distributed.cluster import init_ray, task_resources, torch_threads, worker_config
-from transfgu.distributed.extract import run_extract_ray
 from transfgu.distributed.kmeans import run_concepts_ray
-from transfgu.distributed.label_bank import run_label_bank_ray
+from transfgu.distributed.shards import run_sharded_stage
 from transfgu.distributed.train import run_train_ray
+from transfgu.layout import RunLayout
+from transfgu.local import StageRunner
+from transfgu.logs import setup_logging
+from transfgu.pipeline import run_pipeline
+from transfgu.preflight import preflight
+from transfgu.runtime import load_run_backbone
+from transfgu.stages import ExtractStage, LabelBankStage, run_evaluate
 
 log = logging.getLogger(__name__)
 
 
+def run_extract_ray(ctx: RunContext) -> dict[str, Any]:
+    return run_sharded_stage(ctx, ExtractStage)
+
+
+def run_label_bank_ray(ctx: RunContext) -> dict[str, Any]:
+    return run_sharded_stage(ctx, LabelBankStage)
+
+
 def _evaluate_task(cfg_dict: dict[str, Any], num_cpus: float) -> dict[str, Any]:
-    from transfgu.pipeline import Context, run_evaluate, setup_logging
-
-    setup_logging()
+    setup_logging(worker=True)
     torch.set_num_threads(torch_threads(num_cpus))
-    return run_evaluate(Context(Config.model_validate(cfg_dict)))
+    return run_evaluate(RunContext(Config.model_validate(cfg_dict)))
 
 
-def run_evaluate_ray(ctx: Any) -> dict[str, Any]:
-    """Drop-in for :func:`transfgu.pipeline.run_evaluate`, run as one Ray task (on a GPU when there is one)."""
+def run_evaluate_ray(ctx: RunContext) -> dict[str, Any]:
+    """The evaluate stage (:func:`transfgu.stages.run_evaluate`) as one Ray task (on a GPU when there is one)."""
     import ray
 
     res = task_resources(ctx.cfg)
@@ -41,7 +64,7 @@ def run_evaluate_ray(ctx: Any) -> dict[str, Any]:
     return ray.get(task.remote(worker_config(ctx.cfg), res["num_cpus"]))
 
 
-RAY_RUNNERS = {
+RAY_RUNNERS: dict[str, StageRunner] = {
     "extract": run_extract_ray,
     "concepts": run_concepts_ray,
     "label_bank": run_label_bank_ray,
@@ -52,21 +75,20 @@ RAY_RUNNERS = {
 
 def prepare_run_dir(cfg: Config) -> None:
     """Create the run directory and, for a random backbone, its weights file once, before any actor reads it."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.backbone.weights == "none":
-        stages.load_run_backbone(cfg.backbone, cfg.run_dir, cfg.run.seed)
+    layout = RunLayout(cfg.run_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if not cfg.backbone.source.pretrained:
+        load_run_backbone(cfg.backbone, layout, cfg.run.seed)
 
 
 def run_pipeline_ray(cfg: Config, only: Sequence[str] | None = None, force: Sequence[str] = (),
-                     kind: str = "ray_pipeline", runners: dict[str, Any] | None = None,
+                     kind: str = "ray_pipeline", runners: Mapping[str, StageRunner] | None = None,
                      tracking_parent: str | None = None) -> dict[str, Any]:
     """Run (or resume) every stage on the Ray cluster this process joins (or starts); returns the manifest."""
-    from transfgu.pipeline import run_pipeline, setup_logging
-    from transfgu.preflight import preflight
-
     setup_logging()
-    preflight(cfg)  # fail on bad data paths, weights, device or window layout before starting Ray
+    images = preflight(cfg)  # fail on bad data paths, weights, device or window layout before starting Ray
+    log.info("preflight: images per split %s", images)
     init_ray(cfg)
     prepare_run_dir(cfg)
     return run_pipeline(cfg, only=only, force=force, runners={**RAY_RUNNERS, **(runners or {})}, kind=kind,
-                        tracking_parent=tracking_parent)
+                        tracking_parent=tracking_parent, checked=True)

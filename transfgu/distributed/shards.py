@@ -1,11 +1,12 @@
 """Per-image stages on a Ray Data actor pool, written as Parquet shards (extract and label bank).
 
 The dataset is built from the image records (index, id, path; no pixels), one block per shard of
-``pipeline.SHARD_IMAGES`` images, so with ``batch_size = SHARD_IMAGES`` every UDF call sees exactly one shard,
-just like the one-process pipeline (same grouping, same file names ``part-<shard>.parquet``, same numbers). The
+``stages.SHARD_IMAGES`` images, so with ``batch_size = SHARD_IMAGES`` every UDF call sees exactly one shard,
+just like the one-process executor (same grouping, same file names ``part-<shard>.parquet``, same numbers). The
 actor decodes the images itself (undecodable files are reported back, not raised, and recorded in
-``errors.jsonl`` by the driver), runs the stage function of :mod:`transfgu.stages`, writes its shard atomically
-(``store.write_parquet_atomic``: plain pyarrow reads it) and returns one small summary row per input image.
+``errors.jsonl`` by the driver), runs the stage's ``compute`` (:class:`transfgu.stages.ShardedStage`), writes its
+shard atomically (``store.write_parquet_atomic``: plain pyarrow reads it) and returns one small summary row per
+input image.
 
 Resume: each shard file lists the record indices it covers in its key-value metadata (``transfgu.images``), decode
 failures included, so a re-run only sends the images no finished file covers. One-process shard files (no such
@@ -19,7 +20,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transfgu import stages
 from transfgu.config import Config
+from transfgu.context import RunContext
 from transfgu.data.datasets import ImageRecord
-from transfgu.distributed.cluster import task_resources, torch_threads, worker_config
+from transfgu.distributed.cluster import configure_data_context, task_resources, torch_threads, worker_config
+from transfgu.errors import CollectedErrors, decode_images
+from transfgu.layout import RunLayout, shard_file
+from transfgu.logs import Progress, setup_logging
+from transfgu.runtime import autocast_dtype, load_run_backbone
+from transfgu.stages import SHARD_IMAGES, SHARDED_STAGES, ShardedStage, training_images
 from transfgu.store import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -38,18 +44,6 @@ log = logging.getLogger(__name__)
 META_KEY = b"transfgu.images"
 _LEGACY = re.compile(r"^part-(\d{5})\.parquet$")
 SUMMARY_COLUMNS = ("index", "image_id", "ok", "reason", "rows", "file")
-
-
-class _CollectErrors(stages.ErrorLog):
-    """ErrorLog semantics inside an actor: remember failures; the driver writes them to errors.jsonl."""
-
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.failed: dict[str, str] = {}
-
-    def record(self, file: str, stage: str, reason: str) -> None:
-        super().record(file, stage, reason)
-        self.failed[str(file)] = reason
 
 
 def covered_indices(out_dir: Path, shard_images: int) -> set[int]:
@@ -97,39 +91,32 @@ def shard_path(out_dir: Path, shard: int, indices: Sequence[int], shard_images: 
     replaces its own file atomically instead of adding a second copy of its rows.
     """
     whole = list(indices) == list(range(shard * shard_images, shard * shard_images + len(indices)))
-    if whole:
-        return out_dir / f"part-{shard:05d}.parquet"
-    return out_dir / f"part-{shard:05d}-{min(indices):07d}.parquet"
+    return shard_file(out_dir, shard, None if whole else min(indices))
 
 
-class ShardActor:
-    """Base of the stage actors: builds the run's backbone once, then processes one shard per call.
+class StageActor:
+    """An actor of the pool: builds the run's backbone and the stage's worker state once, then one shard per call.
 
-    Subclasses implement :meth:`compute` (decoded images -> Arrow table) and :meth:`rows_per_image`.
+    ``stage`` names a :class:`transfgu.stages.ShardedStage`; its :meth:`~transfgu.stages.ShardedStage.compute` is
+    the per-shard work, exactly the one the one-process executor runs.
     """
 
-    stage = "?"
-
-    def __init__(self, cfg: dict[str, Any], run_dir: str, out_dir: str, shard_images: int, num_cpus: float,
-                 use_gpu: bool) -> None:
+    def __init__(self, stage: str, cfg: dict[str, Any], run_dir: str, out_dir: str, shard_images: int,
+                 num_cpus: float, use_gpu: bool, inputs: dict[str, Any]) -> None:
         import torch
 
+        setup_logging(worker=True)
         torch.set_num_threads(torch_threads(num_cpus))
         self.cfg = Config.model_validate(cfg)
-        self.run_dir = Path(run_dir)
+        self.stage = stage
         self.out_dir = Path(out_dir)
         self.shard_images = int(shard_images)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.amp = stages.autocast_dtype(self.cfg.backbone.precision, self.device)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        amp = autocast_dtype(self.cfg.backbone.precision, device)
         # The run's backbone, built once per actor: a random one is read from the file the driver saved.
-        self.backbone = stages.load_run_backbone(self.cfg.backbone, self.run_dir, self.cfg.run.seed).to(self.device)
-        self.backbone.eval()
-
-    def compute(self, images: list[np.ndarray], image_ids: list[str]) -> pa.Table:
-        raise NotImplementedError
-
-    def rows_per_image(self, table: pa.Table, image_ids: list[str]) -> dict[str, int]:
-        raise NotImplementedError
+        backbone = load_run_backbone(self.cfg.backbone, RunLayout(Path(run_dir)), self.cfg.run.seed).to(device)
+        backbone.eval()
+        self.work = SHARDED_STAGES[stage](self.cfg, backbone, device, amp, **inputs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {k: [] for k in SUMMARY_COLUMNS}
@@ -140,16 +127,16 @@ class ShardActor:
             indices = [int(i) for i in batch["index"][sel]]
             ids = [str(x) for x in batch["image_id"][sel]]
             paths = [str(x) for x in batch["path"][sel]]
-            errors = _CollectErrors()
+            errors = CollectedErrors()
             recs = [ImageRecord(i, Path(p)) for i, p in zip(ids, paths)]
-            decoded = list(stages.decode_images(recs, errors, self.stage))
+            decoded = list(decode_images(recs, errors, self.stage))
             ok_ids = [r.image_id for r, _ in decoded]
-            table = self.compute([im for _, im in decoded], ok_ids)
+            table = self.work.compute([im for _, im in decoded], ok_ids)
             meta = dict(table.schema.metadata or {})
             meta[META_KEY] = json.dumps(indices).encode()
             path = shard_path(self.out_dir, int(s), indices, self.shard_images)
             write_parquet_atomic(table.replace_schema_metadata(meta), path)
-            counts = self.rows_per_image(table, ok_ids)
+            counts = self.work.rows_per_image(table)
             for i, image_id, p in zip(indices, ids, paths):
                 reason = errors.failed.get(p)
                 out["index"].append(i)
@@ -168,79 +155,66 @@ class ShardActor:
         }
 
 
-def run_sharded_stage(
-    ctx: Any,
-    stage: str,
-    out_dir: Path,
-    actor_cls: type[ShardActor],
-    records: Sequence[ImageRecord],
-    extra_kwargs: dict[str, Any] | None = None,
-    progress: Callable[[int, str], None] | None = None,
-) -> dict[str, Any]:
-    """Run ``actor_cls`` over the records that no finished shard covers; check and return the counts.
+def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any]:
+    """The Ray executor of a per-image stage: the records that no finished shard covers go through an actor pool;
+    then the stage's own checks (:meth:`~transfgu.stages.ShardedStage.finish`).
 
-    Returns ``{"images": decodable images processed now, "errors": failures now, "rows": rows written now,
-    "kept": records covered by earlier files, "summary": the per-image summary of this call}``.
+    Returns the stage's manifest info plus ``new_images``: the images sent to the actors by this call.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from transfgu.pipeline import SHARD_IMAGES
-
-    cfg: Config = ctx.cfg
+    stage = stage_cls.name
+    out_dir = stage_cls.output(ctx.layout)
+    records = training_images(ctx.cfg)
+    cfg = ctx.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     done = covered_indices(out_dir, SHARD_IMAGES)
     todo = [i for i in range(len(records)) if i not in done]
     kept = len(records) - len(todo)
     if kept:
         log.info("[%s] %d of %d images already covered by finished shards", stage, kept, len(records))
-    empty = {"images": 0, "errors": 0, "rows": 0, "kept": kept, "summary": {}}
     if not todo:
-        return empty
+        return {**stage_cls.finish(ctx, len(records)), "new_images": 0}
     tables = shard_tables(records, todo, SHARD_IMAGES)
     res = task_resources(cfg)
     gpu = "num_gpus" in res
     lo, hi = cfg.ray.extract_actors
     hi = max(lo, min(hi, len(tables)))
-    dctx = DataContext.get_current()
-    dctx.enable_progress_bars = False
+    configure_data_context(DataContext.get_current())
     ds = ray.data.from_arrow(tables)
     ds = ds.map_batches(
-        actor_cls,
+        StageActor,
         batch_size=SHARD_IMAGES,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=min(lo, hi), max_size=hi),
         fn_constructor_kwargs={
-            "cfg": worker_config(cfg), "run_dir": str(ctx.run_dir.resolve()),
+            "stage": stage, "cfg": worker_config(cfg), "run_dir": str(ctx.run_dir.resolve()),
             "out_dir": str(out_dir.resolve()), "shard_images": SHARD_IMAGES, "num_cpus": res["num_cpus"],
-            "use_gpu": gpu, **(extra_kwargs or {}),
+            "use_gpu": gpu, "inputs": stage_cls.worker_inputs(ctx.layout),
         },
         **res,
     )
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_COLUMNS}
     t0 = time.time()
     n_seen = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in SUMMARY_COLUMNS:
-            parts[k].append(batch[k])
-        n_seen += len(batch["index"])
-        if progress is not None:
-            progress(len(batch["index"]), f"rows={int(sum(int(r.sum()) for r in parts['rows']))}")
+    with Progress(stage, len(records), bar=False) as prog:
+        if kept:
+            prog.update(kept, "(kept)")
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for k in SUMMARY_COLUMNS:
+                parts[k].append(batch[k])
+            n_seen += len(batch["index"])
+            prog.update(len(batch["index"]), f"rows={int(sum(int(r.sum()) for r in parts['rows']))}")
     summary = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    log.info("[%s] %d images through the actor pool in %.1fs", stage, n_seen, time.time() - t0)
+    log.debug("[%s] %d images through the actor pool in %.1fs", stage, n_seen, time.time() - t0)
     _check_counts(stage, todo, summary, out_dir)
     for p, reason, ok in zip(
         [str(records[int(i)].image_path) for i in summary["index"]], summary["reason"], summary["ok"]
     ):
         if not ok:
             ctx.errors.record(p, stage, str(reason))
-    return {
-        "images": int(summary["ok"].sum()),
-        "errors": int((~summary["ok"]).sum()),
-        "rows": int(summary["rows"].sum()),
-        "kept": kept,
-        "summary": summary,
-    }
+    return {**stage_cls.finish(ctx, len(records)), "new_images": int(summary["ok"].sum())}
 
 
 def _check_counts(stage: str, todo: Sequence[int], summary: dict[str, np.ndarray], out_dir: Path) -> None:

@@ -2,14 +2,15 @@
 
 One ``TorchTrainer.fit()`` per bootstrapping round, named ``<run>-train-<hash>-round<r>`` (no timestamp: a re-run
 with the same storage restores that round's checkpoint manager). The worker loop is the one-process loop,
-:func:`transfgu.pipeline.train_rounds`, stopped at the round's last epoch; DDP comes from
+:func:`transfgu.training.train_rounds`, stopped at the round's last epoch; DDP comes from
 ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU, chosen by Ray Train from ``use_gpu``).
 
-Data (:mod:`transfgu.ddp`): every worker draws the one-process epoch order (reshuffled every epoch), cuts it into
-global batches of ``train.batch_size`` and takes its contiguous slice of each, so W workers train on the one-process
-batches, take one step decision per global batch and share its random draws; the run equals the one-process run
-(tested). A worker holds only the label-bank rows of its current epoch (about 1/W of the bank), read when the epoch
-starts. With one worker (or Train's local mode, ``num_workers=0``) the loader is exactly the one-process one.
+Data (:func:`transfgu.data.loaders.make_train_loader`, :mod:`transfgu.ddp`): every worker draws the one-process
+epoch order (reshuffled every epoch), cuts it into global batches of ``train.batch_size`` and takes its contiguous
+slice of each, so W workers train on the one-process batches, take one step decision per global batch and share its
+random draws; the run equals the one-process run (tested). A worker holds only the label-bank rows of its current
+epoch (about 1/W of the bank), read when the epoch starts. With one worker (or Train's local mode,
+``num_workers=0``) the loader is exactly the one-process one.
 
 Checkpoints: rank 0 writes ``<run>/train/round_<r>/`` every epoch (as the one-process loop does) and reports that
 directory as the Ray checkpoint; a worker that starts without it (a fresh node, no shared disk) restores it from
@@ -19,7 +20,6 @@ directory as the Ray checkpoint; a worker that starts without it (a fresh node, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -29,84 +29,38 @@ from typing import Any
 
 import torch
 
-from transfgu import stages
+from transfgu.checkpoint import last_trained_epoch, load_train_state, read_state_info
 from transfgu.config import Config
+from transfgu.context import RunContext
+from transfgu.data.loaders import make_train_loader
+from transfgu.distributed.cluster import cluster_has_gpus, worker_config
+from transfgu.evaluation import evaluate_decoder, has_labelled_val
+from transfgu.layout import RunLayout, round_name
+from transfgu.logs import setup_logging
+from transfgu.runtime import autocast_dtype, load_run_backbone, seed_everything
+from transfgu.stages import finish_train
+from transfgu.store import to_jsonable
+from transfgu.tracking import EpochLogger
+from transfgu.training import build_decoder, round_segments, train_rounds
 
 log = logging.getLogger(__name__)
 
 
-def round_segments(cfg: Config) -> list[tuple[int, int, int]]:
-    """``(round, first epoch, stop epoch)`` of every bootstrapping round (train_rounds' round numbering)."""
-    from transfgu.losses import BootstrapSchedule
-
-    t = cfg.train
-    schedule = BootstrapSchedule(t.teacher_intervals, t.bootstrap_start)
-    segs: list[tuple[int, int, int]] = []
-    r, start = 0, 0
-    for e in range(t.epochs):
-        if schedule.is_reboot(e):
-            if e > start:
-                segs.append((r, start, e))
-            r, start = r + 1, e
-    segs.append((r, start, t.epochs))
-    return segs
-
-
-def bank_image_ids(bank_dir: Path) -> set[str]:
-    import pyarrow.parquet as pq
-
-    from transfgu.store import list_parquet_files
-
-    ids: set[str] = set()
-    for p in list_parquet_files(bank_dir):
-        ids.update(pq.read_table(p, columns=["image_id"])["image_id"].to_pylist())
-    return ids
-
-
-def make_loader(cfg: Config, run_dir: Path, rank: int, world: int) -> torch.utils.data.DataLoader:
-    """The training loader of one worker (see the module docstring and :mod:`transfgu.ddp`)."""
-    from transfgu.ddp import EpochRows, GlobalBatchSampler, step_loader
-    from transfgu.store import read_label_bank
-
-    bank_dir = run_dir / "label_bank"
-    records = stages.split_records(cfg, cfg.data.train_split)
-    if world <= 1:
-        bank: Any = read_label_bank(bank_dir, dense=False)
-    else:
-        # Every epoch reshuffles images across workers, so a worker may need any bank row over the run; it holds
-        # only the rows of its current epoch (about 1/W of the bank), read when the epoch starts.
-        bank = EpochRows(bank_image_ids(bank_dir), lambda ids: read_label_bank(bank_dir, image_ids=ids, dense=False))
-    ds = stages.BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
-    if len(ds) == 0:
-        raise RuntimeError("train: the label bank has no image of the training split")
-
-    def load_rows(sampler: GlobalBatchSampler) -> None:
-        if isinstance(bank, EpochRows):
-            bank.load(ds.records[i % len(ds.records)].image_id for i in sampler.rank_indices())
-
-    # The global batch is train.batch_size whatever the number of workers; each worker gets its slice of it.
-    return step_loader(ds, cfg.train.batch_size, cfg.run.seed, rank, world, cfg.train.num_workers, load_rows)
-
-
-def restore_from_checkpoint(train_dir: Path) -> None:
-    """Copy the latest Ray checkpoint into ``train_dir`` when this node does not already have that state."""
+def restore_from_checkpoint(layout: RunLayout) -> None:
+    """Copy the latest Ray checkpoint into ``train/`` when this node does not already have that state."""
     import ray.train
-
-    from transfgu.pipeline import latest_round_state
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return
     with ckpt.as_directory() as d:
-        state = Path(d) / "state.json"
-        if not state.is_file():
+        info = read_state_info(Path(d))
+        if info is None:
             return
-        info = json.loads(state.read_text())
-        latest = latest_round_state(train_dir)
-        have = json.loads((latest / "state.json").read_text())["epoch"] if latest is not None else -1
-        if have >= info["epoch"]:
+        if last_trained_epoch(layout.train) >= info["epoch"]:
             return
-        target = train_dir / f"round_{int(info['round']):03d}"
+        train_dir = layout.train
+        target = layout.round_dir(int(info["round"]))
         train_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=train_dir))
         for f in Path(d).iterdir():
@@ -123,9 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from transfgu.pipeline import build_decoder, evaluate_decoder, setup_logging, train_rounds
-
-    setup_logging()
+    setup_logging(worker=True)
     cfg = Config.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     # Inside a Tune trial, Train's local mode (num_workers=0) runs this in the trial's process, where ray.train.*
@@ -136,31 +88,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         tctx = ray.train.get_context()
         rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    run_dir = Path(config["run_dir"])
-    train_dir = run_dir / "train"
+    layout = RunLayout(Path(config["run_dir"]))
     if not tune_direct:
-        restore_from_checkpoint(train_dir)
-    stages.seed_everything(cfg.run.seed)
+        restore_from_checkpoint(layout)
+    seed_everything(cfg.run.seed)
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
-    amp = stages.autocast_dtype(cfg.backbone.precision, device)
-    backbone = stages.load_run_backbone(cfg.backbone, run_dir, cfg.run.seed).to(device).eval()
-    loader = make_loader(cfg, run_dir, rank, world)
+    amp = autocast_dtype(cfg.backbone.precision, device)
+    backbone = load_run_backbone(cfg.backbone, layout, cfg.run.seed).to(device).eval()
+    loader = make_train_loader(cfg, layout.label_bank, rank, world)
 
     epoch_log = None
     mlf = config.get("mlflow") or {}
     if rank == 0 and mlf.get("spec") and mlf.get("stage_run_id"):
-        from transfgu.tracking import EpochLogger
-
         # one MLflow child run per bootstrapping round under the driver's train-stage run
         epoch_log = EpochLogger(mlf["spec"], mlf["stage_run_id"])
 
     def on_epoch(metrics: dict[str, Any]) -> None:
         out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         r, e = int(metrics["round"]), int(metrics["epoch"])
-        round_dir = train_dir / f"round_{r:03d}"
-        if rank == 0 and config.get("eval_every_epoch") and "val_mIoU" not in metrics:
-            from transfgu.checkpoint import load_train_state
-
+        round_dir = layout.round_dir(r)
+        if rank == 0 and config.get("eval_every_epoch"):
             dec = build_decoder(cfg, backbone.embed_dim).to(device)
             dec.load_state_dict(load_train_state(round_dir)[0]["student"])
             dec.eval()
@@ -176,16 +123,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             tune.report(out, checkpoint=ckpt)
         else:
-            ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"round_{r:03d}_epoch_{e:03d}")
+            ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"{round_name(r)}_epoch_{e:03d}")
 
     wrap = ray.train.torch.prepare_model if world > 1 else None
-    from transfgu.selection import Validator, validation_wanted
-
-    # train.select=best_val / validate_every: rank 0 scores the student on val (issue 12 item 3).
-    validate = Validator(cfg, backbone, device, amp) if rank == 0 and validation_wanted(cfg) else None
     try:
-        train_rounds(cfg, backbone, loader, train_dir, device, amp, on_epoch=on_epoch, rank=rank, wrap=wrap,
-                     stop_epoch=int(config["stop_epoch"]), validate=validate)
+        train_rounds(cfg, backbone, loader, layout, device, amp, on_epoch=on_epoch, rank=rank, wrap=wrap,
+                     stop_epoch=int(config["stop_epoch"]))
     except BaseException:
         if epoch_log is not None:
             epoch_log.close("FAILED")
@@ -194,8 +137,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch_log.close()
 
 
-def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
-    """Drop-in for :func:`transfgu.pipeline.run_train`: one TorchTrainer fit per round, then the model files.
+def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
+    """The Ray executor of the train stage: one TorchTrainer fit per round, then the stage's own
+    :func:`transfgu.stages.finish_train` (``model/`` and the manifest info).
 
     ``tune=True`` (inside a Tune trial) evaluates on val after every epoch and forwards rank 0's reports to Tune.
     """
@@ -203,12 +147,7 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from transfgu.checkpoint import load_train_state
-    from transfgu.distributed.cluster import cluster_has_gpus, worker_config
-    from transfgu.pipeline import _jsonable, build_decoder, has_labelled_val, latest_round_state, write_model
-
-    cfg: Config = ctx.cfg
-    train_dir = ctx.run_dir / "train"
+    cfg = ctx.cfg
     gpu = cluster_has_gpus(cfg)
     n_workers = cfg.ray.num_workers
     if n_workers == 0:
@@ -216,8 +155,8 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
     else:
         per = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
         scaling = ScalingConfig(num_workers=n_workers, use_gpu=gpu, resources_per_worker=per)
-    storage = cfg.ray.storage_path or str((ctx.run_dir / "ray_results").resolve())
-    tracker = ctx.tracker if ctx.tracker is not None and getattr(ctx.tracker, "enabled", False) else None
+    storage = cfg.ray.storage_path or str(ctx.layout.ray_results.resolve())
+    tracker = ctx.tracker if ctx.tracker is not None and ctx.tracker.enabled else None
     callbacks = []
     if tune and n_workers > 0:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -229,9 +168,7 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
     if not cfg.ray.fit_per_round:
         segments = [(segments[0][0], 0, cfg.train.epochs)]
     for r, start, stop in segments:
-        latest = latest_round_state(train_dir)
-        done = json.loads((latest / "state.json").read_text())["epoch"] if latest is not None else -1
-        if done >= stop - 1:
+        if last_trained_epoch(ctx.layout.train) >= stop - 1:
             log.info("[train] round %d (epochs %d-%d) already trained; skipping", r, start + 1, stop)
             continue
         log.info("[train] round %d: epochs %d-%d on %s worker(s)%s", r, start + 1, stop, max(n_workers, 1),
@@ -262,26 +199,10 @@ def run_train_ray(ctx: Any, tune: bool = False) -> dict[str, Any]:
         )
         result = trainer.fit()
         last_metrics = dict(result.metrics or {})
-    latest = latest_round_state(train_dir)
-    if latest is None:
-        raise RuntimeError(f"train: no training state under {train_dir}")
-    groups, info = load_train_state(latest)
-    student = build_decoder(cfg, ctx.backbone.embed_dim).to(ctx.device)
-    student.load_state_dict(groups["student"])
-    from transfgu.selection import select_student
-
-    selection = select_student(cfg, train_dir, student)
-    write_model(ctx, student, selection)
-    metrics = info.get("metrics", {})
-    n_images = len(bank_image_ids(ctx.run_dir / "label_bank"))
-    out = {
-        "rows": n_images * cfg.train.repeat,
-        "epochs": cfg.train.epochs,
-        "rounds": len(round_segments(cfg)),
-        "final_loss": float(metrics["loss"]) if "loss" in metrics else None,
-        "workers": n_workers,
-        **selection,
-    }
+        if "loss" in last_metrics:  # worker lines reach the console only with --verbose: say how the round ended
+            log.info("[train] round %d: epoch %d/%d loss %.4f%s", r, stop, cfg.train.epochs, last_metrics["loss"],
+                     f" val mIoU {last_metrics['val_mIoU']:.4f}" if "val_mIoU" in last_metrics else "")
+    out = {**finish_train(ctx), "workers": n_workers}
     if "val_mIoU" in last_metrics:
         out["val_mIoU"] = float(last_metrics["val_mIoU"])
-    return _jsonable(out)
+    return to_jsonable(out)

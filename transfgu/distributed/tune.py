@@ -23,25 +23,33 @@ import contextlib
 import fcntl
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config
-from transfgu.store import atomic_write_json
+from transfgu.context import RunContext
+from transfgu.distributed.cluster import init_ray, worker_config
+from transfgu.distributed.kmeans import run_concepts_ray
+from transfgu.distributed.pipeline import RAY_RUNNERS, prepare_run_dir, run_extract_ray, run_label_bank_ray
+from transfgu.distributed.train import run_train_ray
+from transfgu.layout import RunLayout
+from transfgu.local import StageRunner
+from transfgu.logs import setup_logging
+from transfgu.pipeline import run_pipeline
+from transfgu.store import atomic_write_json, to_jsonable
+from transfgu.tracking import Tracker, config_params, resolve_tracking_uri, run_tags
 
 log = logging.getLogger(__name__)
 
 #: Short names of the swept settings -> config keys (``K`` sets ``concepts.k_per_pool``).
 SWEEP_KEYS = {"betas": "crops.betas", "w_div": "train.w_div", "w_unc": "train.w_unc", "lr": "train.lr"}
-#: Stage -> its output directory in the run directory.
-SHARED_STAGES = {"extract": "features", "concepts": "concepts", "label_bank": "label_bank"}
+#: The stages whose outputs trials share.
+SHARED_STAGES = ("extract", "concepts", "label_bank")
 
 
 def apply_trial(base: Config, params: Mapping[str, Any], run_root: Path, name: str) -> Config:
     """The trial's config: ``base`` with the sampled values, its run directory, and the sweep's MLflow store."""
-    from transfgu.tracking import resolve_tracking_uri
-
     d = base.model_dump(mode="json")
     for key, value in params.items():
         if key == "K":
@@ -76,24 +84,24 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def cached_stage(stage: str, runner: Callable[[Any], dict[str, Any]], cache_root: Path) -> Callable[[Any], dict]:
+def cached_stage(stage: str, runner: StageRunner, cache_root: Path) -> StageRunner:
     """Wrap a stage runner so that its output directory is shared by every trial with the same input hash."""
+    assert stage in SHARED_STAGES, stage
 
-    def run(ctx: Any) -> dict[str, Any]:
+    def run(ctx: RunContext) -> dict[str, Any]:
         key = f"{stage}-{ctx.hashes[stage][:16]}"
-        shared = cache_root / key
-        out = SHARED_STAGES[stage]
-        (shared / out).mkdir(parents=True, exist_ok=True)
-        link = ctx.run_dir / out
+        shared = RunLayout(cache_root / key)
+        shared.output(stage).mkdir(parents=True, exist_ok=True)
+        link = ctx.layout.output(stage)
         if link.is_symlink() or not link.exists():
             if link.is_symlink():
                 link.unlink()
-            link.symlink_to((shared / out).resolve(), target_is_directory=True)
-        done = shared / "_done.json"
+            link.symlink_to(shared.output(stage).resolve(), target_is_directory=True)
+        done = shared.root / "_done.json"
         with file_lock(cache_root / f".{key}.lock"):
             if done.is_file():
                 info = json.loads(done.read_text())
-                log.info("[%s] reusing %s (computed by %s)", stage, shared, info.get("computed_by"))
+                log.info("[%s] reusing %s (computed by %s)", stage, shared.root, info.get("computed_by"))
                 return {**info, "reused": True}
             info = runner(ctx)
             atomic_write_json(done, {**info, "computed_by": ctx.cfg.run.name})
@@ -106,14 +114,7 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], sweep_dir: str, p
     """The Tune trainable: the whole Ray pipeline of one trial, reporting val mIoU every epoch."""
     import ray.tune
 
-    from transfgu.distributed.extract import run_extract_ray
-    from transfgu.distributed.kmeans import run_concepts_ray
-    from transfgu.distributed.label_bank import run_label_bank_ray
-    from transfgu.distributed.pipeline import prepare_run_dir
-    from transfgu.distributed.train import run_train_ray
-    from transfgu.pipeline import run_pipeline, setup_logging
-
-    setup_logging()
+    setup_logging(worker=True)
     trial = ray.tune.get_context().get_trial_name() or ray.tune.get_context().get_trial_id()
     root = Path(sweep_dir)
     cfg = apply_trial(Config.model_validate(base), params, root / "trials", trial)
@@ -124,8 +125,6 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], sweep_dir: str, p
         "label_bank": cached_stage("label_bank", run_label_bank_ray, cache),
         "train": lambda ctx: run_train_ray(ctx, tune=True),
     }
-    from transfgu.distributed.pipeline import RAY_RUNNERS
-
     prepare_run_dir(cfg)
     run_pipeline(cfg, runners={**RAY_RUNNERS, **runners}, kind="trial", tracking_parent=parent_run_id)
 
@@ -146,28 +145,48 @@ def default_space(cfg: Config) -> dict[str, Any]:
     }
 
 
+def trial_resources(cfg: Config, cluster: Mapping[str, float]) -> dict[str, float]:
+    """Resources of one trial's driver function: its CPUs, plus a sliver of the head's ``TRAIN_DRIVER`` resource when
+    the cluster defines it (cluster.yaml), so drivers run on the on-demand head, never on spot GPU nodes."""
+    res = {"cpu": float(cfg.ray.trial_cpus)}
+    if cluster.get("TRAIN_DRIVER", 0) > 0:
+        res["TRAIN_DRIVER"] = 0.01
+    return res
+
+
+def auto_concurrency(cfg: Config, cluster: Mapping[str, float], num_samples: int) -> int:
+    """Trials that fit side by side: one per GPU when the trial trains on GPUs, else by CPUs (a trial's Train workers
+    plus its driver); at least 1, at most ``num_samples``. Counts the cluster's resources now (an autoscaling cluster
+    grows; Tune then queues the rest)."""
+    workers = max(1, int(cfg.ray.num_workers))
+    if cfg.ray.use_gpu is True and cluster.get("GPU", 0) > 0:
+        fit = int(cluster["GPU"] // workers)
+    else:
+        per_trial = workers * float(cfg.ray.cpus_per_worker) + float(cfg.ray.trial_cpus)
+        fit = int(cluster.get("CPU", 1) // per_trial)
+    return max(1, min(int(num_samples), fit))
+
+
 def run_sweep(
     cfg: Config,
     space: Mapping[str, Any] | None = None,
     name: str = "sweep",
     num_samples: int = 4,
-    max_concurrent: int = 1,
+    max_concurrent: int = 0,
     metric: str = "val_mIoU",
     mode: str = "max",
     grace_period: int = 1,
     reduction_factor: int = 2,
 ) -> dict[str, Any]:
-    """Run a sweep; returns ``{"best_config", "best_metric", "trials", "sweep_dir", "mlflow_run_id"}``.
+    """Run a sweep; returns ``{"best_config", "best_metric", "trials", "sweep_dir", "mlflow_run_id", ...}``.
 
     Trials share ``<run.root>/<name>/cache``; ``grace_period`` epochs run before ASHA may stop a trial
-    (``grace_period = train.epochs`` disables early stopping).
+    (``grace_period = train.epochs`` disables early stopping). ``max_concurrent=0`` sizes concurrency from the
+    cluster (:func:`auto_concurrency`). A trial that fails (a spot node lost) is retried twice from its last report;
+    re-running the same sweep ``name`` resumes it with ``Tuner.restore`` instead of starting the search again.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from transfgu.distributed.cluster import init_ray, worker_config
-    from transfgu.pipeline import setup_logging
-    from transfgu.tracking import Tracker, config_params, run_tags
 
     setup_logging()
     init_ray(cfg)
@@ -180,23 +199,36 @@ def run_sweep(
         parent = tracker.start_run(f"sweep {name}", tags={**run_tags(cfg, "sweep"), "pipeline_stage": "tune"})
         tracker.log_params(parent, {f"base.{k}": v for k, v in config_params(cfg).items()})
         tracker.log_dict(parent, {k: repr(v) for k, v in space.items()}, "sweep/space.json")
+    import ray
+
+    resources = ray.cluster_resources()
+    concurrent = max_concurrent or auto_concurrency(cfg, resources, num_samples)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=worker_config(cfg), sweep_dir=str(sweep_dir),
                              parent_run_id=parent),
-        {"cpu": cfg.ray.trial_cpus},
+        trial_resources(cfg, resources),
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=max_concurrent,
-            # max_t one past the last report: a trial that survives every rung ends by itself (and evaluates)
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
-                                    grace_period=min(grace_period, cfg.train.epochs),
-                                    reduction_factor=reduction_factor),
-        ),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.ray.storage_path or str(sweep_dir / "ray_results")),
-    )
+    storage = cfg.ray.storage_path or str(sweep_dir / "ray_results")
+    experiment = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment):
+        log.info("[tune] resuming sweep %r from %s (finished trials are kept, errored ones retried)", name, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=concurrent,
+                # max_t one past the last report: a trial that survives every rung ends by itself (and evaluates)
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
+                                        grace_period=min(grace_period, cfg.train.epochs),
+                                        reduction_factor=reduction_factor),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=2)),
+        )
+    log.info("[tune] sweep %r: %d samples, up to %d trials at once, trial resources %s", name, num_samples,
+             concurrent, trial_resources(cfg, resources))
     try:
         grid = tuner.fit()
         best = grid.get_best_result(metric=metric, mode=mode)
@@ -209,20 +241,26 @@ def run_sweep(
     if tracker is not None and parent is not None:
         tracker.log_params(parent, {f"best.{k}": v for k, v in best_params.items()})
         tracker.log_metrics(parent, {f"best_{metric}": best_metric})
-        tracker.log_dict(parent, {"params": _plain(best_params), metric: best_metric}, "sweep/best.json")
+        tracker.log_dict(parent, {"params": to_jsonable(best_params), metric: best_metric}, "sweep/best.json")
         tracker.end_run(parent, "FINISHED")
     summary = {
-        "best_config": _plain(best_params),
+        "best_config": to_jsonable(best_params),
         "best_metric": best_metric,
         "trials": len(grid),
         "errors": len(grid.errors),
         "sweep_dir": str(sweep_dir),
         "mlflow_run_id": parent,
+        "best_run_dir": _trial_run_dir(sweep_dir, (best.metrics or {}).get("trial_id")),
+        "max_concurrent": concurrent,
     }
     atomic_write_json(sweep_dir / "best.json", summary)
     log.info("[tune] best %s = %.4f with %s", metric, best_metric, summary["best_config"])
     return summary
 
 
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+def _trial_run_dir(sweep_dir: Path, trial_id: str | None) -> str | None:
+    """The run directory of a trial (named after Tune's trial name, which ends with its id)."""
+    if not trial_id:
+        return None
+    found = sorted((sweep_dir / "trials").glob(f"*{trial_id}"))
+    return str(found[0]) if found else None

@@ -16,7 +16,6 @@ a ``.safetensors`` file, or ``none`` (random init: logged loudly, and recorded a
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from transfgu.models.source import parse_source
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,16 @@ ARCHS: dict[str, str] = {
     "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
     # A tiny random ViT with the same structure, for tests and smoke runs only.
     "vit_test_tiny": "",
+    # A small ViT/8 for the supervised stand-in prior (transfgu.tools.standin_prior): tests and development only.
+    "vit_standin": "",
 }
+
+#: What a backbone's weights are, as recorded in metrics, MLflow and reports (``prior``).
+PRIOR_RANDOM = "random"
+PRIOR_PRETRAINED = "pretrained"
+PRIOR_STANDIN = "supervised stand-in"
+#: safetensors metadata key that marks a file written by transfgu.tools.standin_prior.
+PRIOR_METADATA_KEY = "transfgu_prior"
 
 
 class WeightsError(RuntimeError):
@@ -68,53 +78,18 @@ def normalize(img: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-def dino_interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
-    """DINO's position-embedding interpolation (``interpolate_pos_encoding`` of the DINO ViT, which the reference
-    uses): the square ``side x side`` patch embeddings are resized bicubically (``align_corners=False``) by the
-    *scale factors* ``((h + 0.1) / side, (w + 0.1) / side)``, so the output is ``h x w`` and every output cell
-    ``i`` samples the input at ``(i + 0.5) * side / (h + 0.1) - 0.5`` (the "+0.1" avoids a floating-point
-    off-by-one in the output size, DINO issue #8). Nothing is resampled when the grid is the stored square one.
-
-    Args:
-        pos_embed: ``(1, 1 + side**2, D)``, the CLS position first.
-        grid: target patch grid ``(h, w)``.
-    """
-    n = pos_embed.shape[1] - 1
-    h, w = grid
-    if n == h * w and h == w:
-        return pos_embed
-    side = int(math.sqrt(n))
-    if side * side != n:
-        raise ValueError(f"DINO interpolation needs a square position grid, got {n} patch positions")
-    d = pos_embed.shape[-1]
-    patch = pos_embed[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch.float(), scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
-                          align_corners=False)
-    if patch.shape[-2:] != (h, w):
-        raise RuntimeError(f"DINO interpolation gave a {tuple(patch.shape[-2:])} grid, expected {(h, w)}")
-    patch = patch.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, d)
-    return torch.cat([pos_embed[:, :1], patch], dim=1)
-
-
 class DinoViT(nn.Module):
-    """A timm ViT wrapped to return CLS, patch tokens and the last block's CLS attention (see module docstring).
+    """A timm ViT wrapped to return CLS, patch tokens and the last block's CLS attention (see module docstring)."""
 
-    ``pos_embed_mode``: ``"timm"`` (default: timm's ``resample_abs_pos_embed``, bicubic with anti-aliasing, sized by
-    the target grid) or ``"dino"`` (:func:`dino_interpolate_pos_embed`, what the reference's DINO ViT does).
-    """
-
-    def __init__(self, vit: VisionTransformer, arch: str, weights: str, pretrained: bool,
-                 pos_embed_mode: str = "timm") -> None:
+    def __init__(self, vit: VisionTransformer, arch: str, weights: str, pretrained: bool) -> None:
         super().__init__()
-        if pos_embed_mode not in ("timm", "dino"):
-            raise ValueError(f"pos_embed_mode must be 'timm' or 'dino', got {pos_embed_mode!r}")
-        self.pos_embed_mode = pos_embed_mode
         if getattr(vit, "reg_token", None) is not None:
             raise ValueError("ViTs with register tokens are not supported (their attention maps differ)")
         self.vit = vit
         self.arch = arch
         self.weights = weights
         self.pretrained = pretrained
+        self.prior = PRIOR_PRETRAINED if pretrained else PRIOR_RANDOM  # build_backbone refines it
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.embed_dim = int(vit.embed_dim)
         self.num_heads = int(vit.blocks[-1].attn.num_heads)
@@ -125,25 +100,11 @@ class DinoViT(nn.Module):
         """Embed ``x`` and run blocks 1..L-1. Returns tokens ``(B, 1+h*w, D)`` and the grid."""
         h, w = self._grid(x)
         t = self.vit.patch_embed(x)
-        t = self._dino_pos_embed(t) if self.pos_embed_mode == "dino" else self.vit._pos_embed(t)
+        t = self.vit._pos_embed(t)
         t = self.vit.norm_pre(t)
         for blk in self.vit.blocks[:-1]:
             t = blk(t)
         return t, (h, w)
-
-    def _dino_pos_embed(self, t: Tensor) -> Tensor:
-        """CLS token + position embeddings with DINO's interpolation (timm's ``_pos_embed`` otherwise)."""
-        vit = self.vit
-        if vit.no_embed_class or self.num_prefix_tokens != 1 or vit.cls_token is None:
-            raise ValueError("pos_embed=dino needs a ViT with one CLS token that has a position embedding")
-        if t.dim() == 4:  # dynamic_img_size: (B, h, w, D)
-            b, h, w, d = t.shape
-            t = t.reshape(b, h * w, d)
-        else:
-            h, w = vit.patch_embed.grid_size
-        pos = dino_interpolate_pos_embed(vit.pos_embed, (h, w))
-        t = torch.cat([vit.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + pos
-        return vit.pos_drop(t)
 
     def _qkv(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         blk = self.vit.blocks[-1]
@@ -202,6 +163,10 @@ def _create_vit(arch: str, pretrained_tag: bool) -> VisionTransformer:
         return VisionTransformer(
             img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=0, dynamic_img_size=True
         )
+    if arch == "vit_standin":
+        return VisionTransformer(
+            img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=0, dynamic_img_size=True
+        )
     try:
         return timm.create_model(ARCHS[arch], pretrained=pretrained_tag, num_classes=0, dynamic_img_size=True)
     except Exception as exc:  # network errors come in many types
@@ -253,6 +218,29 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return _unwrap_state_dict(obj, str(p))
 
 
+def weights_prior(weights: str | os.PathLike[str]) -> str:
+    """What ``backbone.weights`` gives: :data:`PRIOR_RANDOM` for ``none``, :data:`PRIOR_STANDIN` for a safetensors
+    file whose metadata marks it as the supervised stand-in prior, else :data:`PRIOR_PRETRAINED`.
+
+    The stand-in is a test fixture trained with labels, so runs that use it must never claim ``pretrained: true``.
+    """
+    weights = str(weights)
+    if weights == "none":
+        return PRIOR_RANDOM
+    p = Path(weights)
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                meta = fh.metadata() or {}
+        except Exception:  # unreadable files are reported by load_state_dict_file with a clear message
+            meta = {}
+        if meta.get(PRIOR_METADATA_KEY) == PRIOR_STANDIN:
+            return PRIOR_STANDIN
+    return PRIOR_PRETRAINED
+
+
 def _load_into(vit: VisionTransformer, sd: dict[str, Tensor], path: str) -> None:
     if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
         n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
@@ -272,40 +260,40 @@ def _load_into(vit: VisionTransformer, sd: dict[str, Tensor], path: str) -> None
         )
 
 
-def build_backbone(arch: str = "vit_small_patch8", weights: str = "none", pos_embed: str = "timm") -> DinoViT:
+def build_backbone(arch: str = "vit_small_patch8", weights: str = "none") -> DinoViT:
     """Build a frozen backbone in eval mode.
 
     Args:
         arch: a key of :data:`ARCHS` (ViT-S/8 is the paper's backbone).
         weights: ``"none"`` (random init), ``"timm"`` (the timm hub tag of ``arch``), ``"hub:<timm tag>"``, or a path
             to a ``.pth``/``.pt``/``.safetensors`` file in DINO's or timm's key layout.
-        pos_embed: ``"timm"`` or ``"dino"`` position-embedding resampling (see :class:`DinoViT`).
     """
     weights = str(weights)
-    if weights == "none":
+    src = parse_source(weights)
+    if src.kind == "random":
         vit = _create_vit(arch, pretrained_tag=False)
         log.warning(
             "backbone %s has RANDOM weights (weights=none): features, pseudo labels and metrics are NOT those of "
             "the method; give model.weights a DINO checkpoint for real results",
             arch,
         )
-        pretrained = False
-    elif weights == "timm" or weights.startswith("hub:"):
-        if weights.startswith("hub:"):
-            tag = weights[4:]
-            try:
-                vit = timm.create_model(tag, pretrained=True, num_classes=0, dynamic_img_size=True)
-            except Exception as exc:
-                raise WeightsError(f"could not load timm hub tag {tag!r}: {exc}") from exc
-        else:
-            vit = _create_vit(arch, pretrained_tag=True)
-        pretrained = True
+    elif src.kind == "hub":
+        try:
+            vit = timm.create_model(src.tag, pretrained=True, num_classes=0, dynamic_img_size=True)
+        except Exception as exc:
+            raise WeightsError(f"could not load timm hub tag {src.tag!r}: {exc}") from exc
+    elif src.kind == "timm":
+        vit = _create_vit(arch, pretrained_tag=True)
     else:
         sd = load_state_dict_file(weights)
         vit = _create_vit(arch, pretrained_tag=False)
         _load_into(vit, sd, weights)
-        pretrained = True
-    model = DinoViT(vit, arch=arch, weights=weights, pretrained=pretrained, pos_embed_mode=pos_embed)
+    pretrained = src.pretrained
+    prior = src.prior
+    if prior == PRIOR_STANDIN:
+        log.warning("backbone %s uses the SUPERVISED STAND-IN prior %s: a test fixture, not the method", arch, weights)
+    model = DinoViT(vit, arch=arch, weights=weights, pretrained=pretrained)
+    model.prior = prior
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

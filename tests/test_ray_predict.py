@@ -1,0 +1,143 @@
+"""Issue 18 item 2: Ray Data batch prediction equals `transfgu predict` image by image, exactly once, resumable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from transfgu.data.io import load_label
+from transfgu.distributed.predict import PredictActor, list_inputs, predict_ray, read_ledger
+from transfgu.predict import main as predict_main
+
+pytestmark = pytest.mark.ray
+
+
+class KillAfterWrite(PredictActor):
+    """Dies (SIGKILL) right after writing the ledger file of its first batch, once per marker file."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        marker = os.environ.get("TRANSFGU_TEST_KILL_MARKER")
+        if marker:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return out
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    from ray import cloudpickle
+
+    if ray.is_initialized():
+        ray.shutdown()
+    marker = tmp_path_factory.mktemp("kill") / "killed"
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor subclass travels by value
+    ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
+             _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TRANSFGU_TEST_KILL_MARKER": str(marker),
+                                       **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}})
+    yield marker
+    ray.shutdown()
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, camvid):
+    """Seven real CamVid images (one resized to another size, one in a sub-folder) and one corrupt file."""
+    d = tmp_path_factory.mktemp("in")
+    src = sorted((camvid / "images" / "val").glob("*.jpg"))[:6]
+    for p in src[:5]:
+        shutil.copy(p, d / p.name)
+    (d / "sub").mkdir()
+    img = Image.open(src[5]).convert("RGB")
+    img.resize((173, 131)).save(d / "sub" / "small.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return d
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tiny_run_dir, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    assert predict_main([str(tiny_run_dir), str(inputs), "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def _assert_equal_to_cli(out: Path, ref: Path) -> None:
+    ref_pngs = sorted(p.relative_to(ref) for p in ref.rglob("*.png"))
+    assert len(ref_pngs) == 6
+    assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == ref_pngs
+    table = read_ledger(out).to_pylist()
+    rows = {r["stem"]: r for r in table}
+    assert len(table) == len(rows) == 7  # every input exactly once, the broken one included
+    assert rows["broken"]["error"] and rows["broken"]["label_png"] is None
+    for rel in ref_pngs:
+        expected = load_label(ref / rel)
+        np.testing.assert_array_equal(load_label(out / rel), expected)
+        r = rows[rel.with_suffix("").as_posix()]
+        assert r["error"] is None and (r["height"], r["width"]) == expected.shape
+        assert r["pixels"] == np.bincount(expected.ravel(), minlength=4).tolist()
+    assert load_label(out / "sub" / "small.png").shape == (131, 173)
+
+
+def test_batch_prediction_equals_the_cli_and_survives_a_killed_actor(local_ray, tiny_run_dir, inputs,
+                                                                    cli_reference, tmp_path):
+    out = tmp_path / "pred"
+    res = predict_ray(tiny_run_dir, [str(inputs)], out, batch_size=2, actors=(1, 1), cpus_per_actor=1.0,
+                      decode_cpus=0.5, actor_cls=KillAfterWrite)
+    assert local_ray.is_file() and int(local_ray.read_text()) != os.getpid()  # an actor process really died
+    assert res["n_inputs"] == 7 and res["n_predicted"] == 6 and res["n_errors"] == 1
+    _assert_equal_to_cli(out, cli_reference)
+    assert "broken.jpg" in (out / "errors.jsonl").read_text()
+
+    # resume: nothing to do, then only the images of a lost ledger file are predicted again
+    again = predict_ray(tiny_run_dir, [str(inputs)], out, batch_size=2, actors=(1, 1))
+    assert again["n_predicted"] == 0 and again["n_kept"] == 7
+    files = sorted((out / "predictions").glob("part-*.parquet"))
+    lost = pq.read_table(files[0])["stem"].to_pylist()
+    files[0].unlink()
+    for stem in lost:
+        (out / f"{stem}.png").unlink(missing_ok=True)
+    redo = predict_ray(tiny_run_dir, [str(inputs)], out, batch_size=2, actors=(1, 1))
+    assert redo["n_kept"] == 7 - len(lost) and redo["n_predicted"] + redo["n_errors"] == len(lost)
+    _assert_equal_to_cli(out, cli_reference)
+
+
+def test_cli_ray_flag_with_a_glob_and_a_file_uri(local_ray, tiny_run_dir, inputs, cli_reference, tmp_path):
+    from transfgu.cli import main
+
+    out = tmp_path / "pred"
+    uris = [f"file://{p}" for p in sorted(inputs.glob("*.jpg"))]  # single objects: stem = file name
+    rc = main(["predict", str(tiny_run_dir), str(inputs / "**" / "*.png"), *uris, "--out", str(out),
+               "--ray", "--batch-size", "3", "--actors", "1,1"])
+    assert rc == 0
+    _assert_equal_to_cli(out, cli_reference)
+
+
+def test_list_inputs_forms(inputs, tmp_path):
+    folder = list_inputs([str(inputs)])
+    assert [s for _, s in folder] == sorted(s for _, s in folder) and "sub/small" in dict((s, p) for p, s in folder)
+    glob_ = list_inputs([str(inputs / "**" / "*.png")])
+    assert [s for _, s in glob_] == ["sub/small"]
+    uri = list_inputs([f"file://{inputs}"])
+    assert sorted(s for _, s in uri) == sorted(s for _, s in folder)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# two of them\n{inputs / 'sub' / 'small.png'}\n\n{inputs / 'broken.jpg'}\n")
+    assert [s for _, s in list_inputs([str(lst)])] == ["small", "broken"]
+    both = list_inputs([str(inputs / "sub"), str(inputs / "sub" / "small.png")])  # same stem twice: made unique
+    assert len({s for _, s in both}) == 2
+    with pytest.raises(FileNotFoundError):
+        list_inputs([str(inputs / "*.tif")])

@@ -1,0 +1,108 @@
+"""Scale rules on a real multi-node Ray cluster (ray.cluster_utils.Cluster): in-memory k-means holders, GPUs that are
+requested rather than guessed, storage every node can see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from test_ray_kmeans import ATOL, _blobs, _write_shards
+
+from transfgu.concepts import kmeans
+from transfgu.store import read_features
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": 80 * 1024**2, "include_dashboard": False},
+    )
+    c.add_node(num_cpus=2, object_store_memory=80 * 1024**2)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_holder_reads_each_shard_once(tmp_path, monkeypatch):
+    """After construction, Lloyd statistics read nothing from disk (the shards may even be deleted)."""
+    from transfgu.distributed import kmeans as dk
+
+    x = _blobs(300, 8, 4, seed=3)
+    files = [str(f) for f in _write_shards(tmp_path, x, ["all"] * len(x), n_files=3)]
+    reads = []
+    real = dk._read_pool
+    monkeypatch.setattr(dk, "_read_pool", lambda path, pool: reads.append(path) or real(path, pool))
+    holder = dk.ShardHolder(files, ["all"])
+    assert len(reads) == 3
+    expected = dk.shard_stats(files, {"all": x[:4]})  # the from-disk path, as an oracle
+    for f in files:
+        (tmp_path / f).unlink()
+    for _ in range(3):
+        got = holder.stats({"all": x[:4]})
+        np.testing.assert_allclose(got["all"][0], expected["all"][0])
+        np.testing.assert_array_equal(got["all"][1], expected["all"][1])
+    assert len(reads) == 3 + 3  # the oracle's reads only
+    assert holder.bytes_read() > 0 and holder.nbytes() == x.nbytes
+
+
+def test_multinode_kmeans_equals_single_process_faiss(cluster, tmp_path):
+    from transfgu.distributed.kmeans import distributed_kmeans
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    x = _blobs(1200, 16, 7, seed=4)
+    pools = ["fg" if i % 4 else "bg" for i in range(len(x))]
+    files = _write_shards(tmp_path, x, pools, n_files=6)
+    res = distributed_kmeans(files, {"fg": 6, "bg": 3}, niter=12, seed=2, num_tasks=3,
+                             task_options={"num_cpus": 0.5})
+    for pool, k in (("fg", 6), ("bg", 3)):
+        _, xs = read_features(tmp_path, pools=[pool])
+        ref = kmeans(xs, k, niter=12, seed=2, use_gpu=False)
+        np.testing.assert_allclose(res[pool].centroids, ref.centroids, atol=ATOL)
+        assert res[pool].inertia == pytest.approx(ref.inertia, rel=1e-5)
+
+
+def test_auto_gpu_refused_on_a_remote_cluster(cluster, tmp_path):
+    from transfgu.distributed.cluster import cluster_has_gpus
+
+    cfg = tiny_config(tmp_path, **{"ray.address": cluster.address})
+    with pytest.raises(ValueError, match="ray.use_gpu=auto refuses to guess"):
+        cluster_has_gpus(cfg)
+    assert cluster_has_gpus(tiny_config(tmp_path, **{"ray.address": cluster.address, "ray.use_gpu": "false"})) is False
+
+
+def test_required_gpus_that_never_come_fail_clearly(cluster, tmp_path):
+    from transfgu.distributed.cluster import cluster_has_gpus
+
+    cfg = tiny_config(tmp_path, **{"ray.address": cluster.address, "ray.use_gpu": "true", "ray.gpu_wait_s": "1"})
+    with pytest.raises(RuntimeError, match=r"ray.use_gpu=true but the Ray cluster has no GPU after waiting 1 s"):
+        cluster_has_gpus(cfg)
+
+
+def test_storage_rules_on_a_multinode_cluster(cluster, tmp_path, monkeypatch):
+    from transfgu.distributed.cluster import check_storage, task_resources
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    remote = {"ray.address": cluster.address}
+    with pytest.raises(ValueError, match="run.root='runs' is relative"):
+        check_storage(tiny_config("runs", **remote))
+    with pytest.raises(ValueError, match="ray.storage_path is not set"):
+        check_storage(tiny_config(tmp_path, **remote))
+    warnings = check_storage(tiny_config(tmp_path, **remote, **{"ray.storage_path": str(tmp_path / "shared"),
+                                                                "mlflow.enabled": "true"}))
+    assert len(warnings) == 1 and "mlflow server" in warnings[0]
+    assert check_storage(tiny_config(tmp_path, **remote, **{"ray.storage_path": "s3://bucket/ray",
+                                                            "mlflow.enabled": "false"})) == []
+    # a private local Ray is one machine: nothing to refuse
+    assert check_storage(tiny_config("runs")) == []
+    # fractional GPUs and CPUs per GPU actor are passed through, not capped
+    cfg = tiny_config(tmp_path, **{"ray.gpus_per_actor": "0.25", "ray.cpus_per_actor": "3"})
+    assert task_resources(cfg, gpu=True) == {"num_gpus": 0.25, "num_cpus": 3.0}

@@ -1,0 +1,287 @@
+"""Issue 18 items 3-4: the Ray Serve endpoint over real HTTP on 127.0.0.1, good and bad inputs, and its page in a
+real headless Chromium (file upload through the DevTools protocol, screenshot checked).
+
+One Serve application for the whole module (tiny random-backbone checkpoint of the session's whole-method run).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transfgu.data.io import load_rgb
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.ray
+
+MAX_BODY_MB = 1.0
+MAX_PIXELS = 1_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, data: bytes | None = None, ctype: str | None = None, timeout: float = 120):
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if ctype:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@pytest.fixture(scope="module")
+def endpoint(tiny_run_dir):
+    from transfgu.serve import app
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
+             _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
+                                       **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app({"model": str(tiny_run_dir), "device": "cpu", "model_cpus": "0.5", "api_cpus": "0.25",
+                   "max_replicas": "2", "max_body_mb": str(MAX_BODY_MB), "max_pixels": str(MAX_PIXELS)}),
+              name="transfgu", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        status, _, _ = _request(base + "/healthz", timeout=30)
+        if status == 200 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert status == 200
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_run_dir):
+    from transfgu.predict import load
+
+    return load(tiny_run_dir, device="cpu")
+
+
+def _val_image(camvid: Path, i: int = 0) -> Path:
+    return sorted((camvid / "images" / "val").glob("*.jpg"))[i]
+
+
+def _labels_of(png: bytes) -> np.ndarray:
+    arr = np.asarray(Image.open(io.BytesIO(png))).astype(np.int64)
+    return np.where(arr == 255, -1, arr)
+
+
+def test_predict_returns_the_checkpoints_labels_and_areas(endpoint, predictor, camvid):
+    path = _val_image(camvid)
+    status, headers, body = _request(endpoint + "/predict", path.read_bytes(), "image/jpeg")
+    assert status == 200, body
+    out = json.loads(body)
+    img = load_rgb(path)
+    expected = predictor.predict(img)
+    got = _labels_of(base64.b64decode(out["label_png"]))
+    np.testing.assert_array_equal(got, expected)
+    assert (out["height"], out["width"]) == img.shape[:2] and out["ids"] == "clusters" and not out["pretrained"]
+    counts = np.bincount(expected.ravel(), minlength=predictor.n_clusters)
+    assert {a["id"]: a["pixels"] for a in out["areas"]} == {i: int(c) for i, c in enumerate(counts) if c}
+    assert sum(a["fraction"] for a in out["areas"]) == pytest.approx(1.0, abs=1e-4)
+
+    status, headers, body = _request(endpoint + "/predict?format=png&classes=true", path.read_bytes(), "image/jpeg")
+    assert status == 200 and headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(_labels_of(body), predictor.predict(img, as_classes=True))
+    areas = json.loads(headers["x-areas"])
+    assert {a["name"] for a in areas} <= set(predictor.class_names)
+
+
+def test_concurrent_requests_are_batched_and_all_correct(endpoint, predictor, camvid):
+    paths = [_val_image(camvid, i) for i in range(4)] * 3
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda p: _request(endpoint + "/predict?format=png", p.read_bytes(), "image/jpeg"),
+                                paths))
+    for p, (status, _, body) in zip(paths, results):
+        assert status == 200
+        np.testing.assert_array_equal(_labels_of(body), predictor.predict(load_rgb(p)))
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (40, 90, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("data", "ctype", "status", "message"), [
+    (b"", "image/png", 400, "empty body"),
+    (b"hello, this is text", "text/plain", 415, "unsupported content type"),
+    (b'{"image": "x"}', "application/json", 415, "unsupported content type"),
+    (b"--b\r\nContent-Disposition: form-data; name=f\r\n\r\nxx\r\n--b--", "multipart/form-data; boundary=b", 415,
+     "unsupported content type"),
+    (b"\x89PNG\r\n\x1a\n garbage that is not an image", "image/png", 400, "not a readable image"),
+    (b"\xff\xd8\xff" + os.urandom(2000), "image/jpeg", 400, "not a readable image"),
+    ("big_body", "application/octet-stream", 413, "exceeds the limit"),
+    ("many_pixels", "image/png", 413, "image too large"),
+])
+def test_bad_inputs_get_a_clear_4xx(endpoint, data, ctype, status, message):
+    if data == "big_body":
+        data = os.urandom(int(MAX_BODY_MB * 1024 * 1024) + 10)
+    elif data == "many_pixels":
+        data = _png(2000, 1000)  # 2 MP in a few kB: refused on its header, before decoding
+        assert len(data) < MAX_BODY_MB * 1024 * 1024
+    got, _, body = _request(endpoint + "/predict", data, ctype)
+    assert got == status, body
+    assert message in json.loads(body)["error"]
+
+
+def test_bad_query_and_the_service_survives_bad_input(endpoint, predictor, camvid):
+    path = _val_image(camvid, 1)
+    got, _, body = _request(endpoint + "/predict?format=gif", path.read_bytes(), "image/jpeg")
+    assert got == 422 and "format" in json.loads(body)["error"]
+    got, _, body = _request(endpoint + "/predict?classes=maybe", path.read_bytes(), "image/jpeg")
+    assert got == 422
+    for _ in range(3):  # a burst of garbage, then the model still answers
+        _request(endpoint + "/predict", os.urandom(5000), "image/jpeg")
+    status, _, body = _request(endpoint + "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, _, body = _request(endpoint + "/predict?format=png", path.read_bytes(), "image/jpeg")
+    assert status == 200
+    np.testing.assert_array_equal(_labels_of(body), predictor.predict(load_rgb(path)))
+
+
+# -- the page in headless Chromium -----------------------------------------------------------------------------------
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client (flat sessions over the browser's websocket)."""
+
+    def __init__(self, ws_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=None, open_timeout=60)
+        self.next_id = 0
+
+    def call(self, method: str, session: str | None = None, timeout: float = 60, **params):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        self.ws.send(json.dumps(msg))
+        deadline = time.time() + timeout
+        while True:
+            reply = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.time())))
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def evaluate(self, session: str, expr: str):
+        return self.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
+    proc = subprocess.Popen(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
+         "--remote-debugging-port=0", "--window-size=1100,800", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ws_url = None
+    deadline = time.time() + 60
+    while time.time() < deadline and ws_url is None:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        if "DevTools listening on" in line:
+            ws_url = line.split("DevTools listening on", 1)[1].strip()
+    if ws_url is None:
+        proc.kill()
+        pytest.fail("chromium did not start its DevTools endpoint")
+    tools = DevTools(ws_url)
+    yield tools
+    tools.ws.close()
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_page_uploads_an_image_and_shows_the_overlay(endpoint, browser, predictor, camvid, tmp_path):
+    status, headers, body = _request(endpoint + "/")
+    assert status == 200 and b'type="file"' in body
+    target = browser.call("Target.createTarget", url=endpoint + "/")["targetId"]
+    session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    deadline = time.time() + 60
+    ready = "document.readyState === 'complete' && document.getElementById('file') !== null"
+    while not browser.evaluate(session, ready):  # the new tab starts on about:blank, then loads the page
+        assert time.time() < deadline, "the page did not load"
+        time.sleep(0.2)
+    node = browser.call("Runtime.evaluate", session, expression="document.getElementById('file')")["result"]
+    image = _val_image(camvid, 2)
+    # what a user's file chooser does: the input gets the file and fires its change event
+    browser.call("DOM.setFileInputFiles", session, files=[str(image)], objectId=node["objectId"])
+    deadline = time.time() + 120
+    while (state := browser.evaluate(session, "document.body.dataset.state")) not in ("done", "error"):
+        assert time.time() < deadline, f"page stuck in state {state}"
+        time.sleep(0.3)
+    assert state == "done", browser.evaluate(session, "document.getElementById('status').textContent")
+    rect = browser.evaluate(session, "JSON.stringify(document.getElementById('overlay').getBoundingClientRect())")
+    rect = json.loads(rect)
+    rows = browser.evaluate(session, "document.querySelectorAll('#areas tr').length")
+    assert rows >= 2  # header + at least one cluster
+    shot = base64.b64decode(browser.call("Page.captureScreenshot", session, format="png")["data"])
+    (tmp_path / "page.png").write_bytes(shot)
+    page = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(np.int64)
+    x0, y0 = int(rect["left"]) + 2, int(rect["top"]) + 2
+    x1, y1 = int(rect["right"]) - 2, int(rect["bottom"]) - 2
+    assert x1 - x0 > 100 and y1 - y0 > 100  # the overlay is shown at a real size
+    region = page[y0:y1, x0:x1]
+    # not blank: many colours, not the white page background
+    assert len(np.unique(region.reshape(-1, 3), axis=0)) > 500
+    assert region.mean() < 235 and region.std() > 20
+    # and it is this image's overlay: the displayed pixels match the blended prediction, not the bare photo
+    from transfgu.viz import overlay, palette
+
+    photo = load_rgb(image)
+    blended = overlay(photo, predictor.predict(photo), palette(predictor.n_clusters)).astype(np.int64)
+    h, w = photo.shape[:2]
+    assert (round(rect["width"]) - 2, round(rect["height"]) - 2) == (w, h)  # shown at its natural size (1px border)
+    shown = page[int(rect["top"]) + 1:int(rect["top"]) + 1 + h, int(rect["left"]) + 1:int(rect["left"]) + 1 + w]
+    to_overlay = np.abs(shown - blended).mean()
+    to_photo = np.abs(shown - photo.astype(np.int64)).mean()
+    assert to_overlay < 8 and to_photo > 2 * to_overlay, (to_overlay, to_photo)

@@ -1,0 +1,436 @@
+"""Batch prediction on Ray Data: ``transfgu predict --ray`` and ``ray_jobs/predict.py`` (issue 18 item 2).
+
+Two operators, so decoding never waits for the model and the model never waits for decoding::
+
+    records (index, stem, source) ──► decode + preprocess: CPU tasks ──► predict: actor pool (1 GPU each when the
+                                      (bytes -> uint8 -> (3, H, W)       cluster has GPUs) -> label PNGs +
+                                       float at the eval size)           one Parquet file per batch
+
+The per-image work is :mod:`transfgu.predict`'s (:func:`~transfgu.predict.preprocess_image` in the CPU tasks,
+:meth:`~transfgu.predict.Predictor.logits` and :meth:`~transfgu.predict.Predictor.labels_from_logits` in the
+actors), so labels equal ``transfgu predict`` image by image.
+
+Inputs: folders (recursive), image files, list files (one path per line), globs (``'imgs/**/*.jpg'``) and URIs
+that :mod:`pyarrow.fs` opens (``s3://bucket/prefix/``, ``gs://...``, ``file:///...``). Every image gets a unique
+output stem (its path below the folder/prefix, without extension).
+
+Outputs under ``--out``: ``<stem>.png`` label maps (the same files ``transfgu predict`` writes) and
+``predictions/part-<key>.parquet`` with one row per image: ``stem``, ``source``, ``label_png`` (relative path, null
+without PNG output), ``height``, ``width``, ``pixels`` (list of pixel counts per id), ``unmatched``, ``error``.
+Unreadable images get a row with ``error`` set (and are listed in ``errors.jsonl``), never a crash.
+
+Exactly once: the Parquet files are the ledger. A file is written atomically after its PNGs, and its name is a
+hash of the stems it holds, so a batch that Ray retries after its actor died replaces its own file instead of adding
+rows. A re-run only sends the stems no ledger row covers; at the end every input stem must appear exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from transfgu.predict import IMAGE_EXTENSIONS, collect_inputs
+from transfgu.store import list_parquet_files, write_parquet_atomic
+
+log = logging.getLogger(__name__)
+
+LEDGER_DIR = "predictions"
+SUMMARY_COLUMNS = ("stem", "ok", "error", "file")
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+def _is_uri(s: str) -> bool:
+    return "://" in s
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _uri_images(uri: str) -> list[tuple[str, str]]:
+    """Images under a pyarrow.fs URI (a prefix or one object): ``(uri of the object, stem)``."""
+    from pyarrow import fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    scheme = uri.split("://", 1)[0]
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [(uri, Path(path).stem)]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input not found: {uri}")
+    base = path.rstrip("/")
+    out = []
+    for f in sorted(filesystem.get_file_info(pafs.FileSelector(base, recursive=True)), key=lambda f: f.path):
+        if f.type == pafs.FileType.File and Path(f.path).suffix.lower() in IMAGE_EXTENSIONS:
+            rel = f.path[len(base):].lstrip("/")
+            out.append((f"{scheme}://{f.path}" if scheme != "file" else f"file://{f.path}",
+                        Path(rel).with_suffix("").as_posix()))
+    return out
+
+
+def list_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
+    """``(source, stem)`` for every image of the inputs, stems unique (see the module docstring)."""
+    found: list[tuple[str, str]] = []
+    for item in inputs:
+        s = str(item)
+        if _is_uri(s):
+            found.extend(_uri_images(s))
+        elif _has_magic(s) and not Path(s).exists():
+            parts = Path(s).parts
+            fixed = next(i for i, part in enumerate(parts) if _has_magic(part))
+            root = Path(*parts[:fixed]) if fixed else Path(".")  # stems are paths below the glob's fixed folder
+            hits = sorted(p for p in glob.glob(s, recursive=True)
+                          if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            if not hits:
+                raise FileNotFoundError(f"no image matches {s}")
+            found.extend((str(Path(p)), Path(p).relative_to(root).with_suffix("").as_posix()) for p in hits)
+        else:
+            found.extend((str(p), stem) for p, stem in collect_inputs([s]))
+    # the same uniqueness rule as transfgu.predict.collect_inputs, across all inputs
+    used: set[str] = set()
+    out = []
+    counts = Counter(stem for _, stem in found)
+    for src, stem in found:
+        if counts[stem] > 1:
+            stem = f"{stem}_{Path(src).suffix.lstrip('.').lower()}"
+        base, n = stem, 1
+        while stem in used:
+            stem, n = f"{base}_{n}", n + 1
+        used.add(stem)
+        out.append((src, stem))
+    return out
+
+
+def read_bytes(source: str) -> bytes:
+    """The bytes of a local path or a pyarrow.fs URI."""
+    if _is_uri(source):
+        from pyarrow import fs as pafs
+
+        filesystem, path = pafs.FileSystem.from_uri(source)
+        with filesystem.open_input_stream(path) as fh:
+            return fh.read()
+    return Path(source).read_bytes()
+
+
+# -- ledger --------------------------------------------------------------------------------------------------------
+def ledger_schema() -> pa.Schema:
+    return pa.schema([
+        ("stem", pa.string()), ("source", pa.string()), ("label_png", pa.string()), ("height", pa.int32()),
+        ("width", pa.int32()), ("pixels", pa.list_(pa.int64())), ("unmatched", pa.int64()), ("error", pa.string()),
+    ])
+
+
+def batch_file(ledger: Path, stems: Sequence[str]) -> Path:
+    """The ledger file of a batch: named by its contents, so a retried batch overwrites itself."""
+    key = hashlib.sha1("\n".join(sorted(stems)).encode()).hexdigest()[:20]
+    return ledger / f"part-{key}.parquet"
+
+
+def done_stems(out_dir: Path) -> Counter:
+    """How many ledger rows each stem has (torn files are removed: their images are predicted again)."""
+    counts: Counter = Counter()
+    ledger = Path(out_dir) / LEDGER_DIR
+    if not ledger.is_dir():
+        return counts
+    for path in list_parquet_files(ledger):
+        try:
+            counts.update(pq.read_table(path, columns=["stem"])["stem"].to_pylist())
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s); predicting its images again", path, exc)
+            path.unlink()
+    return counts
+
+
+def read_ledger(out_dir: str | Path) -> pa.Table:
+    """Every prediction row of an output folder (plain pyarrow)."""
+    files = list_parquet_files(Path(out_dir) / LEDGER_DIR)
+    if not files:
+        return ledger_schema().empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=ledger_schema()) for f in files])
+
+
+# -- the two operators ---------------------------------------------------------------------------------------------
+def decode_batch(batch: dict[str, np.ndarray], eval_size: tuple[int, int], max_pixels: int) -> dict[str, np.ndarray]:
+    """CPU task: read + decode + preprocess. Failures become rows with ``error`` set (never an exception)."""
+    from transfgu.data.io import decode_rgb
+    from transfgu.predict import preprocess_image
+
+    n = len(batch["stem"])
+    x = np.zeros((n, 3, *eval_size), dtype=np.float32)
+    hw = np.zeros((n, 2), dtype=np.int32)
+    err = np.full(n, "", dtype=object)
+    for i, src in enumerate(batch["source"]):
+        try:
+            img = decode_rgb(read_bytes(str(src)), max_pixels=max_pixels, name=str(src))
+            x[i] = preprocess_image(img, eval_size).numpy()
+            hw[i] = img.shape[:2]
+        except (OSError, ValueError) as exc:  # DecodeError is a ValueError
+            err[i] = str(exc) or type(exc).__name__
+    return {"stem": batch["stem"], "source": batch["source"], "x": x, "hw": hw, "error": err}
+
+
+class PredictActor:
+    """Actor of the prediction pool: one checkpoint per actor, one batch per call, its outputs written here."""
+
+    def __init__(self, checkpoint: str, out_dir: str, as_classes: bool, write_png: bool, device: str,
+                 num_cpus: float, precision: str = "auto") -> None:
+        import torch
+
+        from transfgu.predict import load
+
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.predictor = load(checkpoint, device=device, precision=precision)
+        self.out_dir = Path(out_dir)
+        self.ledger = self.out_dir / LEDGER_DIR
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        self.as_classes = as_classes
+        self.write_png = write_png
+        self.n_ids = len(self.predictor.class_names) if as_classes else self.predictor.n_clusters
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from transfgu.predict import label_histogram, save_label_png
+
+        stems = [str(s) for s in batch["stem"]]
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        labels: dict[int, np.ndarray] = {}
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            logits = self.predictor.logits(torch.from_numpy(np.ascontiguousarray(batch["x"][idx])))
+            sizes = [tuple(int(v) for v in batch["hw"][i]) for i in idx]
+            for i, lab in zip(idx, self.predictor.labels_from_logits(logits, sizes, self.as_classes)):
+                labels[int(i)] = lab
+        rows: dict[str, list[Any]] = {name: [] for name in ledger_schema().names}
+        for i, stem in enumerate(stems):
+            lab = labels.get(i)
+            png = None
+            if lab is not None and self.write_png:
+                png = f"{stem}.png"
+                save_label_png(lab, self.out_dir / png, self.n_ids)
+            counts, unmatched = label_histogram(lab, self.n_ids) if lab is not None else (None, None)
+            rows["stem"].append(stem)
+            rows["source"].append(str(batch["source"][i]))
+            rows["label_png"].append(png)
+            rows["height"].append(None if lab is None else int(lab.shape[0]))
+            rows["width"].append(None if lab is None else int(lab.shape[1]))
+            rows["pixels"].append(None if counts is None else counts.tolist())
+            rows["unmatched"].append(unmatched)
+            rows["error"].append(str(batch["error"][i]) or None)
+        path = batch_file(self.ledger, stems)
+        # PNGs first, then the ledger file: a crash in between only means the PNGs are written again.
+        write_parquet_atomic(pa.table(rows, schema=ledger_schema()), path)
+        return {
+            "stem": np.asarray(stems, dtype=object),
+            "ok": ok,
+            "error": np.asarray([str(e) for e in batch["error"]], dtype=object),
+            "file": np.asarray([path.name] * len(stems), dtype=object),
+        }
+
+
+# -- driver --------------------------------------------------------------------------------------------------------
+def predict_ray(
+    checkpoint: str | Path,
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    *,
+    as_classes: bool = False,
+    write_png: bool = True,
+    batch_size: int = 8,
+    actors: tuple[int, int] = (1, 4),
+    cpus_per_actor: float = 1.0,
+    decode_cpus: float = 0.5,
+    use_gpu: bool | str = "auto",
+    precision: str = "auto",
+    max_pixels: int = 80_000_000,
+    actor_cls: type = PredictActor,
+) -> dict[str, Any]:
+    """Label every input image on the Ray cluster this process is connected to; returns a summary.
+
+    ``actor_cls`` exists for fault-injection tests (a subclass that dies mid-run).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from transfgu.checkpoint import read_model_meta
+    from transfgu.errors import ErrorLog
+    from transfgu.predict import find_checkpoint
+
+    ckpt = find_checkpoint(checkpoint).resolve()
+    meta = read_model_meta(ckpt)
+    if as_classes and meta.get("cluster_to_class") is None:
+        raise ValueError("--classes needs a checkpoint with a cluster -> class matching (evaluate the run first)")
+    items = list_inputs(inputs)
+    if not items:
+        raise FileNotFoundError("no images found in the inputs")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    done = done_stems(out)
+    todo = [(src, stem) for src, stem in items if stem not in done]
+    kept = len(items) - len(todo)
+    if kept:
+        log.info("[predict] %d of %d images already in the ledger", kept, len(items))
+    gpu = float(ray.cluster_resources().get("GPU", 0)) > 0 if use_gpu == "auto" else bool(use_gpu)
+    eval_size = (int(meta["eval_size"][0]), int(meta["eval_size"][1]))
+    summary: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_COLUMNS}
+    t0 = time.time()
+    if todo:
+        DataContext.get_current().enable_progress_bars = False
+        # Blocks of one batch each: the batch a ledger file holds is fixed before anything runs.
+        tables = [pa.table({"stem": [s for _, s in todo[i:i + batch_size]],
+                            "source": [src for src, _ in todo[i:i + batch_size]]})
+                  for i in range(0, len(todo), batch_size)]
+        lo, hi = actors
+        hi = max(1, min(hi, len(tables)))
+        res: dict[str, float] = {"num_gpus": 1, "num_cpus": min(1.0, cpus_per_actor)} if gpu else {
+            "num_cpus": cpus_per_actor}
+        ds = ray.data.from_arrow(tables)
+        ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
+                            fn_kwargs={"eval_size": eval_size, "max_pixels": max_pixels})
+        ds = ds.map_batches(
+            actor_cls, batch_size=batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=max(1, min(lo, hi)), max_size=hi),
+            fn_constructor_kwargs={"checkpoint": str(ckpt), "out_dir": str(out), "as_classes": as_classes,
+                                   "write_png": write_png, "device": "cuda" if gpu else "cpu",
+                                   "num_cpus": res["num_cpus"], "precision": precision},
+            **res,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for k in SUMMARY_COLUMNS:
+                summary[k].append(batch[k])
+    got = {k: np.concatenate(v) if v else np.zeros(0, dtype=object) for k, v in summary.items()}
+    _check_exactly_once(out, [s for _, s in items], [s for _, s in todo], got)
+    (out / "errors.jsonl").unlink(missing_ok=True)  # this run's errors only (the ledger keeps every run's)
+    errors = ErrorLog(out / "errors.jsonl")
+    n_err = 0
+    src_of = dict((stem, src) for src, stem in items)
+    for stem, ok, reason in zip(got["stem"], got["ok"], got["error"]):
+        if not ok:
+            errors.record(src_of[str(stem)], "predict", str(reason))
+            n_err += 1
+    result = {
+        "checkpoint": str(ckpt),
+        "ids": "classes" if as_classes else "clusters",
+        "names": list(meta.get("class_names") or []) if as_classes
+        else [f"cluster {i}" for i in range(int(meta["decoder"]["n_classes"]))],
+        "n_inputs": len(items),
+        "n_predicted": int(got["ok"].sum()) if len(got["ok"]) else 0,
+        "n_errors": n_err,
+        "n_kept": kept,
+        "png": write_png,
+        "ledger": str(out / LEDGER_DIR),
+        "seconds": round(time.time() - t0, 2),
+        "device": "cuda" if gpu else "cpu",
+        "pretrained_backbone": bool(meta["backbone"].get("pretrained", False)),
+    }
+    (out / "predict.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _check_exactly_once(out: Path, all_stems: Sequence[str], todo: Sequence[str], got: dict[str, np.ndarray]) -> None:
+    """Every image sent came back once, and the ledger holds every input exactly once."""
+    back = Counter(str(s) for s in got["stem"])
+    missing = sorted(set(todo) - set(back))
+    dup = sorted(s for s, c in back.items() if c != 1)
+    if missing or dup:
+        raise RuntimeError(f"predict: {len(missing)} images did not come back (e.g. {missing[:3]}), "
+                           f"{len(dup)} came back more than once (e.g. {dup[:3]})")
+    rows = done_stems(out)
+    wrong = sorted(s for s in all_stems if rows.get(s, 0) != 1)
+    if wrong:
+        raise RuntimeError(f"predict: the ledger in {out / LEDGER_DIR} holds {len(wrong)} images other than exactly "
+                           f"once (e.g. {[(s, rows.get(s, 0)) for s in wrong[:3]]})")
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="transfgu predict --ray",
+        description="Label images on Ray Data: CPU decoding tasks ahead of an actor pool (one GPU per actor when the "
+        "cluster has GPUs). Writes <out>/<stem>.png and a Parquet ledger <out>/predictions/*.parquet (stem, source, "
+        "label_png, height, width, pixels per id, unmatched, error); a re-run only does what the ledger lacks.",
+    )
+    p.add_argument("checkpoint", help="a run directory, its model/ folder, or an MLflow model URI "
+                   "(runs:/<id>/model, models:/<name>/<version>)")
+    p.add_argument("inputs", nargs="+", help="folders, image files, list files, globs, or URIs (s3://bucket/prefix/)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--ray", action="store_true", help="(accepted: this is the Ray executor)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--classes", action="store_true", help="write matched class ids instead of cluster ids")
+    p.add_argument("--format", default="png,parquet",
+                   help="png,parquet (default) or parquet: the Parquet ledger is always written")
+    p.add_argument("--actors", default="1,4", help="min,max actors of the prediction pool (default 1,4)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decoding task")
+    p.add_argument("--gpu", choices=("auto", "true", "false"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints")
+    p.add_argument("--device", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--overlay", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formats = {f.strip() for f in args.format.split(",") if f.strip()}
+    if not formats <= {"png", "parquet"} or not formats:
+        print(f"error: --format takes png and/or parquet, got {args.format!r}", file=sys.stderr)
+        return 2
+    if args.overlay or args.weights or args.device:
+        print("error: --overlay/--weights/--device are options of the one-process transfgu predict; with --ray use "
+              "--gpu and a checkpoint whose backbone is stored or reachable", file=sys.stderr)
+        return 2
+    try:
+        lo, hi = (int(v) for v in args.actors.split(","))
+        if lo < 1 or hi < lo or args.batch_size < 1:
+            raise ValueError
+    except ValueError:
+        print("error: --actors takes MIN,MAX with 1 <= MIN <= MAX, and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    from transfgu.config import Config
+    from transfgu.distributed.cluster import init_ray
+    from transfgu.mlflow_model import resolve_model_dir
+
+    try:
+        ckpt = resolve_model_dir(args.checkpoint, tracking_uri=args.tracking_uri)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = Config.model_validate({"ray": {"address": args.address, "num_cpus": args.num_cpus}})
+    init_ray(cfg)
+    try:
+        res = predict_ray(ckpt, args.inputs, args.out, as_classes=args.classes, write_png="png" in formats,
+                          batch_size=args.batch_size, actors=(lo, hi), cpus_per_actor=args.cpus_per_actor,
+                          decode_cpus=args.decode_cpus,
+                          use_gpu="auto" if args.gpu == "auto" else args.gpu == "true", precision=args.precision)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{res['n_predicted']} images labelled ({res['n_kept']} already done, {res['n_errors']} unreadable: see "
+          f"{Path(args.out) / 'errors.jsonl'}); ledger {res['ledger']}")
+    if not res["pretrained_backbone"]:
+        print("warning: the checkpoint's backbone is RANDOM (no pretrained weights): predictions are not the "
+              "method's", file=sys.stderr)
+    return 0 if res["n_predicted"] + res["n_kept"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

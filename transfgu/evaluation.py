@@ -1,0 +1,75 @@
+"""Stage 5's method: score a trained decoder on the labelled validation split (§8) and write ``eval/``.
+
+The cluster -> class matching (Hungarian, or majority vote when over-clustering) and the scores are computed by
+:func:`transfgu.engine.evaluate` and :mod:`transfgu.metrics`; this module builds the validation loader, applies
+the error budget and writes the files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transfgu.config import Config
+from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
+from transfgu.engine import evaluate
+from transfgu.errors import ErrorLog, check_error_budget
+from transfgu.models.backbone import DinoViT
+from transfgu.store import atomic_write_json, to_jsonable
+from transfgu.training import n_output_channels
+
+
+def has_labelled_val(cfg: Config) -> bool:
+    return cfg.data.val_split is not None and cfg.data.name != "folder"
+
+
+def evaluate_decoder(
+    cfg: Config, backbone: DinoViT, dec: torch.nn.Module, device: torch.device, amp: torch.dtype | None = None,
+    errors: ErrorLog | None = None,
+) -> tuple[dict[str, Any], tuple[str, ...], int]:
+    """Scores of a decoder on the labelled validation split: ``(scores, class names, number of images)``.
+
+    Unusable validation samples are recorded in ``errors`` and left out (``scores["skipped"]`` counts them); more
+    than ``run.error_budget`` of them fail the evaluation.
+    """
+    names, ignore, label_map = dataset_classes(cfg)
+    records = split_records(cfg, cfg.data.val_split)
+    ds = EvalDataset(records, label_map, tuple(cfg.eval.eval_size), ignore, errors=errors)
+    check_error_budget(len(ds.skipped), len(records), cfg.run.error_budget, "evaluate")
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False)
+    scores = evaluate(
+        dec, backbone, loader, n_clusters=n_output_channels(cfg), n_classes=len(names), device=device,
+        eval_hw=tuple(cfg.eval.eval_size), ignore_index=-1, class_names=names, overcluster=cfg.eval.overcluster,
+        amp_dtype=amp,
+    )
+    scores["skipped"] = len(ds.skipped)
+    return scores, names, len(ds)
+
+
+def write_eval(
+    eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int
+) -> dict[str, Any]:
+    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained."""
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    conf = np.asarray(scores.get("confusion", scores.get("conf", [])))
+    metrics = {
+        "mIoU": float(scores["mIoU"]),
+        "pixel_accuracy": float(scores["pixel_accuracy"]),
+        "per_class_iou": to_jsonable(scores["per_class_iou"]),
+        "mapping": [int(x) for x in np.asarray(scores["mapping"]).tolist()],
+        "n_images": n_images,
+        "n_clusters": int(scores.get("n_clusters", 0)),
+        "pretrained": pretrained,
+    }
+    if not pretrained:
+        metrics["warning"] = "random backbone (no pretrained weights): these numbers are not the method's"
+    atomic_write_json(eval_dir / "metrics.json", metrics)
+    lines = ["class,iou"] + [f"{k},{v}" for k, v in metrics["per_class_iou"].items()]
+    (eval_dir / "per_class_iou.csv").write_text("\n".join(lines) + "\n")
+    if conf.size:
+        np.savetxt(eval_dir / "confusion.csv", conf, fmt="%d", delimiter=",")
+    return metrics

@@ -1,0 +1,123 @@
+"""The one-process executor: every stage of :mod:`transfgu.stages` run as a loop in this process.
+
+``LOCAL_RUNNERS[name](ctx) -> manifest info`` is what :func:`transfgu.pipeline.run_pipeline` calls for each stage
+that is not done yet; the Ray executor (:mod:`transfgu.distributed.pipeline`) provides the same mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from transfgu.concepts import PoolFit, kmeans
+from transfgu.context import RunContext
+from transfgu.data.loaders import make_train_loader
+from transfgu.errors import decode_images
+from transfgu.layout import shard_file
+from transfgu.logs import Progress
+from transfgu.stages import (
+    SHARD_IMAGES,
+    ExtractStage,
+    LabelBankStage,
+    ShardedStage,
+    concept_pools,
+    finish_concepts,
+    finish_train,
+    run_evaluate,
+    training_images,
+)
+from transfgu.store import read_features, write_parquet_atomic
+from transfgu.throughput import PrefetchLoader, overlapped
+from transfgu.training import train_rounds
+
+log = logging.getLogger(__name__)
+
+#: A stage as an executor runs it: the run's context in, the stage's manifest info out.
+StageRunner = Callable[[RunContext], dict[str, Any]]
+
+
+def _kept_rows(path, stage: str) -> int | None:
+    """Rows of a finished shard file; None when there is none or it is unreadable (then it is removed and redone)."""
+    if not path.is_file():
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a torn or foreign file
+        log.warning("[%s] %s is unreadable (%s); computing it again", stage, path, exc)
+        path.unlink()
+        return None
+
+
+def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any]:
+    """Run a per-image stage over the training split, one shard after the other; finished shards are kept."""
+    out_dir = stage_cls.output(ctx.layout)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = training_images(ctx.cfg)
+    stage = stage_cls(ctx.cfg, ctx.backbone, ctx.device, ctx.amp, **stage_cls.worker_inputs(ctx.layout))
+    rows = 0
+    todo: list[tuple[list, Path]] = []
+
+    def load(item: tuple[list, Path]) -> tuple[Any, list[str]]:
+        decoded = list(decode_images(item[0], ctx.errors, stage_cls.name))
+        return stage.prepare([im for _, im in decoded]), [r.image_id for r, _ in decoded]
+
+    with Progress(stage_cls.name, len(records)) as prog:
+        for si in range(0, len(records), SHARD_IMAGES):
+            shard = records[si : si + SHARD_IMAGES]
+            path = shard_file(out_dir, si // SHARD_IMAGES)
+            kept = _kept_rows(path, stage_cls.name)
+            if kept is not None:
+                rows += kept
+                prog.update(len(shard), "(kept)")
+                continue
+            todo.append((shard, path))
+        # Decoding + resizing of the next shard runs on a prefetch thread and the Parquet write of the previous one
+        # on a writer thread (transfgu.throughput.overlapped), so the model waits for neither.
+        for (shard, _), table in overlapped(
+            todo, load, lambda item, payload: stage.compute(*payload),
+            lambda item, table: write_parquet_atomic(table, item[1]),
+        ):
+            rows += table.num_rows
+            prog.update(len(shard), f"rows={rows}")
+    return stage_cls.finish(ctx, len(records))
+
+
+def run_extract(ctx: RunContext) -> dict[str, Any]:
+    return run_sharded(ctx, ExtractStage)
+
+
+def run_concepts(ctx: RunContext) -> dict[str, Any]:
+    """faiss k-means of every pool in this process (all crop features of a pool in memory)."""
+    cfg = ctx.cfg
+    fits = {}
+    for pool, k in concept_pools(cfg).items():
+        _, cls = read_features(ctx.layout.features, pools=[pool])
+        if len(cls) < k:
+            raise ValueError(f"pool {pool!r} has {len(cls)} crops, fewer than its k={k} concepts")
+        res = kmeans(cls, k, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
+        fits[pool] = PoolFit(res.centroids, res.inertia, len(cls))
+    return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random"})
+
+
+def run_label_bank(ctx: RunContext) -> dict[str, Any]:
+    return run_sharded(ctx, LabelBankStage)
+
+
+def run_train(ctx: RunContext) -> dict[str, Any]:
+    """Every epoch of bootstrapped training in this process, then ``model/``."""
+    loader = PrefetchLoader(make_train_loader(ctx.cfg, ctx.layout.label_bank))  # next batches decoded during a step
+    train_rounds(ctx.cfg, ctx.backbone, loader, ctx.layout, ctx.device, ctx.amp, on_epoch=ctx.on_epoch)
+    return finish_train(ctx)
+
+
+LOCAL_RUNNERS: dict[str, StageRunner] = {
+    "extract": run_extract,
+    "concepts": run_concepts,
+    "label_bank": run_label_bank,
+    "train": run_train,
+    "evaluate": run_evaluate,
+}

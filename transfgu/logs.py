@@ -1,0 +1,161 @@
+"""What a person sees while a run works: one log format, progress, and third-party noise turned down.
+
+* :func:`setup_logging` -- ``HH:MM:SS LEVEL name: message`` on stderr (and the full log in ``pipeline.log``);
+  library loggers (faiss's loader, Ray's internals, MLflow, urllib3, timm's hub) are set to WARNING unless
+  ``verbose`` -- their INFO lines say nothing about the run. ``TRANSFGU_VERBOSE=1`` does the same as ``--verbose``
+  in processes the CLI does not start (Ray workers).
+* :class:`Progress` -- a tqdm bar on a terminal; elsewhere (job logs, CI) one line per ``min_interval_s`` seconds;
+  in both cases one log line at the end, with counts, rate and ETA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger("transfgu")
+
+#: Libraries whose INFO/DEBUG lines are not about the run (quieted unless --verbose).
+NOISY_LOGGERS = ("faiss", "faiss.loader", "ray", "ray.data", "ray.train", "ray.tune", "ray.air", "mlflow", "alembic",
+                 "urllib3", "filelock", "timm", "huggingface_hub", "fsspec", "PIL", "matplotlib")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def verbose_requested() -> bool:
+    return os.environ.get("TRANSFGU_VERBOSE", "").lower() in ("1", "true", "yes")
+
+
+def setup_logging(
+    log_file: Path | None = None, level: int = logging.INFO, verbose: bool | None = None, worker: bool = False
+) -> None:
+    """Idempotent: one stderr handler per process, one file handler per log file.
+
+    ``worker=True`` in Ray worker processes: Ray already prints the root logger there (and forwards it to the
+    driver), so a second console handler would print every line twice.
+    """
+    verbose = verbose_requested() if verbose is None else verbose
+    if verbose:
+        os.environ["TRANSFGU_VERBOSE"] = "1"  # inherited by the Ray processes this one starts
+    root = logging.getLogger()
+    ours = any(getattr(h, "_transfgu", False) for h in root.handlers)
+    if not ours and not (worker and root.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        h._transfgu = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else level)
+    quiet_libraries(verbose)
+    if log_file is not None:
+        path = Path(log_file)
+        if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
+            fh = logging.FileHandler(path)
+            fh.setFormatter(logging.Formatter(_FORMAT))
+            root.addHandler(fh)
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes`` (known, explained library lines)."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+#: Ray Data warns once per process that its bars are off; they are off on purpose when stderr is not a terminal.
+_RAY_DATA_BENIGN = _DropMessages(("Progress bars disabled", "Progress bars for operators disabled"))
+
+
+def quiet_libraries(verbose: bool | None = None) -> None:
+    """Library loggers to WARNING (unless ``verbose``). Called again after Ray is imported or started: Ray
+    configures its loggers on import, after ours, and Ray Train names some loggers by file path."""
+    verbose = verbose_requested() if verbose is None else verbose
+    names = list(NOISY_LOGGERS) + [n for n in logging.root.manager.loggerDict
+                                   if n.startswith("ray.") or "/site-packages/ray/" in n]
+    for name in names:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    # Ray Data logs DEBUG to its own file (ray-data.log) and INFO to the console: keep the file, quiet the console.
+    data = logging.getLogger("ray.data")
+    if not verbose and data.handlers:
+        data.setLevel(logging.DEBUG)
+        for h in data.handlers:
+            if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
+                h.setLevel(logging.WARNING)
+                if _RAY_DATA_BENIGN not in h.filters:
+                    h.addFilter(_RAY_DATA_BENIGN)
+
+
+def _fmt(sec: float) -> str:
+    if not math.isfinite(sec):
+        return "?"
+    return time.strftime("%H:%M:%S", time.gmtime(sec))
+
+
+class Progress:
+    """Progress of one stage over ``total`` items: a bar on a terminal, a periodic log line elsewhere.
+
+    ``update(n, extra)`` after every piece of work; ``close()`` (or leaving the ``with`` block) ends the bar and
+    logs the final count.
+    """
+
+    def __init__(self, stage: str, total: int, unit: str = "img", stream: IO[str] | None = None,
+                 min_interval_s: float = 10.0, bar: bool | None = None) -> None:
+        self.stage, self.total, self.unit = stage, int(total), unit
+        self.done = 0
+        self.start = time.time()
+        self.min_interval_s = min_interval_s
+        self._last_line = 0.0
+        self._logged = -1  # the count of the last logged line
+        stream = stream if stream is not None else sys.stderr
+        if bar is None:
+            bar = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TRANSFGU_NO_BAR") is None
+        self._bar = None
+        if bar:
+            try:  # tqdm comes with timm's and Ray's dependencies; without it, log lines as in job logs
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=self.total, desc=f"[{stage}]", unit=unit, file=stream, leave=False,
+                             dynamic_ncols=True)
+
+    def update(self, n: int, extra: str = "") -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            if extra:
+                self._bar.set_postfix_str(extra, refresh=False)
+            return
+        now = time.time()
+        if self.done < self.total and now - self._last_line < self.min_interval_s:
+            return
+        self._last_line = now
+        self._line(extra)
+
+    def _line(self, extra: str = "") -> None:
+        self._logged = self.done
+        el = time.time() - self.start
+        rate = self.done / el if el > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        log.info("[%s] %d/%d (%.1f%%) %.2f %s/s eta %s %s", self.stage, self.done, self.total,
+                 100.0 * self.done / max(self.total, 1), rate, self.unit, _fmt(eta), extra)
+
+    def close(self) -> None:
+        """End the bar; the final count always reaches the log (and so ``pipeline.log``)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._logged != self.done:
+            self._line()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

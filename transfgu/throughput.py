@@ -1,0 +1,354 @@
+"""Keeping the accelerator busy: compiled backbone forward, pinned async copies, prefetch and background writes.
+
+None of this changes what a stage computes; it changes *when* the host does its part. A stage that decodes,
+computes and writes one shard after the other costs ``sum(decode) + sum(model) + sum(write)``; with the next
+shard decoded on a background thread (:class:`Prefetcher`) and the previous one written on another
+(:class:`BackgroundWriter`), it costs about ``max(decode, model, write)`` per shard (:func:`overlapped`). That is
+the property ``tests/test_throughput.py`` checks on CPU with a fixed-latency stand-in for the model.
+
+* :func:`compile_forward` puts ``torch.compile`` on a :class:`~transfgu.models.backbone.DinoViT`'s eval
+  ``forward`` (crop embedding, the foreground prior, the training step's frozen pass) and falls back to the eager
+  forward, with one warning, when compilation is unavailable or fails. The pseudo-label pass does not use
+  ``forward`` (it calls ``tokens_before_last_block``), so it stays eager and keeps its own precision.
+* :func:`to_device` pins a host tensor and copies it with ``non_blocking=True``: the copy overlaps with kernels
+  already queued instead of synchronising the stream (a plain ``.to("cuda")`` of pageable memory waits).
+* :func:`prepare_images` resizes + normalises a group of decoded images into one (pinned) batch, so that work can
+  run in the prefetch thread instead of in front of the model.
+
+Nothing here knows about Ray; the Ray executors get the same behaviour from Ray Data's own pipelining.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from transfgu.data.transforms import to_model_input
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+L = TypeVar("L")
+R = TypeVar("R")
+
+CompileMode = Literal["auto", "on", "off"]
+
+__all__ = [
+    "BackgroundWriter",
+    "PrefetchLoader",
+    "Prefetcher",
+    "compile_forward",
+    "compile_mode_from_env",
+    "overlapped",
+    "prepare_images",
+    "to_device",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host -> device
+# ----------------------------------------------------------------------------------------------------------
+def pin(x: Tensor) -> Tensor:
+    """Page-locked copy of a CPU tensor when CUDA is present (else ``x``): needed for truly async copies."""
+    if x.device.type == "cpu" and torch.cuda.is_available() and not x.is_pinned():
+        return x.pin_memory()
+    return x
+
+
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """``x.to(device)`` that does not stall the CUDA stream: pinned source, ``non_blocking=True``.
+
+    Safe for pageable sources too (CUDA stages them before the call returns); on CPU it is a no-op.
+    """
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if device.type == "cuda":
+        return pin(x).to(device, non_blocking=True)
+    return x.to(device)
+
+
+def prepare_images(images: Sequence[np.ndarray], size: Sequence[int], mode: str = "bilinear") -> Tensor:
+    """Decoded uint8 ``(H, W, 3)`` images -> one ImageNet-normalised ``(B, 3, h, w)`` float batch (pinned on CUDA
+    machines), exactly :func:`transfgu.data.transforms.to_model_input` per image; runs in the prefetch thread."""
+    if len(images) == 0:
+        return torch.empty(0, 3, int(size[0]), int(size[1]))
+    return pin(torch.stack([to_model_input(im, (int(size[0]), int(size[1])), mode) for im in images]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile with a fallback
+# ----------------------------------------------------------------------------------------------------------
+def compile_mode_from_env() -> CompileMode:
+    """``TRANSFGU_COMPILE`` = ``auto`` (default: compile on CUDA only), ``on``/``1`` or ``off``/``0``."""
+    v = os.environ.get("TRANSFGU_COMPILE", "auto").strip().lower()
+    if v in ("1", "on", "true", "yes"):
+        return "on"
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    return "auto"
+
+
+def compile_forward(
+    backbone: torch.nn.Module,
+    mode: CompileMode | None = None,
+    backend: str | Callable[..., Any] = "inductor",
+    compile_kwargs: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """Route ``backbone.forward`` (a DinoViT's eval forward) through ``torch.compile``; returns ``backbone``.
+
+    ``mode``: ``"auto"`` compiles when the backbone's parameters are on CUDA (on a CPU the compile time is not
+    paid back by the short runs it does here), ``"on"`` always, ``"off"`` never; default from
+    :func:`compile_mode_from_env`. The compiled function returns plain tensors (no dataclass in the graph);
+    the :class:`~transfgu.models.backbone.ViTFeatures` is rebuilt around them. If compiling or running the
+    compiled function raises (no C++ compiler, an unsupported op, an old torch), the eager forward is used from
+    then on and one warning says why: outputs never depend on whether compilation worked.
+    """
+    from transfgu.models.backbone import ViTFeatures
+
+    mode = mode or compile_mode_from_env()
+    if mode == "off" or getattr(backbone, "_transfgu_compiled", False):
+        return backbone
+    try:
+        on_cuda = next(backbone.parameters()).is_cuda
+    except StopIteration:
+        on_cuda = False
+    if mode == "auto" and not on_cuda:
+        return backbone
+    if not hasattr(torch, "compile"):
+        log.warning("torch.compile is not available in torch %s; using the eager backbone", torch.__version__)
+        return backbone
+    eager = backbone.forward
+
+    def plain(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        f = eager(x)
+        return f.cls, f.patch, f.attn_cls
+
+    # dynamic=False: one specialised graph per input shape (crops, prior pass, training crops); embed_crops pads
+    # the last chunk of a compiled backbone to the full batch so that ragged tails do not add shapes.
+    compiled = torch.compile(plain, backend=backend, **{"dynamic": False, **(compile_kwargs or {})})
+    state = {"failed": False}
+
+    def forward(x: Tensor) -> ViTFeatures:
+        if not state["failed"]:
+            try:
+                cls, patch, attn = compiled(x)
+                return ViTFeatures(cls=cls, patch=patch, attn_cls=attn, grid=backbone._grid(x))
+            except Exception as exc:  # noqa: BLE001 -- any compile/runtime failure means: use eager
+                state["failed"] = True
+                log.warning("torch.compile of the backbone forward failed (%s: %s); using eager", type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        return eager(x)
+
+    backbone.forward = forward  # type: ignore[method-assign]  # instance attribute: nn.Module.__call__ uses it
+    backbone._transfgu_compiled = True  # type: ignore[attr-defined]
+    backbone._transfgu_compile_state = state  # type: ignore[attr-defined]
+    backbone._transfgu_eager_forward = eager  # type: ignore[attr-defined]  # for benchmarks: the same, uncompiled
+    return backbone
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prefetch and background writes
+# ----------------------------------------------------------------------------------------------------------
+_DONE = object()
+
+
+def _put(q: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(it: Iterator[Any], q: queue.Queue[Any], stop: threading.Event) -> None:
+    # A plain function (not a bound method): the thread must not keep the Prefetcher alive, so that an abandoned
+    # Prefetcher is collected and its __del__ stops this thread.
+    try:
+        for item in it:
+            if not _put(q, stop, (True, item)):
+                return
+    except BaseException as exc:  # noqa: BLE001 -- handed to the consumer
+        _put(q, stop, (False, exc))
+        return
+    _put(q, stop, (True, _DONE))
+
+
+class Prefetcher(Generic[T]):
+    """Iterate ``source`` on a daemon thread, ``depth`` items ahead of the consumer.
+
+    An exception raised by ``source`` is re-raised in the consumer at the position it happened. ``close()`` (or
+    leaving the ``with`` block, or dropping the object) stops the thread after its current item.
+    """
+
+    def __init__(self, source: Iterable[T], depth: int = 2, name: str = "transfgu-prefetch") -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_produce, args=(iter(source), self._q, self._stop), name=name, daemon=True
+        )
+        self._thread.start()
+
+    def __iter__(self) -> Prefetcher[T]:
+        return self
+
+    def __next__(self) -> T:
+        ok, item = self._q.get()
+        if not ok:
+            self.close()
+            raise item
+        if item is _DONE:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)  # absent when __init__ failed
+        if stop is not None:
+            stop.set()
+
+    def __enter__(self) -> Prefetcher[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PrefetchLoader:
+    """A re-iterable wrapper of a ``DataLoader`` whose every epoch is read through a :class:`Prefetcher`.
+
+    With ``num_workers=0`` (the default of ``train.num_workers``) the batches are otherwise decoded in front of
+    each training step; here the next ``depth`` batches are decoded (and pinned, when the loader pins) on a thread
+    while the step runs. ``sampler``, ``batch_sampler`` and ``len`` are those of the wrapped loader (``set_epoch``
+    keeps working).
+    """
+
+    def __init__(self, loader: Any, depth: int = 2) -> None:
+        self.loader = loader
+        self.depth = depth
+
+    @property
+    def sampler(self) -> Any:
+        return getattr(self.loader, "sampler", None)
+
+    @property
+    def batch_sampler(self) -> Any:
+        return getattr(self.loader, "batch_sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return Prefetcher(self.loader, depth=self.depth, name="transfgu-batches")
+
+
+class BackgroundWriter:
+    """One writer thread with at most ``max_pending`` queued jobs (back-pressure instead of unbounded memory).
+
+    ``submit(fn, *args)`` queues ``fn(*args)``. The first job that raises stops the writer; its exception is
+    re-raised by the next ``submit`` or by ``close()``. ``close()`` (and leaving the ``with`` block, also on an
+    exception) first finishes every job already queued, so work that was computed is not lost.
+    """
+
+    def __init__(self, max_pending: int = 2, name: str = "transfgu-writer") -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self.completed = 0
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is _DONE:
+                return
+            if self._error is not None:
+                continue  # after a failure, drop the rest (they are reported by the failure)
+            fn, args = job
+            try:
+                fn(*args)
+                self.completed += 1
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the submitting thread
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._raise()
+        self._q.put((fn, args))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(_DONE)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The body failed: still write what was already computed, but report the body's error, not ours.
+        try:
+            self.close()
+        except BaseException as werr:  # noqa: BLE001
+            log.error("background write failed while handling another error: %s", werr)
+
+
+def overlapped(
+    items: Sequence[T],
+    load: Callable[[T], L],
+    compute: Callable[[T, L], R],
+    write: Callable[[T, R], None] | None = None,
+    prefetch: int = 2,
+    max_pending_writes: int = 2,
+) -> Iterator[tuple[T, R]]:
+    """``for it in items: write(it, compute(it, load(it)))`` as a three-stage pipeline; yields ``(item, result)``.
+
+    ``load`` runs on a prefetch thread up to ``prefetch`` items ahead, ``compute`` on the caller's thread (it
+    owns the model), ``write`` on a writer thread. Items are computed and written in order. Every result is
+    written before this generator finishes (also when the consumer or ``compute`` raises for a later item).
+    """
+    if prefetch < 1:
+        # Sequential reference path (benchmarks and tests compare against it).
+        for it in items:
+            res = compute(it, load(it))
+            if write is not None:
+                write(it, res)
+            yield it, res
+        return
+    loaded = Prefetcher(((it, load(it)) for it in items), depth=prefetch)
+    with loaded, BackgroundWriter(max_pending_writes) as writer:
+        for it, payload in loaded:
+            res = compute(it, payload)
+            if write is not None:
+                writer.submit(write, it, res)
+            yield it, res

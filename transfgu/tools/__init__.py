@@ -1,0 +1,1 @@
+"""Development tools (not part of the method): the supervised stand-in prior."""
