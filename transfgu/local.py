@@ -19,6 +19,7 @@ from transfgu.data.loaders import make_train_loader
 from transfgu.errors import decode_images
 from transfgu.layout import shard_file
 from transfgu.logs import Progress
+from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import (
     SHARD_IMAGES,
     ExtractStage,
@@ -110,7 +111,10 @@ def run_label_bank(ctx: RunContext) -> dict[str, Any]:
 def run_train(ctx: RunContext) -> dict[str, Any]:
     """Every epoch of bootstrapped training in this process, then ``model/``."""
     loader = PrefetchLoader(make_train_loader(ctx.cfg, ctx.layout.label_bank))  # next batches decoded during a step
-    train_rounds(ctx.cfg, ctx.backbone, loader, ctx.layout, ctx.device, ctx.amp, on_epoch=ctx.on_epoch)
+    # train.select=best_val / validate_every: the student is scored on val during training (transfgu.selection).
+    validate = Validator(ctx.cfg, ctx.backbone, ctx.device, ctx.amp) if validation_wanted(ctx.cfg) else None
+    train_rounds(ctx.cfg, ctx.backbone, loader, ctx.layout, ctx.device, ctx.amp, on_epoch=ctx.on_epoch,
+                 validate=validate)
     return finish_train(ctx)
 
 

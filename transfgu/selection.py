@@ -37,7 +37,7 @@ SELECTION_WARNING = (
 
 def validation_wanted(cfg: Config) -> bool:
     """Whether training scores the decoder on the validation split at all."""
-    from transfgu.pipeline import has_labelled_val
+    from transfgu.evaluation import has_labelled_val
 
     wanted = cfg.train.select == "best_val" or cfg.train.validate_every > 0
     if cfg.train.select == "best_val" and not has_labelled_val(cfg):
@@ -57,13 +57,13 @@ class Validator:
     """Scores a decoder on the validation split; the images are decoded once, when the validator is built."""
 
     def __init__(self, cfg: Config, backbone: torch.nn.Module, device: torch.device, amp: torch.dtype | None) -> None:
-        from transfgu import stages
+        from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 
         self.cfg, self.backbone, self.device, self.amp = cfg, backbone, device, amp
-        names, ignore, label_map = stages.dataset_classes(cfg)
+        names, ignore, label_map = dataset_classes(cfg)
         self.names = names
-        records = stages.split_records(cfg, cfg.data.val_split)
-        self.ds = stages.EvalDataset(records, label_map, tuple(cfg.eval.eval_size), ignore, stage="validate")
+        records = split_records(cfg, cfg.data.val_split)
+        self.ds = EvalDataset(records, label_map, tuple(cfg.eval.eval_size), ignore, stage="validate")
 
     def __call__(self, decoder: torch.nn.Module) -> dict[str, float]:
         loader = torch.utils.data.DataLoader(self.ds, batch_size=self.cfg.eval.batch_size, shuffle=False)
@@ -77,11 +77,11 @@ class Validator:
         return {"mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"])}
 
     def _evaluate(self, decoder: torch.nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-        from transfgu import stages
         from transfgu.engine import evaluate
+        from transfgu.training import n_output_channels
 
         return evaluate(
-            decoder, self.backbone, loader, n_clusters=stages.n_output_channels(self.cfg), n_classes=len(self.names),
+            decoder, self.backbone, loader, n_clusters=n_output_channels(self.cfg), n_classes=len(self.names),
             device=self.device, eval_hw=tuple(self.cfg.eval.eval_size), ignore_index=-1, class_names=self.names,
             overcluster=self.cfg.eval.overcluster, amp_dtype=self.amp,
         )

@@ -44,6 +44,7 @@ from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.pseudo_labels import concept_map_parts
+from transfgu.selection import select_student
 from transfgu.store import (
     LabelMaps,
     features_table,
@@ -247,7 +248,8 @@ def finish_train(ctx: RunContext) -> dict[str, Any]:
     """Write ``model/`` from the newest training state and return the manifest info."""
     cfg = ctx.cfg
     student, state = load_latest_student(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device)
-    write_model(cfg, ctx.layout, student, ctx.backbone)
+    selection = select_student(cfg, ctx.layout.train, student)  # train.select (best_val: the best-on-val epoch)
+    write_model(cfg, ctx.layout, student, ctx.backbone, selection)
     in_bank = label_bank_image_ids(ctx.layout.label_bank)
     n_images = sum(1 for r in training_images(cfg) if r.image_id in in_bank)
     metrics = state.get("metrics", {})
@@ -256,6 +258,7 @@ def finish_train(ctx: RunContext) -> dict[str, Any]:
         "epochs": cfg.train.epochs,
         "rounds": int(state["round"]) + 1,
         "final_loss": float(metrics["loss"]) if "loss" in metrics else None,
+        **selection,
     })
 
 
@@ -268,12 +271,14 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
         return {"rows": 0, "skipped": "no labels"}
     dec = load_model_decoder(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device)
     scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
-    write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=n_images)
+    meta = json.loads((ctx.layout.model / "model.json").read_text())
+    selection = {k: v for k, v in meta.items() if k.startswith("select")}
+    write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=n_images, selection=selection)
     add_stage_quality(ctx)
     # The prediction checkpoint learns which cluster is which class, so `transfgu predict` can name them.
     set_cluster_to_class(ctx.layout.model, np.asarray(scores["mapping"]).tolist())
     return {"rows": n_images, "errors": scores["skipped"], "mIoU": float(scores["mIoU"]),
-            "pixel_accuracy": float(scores["pixel_accuracy"])}
+            "pixel_accuracy": float(scores["pixel_accuracy"]), **selection}
 
 
 def add_stage_quality(ctx: RunContext) -> None:
