@@ -223,8 +223,9 @@ SHARDED_STAGES: dict[str, type[ShardedStage]] = {"extract": ExtractStage, "label
 
 
 def training_images(cfg: Config) -> list:
-    """The image records of the training split (the inputs of the sharded stages)."""
-    return split_records(cfg, cfg.data.train_split)
+    """The image records of the training split (the inputs of the sharded stages): the full split, as the
+    reference's crop, concept and label-bank stages; curated lists filter only training and evaluation."""
+    return split_records(cfg, cfg.data.train_split, subset=False)
 
 
 # -- stage 2: concepts ---------------------------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def finish_train(ctx: RunContext) -> dict[str, Any]:
     selection = select_student(cfg, ctx.layout.train, student)  # train.select (best_val: the best-on-val epoch)
     write_model(cfg, ctx.layout, student, ctx.backbone, selection)
     in_bank = label_bank_image_ids(ctx.layout.label_bank)
-    n_images = sum(1 for r in training_images(cfg) if r.image_id in in_bank)
+    n_images = sum(1 for r in split_records(cfg, cfg.data.train_split) if r.image_id in in_bank)
     metrics = state.get("metrics", {})
     return to_jsonable({
         "rows": n_images * cfg.train.repeat,

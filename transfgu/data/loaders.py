@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from transfgu.config import Config
-from transfgu.data.datasets import DatasetError, ImageRecord, dataset_spec, list_records, load_sample
+from transfgu.data.datasets import SUBSET_OPTIONS, DatasetError, ImageRecord, dataset_spec, list_records, load_sample
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_label_tensor, to_uint8_chw
 from transfgu.ddp import EpochRows, GlobalBatchSampler, step_loader
@@ -25,9 +25,13 @@ from transfgu.errors import ErrorLog, failed_file
 from transfgu.store import LabelMaps, label_bank_image_ids, read_label_bank
 
 
-def split_records(cfg: Config, split: str) -> list[ImageRecord]:
-    """The images of one split, limited by ``data.max_*_images``."""
-    opts = {k: v for k, v in cfg.data.options.items()}
+def split_records(cfg: Config, split: str, subset: bool = True) -> list[ImageRecord]:
+    """The images of one split, limited by ``data.max_*_images``.
+
+    ``subset=False`` ignores the training/evaluation subsets (``curated_list_train``/``curated_list_val``): the crop,
+    concept and label-bank stages see the full train split, as the reference's do (reference_method.md §8).
+    """
+    opts = {k: v for k, v in cfg.data.options.items() if subset or k not in SUBSET_OPTIONS}
     records = list_records(cfg.data.name, cfg.data.root, split, **opts)
     limit = cfg.data.max_train_images if split == cfg.data.train_split else cfg.data.max_val_images
     return list(records[:limit] if limit else records)
