@@ -39,7 +39,7 @@ def test_paper_protocol_refuses_an_explicit_conflicting_value():
 
 
 def test_paper_protocol_class_embeddings_are_one_random_unit_vector(tmp_path):
-    from transfgu.pipeline import build_decoder
+    from transfgu.training import build_decoder
 
     torch.manual_seed(0)
     ref = build_decoder(load_config(None, ["protocol=paper", "concepts.k_per_pool={fg: 12, bg: 15}"]), 48)
@@ -50,7 +50,7 @@ def test_paper_protocol_class_embeddings_are_one_random_unit_vector(tmp_path):
 
 
 def test_paper_protocol_float32_everywhere():
-    from transfgu.stages import autocast_dtype, pseudo_autocast_dtype
+    from transfgu.runtime import autocast_dtype, pseudo_autocast_dtype
 
     cuda = torch.device("cuda")  # only the decision is exercised: no CUDA call is made for fp32
     p = load_config(None, ["protocol=paper"])
@@ -104,10 +104,12 @@ def test_dino_position_embedding_interpolation_matches_the_formula(grid):
 
 
 def test_backbone_uses_the_configured_position_embeddings(tmp_path):
-    from transfgu.stages import load_run_backbone
+    from transfgu.layout import RunLayout
+    from transfgu.runtime import load_run_backbone
 
     cfg = load_config(None, ["protocol=paper", "backbone.arch=vit_test_tiny"])
-    bb = load_run_backbone(cfg.backbone, tmp_path, seed=0)
+    layout = RunLayout(tmp_path)
+    bb = load_run_backbone(cfg.backbone, layout, seed=0)
     assert bb.pos_embed_mode == "dino"
     x = torch.randn(2, 3, 96, 128)
     t, grid = bb.tokens_before_last_block(x)
@@ -116,7 +118,7 @@ def test_backbone_uses_the_configured_position_embeddings(tmp_path):
     first = torch.cat([vit.cls_token.expand(2, -1, -1), tokens], 1) + dino_interpolate_pos_embed(vit.pos_embed, grid)
     want = vit.blocks[0](vit.norm_pre(first))
     torch.testing.assert_close(t, want, rtol=0, atol=0)  # depth 2: t is the output of block 1
-    timm_bb = build_backbone("vit_test_tiny", str(tmp_path / "backbone_random.safetensors"))
+    timm_bb = build_backbone("vit_test_tiny", str(layout.random_backbone))
     assert timm_bb.pos_embed_mode == "timm"
     assert (timm_bb.tokens_before_last_block(x)[0] - t).abs().max() > 1e-4
 

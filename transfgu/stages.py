@@ -44,6 +44,7 @@ from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.pseudo_labels import concept_map_parts
+from transfgu.runtime import pseudo_autocast_dtype
 from transfgu.selection import select_student
 from transfgu.store import (
     LabelMaps,
@@ -92,11 +93,6 @@ def extract_features(
         trim_last_pixel=crops.trim_last_pixel,
     )
     return features_table(list(image_ids), split, recs)
-
-
-def pseudo_autocast_dtype(pseudo: PseudoLabelConfig) -> torch.dtype | None:
-    """The pseudo-label pass runs in float32 on every device unless ``pseudo.precision=bf16`` opts in (issue 12)."""
-    return torch.bfloat16 if pseudo.precision == "bf16" else None
 
 
 def build_label_maps(
