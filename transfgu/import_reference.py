@@ -143,13 +143,12 @@ def import_reference_decoder(
     the preset's labelled validation split and ``metrics.json`` is written next to the checkpoint (``out_dir/eval``).
     Returns the model metadata written.
     """
-    from transfgu import stages
     from transfgu.checkpoint import save_model
     from transfgu.models.backbone import build_backbone
-    from transfgu.pipeline import model_meta
+    from transfgu.training import model_meta, n_output_channels
 
     dec, shape = load_reference_decoder(path)
-    want = stages.n_output_channels(cfg)
+    want = n_output_channels(cfg)
     if shape["n_cls"] != want:
         raise ReferenceCheckpointError(
             f"{path}: the decoder has {shape['n_cls']} channels but the preset gives {want} (K = {cfg.concepts.k}, "
@@ -171,11 +170,12 @@ def import_reference_decoder(
     out = Path(out_dir)
     save_model(out, dec, meta, backbone=backbone)
     if evaluate:
-        from transfgu.pipeline import evaluate_decoder, write_eval
+        from transfgu.evaluation import evaluate_decoder, write_eval
+        from transfgu.runtime import autocast_dtype, resolve_device
         from transfgu.store import atomic_write_json
 
-        device = stages.resolve_device(cfg.run.device)
-        amp = stages.autocast_dtype(cfg.backbone.precision, device)
+        device = resolve_device(cfg.run.device)
+        amp = autocast_dtype(cfg.backbone.precision, device)
         scores, names, n = evaluate_decoder(cfg, backbone.to(device), dec.to(device), device, amp)
         write_eval(out / "eval", scores, names, pretrained=backbone.pretrained, n_images=n,
                    selection={"selection": meta["selection"]})

@@ -165,7 +165,7 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     return {
         "format": "transfgu-model/1",
         "backbone": {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "pretrained": pretrained,
-                     "prior": cfg.backbone.source.prior},
+                     "prior": cfg.backbone.source.prior, "pos_embed": cfg.backbone.pos_embed},
         "decoder": {"n_classes": n_output_channels(cfg), "d_encoder": d_encoder,
                     "cls_emb_init": cfg.train.cls_emb_init},
         "variant": cfg.train.variant,
