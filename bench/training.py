@@ -84,39 +84,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     boot = EpochPlan(epoch=2, bootstrapping=True, reboot=False, epoch_iter=0, alpha=0.1)
     plain = EpochPlan(epoch=0, bootstrapping=False, reboot=False, epoch_iter=0, alpha=0.0)
 
+    def run(plan: EpochPlan, with_teacher: bool, data: list, seed: int) -> dict[str, float]:
+        return train_one_epoch(student, teacher if with_teacher else None, bb, data, opt, plan, device,
+                               generator=torch.Generator().manual_seed(seed), log_every=0, amp_dtype=amp)
+
     def epoch(plan: EpochPlan, with_teacher: bool) -> dict[str, float]:
-        g = torch.Generator().manual_seed(1)
         sync(device)
         t0 = time.perf_counter()
-        out = train_one_epoch(
-            student,
-            teacher if with_teacher else None,
-            bb,
-            batches,
-            opt,
-            plan,
-            device,
-            generator=g,
-            log_every=0,
-            amp_dtype=amp,
-        )
+        out = run(plan, with_teacher, batches, seed=1)
         sync(device)
         return {**out, "wall_s": time.perf_counter() - t0}
 
     # warm-up: one step of each kind (allocator, oneDNN kernels)
     for plan, wt in ((boot, True), (plain, False)):
-        train_one_epoch(
-            student,
-            teacher if wt else None,
-            bb,
-            batches[:1],
-            opt,
-            plan,
-            device,
-            generator=torch.Generator().manual_seed(2),
-            log_every=0,
-            amp_dtype=amp,
-        )
+        run(plan, wt, batches[:1], seed=2)
     rss_before = current_rss_mib()
     peak_before = peak_rss_mib()
     if device.type == "cuda":
@@ -153,18 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for blk in bb.vit.blocks:
         blk.attn.fused_attn = False
     with FlopCounterMode(display=False) as fc:
-        train_one_epoch(
-            student,
-            teacher,
-            bb,
-            batches[:1],
-            opt,
-            boot,
-            device,
-            generator=torch.Generator().manual_seed(3),
-            log_every=0,
-            amp_dtype=amp,
-        )
+        run(boot, True, batches[:1], seed=3)
     for blk, f in zip(bb.vit.blocks, fused):
         blk.attn.fused_attn = f
     step_flops = float(fc.get_total_flops())

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_Src = TypeVar("_Src", Path, str)
 
 #: Class id of pixels whose cluster has no matched class (``as_classes=True`` with over-clustering).
 UNMATCHED = -1
@@ -333,19 +334,26 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
                 found.append((path, stem))
         else:
             raise FileNotFoundError(f"input not found: {p}")
+    return unique_stems(found)
+
+
+def unique_stems(found: Sequence[tuple[_Src, str]]) -> list[tuple[_Src, str]]:
+    """Make output stems unique: a stem shared by several sources gets the source's extension (``a_jpg``,
+    ``a_png``), and any remaining clash a counter (``a_1``). Order is kept, so the same inputs give the same names."""
     counts: dict[str, int] = {}
     for _, stem in found:
         counts[stem] = counts.get(stem, 0) + 1
-    out: list[tuple[Path, str]] = []
+    out: list[tuple[_Src, str]] = []
     used: set[str] = set()
-    for path, stem in found:
-        if counts[stem] > 1:
-            stem = f"{stem}_{path.suffix.lstrip('.').lower()}" if path.suffix else stem
+    for src, stem in found:
+        suffix = Path(str(src)).suffix
+        if counts[stem] > 1 and suffix:
+            stem = f"{stem}_{suffix.lstrip('.').lower()}"
         base, n = stem, 1
         while stem in used:
             stem, n = f"{base}_{n}", n + 1
         used.add(stem)
-        out.append((path, stem))
+        out.append((src, stem))
     return out
 
 
@@ -415,23 +423,30 @@ def _decode_stream(
             yield good
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="transfgu predict",
-        description="Label images with a trained checkpoint. Writes <out>/<stem>.png (cluster ids, or class ids "
-        "with --classes; uint8, uint16 when there are more than 254 ids) and, with --overlay, "
-        "<out>/overlay/<stem>.jpg. Unreadable images are skipped and listed in <out>/errors.jsonl.",
-    )
-    p.add_argument("checkpoint", help="a run directory or its model/ checkpoint directory")
-    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or text files listing "
-                   "image paths")
+def prediction_parser(prog: str, description: str, checkpoint_help: str, inputs_help: str) -> argparse.ArgumentParser:
+    """A parser with the arguments both executors of ``transfgu predict`` take (each adds its own)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("inputs", nargs="+", help=inputs_help)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--overlay", action="store_true", help="also write colour overlays as JPEG")
     p.add_argument("--classes", action="store_true",
                    help="write matched class ids (255 = cluster without a class) instead of cluster ids")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = prediction_parser(
+        "transfgu predict",
+        "Label images with a trained checkpoint. Writes <out>/<stem>.png (cluster ids, or class ids with --classes; "
+        "uint8, uint16 when there are more than 254 ids) and, with --overlay, <out>/overlay/<stem>.jpg. Unreadable "
+        "images are skipped and listed in <out>/errors.jsonl.",
+        "a run directory or its model/ checkpoint directory",
+        "image files, folders (searched recursively) or text files listing image paths",
+    )
+    p.add_argument("--overlay", action="store_true", help="also write colour overlays as JPEG")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
     p.add_argument("--ray", action="store_true",
                    help="run on Ray Data instead (CPU decoding ahead of GPU actors, Parquet ledger, resumable; "

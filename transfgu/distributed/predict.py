@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transfgu.predict import IMAGE_EXTENSIONS, collect_inputs
+from transfgu.predict import IMAGE_EXTENSIONS, collect_inputs, prediction_parser, unique_stems
 from transfgu.store import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -99,19 +99,7 @@ def list_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
             found.extend((str(Path(p)), Path(p).relative_to(root).with_suffix("").as_posix()) for p in hits)
         else:
             found.extend((str(p), stem) for p, stem in collect_inputs([s]))
-    # the same uniqueness rule as transfgu.predict.collect_inputs, across all inputs
-    used: set[str] = set()
-    out = []
-    counts = Counter(stem for _, stem in found)
-    for src, stem in found:
-        if counts[stem] > 1:
-            stem = f"{stem}_{Path(src).suffix.lstrip('.').lower()}"
-        base, n = stem, 1
-        while stem in used:
-            stem, n = f"{base}_{n}", n + 1
-        used.add(stem)
-        out.append((src, stem))
-    return out
+    return unique_stems(found)  # the same rule as the one-process transfgu predict, across all inputs
 
 
 def read_bytes(source: str) -> bytes:
@@ -357,26 +345,21 @@ def _check_exactly_once(out: Path, all_stems: Sequence[str], todo: Sequence[str]
 
 # -- command line --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="transfgu predict --ray",
-        description="Label images on Ray Data: CPU decoding tasks ahead of an actor pool (one GPU per actor when the "
-        "cluster has GPUs). Writes <out>/<stem>.png and a Parquet ledger <out>/predictions/*.parquet (stem, source, "
-        "label_png, height, width, pixels per id, unmatched, error); a re-run only does what the ledger lacks.",
+    p = prediction_parser(
+        "transfgu predict --ray",
+        "Label images on Ray Data: CPU decoding tasks ahead of an actor pool (one GPU per actor when the cluster has "
+        "GPUs). Writes <out>/<stem>.png and a Parquet ledger <out>/predictions/*.parquet (stem, source, label_png, "
+        "height, width, pixels per id, unmatched, error); a re-run only does what the ledger lacks.",
+        "a run directory, its model/ folder, or an MLflow model URI (runs:/<id>/model, models:/<name>/<version>)",
+        "folders, image files, list files, globs, or URIs (s3://bucket/prefix/)",
     )
-    p.add_argument("checkpoint", help="a run directory, its model/ folder, or an MLflow model URI "
-                   "(runs:/<id>/model, models:/<name>/<version>)")
-    p.add_argument("inputs", nargs="+", help="folders, image files, list files, globs, or URIs (s3://bucket/prefix/)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ray", action="store_true", help="(accepted: this is the Ray executor)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--classes", action="store_true", help="write matched class ids instead of cluster ids")
     p.add_argument("--format", default="png,parquet",
                    help="png,parquet (default) or parquet: the Parquet ledger is always written")
     p.add_argument("--actors", default="1,4", help="min,max actors of the prediction pool (default 1,4)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decoding task")
     p.add_argument("--gpu", choices=("auto", "true", "false"), default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints")
