@@ -263,6 +263,69 @@ PAPER_PROTOCOL: dict[str, Any] = {
 }
 
 
+class LeopartConfig(_Base):
+    """Leopart's fully unsupervised segmentation, CBFE + community detection (leopart_appendix.md A.1; the
+    authors' script: field_anchors.md §3). Used when ``method: leopart``; defaults are the published ViT-S/16 PVOC
+    choices.
+
+    ``protocol: label_free`` (default) fits everything on the training split without labels: the CBFE precision
+    threshold, Markov time and edge threshold are fixed values. ``protocol: paper`` chooses the CBFE threshold as the
+    authors do, from the foreground IoU against the *training split's ground truth* (cuts putting 55-75 % of the
+    clusters in the background, rounded to 0.05): a run with it uses labels and says so in its metrics.
+    """
+
+    protocol: Literal["label_free", "paper"] = "label_free"
+    input_size: tuple[int, int] = Field((448, 448), description="images are resized to this before the ViT")
+    batch_size: int = Field(8, ge=1, description="images per backbone pass")
+    pca_dim: int = Field(50, ge=1, description="PCA dimensions after standardisation (authors: 50)")
+    attn_mass: float = Field(0.65, gt=0, le=1, description="attention mass kept by the noisy foreground mask")
+    blur_kernel: int = Field(7, ge=1, description="Gaussian blur of the attention map, kernel size (odd)")
+    blur_sigma: float = Field(0.6, gt=0)
+    min_component: int = Field(3, ge=1, description="mask components smaller than this many patches are dropped")
+    k_cbfe: int = Field(200, ge=2, description="spherical k-means clusters for CBFE (authors: 200)")
+    cbfe_niter: int = Field(100, ge=1)
+    cbfe_nredo: int = Field(5, ge=1, description="k-means restarts, lowest objective kept (authors: 5)")
+    precision_threshold: float = Field(
+        0.4, ge=0, le=1, description="label_free: clusters at or above this precision are foreground (Table 1: 40 %)"
+    )
+    k_community: int = Field(149, ge=2, description="foreground overclustering (authors, ViT-S/16: 149)")
+    community_niter: int = Field(100, ge=1)
+    cooc_size: tuple[int, int] | None = Field(
+        (100, 100), description="cluster maps are resized (nearest) to this before co-occurrence; None = patch grid"
+    )
+    edge_threshold: float = Field(0.09, ge=0, le=1, description="co-occurrence probability below which edges go")
+    markov_time: float = Field(2.0, gt=0)
+    n_communities: int | None = Field(
+        None, ge=1, description="Infomap's preferred number of modules; None = foreground classes of the data set"
+    )
+    infomap_trials: int = Field(1, ge=1)
+    seed: int = 0
+    eval_size: tuple[int, int] = Field((100, 100), description="Hungarian evaluation resolution (authors: 100x100)")
+    overcluster_k: list[int] = Field(
+        default_factory=lambda: [100, 300, 500],
+        description="overclustering evaluations (many-to-one with labels); [] = none",
+    )
+    unmatched: Literal["error", "background"] = Field(
+        "error", description="pixels of communities Hungarian leaves unmatched: errors (strict) or background (paper)"
+    )
+
+    _size = field_validator("input_size", "eval_size")(_check_size)
+
+    @field_validator("blur_kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"blur_kernel must be odd, got {v}")
+        return v
+
+    @field_validator("overcluster_k")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if any(k < 2 for k in v):
+            raise ValueError(f"every overclustering K must be >= 2, got {v}")
+        return v
+
+
 def paper_protocol(data_name: str) -> dict[str, Any]:
     """The dotted settings ``protocol: paper`` imposes for data set ``data_name``."""
     out = dict(PAPER_PROTOCOL)
@@ -294,6 +357,10 @@ class Config(_Base):
     run: RunConfig = Field(default_factory=RunConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    method: Literal["transfgu", "leopart"] = Field(
+        "transfgu", description="transfgu = the TransFGU stages; leopart = Leopart CBFE + community detection"
+    )
+    leopart: LeopartConfig = Field(default_factory=LeopartConfig)
 
     @model_validator(mode="before")
     @classmethod

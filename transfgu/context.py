@@ -21,8 +21,21 @@ from transfgu.training import EpochCallback
 STAGES = ("extract", "concepts", "label_bank", "train", "evaluate")
 
 
+def method_stages(cfg: Config) -> tuple[str, ...]:
+    """The stages of ``cfg.method``, in order (Leopart's are defined in :mod:`transfgu.leopart.pipeline`)."""
+    if cfg.method == "leopart":
+        from transfgu.leopart.pipeline import STAGES as LEOPART_STAGES
+
+        return tuple(LEOPART_STAGES)
+    return STAGES
+
+
 def stage_hashes(cfg: Config) -> dict[str, str]:
     """Input hash of every stage: its own config sections chained with its upstream stage's hash."""
+    if cfg.method == "leopart":
+        from transfgu.leopart.pipeline import stage_hashes as leopart_hashes
+
+        return leopart_hashes(cfg)
     d = json.loads(cfg.model_dump_json())
     data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
     # Training/evaluation subsets (curated lists) do not change the crop, concept and label-bank stages.

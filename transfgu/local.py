@@ -30,7 +30,6 @@ from transfgu.stages import (
     finish_concepts,
     finish_train,
     run_evaluate,
-    training_images,
 )
 from transfgu.store import read_features, write_parquet_atomic
 from transfgu.throughput import PrefetchLoader, overlapped
@@ -58,7 +57,7 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
     """Run a per-image stage over the training split, one shard after the other; finished shards are kept."""
     out_dir = stage_cls.output(ctx.layout)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = training_images(ctx.cfg)
+    records = stage_cls.records(ctx.cfg)
     stage = stage_cls(ctx.cfg, ctx.backbone, ctx.device, ctx.amp, **stage_cls.worker_inputs(ctx.layout))
     rows = 0
     todo: list[tuple[list, Path]] = []

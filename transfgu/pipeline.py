@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transfgu.config import Config, save_config
-from transfgu.context import STAGES, RunContext, stage_hashes
+from transfgu.context import STAGES, RunContext, method_stages, stage_hashes
 from transfgu.local import LOCAL_RUNNERS, StageRunner
 from transfgu.logs import setup_logging
 from transfgu.preflight import preflight
@@ -27,7 +27,16 @@ from transfgu.tracking import PipelineTracker
 
 log = logging.getLogger("transfgu")
 
-__all__ = ["STAGES", "RunContext", "run_pipeline", "stage_hashes"]
+__all__ = ["STAGES", "RunContext", "method_runners", "run_pipeline", "stage_hashes"]
+
+
+def method_runners(cfg: Config) -> Mapping[str, StageRunner]:
+    """The one-process runners of ``cfg.method`` (Leopart's live in :mod:`transfgu.leopart.pipeline`)."""
+    if cfg.method == "leopart":
+        from transfgu.leopart.pipeline import RUNNERS as LEOPART_RUNNERS
+
+        return LEOPART_RUNNERS
+    return LOCAL_RUNNERS
 
 
 def run_pipeline(
@@ -58,12 +67,12 @@ def run_pipeline(
         log.warning("RUN WITHOUT PRETRAINED WEIGHTS: backbone %s is random; metrics are not the method's",
                     cfg.backbone.arch)
     log.info("run directory %s on %s", ctx.run_dir, ctx.device)
-    impl = {**LOCAL_RUNNERS, **(runners or {})}
+    impl = {**method_runners(cfg), **(runners or {})}
     tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent)
     ctx.tracker = tracker
     tracker.start()
     try:
-        for name in STAGES:
+        for name in method_stages(cfg):
             if only is not None and name not in only:
                 continue
             _run_stage(ctx, name, impl[name], force=name in force)

@@ -294,6 +294,10 @@ def load(
     ckpt = find_checkpoint(checkpoint_dir)
     meta = read_model_meta(ckpt)
     dev = resolve_device("auto" if device is None else str(device))
+    if str(meta.get("format", "")).startswith("leopart-model"):  # a CBFE + CD checkpoint (transfgu.leopart)
+        from transfgu.leopart.model import load_predictor
+
+        return load_predictor(ckpt, meta, dev, weights, autocast_dtype(precision, dev), batch_size)  # type: ignore
     backbone = _build_backbone(ckpt, meta, weights).to(dev).eval()
     decoder = _build_decoder(ckpt, meta, backbone.embed_dim).to(dev)
     if not meta["backbone"].get("pretrained", False):

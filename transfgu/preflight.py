@@ -47,6 +47,12 @@ def _multiple(size: tuple[int, int], step: int) -> list[int]:
 
 def _check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
+    if cfg.method == "leopart":  # Leopart reads only its own input size
+        size = cfg.leopart.input_size
+        if size[0] % p or size[1] % p:
+            problems.append(("leopart.input_size", f"{list(size)} is not a multiple of the backbone's patch size "
+                                                   f"{p} ({cfg.backbone.arch}); use e.g. {_multiple(size, p)}"))
+        return problems
     for key, size in (("crops.input_size", cfg.crops.input_size), ("pseudo.input_size", cfg.pseudo.input_size)):
         if size[0] % p or size[1] % p:
             problems.append((key, f"{list(size)} is not a multiple of the backbone's patch size {p} "

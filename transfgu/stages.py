@@ -145,6 +145,11 @@ class ShardedStage:
         return layout.output(cls.name)
 
     @classmethod
+    def records(cls, cfg: Config) -> list:
+        """The image records the stage runs over: the training split (Leopart's dense stage: each split)."""
+        return training_images(cfg)
+
+    @classmethod
     def worker_inputs(cls, layout: RunLayout) -> dict[str, Any]:
         return {}
 

@@ -374,7 +374,9 @@ class PipelineTracker:
             except Exception as exc:  # artifacts are a convenience; never fail a finished pipeline on them
                 log.warning("[mlflow] could not log artifacts: %s", exc)
             model_dir = Path(run_dir) / "model"
-            if status == "FINISHED" and self.cfg.mlflow.log_model and (model_dir / "model.json").is_file():
+            # the MLflow pyfunc wraps TransFGU checkpoints only (a Leopart model is served by transfgu predict)
+            if (status == "FINISHED" and self.cfg.mlflow.log_model and self.cfg.method == "transfgu"
+                    and (model_dir / "model.json").is_file()):
                 from transfgu.mlflow_model import log_model
 
                 _best_effort("the model", log_model, self.tracker.tracking_uri, self.run_id, model_dir,

@@ -90,5 +90,9 @@ def run_pipeline_ray(cfg: Config, only: Sequence[str] | None = None, force: Sequ
     log.info("preflight: images per split %s", images)
     init_ray(cfg)
     prepare_run_dir(cfg)
-    return run_pipeline(cfg, only=only, force=force, runners={**RAY_RUNNERS, **(runners or {})}, kind=kind,
+    if cfg.method == "leopart":
+        from transfgu.distributed.leopart import LEOPART_RAY_RUNNERS as base
+    else:
+        base = RAY_RUNNERS
+    return run_pipeline(cfg, only=only, force=force, runners={**base, **(runners or {})}, kind=kind,
                         tracking_parent=tracking_parent, checked=True)

@@ -36,7 +36,7 @@ from transfgu.errors import CollectedErrors, decode_images
 from transfgu.layout import RunLayout, shard_file
 from transfgu.logs import Progress, setup_logging
 from transfgu.runtime import autocast_dtype, load_run_backbone
-from transfgu.stages import SHARD_IMAGES, SHARDED_STAGES, ShardedStage, training_images
+from transfgu.stages import SHARD_IMAGES, SHARDED_STAGES, ShardedStage
 from transfgu.store import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,15 @@ class StageActor:
     the per-shard work, exactly the one the one-process executor runs.
     """
 
-    def __init__(self, stage: str, cfg: dict[str, Any], run_dir: str, out_dir: str, shard_images: int,
-                 num_cpus: float, use_gpu: bool, inputs: dict[str, Any]) -> None:
+    def __init__(self, stage: str | type[ShardedStage], cfg: dict[str, Any], run_dir: str, out_dir: str,
+                 shard_images: int, num_cpus: float, use_gpu: bool, inputs: dict[str, Any]) -> None:
         import torch
 
         setup_logging(worker=True)
         torch.set_num_threads(torch_threads(num_cpus))
         self.cfg = Config.model_validate(cfg)
-        self.stage = stage
+        stage_cls = SHARDED_STAGES[stage] if isinstance(stage, str) else stage  # a class: not in the registry
+        self.stage = stage_cls.name
         self.out_dir = Path(out_dir)
         self.shard_images = int(shard_images)
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -116,7 +117,7 @@ class StageActor:
         # The run's backbone, built once per actor: a random one is read from the file the driver saved.
         backbone = load_run_backbone(self.cfg.backbone, RunLayout(Path(run_dir)), self.cfg.run.seed).to(device)
         backbone.eval()
-        self.work = SHARDED_STAGES[stage](self.cfg, backbone, device, amp, **inputs)
+        self.work = stage_cls(self.cfg, backbone, device, amp, **inputs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {k: [] for k in SUMMARY_COLUMNS}
@@ -166,7 +167,7 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
 
     stage = stage_cls.name
     out_dir = stage_cls.output(ctx.layout)
-    records = training_images(ctx.cfg)
+    records = stage_cls.records(ctx.cfg)
     cfg = ctx.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     done = covered_indices(out_dir, SHARD_IMAGES)
@@ -189,7 +190,9 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=min(lo, hi), max_size=hi),
         fn_constructor_kwargs={
-            "stage": stage, "cfg": worker_config(cfg), "run_dir": str(ctx.run_dir.resolve()),
+            # a registered stage travels by name; another one (Leopart's dense stage of a split) as the class
+            "stage": stage if SHARDED_STAGES.get(stage) is stage_cls else stage_cls,
+            "cfg": worker_config(cfg), "run_dir": str(ctx.run_dir.resolve()),
             "out_dir": str(out_dir.resolve()), "shard_images": SHARD_IMAGES, "num_cpus": res["num_cpus"],
             "use_gpu": gpu, "inputs": stage_cls.worker_inputs(ctx.layout),
         },

@@ -1,0 +1,21 @@
+"""Leopart's fully unsupervised segmentation: cluster-based foreground extraction (CBFE) and community detection (CD).
+
+Ziegler & Asano, "Self-Supervised Learning of Object Parts for Semantic Segmentation" (CVPR 2022), appendix A.1
+(``../shared/docs/papers/leopart_appendix.md``); the authors' script is described step by step in
+``field_anchors.md`` §3. The method is post-hoc: it works on the dense patch tokens of any frozen ViT.
+
+=========================  =====================================================================================
+module                     step
+=========================  =====================================================================================
+:mod:`.dense`              patch tokens + last-block CLS attention (head mean) per image, one Parquet row each
+:mod:`.pca`                standardisation + PCA from additive per-shard statistics (fit on train only)
+:mod:`.foreground`         noisy attention foreground mask (blur, top 65 % mass, small components removed)
+:mod:`.kmeans`             Lloyd k-means over in-memory shards (spherical for CBFE), one driver for both executors
+:mod:`.cbfe`               precision of every cluster against the attention mask, threshold, foreground clusters
+:mod:`.communities`        co-occurrence network (vectorised), edge threshold, Infomap communities
+:mod:`.model`              the fitted model (PCA, centroids, community map): segmentation, save/load, predict
+:mod:`.pipeline`           the stages on the one-process executor (the Ray executor: ``transfgu.distributed.leopart``)
+=========================  =====================================================================================
+
+Nothing here imports Ray.
+"""

@@ -1,0 +1,517 @@
+"""The Leopart stages, defined once and run by either executor (one process here, Ray in
+``transfgu.distributed.leopart``).
+
+=============  ==============================================================================================
+stage          output (``<run>/...``)
+=============  ==============================================================================================
+dense          ``dense/<split>/part-*.parquet``: patch tokens + head-mean CLS attention per image (train, val)
+pca            ``pca/``: standardisation + PCA fit on the training split (additive per-shard statistics)
+cbfe           ``cbfe/``: spherical k-means centroids, per-cluster precision, threshold, foreground flags
+communities    ``communities/``: foreground-cluster centroids, co-occurrence matrix, Infomap modules;
+               ``model/``: the CBFE + CD prediction checkpoint
+segments       ``segments/<split>/part-*.parquet``: segment and cluster maps (patch grid) of every image
+evaluate       ``eval/``: Hungarian matching of segments at ``leopart.eval_size``, overclustering at each K
+=============  ==============================================================================================
+
+A stage asks its executor for four things only: run the dense extraction over a split, hold dense files in memory
+(:class:`~transfgu.leopart.shards.DenseShards`, or Ray actors with the same methods), apply a function to every
+file, and nothing else; the numbers are reduced here, in file order, so both executors write the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from safetensors.numpy import load_file, save_file
+
+from transfgu.config import Config
+from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
+from transfgu.errors import check_error_budget, decode_images
+from transfgu.leopart import cbfe as cbfe_mod
+from transfgu.leopart.communities import (
+    community_map,
+    cooccurrence_matrix,
+    detect_communities,
+    glcm_offsets,
+    network_edges,
+)
+from transfgu.leopart.dense import dense_features, dense_table
+from transfgu.leopart.kmeans import lloyd_kmeans
+from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
+from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
+from transfgu.leopart.shards import DenseShards
+from transfgu.store import atomic_write_json, config_hash, list_parquet_files, write_parquet_atomic
+
+log = logging.getLogger("transfgu")
+
+STAGES = ("dense", "pca", "cbfe", "communities", "segments", "evaluate")
+
+SEGMENTS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("h", pa.int32(), nullable=False),
+    pa.field("w", pa.int32(), nullable=False),
+    pa.field("segments", pa.list_(pa.int32()), nullable=False),
+    pa.field("clusters", pa.list_(pa.int32()), nullable=False),
+], metadata={"format": "transfgu.leopart.segments/1"})
+
+
+def stage_hashes(cfg: Config) -> dict[str, str]:
+    """Input hash of every Leopart stage: its settings chained with its upstream stage's hash."""
+    d = json.loads(cfg.model_dump_json())
+    lp = d["leopart"]
+
+    def pick(*keys: str) -> dict[str, Any]:
+        return {k: lp[k] for k in keys}
+
+    h_dense = config_hash({"method": "leopart", "data": d["data"], "backbone": d["backbone"],
+                           **pick("input_size"), "seed": d["run"]["seed"]})
+    h_pca = config_hash({"up": h_dense, **pick("pca_dim")})
+    cbfe_keys = ["protocol", "attn_mass", "blur_kernel", "blur_sigma", "min_component", "k_cbfe", "cbfe_niter",
+                 "cbfe_nredo", "precision_threshold", "seed"] + (["eval_size"] if lp["protocol"] == "paper" else [])
+    h_cbfe = config_hash({"up": h_pca, **pick(*cbfe_keys)})
+    h_comm = config_hash({"up": h_cbfe, **pick("k_community", "community_niter", "cooc_size", "edge_threshold",
+                                              "markov_time", "n_communities", "infomap_trials", "seed")})
+    h_seg = config_hash({"up": h_comm})
+    h_eval = config_hash({"up": h_seg, **pick("eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed")})
+    return {"dense": h_dense, "pca": h_pca, "cbfe": h_cbfe, "communities": h_comm, "segments": h_seg,
+            "evaluate": h_eval}
+
+
+def splits(cfg: Config) -> list[str]:
+    """Training split, plus the validation split when one is configured."""
+    out = [cfg.data.train_split]
+    if cfg.data.val_split is not None and cfg.data.val_split != cfg.data.train_split:
+        out.append(cfg.data.val_split)
+    return out
+
+
+def mask_kwargs(cfg: Config) -> dict[str, Any]:
+    lp = cfg.leopart
+    return {"mass": lp.attn_mass, "kernel": lp.blur_kernel, "sigma": lp.blur_sigma, "min_component": lp.min_component}
+
+
+def file_moments(path: str) -> MomentStats:
+    """PCA statistics of one dense file (all its patch tokens)."""
+    from transfgu.leopart.dense import read_dense
+
+    imgs = read_dense(path)
+    if not imgs:
+        raise ValueError(f"{path} holds no image")
+    return MomentStats.of(np.concatenate([im.feats for im in imgs]))
+
+
+# -- executors -----------------------------------------------------------------------------------------------------
+class LocalExecutor:
+    """Every step in this process."""
+
+    def extract(self, ctx: Any, split: str, records: Sequence[Any], out_dir: Path) -> None:
+        from transfgu.layout import shard_file
+        from transfgu.local import _kept_rows
+        from transfgu.logs import Progress
+        from transfgu.stages import SHARD_IMAGES
+
+        cfg = ctx.cfg
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with Progress(f"dense/{split}", len(records)) as prog:
+            for si in range(0, len(records), SHARD_IMAGES):
+                shard = records[si : si + SHARD_IMAGES]
+                path = shard_file(out_dir, si // SHARD_IMAGES)
+                if _kept_rows(path, "dense") is not None:
+                    prog.update(len(shard), "(kept)")
+                    continue
+                decoded = list(decode_images(shard, ctx.errors, "dense"))
+                table = dense_rows(ctx.backbone, [im for _, im in decoded], [r.image_id for r, _ in decoded], cfg,
+                                   ctx.device, ctx.amp)
+                write_parquet_atomic(table, path)
+                prog.update(len(shard))
+
+    def shards(self, files: Sequence[Path], pca: PCA, mask: dict[str, Any]) -> DenseShards:
+        return DenseShards(files, pca, mask)
+
+    def map_files(self, fn: Callable[[str], Any], files: Sequence[Path]) -> list[Any]:
+        return [fn(str(f)) for f in files]
+
+    def release(self, shards: Any) -> None:
+        pass
+
+
+def dense_rows(backbone: Any, images: list[np.ndarray], ids: list[str], cfg: Config, device: Any, amp: Any) -> pa.Table:
+    """The dense stage's table for one shard of decoded images (both executors)."""
+    lp = cfg.leopart
+    return dense_table(ids, dense_features(backbone, images, tuple(lp.input_size), device, lp.batch_size, amp))
+
+
+def dense_stage(split: str) -> type:
+    """The dense step of one split as a :class:`transfgu.stages.ShardedStage` (the Ray executor's actor pool runs
+    it like extract; the split's records and output directory are the stage's own)."""
+    from transfgu.stages import ShardedStage
+
+    class DenseStage(ShardedStage):
+        name = "dense"
+
+        @classmethod
+        def output(cls, layout: Any) -> Path:
+            return layout.root / "dense" / split
+
+        @classmethod
+        def records(cls, cfg: Config) -> list:
+            return split_records(cfg, split)
+
+        def compute(self, images: Any, image_ids: list[str]) -> pa.Table:
+            return dense_rows(self.backbone, list(images), image_ids, self.cfg, self.device, self.amp)
+
+        @classmethod
+        def finish(cls, ctx: Any, n_images: int) -> dict[str, Any]:
+            return {}  # run_dense checks the error budget and the counts of every split
+
+    DenseStage.__qualname__ = DenseStage.__name__ = f"DenseStage_{split}"
+    return DenseStage
+
+
+# -- stages --------------------------------------------------------------------------------------------------------
+def dense_files(run_dir: Path, split: str) -> list[Path]:
+    d = run_dir / "dense" / split
+    files = list_parquet_files(d) if d.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no dense features under {d}; run the dense stage first")
+    return files
+
+
+def run_dense(ctx: Any, ex: Any) -> dict[str, Any]:
+    cfg = ctx.cfg
+    info: dict[str, Any] = {"rows": 0, "errors": 0}
+    for split in splits(cfg):
+        records = split_records(cfg, split)
+        before = ctx.errors.count("dense")
+        ex.extract(ctx, split, records, ctx.run_dir / "dense" / split)
+        n_err = ctx.errors.count("dense") - before
+        check_error_budget(n_err, len(records), cfg.run.error_budget, "dense")
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(ctx.run_dir / "dense" / split))
+        if split == cfg.data.train_split and rows == 0:
+            raise RuntimeError("dense: no training image could be read")
+        info[f"{split}_images"] = int(rows)
+        info["rows"] += int(rows)
+        info["errors"] += n_err
+    return info
+
+
+def run_pca(ctx: Any, ex: Any) -> dict[str, Any]:
+    cfg = ctx.cfg
+    parts = ex.map_files(file_moments, dense_files(ctx.run_dir, cfg.data.train_split))
+    pca = fit_pca(reduce_stats(parts), cfg.leopart.pca_dim)
+    pca.save(ctx.run_dir / "pca")
+    kept = float(pca.eigenvalues.sum() / pca.mean.shape[0])  # standardised: the total variance is d
+    return {"rows": pca.n, "dim": pca.dim, "variance_kept": round(kept, 4)}
+
+
+def load_model(run_dir: Path, upto: str) -> LeopartModel:
+    """The model as far as ``upto`` (``cbfe`` or ``communities``) has fitted it."""
+    pca = PCA.load(run_dir / "pca")
+    c = load_file(str(run_dir / "cbfe" / "cbfe.safetensors"))
+    model = LeopartModel(pca, c["centroids"], c["foreground"].astype(bool))
+    if upto == "communities":
+        t = load_file(str(run_dir / "communities" / "communities.safetensors"))
+        model.cd_centroids = t["centroids"]
+        model.cluster_to_segment = t["cluster_to_segment"]
+    return model
+
+
+def _fg_classes(cfg: Config) -> tuple[tuple[str, ...], int | None]:
+    """Class names and the background class index (None when the data set has no background class)."""
+    names, _, _ = dataset_classes(cfg)
+    bg = [i for i, n in enumerate(names) if n.strip().lower() in ("background", "bg", "_background_")]
+    return names, (bg[0] if bg else None)
+
+
+def _gt_at(cfg: Config, split: str, errors: Any, stage: str) -> dict[str, np.ndarray]:
+    """Ground truth of a split at ``leopart.eval_size`` by image id (-1 = ignore); bad samples are recorded."""
+    names, ignore, label_map = dataset_classes(cfg)
+    records = split_records(cfg, split)
+    ds = EvalDataset(records, label_map, tuple(cfg.leopart.eval_size), ignore, errors=errors, stage=stage)
+    check_error_budget(len(ds.skipped), len(records), cfg.run.error_budget, stage)
+    return {rec.image_id: ds[i]["label"].numpy() for i, rec in enumerate(ds.records)}
+
+
+def run_cbfe(ctx: Any, ex: Any) -> dict[str, Any]:
+    cfg, lp = ctx.cfg, ctx.cfg.leopart
+    pca = PCA.load(ctx.run_dir / "pca")
+    shards = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
+    try:
+        fit = lloyd_kmeans(shards, lp.k_cbfe, lp.cbfe_niter, lp.seed, spherical=True, nredo=lp.cbfe_nredo,
+                           name="cbfe")
+        model = LeopartModel(pca, fit.centroids, np.zeros(lp.k_cbfe, dtype=bool))
+        parts = shards.precision_stats(model)
+        sum_prec, n_img = np.zeros(lp.k_cbfe), np.zeros(lp.k_cbfe, dtype=np.int64)
+        for sp_, n_ in parts:  # file order
+            sum_prec += sp_
+            n_img += n_
+        precision = cbfe_mod.cluster_precision(sum_prec, n_img)
+        info: dict[str, Any] = {"protocol": lp.protocol, "labels_used": lp.protocol == "paper"}
+        if lp.protocol == "paper":
+            threshold, ious = _paper_threshold(ctx, shards, model, precision)
+            info["cut_iou"] = {str(k): v for k, v in ious.items()}
+        else:
+            threshold = lp.precision_threshold
+        fg = cbfe_mod.foreground_clusters(precision, threshold)
+    finally:
+        ex.release(shards)
+    out = ctx.run_dir / "cbfe"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "cbfe.safetensors.tmp"
+    save_file({"centroids": fit.centroids, "precision": precision, "foreground": fg.astype(np.uint8)}, str(tmp))
+    tmp.replace(out / "cbfe.safetensors")
+    meta = {**info, "k": lp.k_cbfe, "threshold": threshold, "n_foreground_clusters": int(fg.sum()),
+            "objective": fit.objective[-1], "redo": fit.redo, "n_points": fit.n_points,
+            "precision": [round(float(p), 6) for p in precision]}
+    atomic_write_json(out / "cbfe.json", meta)
+    log.info("[cbfe] threshold %.2f: %d of %d clusters foreground", threshold, int(fg.sum()), lp.k_cbfe)
+    return {"rows": fit.n_points, "threshold": threshold, "foreground_clusters": int(fg.sum()),
+            "labels_used": info["labels_used"]}
+
+
+def _paper_threshold(ctx: Any, shards: Any, model: LeopartModel, precision: np.ndarray) -> tuple[float, dict]:
+    """The authors' CBFE threshold, chosen WITH THE TRAINING SPLIT'S LABELS (``protocol: paper``)."""
+    cfg = ctx.cfg
+    _, bg = _fg_classes(cfg)
+    if bg is None:
+        raise ValueError("leopart.protocol=paper needs a data set with a 'background' class (its CBFE threshold is "
+                         "chosen from foreground IoU against the training labels); use protocol=label_free")
+    gt = _gt_at(cfg, cfg.data.train_split, ctx.errors, "cbfe")
+    labs, fgs = [], []
+    for file_maps in shards.label_maps(model, "cbfe"):
+        for image_id, m in file_maps:
+            if image_id in gt:
+                g = gt[image_id]
+                labs.append(upsample_labels(m, g.shape))
+                fgs.append(np.where(g < 0, -1, (g != bg).astype(np.int64)))
+    if not labs:
+        raise RuntimeError("cbfe: no training image has a readable label (protocol=paper)")
+    pix, gfg = cbfe_mod.cut_stats(labs, fgs, model.cbfe_centroids.shape[0])
+    return cbfe_mod.paper_threshold(precision, pix, gfg)
+
+
+def _n_communities(cfg: Config) -> int | None:
+    if cfg.leopart.n_communities is not None:
+        return cfg.leopart.n_communities
+    if cfg.data.name == "folder":
+        return None
+    names, bg = _fg_classes(cfg)
+    return len(names) - (1 if bg is not None else 0)
+
+
+def model_meta(cfg: Config, pretrained: bool) -> dict[str, Any]:
+    names = dataset_classes(cfg)[0] if cfg.data.name != "folder" else ()
+    return {
+        "method": "leopart",
+        "backbone": {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "pretrained": pretrained},
+        "input_size": list(cfg.leopart.input_size),
+        "eval_size": list(cfg.leopart.eval_size),
+        "class_names": list(names),
+        "cluster_to_class": None,
+        "config": json.loads(cfg.model_dump_json()),
+    }
+
+
+def run_communities(ctx: Any, ex: Any) -> dict[str, Any]:
+    cfg, lp = ctx.cfg, ctx.cfg.leopart
+    model = load_model(ctx.run_dir, "cbfe")
+    shards = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), model.pca, mask_kwargs(cfg))
+    try:
+        n_fg = int(sum(shards.select_foreground(model)))
+        if n_fg < lp.k_community:
+            raise ValueError(f"communities: {n_fg} foreground patches, fewer than leopart.k_community="
+                             f"{lp.k_community}; lower it, lower leopart.precision_threshold or use more images")
+        fit = lloyd_kmeans(shards, lp.k_community, lp.community_niter, lp.seed, spherical=False, name="communities")
+        model.cd_centroids = fit.centroids
+        parts = shards.cooc_stats(model, tuple(lp.cooc_size) if lp.cooc_size else None, glcm_offsets())
+    finally:
+        ex.release(shards)
+    n = lp.k_community + 1
+    sum_norm = np.zeros((n, n))
+    n_present = np.zeros(n, dtype=np.int64)
+    for s, c in parts:  # file order
+        sum_norm += s
+        n_present += c
+    m = cooccurrence_matrix(sum_norm, n_present)
+    edges = network_edges(m, lp.edge_threshold)
+    comm = detect_communities(n, edges, lp.markov_time, _n_communities(cfg), lp.seed, lp.infomap_trials)
+    model.cluster_to_segment = community_map(n, comm.modules, bg_node=lp.k_community)
+    out = ctx.run_dir / "communities"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "communities.safetensors.tmp"
+    save_file({"centroids": fit.centroids, "cooccurrence": m, "cluster_to_segment": model.cluster_to_segment},
+              str(tmp))
+    tmp.replace(out / "communities.safetensors")
+    meta = {"k": lp.k_community, "n_nodes": n, "background_node": lp.k_community, "n_edges": len(edges),
+            "edges": [[i, j, round(w, 6)] for i, j, w in edges],
+            "modules": {str(k): v for k, v in comm.modules.items()},
+            "codelength": comm.codelength, "num_modules": comm.num_modules, "n_segments": model.n_segments,
+            "markov_time": lp.markov_time, "edge_threshold": lp.edge_threshold,
+            "preferred_modules": _n_communities(cfg), "objective": fit.objective[-1], "n_points": fit.n_points}
+    atomic_write_json(out / "communities.json", meta)
+    from transfgu.leopart.viz import community_graph_png
+
+    community_graph_png(edges, model.cluster_to_segment, lp.k_community, out / "graph.png")
+    save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained), backbone=ctx.backbone)
+    log.info("[communities] %d edges, %d Infomap modules, %d segments (codelength %.4f)", len(edges),
+             comm.num_modules, model.n_segments, comm.codelength)
+    return {"rows": fit.n_points, "edges": len(edges), "segments": model.n_segments, "codelength": comm.codelength}
+
+
+def segments_table(seg_maps: list[tuple[str, np.ndarray]], cl_maps: list[tuple[str, np.ndarray]]) -> pa.Table:
+    return pa.Table.from_arrays([
+        pa.array([i for i, _ in seg_maps], pa.string()),
+        pa.array([m.shape[0] for _, m in seg_maps], pa.int32()),
+        pa.array([m.shape[1] for _, m in seg_maps], pa.int32()),
+        pa.array([m.ravel().astype(np.int32) for _, m in seg_maps], pa.list_(pa.int32())),
+        pa.array([m.ravel().astype(np.int32) for _, m in cl_maps], pa.list_(pa.int32())),
+    ], schema=SEGMENTS_SCHEMA)
+
+
+def run_segments(ctx: Any, ex: Any) -> dict[str, Any]:
+    cfg = ctx.cfg
+    model = load_model(ctx.run_dir, "communities")
+    files = [(split, f) for split in splits(cfg) for f in dense_files(ctx.run_dir, split)]
+    shards = ex.shards([f for _, f in files], model.pca, mask_kwargs(cfg))  # one group of holders for every split
+    try:
+        segs = shards.label_maps(model, "segments")
+        cls = shards.label_maps(model, "clusters")
+    finally:
+        ex.release(shards)
+    rows = 0
+    for (split, f), s, c in zip(files, segs, cls):
+        out = ctx.run_dir / "segments" / split
+        out.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(segments_table(s, c), out / Path(f).name)
+        rows += len(s)
+    return {"rows": rows, "segments": model.n_segments}
+
+
+def read_segments(run_dir: Path, split: str) -> dict[str, np.ndarray]:
+    """Segment maps ``(h, w)`` of a split by image id."""
+    out: dict[str, np.ndarray] = {}
+    for f in list_parquet_files(run_dir / "segments" / split):
+        t = pq.read_table(f)
+        for i, h, w, s in zip(t["image_id"].to_pylist(), t["h"].to_pylist(), t["w"].to_pylist(),
+                              t["segments"].to_pylist()):
+            out[i] = np.asarray(s, dtype=np.int64).reshape(h, w)
+    return out
+
+
+def scores_unmatched_to_background(conf: np.ndarray, names: Sequence[str], bg: int) -> dict[str, Any]:
+    """Hungarian matching, then every unmatched segment counted as background (the authors' evaluation).
+
+    Same IoU definition as :func:`transfgu.metrics.segmentation_scores`, on the merged matching.
+    """
+    from transfgu.metrics import hungarian_match, matched_confusion
+
+    conf = np.asarray(conf, dtype=np.int64)
+    mapping = hungarian_match(conf, "hungarian")
+    mapping[mapping < 0] = bg
+    m = matched_confusion(conf, mapping)
+    tp = np.diag(m).astype(np.float64)
+    denom = conf.sum(axis=1) + m.sum(axis=0) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(denom > 0, tp / np.where(denom > 0, denom, 1.0), np.nan)
+    total = conf.sum()
+    return {
+        "mIoU": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
+        "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
+        "mapping": mapping.tolist(),
+        "n_clusters": int(conf.shape[1]),
+        "n_classes": int(conf.shape[0]),
+    }
+
+
+def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
+    from transfgu.evaluation import has_labelled_val, write_eval
+    from transfgu.metrics import RunningConfusion, segmentation_scores
+
+    cfg, lp = ctx.cfg, ctx.cfg.leopart
+    if not has_labelled_val(cfg):
+        log.info("[evaluate] no labelled validation split configured; skipping")
+        return {"rows": 0, "skipped": "no labels"}
+    names, bg = _fg_classes(cfg)
+    gt = _gt_at(cfg, cfg.data.val_split, ctx.errors, "evaluate")
+    segs = read_segments(ctx.run_dir, cfg.data.val_split)
+    model = load_model(ctx.run_dir, "communities")
+    conf = RunningConfusion(len(names), model.n_segments, ignore_index=None)
+    ids = [i for i in gt if i in segs]
+    for i in ids:
+        conf.update(gt[i], upsample_labels(segs[i], gt[i].shape))
+    if lp.unmatched == "background":
+        if bg is None:
+            raise ValueError("leopart.unmatched=background needs a data set with a 'background' class")
+        scores = scores_unmatched_to_background(conf.conf, names, bg)
+    else:
+        scores = segmentation_scores(conf.conf, names, "hungarian")
+    scores["confusion"] = conf.conf
+    metrics = write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=len(ids))
+    over = overclustering(ctx, ex, gt, names) if lp.overcluster_k else {}
+    metrics.update({
+        "method": "leopart", "protocol": lp.protocol, "labels_used_for_fitting": lp.protocol == "paper",
+        "eval_size": list(lp.eval_size), "unmatched": lp.unmatched, "n_segments": model.n_segments,
+        "prior": cfg.backbone.source.prior,
+        "overclustering": over,
+        "note": "mIoU: Hungarian matching of label-free segments; overclustering maps clusters to classes WITH "
+                "labels (many-to-one, precision-based), as Leopart reports it",
+    })
+    atomic_write_json(ctx.run_dir / "eval" / "metrics.json", metrics)
+    meta_path = ctx.run_dir / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["cluster_to_class"] = [int(x) for x in scores["mapping"]]
+    atomic_write_json(meta_path, meta)
+    return {"rows": len(ids), "mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"]),
+            **{f"overcluster_{k}_mIoU": v["mIoU"] for k, v in over.items()}}
+
+
+def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
+    """Spherical k-means of the training patches at each K, val patches assigned, clusters mapped to classes
+    many-to-one by majority overlap (WITH labels), mIoU at ``leopart.eval_size``."""
+    from transfgu.metrics import RunningConfusion
+
+    cfg, lp = ctx.cfg, ctx.cfg.leopart
+    pca = PCA.load(ctx.run_dir / "pca")
+    fits: dict[str, np.ndarray] = {}
+    train = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
+    try:  # one group of holders at a time: the training patches for the fits, then the val patches
+        n_train = int(sum(train.counts()))
+        for k in lp.overcluster_k:
+            fits[str(k)] = lloyd_kmeans(train, min(k, n_train), lp.cbfe_niter, lp.seed, spherical=True,
+                                        name=f"overcluster{k}").centroids
+    finally:
+        ex.release(train)
+    out: dict[str, Any] = {}
+    val = ex.shards(dense_files(ctx.run_dir, cfg.data.val_split), pca, mask_kwargs(cfg))
+    try:
+        for k, centroids in fits.items():
+            kk = int(centroids.shape[0])
+            conf = RunningConfusion(len(names), kk, ignore_index=None)
+            for file_maps in val.assign_maps(centroids, spherical=True):
+                for image_id, m in file_maps:
+                    if image_id in gt:
+                        conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))
+            s = conf.scores(names, overcluster="majority")
+            out[k] = {"k": kk, "mIoU": s["mIoU"], "pixel_accuracy": s["pixel_accuracy"]}
+            log.info("[evaluate] overclustering K=%d: mIoU %.4f", kk, s["mIoU"])
+    finally:
+        ex.release(val)
+    return out
+
+
+def runners(ex: Any) -> dict[str, Callable[[Any], dict[str, Any]]]:
+    """Stage name -> ``fn(ctx)`` for an executor."""
+    fns = {"dense": run_dense, "pca": run_pca, "cbfe": run_cbfe, "communities": run_communities,
+           "segments": run_segments, "evaluate": run_evaluate}
+    return {name: (lambda ctx, fn=fn: fn(ctx, ex)) for name, fn in fns.items()}
+
+
+RUNNERS = runners(LocalExecutor())
