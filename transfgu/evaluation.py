@@ -7,7 +7,7 @@ the error budget and writes the files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,11 @@ def evaluate_decoder(
 
 
 def write_eval(
-    eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int
+    eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained."""
+    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained
+    and how the model was selected (``best_val`` says loudly that validation labels were used)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     conf = np.asarray(scores.get("confusion", scores.get("conf", [])))
     metrics = {
@@ -67,6 +69,7 @@ def write_eval(
     }
     if not pretrained:
         metrics["warning"] = "random backbone (no pretrained weights): these numbers are not the method's"
+    metrics.update(selection or {})
     atomic_write_json(eval_dir / "metrics.json", metrics)
     lines = ["class,iou"] + [f"{k},{v}" for k, v in metrics["per_class_iou"].items()]
     (eval_dir / "per_class_iou.csv").write_text("\n".join(lines) + "\n")

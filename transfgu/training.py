@@ -81,13 +81,18 @@ def train_rounds(
     rank: int = 0,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     stop_epoch: int | None = None,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Bootstrapped training (eq. 10-12) with one checkpoint directory per round; resumes from the newest state.
 
     ``wrap`` optionally wraps the student for data parallelism (Ray Train passes DDP); ``on_epoch(metrics)`` is
     called after every epoch (MLflow / Ray reporting). ``stop_epoch`` ends the call before that epoch (the Ray
-    executor runs one fit per bootstrapping round); the default trains to ``train.epochs``.
+    executor runs one fit per bootstrapping round); the default trains to ``train.epochs``. ``validate(student)``
+    (rank 0 only) scores the student on val after the epochs :func:`transfgu.selection.validation_due` names and
+    records ``train/val_history.jsonl`` (and ``train/best/`` for ``train.select=best_val``).
     """
+    from transfgu.selection import ValHistory, validate_epoch
+
     t = cfg.train
     torch.manual_seed(cfg.run.seed)
     student = build_decoder(cfg, backbone.embed_dim).to(device)
@@ -109,6 +114,9 @@ def train_rounds(
         restore_rng(groups.get("rng", {}))
         first_epoch = info["epoch"] + 1
         log.info("[train] resuming after epoch %d from %s", info["epoch"], state_dir)
+    val_history = ValHistory(layout.train, keep_best=t.select == "best_val") if validate is not None else None
+    if val_history is not None:
+        val_history.truncate_after(first_epoch - 1)
     model = wrap(student) if wrap is not None else student
     weights = LossWeights(peer=1.0, div=t.w_div, unc=t.w_unc)
     history: list[dict[str, Any]] = []
@@ -144,6 +152,8 @@ def train_rounds(
                 layout.round_dir(round_idx), student, teacher, initial, optimizer,
                 {"epoch": epoch, "round": round_idx, "metrics": to_jsonable(metrics)},
             )
+        if val_history is not None and validate is not None:
+            metrics.update(validate_epoch(cfg, val_history, validate, student, epoch, round_idx))
         if on_epoch is not None:
             on_epoch(metrics)
     return student, {"epochs": t.epochs, "rounds": round_idx + 1, "history": to_jsonable(history)}
@@ -155,7 +165,7 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     return {
         "format": "transfgu-model/1",
         "backbone": {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "pretrained": pretrained,
-                     "prior": cfg.backbone.source.prior},
+                     "prior": cfg.backbone.source.prior, "pos_embed": cfg.backbone.pos_embed},
         "decoder": {"n_classes": n_output_channels(cfg), "d_encoder": d_encoder,
                     "cls_emb_init": cfg.train.cls_emb_init},
         "variant": cfg.train.variant,
@@ -168,9 +178,12 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     }
 
 
-def write_model(cfg: Config, layout: RunLayout, student: nn.Module, backbone: DinoViT) -> None:
-    """The prediction checkpoint ``model/`` (a random backbone is stored with it)."""
+def write_model(
+    cfg: Config, layout: RunLayout, student: nn.Module, backbone: DinoViT, selection: dict[str, Any] | None = None
+) -> None:
+    """The prediction checkpoint ``model/`` (a random backbone is stored with it) with how it was selected."""
     meta = model_meta(cfg, cfg.backbone.source.pretrained, backbone.embed_dim)
+    meta.update(selection or {"selection": "last"})
     save_model(layout.model, student, meta, backbone=backbone)
 
 
