@@ -104,3 +104,35 @@ def test_compiled_forward_matches_eager_on_cuda():
     b = embed_crops(ref, crops, 4)
     assert not bb._transfgu_compile_state["failed"]
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_label_bank_keeps_every_float32_decision(tmp_path):
+    """Issue 12: on CUDA with the default configuration (float32, TF32 off) the stored bank read back has the same
+    argmax and gate as the float32 definition at every position (K = 171, the COCO preset's pseudo settings)."""
+    from transfgu.config import load_config
+    from transfgu.pseudo_labels import concept_map_parts
+    from transfgu.stages import build_label_maps
+    from transfgu.store import label_bank_table, read_label_bank, write_parquet_atomic
+
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True  # a caller that enabled TF32 must not change the bank
+    bb = build_backbone("vit_small_patch8", "none").cuda()
+    cfg = load_config("conf/coco_stuff171.yaml", ["pseudo.input_size=[160, 160]"])
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(3)]
+    with torch.no_grad():
+        cls = bb(torch.randn(8, 3, 64, 64, device="cuda")).cls.cpu()
+    c = (cls[torch.arange(171) % 8] + 0.3 * cls.std() * torch.randn(171, 384)).numpy()
+    lms = build_label_maps(bb, images, c, cfg.pseudo, torch.device("cuda"))
+    write_parquet_atomic(label_bank_table(["a", "b", "c"], lms), tmp_path / "p.parquet")
+    back = read_label_bank(tmp_path, dense=False)
+    from transfgu.data.transforms import to_model_input
+
+    x = torch.stack([to_model_input(im, (160, 160), cfg.pseudo.resize_mode) for im in images]).cuda()
+    parts, (h, w) = concept_map_parts(bb, x, torch.from_numpy(c).cuda(), cfg.pseudo.grad_scale)
+    ref = parts.maps().reshape(3, 171, h, w).cpu().numpy()
+    gate = parts.gate.reshape(3, 171, h, w).cpu().numpy()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for i, k in enumerate("abc"):
+        np.testing.assert_array_equal(back[k].dense().argmax(0), ref[i].argmax(0))
+        np.testing.assert_array_equal(back[k].gate, gate[i])

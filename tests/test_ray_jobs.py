@@ -30,6 +30,7 @@ TINY = [
     "train.train_size=[64,80]", "train.batch_size=4", "train.epochs=2", "train.teacher_intervals=[1]",
     "train.bootstrap_start=1", "eval.eval_size=[64,80]", "eval.batch_size=4", "run.name=job",
     "ray.cpus_per_actor=0.5", "ray.cpus_per_worker=0.5", "ray.num_workers=0", "run.report=false",
+    "ray.use_gpu=false",  # explicit: `auto` is refused on a cluster the job joins (it would guess)
 ]
 
 
@@ -107,7 +108,17 @@ def test_full_pipeline_as_a_ray_job(head, tmp_path):
     run_root = tmp_path / "runs"
     entry = ("python ray_jobs/full_pipeline.py --config conf/demo_camvid.yaml "
              f"data.root={camvid} run.root={run_root} " + " ".join(f"'{o}'" for o in TINY))
-    job = head.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO)})
+    # the head's job agent can lag its dashboard on a busy machine; Ray answers "No available agent to submit job,
+    # please try again later" until it is up
+    deadline = time.time() + 120
+    while True:
+        try:
+            job = head.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO)})
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(3)
     deadline = time.time() + 540
     status = head.get_job_status(job)
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:

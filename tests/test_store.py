@@ -137,30 +137,42 @@ def test_features_table_edge_cases():
 # ----------------------------------------------------------------------------------------------------------
 # label bank
 # ----------------------------------------------------------------------------------------------------------
-def test_label_bank_float16_is_bit_exact(tmp_path):
-    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # all 65536 bit patterns, NaNs included
-    maps = [every_half.reshape(16, 64, 64), np.random.default_rng(0).random((3, 5, 7)).astype(np.float32)]
+def test_label_bank_v2_schema_and_exact_values(tmp_path):
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 32, 16 * 8 * 8, dtype=np.uint64).astype(np.uint32)
+    arbitrary = bits.view(np.float32).reshape(16, 8, 8)  # any float32 bit pattern (NaNs included) ...
+    arbitrary[arbitrary == 0] = 1.0  # ... except the two zeros, which are "gate closed"
+    maps = [arbitrary, rng.random((3, 5, 7)).astype(np.float32)]
     path = tmp_path / "label_bank" / "part-000.parquet"
     write_parquet_atomic(label_bank_table(["img1", "img2"], maps), path)
 
     t = pq.read_table(path)  # plain pyarrow
     types = {f.name: f.type for f in t.schema}
     assert types == {
-        "image_id": pa.string(),
-        "h": pa.int32(),
-        "w": pa.int32(),
-        "K": pa.int32(),
-        "maps": pa.large_list(pa.float16()),
+        "image_id": pa.string(), "h": pa.int32(), "w": pa.int32(), "K": pa.int32(),
+        "attn": pa.large_list(pa.float32()), "gate": pa.binary(),
+        "bonus_index": pa.large_list(pa.int32()), "bonus_value": pa.large_list(pa.float32()),
     }
-    assert t.to_pydict()["K"] == [16, 3] and t["h"].to_pylist() == [64, 5] and t["w"].to_pylist() == [64, 7]
-    raw = t["maps"].chunk(0)[0].values.to_numpy(zero_copy_only=False)
-    assert np.array_equal(raw.view(np.uint16), every_half.view(np.uint16))
+    assert t.schema.metadata[b"format"] == b"transfgu.label_bank/2"
+    assert t.to_pydict()["K"] == [16, 3] and t["h"].to_pylist() == [8, 5] and t["w"].to_pylist() == [8, 7]
 
     bank = read_label_bank(path)
     assert list(bank) == ["img1", "img2"]
-    assert bank["img1"].dtype == np.float16 and bank["img1"].shape == (16, 64, 64)
-    assert np.array_equal(bank["img1"].view(np.uint16), maps[0].view(np.uint16))
-    assert np.array_equal(bank["img2"], maps[1].astype(np.float16))
+    assert bank["img1"].dtype == np.float32 and bank["img1"].shape == (16, 8, 8)
+    assert np.array_equal(bank["img1"].view(np.uint32), maps[0].view(np.uint32))
+    assert np.array_equal(bank["img2"], maps[1])
+
+
+def test_label_bank_v1_float16_files_are_still_read(tmp_path, caplog):
+    maps = np.random.default_rng(0).random((3, 4, 5)).astype(np.float16)
+    v1 = pa.table(
+        {"image_id": ["a"], "h": pa.array([4], pa.int32()), "w": pa.array([5], pa.int32()),
+         "K": pa.array([3], pa.int32()), "maps": pa.array([maps.reshape(-1)], type=pa.large_list(pa.float16()))}
+    ).replace_schema_metadata({"format": "transfgu.label_bank/1"})
+    write_parquet_atomic(v1, tmp_path / "part-000.parquet")
+    got = read_label_bank(tmp_path)["a"]
+    assert got.dtype == np.float32 and np.array_equal(got, maps.astype(np.float32))
+    assert "lose most concept decisions" in caplog.text
 
 
 def test_read_label_bank_directory_and_filter(tmp_path):

@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "predict": ("transfgu.predict", "main", "label new images with a trained checkpoint"),
     "report": ("transfgu.report", "main", "write the visual HTML report of a run directory"),
     "export": ("transfgu.export", "main", "export a trained model (backbone + decoder) for deployment"),
+    "import-decoder": ("transfgu.import_reference", "main", "make a model from an authors' decoder checkpoint"),
 }
 
 

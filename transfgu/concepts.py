@@ -289,13 +289,16 @@ def fit_concepts(
     use_gpu: bool | None = None,
     nredo: int = 1,
     init: Literal["random", "kmeans++"] = "random",
+    algorithm: Literal["faiss", "minibatch_kmeans"] = "faiss",
 ) -> ConceptBank:
     """Cluster every pool named in ``k_per_pool`` separately and stack the concepts fg first, then bg.
 
     COCO-Stuff-27: ``{"fg": 12, "bg": 15}``; VOC: ``{"fg": 20}``; Cityscapes/LIP: ``{"all": K}``
     (reference_method.md §4). Pools present in ``pools`` but not in ``k_per_pool`` are ignored (COCO-80 uses
     only the fg pool). Every pool is clustered with the same seed, as in the reference. ``nredo``/``init`` are
-    passed to :func:`kmeans` (reference: 1 / ``"random"``) and recorded in ``extra``.
+    passed to :func:`kmeans` (reference: 1 / ``"random"``) and recorded in ``extra``. ``algorithm=
+    "minibatch_kmeans"`` uses sklearn's MiniBatchKMeans as the reference does for Cityscapes/LIP
+    (:mod:`transfgu.kmeans_sklearn`; ``niter`` is its ``max_iter``, ``seed`` its ``random_state``).
     """
     if not k_per_pool:
         raise ValueError("k_per_pool names no pool to cluster")
@@ -311,10 +314,16 @@ def fit_concepts(
             raise ValueError(f"pool {name!r} has {n} crops, fewer than its k={k} concepts")
     fits = {}
     for name in names:
-        res = kmeans(pools[name], int(k_per_pool[name]), niter=niter, seed=seed, use_gpu=use_gpu, nredo=nredo,
-                     init=init)
+        k = int(k_per_pool[name])
+        if algorithm == "minibatch_kmeans":
+            from transfgu.kmeans_sklearn import minibatch_kmeans
+
+            res = minibatch_kmeans(pools[name], k, max_iter=niter, random_state=seed)
+        else:
+            res = kmeans(pools[name], k, niter=niter, seed=seed, use_gpu=use_gpu, nredo=nredo, init=init)
         fits[name] = PoolFit(res.centroids, res.inertia, int(np.shape(pools[name])[0]))
-    return assemble_bank(fits, k_per_pool, seed=seed, niter=niter, extra={"nredo": int(nredo), "init": init})
+    extra = {"nredo": int(nredo), "init": init, "algorithm": algorithm}
+    return assemble_bank(fits, k_per_pool, seed=seed, niter=niter, extra=extra)
 
 
 @dataclass

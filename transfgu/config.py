@@ -52,6 +52,9 @@ class BackboneConfig(_Base):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA devices that support it, fp32 otherwise"
     )
+    pos_embed: Literal["timm", "dino"] = Field(
+        "timm", description="position-embedding resampling: timm's resample_abs_pos_embed, or DINO's '+0.1' bicubic"
+    )
 
     @field_validator("arch")
     @classmethod
@@ -102,6 +105,10 @@ class ConceptConfig(_Base):
     k_per_pool: dict[str, int] = Field(default_factory=lambda: {"fg": 12, "bg": 15})
     niter: int = Field(100, ge=1)
     seed: int = 1
+    algorithm: Literal["faiss", "minibatch_kmeans"] = Field(
+        "faiss", description="minibatch_kmeans = sklearn MiniBatchKMeans as the reference for Cityscapes/LIP "
+        "(then niter is max_iter and the reference uses seed 0)"
+    )
 
     @field_validator("k_per_pool")
     @classmethod
@@ -128,6 +135,10 @@ class PseudoLabelConfig(_Base):
     grad_scale: float = Field(0.125, gt=0, description="per-image objective scale; 1/8 = reference batch of 8")
     mass: float = Field(0.8, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 on every device (the decisions hinge on ~3e-5 gaps); bf16 = opt-in autocast of "
+        "blocks 1..L-1, agreement with fp32 measured by bench/label_bank_agreement.py"
+    )
 
     _size = field_validator("input_size")(_check_size)
 
@@ -157,6 +168,11 @@ class TrainConfig(_Base):
         "zero", description="uncertainty loss with no foreground pixel: 0 (fix) or NaN -> skipped step (reference)"
     )
     num_workers: int = Field(0, ge=0)
+    select: Literal["last", "best_val"] = Field(
+        "last", description="last = final epoch; best_val = best validation mIoU + acc (the paper's protocol, uses "
+        "validation labels for model selection)"
+    )
+    validate_every: int = Field(0, ge=0, description="record validation scores every N epochs (0 = only for best_val)")
 
     _size = field_validator("train_size")(_check_size)
 
@@ -240,6 +256,17 @@ class RayConfig(_Base):
         return v
 
 
+#: ``protocol: paper`` -- every reference behaviour that differs from the defaults here (issue 12 item 4; the table
+#: of docs/fidelity.md). Values that depend on the data set are added by :func:`paper_protocol`.
+PAPER_PROTOCOL: dict[str, Any] = {
+    "train.cls_emb_init": "reference",  # orthogonal_ on (1, K, D): pieces of one random unit vector
+    "backbone.precision": "fp32",  # no bf16 autocast on CUDA (the reference runs float32)
+    "pseudo.precision": "fp32",
+    "backbone.pos_embed": "dino",  # DINO's "+0.1" bicubic position-embedding interpolation
+    "train.select": "best_val",  # Table 1 reports the best epoch on val (mIoU + acc)
+}
+
+
 class LeopartConfig(_Base):
     """Leopart's fully unsupervised segmentation, CBFE + community detection (leopart_appendix.md A.1; the
     authors' script: field_anchors.md §3). Used when ``method: leopart``; defaults are the published ViT-S/16 PVOC
@@ -303,9 +330,27 @@ class LeopartConfig(_Base):
         return v
 
 
-class Config(_Base):
-    """The whole resolved configuration of one pipeline run."""
+def paper_protocol(data_name: str) -> dict[str, Any]:
+    """The dotted settings ``protocol: paper`` imposes for data set ``data_name``."""
+    out = dict(PAPER_PROTOCOL)
+    if data_name in ("cityscapes", "lip"):
+        out["concepts.algorithm"] = "minibatch_kmeans"  # sklearn MiniBatchKMeans, reference §4
+        out["concepts.seed"] = 0  # its random_state
+    if data_name == "coco_stuff":
+        out["data.options.with_instances"] = True  # instances_<split>2017.json lists: 117,266 / 4,952 images
+    return out
 
+
+class Config(_Base):
+    """The whole resolved configuration of one pipeline run.
+
+    ``protocol: paper`` sets every reference behaviour of :func:`paper_protocol` at once (docs/fidelity.md); a key
+    that the configuration sets explicitly to another value is an error, so a run never mixes the two silently.
+    """
+
+    protocol: Literal["default", "paper"] = Field(
+        "default", description="paper = the authors' behaviour everywhere (see docs/fidelity.md), default = fixes on"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     crops: CropConfig = Field(default_factory=CropConfig)
@@ -321,11 +366,33 @@ class Config(_Base):
     )
     leopart: LeopartConfig = Field(default_factory=LeopartConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_protocol(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("protocol") != "paper":
+            return data
+        data = json.loads(json.dumps(data, default=str))  # a deep copy, never the caller's dict
+        name = (data.get("data") or {}).get("name", DataConfig().name)
+        for key, value in paper_protocol(name).items():
+            *parents, leaf = key.split(".")
+            node = data
+            for p in parents:
+                node = node.setdefault(p, {})
+            if leaf in node and node[leaf] != value:
+                raise ValueError(
+                    f"protocol=paper sets {key}={value!r} but the configuration sets {node[leaf]!r}; drop that key "
+                    "or use protocol=default"
+                )
+            node[leaf] = value
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         pools = set(self.concepts.k_per_pool)
         sel = self.crops.selection
         allowed = {"fg_bg": {"fg", "bg"}, "fg": {"fg"}, "all": {"all"}}[sel]
+        if self.train.select == "best_val" and (self.data.val_split is None or self.data.name == "folder"):
+            raise ValueError("train.select=best_val needs a labelled validation split (data.val_split)")
         if not pools <= allowed:
             raise ValueError(
                 f"concepts.k_per_pool pools {sorted(pools)} do not match crops.selection={sel!r} "

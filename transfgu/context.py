@@ -7,6 +7,7 @@ import json
 from functools import cached_property
 
 from transfgu.config import Config
+from transfgu.data.datasets import SUBSET_OPTIONS
 from transfgu.errors import ErrorLog
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
@@ -37,10 +38,15 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
         return leopart_hashes(cfg)
     d = json.loads(cfg.model_dump_json())
     data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
+    # Training/evaluation subsets (curated lists) do not change the crop, concept and label-bank stages.
+    subsets = {k: v for k, v in data["options"].items() if k in SUBSET_OPTIONS}
+    data["options"] = {k: v for k, v in data["options"].items() if k not in SUBSET_OPTIONS}
     h_ex = config_hash({"data": data, "backbone": d["backbone"], "crops": d["crops"], "seed": d["run"]["seed"]})
     h_co = config_hash({"up": h_ex, "concepts": d["concepts"]})
     h_lb = config_hash({"up": h_co, "pseudo": d["pseudo"]})
-    h_tr = config_hash({"up": h_lb, "train": d["train"], "seed": d["run"]["seed"]})
+    h_tr = config_hash(
+        {"up": h_lb, "train": d["train"], "seed": d["run"]["seed"], **({"subsets": subsets} if subsets else {})}
+    )
     h_ev = config_hash({"up": h_tr, "eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]})
     return {"extract": h_ex, "concepts": h_co, "label_bank": h_lb, "train": h_tr, "evaluate": h_ev}
 

@@ -7,7 +7,7 @@ the error budget and writes the files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,10 @@ def evaluate_decoder(
 def write_eval(
     eval_dir: Path, scores: dict[str, Any], names: Sequence[str], pretrained: bool, n_images: int,
     input_hash: str | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained.
+    """metrics.json, per_class_iou.csv and confusion.csv; every file says whether the backbone was pretrained
+    and how the model was selected (``best_val`` says loudly that validation labels were used).
 
     metrics.json is strict JSON: an undefined score (no labelled pixel) is ``null`` with a ``null_reasons`` entry.
     """
@@ -73,6 +75,7 @@ def write_eval(
     }
     if not pretrained:
         metrics["warning"] = "random backbone (no pretrained weights): these numbers are not the method's"
+    metrics.update(selection or {})
     if input_hash is not None:
         metrics["input_hash"] = input_hash
     write_json_strict(eval_dir / "metrics.json", metrics)

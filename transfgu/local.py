@@ -18,7 +18,9 @@ from transfgu.concepts import PoolFit, kmeans
 from transfgu.context import RunContext
 from transfgu.data.loaders import make_train_loader
 from transfgu.errors import decode_images
+from transfgu.kmeans_sklearn import minibatch_kmeans
 from transfgu.logs import Progress
+from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import (
     SHARD_IMAGES,
     ExtractStage,
@@ -100,7 +102,8 @@ def run_extract(ctx: RunContext) -> dict[str, Any]:
 
 
 def run_concepts(ctx: RunContext) -> dict[str, Any]:
-    """faiss k-means of every pool in this process (all crop features of a pool in memory)."""
+    """faiss k-means of every pool in this process (all crop features of a pool in memory); sklearn's
+    MiniBatchKMeans with ``concepts.algorithm=minibatch_kmeans`` (protocol: paper, Cityscapes/LIP)."""
     cfg = ctx.cfg
     integrity.require_stamped(ctx.layout.features, "extract", ctx.hashes["extract"])
     fits = {}
@@ -108,9 +111,12 @@ def run_concepts(ctx: RunContext) -> dict[str, Any]:
         _, cls = read_features(ctx.layout.features, pools=[pool])
         if len(cls) < k:
             raise ValueError(f"pool {pool!r} has {len(cls)} crops, fewer than its k={k} concepts")
-        res = kmeans(cls, k, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
+        if cfg.concepts.algorithm == "minibatch_kmeans":
+            res = minibatch_kmeans(cls, k, max_iter=cfg.concepts.niter, random_state=cfg.concepts.seed)
+        else:
+            res = kmeans(cls, k, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
         fits[pool] = PoolFit(res.centroids, res.inertia, len(cls))
-    return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random"})
+    return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "algorithm": cfg.concepts.algorithm})
 
 
 def run_label_bank(ctx: RunContext) -> dict[str, Any]:
@@ -121,8 +127,10 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
     """Every epoch of bootstrapped training in this process, then ``model/``."""
     integrity.require_stamped(ctx.layout.label_bank, "label_bank", ctx.hashes["label_bank"])
     loader = PrefetchLoader(make_train_loader(ctx.cfg, ctx.layout.label_bank))  # next batches decoded during a step
+    # train.select=best_val / validate_every: the student is scored on val during training (transfgu.selection).
+    validate = Validator(ctx.cfg, ctx.backbone, ctx.device, ctx.amp) if validation_wanted(ctx.cfg) else None
     train_rounds(ctx.cfg, ctx.backbone, loader, ctx.layout, ctx.device, ctx.amp, on_epoch=ctx.on_epoch,
-                 input_hash=ctx.hashes["train"])
+                 validate=validate, input_hash=ctx.hashes["train"])
     return finish_train(ctx)
 
 

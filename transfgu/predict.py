@@ -84,6 +84,12 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def _build_backbone(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
+    bb = _build_backbone_weights(ckpt, meta, weights)
+    bb.pos_embed_mode = meta["backbone"].get("pos_embed", "timm")  # DINO's interpolation under protocol: paper
+    return bb
+
+
+def _build_backbone_weights(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
     arch = meta["backbone"]["arch"]
     stored = ckpt / meta.get("backbone_file", BACKBONE_FILE)
     if weights is None and stored.is_file():

@@ -97,6 +97,11 @@ def _check_data(cfg: Config) -> tuple[list[tuple[str, str]], dict[str, int]]:
     if not Path(d.root).is_dir():
         return [("data.root", f"folder not found: {d.root}; point data.root at the data set's top folder")], counts
     problems: list[tuple[str, str]] = []
+    if "curated_list" in d.options and d.val_split is not None:
+        # One list filtering both splits leaves val empty (no train id is in val2017), and would also shrink the
+        # crop, concept and label-bank stages, which the reference runs on the full train split.
+        problems.append(("data.options.curated_list", "filters every split; give curated_list_train and "
+                         "curated_list_val (one file per split) instead"))
     try:
         dataset_spec(d.name, d.root, **d.options)
     except DatasetError as exc:

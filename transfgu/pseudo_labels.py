@@ -22,9 +22,20 @@ blocks 1..L-1 without autograd, one backward of the K objectives (on K replicate
 token's path in the last block (projection, MLP, LayerNorms: D-sized work) down to the heads' CLS output ``o``, and
 one contraction ``dL/dA[h, 0, j] = <dL/do_h, v_hj>`` with the values. :func:`naive_concept_maps` keeps the
 reference's definition (K full backward passes through every block) as a test oracle and benchmark baseline.
+
+Precision: the class decision among concepts that pass the gate hinges on the bonus alone, with a median gap of
+~3e-5 between the best and second-best concept (issue 12), so the maps are computed in float32 by default, with TF32
+disabled on CUDA for the duration of the pass (:func:`strict_fp32`). bf16 autocast of blocks 1..L-1 is an opt-in
+(``pseudo.precision=bf16``) whose agreement with float32 is measured by ``bench/label_bank_agreement.py``.
+:func:`concept_map_parts` returns the three pieces of eq. 7 (shared ``a_hat``, per-concept gate, kept bonus), which
+the label bank stores losslessly (:class:`transfgu.store.LabelMaps`).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +57,34 @@ def top_mass_mask(r: Tensor, mass: float = 0.8) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
 
 
+@dataclass
+class ConceptMapParts:
+    """The three pieces of eq. 7 for a batch: ``M_k = gate_k * (a_hat + bonus_k)``.
+
+    ``a_hat`` ``(B, N)`` is shared by every concept, ``gate`` ``(B, K, N)`` is ``1[g_k <= 0]`` and ``bonus``
+    ``(B, K, N)`` is ``top_mass(max(-g_k, 0))`` (non-zero only where the gate is open, since ``-g_k > 0`` there).
+    """
+
+    a_hat: Tensor
+    gate: Tensor
+    bonus: Tensor
+
+    def maps(self) -> Tensor:
+        """``(B, K, N)`` maps, bit-identical to :func:`combine_maps` (same float32 additions, same masking)."""
+        maps = self.a_hat[:, None, :] + self.bonus
+        return maps.masked_fill(~self.gate, 0.0)
+
+
+def combine_parts(attn_cls: Tensor, grads: Tensor, mass: float = 0.8) -> ConceptMapParts:
+    """Eq. 7's pieces from the last block's CLS attention ``(B, heads, N)`` and the gradients ``(K, B, heads, N)``."""
+    a = attn_cls.mean(dim=1)
+    a_hat = a / a.amax(dim=-1, keepdim=True)
+    g = grads.mean(dim=2).transpose(0, 1)  # (B, K, N), head-averaged
+    r = (-g).clamp_min(0)
+    bonus = r * top_mass_mask(r, mass)
+    return ConceptMapParts(a_hat=a_hat, gate=~(g > 0), bonus=bonus)
+
+
 def combine_maps(attn_cls: Tensor, grads: Tensor, mass: float = 0.8) -> Tensor:
     """Eq. 7 as the reference computes it.
 
@@ -57,13 +96,26 @@ def combine_maps(attn_cls: Tensor, grads: Tensor, mass: float = 0.8) -> Tensor:
     Returns:
         ``(B, K, N)`` concept maps.
     """
-    a = attn_cls.mean(dim=1)
-    a_hat = a / a.amax(dim=-1, keepdim=True)
-    g = grads.mean(dim=2).transpose(0, 1)  # (B, K, N), head-averaged
-    r = (-g).clamp_min(0)
-    bonus = r * top_mass_mask(r, mass)
-    maps = a_hat[:, None, :] + bonus
-    return maps.masked_fill(g > 0, 0.0)
+    return combine_parts(attn_cls, grads, mass).maps()
+
+
+@contextlib.contextmanager
+def strict_fp32(device: torch.device) -> Iterator[None]:
+    """Disable TF32 (cuBLAS matmuls and cuDNN convolutions) on CUDA for the block, then restore the settings.
+
+    PyTorch lets cuDNN convolutions (the patch embedding) run in TF32 by default, and some code enables it for
+    matmuls too; TF32 keeps 10 mantissa bits, far too few for decisions that hinge on gaps of ~3e-5.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _objective(z: Tensor, centroids: Tensor, grad_scale: float) -> Tensor:
@@ -81,6 +133,22 @@ def concept_maps(
 ) -> Tensor:
     """Pseudo-label maps for a batch: ``(B, K, h, w)`` float32 (fast path, see module docstring).
 
+    Same arguments as :func:`concept_map_parts`.
+    """
+    parts, (h, w) = concept_map_parts(backbone, images, centroids, grad_scale, mass, autocast_dtype)
+    return parts.maps().reshape(images.shape[0], centroids.shape[0], h, w)
+
+
+def concept_map_parts(
+    backbone: DinoViT,
+    images: Tensor,
+    centroids: Tensor,
+    grad_scale: float = 0.125,
+    mass: float = 0.8,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[ConceptMapParts, tuple[int, int]]:
+    """Eq. 7's pieces for a batch (fast path, see module docstring) and the token grid ``(h, w)``.
+
     Args:
         backbone: frozen backbone in eval mode.
         images: ``(B, 3, H, W)`` ImageNet-normalised, H and W multiples of the patch size.
@@ -88,8 +156,21 @@ def concept_maps(
         grad_scale: the explicit per-image objective scale ``s`` (eq. 5).
         mass: positive-gradient mass kept as the concept bonus.
         autocast_dtype: optional reduced precision (e.g. ``torch.bfloat16``) for blocks 1..L-1 only; the last block
-            and the gradients always run in float32.
+            and the gradients always run in float32. ``None`` (default): float32 throughout, TF32 off.
     """
+    device = images.device
+    with strict_fp32(device):
+        return _concept_map_parts(backbone, images, centroids, grad_scale, mass, autocast_dtype)
+
+
+def _concept_map_parts(
+    backbone: DinoViT,
+    images: Tensor,
+    centroids: Tensor,
+    grad_scale: float,
+    mass: float,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[ConceptMapParts, tuple[int, int]]:
     device = images.device
     with torch.no_grad():
         if autocast_dtype is not None:
@@ -122,8 +203,7 @@ def concept_maps(
         (g_o,) = torch.autograd.grad(obj.sum(), oo)
     grads = torch.einsum("kbhd,bhtd->kbht", g_o.reshape(k, b, attn.num_heads, -1), v)
     p = backbone.num_prefix_tokens
-    maps = combine_maps(a_full[:, :, p:], grads[..., p:], mass)
-    return maps.reshape(b, k, h, w)
+    return combine_parts(a_full[:, :, p:], grads[..., p:], mass), (h, w)
 
 
 def naive_concept_maps(
@@ -142,7 +222,7 @@ def naive_concept_maps(
     for p in backbone.parameters():
         p.requires_grad_(True)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), strict_fp32(images.device):
             t, (h, w) = backbone.tokens_before_last_block(images)
             b, n, d = t.shape
             q, kk, v = backbone._qkv(t)

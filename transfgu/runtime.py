@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from transfgu.config import BackboneConfig, Config
+from transfgu.config import BackboneConfig, Config, PseudoLabelConfig
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT, build_backbone, save_backbone_weights
 
@@ -48,9 +48,21 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def pseudo_autocast_dtype(pseudo: PseudoLabelConfig) -> torch.dtype | None:
+    """The pseudo-label pass runs in float32 on every device unless ``pseudo.precision=bf16`` opts in (issue 12)."""
+    return torch.bfloat16 if pseudo.precision == "bf16" else None
+
+
 def load_run_backbone(cfg: BackboneConfig, layout: RunLayout | None, seed: int) -> DinoViT:
     """Build the backbone of a run. A random backbone is saved once in the run directory and reloaded afterwards,
-    so every stage (and every Ray worker) of the run sees the same weights."""
+    so every stage (and every Ray worker) of the run sees the same weights. ``cfg.pos_embed`` picks the
+    position-embedding resampling (timm's or DINO's)."""
+    bb = _load_run_backbone(cfg, layout, seed)
+    bb.pos_embed_mode = cfg.pos_embed
+    return bb
+
+
+def _load_run_backbone(cfg: BackboneConfig, layout: RunLayout | None, seed: int) -> DinoViT:
     src = cfg.source
     if src.kind != "random" or layout is None:  # (a stand-in file is not pretrained, but it is not random either)
         torch.manual_seed(seed)

@@ -45,8 +45,11 @@ from transfgu.errors import check_error_budget
 from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
-from transfgu.pseudo_labels import concept_maps
+from transfgu.pseudo_labels import concept_map_parts
+from transfgu.runtime import pseudo_autocast_dtype
+from transfgu.selection import select_student
 from transfgu.store import (
+    LabelMaps,
     features_table,
     label_bank_image_ids,
     label_bank_table,
@@ -99,17 +102,29 @@ def build_label_maps(
     centroids: np.ndarray,
     pseudo: PseudoLabelConfig,
     device: torch.device,
-    amp: torch.dtype | None = None,
-) -> list[np.ndarray]:
-    """Concept maps ``(K, h, w)`` float16 for a group of decoded images (eq. 5-7)."""
-    out: list[np.ndarray] = []
+) -> list[LabelMaps]:
+    """Concept maps of a group of decoded images (eq. 5-7) in the lossless label-bank layout.
+
+    Precision comes from ``pseudo.precision`` (float32 by default, also on CUDA), not from ``backbone.precision``:
+    the concept decision hinges on gaps far below bf16's resolution.
+    """
+    out: list[LabelMaps] = []
+    amp = pseudo_autocast_dtype(pseudo)
     c = torch.from_numpy(np.asarray(centroids, dtype=np.float32)).to(device)
+    k = c.shape[0]
     for start in range(0, len(images), pseudo.batch_size):
         group = images[start : start + pseudo.batch_size]
         x = group if isinstance(group, torch.Tensor) else prepare_images(group, pseudo.input_size, pseudo.resize_mode)
         x = to_device(x, device)
-        maps = concept_maps(backbone, x, c, grad_scale=pseudo.grad_scale, mass=pseudo.mass, autocast_dtype=amp)
-        out.extend(m.to(torch.float16).cpu().numpy() for m in maps)
+        n = x.shape[0]
+        parts, (h, w) = concept_map_parts(
+            backbone, x, c, grad_scale=pseudo.grad_scale, mass=pseudo.mass, autocast_dtype=amp
+        )
+        maps = parts.maps().reshape(n, k, h, w).cpu().numpy()
+        a_hat = parts.a_hat.reshape(n, h, w).cpu().numpy()
+        gate = parts.gate.reshape(n, k, h, w).cpu().numpy()
+        bonus = parts.bonus.reshape(n, k, h, w).cpu().numpy()
+        out.extend(LabelMaps.from_parts(a_hat[i], gate[i], bonus[i], maps[i]) for i in range(n))
     return out
 
 
@@ -211,7 +226,7 @@ class LabelBankStage(ShardedStage):
         return prepare_images(images, self.cfg.pseudo.input_size, self.cfg.pseudo.resize_mode)
 
     def compute(self, images: list[np.ndarray] | torch.Tensor, image_ids: list[str]) -> pa.Table:
-        maps = build_label_maps(self.backbone, images, self.centroids, self.cfg.pseudo, self.device, self.amp)
+        maps = build_label_maps(self.backbone, images, self.centroids, self.cfg.pseudo, self.device)
         return label_bank_table(list(image_ids), list(maps))
 
 
@@ -219,8 +234,9 @@ SHARDED_STAGES: dict[str, type[ShardedStage]] = {"extract": ExtractStage, "label
 
 
 def training_images(cfg: Config) -> list:
-    """The image records of the training split (the inputs of the sharded stages)."""
-    return split_records(cfg, cfg.data.train_split)
+    """The image records of the training split (the inputs of the sharded stages): the full split, as the
+    reference's crop, concept and label-bank stages; curated lists filter only training and evaluation."""
+    return split_records(cfg, cfg.data.train_split, subset=False)
 
 
 # -- stage 2: concepts ---------------------------------------------------------------------------------------------
@@ -260,15 +276,17 @@ def finish_train(ctx: RunContext) -> dict[str, Any]:
     """Write ``model/`` from the newest training state and return the manifest info."""
     cfg = ctx.cfg
     student, state = load_latest_student(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device, ctx.hashes["train"])
-    write_model(cfg, ctx.layout, student, ctx.backbone, ctx.hashes["train"])
+    selection = select_student(cfg, ctx.layout.train, student)  # train.select (best_val: the best-on-val epoch)
+    write_model(cfg, ctx.layout, student, ctx.backbone, selection, input_hash=ctx.hashes["train"])
     in_bank = label_bank_image_ids(ctx.layout.label_bank)
-    n_images = sum(1 for r in training_images(cfg) if r.image_id in in_bank)
+    n_images = sum(1 for r in split_records(cfg, cfg.data.train_split) if r.image_id in in_bank)
     metrics = state.get("metrics", {})
     return to_jsonable({
         "rows": n_images * cfg.train.repeat,
         "epochs": cfg.train.epochs,
         "rounds": int(state["round"]) + 1,
         "final_loss": float(metrics["loss"]) if "loss" in metrics else None,
+        **selection,
     })
 
 
@@ -281,7 +299,9 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
         return {"rows": 0, "skipped": "no labels"}
     dec = load_model_decoder(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device, ctx.hashes["train"])
     scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
-    write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=n_images,
+    meta = json.loads((ctx.layout.model / "model.json").read_text())
+    selection = {k: v for k, v in meta.items() if k.startswith("select")}
+    write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=n_images, selection=selection,
                input_hash=ctx.hashes["evaluate"])
     if not math.isfinite(float(scores["mIoU"])):
         log.warning("[evaluate] mIoU is not defined: the validation images hold no labelled pixel")
@@ -289,7 +309,7 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
     # The prediction checkpoint learns which cluster is which class, so `transfgu predict` can name them.
     set_cluster_to_class(ctx.layout.model, np.asarray(scores["mapping"]).tolist())
     return {"rows": n_images, "errors": scores["skipped"], "mIoU": float(scores["mIoU"]),
-            "pixel_accuracy": float(scores["pixel_accuracy"])}
+            "pixel_accuracy": float(scores["pixel_accuracy"]), **selection}
 
 
 def add_stage_quality(ctx: RunContext) -> None:

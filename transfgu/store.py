@@ -12,19 +12,22 @@ Every file is readable with plain ``pyarrow.parquet`` or ``json``; nothing is pi
     pool        string                        "fg" | "bg" | "all"
     cls         fixed_size_list<float32>[D]   final-LayerNorm CLS token of the resized crop (raw)
 
-``label_bank/*.parquet`` -- one row per image (stage 3, reference_method.md §5)::
+``label_bank/*.parquet`` -- one row per image (stage 3, reference_method.md §5), format ``transfgu.label_bank/2``::
 
-    image_id    string
-    h, w, K     int32                         token grid and number of concept maps
-    maps        large_list<halffloat>         the K x h x w maps, C order, float16
+    image_id     string
+    h, w, K      int32                   token grid and number of concept maps
+    attn         large_list<float>       a_hat, the shared normalised CLS attention (h*w values, float32)
+    gate         binary                  1[g_k <= 0] for the K*h*w positions, C order, np.packbits(bitorder="little")
+    bonus_index  large_list<int32>       flat positions k*h*w + j (ascending) where concept k has a kept bonus
+    bonus_value  large_list<float>       the map value M_k(j) = a_hat(j) + r_k(j) there (float32, exact)
 
-Why ``large_list<halffloat>``: pyarrow >= 15 writes Arrow ``halffloat`` as the Parquet FLOAT16 logical type
-(FIXED_LEN_BYTE_ARRAY(2)) and reads it back as ``halffloat`` bit-exactly, so the maps stay typed and
-self-describing (no opaque bytes). ``large_list`` (int64 offsets) because a COCO-171 row holds 171 * 40 * 40 =
-273,600 values and a 32-bit list column would overflow after ~7,800 rows in one chunk. Float16 at token
-resolution is a quarter of the reference's float32 pickles; the maps are attention probabilities plus a
-gradient bonus, in [0, 2], where float16's relative precision (~5e-4) is well below anything the training
-targets resolve.
+The maps of eq. 7 are ``M_k = gate_k * (a_hat + bonus_k)``: every concept that passes the gate shares ``a_hat``, so
+the decision between concepts comes from the small bonus alone (the median gap between the best and second-best
+concept is ~3e-5 on CamVid at K = 171, issue 12). Storing ``a_hat`` once, the gate as bits and the final value at
+the kept-bonus positions as float32 reconstructs the float32 maps **bit for bit** (:meth:`LabelMaps.dense`), so
+every argmax and gate decision of the definition survives storage, for a fraction of the reference's float32
+pickles (BENCHMARKS.md, "Label bank format"). The previous format (``transfgu.label_bank/1``, dense float16) kept
+only 9-43 % of the argmax decisions; it is still read (as float32, with a warning) so old runs stay inspectable.
 
 Files are written to a hidden temporary name in the target directory, fsync'ed and renamed with
 ``os.replace``, so a reader (or a resumed stage) sees either the old complete file or the new complete file,
@@ -42,10 +45,12 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -58,6 +63,7 @@ __all__ = [
     "FEATURES_FORMAT",
     "LABEL_BANK_FORMAT",
     "LABEL_BANK_SCHEMA",
+    "LabelMaps",
     "Manifest",
     "atomic_open",
     "atomic_write_bytes",
@@ -75,9 +81,11 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
+_log = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "transfgu.features/1"
-LABEL_BANK_FORMAT = "transfgu.label_bank/1"
+LABEL_BANK_FORMAT = "transfgu.label_bank/2"
+LABEL_BANK_FORMAT_V1 = "transfgu.label_bank/1"
 FEATURE_META_COLUMNS = ("image_id", "split", "crop_index", "scale", "box", "pool")
 
 
@@ -166,7 +174,16 @@ def read_json_strict(path: PathLike) -> Any:
 
 
 def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zstd", **kwargs: Any) -> None:
-    """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``."""
+    """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``.
+
+    Label-bank tables get their measured encodings (BENCHMARKS.md, "Label bank format"): sorted positions delta-
+    encoded, float32 values byte-stream-split, which zstd then compresses to 0.40 of the reference's pickles
+    instead of 0.61 with Parquet's defaults.
+    """
+    if (table.schema.metadata or {}).get(b"format") == LABEL_BANK_FORMAT.encode() and "column_encoding" not in kwargs:
+        kwargs.setdefault("use_dictionary", ["image_id"])
+        kwargs["column_encoding"] = {"attn": "BYTE_STREAM_SPLIT", "bonus_index": "DELTA_BINARY_PACKED",
+                                     "bonus_value": "BYTE_STREAM_SPLIT"}
     with atomic_open(path, "wb") as f:
         pq.write_table(table, f, compression=compression, **kwargs)
 
@@ -335,62 +352,167 @@ LABEL_BANK_SCHEMA = pa.schema(
         pa.field("h", pa.int32(), nullable=False),
         pa.field("w", pa.int32(), nullable=False),
         pa.field("K", pa.int32(), nullable=False),
-        pa.field("maps", pa.large_list(pa.float16()), nullable=False),
+        pa.field("attn", pa.large_list(pa.float32()), nullable=False),
+        pa.field("gate", pa.binary(), nullable=False),
+        pa.field("bonus_index", pa.large_list(pa.int32()), nullable=False),
+        pa.field("bonus_value", pa.large_list(pa.float32()), nullable=False),
     ],
     metadata={"format": LABEL_BANK_FORMAT},
 )
 
 
-def label_bank_table(image_ids: Sequence[str], maps: Sequence[np.ndarray]) -> pa.Table:
-    """One row per image: ``maps[i]`` is ``(K, h, w)`` (any float dtype; stored as float16)."""
+@dataclass(frozen=True)
+class LabelMaps:
+    """One image's concept maps in the lossless label-bank layout (see the module docstring).
+
+    ``attn`` ``(h, w)`` float32 is the shared ``a_hat``; ``gate`` ``(K, h, w)`` bool the per-concept gate;
+    ``index`` (int64, flat positions into ``(K, h, w)``, ascending) and ``value`` (float32) the map values that
+    differ from ``gate * attn``. :meth:`dense` gives the ``(K, h, w)`` float32 maps.
+    """
+
+    attn: np.ndarray
+    gate: np.ndarray
+    index: np.ndarray
+    value: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(x) for x in self.gate.shape)  # type: ignore[return-value]
+
+    def dense(self) -> np.ndarray:
+        """``(K, h, w)`` float32: ``attn`` where the gate is open, 0 where closed, ``value`` at ``index``."""
+        out = np.where(self.gate, self.attn[None], np.float32(0)).astype(np.float32, copy=False)
+        out.reshape(-1)[self.index] = self.value
+        return out
+
+    def argmax(self) -> np.ndarray:
+        """``(h, w)`` winning concept per position (lowest index on ties, as ``np.argmax`` and ``torch.argmax``)."""
+        return self.dense().argmax(axis=0)
+
+    @classmethod
+    def from_parts(cls, a_hat: np.ndarray, gate: np.ndarray, bonus: np.ndarray, maps: np.ndarray) -> LabelMaps:
+        """From eq. 7's pieces of one image: ``a_hat`` (h, w), ``gate`` and ``bonus`` (K, h, w) and the maps that
+        the definition computed from them (so the stored values are the computed ones, bit for bit)."""
+        index = np.flatnonzero(np.asarray(bonus).reshape(-1) != 0)
+        value = np.asarray(maps, dtype=np.float32).reshape(-1)[index]
+        return cls(
+            attn=np.ascontiguousarray(a_hat, dtype=np.float32),
+            gate=np.ascontiguousarray(gate, dtype=bool),
+            index=index.astype(np.int64),
+            value=np.ascontiguousarray(value, dtype=np.float32),
+        )
+
+    @classmethod
+    def from_dense(cls, maps: np.ndarray) -> LabelMaps:
+        """Any ``(K, h, w)`` float maps, losslessly (no shared part: every non-zero value is listed)."""
+        m = np.asarray(maps, dtype=np.float32)
+        if m.ndim != 3:
+            raise ValueError(f"each label map must be (K, h, w), got shape {m.shape}")
+        index = np.flatnonzero(m.reshape(-1))
+        return cls(np.zeros(m.shape[1:], np.float32), m != 0, index.astype(np.int64), m.reshape(-1)[index].copy())
+
+
+def _as_label_maps(m: LabelMaps | np.ndarray) -> LabelMaps:
+    if isinstance(m, LabelMaps):
+        if m.gate.ndim != 3 or m.attn.shape != m.gate.shape[1:] or m.index.shape != m.value.shape:
+            raise ValueError(f"inconsistent LabelMaps: attn {m.attn.shape}, gate {m.gate.shape}")
+        return m
+    if np.ndim(m) != 3:
+        raise ValueError(f"each label map must be (K, h, w), got shape {np.shape(m)}")
+    return LabelMaps.from_dense(np.asarray(m))
+
+
+def _large_list(parts: Sequence[np.ndarray], typ: pa.DataType) -> pa.LargeListArray:
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    dtype = typ.to_pandas_dtype()
+    flat = np.concatenate([np.asarray(p, dtype=dtype) for p in parts]) if parts else np.zeros(0, dtype=dtype)
+    return pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), pa.array(flat, type=typ))
+
+
+def label_bank_table(image_ids: Sequence[str], maps: Sequence[LabelMaps | np.ndarray]) -> pa.Table:
+    """One row per image: ``maps[i]`` is a :class:`LabelMaps`, or any ``(K, h, w)`` float array (stored exactly)."""
     if len(image_ids) != len(maps):
         raise ValueError(f"{len(image_ids)} image ids for {len(maps)} maps")
-    shapes = []
-    for m in maps:
-        if np.ndim(m) != 3:
-            raise ValueError(f"each label map must be (K, h, w), got shape {np.shape(m)}")
-        shapes.append(np.shape(m))
-    sizes = np.array([k * h * w for k, h, w in shapes], dtype=np.int64)
-    offsets = np.zeros(len(maps) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    flat = (
-        np.concatenate([np.asarray(m, dtype=np.float16).reshape(-1) for m in maps])
-        if maps
-        else np.zeros(0, dtype=np.float16)
-    )
+    lm = [_as_label_maps(m) for m in maps]
+    shapes = [m.shape for m in lm]
     columns = [
         pa.array(list(image_ids), type=pa.string()),
         pa.array([s[1] for s in shapes], type=pa.int32()),
         pa.array([s[2] for s in shapes], type=pa.int32()),
         pa.array([s[0] for s in shapes], type=pa.int32()),
-        pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), pa.array(flat, type=pa.float16())),
+        _large_list([m.attn.reshape(-1) for m in lm], pa.float32()),
+        pa.array([np.packbits(m.gate.reshape(-1), bitorder="little").tobytes() for m in lm], type=pa.binary()),
+        _large_list([m.index for m in lm], pa.int32()),
+        _large_list([m.value for m in lm], pa.float32()),
     ]
     return pa.Table.from_arrays(columns, schema=LABEL_BANK_SCHEMA)
 
 
-def read_label_bank(path_or_dir: PathLike, image_ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """``{image_id: (K, h, w) float16}`` from a label-bank file or directory; KeyError for missing ids."""
+def _list_rows(col: pa.ChunkedArray) -> Iterator[np.ndarray]:
+    for chunk in col.chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        for j in range(len(chunk)):
+            yield values[offsets[j] : offsets[j + 1]]
+
+
+def _read_v2(path: Path, table: pa.Table) -> Iterator[tuple[str, LabelMaps]]:
+    ids = table["image_id"].to_pylist()
+    hs, ws, ks = (table[c].to_numpy() for c in ("h", "w", "K"))
+    gates = table["gate"].to_pylist()
+    rows = zip(_list_rows(table["attn"]), _list_rows(table["bonus_index"]), _list_rows(table["bonus_value"]))
+    for r, (attn, index, value) in enumerate(rows):
+        k, h, w = int(ks[r]), int(hs[r]), int(ws[r])
+        n = k * h * w
+        bits = np.frombuffer(gates[r], dtype=np.uint8)
+        if attn.size != h * w or bits.size != (n + 7) // 8 or index.size != value.size:
+            raise ValueError(f"{path}: row {ids[r]!r} does not hold a K={k} x {h} x {w} label map")
+        if index.size and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError(f"{path}: row {ids[r]!r} has bonus positions outside K*h*w={n}")
+        gate = np.unpackbits(bits, count=n, bitorder="little").astype(bool).reshape(k, h, w)
+        yield ids[r], LabelMaps(
+            attn.astype(np.float32, copy=False).reshape(h, w), gate, index.astype(np.int64), value.astype(np.float32)
+        )
+
+
+def _read_v1(path: Path, table: pa.Table) -> Iterator[tuple[str, np.ndarray]]:
+    ids = table["image_id"].to_pylist()
+    hs, ws, ks = (table[c].to_numpy() for c in ("h", "w", "K"))
+    for r, a in enumerate(_list_rows(table["maps"])):
+        k, h, w = int(ks[r]), int(hs[r]), int(ws[r])
+        if a.size != k * h * w:
+            raise ValueError(f"{path}: row {ids[r]!r} has {a.size} values, expected K*h*w={k * h * w}")
+        yield ids[r], a.reshape(k, h, w).astype(np.float32)
+
+
+def read_label_bank(
+    path_or_dir: PathLike, image_ids: Sequence[str] | None = None, dense: bool = True
+) -> dict[str, np.ndarray] | dict[str, LabelMaps]:
+    """The label bank of a file or directory; KeyError for missing ids. The one reader of the bank.
+
+    Args:
+        image_ids: read only these images.
+        dense: ``True`` -> ``{image_id: (K, h, w) float32}`` (bit-identical to the maps the stage computed);
+            ``False`` -> ``{image_id: LabelMaps}``, the compact form (training keeps this in memory and expands
+            one image at a time with :meth:`LabelMaps.dense`). Banks of the old float16 format are returned as
+            dense float32 arrays in both cases, with a warning.
+    """
     filters = None
     if image_ids is not None:
         filters = pc.is_in(pc.field("image_id"), value_set=pa.array(list(image_ids), type=pa.string()))
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
     for path in list_parquet_files(path_or_dir):
         table = pq.read_table(path, filters=filters)
-        ids = table["image_id"].to_pylist()
-        hs, ws, ks = (table[c].to_numpy() for c in ("h", "w", "K"))
-        row = 0
-        for chunk in table["maps"].chunks:
-            offsets = chunk.offsets.to_numpy()
-            values = chunk.values.to_numpy(zero_copy_only=False)
-            for j in range(len(chunk)):
-                k, h, w = int(ks[row]), int(hs[row]), int(ws[row])
-                a = values[offsets[j] : offsets[j + 1]]
-                if a.size != k * h * w:
-                    raise ValueError(
-                        f"{path}: row {ids[row]!r} has {a.size} values, expected K*h*w={k * h * w}"
-                    )
-                out[ids[row]] = a.reshape(k, h, w).astype(np.float16, copy=False)
-                row += 1
+        fmt = (table.schema.metadata or {}).get(b"format", b"").decode()
+        if fmt == LABEL_BANK_FORMAT_V1 or "maps" in table.column_names:
+            _log.warning("%s is a %s label bank (float16 maps, which lose most concept decisions); rerun the "
+                         "label_bank stage to get exact maps", path, LABEL_BANK_FORMAT_V1)
+            out.update(_read_v1(path, table))
+            continue
+        for image_id, lm in _read_v2(path, table):
+            out[image_id] = lm.dense() if dense else lm
     if image_ids is not None:
         missing = [i for i in image_ids if i not in out]
         if missing:

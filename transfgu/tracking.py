@@ -466,6 +466,9 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
             png = confusion_png(ev / "confusion.csv", ev / "confusion.png")
         if png is not None and png.is_file():
             tracker.log_artifact(run_id, png, "eval")
+    val_history = layout.train / "val_history.jsonl"  # train.select=best_val / train.validate_every
+    if val_history.is_file():
+        tracker.log_artifact(run_id, val_history, "train")
     report = layout.report
     if report.is_dir():
         for p in sorted(report.glob("*.png")):

@@ -84,15 +84,20 @@ def train_rounds(
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     stop_epoch: int | None = None,
     input_hash: str | None = None,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Bootstrapped training (eq. 10-12) with one checkpoint directory per round; resumes from the newest state.
 
     ``wrap`` optionally wraps the student for data parallelism (Ray Train passes DDP); ``on_epoch(metrics)`` is
     called after every epoch (MLflow / Ray reporting). ``stop_epoch`` ends the call before that epoch (the Ray
-    executor runs one fit per bootstrapping round); the default trains to ``train.epochs``. Only states stamped
+    executor runs one fit per bootstrapping round); the default trains to ``train.epochs``. ``validate(student)``
+    (rank 0 only) scores the student on val after the epochs :func:`transfgu.selection.validation_due` names and
+    records ``train/val_history.jsonl`` (and ``train/best/`` for ``train.select=best_val``). Only states stamped
     with ``input_hash`` (the train stage's hash, from ``cfg`` by default) are resumed from, and every saved state
     records it.
     """
+    from transfgu.selection import ValHistory, validate_epoch
+
     if input_hash is None:
         input_hash = train_hash(cfg)
     t = cfg.train
@@ -116,6 +121,9 @@ def train_rounds(
         restore_rng(groups.get("rng", {}))
         first_epoch = info["epoch"] + 1
         log.info("[train] resuming after epoch %d from %s", info["epoch"], state_dir)
+    val_history = ValHistory(layout.train, keep_best=t.select == "best_val") if validate is not None else None
+    if val_history is not None:
+        val_history.truncate_after(first_epoch - 1)
     model = wrap(student) if wrap is not None else student
     weights = LossWeights(peer=1.0, div=t.w_div, unc=t.w_unc)
     history: list[dict[str, Any]] = []
@@ -151,6 +159,8 @@ def train_rounds(
                 layout.round_dir(round_idx), student, teacher, initial, optimizer,
                 {"epoch": epoch, "round": round_idx, "metrics": to_jsonable(metrics), "input_hash": input_hash},
             )
+        if val_history is not None and validate is not None:
+            metrics.update(validate_epoch(cfg, val_history, validate, student, epoch, round_idx))
         if on_epoch is not None:
             on_epoch(metrics)
     return student, {"epochs": t.epochs, "rounds": round_idx + 1, "history": to_jsonable(history)}
@@ -174,7 +184,7 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     return {
         "format": "transfgu-model/1",
         "backbone": {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "pretrained": pretrained,
-                     "prior": cfg.backbone.source.prior},
+                     "prior": cfg.backbone.source.prior, "pos_embed": cfg.backbone.pos_embed},
         "decoder": {"n_classes": n_output_channels(cfg), "d_encoder": d_encoder,
                     "cls_emb_init": cfg.train.cls_emb_init},
         "variant": cfg.train.variant,
@@ -187,10 +197,14 @@ def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     }
 
 
-def write_model(cfg: Config, layout: RunLayout, student: nn.Module, backbone: DinoViT,
-                input_hash: str | None = None) -> None:
-    """The prediction checkpoint ``model/`` (a random backbone is stored with it), stamped with the train hash."""
+def write_model(
+    cfg: Config, layout: RunLayout, student: nn.Module, backbone: DinoViT, selection: dict[str, Any] | None = None,
+    input_hash: str | None = None,
+) -> None:
+    """The prediction checkpoint ``model/`` (a random backbone is stored with it) with how it was selected,
+    stamped with the train hash."""
     meta = model_meta(cfg, cfg.backbone.source.pretrained, backbone.embed_dim)
+    meta.update(selection or {"selection": "last"})
     meta["input_hash"] = input_hash if input_hash is not None else train_hash(cfg)
     save_model(layout.model, student, meta, backbone=backbone)
 

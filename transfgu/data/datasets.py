@@ -9,7 +9,12 @@ Layouts (``root`` is the data set's top folder):
 ``coco_stuff``         ``images/<split>2017/*.jpg``; ``annotations/<split>2017/<id>.png`` or
                        ``stuffthingmaps_trainval2017/<split>2017/<id>.png`` (stuffthingmaps, raw 0..181).
                        Options ``granularity`` 27 (default) / 171 / 80, ``curated_list`` (file of image ids
-                       or file names, one per line, e.g. the IIC/PiCIE curated lists).
+                       or file names, one per line, e.g. the IIC/PiCIE curated lists: filters the split listed),
+                       ``curated_list_train`` / ``curated_list_val`` (the list of the train / val split only;
+                       the pipeline applies them to training and evaluation, never to the crop, concept and
+                       label-bank stages, which use the full train split as the reference does), and
+                       ``with_instances`` (keep only images with >= 1 object in
+                       ``annotations/instances_<split>2017.json``: the reference's image lists, 117,266 / 4,952).
 ``pascal_voc``         ``VOC2012`` (or its parent ``VOCdevkit``): ``ImageSets/Segmentation/<split>.txt``,
                        ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette, 255 = border).
 ``cityscapes``         ``leftImg8bit/<split>/<city>/<id>_leftImg8bit.png``,
@@ -245,9 +250,35 @@ def _curated_filter(
     return [(i, p) for i, p in images if i in keep]
 
 
-def _list_coco_stuff(root, split, *, curated_list=None, on_missing_label="error"):
+#: Reader options that choose a subset of a split for training/evaluation only (see ``stages.split_records``).
+SUBSET_OPTIONS = ("curated_list_train", "curated_list_val")
+
+
+def coco_instance_image_ids(root: str | Path, split: str) -> set[str]:
+    """Ids (file stems, ``%012d``) of the images with at least one object in ``annotations/instances_<split>.json``,
+    i.e. the keys of pycocotools' ``imgToAnns``, the reference's COCO image list (reference_method.md §2.1)."""
+    import json
+
+    sd = _coco_split_dir(split)
+    path = Path(root) / "annotations" / f"instances_{sd}.json"
+    if not path.is_file():
+        raise DatasetError(
+            f"with_instances: {path} not found (COCO's instances_{sd}.json from annotations_trainval2017)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ids = {int(a["image_id"]) for a in data.get("annotations", [])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"with_instances: {path} is not a COCO instances file ({exc})") from exc
+    return {f"{i:012d}" for i in ids}
+
+
+def _list_coco_stuff(root, split, *, curated_list=None, curated_list_train=None, curated_list_val=None,
+                     with_instances=False, on_missing_label="error"):
     root = _require_root(root, "coco_stuff")
     sd = _coco_split_dir(split)
+    if curated_list is None:
+        curated_list = {"train2017": curated_list_train, "val2017": curated_list_val}.get(sd)
     img_dir = _require_dir(root / "images" / sd, "COCO-Stuff image folder")
     label_dir = None
     for cand in (root / "annotations" / sd, root / "stuffthingmaps_trainval2017" / sd):
@@ -261,6 +292,9 @@ def _list_coco_stuff(root, split, *, curated_list=None, on_missing_label="error"
         )
     images = _stems([p for p in _images_in(img_dir) if p.suffix.lower() in (".jpg", ".jpeg", ".png")])
     where = f"coco_stuff {sd} ({root})"
+    if with_instances:
+        have = coco_instance_image_ids(root, sd)
+        images = [(i, p) for i, p in images if i in have]
     if curated_list is not None:
         images = _curated_filter(images, curated_list, where)
     return _pair_labels(

@@ -11,22 +11,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from transfgu.config import Config
-from transfgu.data.datasets import DatasetError, ImageRecord, dataset_spec, list_records, load_sample
+from transfgu.data.datasets import SUBSET_OPTIONS, DatasetError, ImageRecord, dataset_spec, list_records, load_sample
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_label_tensor, to_uint8_chw
 from transfgu.ddp import EpochRows, GlobalBatchSampler, step_loader
 from transfgu.errors import ErrorLog, failed_file
-from transfgu.store import label_bank_image_ids, read_label_bank
+from transfgu.store import LabelMaps, label_bank_image_ids, read_label_bank
 
 
-def split_records(cfg: Config, split: str) -> list[ImageRecord]:
-    """The images of one split, limited by ``data.max_*_images``."""
-    opts = {k: v for k, v in cfg.data.options.items()}
+def split_records(cfg: Config, split: str, subset: bool = True) -> list[ImageRecord]:
+    """The images of one split, limited by ``data.max_*_images``.
+
+    ``subset=False`` ignores the training/evaluation subsets (``curated_list_train``/``curated_list_val``): the crop,
+    concept and label-bank stages see the full train split, as the reference's do (reference_method.md §8).
+    """
+    opts = {k: v for k, v in cfg.data.options.items() if subset or k not in SUBSET_OPTIONS}
     records = list_records(cfg.data.name, cfg.data.root, split, **opts)
     limit = cfg.data.max_train_images if split == cfg.data.train_split else cfg.data.max_val_images
     return list(records[:limit] if limit else records)
@@ -47,7 +52,7 @@ class BankDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         records: Sequence[ImageRecord],
-        bank: Mapping[str, np.ndarray],
+        bank: Mapping[str, np.ndarray] | Mapping[str, LabelMaps],
         train_size: tuple[int, int],
         repeat: int = 1,
         cache_bytes: int = 2 * 1024**3,
@@ -72,7 +77,9 @@ class BankDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         i = idx % len(self.records)
-        pseudo = torch.from_numpy(self.bank[self.records[i].image_id].astype(np.float32))
+        m = self.bank[self.records[i].image_id]
+        # The compact bank (read_label_bank(dense=False)) is expanded one image at a time, bit-exactly.
+        pseudo = torch.from_numpy(m.dense() if isinstance(m, LabelMaps) else np.asarray(m, dtype=np.float32))
         return {"image": self._image(i), "pseudo": pseudo}
 
 
@@ -169,11 +176,13 @@ def make_train_loader(
     """
     records = split_records(cfg, cfg.data.train_split)
     if world <= 1:
-        bank: Mapping[str, np.ndarray] = read_label_bank(bank_dir)
+        bank: Mapping[str, Any] = read_label_bank(bank_dir, dense=False)
     else:
         # Every epoch reshuffles images across workers, so a worker may need any bank row over the run; it holds
         # only the rows of its current epoch, read when the epoch starts.
-        bank = EpochRows(label_bank_image_ids(bank_dir), lambda ids: read_label_bank(bank_dir, image_ids=ids))
+        bank = EpochRows(
+            label_bank_image_ids(bank_dir), lambda ids: read_label_bank(bank_dir, image_ids=ids, dense=False)
+        )
     ds = BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")

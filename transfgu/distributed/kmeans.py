@@ -320,6 +320,11 @@ def run_concepts_ray(ctx: RunContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     integrity.require_stamped(ctx.layout.features, "extract", ctx.hashes["extract"])
+    if cfg.concepts.algorithm == "minibatch_kmeans":
+        # sklearn's MiniBatchKMeans (protocol: paper, Cityscapes/LIP) is one process: run it on the driver.
+        from transfgu.local import run_concepts
+
+        return run_concepts(ctx)
     files = list_parquet_files(ctx.layout.features)
     gpu = cluster_has_gpus(cfg)
     res = task_resources(cfg, gpu)
@@ -329,4 +334,5 @@ def run_concepts_ray(ctx: RunContext) -> dict[str, Any]:
         num_tasks=cfg.ray.kmeans_shards, use_gpu=gpu, task_options=res,
     )
     fits = {p: PoolFit(results[p].centroids, results[p].inertia, results[p].n_points) for p in pools}
-    return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "engine": "ray", "shards": len(files)})
+    return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "algorithm": cfg.concepts.algorithm,
+                                              "engine": "ray", "shards": len(files)})

@@ -38,6 +38,7 @@ from transfgu.evaluation import evaluate_decoder, has_labelled_val
 from transfgu.layout import RunLayout, round_name
 from transfgu.logs import setup_logging
 from transfgu.runtime import autocast_dtype, configure_inputs, load_run_backbone, seed_everything
+from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import finish_train
 from transfgu.store import to_jsonable
 from transfgu.tracking import EpochLogger
@@ -114,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         r, e = int(metrics["round"]), int(metrics["epoch"])
         round_dir = layout.round_dir(r)
-        if rank == 0 and config.get("eval_every_epoch"):
+        if rank == 0 and config.get("eval_every_epoch") and "val_mIoU" not in metrics:
             dec = build_decoder(cfg, backbone.embed_dim).to(device)
             dec.load_state_dict(load_train_state(round_dir)[0]["student"])
             dec.eval()
@@ -133,9 +134,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"{round_name(r)}_epoch_{e:03d}")
 
     wrap = ray.train.torch.prepare_model if world > 1 else None
+    # train.select=best_val / validate_every: rank 0 scores the student on val (transfgu.selection).
+    validate = Validator(cfg, backbone, device, amp) if rank == 0 and validation_wanted(cfg) else None
     try:
         train_rounds(cfg, backbone, loader, layout, device, amp, on_epoch=on_epoch, rank=rank, wrap=wrap,
-                     stop_epoch=int(config["stop_epoch"]), input_hash=config.get("input_hash"))
+                     stop_epoch=int(config["stop_epoch"]), validate=validate, input_hash=config.get("input_hash"))
     except BaseException:
         if epoch_log is not None:
             epoch_log.close("FAILED")

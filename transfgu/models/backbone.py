@@ -16,6 +16,7 @@ a ``.safetensors`` file, or ``none`` (random init: logged loudly, and recorded a
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,47 @@ def normalize(img: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-class DinoViT(nn.Module):
-    """A timm ViT wrapped to return CLS, patch tokens and the last block's CLS attention (see module docstring)."""
+def dino_interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
+    """DINO's position-embedding interpolation (``interpolate_pos_encoding`` of the DINO ViT, which the reference
+    uses): the square ``side x side`` patch embeddings are resized bicubically (``align_corners=False``) by the
+    *scale factors* ``((h + 0.1) / side, (w + 0.1) / side)``, so the output is ``h x w`` and every output cell
+    ``i`` samples the input at ``(i + 0.5) * side / (h + 0.1) - 0.5`` (the "+0.1" avoids a floating-point
+    off-by-one in the output size, DINO issue #8). Nothing is resampled when the grid is the stored square one.
 
-    def __init__(self, vit: VisionTransformer, arch: str, weights: str, pretrained: bool) -> None:
+    Args:
+        pos_embed: ``(1, 1 + side**2, D)``, the CLS position first.
+        grid: target patch grid ``(h, w)``.
+    """
+    n = pos_embed.shape[1] - 1
+    h, w = grid
+    if n == h * w and h == w:
+        return pos_embed
+    side = int(math.sqrt(n))
+    if side * side != n:
+        raise ValueError(f"DINO interpolation needs a square position grid, got {n} patch positions")
+    d = pos_embed.shape[-1]
+    patch = pos_embed[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch.float(), scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
+                          align_corners=False)
+    if patch.shape[-2:] != (h, w):
+        raise RuntimeError(f"DINO interpolation gave a {tuple(patch.shape[-2:])} grid, expected {(h, w)}")
+    patch = patch.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, d)
+    return torch.cat([pos_embed[:, :1], patch], dim=1)
+
+
+class DinoViT(nn.Module):
+    """A timm ViT wrapped to return CLS, patch tokens and the last block's CLS attention (see module docstring).
+
+    ``pos_embed_mode``: ``"timm"`` (default: timm's ``resample_abs_pos_embed``, bicubic with anti-aliasing, sized by
+    the target grid) or ``"dino"`` (:func:`dino_interpolate_pos_embed`, what the reference's DINO ViT does).
+    """
+
+    def __init__(self, vit: VisionTransformer, arch: str, weights: str, pretrained: bool,
+                 pos_embed_mode: str = "timm") -> None:
         super().__init__()
+        if pos_embed_mode not in ("timm", "dino"):
+            raise ValueError(f"pos_embed_mode must be 'timm' or 'dino', got {pos_embed_mode!r}")
+        self.pos_embed_mode = pos_embed_mode
         if getattr(vit, "reg_token", None) is not None:
             raise ValueError("ViTs with register tokens are not supported (their attention maps differ)")
         self.vit = vit
@@ -100,11 +137,25 @@ class DinoViT(nn.Module):
         """Embed ``x`` and run blocks 1..L-1. Returns tokens ``(B, 1+h*w, D)`` and the grid."""
         h, w = self._grid(x)
         t = self.vit.patch_embed(x)
-        t = self.vit._pos_embed(t)
+        t = self._dino_pos_embed(t) if self.pos_embed_mode == "dino" else self.vit._pos_embed(t)
         t = self.vit.norm_pre(t)
         for blk in self.vit.blocks[:-1]:
             t = blk(t)
         return t, (h, w)
+
+    def _dino_pos_embed(self, t: Tensor) -> Tensor:
+        """CLS token + position embeddings with DINO's interpolation (timm's ``_pos_embed`` otherwise)."""
+        vit = self.vit
+        if vit.no_embed_class or self.num_prefix_tokens != 1 or vit.cls_token is None:
+            raise ValueError("pos_embed=dino needs a ViT with one CLS token that has a position embedding")
+        if t.dim() == 4:  # dynamic_img_size: (B, h, w, D)
+            b, h, w, d = t.shape
+            t = t.reshape(b, h * w, d)
+        else:
+            h, w = vit.patch_embed.grid_size
+        pos = dino_interpolate_pos_embed(vit.pos_embed, (h, w))
+        t = torch.cat([vit.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + pos
+        return vit.pos_drop(t)
 
     def _qkv(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         blk = self.vit.blocks[-1]
@@ -260,13 +311,14 @@ def _load_into(vit: VisionTransformer, sd: dict[str, Tensor], path: str) -> None
         )
 
 
-def build_backbone(arch: str = "vit_small_patch8", weights: str = "none") -> DinoViT:
+def build_backbone(arch: str = "vit_small_patch8", weights: str = "none", pos_embed: str = "timm") -> DinoViT:
     """Build a frozen backbone in eval mode.
 
     Args:
         arch: a key of :data:`ARCHS` (ViT-S/8 is the paper's backbone).
         weights: ``"none"`` (random init), ``"timm"`` (the timm hub tag of ``arch``), ``"hub:<timm tag>"``, or a path
             to a ``.pth``/``.pt``/``.safetensors`` file in DINO's or timm's key layout.
+        pos_embed: ``"timm"`` or ``"dino"`` position-embedding resampling (see :class:`DinoViT`).
     """
     weights = str(weights)
     src = parse_source(weights)
@@ -292,7 +344,7 @@ def build_backbone(arch: str = "vit_small_patch8", weights: str = "none") -> Din
     prior = src.prior
     if prior == PRIOR_STANDIN:
         log.warning("backbone %s uses the SUPERVISED STAND-IN prior %s: a test fixture, not the method", arch, weights)
-    model = DinoViT(vit, arch=arch, weights=weights, pretrained=pretrained)
+    model = DinoViT(vit, arch=arch, weights=weights, pretrained=pretrained, pos_embed_mode=pos_embed)
     model.prior = prior
     model.eval()
     for p in model.parameters():
