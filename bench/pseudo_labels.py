@@ -58,6 +58,12 @@ def _time_once(fn: Any, device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def speedup(name: str, baseline: str, candidate: str, value: float, target: float | None, **extra: object) -> dict:
+    """One naive-vs-fast comparison in "x speedup", against ``target`` when the K has one."""
+    return comparison(name, baseline, candidate, value, "x speedup", f">= {target:g}" if target else None,
+                      (value >= target) if target else None, **extra)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_maps, naive_concept_maps
@@ -205,39 +211,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         target = 40.0 if k <= 27 else 250.0 if k >= 171 else None
         speed = naive_s / fast_s
-        result["comparisons"].append(
-            comparison(
-                f"naive / fast, K={k}, B={args.batch}",
-                f"naive_concept_maps K={k}",
-                f"concept_maps K={k}",
-                speed,
-                "x speedup",
-                f">= {target:g}" if target else None,
-                (speed >= target) if target else None,
-                measured=measured,
-                naive_s=naive_s,
-                fast_s=fast_s,
-                naive_how=how,
-            )
-        )
+        result["comparisons"].append(speedup(
+            f"naive / fast, K={k}, B={args.batch}", f"naive_concept_maps K={k}", f"concept_maps K={k}", speed, target,
+            measured=measured, naive_s=naive_s, fast_s=fast_s, naive_how=how,
+        ))
         if not measured:
             result["notes"].append(f"naive K={k}: {how}")
         # Load-robust estimate: every term from the same interleaved rounds.
         model = (icpt + slope * k) / fast_s
-        result["comparisons"].append(
-            comparison(
-                f"naive / fast, K={k}, B={args.batch}, line model from interleaved rounds",
-                f"naive_concept_maps K={k} = setup + K x per-concept backward (fit at K={k1},{k2})",
-                f"concept_maps K={k}",
-                model,
-                "x speedup",
-                f">= {target:g}" if target else None,
-                (model >= target) if target else None,
-                measured=False,
-                naive_model_s=icpt + slope * k,
-                fast_s=fast_s,
-            )
-        )
+        result["comparisons"].append(speedup(
+            f"naive / fast, K={k}, B={args.batch}, line model from interleaved rounds",
+            f"naive_concept_maps K={k} = setup + K x per-concept backward (fit at K={k1},{k2})", f"concept_maps K={k}",
+            model, target, measured=False, naive_model_s=icpt + slope * k, fast_s=fast_s,
+        ))
     for k, c in checks.items():
         result["notes"].append(
             f"linear model check: predicted naive K={k} {c['predicted_s']:.2f} s, measured {c['measured_s']:.2f} s "

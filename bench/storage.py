@@ -60,6 +60,13 @@ def _centroids(feats: np.ndarray, k: int) -> np.ndarray:
     return (rows + 0.05 * rng.standard_normal(rows.shape)).astype(np.float32)
 
 
+def bytes_ratio(name: str, reference: str, candidate: str, ours: float, ref: float, n_images: int, target: float,
+                target_text: str, **extra: object) -> dict:
+    """One storage comparison: our bytes / the reference's, per image, against a target fraction."""
+    return comparison(name, reference, candidate, ours / ref, "fraction", target_text, ours / ref <= target,
+                      ours_bytes_per_image=ours / n_images, reference_bytes_per_image=ref / n_images, **extra)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pyarrow as pa
 
@@ -148,19 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variants_bytes_per_image": {k: v / len(images) for k, v in variants.items()},
         "variants_ratio": {k: v / ref_feat for k, v in variants.items()},
     }
-    result["comparisons"].append(
-        comparison(
-            "features bytes/image, Parquet / reference pickles",
-            "pickle float32 (n_crops, D) per image and pool",
-            "features/*.parquet (store, zstd)",
-            ours / ref_feat,
-            "fraction",
-            "<= 0.25",
-            ours / ref_feat <= 0.25,
-            ours_bytes_per_image=ours / len(images),
-            reference_bytes_per_image=ref_feat / len(images),
-        )
-    )
+    result["comparisons"].append(bytes_ratio(
+        "features bytes/image, Parquet / reference pickles", "pickle float32 (n_crops, D) per image and pool",
+        "features/*.parquet (store, zstd)", ours, ref_feat, len(images), 0.25, "<= 0.25",
+    ))
 
     # -- label bank ----------------------------------------------------------------------------------------------
     xp = torch.stack([to_model_input(im, (psize, psize)) for im in images]).to(device)
@@ -205,20 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "dense float32 (lossless), no dictionary + byte_stream_split": bss / ref,
             },
         }
-        result["comparisons"].append(
-            comparison(
-                f"label bank bytes/image K={k}, Parquet / reference pickles",
-                "pickle float32 (K, h, w), fg + bg files",
-                "label_bank/*.parquet (lossless v2, zstd)",
-                ours / ref,
-                "fraction",
-                "<= 0.5 (lossless; issue 12)",
-                ours / ref <= 0.5,
-                ours_bytes_per_image=ours / len(images),
-                reference_bytes_per_image=ref / len(images),
-                zero_fraction=zero,
-            )
-        )
+        result["comparisons"].append(bytes_ratio(
+            f"label bank bytes/image K={k}, Parquet / reference pickles", "pickle float32 (K, h, w), fg + bg files",
+            "label_bank/*.parquet (lossless v2, zstd)", ours, ref, len(images), 0.5, "<= 0.5 (lossless; issue 12)",
+            zero_fraction=zero,
+        ))
     result["notes"].append(
         "reference size = len(pickle.dumps(float32 array)) per file in memory; file-system block rounding of "
         "~118k small files per bank is not counted (it only adds to the reference's size)"
