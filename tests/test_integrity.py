@@ -504,3 +504,15 @@ def test_ray_rerun_with_changed_crops_and_grown_list_equals_a_fresh_run(tmp_path
     for k in bank:
         np.testing.assert_allclose(bank[k].astype(np.float32), fresh_bank[k].astype(np.float32), atol=2e-3)
     assert manifest["stages"]["extract"]["extra"]["images"] == 8
+
+
+def test_k_beyond_the_crops_extract_can_give_is_refused_before_any_work(tmp_path, tiny_run_dir):
+    """The bound is the real crop count: the tiny run (crops.selection=all) extracted exactly that many crops."""
+    from transfgu.preflight import PreflightError, preflight
+
+    meta, _ = read_features(tiny_run_dir / "features")
+    crops = meta.num_rows
+    preflight(tiny_config(tmp_path, **{"concepts.k_per_pool": f"{{all: {crops}}}"}))  # exactly enough: accepted
+    with pytest.raises(PreflightError, match=rf"concepts.k_per_pool.all.*at most {crops} crops"):
+        preflight(tiny_config(tmp_path, **{"concepts.k_per_pool": f"{{all: {crops + 1}}}"}))
+    assert not (tmp_path / "tiny").exists()  # refused before any work

@@ -9,6 +9,7 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -76,7 +77,8 @@ def _check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
 
 
 #: Every option a data set reader accepts (transfgu.data.datasets); a reader rejects the ones not its own.
-READER_OPTIONS = ("on_missing_label", "granularity", "curated_list", "coarse", "label_dir")
+READER_OPTIONS = ("on_missing_label", "granularity", "curated_list", "curated_list_train", "curated_list_val",
+                  "with_instances", "coarse", "label_dir")
 
 
 def _option_problem(exc: TypeError, name: str) -> tuple[str, str]:
@@ -215,6 +217,23 @@ def raise_problems(problems: list[tuple[str, str]]) -> None:
         raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run):\n{lines}")
 
 
+def check_concepts_fit(cfg: Config, n_train: int, p: int) -> list[tuple[str, str]]:
+    """K per pool against the most crops the extract stage can produce (images x sliding windows), before any work.
+
+    The fg/bg split of the crops is only known after extraction; this bound is exact for ``crops.selection=all`` and
+    an upper bound otherwise, so it refuses only what can never work (k-means would fail after the whole extract).
+    """
+    if cfg.method != "transfgu" or n_train <= 0:
+        return []
+    n = min(n_train, cfg.data.max_train_images or n_train)
+    h, w = cfg.crops.input_size
+    windows = len(window_layout(h // p, w // p, cfg.crops.betas))
+    most = n * windows
+    return [(f"concepts.k_per_pool.{pool}", f"k={k} concepts but the extract stage can give at most {most} crops "
+                                            f"({n} images x {windows} windows): lower k or use more images")
+            for pool, k in cfg.concepts.k_per_pool.items() if int(k) > most]
+
+
 def preflight(cfg: Config) -> dict[str, int]:
     """Check data, weights, device, output folder and the window layout before any work; returns images per split.
 
@@ -230,6 +249,9 @@ def preflight(cfg: Config) -> dict[str, int]:
         problems.append(("backbone.arch", f"cannot determine the patch size of {cfg.backbone.arch!r}: {exc}"))
     data_problems, counts = _check_data(cfg)
     problems += data_problems
+    if not data_problems:
+        with contextlib.suppress(Exception):  # an unknown arch or bad size is already reported above
+            problems += check_concepts_fit(cfg, counts.get(cfg.data.train_split, 0), patch_size_of(cfg.backbone.arch))
     problems += check_mlflow_uri(cfg)
     raise_problems(problems)
     return counts
