@@ -37,6 +37,7 @@ from transfgu.engine import predict_logits
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
 from transfgu.layout import RunLayout
+from transfgu.model_meta import CheckpointMeta
 from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.runtime import autocast_dtype, resolve_device
@@ -176,7 +177,7 @@ def preprocess_image(image: np.ndarray, eval_size: tuple[int, int]) -> torch.Ten
 
 
 @dataclass
-class Predictor:
+class Predictor(CheckpointMeta):
     """A loaded checkpoint: frozen backbone + decoder on one device, and what ``model.json`` says about them."""
 
     backbone: DinoViT
@@ -193,19 +194,6 @@ class Predictor:
     @property
     def n_clusters(self) -> int:
         return int(self.meta["decoder"]["n_classes"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.meta.get("class_names") or [])
-
-    @property
-    def cluster_to_class(self) -> np.ndarray | None:
-        m = self.meta.get("cluster_to_class")
-        return None if m is None else np.asarray(m, dtype=np.int64)
-
-    @property
-    def pretrained(self) -> bool:
-        return bool(self.meta["backbone"].get("pretrained", False))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """uint8 ``(H, W, 3)`` -> ImageNet-normalised float ``(3, *eval_size)`` (:func:`preprocess_image`)."""

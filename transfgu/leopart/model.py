@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from transfgu.leopart.kmeans import nearest
 from transfgu.leopart.pca import PCA
+from transfgu.model_meta import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def upsample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return lab[rows[:, None], cols[None, :]].astype(np.int64)
 
 
-class LeopartPredictor:
+class LeopartPredictor(CheckpointMeta):
     """A loaded CBFE + CD checkpoint with the interface of :class:`transfgu.predict.Predictor`."""
 
     def __init__(self, backbone: Any, model: LeopartModel, meta: dict[str, Any], device: Any,
@@ -131,19 +132,6 @@ class LeopartPredictor:
     @property
     def n_clusters(self) -> int:
         return self.model.n_segments
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.meta.get("class_names") or [])
-
-    @property
-    def cluster_to_class(self) -> np.ndarray | None:
-        m = self.meta.get("cluster_to_class")
-        return None if m is None else np.asarray(m, dtype=np.int64)
-
-    @property
-    def pretrained(self) -> bool:
-        return bool(self.meta["backbone"].get("pretrained", False))
 
     def predict(self, images: np.ndarray | Sequence[np.ndarray], as_classes: bool = False,
                 batch_size: int | None = None) -> np.ndarray | list[np.ndarray]:
