@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.data import loaders
     from transfgu.ddp import step_loader
     from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
+    from transfgu.integrity import stamp_json
     from transfgu.losses import EpochPlan
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_maps
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def lb_context(name: str, n: int) -> Any:
             ctx = context(name, n)
             ConceptBank(cents, ["fg"] * k, {"fg": k}, seed=0, niter=1).save(ctx.run_dir / "concepts")
+            # stamped as the concepts stage would (the label-bank stage checks what produced its concepts)
+            stamp_json(ctx.layout.concepts / ConceptBank.META_FILE, ctx.hashes["concepts"])
             return ctx
 
         local.run_label_bank(lb_context("warm_label_bank", min(n_img, label_batch)))

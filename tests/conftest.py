@@ -62,3 +62,15 @@ def tiny_run_dir(tmp_path_factory) -> Path:
     cfg = tiny_config(tmp_path_factory.mktemp("runs"))
     run_pipeline(cfg)
     return cfg.run_dir
+
+
+@pytest.fixture(autouse=True)
+def _keep_mlflow_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment, which the pipeline reads:
+    no test may leave it changed for the tests after it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -353,16 +353,17 @@ def test_one_process_run_end_to_end(lp_run):
     assert sorted(p.name for p in (run / "model").iterdir()) == ["backbone.safetensors", "leopart.safetensors",
                                                                   "model.json"]
     # real MLflow (SQLite under run.root): a parent run with one child per Leopart stage, the scores logged
-    import mlflow
+    # (a client on the run's store: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for later tests)
+    from mlflow import MlflowClient
 
     from transfgu.tracking import resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
-    runs = mlflow.search_runs(search_all_experiments=True)
-    names = set(runs["tags.mlflow.runName"])
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=500)
+    names = {r.data.tags.get("mlflow.runName") for r in runs}
     assert {f"stage {s}" for s in STAGES} <= names
-    ev = runs[runs["tags.mlflow.runName"] == "stage evaluate"].iloc[0]
-    assert ev["metrics.mIoU"] == pytest.approx(metrics["mIoU"])
+    ev = next(r for r in runs if r.data.tags.get("mlflow.runName") == "stage evaluate")
+    assert ev.data.metrics["mIoU"] == pytest.approx(metrics["mIoU"])
     # co-occurrence matrix rows are (averaged) distributions
     from safetensors.numpy import load_file
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from torch import nn
 
-from transfgu import errors, local, stages
+from transfgu import errors, integrity, local, stages
 from transfgu.concepts import ConceptBank
 from transfgu.context import RunContext
 from transfgu.data import loaders
@@ -33,6 +33,7 @@ from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
 from transfgu.losses import EpochPlan
 from transfgu.models.backbone import ViTFeatures, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
+from transfgu.pseudo_labels import ConceptMapParts
 from transfgu.throughput import (
     BackgroundWriter,
     Prefetcher,
@@ -345,21 +346,25 @@ def test_label_bank_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
         centroids=np.random.default_rng(0).normal(size=(k, 16)).astype(np.float32),
         pools=["all"] * k, k_per_pool={"all": k}, seed=0, niter=1,
     ).save(cfg.run_dir / "concepts")  # fmt: skip
+    ctx = RunContext(cfg)
+    integrity.stamp_json(ctx.layout.concepts / ConceptBank.META_FILE, ctx.hashes["concepts"])  # as the stage would
     calls = []
 
-    def fake_concept_maps(backbone, x, c, **kw):  # fixed-latency stand-in for the Grad-CAM pass
+    def fake_concept_map_parts(backbone, x, c, **kw):  # fixed-latency stand-in for the Grad-CAM pass
         calls.append(x.shape[0])
         time.sleep(MODEL_LATENCY)
         h, w = x.shape[-2] // 8, x.shape[-1] // 8
-        return F.avg_pool2d(x, 8).mean(1, keepdim=True).expand(-1, c.shape[0], h, w).sigmoid()
+        a = F.avg_pool2d(x, 8).mean(1).reshape(x.shape[0], h * w).sigmoid()
+        k = c.shape[0]
+        gate = torch.ones(x.shape[0], k, h * w, dtype=torch.bool)
+        return ConceptMapParts(a_hat=a, gate=gate, bonus=torch.zeros(x.shape[0], k, h * w)), (h, w)
 
-    monkeypatch.setattr(stages, "concept_maps", fake_concept_maps)
+    monkeypatch.setattr(stages, "concept_map_parts", fake_concept_map_parts)
     compute = Timed(stages.build_label_maps)
     monkeypatch.setattr(stages, "build_label_maps", compute)
     decode = _slow_decode(monkeypatch)
     if not overlap:
         _sequential(monkeypatch)
-    ctx = RunContext(cfg)
     ctx.backbone = SleepViT(0.0)
     t0 = time.perf_counter()
     info = local.run_label_bank(ctx)
