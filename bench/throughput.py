@@ -70,19 +70,10 @@ def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
 
 
 def count_syncs(fn: Any, device: torch.device) -> int | None:
-    """Host-device synchronisations during ``fn()`` (``torch.cuda.set_sync_debug_mode``), None off CUDA."""
-    if device.type != "cuda":
-        return None
-    import warnings
+    """Host-device synchronisations during ``fn()`` (:func:`transfgu.throughput.count_cuda_syncs`), None off CUDA."""
+    from transfgu.throughput import count_cuda_syncs
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return count_cuda_syncs(fn) if device.type == "cuda" else None
 
 
 def _save_partial(result: dict[str, Any], args: Any) -> None:

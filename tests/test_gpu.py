@@ -49,16 +49,9 @@ def test_faiss_gpu_kmeans_if_available():
 
 
 def _count_syncs(fn) -> int:
-    import warnings
+    from transfgu.throughput import count_cuda_syncs
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return count_cuda_syncs(fn)
 
 
 def test_training_epoch_does_not_synchronise_every_step():

@@ -352,3 +352,17 @@ def overlapped(
             if write is not None:
                 writer.submit(write, it, res)
             yield it, res
+
+
+def count_cuda_syncs(fn: Callable[[], object]) -> int:
+    """Host-device synchronisations during ``fn()``, counted by ``torch.cuda.set_sync_debug_mode("warn")`` (CUDA)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
