@@ -59,6 +59,26 @@ def test_box_majority_matches_naive():
     assert got[0] == 2
 
 
+def test_anchored_scores_match_naive_relabelling():
+    rng = np.random.default_rng(2)
+    gt = rng.integers(-1, 4, (40, 50))
+    pred = rng.integers(0, 6, (40, 50))
+    mapping = [2, 0, 0, -1, 3, 1]  # many-to-one, one channel unnamed
+    from transfgu.metrics import confusion_matrix
+
+    got = quality.anchored_scores(confusion_matrix(gt, pred, 4, 6, -1), mapping)
+    named = np.asarray(mapping)[pred]
+    keep = gt >= 0
+    ious = []
+    for c in range(4):
+        inter = np.sum((named == c) & (gt == c) & keep)
+        union = np.sum(((named == c) | (gt == c)) & keep)
+        if union:
+            ious.append(inter / union)
+    assert got["mIoU"] == pytest.approx(np.mean(ious))
+    assert got["pixel_accuracy"] == pytest.approx(np.sum((named == gt) & keep) / keep.sum())
+
+
 def test_label_decisions_background_channel():
     maps = np.zeros((3, 4, 4), np.float32)
     maps[1, :2] = 1.0  # concept 1 fires in the top half
@@ -128,7 +148,8 @@ def quality_runs(tmp_path_factory, camvid):
 #: How much the stand-in must beat the random backbone by, per stage (absolute, fractions).
 #: Not the concept stage: on these crops the stand-in's k-means concepts are no purer than the random backbone's
 #: (QUALITY.md); the concept metric is still checked by the random-concepts sabotage below.
-MARGINS = {"pseudo_mIoU": 0.04, "pseudo_acc": 0.05, "round0_student_mIoU": 0.05, "final_mIoU": 0.05}
+MARGINS = {"pseudo_mIoU": 0.04, "pseudo_anchored_mIoU": 0.05, "pseudo_acc": 0.05, "round0_student_mIoU": 0.05,
+           "final_mIoU": 0.05}
 
 
 def test_standin_beats_random_at_every_stage(quality_runs):
@@ -158,6 +179,9 @@ def test_stage_metrics_in_metrics_json_mlflow_and_report(quality_runs):
     assert [r["round"] for r in rounds] == [0, 1]
     assert rounds[0]["teacher_mIoU"] is None and rounds[1]["teacher_mIoU"] == pytest.approx(rounds[0]["student_mIoU"])
     assert rounds[-1]["student_mIoU"] == pytest.approx(m["mIoU"])  # the last round's student is the model
+    targets = m["stages"]["targets"]  # eq. 12's targets exist from the first round with a teacher
+    assert [t["round"] for t in targets] == [1]
+    assert 0 < targets[0]["student_teacher_agreement"] <= 1 and 0 < targets[0]["anchored_mIoU"] < 1
     # MLflow: the parent run carries the funnel and says which prior it used.
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cfg.run.root}/mlflow.db")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
@@ -169,6 +193,8 @@ def test_stage_metrics_in_metrics_json_mlflow_and_report(quality_runs):
     assert run.data.metrics["quality/pseudo_labels_mIoU"] == pytest.approx(m["stages"]["pseudo_labels"]["mIoU"])
     hist = client.get_metric_history(run.info.run_id, "quality/student_mIoU")
     assert sorted(h.step for h in hist) == [0, 1]
+    hist = client.get_metric_history(run.info.run_id, "quality/targets_student_teacher_agreement")
+    assert [h.step for h in hist] == [1]
     # Report: the funnel and the stand-in banner.
     page = (cfg.run_dir / "report" / "index.html").read_text()
     assert "Quality at every stage" in page and "pseudo labels" in page and "round 1" in page
@@ -229,16 +255,15 @@ def test_sabotage_flipped_gate_lowers_pseudo_label_quality(quality_runs, monkeyp
             monkeypatch.setattr(pl, name, lambda attn, grads, mass=0.8, _f=orig: _f(attn, -grads, mass))
     good = quality_runs["standin"][1]["stages"]["pseudo_labels"]
     sab_cfg, run_dir = _rerun(quality_runs, "sab_gate", ["label_bank"])
-    bad = quality.pseudo_label_quality(run_dir, sab_cfg)
-    print("pseudo good", good["mIoU"], "bad", bad["mIoU"])
-    # Measured: 18.2 % -> 16.3 %. A weak detector: the Hungarian matching over the split absorbs much of a break that
-    # relabels positions consistently, so the margin is small (the runs are seeded and single-threaded: exact).
-    assert bad["mIoU"] < good["mIoU"] - 0.01
+    concepts = quality_runs["standin"][1]["stages"]["concepts"]
+    bad = quality.pseudo_label_quality(run_dir, sab_cfg, concept_class=concepts["concept_class"])
+    print("pseudo good", good["mIoU"], good["anchored_mIoU"], "bad", bad["mIoU"], bad["anchored_mIoU"])
+    # The anchored score names every channel by its own concept's crops, so a gate that puts concept k where k is
+    # *not* is caught: measured 14.8 % -> 0.1 %. The Hungarian score re-matches the channels after the fact and
+    # absorbs most of the break (18.3 % -> 16.6 %), so it is not the one asserted.
+    assert bad["anchored_mIoU"] < good["anchored_mIoU"] - 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="measured: dropping the teacher from eq. 12 moves the round-1 student only "
-                   "16.6 % -> 15.4 % at this scale (2 rounds of 2 epochs), within the training's draw-to-draw "
-                   "spread; the scrambled-mix test below is caught")
 def test_sabotage_dropped_teacher_mix_lowers_bootstrapped_student(quality_runs, monkeypatch):
     import transfgu.engine as engine
 
@@ -250,8 +275,15 @@ def test_sabotage_dropped_teacher_mix_lowers_bootstrapped_student(quality_runs, 
     _, run_dir = _rerun(quality_runs, "sab_mix", ["train", "evaluate"])
     bad = json.loads((run_dir / "eval" / "metrics.json").read_text())
     g, b = good["stages"]["rounds"][-1]["student_mIoU"], bad["stages"]["rounds"][-1]["student_mIoU"]
-    print("round-1 student good", g, "bad", b)
-    assert b < g - 0.02
+    ga = good["stages"]["targets"][-1]["student_teacher_agreement"]
+    ba = bad["stages"]["targets"][-1]["student_teacher_agreement"]
+    print("round-1 student good", g, "bad", b, "student-teacher agreement good", ga, "bad", ba)
+    # Round 0 (no teacher) is the same in both runs, so the round-1 teacher is too; only eq. 12 differs. The student
+    # restarts from its initial weights (eq. 10-11), so what it shares with its teacher beyond the pseudo labels
+    # comes through the mix: measured agreement 90 % -> 79 % (train images), and the student's val mIoU falls with it
+    # (18.7 % -> 16.1 %; a smaller, draw-dependent margin, hence the looser bound).
+    assert ba < ga - 0.05
+    assert b < g - 0.01
 
 
 def test_sabotage_scrambled_teacher_mix_lowers_bootstrapped_student(quality_runs, monkeypatch):

@@ -63,6 +63,9 @@ class StandinSettings:
     seed: int = 0
     threads: int = 1  # one thread: the same sums in the same order on every machine, and no OpenMP stalls on a busy one
     max_images: int = 0  # 0 = the whole split
+    min_area: float = 0.1  # smallest crop, as a share of the image area
+    cls_weight: float = 1.0  # weight of the CLS (crop class) loss against the patch loss
+    cls_head: str = "linear"  # "linear" or "prototype" (logits = -squared L2 distance to a learnt class prototype)
 
 
 #: (height, width) of the crops a step is trained at: crop-stage squares and pseudo-label / training views.
@@ -117,15 +120,16 @@ def majority(labels: Tensor, n_classes: int) -> Tensor:
 
 
 def sample_batch(
-    images: Tensor, labels: Tensor, out_hw: tuple[int, int], batch: int, gen: torch.Generator
+    images: Tensor, labels: Tensor, out_hw: tuple[int, int], batch: int, gen: torch.Generator,
+    min_area: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    """Random crops (area 10-100 % of the image at the output aspect, random flip) resized to ``out_hw``."""
+    """Random crops (area ``min_area``-100 % of the image at the output aspect, random flip) resized to ``out_hw``."""
     n, _, hh, ww = images.shape
     idx = torch.randint(n, (batch,), generator=gen)
     aspect = out_hw[1] / out_hw[0]
     xs, ys = [], []
     for i in idx.tolist():
-        frac = 0.1 + 0.9 * float(torch.rand((), generator=gen))
+        frac = min_area + (1.0 - min_area) * float(torch.rand((), generator=gen))
         ch = min(hh, max(8, int(round(math.sqrt(frac * hh * ww / aspect)))))
         cw = min(ww, max(8, int(round(ch * aspect))))
         y0 = int(torch.randint(hh - ch + 1, (), generator=gen))
@@ -144,17 +148,27 @@ def sample_batch(
 class StandinModel(nn.Module):
     """The backbone plus the two linear training heads (CLS -> crop class, patch token -> patch class)."""
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, cls_head: str = "linear") -> None:
         super().__init__()
         self.vit = _create_vit(ARCH, pretrained_tag=False)
         d = int(self.vit.embed_dim)
+        if cls_head not in ("linear", "prototype"):
+            raise ValueError(f"cls_head must be 'linear' or 'prototype', got {cls_head!r}")
+        self.prototype = cls_head == "prototype"
         self.cls_head = nn.Linear(d, n_classes)
+        if self.prototype:
+            self.prototypes = nn.Parameter(torch.randn(n_classes, d))
         self.patch_head = nn.Linear(d, n_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         t = self.vit.forward_features(x)  # (B, 1 + h*w, D) after the final LayerNorm
         p = self.vit.num_prefix_tokens
-        return self.cls_head(t[:, 0]), self.patch_head(t[:, p:])
+        if self.prototype:
+            # Classes as Euclidean clusters of the raw CLS: the geometry the concept stage's k-means sees (§4).
+            cls = -torch.cdist(t[:, 0], self.prototypes).pow(2) / t.shape[-1] ** 0.5
+        else:
+            cls = self.cls_head(t[:, 0])
+        return cls, self.patch_head(t[:, p:])
 
 
 def train_standin(
@@ -163,7 +177,7 @@ def train_standin(
     """Train the stand-in; returns the timm ViT (heads dropped) and the last logged losses/accuracies."""
     torch.manual_seed(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
-    model = StandinModel(n_classes)
+    model = StandinModel(n_classes, s.cls_head)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=s.steps, pct_start=0.1)
     model.train()
@@ -175,12 +189,12 @@ def train_standin(
         ps = 8
         # A fixed token budget per step keeps the cost of the large views down (the cost is linear in tokens).
         batch = max(4, s.tokens_per_step // ((out_hw[0] // ps) * (out_hw[1] // ps)))
-        x, y = sample_batch(images, labels, out_hw, batch, gen)
+        x, y = sample_batch(images, labels, out_hw, batch, gen, s.min_area)
         # The class at each patch centre is the patch target (nearest sampling of the label crop).
         y_patch = y[:, ps // 2 :: ps, ps // 2 :: ps].reshape(y.shape[0], -1)
         y_cls = majority(y, n_classes)
         cls_logits, patch_logits = model(normalize(x))
-        loss = F.cross_entropy(cls_logits, y_cls, ignore_index=-1) + F.cross_entropy(
+        loss = s.cls_weight * F.cross_entropy(cls_logits, y_cls, ignore_index=-1) + F.cross_entropy(
             patch_logits.reshape(-1, n_classes), y_patch.reshape(-1), ignore_index=-1
         )
         opt.zero_grad(set_to_none=True)
