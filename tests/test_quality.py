@@ -42,6 +42,16 @@ def test_purity_and_nmi_match_naive_definitions():
     assert quality.nmi(y, k) == pytest.approx(sk.normalized_mutual_info_score(y[keep], k[keep]), abs=1e-9)
     assert quality.nmi(y, y) == pytest.approx(1.0)
     assert quality.purity(y, y) == pytest.approx(1.0)
+    # Balanced purity = purity with each item weighted by 1 / its class size (naive: repeat the weights).
+    keep = y >= 0
+    sizes = np.bincount(y[keep])
+    w = np.zeros(len(y))
+    w[keep] = 1.0 / sizes[y[keep]]
+    want = sum(max(w[(k == c) & (y == cl)].sum() for cl in np.unique(y[keep])) for c in np.unique(k))
+    want /= np.sum(sizes > 0)
+    assert quality.balanced_purity(y, k) == pytest.approx(want)
+    assert quality.balanced_purity(y, y) == pytest.approx(1.0)
+    assert quality.balanced_purity(y, np.zeros_like(y)) == pytest.approx(1.0 / np.sum(sizes > 0))
     assert quality.nmi(y, rng.integers(0, 7, 500)) < 0.05
 
 

@@ -73,6 +73,7 @@ def stage_numbers(metrics: dict[str, Any]) -> dict[str, float | None]:
     c, p, rounds = st.get("concepts") or {}, st.get("pseudo_labels") or {}, st.get("rounds") or []
     out: dict[str, float | None] = {
         "concept_purity": c.get("purity"),
+        "concept_balanced_purity": c.get("balanced_purity"),
         "concept_nmi": c.get("nmi"),
         "pseudo_mIoU": p.get("mIoU"),
         "pseudo_acc": p.get("pixel_accuracy"),
