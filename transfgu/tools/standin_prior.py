@@ -9,9 +9,11 @@ labelled stand-in set. Its weights are saved as safetensors in the DINO/timm key
 record ``prior: supervised stand-in`` and ``pretrained: false``. It is a test fixture, not the method, and its
 numbers are never the method's.
 
-Objective (two linear heads, dropped when saving):
+Objective (two heads, dropped when saving):
 
-* CLS head: cross-entropy against the majority ground-truth class of the crop (what the concept stage clusters);
+* CLS head: cross-entropy against the majority ground-truth class of the crop (what the concept stage clusters),
+  with logits = minus the squared distance of the CLS to a learnt prototype per class, so that the classes form
+  Euclidean clusters of the raw CLS (the concept stage's k-means is L2 on raw features, §4);
 * patch head: cross-entropy of every patch token against the ground-truth class at the patch centre (what the
   decoder reads and what the attention Grad-CAM of the pseudo labels localises).
 
@@ -65,7 +67,10 @@ class StandinSettings:
     max_images: int = 0  # 0 = the whole split
     min_area: float = 0.1  # smallest crop, as a share of the image area
     cls_weight: float = 1.0  # weight of the CLS (crop class) loss against the patch loss
-    cls_head: str = "linear"  # "linear" or "prototype" (logits = -squared L2 distance to a learnt class prototype)
+    # "prototype": CLS logits = -squared L2 distance to a learnt prototype per class, so the classes become Euclidean
+    # clusters of the raw CLS, the geometry the concept stage's k-means sees; "linear": a linear head (linearly
+    # separable classes, which k-means does not find: concept purity no better than the random backbone's).
+    cls_head: str = "prototype"
 
 
 #: (height, width) of the crops a step is trained at: crop-stage squares and pseudo-label / training views.
@@ -155,7 +160,7 @@ class StandinModel(nn.Module):
         if cls_head not in ("linear", "prototype"):
             raise ValueError(f"cls_head must be 'linear' or 'prototype', got {cls_head!r}")
         self.prototype = cls_head == "prototype"
-        self.cls_head = nn.Linear(d, n_classes)
+        self.cls_head = nn.Linear(d, n_classes)  # made in both modes: the seeded draws stay in the same order
         if self.prototype:
             self.prototypes = nn.Parameter(torch.randn(n_classes, d))
         self.patch_head = nn.Linear(d, n_classes)
@@ -270,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=d.tokens_per_step)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--cls-head", choices=("prototype", "linear"), default=d.cls_head)
+    p.add_argument("--min-area", type=float, default=d.min_area, help="smallest crop, share of the image area")
+    p.add_argument("--cls-weight", type=float, default=d.cls_weight)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -283,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options[key] = yaml.safe_load(value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     s = StandinSettings(dataset=a.dataset, split=a.split, steps=a.steps, tokens_per_step=a.tokens_per_step, lr=a.lr,
-                        seed=a.seed, threads=a.threads, max_images=a.max_images)
+                        seed=a.seed, threads=a.threads, max_images=a.max_images, cls_head=a.cls_head,
+                        min_area=a.min_area, cls_weight=a.cls_weight)
     t0 = time.time()
     path = build_standin(a.root, a.out, s, **options)
     log.info("stand-in prior written to %s in %.0fs", path, time.time() - t0)
