@@ -326,8 +326,12 @@ def target_quality(
     n_classes: int | None = None,
     names: Sequence[str] | None = None,
     concept_class: Sequence[int] | None = None,
+    max_images: int = 256,
 ) -> list[dict[str, Any]]:
     """Quality of the targets each bootstrapped round trains on: eq. 12 with the round's teacher, training images.
+
+    It costs a backbone pass per image and round, so at most ``max_images`` labelled training images (the first in
+    split order) are used; the count is reported as ``n_images``.
 
     For every round with a teacher, each labelled training image (whole view at ``train.train_size``, no
     augmentation) goes through the frozen backbone and the teacher; :func:`transfgu.engine.make_targets` mixes the
@@ -356,6 +360,7 @@ def target_quality(
     rounds = sorted(p for p in (Path(run_dir) / "train").glob("round_*") if (p / "state.json").is_file())
     bank = read_label_bank(Path(run_dir) / "label_bank")
     records = [r for r in split_records(cfg, cfg.data.train_split) if r.image_id in gt and r.image_id in bank]
+    records = records[:max_images]
     size, variant = tuple(cfg.pseudo.input_size), cfg.train.variant
     out = []
     for d in rounds:
