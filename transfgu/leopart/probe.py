@@ -46,7 +46,7 @@ def train_one_epoch(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += float(loss.detach())
         steps += 1
     return total / max(steps, 1)
 
