@@ -385,11 +385,12 @@ def _paper_grid_search(ctx: Any, shards: Any, model: LeopartModel, n_fg: int) ->
                 seg = community_map(k + 1, comm.modules, bg_node=k)
                 seg_conf = conf.conf @ np.eye(int(seg.max()) + 1, dtype=np.int64)[seg]  # columns summed by segment
                 score = segment_scores(seg_conf, names, bg, lp.unmatched)["mIoU"]
-                trial = {"k_community": k, "markov_time": mt, "edge_threshold": thr,
-                         "train_mIoU": round(float(score), 6), "n_segments": int(seg.max()) + 1}
-                trials.append(trial)
+                trials.append({"k_community": k, "markov_time": mt, "edge_threshold": thr,
+                               "train_mIoU": round(float(score), 6), "n_segments": int(seg.max()) + 1})
                 log.info("[communities] grid (train labels): k=%d markov_time=%g edge_threshold=%g -> train mIoU "
                          "%.4f", k, mt, thr, score)
+                if not np.isfinite(score):  # nothing labelled to score: never chosen over a scored setting
+                    score = -np.inf
                 if best is None or score > best["score"]:  # ties: the first in grid order
                     best = {"score": float(score), "k": k, "markov_time": mt, "edge_threshold": thr, "fit": fit,
                             "matrix": m, "edges": edges, "comm": comm, "seg": seg}
