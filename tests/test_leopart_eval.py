@@ -224,3 +224,19 @@ def test_report_shows_foreground_masks_galleries_and_graph(run, tmp_path):
     shutil.rmtree(part / "segments")
     page2 = write_report(part).read_text()
     assert "No segments yet" in page2 and "<h2>Leopart: foreground masks</h2>" in page2
+
+
+def test_bad_settings_are_rejected_clearly():
+    from test_leopart import REPO
+
+    from transfgu.config import ConfigError, load_config
+
+    preset = REPO / "conf" / "leopart_horse.yaml"
+    with pytest.raises(ConfigError, match="paper_grid.k_community"):
+        load_config(preset, ["leopart.paper_grid.k_community=[]"])
+    with pytest.raises(ConfigError, match="paper_grid.markov_time"):
+        load_config(preset, ["leopart.paper_grid.markov_time=[0, 1]"])
+    with pytest.raises(ConfigError, match="linear_probe.epochs"):
+        load_config(preset, ["leopart.linear_probe.epochs=0"])
+    with pytest.raises(ConfigError, match="linear_probe.lr_drop"):
+        load_config(preset, ["leopart.linear_probe.lr_drop=3"])  # a misspelt key, not silently ignored
