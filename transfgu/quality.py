@@ -336,9 +336,6 @@ def target_quality(
 ) -> list[dict[str, Any]]:
     """Quality of the targets each bootstrapped round trains on: eq. 12 with the round's teacher, training images.
 
-    It costs a backbone pass per image and round, so at most ``max_images`` labelled training images (the first in
-    split order) are used; the count is reported as ``n_images``.
-
     For every round with a teacher, each labelled training image (whole view at ``train.train_size``, no
     augmentation) goes through the frozen backbone and the teacher; :func:`transfgu.engine.make_targets` mixes the
     teacher's softmax into the image's pseudo labels exactly as a training step does, and the hard targets are
@@ -351,6 +348,9 @@ def target_quality(
     teacher take the same channel. The student restarts from its initial weights every round (eq. 10-11), so what
     it shares with its teacher beyond what the pseudo labels teach both comes through the teacher's half of eq. 12;
     ``pseudo_teacher_agreement`` (the raw pseudo-label decision vs the teacher) is the reference.
+
+    It costs a backbone pass per image and round, so at most ``max_images`` labelled training images (the first in
+    split order) are used; the count is reported as ``n_images``.
     """
     import transfgu.engine as engine
     from transfgu.checkpoint import load_train_state
