@@ -160,3 +160,138 @@ def test_cluster_loss_lowest_when_student_predicts_aligned_teacher():
 def test_usage_entropy():
     assert ft.usage_entropy(torch.eye(4)) == pytest.approx(math.log(4))
     assert ft.usage_entropy(torch.tensor([[1.0, 0.0]] * 5)) == pytest.approx(0.0)
+
+
+# -- the stage on real images -----------------------------------------------------------------------------------------
+def finetune_config(run_root, name: str = "ft", **over: str):
+    """conf/leopart_finetune_tiny.yaml on the shared CamVid images (tiny random ViT, 6 images)."""
+    from conftest import REPO, require_shared_data
+
+    from transfgu.config import load_config
+
+    camvid = require_shared_data("camvid")
+    overrides = {"data.root": str(camvid), "run.root": str(run_root), "run.name": name, "run.report": "false",
+                 **over}
+    return load_config(REPO / "conf" / "leopart_finetune_tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+# 6 epochs of 1 step (batch 6): the first epoch runs without the queue (it fills in that step), so the loss is
+# compared from the second epoch on.
+LEARN = {"finetune.epochs": "6", "finetune.batch_size": "6", "finetune.lr_head": "3e-3"}
+
+
+@pytest.fixture(scope="module")
+def ft_run(tmp_path_factory):
+    from transfgu.pipeline import run_pipeline
+
+    torch.set_num_threads(1)
+    cfg = finetune_config(tmp_path_factory.mktemp("ft"), **LEARN, **{"mlflow.enabled": "true",
+                                                                    "mlflow.system_metrics": "false"})
+    return cfg, run_pipeline(cfg)
+
+
+def test_short_run_on_camvid_loss_decreases_and_is_tracked(ft_run):
+    import json
+
+    import mlflow
+
+    cfg, manifest = ft_run
+    rec = manifest["stages"]["finetune"]
+    assert rec["status"] == "done" and rec["rows"] == 6
+    info = json.loads((cfg.run_dir / "finetune" / "finetune.json").read_text())
+    losses = [h["loss"] for h in info["history"]]
+    assert len(losses) == 6 and losses[-1] < losses[1] - 0.1, losses
+    assert [h["momentum"] for h in info["history"]] == sorted(h["momentum"] for h in info["history"])
+    assert info["source"]["weights"] == "none" and info["finetune"]["queue_length"] == 64
+    # MLflow: loss, cluster-usage entropy and EMA momentum per epoch on the stage run
+    from transfgu.tracking import resolve_tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.pipeline_stage = 'finetune'")
+    assert runs, "no MLflow run of the finetune stage"
+    for key in ("finetune/loss", "finetune/usage_entropy", "finetune/momentum"):
+        hist = client.get_metric_history(runs[0].info.run_id, key)
+        assert len(hist) == 6, key
+    # two epoch states are kept
+    assert sorted(p.name for p in (cfg.run_dir / "finetune").glob("epoch_*")) == ["epoch_004", "epoch_005"]
+
+
+def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
+    from safetensors import safe_open
+
+    from transfgu.leopart import finetune_train as ftt
+    from transfgu.models.backbone import build_backbone
+    from transfgu.pipeline import run_pipeline
+
+    cfg, _ = ft_run
+    path = cfg.run_dir / "finetune" / "backbone.safetensors"
+    bb = build_backbone("vit_test_tiny", str(path))
+    groups, _ = ftt.load_train_state(cfg.run_dir / "finetune" / "epoch_005")
+    teacher = {k[len("backbone.vit."):]: v for k, v in groups["teacher"].items() if k.startswith("backbone.vit.")}
+    for k, v in bb.vit.state_dict().items():
+        torch.testing.assert_close(v, teacher[k])
+    rand = build_backbone("vit_test_tiny", str(cfg.run_dir / "backbone_random.safetensors"))
+    assert not torch.equal(rand.vit.blocks[0].attn.qkv.weight, bb.vit.blocks[0].attn.qkv.weight)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert '"weights": "none"' in meta[ftt.FINETUNE_METADATA_KEY]
+    # TransFGU's extract and Leopart's dense + CBFE + communities accept it as backbone.weights
+    from conftest import tiny_config
+    from test_leopart import leopart_config
+
+    tf = tiny_config(tmp_path / "tf", "tf", **{"backbone.weights": str(path), "data.max_train_images": "2"})
+    m = run_pipeline(tf, only=["extract"])
+    assert m["stages"]["extract"]["status"] == "done"
+    lp = leopart_config(tmp_path / "lp", "lp", **{"backbone.weights": str(path)})
+    m = run_pipeline(lp, only=["dense", "pca", "cbfe", "communities"])
+    assert all(m["stages"][s]["status"] == "done" for s in ("dense", "pca", "cbfe", "communities"))
+
+
+def test_interrupted_run_resumes_from_last_epoch_with_the_same_weights(ft_run, tmp_path):
+    import shutil
+
+    from transfgu.leopart import finetune_train as ftt
+    from transfgu.pipeline import run_pipeline
+
+    torch.set_num_threads(1)
+    ref_cfg, _ = ft_run
+    cfg = finetune_config(tmp_path, "ft", **LEARN)
+    cfg.run_dir.mkdir(parents=True)
+    shutil.copy(ref_cfg.run_dir / "backbone_random.safetensors", cfg.run_dir)
+
+    class Stop(Exception):
+        pass
+
+    real = ftt.save_train_state
+    calls = []
+
+    def save_then_die(directory, *a, **k):
+        real(directory, *a, **k)
+        calls.append(directory.name)
+        if directory.name == "epoch_002":
+            raise Stop
+
+    ftt.save_train_state = save_then_die
+    try:
+        with pytest.raises(Stop):
+            run_pipeline(cfg)
+    finally:
+        ftt.save_train_state = real
+    m = run_pipeline(cfg)
+    assert m["stages"]["finetune"]["extra"]["resumed_from_epoch"] == 3
+    ref = ftt.load_train_state(ref_cfg.run_dir / "finetune" / "epoch_005")[0]
+    got = ftt.load_train_state(cfg.run_dir / "finetune" / "epoch_005")[0]
+    for group in ("student", "teacher", "initial"):
+        for k in ref[group]:
+            torch.testing.assert_close(got[group][k], ref[group][k], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    from transfgu.config import ConfigError
+    from transfgu.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="finetune.global_size"):
+        run_pipeline(finetune_config(tmp_path, **{"finetune.global_size": "60"}))
+    with pytest.raises(Exception, match="n_global"):
+        finetune_config(tmp_path, **{"finetune.n_global": "0"})
