@@ -1,0 +1,79 @@
+"""Stage quality before and after Leopart's dense fine-tuning (docs/leopart.md, "Dense fine-tuning").
+
+Fine-tunes a backbone with a ``method: leopart_finetune`` preset, then runs the small quality configuration of
+:mod:`transfgu.tools.quality_table` (the TransFGU stages: concept purity / NMI, pseudo-label mIoU, val mIoU per round
+and final) once with the preset's source weights ("before") and once with the fine-tuned backbone ("after").
+One process, no Ray; seeded, so the numbers repeat.
+
+    python -m transfgu.tools.finetune_quality --config conf/leopart_finetune_camvid.yaml \\
+        --out-dir runs/finetune_quality data.root=../shared/data/camvid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def table(results: dict[str, dict[str, float | None]]) -> str:
+    """Markdown: a row per stage measure, one column per backbone."""
+    cols = list(results)
+    keys: list[str] = []
+    for nums in results.values():
+        keys += [k for k in nums if k not in keys]
+    lines = ["| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k in keys:
+        cells = []
+        for c in cols:
+            v = results[c].get(k)
+            cells.append("n/a" if v is None else (f"{v:.3f}" if "nmi" in k else f"{100 * v:.1f} %"))
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m transfgu.tools.finetune_quality", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="a method: leopart_finetune preset")
+    p.add_argument("--out-dir", default="runs/finetune_quality")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the fine-tuning preset")
+    a = p.parse_args(argv)
+    import torch
+
+    from transfgu.config import load_config
+    from transfgu.pipeline import run_pipeline
+    from transfgu.tools.quality_table import quality_config, stage_numbers
+
+    torch.set_num_threads(a.threads)
+    out = Path(a.out_dir)
+    cfg = load_config(a.config, [*a.overrides, f"run.root={out}"])
+    if cfg.method != "leopart_finetune":
+        raise SystemExit(f"{a.config} is not a method: leopart_finetune preset")
+    t0 = time.time()
+    run_pipeline(cfg)
+    ft_info = json.loads((cfg.run_dir / "finetune" / "finetune.json").read_text())
+    timing: dict[str, Any] = {"finetune_s": round(time.time() - t0, 1)}
+    print(f"finetune: {timing['finetune_s']}s losses {[h['loss'] for h in ft_info['history']]}", flush=True)
+    backbones = {"before": cfg.backbone.weights, "after": str(cfg.run_dir / "finetune" / "backbone.safetensors")}
+    results: dict[str, dict[str, float | None]] = {}
+    for label, weights in backbones.items():
+        qc = quality_config(cfg.data.name, cfg.data.root, out, f"{cfg.data.name}_{label}", weights,
+                            **{"mlflow.enabled": "false", "run.report": "false"})
+        t0 = time.time()
+        run_pipeline(qc)
+        m = json.loads((qc.run_dir / "eval" / "metrics.json").read_text())
+        results[label] = stage_numbers(m)
+        timing[f"{label}_s"] = round(time.time() - t0, 1)
+        print(f"{label} ({weights}): {timing[f'{label}_s']}s {results[label]}", flush=True)
+    (out / "finetune_quality.json").write_text(json.dumps(
+        {"results": results, "finetune": ft_info, "backbones": backbones, "seconds": timing}, indent=2))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
