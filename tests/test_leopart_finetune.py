@@ -215,6 +215,12 @@ def test_short_run_on_camvid_loss_decreases_and_is_tracked(ft_run):
         assert len(hist) == 6, key
     # two epoch states are kept
     assert sorted(p.name for p in (cfg.run_dir / "finetune").glob("epoch_*")) == ["epoch_004", "epoch_005"]
+    # the report shows the history and the before/after attention and cluster maps
+    from transfgu.report import write_report
+
+    assert (cfg.run_dir / "finetune" / "before_after.png").is_file()
+    page = write_report(cfg.run_dir).read_text()
+    assert "Dense fine-tuning" in page and "cluster-usage entropy" in page and page.count("<img") >= 1
 
 
 def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):

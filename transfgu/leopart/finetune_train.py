@@ -323,10 +323,31 @@ def finetune(
     if rank == 0:
         standin = (source or {}).get("prior") == PRIOR_STANDIN
         save_finetuned_backbone(final, out / BACKBONE_OUT, meta, standin)
+        write_pictures(cfg, images, out, final.backbone)
         atomic_write_json(out / INFO_FILE, {**meta, "arch": cfg.backbone.arch, "history": history,
                                             "backbone_file": BACKBONE_OUT, "images": len(images),
                                             "start_epoch": start, "workers": world})
     return {"history": history, "start_epoch": start}
+
+
+PICTURES = "before_after.png"
+
+
+def write_pictures(cfg: Config, images: Sequence[np.ndarray], out: Path, after: DinoViT, n: int = 4,
+                   k: int = 8) -> None:
+    """``<run>/finetune/before_after.png``: attention and cluster maps of the first ``n`` training images with the
+    source backbone and the fine-tuned one (best effort: a picture never fails the stage)."""
+    from transfgu.layout import RunLayout
+    from transfgu.leopart.viz import finetune_pictures_png
+    from transfgu.runtime import load_run_backbone
+
+    try:
+        before = load_run_backbone(cfg.backbone, RunLayout(out.parent), cfg.run.seed)
+        after_cpu = copy.deepcopy(after).cpu()
+        finetune_pictures_png(list(images[:n]), {"before": before, "after": after_cpu}, cfg.finetune.global_size, k,
+                              out / PICTURES)
+    except Exception as exc:  # matplotlib missing, odd images: the backbone file matters, the picture does not
+        log.warning("[finetune] no before/after picture: %s", exc)
 
 
 def source_record(cfg: Config) -> dict[str, Any]:
