@@ -190,6 +190,7 @@ def ft_run(tmp_path_factory):
     return cfg, run_pipeline(cfg)
 
 
+@pytest.mark.slow  # shares the module's MLflow-tracked run (about 45 s on the loaded 2-core VM)
 def test_short_run_on_camvid_loss_decreases_and_is_tracked(ft_run):
     import json
 
@@ -223,6 +224,7 @@ def test_short_run_on_camvid_loss_decreases_and_is_tracked(ft_run):
     assert "Dense fine-tuning" in page and "cluster-usage entropy" in page and page.count("<img") >= 1
 
 
+@pytest.mark.slow  # shares the module's MLflow-tracked run (about 45 s on the loaded 2-core VM)
 def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
     from safetensors import safe_open
 
@@ -254,6 +256,7 @@ def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
     assert all(m["stages"][s]["status"] == "done" for s in ("dense", "pca", "cbfe", "communities"))
 
 
+@pytest.mark.slow  # shares the module's MLflow-tracked run (about 45 s on the loaded 2-core VM)
 def test_interrupted_run_resumes_from_last_epoch_with_the_same_weights(ft_run, tmp_path):
     import shutil
 
@@ -301,3 +304,21 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         run_pipeline(finetune_config(tmp_path, **{"finetune.global_size": "60"}))
     with pytest.raises(Exception, match="n_global"):
         finetune_config(tmp_path, **{"finetune.n_global": "0"})
+
+
+@pytest.mark.slow  # shares the module's MLflow-tracked run (about 45 s on the loaded 2-core VM)
+def test_outputs_of_other_settings_are_set_aside_not_resumed(ft_run, tmp_path):
+    import json
+    import shutil
+
+    from transfgu.pipeline import run_pipeline
+
+    ref_cfg, _ = ft_run
+    cfg = finetune_config(tmp_path, "ft", **{**LEARN, "finetune.epochs": "2", "finetune.lr_head": "1e-3"})
+    shutil.copytree(ref_cfg.run_dir, cfg.run_dir)
+    m = run_pipeline(cfg)
+    assert m["stages"]["finetune"]["extra"]["resumed_from_epoch"] == 0  # the other settings' epoch 5 is not used
+    info = json.loads((cfg.run_dir / "finetune" / "finetune.json").read_text())
+    assert info["input_hash"] != json.loads((ref_cfg.run_dir / "finetune" / "finetune.json").read_text())["input_hash"]
+    stale = {p.name for p in (cfg.run_dir / "_stale" / "finetune").glob("*/*")}
+    assert {"epoch_004", "epoch_005", "finetune.json", "backbone.safetensors"} <= stale

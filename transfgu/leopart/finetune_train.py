@@ -50,6 +50,7 @@ log = logging.getLogger("transfgu")
 STAGES = ("finetune",)
 BACKBONE_OUT = "backbone.safetensors"
 INFO_FILE = "finetune.json"
+PICTURES = "before_after.png"
 #: safetensors metadata key of a fine-tuned backbone: JSON with its source and settings.
 FINETUNE_METADATA_KEY = "transfgu_finetune"
 
@@ -256,6 +257,26 @@ def _prune(out: Path, input_hash: str, keep: int = 2) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def set_aside_other_settings(out: Path, input_hash: str) -> list[Path]:
+    """Move epoch states and outputs written under another input hash to ``<run>/_stale/finetune/<hash12>/``
+    (never deleted, never resumed from, never read as this run's result)."""
+    from transfgu import integrity
+
+    moved = []
+    for p in sorted(out.glob("epoch_*")):
+        info = read_state_info(p)
+        h = info.get("input_hash") if info else None
+        if h != input_hash:
+            moved.append(integrity.set_aside(p, out.parent, "finetune", h, "state of other settings"))
+    if (out / INFO_FILE).is_file():
+        h = integrity.read_json_stamp(out / INFO_FILE)
+        if h != input_hash:
+            for name in (INFO_FILE, BACKBONE_OUT, PICTURES):
+                if (out / name).exists():
+                    moved.append(integrity.set_aside(out / name, out.parent, "finetune", h, "output of other settings"))
+    return moved
+
+
 def save_finetuned_backbone(model: DenseModel, path: Path, meta: dict[str, Any], standin: bool) -> None:
     """The backbone's state dict in timm/DINO key layout, with the fine-tuning record in the file's metadata."""
     import os
@@ -283,6 +304,8 @@ def finetune(
     """
     f = cfg.finetune
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        set_aside_other_settings(out, input_hash)
     student, teacher = build_models(cfg, backbone)
     student.to(device)
     teacher.to(device)
@@ -328,9 +351,6 @@ def finetune(
                                             "backbone_file": BACKBONE_OUT, "images": len(images),
                                             "start_epoch": start, "workers": world})
     return {"history": history, "start_epoch": start}
-
-
-PICTURES = "before_after.png"
 
 
 def write_pictures(cfg: Config, images: Sequence[np.ndarray], out: Path, after: DinoViT, n: int = 4,
