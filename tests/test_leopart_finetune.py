@@ -322,3 +322,17 @@ def test_outputs_of_other_settings_are_set_aside_not_resumed(ft_run, tmp_path):
     assert info["input_hash"] != json.loads((ref_cfg.run_dir / "finetune" / "finetune.json").read_text())["input_hash"]
     stale = {p.name for p in (cfg.run_dir / "_stale" / "finetune").glob("*/*")}
     assert {"epoch_004", "epoch_005", "finetune.json", "backbone.safetensors"} <= stale
+
+
+def test_without_learning_the_loss_does_not_decrease(tmp_path):
+    """Control for the loss test: the same run with (almost) no learning rate keeps its loss, so the decrease there
+    comes from learning, not from the schedules or the queue."""
+    import json
+
+    from transfgu.pipeline import run_pipeline
+
+    torch.set_num_threads(1)
+    cfg = finetune_config(tmp_path, "frozen", **{**LEARN, "finetune.lr_head": "1e-12", "finetune.lr_backbone": "0"})
+    run_pipeline(cfg)
+    losses = [h["loss"] for h in json.loads((cfg.run_dir / "finetune" / "finetune.json").read_text())["history"]]
+    assert losses[-1] > losses[1] - 0.1, losses
