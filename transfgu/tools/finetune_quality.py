@@ -3,6 +3,8 @@
 Fine-tunes a backbone with a ``method: leopart_finetune`` preset, then runs the small quality configuration of
 :mod:`transfgu.tools.quality_table` (the TransFGU stages: concept purity / NMI, pseudo-label mIoU, val mIoU per round
 and final) once with the preset's source weights ("before") and once with the fine-tuned backbone ("after").
+With ``--leopart`` it also runs Leopart's CBFE + CD on the same data set with each backbone
+(:func:`leopart_overrides`: label-free mIoU and the overclustering mIoU, Leopart's own feature measure).
 One process, no Ray; seeded, so the numbers repeat.
 
     python -m transfgu.tools.finetune_quality --config conf/leopart_finetune_camvid.yaml \\
@@ -17,6 +19,26 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def leopart_overrides(root: str | Path, run_root: str | Path, name: str, weights: str) -> dict[str, str]:
+    """A small CBFE + CD run on CamVid-sized street scenes with the ``vit_standin`` backbone (64 train, 24 val)."""
+    return {
+        "method": "leopart", "data.name": "camvid", "data.root": str(root), "data.max_train_images": "64",
+        "data.max_val_images": "24", "backbone.arch": "vit_standin", "backbone.weights": weights,
+        "leopart.input_size": "[96, 128]", "leopart.batch_size": "16", "leopart.pca_dim": "32",
+        "leopart.k_cbfe": "40", "leopart.cbfe_niter": "30", "leopart.cbfe_nredo": "2", "leopart.k_community": "30",
+        "leopart.community_niter": "30", "leopart.cooc_size": "[48, 64]", "leopart.edge_threshold": "0.02",
+        "leopart.overcluster_k": "[11, 50]", "leopart.eval_size": "[96, 128]", "run.root": str(run_root),
+        "run.name": name, "mlflow.enabled": "false", "run.report": "false",
+    }
+
+
+def leopart_numbers(metrics: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {"leopart_mIoU": metrics.get("mIoU"), "leopart_acc": metrics.get("pixel_accuracy")}
+    for k, v in (metrics.get("overclustering") or {}).items():
+        out[f"leopart_overcluster{k}_mIoU"] = v.get("mIoU")
+    return out
 
 
 def table(results: dict[str, dict[str, float | None]]) -> str:
@@ -40,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="a method: leopart_finetune preset")
     p.add_argument("--out-dir", default="runs/finetune_quality")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--leopart", action="store_true", help="also score Leopart's CBFE + CD with each backbone")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the fine-tuning preset")
     a = p.parse_args(argv)
     import torch
@@ -69,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[label] = stage_numbers(m)
         timing[f"{label}_s"] = round(time.time() - t0, 1)
         print(f"{label} ({weights}): {timing[f'{label}_s']}s {results[label]}", flush=True)
+        if a.leopart:
+            lc = load_config(None, [f"{k}={v}" for k, v in
+                                    leopart_overrides(cfg.data.root, out, f"leopart_{label}", weights).items()])
+            t0 = time.time()
+            run_pipeline(lc)
+            results[label].update(leopart_numbers(json.loads((lc.run_dir / "eval" / "metrics.json").read_text())))
+            timing[f"leopart_{label}_s"] = round(time.time() - t0, 1)
+            print(f"leopart {label}: {timing[f'leopart_{label}_s']}s", flush=True)
     (out / "finetune_quality.json").write_text(json.dumps(
         {"results": results, "finetune": ft_info, "backbones": backbones, "seconds": timing}, indent=2))
     print(table(results))
