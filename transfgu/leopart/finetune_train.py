@@ -355,8 +355,9 @@ def finetune(
 
 def write_pictures(cfg: Config, images: Sequence[np.ndarray], out: Path, after: DinoViT, n: int = 4,
                    k: int = 8) -> None:
-    """``<run>/finetune/before_after.png``: attention and cluster maps of the first ``n`` training images with the
-    source backbone and the fine-tuned one (best effort: a picture never fails the stage)."""
+    """``<run>/finetune/before_after.png``: attention and cluster maps of ``n`` training images spread over the split
+    (consecutive frames of a video look alike) with the source backbone and the fine-tuned one (best effort: a
+    picture never fails the stage)."""
     from transfgu.layout import RunLayout
     from transfgu.leopart.viz import finetune_pictures_png
     from transfgu.runtime import load_run_backbone
@@ -364,8 +365,9 @@ def write_pictures(cfg: Config, images: Sequence[np.ndarray], out: Path, after: 
     try:
         before = load_run_backbone(cfg.backbone, RunLayout(out.parent), cfg.run.seed)
         after_cpu = copy.deepcopy(after).cpu()
-        finetune_pictures_png(list(images[:n]), {"before": before, "after": after_cpu}, cfg.finetune.global_size, k,
-                              out / PICTURES)
+        pick = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int))
+        finetune_pictures_png([images[i] for i in pick], {"before": before, "after": after_cpu},
+                              cfg.finetune.global_size, k, out / PICTURES)
     except Exception as exc:  # matplotlib missing, odd images: the backbone file matters, the picture does not
         log.warning("[finetune] no before/after picture: %s", exc)
 
