@@ -292,6 +292,13 @@ def save_finetuned_backbone(model: DenseModel, path: Path, meta: dict[str, Any],
     os.replace(tmp, path)
 
 
+def backbone_from_state(state: Path, which: str = "student") -> dict[str, Tensor]:
+    """The ``student`` or ``teacher`` ViT of an epoch state, in timm/DINO key layout."""
+    groups, _ = load_train_state(Path(state))
+    pre = "backbone.vit."
+    return {k[len(pre):]: v for k, v in groups[which].items() if k.startswith(pre)}
+
+
 def finetune(
     cfg: Config, backbone: DinoViT, images: Sequence[np.ndarray], out: Path, input_hash: str, device: torch.device,
     rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,

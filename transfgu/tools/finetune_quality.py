@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out-dir", default="runs/finetune_quality")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--leopart", action="store_true", help="also score Leopart's CBFE + CD with each backbone")
+    p.add_argument("--student", action="store_true",
+                   help="also score the last epoch's student backbone (short runs: the EMA teacher barely moves)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the fine-tuning preset")
     a = p.parse_args(argv)
     import torch
@@ -82,9 +85,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing: dict[str, Any] = {"finetune_s": round(time.time() - t0, 1)}
     print(f"finetune: {timing['finetune_s']}s losses {[h['loss'] for h in ft_info['history']]}", flush=True)
     backbones = {"before": cfg.backbone.weights, "after": str(cfg.run_dir / "finetune" / "backbone.safetensors")}
+    if a.student:  # the student of the last epoch, next to the exported (teacher) backbone
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        from transfgu.context import stage_hashes
+        from transfgu.leopart.finetune_train import backbone_from_state, latest_state
+
+        state = latest_state(cfg.run_dir / "finetune", stage_hashes(cfg)["finetune"])
+        if state is None:
+            raise SystemExit("no epoch state of this fine-tuning run to take the student from")
+        with safe_open(backbones["after"], framework="pt") as fh:
+            meta = fh.metadata() or {}
+        path = out / f"{cfg.data.name}_student_backbone.safetensors"
+        save_file({k: v.contiguous() for k, v in backbone_from_state(state, "student").items()}, str(path), meta)
+        backbones["after (student)"] = str(path)
     results: dict[str, dict[str, float | None]] = {}
     for label, weights in backbones.items():
-        qc = quality_config(cfg.data.name, cfg.data.root, out, f"{cfg.data.name}_{label}", weights,
+        tag = re.sub(r"\W+", "_", label).strip("_")  # "after (student)" -> after_student
+        qc = quality_config(cfg.data.name, cfg.data.root, out, f"{cfg.data.name}_{tag}", weights,
                             **{"mlflow.enabled": "false", "run.report": "false"})
         t0 = time.time()
         run_pipeline(qc)
@@ -94,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label} ({weights}): {timing[f'{label}_s']}s {results[label]}", flush=True)
         if a.leopart:
             lc = load_config(None, [f"{k}={v}" for k, v in
-                                    leopart_overrides(cfg.data.root, out, f"leopart_{label}", weights).items()])
+                                    leopart_overrides(cfg.data.root, out, f"leopart_{tag}", weights).items()])
             t0 = time.time()
             run_pipeline(lc)
             results[label].update(leopart_numbers(json.loads((lc.run_dir / "eval" / "metrics.json").read_text())))
