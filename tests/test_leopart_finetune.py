@@ -336,3 +336,16 @@ def test_without_learning_the_loss_does_not_decrease(tmp_path):
     run_pipeline(cfg)
     losses = [h["loss"] for h in json.loads((cfg.run_dir / "finetune" / "finetune.json").read_text())["history"]]
     assert losses[-1] > losses[1] - 0.1, losses
+
+
+def test_folder_preset_is_the_appendix_recipe():
+    from conftest import REPO
+
+    from transfgu.config import load_config
+
+    f = load_config(REPO / "conf" / "leopart_finetune.yaml", []).finetune
+    assert (f.epochs, f.global_size, f.local_size, f.min_intersection) == (50, 224, 96, 0.01)
+    assert (f.hidden_dim, f.out_dim, f.queue_length, f.temperature, f.align_size) == (2048, 256, 8192, 0.1, 7)
+    assert (f.lr_head, f.lr_backbone, f.momentum) == (1e-4, 1e-5, 0.9995)
+    for name in ("leopart_finetune_camvid", "leopart_finetune_tiny"):
+        assert load_config(REPO / "conf" / f"{name}.yaml", []).method == "leopart_finetune"
