@@ -606,7 +606,7 @@ class StepKernels:
     """
 
     def __init__(self, device: torch.device | str, mode: CompileMode | None = None,
-                 backend: str | Callable[..., Any] = "inductor") -> None:
+                 backend: str | Callable[..., Any] | None = None) -> None:
         on_cuda = torch.device(device).type == "cuda"
         self.geometry = compile_function(augment_geometry, mode, on_cuda, backend, "the augmentation geometry")
         self.losses = compile_function(step_losses, mode, on_cuda, backend, "the decoder and losses")
@@ -711,9 +711,9 @@ def train_one_epoch(
                 crops, labels = apply_augment(images, pseudo, mine, patch_size=ps, geometry=kernels.geometry)
             else:
                 crops, labels = apply_augment(images, pseudo, mine, patch_size=ps)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                with torch.no_grad():
-                    feats = backbone(crops)
+            amp_on = amp_dtype is not None
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_on), torch.no_grad():
+                feats = backbone(crops)
             common = dict(variant=variant, t_bg=t_bg, mix=mix, alpha=plan.alpha, weights=loss_weights,
                           empty_fg=empty_fg, amp_dtype=amp_dtype)  # fmt: skip
             if world == 1:  # the whole batch: no share, no foreground all-reduce (nothing read on the host)

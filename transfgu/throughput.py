@@ -46,6 +46,7 @@ __all__ = [
     "PrefetchLoader",
     "Prefetcher",
     "HostSyncCounter",
+    "compile_backend_from_env",
     "compile_forward",
     "compile_function",
     "compile_mode_from_env",
@@ -99,10 +100,16 @@ def compile_mode_from_env() -> CompileMode:
     return "auto"
 
 
+def compile_backend_from_env() -> str:
+    """``TRANSFGU_COMPILE_BACKEND`` (default ``inductor``; ``aot_eager``/``eager`` trace without generating code,
+    which tests use to run the compiled paths on a CPU, also inside Ray workers)."""
+    return os.environ.get("TRANSFGU_COMPILE_BACKEND", "").strip() or "inductor"
+
+
 def compile_forward(
     backbone: torch.nn.Module,
     mode: CompileMode | None = None,
-    backend: str | Callable[..., Any] = "inductor",
+    backend: str | Callable[..., Any] | None = None,
     compile_kwargs: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """Route ``backbone.forward`` (a DinoViT's eval forward) through ``torch.compile``; returns ``backbone``.
@@ -117,6 +124,7 @@ def compile_forward(
     from transfgu.models.backbone import ViTFeatures
 
     mode = mode or compile_mode_from_env()
+    backend = backend or compile_backend_from_env()
     if mode == "off" or getattr(backbone, "_transfgu_compiled", False):
         return backbone
     try:
@@ -161,7 +169,7 @@ def compile_function(
     fn: Callable[..., R],
     mode: CompileMode | None = None,
     on_cuda: bool = False,
-    backend: str | Callable[..., Any] = "inductor",
+    backend: str | Callable[..., Any] | None = None,
     name: str | None = None,
 ) -> Callable[..., R]:
     """``torch.compile(fn)`` with the fallback of :func:`compile_forward`: any failure -> eager, one warning.
@@ -171,6 +179,7 @@ def compile_function(
     exposes ``compiled`` (True while the compiled function is in use) and ``eager`` (``fn``).
     """
     mode = mode or compile_mode_from_env()
+    backend = backend or compile_backend_from_env()
     label = name or getattr(fn, "__name__", "function")
     if mode == "off" or (mode == "auto" and not on_cuda):
         return fn
@@ -443,7 +452,8 @@ class HostSyncCounter:
     def _record(self, what: str) -> None:
         import traceback
 
-        frames = [f for f in traceback.extract_stack()[:-2] if "transfgu" in f.filename and "throughput" not in f.filename]
+        stack = traceback.extract_stack()[:-2]
+        frames = [f for f in stack if "transfgu" in f.filename and "throughput" not in f.filename]
         where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
         self.events.append(f"{what} at {where}")
 
