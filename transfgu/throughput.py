@@ -15,7 +15,12 @@ the property ``tests/test_throughput.py`` checks on CPU with a fixed-latency sta
 * :func:`prepare_images` resizes + normalises a group of decoded images into one (pinned) batch, so that work can
   run in the prefetch thread instead of in front of the model.
 
-Nothing here knows about Ray; the Ray executors get the same behaviour from Ray Data's own pipelining.
+* :func:`compile_function` is the same fallback for any function (the training step's device work,
+  :class:`transfgu.engine.StepKernels`); :class:`HostSyncCounter` counts host reads of device values on any device
+  (the CPU test that a training step reads nothing back).
+
+Nothing here knows about Ray; the Ray stage actors run the same stage code (``context.run_backbone``,
+``ShardedStage.load``/``compute``) with two calls per actor in place of the prefetch and writer threads.
 """
 
 from __future__ import annotations
