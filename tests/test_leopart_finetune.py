@@ -157,6 +157,15 @@ def test_cluster_loss_lowest_when_student_predicts_aligned_teacher():
     assert float(bad) > float(good) + 0.1
 
 
+def test_a_finetuned_backbone_is_pretrained_only_when_its_source_was():
+    from transfgu.leopart.finetune_train import finetuned_prior
+    from transfgu.models.backbone import PRIOR_FINETUNED_RANDOM, PRIOR_PRETRAINED, PRIOR_RANDOM, PRIOR_STANDIN
+
+    assert finetuned_prior(PRIOR_RANDOM) == finetuned_prior(PRIOR_FINETUNED_RANDOM) == PRIOR_FINETUNED_RANDOM
+    assert finetuned_prior(PRIOR_STANDIN) == PRIOR_STANDIN
+    assert finetuned_prior(PRIOR_PRETRAINED) is None  # no mark: weights_prior reads it as pretrained
+
+
 def test_usage_entropy():
     assert ft.usage_entropy(torch.eye(4)) == pytest.approx(math.log(4))
     assert ft.usage_entropy(torch.tensor([[1.0, 0.0]] * 5)) == pytest.approx(0.0)
@@ -244,11 +253,16 @@ def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
     assert '"weights": "none"' in meta[ftt.FINETUNE_METADATA_KEY]
+    # fine-tuned from a random init: never recorded as pretrained
+    from transfgu.models.backbone import PRIOR_FINETUNED_RANDOM, PRIOR_METADATA_KEY, weights_prior
+
+    assert meta[PRIOR_METADATA_KEY] == PRIOR_FINETUNED_RANDOM == weights_prior(path)
     # TransFGU's extract and Leopart's dense + CBFE + communities accept it as backbone.weights
     from conftest import tiny_config
     from test_leopart import leopart_config
 
     tf = tiny_config(tmp_path / "tf", "tf", **{"backbone.weights": str(path), "data.max_train_images": "2"})
+    assert tf.backbone.source.prior == PRIOR_FINETUNED_RANDOM and not tf.backbone.source.pretrained
     m = run_pipeline(tf, only=["extract"])
     assert m["stages"]["extract"]["status"] == "done"
     lp = leopart_config(tmp_path / "lp", "lp", **{"backbone.weights": str(path)})

@@ -38,7 +38,9 @@ from transfgu.config import Config
 from transfgu.ddp import batch_piece, step_generator, step_loader, step_seed
 from transfgu.leopart import finetune as ft
 from transfgu.models.backbone import (
+    PRIOR_FINETUNED_RANDOM,
     PRIOR_METADATA_KEY,
+    PRIOR_RANDOM,
     PRIOR_STANDIN,
     DinoViT,
     normalize,
@@ -277,16 +279,27 @@ def set_aside_other_settings(out: Path, input_hash: str) -> list[Path]:
     return moved
 
 
-def save_finetuned_backbone(model: DenseModel, path: Path, meta: dict[str, Any], standin: bool) -> None:
-    """The backbone's state dict in timm/DINO key layout, with the fine-tuning record in the file's metadata."""
+def finetuned_prior(source_prior: str | None) -> str | None:
+    """The prior mark of a fine-tuned backbone: the stand-in stays the stand-in, a random init becomes
+    ``fine-tuned from random`` (never ``pretrained``), a pretrained source needs no mark."""
+    if source_prior in (PRIOR_RANDOM, PRIOR_FINETUNED_RANDOM):
+        return PRIOR_FINETUNED_RANDOM
+    if source_prior == PRIOR_STANDIN:
+        return PRIOR_STANDIN
+    return None
+
+
+def save_finetuned_backbone(model: DenseModel, path: Path, meta: dict[str, Any], prior: str | None) -> None:
+    """The backbone's state dict in timm/DINO key layout, with the fine-tuning record (and the prior mark of
+    :func:`finetuned_prior`) in the file's metadata."""
     import os
 
     from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous().cpu() for k, v in model.backbone.vit.state_dict().items()}
     md = {FINETUNE_METADATA_KEY: json.dumps(meta, sort_keys=True)}
-    if standin:
-        md[PRIOR_METADATA_KEY] = PRIOR_STANDIN
+    if prior is not None:
+        md[PRIOR_METADATA_KEY] = prior
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=md)
     os.replace(tmp, path)
@@ -351,8 +364,7 @@ def finetune(
     meta = {"source": source or {}, "finetune": json.loads(f.model_dump_json()), "input_hash": input_hash,
             "epochs": f.epochs, "exported": f.export}
     if rank == 0:
-        standin = (source or {}).get("prior") == PRIOR_STANDIN
-        save_finetuned_backbone(final, out / BACKBONE_OUT, meta, standin)
+        save_finetuned_backbone(final, out / BACKBONE_OUT, meta, finetuned_prior((source or {}).get("prior")))
         write_pictures(cfg, images, out, final.backbone)
         atomic_write_json(out / INFO_FILE, {**meta, "arch": cfg.backbone.arch, "history": history,
                                             "backbone_file": BACKBONE_OUT, "images": len(images),
