@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from functools import cached_property
 
+import torch
+
 from transfgu.config import Config
 from transfgu.data.datasets import SUBSET_OPTIONS
 from transfgu.errors import ErrorLog
@@ -27,6 +29,10 @@ def method_stages(cfg: Config) -> tuple[str, ...]:
         from transfgu.leopart.pipeline import STAGES as LEOPART_STAGES
 
         return tuple(LEOPART_STAGES)
+    if cfg.method == "leopart_finetune":
+        from transfgu.leopart.finetune_train import STAGES as FINETUNE_STAGES
+
+        return tuple(FINETUNE_STAGES)
     return STAGES
 
 
@@ -36,6 +42,10 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
         from transfgu.leopart.pipeline import stage_hashes as leopart_hashes
 
         return leopart_hashes(cfg)
+    if cfg.method == "leopart_finetune":
+        from transfgu.leopart.finetune_train import stage_hashes as finetune_hashes
+
+        return finetune_hashes(cfg)
     d = json.loads(cfg.model_dump_json())
     data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
     # Training/evaluation subsets (curated lists) do not change the crop, concept and label-bank stages.
@@ -49,6 +59,14 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     )
     h_ev = config_hash({"up": h_tr, "eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]})
     return {"extract": h_ex, "concepts": h_co, "label_bank": h_lb, "train": h_tr, "evaluate": h_ev}
+
+
+def run_backbone(cfg: Config, layout: RunLayout, device: torch.device) -> DinoViT:
+    """The run's frozen backbone on ``device``, eval mode, its eval forward compiled (``TRANSFGU_COMPILE``: on CUDA
+    by default, eager fallback): the one construction every executor uses (this process, the Ray Data stage actors,
+    the Ray Train workers)."""
+    bb = load_run_backbone(cfg.backbone, layout, cfg.run.seed).to(device).eval()
+    return compile_forward(bb)
 
 
 class RunContext:
@@ -73,5 +91,4 @@ class RunContext:
 
     @cached_property
     def backbone(self) -> DinoViT:
-        bb = load_run_backbone(self.cfg.backbone, self.layout, self.cfg.run.seed).to(self.device)
-        return compile_forward(bb)  # eval forward compiled on CUDA, eager fallback
+        return run_backbone(self.cfg, self.layout, self.device)
