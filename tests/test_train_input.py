@@ -63,6 +63,8 @@ def test_packed_rows_are_the_bank_readers_bits(tmp_path):
         int(bank.offsets[r + 1] - bank.offsets[r]) for r in rows[[0, 1, 3]])
     with pytest.raises(ValueError, match="does not hold"):
         ts.decode_record(ts.encode_record(lms[0])[:-4])
+    with pytest.raises(ValueError, match="no header"):
+        ts.decode_record(ts.encode_record(lms[0])[:8])
 
 
 def test_stale_or_torn_stores_are_rebuilt_not_read(tmp_path):

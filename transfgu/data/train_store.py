@@ -9,8 +9,9 @@ in a process's RSS), and nothing but the index (8 bytes a row) stays in memory, 
 same memory at 20k and at 80k images and reads bytes in proportion to its batch (bench/train_input.py).
 
 * **Packed label bank** ``bank-<key12>.bin``: the compact rows of the bank (:class:`transfgu.store.LabelMaps`,
-  lossless) one after another -- header ``K, h, w, n_bonus`` (int32), ``a_hat`` (float32), the gate bits, the
-  kept-bonus positions (int32) and values (float32). :meth:`PackedLabelBank.row` returns the same ``LabelMaps``
+  lossless) one after another, each a small header and a zstd-compressed payload (``a_hat``, the gate bits, the
+  kept-bonus positions as deltas and their values; :func:`encode_record`), so a row costs about what it costs in
+  the Parquet bank. :meth:`PackedLabelBank.row` returns the same ``LabelMaps``
   as :func:`transfgu.store.read_label_bank` (``dense()`` bit-identical, tested).
 * **Image store** ``images-<key12>.u8`` (``train.image_store``): every training image resized to the train size
   as ``3 x H x W`` uint8 (:func:`transfgu.data.transforms.to_uint8_chw`, the very bytes training used to decode),
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -54,42 +56,64 @@ log = logging.getLogger(__name__)
 STORE_DIR = "_train_input"
 PACKED_FORMAT = "transfgu.packed_label_bank/1"
 IMAGES_FORMAT = "transfgu.train_images/1"
-_HEADER = struct.Struct("<4i")  # K, h, w, n_bonus
+_HEADER = struct.Struct("<5i")  # K, h, w, n_bonus, bytes of the uncompressed payload
+_CODEC = "zstd"
 
 
-# -- one record ------------------------------------------------------------------------------------------------------
+def _shuffle(a: np.ndarray) -> bytes:
+    """Byte-stream split of 4-byte values (Parquet's BYTE_STREAM_SPLIT): the k-th bytes of all values together,
+    which zstd compresses far better for floats and small deltas."""
+    return np.ascontiguousarray(a).view(np.uint8).reshape(-1, 4).T.tobytes()
+
+
+def _unshuffle(buf: bytes, n: int, offset: int, dtype: str) -> np.ndarray:
+    return np.frombuffer(buf, np.uint8, 4 * n, offset).reshape(4, n).T.copy().view(dtype).reshape(n)
+
+
 def encode_record(lm: LabelMaps) -> bytes:
-    """The packed bytes of one image's compact maps (lossless; :func:`decode_record` inverts it)."""
+    """The packed bytes of one image's compact maps (lossless; :func:`decode_record` inverts it).
+
+    Payload: ``a_hat`` (float32), the gate bits, the bonus positions as deltas (int32) and the values (float32),
+    the 4-byte arrays byte-stream split, compressed with zstd as a whole (the label bank's Parquet encodings, per
+    row).
+    """
     k, h, w = lm.shape
-    return b"".join((
-        _HEADER.pack(k, h, w, int(lm.index.size)),
-        np.ascontiguousarray(lm.attn, dtype="<f4").tobytes(),
+    index = np.asarray(lm.index, dtype=np.int64)
+    delta = np.diff(index, prepend=0).astype("<i4")
+    payload = b"".join((
+        _shuffle(np.asarray(lm.attn, dtype="<f4").reshape(-1)),
         np.packbits(lm.gate.reshape(-1), bitorder="little").tobytes(),
-        np.ascontiguousarray(lm.index, dtype="<i4").tobytes(),
-        np.ascontiguousarray(lm.value, dtype="<f4").tobytes(),
+        _shuffle(delta),
+        _shuffle(np.asarray(lm.value, dtype="<f4")),
     ))
+    body = pa.compress(payload, codec=_CODEC, asbytes=True)
+    return _HEADER.pack(k, h, w, int(index.size), len(payload)) + body
 
 
 def decode_record(buf: bytes | memoryview, where: str = "packed label bank") -> LabelMaps:
     """:class:`LabelMaps` of one packed record; ``ValueError`` (naming ``where``) when the bytes do not add up."""
     if len(buf) < _HEADER.size:
         raise ValueError(f"{where}: a record of {len(buf)} bytes has no header")
-    k, h, w, nb = _HEADER.unpack_from(buf, 0)
+    k, h, w, nb, raw = _HEADER.unpack_from(buf, 0)
     n = k * h * w
     sizes = (4 * h * w, (n + 7) // 8, 4 * nb, 4 * nb)
-    if min(k, h, w, nb) < 0 or len(buf) != _HEADER.size + sum(sizes):
-        raise ValueError(f"{where}: a record of {len(buf)} bytes does not hold K={k} x {h} x {w} maps")
-    o = _HEADER.size
-    attn = np.frombuffer(buf, "<f4", h * w, o).reshape(h, w)
+    if min(k, h, w, nb) < 0 or raw != sum(sizes):
+        raise ValueError(f"{where}: a record does not hold K={k} x {h} x {w} maps")
+    try:
+        payload = pa.decompress(memoryview(buf)[_HEADER.size :], decompressed_size=raw, codec=_CODEC, asbytes=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{where}: a record does not hold K={k} x {h} x {w} maps ({exc})") from exc
+    o = 0
+    attn = _unshuffle(payload, h * w, o, "<f4").reshape(h, w)
     o += sizes[0]
-    gate = np.unpackbits(np.frombuffer(buf, np.uint8, sizes[1], o), count=n, bitorder="little").astype(bool)
+    gate = np.unpackbits(np.frombuffer(payload, np.uint8, sizes[1], o), count=n, bitorder="little").astype(bool)
     o += sizes[1]
-    index = np.frombuffer(buf, "<i4", nb, o).astype(np.int64)
+    index = np.cumsum(_unshuffle(payload, nb, o, "<i4"), dtype=np.int64)
     o += sizes[2]
-    value = np.frombuffer(buf, "<f4", nb, o).astype(np.float32)
+    value = _unshuffle(payload, nb, o, "<f4")
     if nb and (int(index.min()) < 0 or int(index.max()) >= n):
         raise ValueError(f"{where}: bonus positions outside K*h*w={n}")
-    return LabelMaps(attn.astype(np.float32), gate.reshape(k, h, w), index, value)
+    return LabelMaps(attn.astype(np.float32), gate.reshape(k, h, w), index, value.astype(np.float32))
 
 
 # -- positional reads ------------------------------------------------------------------------------------------------
