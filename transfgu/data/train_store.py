@@ -211,7 +211,7 @@ def write_packed_bank(bank_dir: Path, bank_hash: str | None) -> Path:
     if len(set(ids)) != len(ids):
         raise ValueError(f"{bank_dir}: the label bank lists an image twice")
     with atomic_open(index, "wb") as f:
-        np.save(f, np.asarray(offsets, dtype=np.int64))
+        np.save(f, np.asarray(offsets, dtype=np.int64), allow_pickle=False)
     atomic_write_json(id_file, ids, indent=None)
     atomic_write_json(stamp, {"format": PACKED_FORMAT, "key": key, "input_hash": bank_hash, "rows": len(ids),
                               "bytes": offsets[-1], "data": data.name, "index": index.name, "ids": id_file.name})
