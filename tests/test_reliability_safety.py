@@ -67,11 +67,11 @@ def check_file(path: Path) -> str:
     elif suffix == ".db":
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
             con.execute("select count(*) from sqlite_master").fetchone()
-    elif suffix in (".bin", ".u8"):  # training input stores: raw records behind their JSON stamp (train_store)
+    elif suffix in (".rows", ".u8"):  # training input stores: raw records behind their JSON stamp (train_store)
         from transfgu.data.train_store import ImageStore, PackedLabelBank
 
         stamp = path.with_suffix(".json")
-        if suffix == ".bin":
+        if suffix == ".rows":
             bank = PackedLabelBank(stamp)
             [bank.row(r) for r in range(len(bank))]
         else:

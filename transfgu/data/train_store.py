@@ -8,7 +8,7 @@ of exactly one record's bytes at an offset from a small index. Nothing is memory
 in a process's RSS), and nothing but the index (8 bytes a row) stays in memory, so a training process holds the
 same memory at 20k and at 80k images and reads bytes in proportion to its batch (bench/train_input.py).
 
-* **Packed label bank** ``bank-<key12>.bin``: the compact rows of the bank (:class:`transfgu.store.LabelMaps`,
+* **Packed label bank** ``bank-<key12>.rows``: the compact rows of the bank (:class:`transfgu.store.LabelMaps`,
   lossless) one after another, each a small header and a zstd-compressed payload (``a_hat``, the gate bits, the
   kept-bonus positions as deltas and their values; :func:`encode_record`), so a row costs about what it costs in
   the Parquet bank. :meth:`PackedLabelBank.row` returns the same ``LabelMaps``
@@ -199,7 +199,7 @@ def write_packed_bank(bank_dir: Path, bank_hash: str | None) -> Path:
     """Pack the bank of ``bank_dir`` once; returns its stamp file. Memory: one shard file's rows."""
     key = bank_key(bank_dir, bank_hash)
     out = store_dir(bank_dir)
-    data, index, id_file, stamp = (out / f"bank-{key[:12]}.{ext}" for ext in ("bin", "index.npy", "ids.json", "json"))
+    data, index, id_file, stamp = (out / f"bank-{key[:12]}.{ext}" for ext in ("rows", "index.npy", "ids.json", "json"))
     ids: list[str] = []
     offsets = [0]
     with atomic_open(data, "wb") as f:
@@ -255,7 +255,7 @@ def open_packed_bank(bank_dir: Path, bank_hash: str | None) -> PackedLabelBank:
     key = bank_key(bank_dir, bank_hash)
     stamp = store_dir(bank_dir) / f"bank-{key[:12]}.json"
     meta = _read_stamp(stamp)
-    if not _valid(meta, PACKED_FORMAT, key, stamp.parent / f"bank-{key[:12]}.bin"):
+    if not _valid(meta, PACKED_FORMAT, key, stamp.parent / f"bank-{key[:12]}.rows"):
         stamp = write_packed_bank(bank_dir, bank_hash)
     return PackedLabelBank(stamp)
 
