@@ -32,7 +32,7 @@ def tracked(tmp_path_factory):
 
     cfg = tiny_config(tmp_path_factory.mktemp("mlruns"), **{
         "mlflow.enabled": "true", "run.report": "false", "mlflow.registered_model": "tiny-seg",
-        "mlflow.system_metrics_interval": "0.02",  # a warm process trains the tiny model in well under a second
+        "mlflow.system_metrics_interval": "0.2",
     })
     run_pipeline(cfg)
     uri = resolve_tracking_uri(cfg)

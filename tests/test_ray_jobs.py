@@ -109,8 +109,8 @@ def test_full_pipeline_as_a_ray_job(head, tmp_path):
     entry = ("python ray_jobs/full_pipeline.py --config conf/demo_camvid.yaml "
              f"data.root={camvid} run.root={run_root} " + " ".join(f"'{o}'" for o in TINY))
     # the head's job agent can lag its dashboard on a busy machine; Ray answers "No available agent to submit job,
-    # please try again later" until it is up
-    deadline = time.time() + 120
+    # please try again later" until it is up (minutes when every core is busy)
+    deadline = time.time() + 300
     while True:
         try:
             job = head.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO)})

@@ -62,3 +62,19 @@ def test_one_process_pipeline_run_tree(tmp_path, monkeypatch):
     assert len(parents) == 2
     second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
     assert len(second) == 5 and all(r.data.tags["skipped"] == "true" for r in second)
+
+
+def test_a_stage_shorter_than_the_sampling_interval_still_logs_system_metrics(tmp_path):
+    """MLflow's sampler publishes only after a whole interval; a short stage must still get its end-of-stage sample."""
+    from mlflow import MlflowClient
+
+    from transfgu.tracking import start_system_metrics
+
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("sysm"))
+    mon = start_system_metrics(uri, run.info.run_id, 60.0)  # far longer than this "stage"
+    mon.finish()
+    keys = client.get_run(run.info.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in keys and "system/system_memory_usage_megabytes" in keys
+    client.set_terminated(run.info.run_id)

@@ -1,4 +1,4 @@
-"""The ``transfgu`` command: ``run``, ``evaluate``, ``predict``, ``report``, ``export``.
+"""The ``transfgu`` command: ``run``, ``evaluate``, ``predict``, ``report``, ``export``, ``clean``.
 
 ``transfgu run`` runs every stage in this process (the one-process executor); ``transfgu run --ray`` runs the same
 stages on a Ray cluster (joined at ``ray.address`` / ``RAY_ADDRESS``, else a private local one). The scripts in
@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "report": ("transfgu.report", "main", "write the visual HTML report of a run directory"),
     "export": ("transfgu.export", "main", "export a trained model (backbone + decoder) for deployment"),
     "import-decoder": ("transfgu.import_reference", "main", "make a model from an authors' decoder checkpoint"),
+    "clean": ("transfgu.clean", "main", "list (--yes: delete) the outputs a run set aside under _stale/"),
 }
 
 

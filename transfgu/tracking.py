@@ -396,11 +396,23 @@ def _best_effort(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def start_system_metrics(tracking_uri: str, run_id: str, interval: float) -> Any:
-    """Start MLflow's system-metrics sampler for ``run_id`` (a thread; ``.finish()`` stops it)."""
+    """Start MLflow's system-metrics sampler for ``run_id`` (a thread; ``.finish()`` stops it).
+
+    MLflow's sampler publishes a sample only after a whole ``interval``: a stage shorter than that (a skipped-fast
+    stage, a tiny run) would end with no ``system/*`` metric at all. ``finish()`` therefore logs one last sample
+    when none was published, so every stage run records at least its end-of-stage CPU/memory/disk figures.
+    """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    mon = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
-                               tracking_uri=tracking_uri)
+    class _StageMonitor(SystemMetricsMonitor):  # type: ignore[misc]
+        def finish(self) -> None:
+            super().finish()
+            if getattr(self, "_logging_step", 1) == 0:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+
+    mon = _StageMonitor(run_id, sampling_interval=interval, samples_before_logging=1, tracking_uri=tracking_uri)
     mon.start()
     return mon
 
