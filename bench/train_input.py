@@ -13,6 +13,8 @@ written once by the parent:
   images cached in memory). Each reads ``--steps`` batches of ``--batch`` images; reported: peak RSS, RSS after
   the steps, bytes per step from the reader's counters and from ``/proc/self/io`` ``rchar``, and the peak RSS of
   ``--loader-workers`` DataLoader processes (``RUSAGE_CHILDREN``).
+* **row groups**: the alternative to the packed bank, Parquet with one row per row group and an index, read with
+  ``read_row_group``: bytes per step and the bytes of opening it (every footer) at N and 4N.
 * **k-means**: features of N and 4N crops in Parquet shards, held by 1 and 4 :class:`ShardHolder` s (one process
   each: a holder per ``1/num_tasks`` of the data, as ``distributed_kmeans`` does). Reported per holder: peak RSS,
   bytes read while loading and while running ``--iters`` Lloyd iterations (``rchar``; the iterations read 0).
@@ -167,7 +169,36 @@ def child_kmeans(a: dict[str, Any]) -> dict[str, Any]:
             "s": time.perf_counter() - t0}
 
 
-CHILDREN = {"build": child_build, "loader": child_loader, "kmeans": child_kmeans}
+def child_rowgroups(a: dict[str, Any]) -> dict[str, Any]:
+    """The alternative to the packed bank: the bank rewritten as Parquet with one row per row group plus an index
+    (file, row group), each item read with ``read_row_group``. Same steps as ``child_loader`` (bank rows only)."""
+    import pyarrow.parquet as pq
+
+    from transfgu.ddp import epoch_order
+    from transfgu.store import list_parquet_files, write_parquet_atomic
+
+    src = list_parquet_files(Path(a["bank"]))
+    out = Path(a["bank"]).parent / f"rowgroups{a['n']}"
+    for f in src:
+        write_parquet_atomic(pq.read_table(f), out / f.name, row_group_size=1)
+    r0 = _rchar()
+    files = [pq.ParquetFile(f) for f in list_parquet_files(out)]
+    index = [(i, g) for i, pf in enumerate(files) for g in range(pf.metadata.num_row_groups)]
+    open_bytes = _rchar() - r0
+    footer = sum(pf.metadata.serialized_size for pf in files)
+    order = epoch_order(len(index), 0, 0)
+    r1 = _rchar()
+    steps = 0
+    for s in range(a["steps"]):
+        for j in order[s * a["batch"] : (s + 1) * a["batch"]]:
+            i, g = index[j]
+            files[i].read_row_group(g)
+        steps += 1
+    return {"n": a["n"], "open_rchar": open_bytes, "footer_bytes": footer, "rchar_per_step": (_rchar() - r1) / steps,
+            "peak_rss_mib": _peak(), "bytes_on_disk": sum(p.stat().st_size for p in out.glob("*.parquet"))}
+
+
+CHILDREN = {"build": child_build, "loader": child_loader, "kmeans": child_kmeans, "rowgroups": child_rowgroups}
 
 
 def _run(kind: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         png = root / "img.png"
         Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(png)
-        rows: dict[str, Any] = {"build": [], "loader": [], "kmeans": []}
+        rows: dict[str, Any] = {"build": [], "loader": [], "kmeans": [], "rowgroups": []}
         for mult in (1, 4):
             bank = root / f"bank{mult}"
             _write_bank(bank, mult * n, k, h, w)
@@ -217,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows["build"].append({"n": mult * n, **_run("build", base)})
             for reader, workers in (("stream", 0), ("stream", args.loader_workers), ("dict", 0)):
                 rows["loader"].append(_run("loader", {**base, "reader": reader, "workers": workers}))
+            rows["rowgroups"].append(_run("rowgroups", base))
+            rows["build"][-1]["parquet_bytes"] = sum(f.stat().st_size for f in bank.glob("*.parquet"))
             feats = root / f"features{mult}"
             _write_features(feats, mult * crops, d, files=8 * mult)
             kb = {"features": str(feats), "d": d, "k": kk, "iters": 3}
@@ -244,6 +277,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           s4["reader_bytes_per_step"] / s1["reader_bytes_per_step"] <= 1.1))
     cmp.append(comparison("old in-memory loader peak RSS, 4N / N", f"dict N={n}", f"dict 4N={4 * n}",
                           d4["peak_rss_mib"] / d1["peak_rss_mib"], "x", measured=True))
+    g1, g4 = rows["rowgroups"]
+    packed_row = s1["reader_bytes_per_step"] / args.batch - 3 * size[0] * size[1]
+    cmp.append(comparison("label-bank bytes per step: Parquet, 1 row per row group / packed rows", "packed",
+                          "Parquet row groups", g1["rchar_per_step"] / (args.batch * packed_row), "x", measured=True))
+    cmp.append(comparison("opening the row-group index (footers read), 4N / N", f"N={n}", f"4N={4 * n}",
+                          g4["open_rchar"] / max(1, g1["open_rchar"]), "x", measured=True))
     hold = [r for r in rows["kmeans"] if r["mode"] == "holder"]
     h1 = max(r["peak_rss_mib"] for r in hold if r["n"] == crops)
     h4 = max(r["peak_rss_mib"] for r in hold if r["n"] == 4 * crops)
