@@ -42,6 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from transfgu.data.io import load_rgb
+from transfgu.data.transforms import to_uint8_chw
 from transfgu.store import (
     LabelMaps,
     atomic_open,
@@ -269,13 +271,12 @@ class _DecodeRecords(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from transfgu.data.io import load_rgb
-        from transfgu.data.transforms import to_uint8_chw
-
         return to_uint8_chw(load_rgb(self.paths[i]), self.size)
 
 
 def images_key(paths: Sequence[str], size: tuple[int, int]) -> str:
+    """What an image store is built from: the image paths in row order and the train size (like every stage input
+    of the pipeline, the files are identified by path, not content)."""
     return config_hash({"format": IMAGES_FORMAT, "size": list(size), "paths": [str(p) for p in paths]})
 
 
@@ -382,9 +383,6 @@ class StreamingBankDataset(torch.utils.data.Dataset):
     def image(self, i: int) -> torch.Tensor:
         if self.images is not None:
             return self.images.row(i)
-        from transfgu.data.io import load_rgb
-        from transfgu.data.transforms import to_uint8_chw
-
         return to_uint8_chw(load_rgb(os.fsdecode(self.paths[i])), self.size)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
