@@ -73,6 +73,35 @@ def _cooc_comparison(result: dict[str, Any], quick: bool) -> None:
         t_loop / t_fast, "x", images=b, nodes=n, loop_s=t_loop, vectorised_s=t_fast, max_abs_diff=err))
 
 
+def _options(cfg: Any, over: dict[str, str], extra: list[str], result: dict[str, Any]) -> None:
+    """label_free, then + linear probe (only evaluate reruns), then protocol=paper (cbfe onwards rerun, the grid
+    search in communities), one run directory: the stage seconds of each, and the ratios of the two options."""
+    from transfgu.config import load_config
+    from transfgu.pipeline import run_pipeline
+
+    variants = [("label_free", []), ("label_free+probe", ["leopart.linear_probe.enabled=true"]),
+                ("paper+probe", ["leopart.protocol=paper", "leopart.linear_probe.enabled=true"])]
+    seconds: dict[str, dict[str, float]] = {}
+    for name, more in variants:
+        c = load_config(REPO / "conf" / "leopart_horse.yaml", [f"{k}={v}" for k, v in over.items()] + extra + more)
+        run_pipeline(c)
+        manifest = json.loads((c.run_dir / "_manifest.json").read_text())
+        metrics = json.loads((c.run_dir / "eval" / "metrics.json").read_text())
+        seconds[name] = {st: manifest["stages"][st]["extra"].get("seconds") or 0.0 for st in manifest["stages"]}
+        result["results"][name] = {"stages": seconds[name], "mIoU": metrics["mIoU"],
+                                   "hyperparameters": metrics["hyperparameters"],
+                                   "linear_probe_mIoU": (metrics.get("linear_probe") or {}).get("mIoU")}
+    base = seconds["label_free"]
+    result["comparisons"].append(comparison(
+        "evaluate with / without the linear probe", "evaluate (Hungarian)", "evaluate + linear probe",
+        seconds["label_free+probe"]["evaluate"] / base["evaluate"], "x"))
+    result["comparisons"].append(comparison(
+        "communities, paper grid search / label_free", "communities (fixed values)",
+        "communities (grid search with train labels)", seconds["paper+probe"]["communities"] / base["communities"], "x",
+        grid=json.loads(cfg.model_dump_json())["leopart"]["paper_grid"]))
+    result["notes"].append("random-weight backbone: wall times are representative, metrics are not")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.config import load_config
     from transfgu.leopart.pipeline import STAGES
@@ -82,6 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--run-root", type=Path, default=None, help="where the run goes (default: a temp dir, removed)")
     p.add_argument("--set", action="append", default=[], help="extra config override key=value (repeatable)")
     p.add_argument("--cooc-only", action="store_true", help="only the co-occurrence comparison (no pipeline run)")
+    p.add_argument("--options", action="store_true",
+                   help="the label-using options side by side in one run directory: label_free, + linear probe, "
+                        "protocol=paper (grid search): their communities and evaluate seconds")
     args = parse(p, argv)
     device = setup(args)
     t_start = time.perf_counter()
@@ -99,6 +131,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = new_result("leopart_stages", args, device, {"preset": "conf/leopart_horse.yaml", "overrides": over,
                                                          "config": json.loads(cfg.model_dump_json())})
     res = result["results"]
+    if args.options:
+        try:
+            _options(cfg, over, args.set, result)
+        finally:
+            if args.run_root is None:
+                shutil.rmtree(root, ignore_errors=True)
+        return finish(result, args, t_start)
     try:
         t0 = time.perf_counter()
         run_pipeline(cfg)

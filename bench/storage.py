@@ -60,6 +60,53 @@ def _centroids(feats: np.ndarray, k: int) -> np.ndarray:
     return (rows + 0.05 * rng.standard_normal(rows.shape)).astype(np.float32)
 
 
+#: zstd levels measured by :func:`zstd_levels` (None = pyarrow's default level).
+ZSTD_LEVELS: tuple[int | None, ...] = (None, 1, 3, 6, 9, 15)
+#: The GPU rates a writer thread must keep up with (issue 15, H200): the label-bank kernels alone ~1,000 images/s,
+#: the compiled crop embedding 2,881 crops/s. A level whose write per image takes longer than the model's part
+#: would make the (background) write the stage's bottleneck once the GPU part is fast.
+H200_LABEL_BANK_IMAGES_PER_S = 1000.0
+H200_EXTRACT_CROPS_PER_S = 2881.0
+
+
+def zstd_levels(table: Any, n_images: int, budget_s_per_image: float, repeats: int = 5) -> dict[str, Any]:
+    """Encode ``table`` with the pipeline's writer options (:func:`transfgu.store.parquet_options`: its encodings)
+    at each of :data:`ZSTD_LEVELS` into memory (the file system's fsync is the same for every level): fastest write
+    seconds per image of ``repeats`` (one thread, as the writer thread; the minimum, as the machine is shared),
+    bytes per image, and the level chosen:
+    the smallest output whose write fits ``budget_s_per_image`` (the GPU model's time per image), else the fastest
+    level."""
+    import io
+    import time
+
+    import pyarrow.parquet as pq
+
+    from transfgu.store import parquet_options
+
+    out: dict[str, Any] = {}
+    for level in ZSTD_LEVELS:
+        opts = parquet_options(table)
+        if level is None:
+            opts.pop("compression_level", None)
+        else:
+            opts["compression_level"] = level
+        times, size = [], 0
+        for _ in range(repeats):
+            buf = io.BytesIO()
+            t0 = time.perf_counter()
+            pq.write_table(table, buf, **opts)
+            times.append(time.perf_counter() - t0)
+            size = buf.tell()
+        out["default" if level is None else str(level)] = {
+            "write_s_per_image": min(times) / n_images, "bytes_per_image": size / n_images,
+        }  # fmt: skip
+    fits = {k: v for k, v in out.items() if k != "default" and v["write_s_per_image"] <= budget_s_per_image}
+    pool = fits or {k: v for k, v in out.items() if k != "default"}
+    key = (lambda k: pool[k]["bytes_per_image"]) if fits else (lambda k: pool[k]["write_s_per_image"])
+    return {"levels": out, "chosen": int(min(pool, key=key)), "budget_s_per_image": budget_s_per_image,
+            "within_budget": sorted(fits, key=int)}
+
+
 def bytes_ratio(name: str, reference: str, candidate: str, ours: float, ref: float, n_images: int, target: float,
                 target_text: str, **extra: object) -> dict:
     """One storage comparison: our bytes / the reference's, per image, against a target fraction."""
@@ -144,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants["float16 cls + no float dictionary + byte_stream_split"] = _parquet_size(
             t16, Path(tmp) / "f3.parquet", **bss
         )
+    res["zstd_levels"] = {"features": zstd_levels(features_table(ids, "train", recs), len(images),
+                                                  n_crops / len(images) / H200_EXTRACT_CROPS_PER_S)}
     res["features"] = {
         "crops": n_crops,
         "crops_per_image": n_crops / len(images),
@@ -179,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             # what the pipeline writes: the lossless v2 bank with its encodings (write_parquet_atomic)
             ours = _parquet_size(label_bank_table(ids, lms), Path(tmp) / "l.parquet")
+            res["zstd_levels"][f"label_bank_K{k}"] = zstd_levels(label_bank_table(ids, lms), len(images),
+                                                                 1.0 / H200_LABEL_BANK_IMAGES_PER_S)
             t = pa.table({"image_id": ids, "maps": pa.array([m.reshape(-1) for m in m16],
                                                             type=pa.large_list(pa.float16()))})
             nodict = _parquet_size(t, Path(tmp) / "l2.parquet", use_dictionary=["image_id"])  # old float16 bank

@@ -35,7 +35,13 @@ def test_ray_run_gives_the_one_process_maps(local_ray, tmp_path):
 
     over = {"data.max_train_images": "40", "data.max_val_images": "6",  # 40 train images: two dense shards
             "ray.cpus_per_actor": "0.5", "ray.extract_actors": "[1, 2]", "ray.kmeans_shards": "2",
-            "leopart.overcluster_k": "[5]"}
+            "leopart.overcluster_k": "[5]",
+            # the authors' protocol: CBFE threshold and a tiny community-detection grid chosen with train labels
+            # (the label-free path's steps are the grid's steps at one point); plus the linear probe (driver)
+            "leopart.protocol": "paper", "leopart.paper_grid.k_community": "[6, 8]",
+            "leopart.paper_grid.markov_time": "[1.5]", "leopart.paper_grid.edge_threshold": "[0.02, 0.05]",
+            "leopart.linear_probe.enabled": "true", "leopart.linear_probe.epochs": "3",
+            "leopart.linear_probe.batch_size": "8", "leopart.linear_probe.eval_size": "[32, 32]"}
     one = leopart_config(tmp_path, "one", **over)
     run_pipeline(one)
     dist = leopart_config(tmp_path, "ray", **over)
@@ -51,3 +57,8 @@ def test_ray_run_gives_the_one_process_maps(local_ray, tmp_path):
     m1 = json.loads((one.run_dir / "eval" / "metrics.json").read_text())
     m2 = json.loads((dist.run_dir / "eval" / "metrics.json").read_text())
     assert m1["mIoU"] == m2["mIoU"] and m1["overclustering"] == m2["overclustering"]
+    assert m1["linear_probe"] == m2["linear_probe"] and m1["hyperparameters"] == m2["hyperparameters"]
+    c1 = json.loads((one.run_dir / "communities" / "communities.json").read_text())
+    c2 = json.loads((dist.run_dir / "communities" / "communities.json").read_text())
+    assert c1["selection"]["selected_with"] == "train labels" and len(c1["selection"]["trials"]) == 4
+    assert c1["selection"] == c2["selection"]

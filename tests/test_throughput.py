@@ -432,3 +432,109 @@ def test_uncertainty_masked_mean_equals_boolean_indexing():
     empty = uncertainty_loss(logits, fg_mask=torch.zeros_like(mask), exclude_channel0=True)
     (ge,) = torch.autograd.grad(empty, logits)
     assert empty.item() == 0.0 and torch.equal(ge, torch.zeros_like(ge))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training step: compiled kernels equal eager; no host read of a device value per step
+# ----------------------------------------------------------------------------------------------------------
+def _step_setup(variant: str, k: int = 5, n_batches: int = 2, bsz: int = 2):
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {"image": torch.randint(0, 256, (bsz, 3, 64, 80), dtype=torch.uint8, generator=g),
+         "pseudo": torch.rand(bsz, k, 8, 10, generator=g)}
+        for _ in range(n_batches)
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    bb = build_backbone("vit_test_tiny", "none")
+    torch.manual_seed(1)
+    n_out = k + (variant == "things")
+    student = MaskTransformerDecoder(n_classes=n_out, d_encoder=48, d_model=48, n_heads=1)
+    teacher = make_teacher(student)
+    teacher.load_state_dict({n: v + 0.01 for n, v in teacher.state_dict().items()})  # a different teacher
+    return bb, student, teacher, batches
+
+
+@pytest.mark.parametrize("variant", ["things"])  # the variant with the most kernels (background channel, fg mask)
+def test_compiled_step_kernels_equal_eager_losses_and_gradients(variant):
+    """The step's device functions through torch.compile (AOTAutograd: forward and backward graphs; the
+    ``aot_eager`` backend runs them without code generation, so the test is fast on CPU) give eager's losses,
+    gradients and parameters after two bootstrapping epochs (dropout included: same RNG stream)."""
+    from transfgu.engine import StepKernels
+
+    results = {}
+    for mode in ("off", "on"):
+        bb, student, teacher, batches = _step_setup(variant)
+        kernels = StepKernels("cpu", mode=mode, backend="aot_eager")
+        opt = make_optimizer(student, lr=1e-3)
+        grads = []
+        outs = []
+        for epoch in range(2):
+            plan = EpochPlan(epoch=epoch, bootstrapping=True, reboot=False, epoch_iter=epoch, alpha=0.5)
+            outs.append(train_one_epoch(student, teacher, bb, batches, opt, plan, "cpu", variant=variant, seed=7,
+                                        log_every=0, kernels=kernels))  # fmt: skip
+            grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        if mode == "on":
+            assert kernels.compiled, "the compiled functions fell back to eager"
+        results[mode] = (outs, grads, {n: p.detach().clone() for n, p in student.named_parameters()})
+    (oa, ga, pa_), (ob, gb, pb) = results["off"], results["on"]
+    for a, b in zip(oa, ob):
+        for key in ("loss", "peer", "diversity", "uncertainty", "steps"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(ga, gb):
+        assert a.keys() == b.keys() and a
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6)
+    for n in pa_:
+        torch.testing.assert_close(pa_[n], pb[n], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_step_kernels_fall_back_to_eager(caplog):
+    from transfgu.engine import StepKernels
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    bb, student, teacher, batches = _step_setup("thingstuff", n_batches=1)
+    plan = EpochPlan(epoch=0, bootstrapping=False, reboot=False, epoch_iter=0, alpha=0.0)
+    kernels = StepKernels("cpu", mode="on", backend=broken_backend)
+    torch.manual_seed(5)
+    ref = train_one_epoch(student, None, bb, batches, make_optimizer(student, 1e-3), plan, "cpu", seed=1, log_every=0)
+    bb, student, teacher, batches = _step_setup("thingstuff", n_batches=1)
+    with caplog.at_level(logging.WARNING, logger="transfgu.throughput"):
+        out = train_one_epoch(student, None, bb, batches, make_optimizer(student, 1e-3), plan, "cpu", seed=1,
+                              log_every=0, kernels=kernels)  # fmt: skip
+    assert not kernels.compiled
+    assert sum("using eager" in r.getMessage() for r in caplog.records) == 2  # one per function
+    assert out["loss"] == ref["loss"]
+
+
+def _epoch_syncs(variant: str, n_batches: int, log_every: int, on_step=None) -> list[str]:
+    """Host reads of device values during one bootstrapping epoch of ``n_batches`` steps."""
+    from transfgu.throughput import HostSyncCounter
+
+    bb, student, teacher, batches = _step_setup(variant, n_batches=n_batches)
+    opt = make_optimizer(student, lr=1e-3)
+    for m in (bb, student, teacher):
+        HostSyncCounter.mark(*m.parameters(), *m.buffers())
+    for b in batches:
+        HostSyncCounter.mark(b["image"], b["pseudo"])
+    plan = EpochPlan(epoch=1, bootstrapping=True, reboot=False, epoch_iter=0, alpha=0.5)
+    with HostSyncCounter() as syncs:
+        train_one_epoch(student, teacher, bb, batches, opt, plan, "cpu", variant=variant, seed=3, log_every=log_every,
+                        on_step=on_step)  # fmt: skip
+    return syncs.events
+
+
+def test_training_step_reads_nothing_back_except_at_log_points():
+    """Host reads of device values (item/float/bool/tolist/cpu/nonzero...) in a one-process epoch ("things"
+    variant: its foreground count is one more thing a step could read): a constant number at the end of the epoch
+    and a constant number per log point, none per step. The host-decision path (a per-step callback reads the loss
+    every step) shows the counter catches per-step reads."""
+    quiet = {n: _epoch_syncs("things", n, log_every=0) for n in (1, 3)}
+    assert len(quiet[1]) == len(quiet[3]), f"reads grow with the steps: {quiet[3]}"
+    assert 0 < len(quiet[3]) <= 2, quiet[3]  # the epoch's sums and counts, read once
+    logged = _epoch_syncs("things", 3, log_every=1)
+    per_log = (len(logged) - len(quiet[3])) / 3
+    assert per_log == int(per_log) and 0 < per_log <= 6, logged  # the logged values only
+    per_step = _epoch_syncs("things", 3, log_every=0, on_step=lambda d: None)
+    assert len(per_step) >= len(quiet[3]) + 3, per_step  # the counter sees a read per step when there is one

@@ -274,6 +274,42 @@ PAPER_PROTOCOL: dict[str, Any] = {
 }
 
 
+class LeopartGridConfig(_Base):
+    """``leopart.protocol: paper`` only: the grid over which community detection's hyperparameters are chosen WITH
+    THE TRAINING SPLIT'S LABELS (the authors ran Optuna TPE over these ranges on PVOC train, field_anchors.md §3;
+    here an exhaustive grid, scored by Hungarian mIoU on train at ``eval_size``). A one-value list fixes a key."""
+
+    k_community: list[int] = Field(default_factory=lambda: [99, 149, 199], description="authors: 99..249 step 10")
+    markov_time: list[float] = Field(default_factory=lambda: [0.4, 1.0, 1.5, 2.0], description="authors: 0.1..2.0")
+    edge_threshold: list[float] = Field(default_factory=lambda: [0.05, 0.07, 0.09],
+                                        description="authors: 0.01..0.10")
+
+    @field_validator("k_community", "markov_time", "edge_threshold")
+    @classmethod
+    def _nonempty(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("a grid needs at least one value")
+        if any(x <= 0 for x in v):
+            raise ValueError(f"grid values must be > 0, got {v}")
+        return v
+
+
+class LinearProbeConfig(_Base):
+    """Optional linear probe of the frozen dense patch tokens (leopart_appendix.md A.1 "Evaluation details"): a
+    linear layer trained WITH THE TRAINING SPLIT'S LABELS, scored on val by mIoU (no matching: it predicts classes)."""
+
+    enabled: bool = False
+    epochs: int = Field(25, ge=1, description="authors: 25")
+    lr: float = Field(0.01, gt=0, description="authors: 0.01 (0.1 for MaskContrast / MoCo-v2)")
+    lr_drop_epoch: int = Field(20, ge=0, description="the learning rate is divided by 10 from this epoch (authors: 20)")
+    batch_size: int = Field(120, ge=1, description="images per step (authors: 120)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (the appendix does not name the optimiser)")
+    train_size: tuple[int, int] = Field((100, 100), description="training masks (authors: 100 x 100)")
+    eval_size: tuple[int, int] = Field((448, 448), description="evaluation masks (authors: 448 x 448)")
+
+    _size = field_validator("train_size", "eval_size")(_check_size)
+
+
 class LeopartConfig(_Base):
     """Leopart's fully unsupervised segmentation, CBFE + community detection (leopart_appendix.md A.1; the
     authors' script: field_anchors.md §3). Used when ``method: leopart``; defaults are the published ViT-S/16 PVOC
@@ -282,7 +318,9 @@ class LeopartConfig(_Base):
     ``protocol: label_free`` (default) fits everything on the training split without labels: the CBFE precision
     threshold, Markov time and edge threshold are fixed values. ``protocol: paper`` chooses the CBFE threshold as the
     authors do, from the foreground IoU against the *training split's ground truth* (cuts putting 55-75 % of the
-    clusters in the background, rounded to 0.05): a run with it uses labels and says so in its metrics.
+    clusters in the background, rounded to 0.05), and ``k_community``, Markov time and edge threshold by a grid search
+    (``paper_grid``) scored by Hungarian mIoU on the *training split's labels*: a run with it uses labels and says so
+    in its metrics.
     """
 
     protocol: Literal["label_free", "paper"] = "label_free"
@@ -319,6 +357,8 @@ class LeopartConfig(_Base):
     unmatched: Literal["error", "background"] = Field(
         "error", description="pixels of communities Hungarian leaves unmatched: errors (strict) or background (paper)"
     )
+    paper_grid: LeopartGridConfig = Field(default_factory=LeopartGridConfig)
+    linear_probe: LinearProbeConfig = Field(default_factory=LinearProbeConfig)
 
     _size = field_validator("input_size", "eval_size")(_check_size)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from functools import cached_property
 
+import torch
+
 from transfgu.config import Config
 from transfgu.data.datasets import SUBSET_OPTIONS
 from transfgu.errors import ErrorLog
@@ -57,6 +59,14 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     return {"extract": h_ex, "concepts": h_co, "label_bank": h_lb, "train": h_tr, "evaluate": h_ev}
 
 
+def run_backbone(cfg: Config, layout: RunLayout, device: torch.device) -> DinoViT:
+    """The run's frozen backbone on ``device``, eval mode, its eval forward compiled (``TRANSFGU_COMPILE``: on CUDA
+    by default, eager fallback): the one construction every executor uses (this process, the Ray Data stage actors,
+    the Ray Train workers)."""
+    bb = load_run_backbone(cfg.backbone, layout, cfg.run.seed).to(device).eval()
+    return compile_forward(bb)
+
+
 class RunContext:
     """The driver-side state of one run; the backbone is built on first use (a Ray driver may never need it)."""
 
@@ -79,5 +89,4 @@ class RunContext:
 
     @cached_property
     def backbone(self) -> DinoViT:
-        bb = load_run_backbone(self.cfg.backbone, self.layout, self.cfg.run.seed).to(self.device)
-        return compile_forward(bb)  # eval forward compiled on CUDA, eager fallback
+        return run_backbone(self.cfg, self.layout, self.device)

@@ -45,6 +45,7 @@ from transfgu.losses import (
 )
 from transfgu.metrics import Overcluster, RunningConfusion
 from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_to_multiple
+from transfgu.throughput import CompileMode, compile_function
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +276,20 @@ def crop_labels(pseudo: Tensor, boxes: Tensor, image_hw: tuple[int, int], out_hw
     ``aligned=True`` (pixel centres at +0.5, the convention of :func:`crop_images`), adaptive sampling ratio
     and average pooling.
     """
-    b, _, lh, lw = pseudo.shape
+    rois = label_rois(boxes, pseudo.shape, image_hw).to(pseudo.dtype).to(pseudo.device, non_blocking=True)
+    return align_labels(pseudo, rois, out_hw)
+
+
+def label_rois(boxes: Tensor, label_shape: Sequence[int], image_hw: tuple[int, int]) -> Tensor:
+    """``(B, 5)`` float64 RoIs (batch index, box in label-grid units) of :func:`crop_labels`, made on the host."""
+    b, lh, lw = int(label_shape[0]), int(label_shape[-2]), int(label_shape[-1])
     hh, ww = image_hw
     scale = torch.tensor([lw / ww, lh / hh, lw / ww, lh / hh], dtype=torch.float64)
-    rois = torch.cat([torch.arange(b, dtype=torch.float64)[:, None], boxes.to(torch.float64) * scale], dim=1)
-    rois = rois.to(pseudo.dtype).to(pseudo.device, non_blocking=True)
+    return torch.cat([torch.arange(b, dtype=torch.float64)[:, None], boxes.to(torch.float64) * scale], dim=1)
+
+
+def align_labels(pseudo: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """The device half of :func:`crop_labels`: ``roi_align`` of ``pseudo`` over ``rois`` (already on its device)."""
     return roi_align(pseudo, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
@@ -329,27 +339,45 @@ def apply_augment(
     draws: StepDraws,
     out_hw: tuple[int, int] | None = None,
     patch_size: int = 8,
+    geometry: Callable[..., tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Apply drawn augmentation (see :func:`augment_batch`) to ``images`` and their pseudo labels."""
+    """Apply drawn augmentation (see :func:`augment_batch`) to ``images`` and their pseudo labels.
+
+    The colour part runs eagerly: its decisions and factors are host numbers drawn per step (a compiled function
+    would specialise on every new value). Everything after it (normalisation, crop resampling, RoI-Align, flips)
+    is :func:`augment_geometry`, or ``geometry`` (its compiled form, :class:`StepKernels`).
+    """
     b, _, hh, ww = images.shape
     oh, ow = out_hw if out_hw is not None else (hh // 2, ww // 2)
     if oh % patch_size or ow % patch_size:
         raise ValueError(f"crop size {oh}x{ow} is not a multiple of the patch size {patch_size}")
     if draws.boxes.shape[0] != b:
         raise ValueError(f"{draws.boxes.shape[0]} drawn crops for {b} images")
-    x = images.float() / 255.0
-    x = apply_colours(x, draws.colours)
-    # Host-made constants and draws go to the device with non_blocking copies: a blocking copy would wait for
-    # every kernel queued so far (one synchronisation per step).
+    x = apply_colours(images.float() / 255.0, draws.colours)
+    pseudo = pseudo.float()
+    # Host-made draws go to the device with non_blocking copies: a blocking copy would wait for every kernel
+    # queued so far (one synchronisation per step).
+    boxes = draws.boxes.to(torch.float32).to(x.device, non_blocking=True)
+    rois = label_rois(draws.boxes, pseudo.shape, (hh, ww)).to(torch.float32).to(pseudo.device, non_blocking=True)
+    flip = draws.flip.to(x.device, non_blocking=True)
+    return (geometry or augment_geometry)(x, pseudo, boxes, rois, flip, (oh, ow), (oh // patch_size, ow // patch_size))
+
+
+def augment_geometry(
+    x: Tensor, pseudo: Tensor, boxes: Tensor, rois: Tensor, flip: Tensor, out_hw: tuple[int, int],
+    label_hw: tuple[int, int],
+) -> tuple[Tensor, Tensor]:
+    """The device part of :func:`apply_augment` (one function, compiled by :class:`StepKernels`): ImageNet
+    normalisation, crop resampling (:func:`crop_images`), RoI-Align of the labels (:func:`align_labels`) and the
+    per-sample horizontal flip; ``boxes`` float32 ``(B, 4)``, ``rois`` ``(B, 5)`` and ``flip`` bool ``(B,)`` are
+    already on the device."""
+    # host constants copied without blocking (torch.tensor(..., device="cuda") would wait for the stream)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(x.device, non_blocking=True)
-    x = (x - mean) / std
-    crops = crop_images(x, draws.boxes, (oh, ow))
-    labels = crop_labels(pseudo.float(), draws.boxes, (hh, ww), (oh // patch_size, ow // patch_size))
-    flip = draws.flip.view(b, 1, 1, 1).to(crops.device, non_blocking=True)
-    crops = torch.where(flip, crops.flip(-1), crops)
-    labels = torch.where(flip.to(labels.device), labels.flip(-1), labels)
-    return crops, labels
+    crops = crop_images((x - mean) / std, boxes, out_hw)
+    labels = align_labels(pseudo, rois, label_hw)
+    f = flip.view(-1, 1, 1, 1)
+    return torch.where(f, crops.flip(-1), crops), torch.where(f, labels.flip(-1), labels)
 
 
 def augment_batch(
@@ -514,6 +542,80 @@ def shared_loss(
                      uncertainty=su)
 
 
+def step_losses(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    patch: Tensor,
+    grid: tuple[int, int],
+    labels: Tensor,
+    perm: Tensor | None,
+    variant: Variant,
+    t_bg: float,
+    mix: float,
+    alpha: float,
+    weights: LossWeights,
+    empty_fg: Literal["zero", "nan"],
+    amp_dtype: torch.dtype | None,
+    fraction: float = 1.0,
+    fg_total: Callable[[Tensor], float] | None = None,
+    placeholder: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The step's decoder and loss kernels: teacher (no grad) and student on the frozen patch tokens, the targets
+    of §7.3 and eq. 16; returns ``(total, peer, diversity, uncertainty)`` attached to the student's graph.
+
+    One process: ``fraction=1``, ``fg_total=None`` (exactly :func:`total_loss`, nothing read on the host), and
+    :class:`StepKernels` may compile it. Data-parallel ranks pass their share and ``fg_total`` (the all-reduced
+    foreground count of the "things" variant, :func:`shared_loss`), eagerly.
+    """
+    use_teacher = teacher is not None
+    with torch.autocast(patch.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with torch.no_grad():
+            teacher_logits = teacher(patch, grid)[0].float() if use_teacher else None
+        logits, class_emb = student(patch, grid)
+    targets = make_targets(labels, teacher_logits, variant, t_bg=t_bg, mix=mix, perm=perm)
+    if logits.shape[1] != targets.soft.shape[1]:
+        raise ValueError(
+            f"student has {logits.shape[1]} channels, {variant!r} targets {targets.soft.shape[1]}"
+            " (the 'things' variant needs K + 1 decoder channels, channel 0 = background)"
+        )
+    total_fg = None
+    if fg_total is not None and targets.fg_mask is not None:
+        if placeholder:  # a data-parallel placeholder image: no foreground of the global batch
+            targets.fg_mask = torch.zeros_like(targets.fg_mask)
+        total_fg = fg_total(targets.fg_mask)
+    terms = shared_loss(
+        logits.float(), targets, class_emb.float(), negative=use_teacher, alpha=alpha if use_teacher else 0.0,
+        variant=variant, weights=weights, empty_fg=empty_fg, fraction=fraction, fg_total=total_fg,
+    )  # fmt: skip
+    return terms.total, terms.peer, terms.diversity, terms.uncertainty
+
+
+class StepKernels:
+    """The training step's device work as two functions, compiled (``torch.compile``) or eager.
+
+    * ``geometry`` = :func:`augment_geometry` (normalisation, crop resampling, RoI-Align, flips), and
+    * ``losses`` = :func:`step_losses` (teacher + student decoder, targets, eq. 16; the backward of the compiled
+      graph is compiled with it).
+
+    The frozen backbone between them is compiled by :func:`transfgu.throughput.compile_forward`; the colour
+    augmentation stays eager (host-drawn factors). ``mode`` as ``TRANSFGU_COMPILE`` (default ``auto``: compile on
+    CUDA only); a failed compilation logs one warning and runs eagerly from then on. Build one per training run
+    (the compiled graphs are cached on it; the alpha schedule adds one graph per distinct alpha).
+    Only the one-process step uses them; data-parallel ranks run the eager functions (their loss share needs an
+    all-reduce inside the step).
+    """
+
+    def __init__(self, device: torch.device | str, mode: CompileMode | None = None,
+                 backend: str | Callable[..., Any] | None = None) -> None:
+        on_cuda = torch.device(device).type == "cuda"
+        self.geometry = compile_function(augment_geometry, mode, on_cuda, backend, "the augmentation geometry")
+        self.losses = compile_function(step_losses, mode, on_cuda, backend, "the decoder and losses")
+
+    @property
+    def compiled(self) -> bool:
+        return bool(getattr(self.geometry, "compiled", False) or getattr(self.losses, "compiled", False))
+
+
 def train_one_epoch(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -536,6 +638,7 @@ def train_one_epoch(
     max_steps: int | None = None,
     seed: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    kernels: StepKernels | None = None,
 ) -> dict[str, float]:
     """One epoch of decoder training on frozen patch tokens; data-parallel ranks train as one process.
 
@@ -557,6 +660,10 @@ def train_one_epoch(
     also skips NaN; without it, only non-finite losses are skipped. Gradients are clamped element-wise to
     ``[-clamp_grad, clamp_grad]`` (value clipping, not norm clipping). Reboots are the caller's job
     (:func:`reboot`). ``on_step`` receives a dict per step (global loss, decision, draws, dataset indices).
+
+    ``kernels``: the step's device functions (:class:`StepKernels`, compiled or not; default: eager). With one
+    process, fused Adam and no ``on_step``, a step reads nothing back from the device: the step rule is decided on
+    the device, the loss sums stay there, and the host reads them at ``log_every`` and at the end only.
 
     Returns the means over batches of the global ``loss``, ``peer``, ``diversity``, ``uncertainty`` (finite
     values only), plus ``steps``, ``skipped``, ``batches``, ``alpha``, ``images`` (global) and ``seconds``.
@@ -584,6 +691,7 @@ def train_one_epoch(
     # running sums stay there, so a step never waits for the GPU (read back at log_every and at the end only).
     # Data-parallel ranks keep the host decision: it comes with the loss all-reduce every rank must agree on.
     on_device = world == 1 and on_step is None and _skips_on_device(optimizer)
+    kernels = kernels or StepKernels(device, mode="off")
     dev_sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, peer, diversity, uncertainty (finite)
     dev_counts = torch.zeros(2, dtype=torch.int64, device=device)  # finite losses, steps taken
     t0 = time.perf_counter()
@@ -599,28 +707,27 @@ def train_one_epoch(
         draws = draw_step(global_b, hw, g, c, colour_mode)
         mine = draws.piece(offset, images.shape[0]) if n_real else draws.piece(0, images.shape[0])
         with _dropout_rng(seed, plan.epoch, i, rank, device):
-            crops, labels = apply_augment(images, pseudo, mine, patch_size=ps)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                with torch.no_grad():
-                    feats = backbone(crops)
-                    teacher_logits = teacher(feats.patch, feats.grid)[0].float() if use_teacher else None
-                logits, class_emb = student(feats.patch, feats.grid)
-            targets = make_targets(labels, teacher_logits, variant, t_bg=t_bg, mix=mix, perm=mine.perm)
-            if logits.shape[1] != targets.soft.shape[1]:
-                raise ValueError(
-                    f"student has {logits.shape[1]} channels, {variant!r} targets {targets.soft.shape[1]}"
-                    " (the 'things' variant needs K + 1 decoder channels, channel 0 = background)"
-                )
-            fg_total = None
-            if targets.fg_mask is not None:
-                if not n_real:  # a placeholder image: no foreground of the global batch
-                    targets.fg_mask = torch.zeros_like(targets.fg_mask)
-                fg_total = float(all_reduce_sum(targets.fg_mask.sum().double().reshape(1), device)[0])
-            terms = shared_loss(
-                logits.float(), targets, class_emb.float(), negative=use_teacher,
-                alpha=plan.alpha if use_teacher else 0.0, variant=variant, weights=loss_weights,
-                empty_fg=empty_fg, fraction=n_real / global_b, fg_total=fg_total,
-            )  # fmt: skip
+            if world == 1:
+                crops, labels = apply_augment(images, pseudo, mine, patch_size=ps, geometry=kernels.geometry)
+            else:
+                crops, labels = apply_augment(images, pseudo, mine, patch_size=ps)
+            amp_on = amp_dtype is not None
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_on), torch.no_grad():
+                feats = backbone(crops)
+            common = dict(variant=variant, t_bg=t_bg, mix=mix, alpha=plan.alpha, weights=loss_weights,
+                          empty_fg=empty_fg, amp_dtype=amp_dtype)  # fmt: skip
+            if world == 1:  # the whole batch: no share, no foreground all-reduce (nothing read on the host)
+                total, peer_t, div_t, unc_t = kernels.losses(
+                    student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
+                    fraction=n_real / global_b,
+                )  # fmt: skip
+            else:
+                total, peer_t, div_t, unc_t = step_losses(
+                    student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
+                    fraction=n_real / global_b, placeholder=not n_real,
+                    fg_total=lambda m: float(all_reduce_sum(m.sum().double().reshape(1), device)[0]),
+                )  # fmt: skip
+            terms = LossTerms(total=total, peer=peer_t, diversity=div_t, uncertainty=unc_t)
             if on_device:
                 loss_t = terms.total.detach()
                 finite = torch.isfinite(loss_t)

@@ -17,7 +17,6 @@ from transfgu import integrity
 from transfgu.concepts import PoolFit, kmeans
 from transfgu.context import RunContext
 from transfgu.data.loaders import make_train_loader
-from transfgu.errors import decode_images
 from transfgu.kmeans_sklearn import minibatch_kmeans
 from transfgu.logs import Progress
 from transfgu.selection import Validator, validation_wanted
@@ -76,8 +75,7 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
     todo = [([records[p] for p in g.positions], out_dir / g.name) for g in plan.groups]
 
     def load(item: tuple[list, Path]) -> tuple[Any, list[str]]:
-        decoded = list(decode_images(item[0], ctx.errors, stage_cls.name))
-        return stage.prepare([im for _, im in decoded]), [r.image_id for r, _ in decoded]
+        return stage.load(item[0], ctx.errors)
 
     def compute(item: tuple[list, Path], payload: tuple[Any, list[str]]) -> Any:
         shard_ids = [r.image_id for r in item[0]]

@@ -57,6 +57,7 @@ class ReportOptions:
     n_pred_images: int = 4
     display_width: int = 320  # width of images in the CAM and prediction panels
     thumb: int = 96  # longer side of a gallery thumbnail
+    n_mask_images: int = 4  # Leopart runs: images in the foreground-mask panel
     device: str | None = None  # for the prediction section; None = CUDA when present
 
 
@@ -620,8 +621,12 @@ def _summary(metrics: dict[str, Any] | None, meta: dict[str, Any] | None, cfg: A
     items = []
     if cfg is not None:
         items.append(f"data set <b>{html.escape(cfg.data.name)}</b> ({html.escape(str(cfg.data.root))})")
-        items.append(f"K = {cfg.concepts.k} concepts {html.escape(str(dict(cfg.concepts.k_per_pool)))}, "
-                     f"variant {html.escape(cfg.train.variant)}")
+        if cfg.method == "leopart":
+            items.append(f"method <b>leopart</b> (CBFE + community detection), protocol "
+                         f"{html.escape(cfg.leopart.protocol)}")
+        else:
+            items.append(f"K = {cfg.concepts.k} concepts {html.escape(str(dict(cfg.concepts.k_per_pool)))}, "
+                         f"variant {html.escape(cfg.train.variant)}")
     if metrics is not None and metrics.get("mIoU") is not None:
         items.append(f"<b>mIoU {100 * metrics['mIoU']:.2f} %</b>, pixel accuracy "
                      f"{100 * metrics['pixel_accuracy']:.2f} % on {metrics.get('n_images', '?')} images")
@@ -659,6 +664,15 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
         ("Skipped inputs", lambda: _errors_section(run_dir)),
         ("Configuration", lambda: _config_section(cfg, run_dir)),
     ]
+    if cfg is not None and cfg.method == "leopart":  # its own pictures instead of TransFGU's concepts and CAMs
+        from transfgu.leopart import report as lrep
+
+        builders[3:6] = [
+            ("Leopart: foreground masks", lambda: lrep.foreground_section(run_dir, out, cfg, opt.n_mask_images)),
+            ("Leopart: community and cluster galleries",
+             lambda: lrep.gallery_section(run_dir, out, cfg, opt.n_per_concept, opt.thumb)),
+            ("Leopart: community graph", lambda: lrep.graph_section(run_dir, out, metrics)),
+        ]
     sections = []
     for title, build in builders:
         try:

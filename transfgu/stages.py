@@ -40,8 +40,9 @@ from transfgu.concepts import ConceptBank, PoolFit, assemble_bank, order_pools
 from transfgu.config import Config, CropConfig, PseudoLabelConfig
 from transfgu.context import STAGES, RunContext, stage_hashes
 from transfgu.crops import extract_crops_batch
+from transfgu.data.datasets import ImageRecord
 from transfgu.data.loaders import split_records
-from transfgu.errors import check_error_budget
+from transfgu.errors import ErrorLog, check_error_budget, decode_images
 from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
@@ -157,6 +158,18 @@ class ShardedStage:
     def prepare(self, images: list[np.ndarray]) -> list[np.ndarray] | torch.Tensor:
         """Decoded images -> the model's input batch; runs ahead of :meth:`compute` on a prefetch thread."""
         return images
+
+    def load(self, records: Sequence[ImageRecord], errors: ErrorLog) -> tuple[Any, list[str]]:
+        """The data path of one shard: decode (undecodable images recorded in ``errors``, the run's log or a Ray
+        actor's :class:`~transfgu.errors.CollectedErrors`; not raised) and
+        :meth:`prepare`; returns ``(model input, ids of the decoded images)``, the arguments of :meth:`compute`.
+
+        Both executors run it off the model's thread: the one-process executor on its prefetch thread
+        (:func:`transfgu.throughput.overlapped`), a Ray stage actor in a concurrent call (two calls per actor, the
+        model calls one at a time, :class:`transfgu.distributed.shards.StageActor`).
+        """
+        decoded = list(decode_images(records, errors, self.name))
+        return self.prepare([im for _, im in decoded]), [r.image_id for r, _ in decoded]
 
     def compute(self, images: list[np.ndarray] | torch.Tensor, image_ids: list[str]) -> pa.Table:
         raise NotImplementedError

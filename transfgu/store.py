@@ -173,19 +173,38 @@ def read_json_strict(path: PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=refuse)
 
 
-def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zstd", **kwargs: Any) -> None:
-    """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``.
+#: zstd levels, chosen by measurement (``python -m bench.storage``; BENCHMARKS.md §8, "zstd level"): the smallest
+#: file whose write on one thread keeps up with the H200 rate of the stage's model. The label bank: level 1 (the
+#: fastest; at K = 171 no level keeps up with ~1,000 images/s on one thread of the 2-core VM, level 3 costs 1.4x the
+#: time for 4 % fewer bytes). Features and the other tables: level 3 (every level well within the extract model's
+#: ~36 ms/image; 3 is the smallest file).
+ZSTD_LEVEL = 3
+ZSTD_LEVEL_LABEL_BANK = 1
+
+
+def parquet_options(table: pa.Table, compression: str = "zstd", **kwargs: Any) -> dict[str, Any]:
+    """The ``pq.write_table`` options the pipeline writes ``table`` with (also what ``bench.storage`` times).
 
     Label-bank tables get their measured encodings (BENCHMARKS.md, "Label bank format"): sorted positions delta-
     encoded, float32 values byte-stream-split, which zstd then compresses to 0.40 of the reference's pickles
-    instead of 0.61 with Parquet's defaults.
+    instead of 0.61 with Parquet's defaults. zstd runs at :data:`ZSTD_LEVEL_LABEL_BANK` (label bank) or
+    :data:`ZSTD_LEVEL` (other tables) unless ``compression_level`` is given.
     """
-    if (table.schema.metadata or {}).get(b"format") == LABEL_BANK_FORMAT.encode() and "column_encoding" not in kwargs:
+    bank = (table.schema.metadata or {}).get(b"format") == LABEL_BANK_FORMAT.encode()
+    if bank and "column_encoding" not in kwargs:
         kwargs.setdefault("use_dictionary", ["image_id"])
         kwargs["column_encoding"] = {"attn": "BYTE_STREAM_SPLIT", "bonus_index": "DELTA_BINARY_PACKED",
                                      "bonus_value": "BYTE_STREAM_SPLIT"}
+    if compression == "zstd":
+        kwargs.setdefault("compression_level", ZSTD_LEVEL_LABEL_BANK if bank else ZSTD_LEVEL)
+    return {"compression": compression, **kwargs}
+
+
+def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zstd", **kwargs: Any) -> None:
+    """``pq.write_table`` to a temporary name in the same directory, fsync, ``os.replace`` onto ``path``, with
+    :func:`parquet_options` (the label bank's encodings, the measured zstd level)."""
     with atomic_open(path, "wb") as f:
-        pq.write_table(table, f, compression=compression, **kwargs)
+        pq.write_table(table, f, **parquet_options(table, compression, **kwargs))
 
 
 def _json_default(obj: Any) -> Any:

@@ -15,7 +15,12 @@ the property ``tests/test_throughput.py`` checks on CPU with a fixed-latency sta
 * :func:`prepare_images` resizes + normalises a group of decoded images into one (pinned) batch, so that work can
   run in the prefetch thread instead of in front of the model.
 
-Nothing here knows about Ray; the Ray executors get the same behaviour from Ray Data's own pipelining.
+* :func:`compile_function` is the same fallback for any function (the training step's device work,
+  :class:`transfgu.engine.StepKernels`); :class:`HostSyncCounter` counts host reads of device values on any device
+  (the CPU test that a training step reads nothing back).
+
+Nothing here knows about Ray; the Ray stage actors run the same stage code (``context.run_backbone``,
+``ShardedStage.load``/``compute``) with two calls per actor in place of the prefetch and writer threads.
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ __all__ = [
     "BackgroundWriter",
     "PrefetchLoader",
     "Prefetcher",
+    "HostSyncCounter",
+    "compile_backend_from_env",
     "compile_forward",
+    "compile_function",
     "compile_mode_from_env",
     "overlapped",
     "prepare_images",
@@ -97,10 +105,16 @@ def compile_mode_from_env() -> CompileMode:
     return "auto"
 
 
+def compile_backend_from_env() -> str:
+    """``TRANSFGU_COMPILE_BACKEND`` (default ``inductor``; ``aot_eager``/``eager`` trace without generating code,
+    which tests use to run the compiled paths on a CPU, also inside Ray workers)."""
+    return os.environ.get("TRANSFGU_COMPILE_BACKEND", "").strip() or "inductor"
+
+
 def compile_forward(
     backbone: torch.nn.Module,
     mode: CompileMode | None = None,
-    backend: str | Callable[..., Any] = "inductor",
+    backend: str | Callable[..., Any] | None = None,
     compile_kwargs: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """Route ``backbone.forward`` (a DinoViT's eval forward) through ``torch.compile``; returns ``backbone``.
@@ -115,6 +129,7 @@ def compile_forward(
     from transfgu.models.backbone import ViTFeatures
 
     mode = mode or compile_mode_from_env()
+    backend = backend or compile_backend_from_env()
     if mode == "off" or getattr(backbone, "_transfgu_compiled", False):
         return backbone
     try:
@@ -153,6 +168,44 @@ def compile_forward(
     backbone._transfgu_compile_state = state  # type: ignore[attr-defined]
     backbone._transfgu_eager_forward = eager  # type: ignore[attr-defined]  # for benchmarks: the same, uncompiled
     return backbone
+
+
+def compile_function(
+    fn: Callable[..., R],
+    mode: CompileMode | None = None,
+    on_cuda: bool = False,
+    backend: str | Callable[..., Any] | None = None,
+    name: str | None = None,
+) -> Callable[..., R]:
+    """``torch.compile(fn)`` with the fallback of :func:`compile_forward`: any failure -> eager, one warning.
+
+    ``mode`` as in :func:`compile_forward` (``"auto"`` compiles when ``on_cuda``). Used for the training step's
+    device work (:class:`transfgu.engine.StepKernels`). Returns ``fn`` itself when not compiling. The wrapper
+    exposes ``compiled`` (True while the compiled function is in use) and ``eager`` (``fn``).
+    """
+    mode = mode or compile_mode_from_env()
+    backend = backend or compile_backend_from_env()
+    label = name or getattr(fn, "__name__", "function")
+    if mode == "off" or (mode == "auto" and not on_cuda):
+        return fn
+    if not hasattr(torch, "compile"):
+        log.warning("torch.compile is not available in torch %s; %s runs eagerly", torch.__version__, label)
+        return fn
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+
+    def run(*args: Any, **kwargs: Any) -> R:
+        if run.compiled:  # type: ignore[attr-defined]
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 -- any compile/runtime failure means: use eager
+                run.compiled = False  # type: ignore[attr-defined]
+                log.warning("torch.compile of %s failed (%s: %s); using eager", label, type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        return fn(*args, **kwargs)
+
+    run.compiled = True  # type: ignore[attr-defined]
+    run.eager = fn  # type: ignore[attr-defined]
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,3 +419,88 @@ def count_cuda_syncs(fn: Callable[[], object]) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+class HostSyncCounter:
+    """Count the host reads of *device* tensors during a block, on any device (the CPU counterpart of
+    :func:`count_cuda_syncs`).
+
+    On a CUDA machine every host read of a device value (``.item()``, ``float()``, ``bool()`` of a comparison,
+    ``.tolist()``, ``.cpu()``, ``nonzero``, boolean indexing) waits for the GPU. On a CPU there is no device, so
+    this counter follows the values instead: tensors passed to :meth:`mark` (the batch, the parameters) are
+    device tensors, and so is every output (and every tensor written in place) of an op that reads one. A read
+    of such a tensor is counted (``events`` holds what and where); host-made tensors (the CPU generator's draws)
+    are not. A ``TorchDispatchMode`` sees every op of the calling thread (also those called from C++, e.g.
+    ``float(t)``); ``tolist``/``numpy``/``cpu`` are watched at the Python level as well.
+    """
+
+    _ATTR = "_transfgu_on_device"
+    _SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+                 "unique_consecutive", "repeat_interleave")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    @classmethod
+    def mark(cls, *tensors: Tensor) -> None:
+        for t in tensors:
+            setattr(t, cls._ATTR, True)
+
+    @classmethod
+    def on_device(cls, t: object) -> bool:
+        return isinstance(t, Tensor) and bool(getattr(t, cls._ATTR, False))
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def _record(self, what: str) -> None:
+        import traceback
+
+        stack = traceback.extract_stack()[:-2]
+        frames = [f for f in stack if "transfgu" in f.filename and "throughput" not in f.filename]
+        where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+        self.events.append(f"{what} at {where}")
+
+    def __enter__(self) -> HostSyncCounter:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+                kwargs = kwargs or {}
+                flat = tree_flatten((args, kwargs))[0]
+                dev = any(counter.on_device(t) for t in flat)
+                if dev and func.__name__.split(".")[0] in counter._SYNC_OPS:
+                    counter._record(func.__name__)
+                out = func(*args, **kwargs)
+                if dev:
+                    for t in tree_flatten(out)[0]:
+                        if isinstance(t, Tensor):
+                            setattr(t, counter._ATTR, True)
+                    for a, arg in zip(func._schema.arguments, args):
+                        if a.alias_info is not None and a.alias_info.is_write and isinstance(arg, Tensor):
+                            setattr(arg, counter._ATTR, True)
+                return out
+
+        self._patched = {}
+        for meth in ("tolist", "numpy", "cpu"):
+            orig = getattr(Tensor, meth)
+            self._patched[meth] = orig
+
+            def watched(t: Tensor, *a: Any, _orig: Callable[..., Any] = orig, _m: str = meth, **k: Any) -> Any:
+                if counter.on_device(t):
+                    counter._record(_m)
+                return _orig(t, *a, **k)
+
+            setattr(Tensor, meth, watched)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        for meth, orig in self._patched.items():
+            setattr(Tensor, meth, orig)

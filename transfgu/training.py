@@ -32,7 +32,7 @@ from transfgu.checkpoint import (
 )
 from transfgu.config import Config
 from transfgu.data.loaders import dataset_classes
-from transfgu.engine import make_optimizer, reboot, train_one_epoch
+from transfgu.engine import StepKernels, make_optimizer, reboot, train_one_epoch
 from transfgu.layout import RunLayout
 from transfgu.losses import BootstrapSchedule, LossWeights
 from transfgu.models.backbone import DinoViT
@@ -131,6 +131,7 @@ def train_rounds(
     last_epoch = t.epochs if stop_epoch is None else min(int(stop_epoch), t.epochs)
     samplers = [s for s in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None))
                 if hasattr(s, "set_epoch")]
+    kernels = StepKernels(device)  # the step's compiled device functions (TRANSFGU_COMPILE; eager fallback)
     for epoch in range(first_epoch, last_epoch):
         plan = schedule.plan(epoch)
         if plan.reboot:
@@ -146,7 +147,7 @@ def train_rounds(
             model, teacher if plan.bootstrapping else None, backbone, loader, optimizer, plan, device,
             loss_weights=weights, variant=t.variant, clamp_grad=t.clamp_grad, skip_nonpositive=t.skip_nonpositive,
             seed=cfg.run.seed, colour_mode=t.colour_aug, t_bg=t.t_bg, mix=t.teacher_mix, empty_fg=t.empty_fg,
-            amp_dtype=amp,
+            amp_dtype=amp, kernels=kernels,
         )
         metrics = {**metrics, "epoch": epoch, "round": round_idx, "alpha": plan.alpha, "time_s": time.time() - t0}
         history.append(metrics)

@@ -17,6 +17,7 @@ file covers, and a retried batch replaces its own file.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -29,19 +30,21 @@ import pyarrow.parquet as pq
 
 from transfgu import integrity
 from transfgu.config import Config
-from transfgu.context import RunContext
+from transfgu.context import RunContext, run_backbone
 from transfgu.data.datasets import ImageRecord
 from transfgu.distributed.cluster import configure_data_context, task_resources, torch_threads, worker_config
-from transfgu.errors import CollectedErrors, decode_images
+from transfgu.errors import CollectedErrors
 from transfgu.layout import RunLayout
 from transfgu.logs import Progress, setup_logging
-from transfgu.runtime import autocast_dtype, configure_inputs, load_run_backbone
+from transfgu.runtime import autocast_dtype, configure_inputs
 from transfgu.stages import SHARD_IMAGES, SHARDED_STAGES, ShardedStage
 from transfgu.store import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("index", "image_id", "ok", "reason", "rows", "file")
+#: Concurrent calls per stage actor: one in the model, one decoding or writing (StageActor).
+CALLS_PER_ACTOR = 2
 
 
 def shard_tables(records: Sequence[ImageRecord], plan: integrity.ShardPlan) -> list[pa.Table]:
@@ -81,10 +84,31 @@ class StageActor:
         self.shard_images = int(shard_images)
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         amp = autocast_dtype(self.cfg.backbone.precision, device)
-        # The run's backbone, built once per actor: a random one is read from the file the driver saved.
-        backbone = load_run_backbone(self.cfg.backbone, RunLayout(Path(run_dir)), self.cfg.run.seed).to(device)
-        backbone.eval()
+        # The run's backbone, built once per actor as in the one-process executor (eval forward compiled on CUDA,
+        # eager fallback); a random one is read from the file the driver saved.
+        backbone = run_backbone(self.cfg, RunLayout(Path(run_dir)), device)
         self.work = stage_cls(self.cfg, backbone, device, amp, **inputs)
+        # Ray Data runs CALLS_PER_ACTOR calls at once on this actor (threads): one call decodes + prepares its
+        # shard (stage.load) or writes it while another holds the model, as the one-process executor's prefetch
+        # and writer threads do. The model itself runs one call at a time.
+        self._model = threading.Lock()
+        self.calls_in_model = self.max_calls_in_model = 0
+
+    def info(self) -> dict[str, Any]:
+        """What this actor runs with (tests and logs): compiled backbone or not, most calls seen in the model."""
+        bb = self.work.backbone
+        return {"stage": self.stage, "compiled": bool(getattr(bb, "_transfgu_compiled", False)),
+                "compile_failed": bool(getattr(bb, "_transfgu_compile_state", {}).get("failed", False)),
+                "max_calls_in_model": self.max_calls_in_model}  # fmt: skip
+
+    def _compute(self, payload: Any, ok_ids: list[str]) -> pa.Table:
+        with self._model:
+            self.calls_in_model += 1
+            self.max_calls_in_model = max(self.max_calls_in_model, self.calls_in_model)
+            try:
+                return self.work.compute(payload, ok_ids)
+            finally:
+                self.calls_in_model -= 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {k: [] for k in SUMMARY_COLUMNS}
@@ -97,9 +121,8 @@ class StageActor:
             paths = [str(x) for x in batch["path"][sel]]
             errors = CollectedErrors()
             recs = [ImageRecord(i, Path(p)) for i, p in zip(ids, paths)]
-            decoded = list(decode_images(recs, errors, self.stage))
-            ok_ids = [r.image_id for r, _ in decoded]
-            table = self.work.compute([im for _, im in decoded], ok_ids)
+            payload, ok_ids = self.work.load(recs, errors)  # the data path, outside the model lock
+            table = self._compute(payload, ok_ids)
             table = integrity.stamp_table(table, self.input_hash, ids, [i for i in ids if i not in set(ok_ids)])
             path = self.out_dir / str(batch["file"][sel][0])
             write_parquet_atomic(table, path)
@@ -120,6 +143,18 @@ class StageActor:
             "rows": np.asarray(out["rows"], dtype=np.int64),
             "file": np.asarray(out["file"], dtype=object),
         }
+
+
+def actor_kwargs(ctx: RunContext, stage_cls: type[ShardedStage], num_cpus: float, use_gpu: bool) -> dict[str, Any]:
+    """The constructor arguments of a :class:`StageActor` of ``stage_cls`` for this run (plain data)."""
+    stage = stage_cls.name
+    return {
+        # a registered stage travels by name; another one (Leopart's dense stage of a split) as the class
+        "stage": stage if SHARDED_STAGES.get(stage) is stage_cls else stage_cls,
+        "cfg": worker_config(ctx.cfg), "run_dir": str(ctx.run_dir.resolve()),
+        "out_dir": str(stage_cls.output(ctx.layout).resolve()), "shard_images": SHARD_IMAGES, "num_cpus": num_cpus,
+        "use_gpu": use_gpu, "inputs": stage_cls.worker_inputs(ctx.layout), "input_hash": ctx.hashes[stage],
+    }
 
 
 def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any]:
@@ -155,14 +190,9 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
         StageActor,
         batch_size=SHARD_IMAGES,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=min(lo, hi), max_size=hi),
-        fn_constructor_kwargs={
-            # a registered stage travels by name; another one (Leopart's dense stage of a split) as the class
-            "stage": stage if SHARDED_STAGES.get(stage) is stage_cls else stage_cls,
-            "cfg": worker_config(cfg), "run_dir": str(ctx.run_dir.resolve()),
-            "out_dir": str(out_dir.resolve()), "shard_images": SHARD_IMAGES, "num_cpus": res["num_cpus"],
-            "use_gpu": gpu, "inputs": stage_cls.worker_inputs(ctx.layout), "input_hash": h,
-        },
+        compute=ActorPoolStrategy(min_size=min(lo, hi), max_size=hi, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                  enable_true_multi_threading=True),
+        fn_constructor_kwargs=actor_kwargs(ctx, stage_cls, res["num_cpus"], gpu),
         **res,
     )
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_COLUMNS}

@@ -34,13 +34,13 @@ import torch
 
 from transfgu.checkpoint import last_trained_epoch, load_train_state, read_state_info
 from transfgu.config import Config
-from transfgu.context import RunContext
+from transfgu.context import RunContext, run_backbone
 from transfgu.data.loaders import make_train_loader, prepare_train_input
 from transfgu.distributed.cluster import cluster_has_gpus, worker_config
 from transfgu.evaluation import evaluate_decoder, has_labelled_val
 from transfgu.layout import RunLayout, round_name
 from transfgu.logs import setup_logging
-from transfgu.runtime import autocast_dtype, configure_inputs, load_run_backbone, seed_everything
+from transfgu.runtime import autocast_dtype, configure_inputs, seed_everything
 from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import finish_train
 from transfgu.store import to_jsonable
@@ -116,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.run.seed)
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     amp = autocast_dtype(cfg.backbone.precision, device)
-    backbone = load_run_backbone(cfg.backbone, layout, cfg.run.seed).to(device).eval()
+    backbone = run_backbone(cfg, layout, device)  # as the one-process executor: compiled on CUDA
     loader = make_train_loader(cfg, layout.label_bank, rank, world, cpus=config.get("threads"))
 
     epoch_log = None

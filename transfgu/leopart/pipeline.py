@@ -76,10 +76,16 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     cbfe_keys = ["protocol", "attn_mass", "blur_kernel", "blur_sigma", "min_component", "k_cbfe", "cbfe_niter",
                  "cbfe_nredo", "precision_threshold", "seed"] + (["eval_size"] if lp["protocol"] == "paper" else [])
     h_cbfe = config_hash({"up": h_pca, **pick(*cbfe_keys)})
-    h_comm = config_hash({"up": h_cbfe, **pick("k_community", "community_niter", "cooc_size", "edge_threshold",
-                                              "markov_time", "n_communities", "infomap_trials", "seed")})
+    comm_keys = ["k_community", "community_niter", "cooc_size", "edge_threshold", "markov_time", "n_communities",
+                 "infomap_trials", "seed"]
+    if lp["protocol"] == "paper":  # the grid search scores on the training labels
+        comm_keys += ["paper_grid", "eval_size", "unmatched"]
+    h_comm = config_hash({"up": h_cbfe, **pick(*comm_keys)})
     h_seg = config_hash({"up": h_comm})
-    h_eval = config_hash({"up": h_seg, **pick("eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed")})
+    eval_keys = ["eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed"]
+    if lp["linear_probe"]["enabled"]:  # only then: a run without the probe keeps its earlier hash
+        eval_keys.append("linear_probe")
+    h_eval = config_hash({"up": h_seg, **pick(*eval_keys)})
     return {"dense": h_dense, "pca": h_pca, "cbfe": h_cbfe, "communities": h_comm, "segments": h_seg,
             "evaluate": h_eval}
 
@@ -230,11 +236,14 @@ def _fg_classes(cfg: Config) -> tuple[tuple[str, ...], int | None]:
     return names, (bg[0] if bg else None)
 
 
-def _gt_at(cfg: Config, split: str, errors: Any, stage: str) -> dict[str, np.ndarray]:
-    """Ground truth of a split at ``leopart.eval_size`` by image id (-1 = ignore); bad samples are recorded."""
+def _gt_at(cfg: Config, split: str, errors: Any, stage: str,
+           size: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Ground truth of a split at ``size`` (default ``leopart.eval_size``) by image id (-1 = ignore); bad samples
+    are recorded."""
     names, ignore, label_map = dataset_classes(cfg)
     records = split_records(cfg, split)
-    ds = EvalDataset(records, label_map, tuple(cfg.leopart.eval_size), ignore, errors=errors, stage=stage)
+    size = tuple(size) if size is not None else tuple(cfg.leopart.eval_size)
+    ds = EvalDataset(records, label_map, size, ignore, errors=errors, stage=stage)
     check_error_budget(len(ds.skipped), len(records), cfg.run.error_budget, stage)
     return {rec.image_id: ds[i]["label"].numpy() for i, rec in enumerate(ds.records)}
 
@@ -319,50 +328,133 @@ def model_meta(cfg: Config, pretrained: bool) -> dict[str, Any]:
     }
 
 
-def run_communities(ctx: Any, ex: Any) -> dict[str, Any]:
-    cfg, lp = ctx.cfg, ctx.cfg.leopart
-    model = load_model(ctx.run_dir, "cbfe")
-    shards = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), model.pca, mask_kwargs(cfg))
-    try:
-        n_fg = int(sum(shards.select_foreground(model)))
-        if n_fg < lp.k_community:
-            raise ValueError(f"communities: {n_fg} foreground patches, fewer than leopart.k_community="
-                             f"{lp.k_community}; lower it, lower leopart.precision_threshold or use more images")
-        fit = lloyd_kmeans(shards, lp.k_community, lp.community_niter, lp.seed, spherical=False, name="communities")
-        model.cd_centroids = fit.centroids
-        parts = shards.cooc_stats(model, tuple(lp.cooc_size) if lp.cooc_size else None, glcm_offsets())
-    finally:
-        ex.release(shards)
-    n = lp.k_community + 1
+def _fit_network(shards: Any, model: LeopartModel, k: int, lp: Any) -> tuple[Any, np.ndarray]:
+    """Foreground overclustering at ``k`` (the shards' selection must be the CBFE foreground) and its averaged
+    co-occurrence matrix; sets ``model.cd_centroids``."""
+    fit = lloyd_kmeans(shards, k, lp.community_niter, lp.seed, spherical=False, name=f"communities k={k}")
+    model.cd_centroids = fit.centroids
+    parts = shards.cooc_stats(model, tuple(lp.cooc_size) if lp.cooc_size else None, glcm_offsets())
+    n = k + 1
     sum_norm = np.zeros((n, n))
     n_present = np.zeros(n, dtype=np.int64)
     for s, c in parts:  # file order
         sum_norm += s
         n_present += c
-    m = cooccurrence_matrix(sum_norm, n_present)
-    edges = network_edges(m, lp.edge_threshold)
-    comm = detect_communities(n, edges, lp.markov_time, _n_communities(cfg), lp.seed, lp.infomap_trials)
-    model.cluster_to_segment = community_map(n, comm.modules, bg_node=lp.k_community)
+    return fit, cooccurrence_matrix(sum_norm, n_present)
+
+
+def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmatched: str) -> dict[str, Any]:
+    """Hungarian scores of a ``(classes, segments)`` confusion, unmatched segments per ``leopart.unmatched``."""
+    from transfgu.metrics import segmentation_scores
+
+    if unmatched == "background":
+        if bg is None:
+            raise ValueError("leopart.unmatched=background needs a data set with a 'background' class")
+        return scores_unmatched_to_background(conf, names, bg)
+    return segmentation_scores(conf, names, "hungarian")
+
+
+def _paper_grid_search(ctx: Any, shards: Any, model: LeopartModel, n_fg: int) -> dict[str, Any]:
+    """``protocol: paper``: k_community x Markov time x edge threshold chosen by Hungarian mIoU on the TRAINING
+    SPLIT'S LABELS (the authors' Optuna search on PVOC train, here a grid). The cluster confusion against the
+    training labels is counted once per k; a partition's segment confusion is its columns summed by community."""
+    from transfgu.metrics import RunningConfusion
+
+    cfg, lp = ctx.cfg, ctx.cfg.leopart
+    names, bg = _fg_classes(cfg)
+    gt = _gt_at(cfg, cfg.data.train_split, ctx.errors, "communities")
+    if not gt:
+        raise RuntimeError("communities: no training image has a readable label (protocol=paper)")
+    trials: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for k in sorted(set(lp.paper_grid.k_community)):
+        if k > n_fg:
+            trials.append({"k_community": k, "skipped": f"{n_fg} foreground patches, fewer than k"})
+            log.info("[communities] grid: k=%d skipped (%d foreground patches)", k, n_fg)
+            continue
+        fit, m = _fit_network(shards, model, k, lp)
+        conf = RunningConfusion(len(names), k + 1, ignore_index=None)
+        for file_maps in shards.label_maps(model, "clusters"):
+            for image_id, cm in file_maps:
+                if image_id in gt:
+                    conf.update(gt[image_id], upsample_labels(cm, gt[image_id].shape))
+        for mt in lp.paper_grid.markov_time:
+            for thr in lp.paper_grid.edge_threshold:
+                edges = network_edges(m, thr)
+                comm = detect_communities(k + 1, edges, mt, _n_communities(cfg), lp.seed, lp.infomap_trials)
+                seg = community_map(k + 1, comm.modules, bg_node=k)
+                seg_conf = conf.conf @ np.eye(int(seg.max()) + 1, dtype=np.int64)[seg]  # columns summed by segment
+                score = segment_scores(seg_conf, names, bg, lp.unmatched)["mIoU"]
+                trials.append({"k_community": k, "markov_time": mt, "edge_threshold": thr,
+                               "train_mIoU": round(float(score), 6), "n_segments": int(seg.max()) + 1})
+                log.info("[communities] grid (train labels): k=%d markov_time=%g edge_threshold=%g -> train mIoU "
+                         "%.4f", k, mt, thr, score)
+                if not np.isfinite(score):  # nothing labelled to score: never chosen over a scored setting
+                    score = -np.inf
+                if best is None or score > best["score"]:  # ties: the first in grid order
+                    best = {"score": float(score), "k": k, "markov_time": mt, "edge_threshold": thr, "fit": fit,
+                            "matrix": m, "edges": edges, "comm": comm, "seg": seg}
+    if best is None:
+        raise ValueError(f"communities: every leopart.paper_grid.k_community {lp.paper_grid.k_community} exceeds the "
+                         f"{n_fg} foreground patches; lower them or use more images")
+    best["trials"] = trials
+    return best
+
+
+def run_communities(ctx: Any, ex: Any) -> dict[str, Any]:
+    cfg, lp = ctx.cfg, ctx.cfg.leopart
+    model = load_model(ctx.run_dir, "cbfe")
+    shards = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), model.pca, mask_kwargs(cfg))
+    selection: dict[str, Any]
+    try:
+        n_fg = int(sum(shards.select_foreground(model)))
+        if lp.protocol == "paper":
+            best = _paper_grid_search(ctx, shards, model, n_fg)
+            k, markov_time, edge_threshold = best["k"], best["markov_time"], best["edge_threshold"]
+            fit, m, edges, comm = best["fit"], best["matrix"], best["edges"], best["comm"]
+            model.cd_centroids = fit.centroids
+            selection = {"selected_with": "train labels", "criterion": "Hungarian mIoU on the training split at "
+                         "leopart.eval_size", "train_mIoU": best["score"], "trials": best["trials"]}
+            log.info("[communities] SELECTED WITH TRAIN LABELS: k_community=%d markov_time=%g edge_threshold=%g "
+                     "(train mIoU %.4f)", k, markov_time, edge_threshold, best["score"])
+        else:
+            k, markov_time, edge_threshold = lp.k_community, lp.markov_time, lp.edge_threshold
+            if n_fg < k:
+                raise ValueError(f"communities: {n_fg} foreground patches, fewer than leopart.k_community="
+                                 f"{k}; lower it, lower leopart.precision_threshold or use more images")
+            fit, m = _fit_network(shards, model, k, lp)
+            comm = None
+            selection = {"selected_with": "fixed values (no labels)"}
+    finally:
+        ex.release(shards)
+    n = k + 1
+    if comm is None:
+        edges = network_edges(m, edge_threshold)
+        comm = detect_communities(n, edges, markov_time, _n_communities(cfg), lp.seed, lp.infomap_trials)
+    model.cluster_to_segment = community_map(n, comm.modules, bg_node=k)
     out = ctx.run_dir / "communities"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "communities.safetensors.tmp"
     save_file({"centroids": fit.centroids, "cooccurrence": m, "cluster_to_segment": model.cluster_to_segment},
               str(tmp))
     tmp.replace(out / "communities.safetensors")
-    meta = {"k": lp.k_community, "n_nodes": n, "background_node": lp.k_community, "n_edges": len(edges),
+    meta = {"k": k, "n_nodes": n, "background_node": k, "n_edges": len(edges),
             "edges": [[i, j, round(w, 6)] for i, j, w in edges],
             "modules": {str(k): v for k, v in comm.modules.items()},
             "codelength": comm.codelength, "num_modules": comm.num_modules, "n_segments": model.n_segments,
-            "markov_time": lp.markov_time, "edge_threshold": lp.edge_threshold,
-            "preferred_modules": _n_communities(cfg), "objective": fit.objective[-1], "n_points": fit.n_points}
+            "markov_time": markov_time, "edge_threshold": edge_threshold,
+            "preferred_modules": _n_communities(cfg), "objective": fit.objective[-1], "n_points": fit.n_points,
+            "selection": selection}
     atomic_write_json(out / "communities.json", meta)
     from transfgu.leopart.viz import community_graph_png
 
-    community_graph_png(edges, model.cluster_to_segment, lp.k_community, out / "graph.png")
+    community_graph_png(edges, model.cluster_to_segment, k, out / "graph.png")
     save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained), backbone=ctx.backbone)
     log.info("[communities] %d edges, %d Infomap modules, %d segments (codelength %.4f)", len(edges),
              comm.num_modules, model.n_segments, comm.codelength)
-    return {"rows": fit.n_points, "edges": len(edges), "segments": model.n_segments, "codelength": comm.codelength}
+    return {"rows": fit.n_points, "edges": len(edges), "segments": model.n_segments, "codelength": comm.codelength,
+            "k_community": k, "markov_time": markov_time, "edge_threshold": edge_threshold,
+            "selected_with": selection["selected_with"]}
 
 
 def segments_table(seg_maps: list[tuple[str, np.ndarray]], cl_maps: list[tuple[str, np.ndarray]]) -> pa.Table:
@@ -433,7 +525,7 @@ def scores_unmatched_to_background(conf: np.ndarray, names: Sequence[str], bg: i
 
 def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
     from transfgu.evaluation import has_labelled_val, write_eval
-    from transfgu.metrics import RunningConfusion, segmentation_scores
+    from transfgu.metrics import RunningConfusion
 
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     if not has_labelled_val(cfg):
@@ -447,20 +539,23 @@ def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
     ids = [i for i in gt if i in segs]
     for i in ids:
         conf.update(gt[i], upsample_labels(segs[i], gt[i].shape))
-    if lp.unmatched == "background":
-        if bg is None:
-            raise ValueError("leopart.unmatched=background needs a data set with a 'background' class")
-        scores = scores_unmatched_to_background(conf.conf, names, bg)
-    else:
-        scores = segmentation_scores(conf.conf, names, "hungarian")
+    scores = segment_scores(conf.conf, names, bg, lp.unmatched)
     scores["confusion"] = conf.conf
     metrics = write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=len(ids))
     over = overclustering(ctx, ex, gt, names) if lp.overcluster_k else {}
+    probe = linear_probe(ctx, names) if lp.linear_probe.enabled else None
+    comm_meta = json.loads((ctx.run_dir / "communities" / "communities.json").read_text())
+    sel = comm_meta.get("selection") or {}
     metrics.update({
         "method": "leopart", "protocol": lp.protocol, "labels_used_for_fitting": lp.protocol == "paper",
         "eval_size": list(lp.eval_size), "unmatched": lp.unmatched, "n_segments": model.n_segments,
         "prior": cfg.backbone.source.prior,
         "overclustering": over,
+        "hyperparameters": {"k_community": comm_meta.get("k"), "markov_time": comm_meta.get("markov_time"),
+                            "edge_threshold": comm_meta.get("edge_threshold"),
+                            "selected_with": sel.get("selected_with", "fixed values (no labels)"),
+                            **({"train_mIoU": sel["train_mIoU"]} if "train_mIoU" in sel else {})},
+        **({"linear_probe": probe} if probe is not None else {}),
         "note": "mIoU: Hungarian matching of label-free segments; overclustering maps clusters to classes WITH "
                 "labels (many-to-one, precision-based), as Leopart reports it",
     })
@@ -470,7 +565,50 @@ def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
     meta["cluster_to_class"] = [int(x) for x in scores["mapping"]]
     atomic_write_json(meta_path, meta)
     return {"rows": len(ids), "mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"]),
-            **{f"overcluster_{k}_mIoU": v["mIoU"] for k, v in over.items()}}
+            **{f"overcluster_{k}_mIoU": v["mIoU"] for k, v in over.items()},
+            **({"linear_probe_mIoU": probe["mIoU"]} if probe is not None else {})}
+
+
+def _dense_with_labels(run_dir: Path, split: str, gt: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray],
+                                                                                      tuple[int, int]]:
+    """Frozen tokens ``(N, h*w, d)`` and label maps of the images of ``split`` that have both, in file order."""
+    from transfgu.leopart.dense import read_dense
+
+    feats, labels, grids = [], [], set()
+    for f in dense_files(run_dir, split):
+        for im in read_dense(f):
+            if im.image_id in gt:
+                feats.append(im.feats)
+                labels.append(gt[im.image_id])
+                grids.add(tuple(im.grid))
+    if not feats:
+        raise RuntimeError(f"linear probe: no image of split {split!r} has both dense features and a label")
+    if len(grids) != 1:
+        raise ValueError(f"linear probe: dense grids differ within split {split!r}: {sorted(grids)}")
+    return np.stack(feats), labels, grids.pop()
+
+
+def linear_probe(ctx: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The optional linear probe (``leopart.linear_probe.enabled``; :mod:`transfgu.leopart.probe`): trained WITH
+    THE TRAINING SPLIT'S LABELS on the frozen dense tokens of the dense stage, scored on val. It runs in the driver
+    process for both executors (one linear layer; the inputs are the same files)."""
+    from transfgu.leopart.probe import evaluate, train_linear_probe
+
+    cfg, pc = ctx.cfg, ctx.cfg.leopart.linear_probe
+    gt_train = _gt_at(cfg, cfg.data.train_split, ctx.errors, "evaluate", pc.train_size)
+    x_train, y_train, grid = _dense_with_labels(ctx.run_dir, cfg.data.train_split, gt_train)
+    head, losses = train_linear_probe(x_train, np.stack(y_train), grid, len(names), epochs=pc.epochs, lr=pc.lr,
+                                      lr_drop_epoch=pc.lr_drop_epoch, batch_size=pc.batch_size,
+                                      momentum=pc.momentum, seed=cfg.leopart.seed)
+    gt_val = _gt_at(cfg, cfg.data.val_split, ctx.errors, "evaluate", pc.eval_size)
+    x_val, y_val, _ = _dense_with_labels(ctx.run_dir, cfg.data.val_split, gt_val)
+    s = evaluate(head, x_val, y_val, grid, names)
+    log.info("[evaluate] linear probe (TRAINED WITH LABELS): mIoU %.4f on %d val images", s["mIoU"], len(y_val))
+    return {**s, "labels_used": True, "n_train_images": int(x_train.shape[0]), "n_val_images": len(y_val),
+            "train_size": list(pc.train_size), "eval_size": list(pc.eval_size), "epochs": pc.epochs, "lr": pc.lr,
+            "losses": [round(v, 6) for v in losses],
+            "note": "a linear layer on the frozen dense tokens trained with the training labels: a feature-quality "
+                    "number, not an unsupervised one"}
 
 
 def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:

@@ -1,9 +1,12 @@
-"""Pictures of a Leopart run: the community graph (clusters as nodes, co-occurrence edges, colour = segment)."""
+"""Pictures of a Leopart run: the community graph (clusters as nodes, co-occurrence edges, colour = segment), the
+foreground-mask panel and the helpers of the cluster galleries (the report draws them: :mod:`transfgu.leopart.report`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,3 +47,60 @@ def community_graph_png(
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def foreground_panel(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
+                     n_segments: int | None = None) -> Any:
+    """Per image: photo | head-mean CLS attention | noisy attention mask | CBFE foreground | segments.
+
+    ``rows``: ``(caption, image (H, W, 3) uint8, attention (H, W) float, mask (H, W) bool, foreground (H, W) bool,
+    segments (H, W) int or None)``, every map already at the image's size. Masks are drawn over the photo in red.
+    """
+    from transfgu.viz import _plt, overlay, palette
+
+    plt = _plt()
+    n = len(rows)
+    aspect = rows[0][1].shape[0] / rows[0][1].shape[1] if rows else 1.0
+    fig, axes = plt.subplots(n, 5, figsize=(5 * 2.4, n * (2.4 * aspect + 0.35) + 0.2), squeeze=False)
+    red = np.array([[214, 39, 40]], dtype=np.uint8)
+    seg_colours = palette(max(n_segments or 1, 1))
+    for r, (caption, image, attn, mask, fg, seg) in enumerate(rows):
+        panels: list[tuple[Any, str, dict[str, Any]]] = [
+            (image, caption, {}),
+            (attn, "CLS attention (head mean)", {"cmap": "inferno"}),
+            (overlay(image, np.where(mask, 0, -1), red, 0.55), "attention mask", {}),
+            (overlay(image, np.where(fg, 0, -1), red, 0.55), "CBFE foreground", {}),
+            (overlay(image, seg, seg_colours, 0.6) if seg is not None else None, "segments (communities)", {}),
+        ]
+        for c, (img, t, kw) in enumerate(panels):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if img is None:
+                ax.text(0.5, 0.5, "no communities yet", ha="center", va="center", transform=ax.transAxes)
+            else:
+                ax.imshow(img, **kw)
+            ax.set_title(t, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.03, hspace=0.25, top=0.95 if n > 1 else 0.88, bottom=0.01)
+    return fig
+
+
+def patch_box(patch_map: np.ndarray, value: int, image_hw: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Pixel box ``(y0, y1, x0, x1)`` of the patches of ``patch_map`` equal to ``value``, in an image of size
+    ``image_hw`` that the patch grid tiles evenly (the dense stage's resized input); None when none is."""
+    rows, cols = np.nonzero(np.asarray(patch_map) == value)
+    if rows.size == 0:
+        return None
+    gh, gw = patch_map.shape
+    ph, pw = image_hw[0] / gh, image_hw[1] / gw
+    return (int(round(rows.min() * ph)), int(round((rows.max() + 1) * ph)),
+            int(round(cols.min() * pw)), int(round((cols.max() + 1) * pw)))
+
+
+def top_images(maps: Sequence[tuple[str, np.ndarray]], value: int, n: int) -> list[tuple[str, float]]:
+    """The ``n`` images where ``value`` covers the largest fraction of the patch map (largest first, ties by
+    order), as ``(image_id, fraction)``; images without it are left out."""
+    scored = [(i, float(np.mean(np.asarray(m) == value))) for i, m in maps]
+    scored = [s for s in scored if s[1] > 0]
+    order = sorted(range(len(scored)), key=lambda j: (-scored[j][1], j))
+    return [scored[j] for j in order[:n]]
