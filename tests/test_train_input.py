@@ -158,3 +158,13 @@ def test_bytes_per_step_do_not_grow_with_the_images(tmp_path):
     bad_small, _ = _bytes_per_step(_synthetic_dataset(tmp_path / "s", 50, _WholeBankReader))
     bad_large, _ = _bytes_per_step(_synthetic_dataset(tmp_path / "l", 200, _WholeBankReader))
     assert np.mean(bad_large) > 3 * np.mean(bad_small) and np.mean(bad_small) > 5 * np.mean(got_small)
+
+
+def test_how_the_input_is_read_is_not_part_of_the_train_hash(tmp_path):
+    plain = stage_hashes(tiny_config(tmp_path, **{"train.num_workers": "0", "train.image_store": "false"}))
+    other = stage_hashes(tiny_config(tmp_path, **{"train.num_workers": "auto", "train.image_store": "true"}))
+    assert plain["train"] == other["train"]
+    assert stage_hashes(tiny_config(tmp_path, **{"train.epochs": "3"}))["train"] != plain["train"]
+    # auto: the CPUs less one for the training step, at most 8; none on a 2-CPU worker
+    assert [ts.resolve_loader_workers("auto", c) for c in (1, 2, 3, 4, 16)] == [0, 0, 2, 3, 8]
+    assert ts.resolve_loader_workers(5, 2) == 5
