@@ -74,3 +74,15 @@ def _keep_mlflow_tracking_uri():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Tests (and module fixtures) set ``torch.set_num_threads`` for speed; the thread count changes the order of
+    float reductions, so a bit-exact comparison with a run made earlier in the session (``tiny_run_dir``, 2 threads)
+    must not depend on which test ran before it. Every test gets back the count it started with."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

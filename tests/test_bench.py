@@ -86,10 +86,17 @@ def test_pseudo_labels_bench(tmp_path):
     speed = [c for c in r["comparisons"] if c["name"].startswith("naive / fast")]
     direct = [c for c in speed if "line model" not in c["name"]]
     model = [c for c in speed if "line model" in c["name"]]
-    assert len(direct) == len(model) == len(ks)
+    assert len(direct) == len(ks)
     assert all(c["measured"] and c["naive_s"] > 0 and c["fast_s"] > 0 for c in direct)
-    assert all(not c["measured"] and c["naive_model_s"] > 0 for c in model)  # a model is never "measured"
     fit = naive["fit"]
+    # the line model is reported only when its slope (one backward per concept) is positive; on a loaded machine
+    # the two small-K timings can be noise, and the bench says so instead of reporting a negative cost
+    assert fit["valid"] == (fit["per_concept_backward_s"] > 0)
+    if fit["valid"]:
+        assert len(model) == len(ks)
+        assert all(not c["measured"] and c["naive_model_s"] > 0 for c in model)  # a model is never "measured"
+    else:
+        assert model == [] and any("line model not reported" in n for n in r["notes"])
     assert fit["per_concept_backward_s"] == pytest.approx(
         (
             res["fast_and_forward"]["1"][f"naive_K{fit['from_ks'][1]}"]["min_s"]
