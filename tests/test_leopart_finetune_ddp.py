@@ -21,6 +21,10 @@ from test_leopart_finetune import finetune_config, naive_sinkhorn
 from transfgu.leopart import finetune as ft
 
 N_IMAGES, BATCH, EPOCHS = 4, 3, 2  # global batches of 3 (pieces 2 + 1) and 1 (rank 1: a placeholder)
+# conf/leopart_finetune_tiny.yaml made smaller still: 4 x 4 patch grids of global crops, queue full after 2 steps
+SMALL = {"finetune.epochs": str(EPOCHS), "finetune.batch_size": str(BATCH), "finetune.global_size": "32",
+         "finetune.local_size": "16", "finetune.max_side": "96", "finetune.queue_length": "48",
+         "finetune.queue_push": "24"}
 
 
 def _init(rank: int, world: int, init: str) -> None:
@@ -78,37 +82,37 @@ def _sinkhorn_rank(rank: int, world: int, out: str, opts: dict) -> None:
         for name, split in SPLITS.items():
             lo, hi = split[rank]
             for shared in ("queue", "none"):
-                got[f"{name}-{shared}"] = ft.sinkhorn_knopp(scores[lo:hi], 0.1, 3, queue if shared == "queue" else None,
-                                                            distributed=opts["distributed"])
+                for distributed in (True, False):
+                    got[f"{name}-{shared}-{distributed}"] = ft.sinkhorn_knopp(
+                        scores[lo:hi], 0.1, 3, queue if shared == "queue" else None, distributed=distributed)
         torch.save(got, Path(out) / f"sinkhorn-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("distributed", [True, False], ids=["all-reduced", "per-rank"])
-def test_distributed_sinkhorn_is_the_sinkhorn_of_the_concatenated_batch(tmp_path, distributed):
-    """``distributed=False`` is the old per-rank Sinkhorn (SwAV without its all-reduce): it must fail the check."""
-    _run_ranks(_sinkhorn_rank, tmp_path, 2, {"distributed": distributed})
+def test_distributed_sinkhorn_is_the_sinkhorn_of_the_concatenated_batch(tmp_path):
+    """Each rank holds a piece of the batch (uneven, or empty on rank 1). ``distributed=False`` is the old per-rank
+    Sinkhorn (SwAV without its all-reduce) and must fail the same check."""
+    _run_ranks(_sinkhorn_rank, tmp_path, 2, {})
     scores, queue = _sinkhorn_data()
     ref = {"queue": ft.sinkhorn_knopp(scores, 0.1, 3, shared=queue), "none": ft.sinkhorn_knopp(scores, 0.1, 3)}
     # the one-process result is the textbook loop over all rows (the queue's rows are dropped from the output)
-    naive = torch.tensor(naive_sinkhorn(torch.cat([scores, queue]).double().tolist(), 0.1, 3), dtype=torch.float64)[:11]
-    torch.testing.assert_close(ref["queue"].double(), naive, rtol=1e-5, atol=1e-6)
+    naive = torch.tensor(naive_sinkhorn(torch.cat([scores, queue]).double().tolist(), 0.1, 3), dtype=torch.float64)
+    torch.testing.assert_close(ref["queue"].double(), naive[:11], rtol=1e-5, atol=1e-6)
     parts = [torch.load(tmp_path / f"sinkhorn-rank{r}.pt") for r in range(2)]
-    mismatches = []
+    mismatches = set()
     for name in SPLITS:
         for shared in ("queue", "none"):
-            key = f"{name}-{shared}"
-            got = torch.cat([p[key] for p in parts])
-            assert got.shape == ref[shared].shape, key
-            # float32; only the summation order differs from one process (per-rank partial sums, then all-reduce)
-            if not torch.allclose(got, ref[shared], rtol=1e-5, atol=1e-6):
-                mismatches.append(key)
-    if distributed:
-        assert not mismatches
-    else:  # the per-rank Sinkhorn normalises each piece on its own: not the one-process assignments
-        assert set(mismatches) == {"uneven-queue", "uneven-none"}  # (a rank holding everything is one process)
+            for distributed in (True, False):
+                key = f"{name}-{shared}-{distributed}"
+                got = torch.cat([p[key] for p in parts])
+                assert got.shape == ref[shared].shape, key
+                # float32; only the summation order differs from one process (per-rank partial sums, all-reduce)
+                if not torch.allclose(got, ref[shared], rtol=1e-5, atol=1e-6):
+                    mismatches.add(key)
+    # all-reduced: every split equals one process; per rank: wrong whenever both ranks hold rows
+    assert mismatches == {"uneven-queue-False", "uneven-none-False"}
 
 
 # -- the fine-tuning loop ---------------------------------------------------------------------------------------------
@@ -125,8 +129,7 @@ def _finetune(rank: int, world: int, out: str, opts: dict) -> None:
     if world > 1:
         _init(rank, world, opts["init"])
     try:
-        cfg = finetune_config(Path(opts["root"]), **{"finetune.epochs": str(EPOCHS),
-                                                     "finetune.batch_size": str(BATCH)})
+        cfg = finetune_config(Path(opts["root"]), **SMALL)
         f = cfg.finetune
         images, _ = ftt.decode_training_images(cfg, CollectedErrors())
         torch.manual_seed(0)
