@@ -24,7 +24,7 @@ N_IMAGES, BATCH, EPOCHS = 4, 3, 2  # global batches of 3 (pieces 2 + 1) and 1 (r
 # conf/leopart_finetune_tiny.yaml made smaller still: 4 x 4 patch grids of global crops, queue full after 2 steps
 SMALL = {"finetune.epochs": str(EPOCHS), "finetune.batch_size": str(BATCH), "finetune.global_size": "32",
          "finetune.local_size": "16", "finetune.max_side": "96", "finetune.queue_length": "48",
-         "finetune.queue_push": "24"}
+         "finetune.queue_push": "24", "data.max_train_images": str(N_IMAGES)}
 
 
 def _init(rank: int, world: int, init: str) -> None:
@@ -156,6 +156,7 @@ def _finetune(rank: int, world: int, out: str, opts: dict) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow  # three processes: about 30 s on the 2-core VM at load 7 (44 s at load 9)
 @pytest.mark.timeout(180)
 def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
     from safetensors.torch import load_file
