@@ -68,19 +68,29 @@ def all_reduce_sum(t: torch.Tensor, device: torch.device | str | None = None) ->
 
     NCCL reduces only CUDA tensors: there ``t`` travels through ``device`` (default: the current CUDA device).
     """
+    return _all_reduce(t, "sum", device)
+
+
+def all_reduce_max(t: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over all ranks, in place (as :func:`all_reduce_sum`)."""
+    return _all_reduce(t, "max", device)
+
+
+def _all_reduce(t: torch.Tensor, op: str, device: torch.device | str | None) -> torch.Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return t
+    red = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
     if dist.get_backend() == "nccl" and t.device.type != "cuda":
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         if dev.type != "cuda":
             dev = torch.device("cuda", torch.cuda.current_device())
         on_gpu = t.to(dev)
-        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        dist.all_reduce(on_gpu, op=red)
         t.copy_(on_gpu.cpu())
         return t
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=red)
     return t
 
 

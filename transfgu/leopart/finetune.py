@@ -21,7 +21,7 @@ This module holds the pieces only (tested one by one in ``tests/test_leopart_fin
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,28 +31,70 @@ from torch import Tensor, nn
 
 # -- Sinkhorn-Knopp -------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sinkhorn_knopp(scores: Tensor, eps: float = 0.05, n_iters: int = 3) -> Tensor:
+def sinkhorn_knopp(
+    scores: Tensor, eps: float = 0.05, n_iters: int = 3, shared: Tensor | None = None, distributed: bool = False,
+) -> Tensor:
     """Balanced soft assignments of ``N`` samples to ``K`` prototypes (SwAV's equipartition, Leopart eq. 3).
 
     ``Q = exp(scores / eps)`` transposed to ``(K, N)`` is scaled to total mass 1, then alternately its rows are
     scaled to ``1/K`` (each prototype gets an equal share of the batch) and its columns to ``1/N`` (each sample is a
     distribution), ``n_iters`` times. The result is returned as ``(N, K)`` with rows summing to 1 (``N * Q^T``).
 
+    ``shared`` rows (the queue) join the batch but get no assignment back. With ``distributed=True`` the batch is
+    the union of every rank's ``scores`` (SwAV's distributed Sinkhorn): the shift, the total mass, ``N`` and the
+    row (prototype) sums are all-reduced over the ranks (:mod:`transfgu.ddp`; the identity without a process
+    group), while ``shared`` -- the same on every rank -- is counted once. Column scalings are per sample and need
+    no communication. W ranks then give, up to float summation order, the assignments one process computes on the
+    concatenated batch.
+
     Args:
-        scores: ``(N, K)`` similarities of samples to prototypes.
+        scores: ``(N, K)`` similarities of this rank's samples to prototypes (may be empty on a rank).
         eps: entropic regularisation (smaller = harder assignments).
         n_iters: number of (row, column) scaling rounds.
+        shared: ``(M, K)`` similarities of extra samples identical on every rank (counted once).
+        distributed: reduce over the default process group.
+    Returns:
+        ``(N, K)`` assignments of ``scores``' samples.
     """
-    s = scores.float() / eps
-    q = torch.exp(s - s.max()).t()  # (K, N); the constant shift cancels in the normalisations
-    n_k, n = q.shape
-    q /= q.sum()
+    from transfgu.ddp import all_reduce_max, all_reduce_sum
+
+    def red_sum(t: Tensor) -> Tensor:
+        return all_reduce_sum(t) if distributed else t
+
+    k = scores.shape[1]
+    parts = [scores.float() / eps]
+    if shared is not None and shared.shape[0] > 0:
+        parts.append(shared.float() / eps)
+    own = [parts[0]]  # summed over ranks
+    once = parts[1:]  # identical everywhere: counted once
+    # one shift for the whole (global) batch: a per-rank shift would scale the ranks' masses differently
+    m = torch.stack([p.max() if p.numel() else p.new_tensor(float("-inf")) for p in parts]).max().reshape(1)
+    if distributed:
+        m = all_reduce_max(m)
+    own = [torch.exp(p - m).t() for p in own]  # (K, n)
+    once = [torch.exp(p - m).t() for p in once]
+
+    def total(fn: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> Tensor:
+        """``fn`` summed over this rank's parts, all-reduced, plus the shared parts' once."""
+        acc = parts[0].new_zeros(shape)
+        for q in own:
+            acc = acc + fn(q)
+        acc = red_sum(acc)
+        for q in once:
+            acc = acc + fn(q)
+        return acc
+
+    n = total(lambda q: q.new_tensor([float(q.shape[1])]), (1,))
+    mass = total(lambda q: q.sum().reshape(1), (1,))
+    own = [q / mass for q in own]
+    once = [q / mass for q in once]
     for _ in range(n_iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= n_k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= n
-    return (q * n).t()
+        rows = total(lambda q: q.sum(dim=1, keepdim=True), (k, 1))
+        own = [q / rows / k for q in own]
+        once = [q / rows / k for q in once]
+        own = [q / q.sum(dim=0, keepdim=True) / n for q in own]
+        once = [q / q.sum(dim=0, keepdim=True) / n for q in once]
+    return (own[0] * n).t()
 
 
 # -- schedules ------------------------------------------------------------------------------------------------------
@@ -270,6 +312,7 @@ def cluster_loss(
     n_global: int,
     temperature: float = 0.1,
     out: int = 7,
+    per_image: bool = False,
 ) -> Tensor:
     """Leopart's aligned swapped-prediction loss of one batch.
 
@@ -279,6 +322,8 @@ def cluster_loss(
         boxes: ``(B, n_crops, 4)`` crop boxes in image pixels.
         n_global: number of global crops (the first ``n_global`` of ``student_scores``).
         temperature: softmax temperature of the student's predictions.
+        per_image: return each image's loss ``(B,)`` (its mean over pairs and cells) instead of their mean; the
+            data-parallel loop weights them by the global batch size.
     Returns:
         the mean over pairs, images and the ``out x out`` cells of ``-sum_k Q_k log softmax(s / tau)_k``.
     """
@@ -290,16 +335,27 @@ def cluster_loss(
         t = teacher_targets[j]
         s_al = align_maps(s / temperature, boxes_in_crop(inter, boxes[:, i], tuple(s.shape[-2:])), out)
         t_al = align_maps(t, boxes_in_crop(inter, boxes[:, j], tuple(t.shape[-2:])), out)
-        losses.append(-(t_al * F.log_softmax(s_al, dim=1)).sum(dim=1).mean())
-    return torch.stack(losses).mean()
+        losses.append(-(t_al * F.log_softmax(s_al, dim=1)).sum(dim=1).flatten(1).mean(dim=1))  # (B,)
+    # every pair has the same images and cells: the mean over images of per-image means is the overall mean
+    each = torch.stack(losses).mean(dim=0)
+    return each if per_image else each.mean()
+
+
+def usage_counts(assign: Tensor) -> Tensor:
+    """Hard-cluster usage ``(K,)`` (float) of ``(N, K)`` assignments (summed over ranks by the loop)."""
+    return torch.bincount(assign.argmax(dim=1), minlength=assign.shape[1]).float()
+
+
+def entropy_of_counts(counts: Tensor) -> float:
+    """Entropy (nats) of the distribution ``counts / counts.sum()`` (0 for no counts)."""
+    p = counts / counts.sum().clamp(min=1)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
 
 
 def usage_entropy(assign: Tensor) -> float:
     """Entropy (nats) of the mean hard-cluster usage of ``(N, K)`` assignments; ``log K`` when perfectly even."""
-    counts = torch.bincount(assign.argmax(dim=1), minlength=assign.shape[1]).float()
-    p = counts / counts.sum().clamp(min=1)
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
+    return entropy_of_counts(usage_counts(assign))
 
 
 # -- augmentations --------------------------------------------------------------------------------------------------

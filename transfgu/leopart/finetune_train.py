@@ -13,9 +13,11 @@ Outputs (``<run>/finetune/``):
   its labels).
 * ``finetune.json`` -- source weights, architecture, the ``finetune`` config, input hash, per-epoch history.
 
-Data-parallel: every rank takes its slice of the one-process global batch (:mod:`transfgu.ddp`) with the same
-per-image crop draws (a pure function of seed, epoch and image index); the Sinkhorn assignments and the queue are
-per rank (SwAV-style), so W ranks are *not* bit-equal to one process.
+Data-parallel: W ranks are the one-process training (the rule of :mod:`transfgu.ddp`). Every rank takes its
+contiguous slice of the one-process global batch with the same per-image crop draws (a pure function of seed, epoch
+and image index); Sinkhorn-Knopp's shift, mass and row sums are all-reduced (SwAV's distributed Sinkhorn), the
+queue is filled with the global batch's picked embeddings in global order (one draw per global step), the loss is
+each rank's share of the global-batch mean and the logged loss and cluster usage are global.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 
 from transfgu.checkpoint import load_optimizer, load_train_state, read_state_info, restore_rng, save_train_state
 from transfgu.config import Config
-from transfgu.ddp import batch_piece, step_generator, step_loader, step_seed
+from transfgu.ddp import all_reduce_sum, batch_piece, step_generator, step_loader, step_seed, world_info
 from transfgu.leopart import finetune as ft
 from transfgu.models.backbone import (
     PRIOR_FINETUNED_RANDOM,
@@ -189,13 +191,20 @@ def _forward_crops(model: nn.Module, crops: Tensor) -> tuple[Tensor, Tensor, tup
 def train_one_epoch(
     student: nn.Module, teacher: DenseModel, head: ft.ProjectionHead, optimizer: torch.optim.Optimizer,
     loader: Any, queue: ft.EmbeddingQueue, cfg: Config, epoch: int, steps_per_epoch: int, device: torch.device,
+    on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of Leopart's loss; returns the epoch means of loss, cluster-usage entropy, momentum and lr.
 
-    ``student`` may be the DDP-wrapped :class:`DenseModel`; ``head`` is its (unwrapped) projection head.
+    ``student`` may be the DDP-wrapped :class:`DenseModel`; ``head`` is its (unwrapped) projection head. With a
+    process group the W ranks are the one-process training (:mod:`transfgu.ddp`): each rank holds its contiguous
+    piece of the global batch, Sinkhorn-Knopp runs over the global batch (row sums all-reduced), the queue gets the
+    global batch's picked embeddings in global order (so every rank holds the one-process queue), and the loss is
+    each rank's share of the global-batch mean (DDP's gradient average then gives one process's gradient).
+    ``on_step`` gets ``epoch``, ``step``, ``loss`` (global) and ``usage_entropy`` (global) of every step.
     """
     f = cfg.finetune
     total = f.epochs * steps_per_epoch
+    _, world = world_info()
     sums: dict[str, float] = {"loss": 0.0, "usage_entropy": 0.0, "momentum": 0.0, "lr_head": 0.0}
     n = 0
     loader.batch_sampler.set_epoch(epoch)
@@ -207,36 +216,59 @@ def train_one_epoch(
         loc = batch["local"].to(device)
         boxes = batch["boxes"].to(device)
         bsz = glob.shape[0]
+        # offset of this piece in the global batch, its real images (0: a placeholder that only joins the
+        # collectives, weight 0), the global batch size
+        offset, real, gsize = batch_piece(batch, bsz)
+        weight = (torch.as_tensor(batch["real"]).float() if "real" in batch else torch.ones(bsz)).to(device)
         with torch.no_grad():
-            head_t = teacher.head
             z_t, s_t, grid_t = _forward_crops(teacher, glob)
-            rows = s_t.reshape(-1, s_t.shape[-1])
-            n_rows = rows.shape[0]
-            if queue.full:
-                rows = torch.cat([rows, queue.data.to(device) @ head_t.prototypes.weight.t()])
-            q = ft.sinkhorn_knopp(rows, f.sinkhorn_eps, f.sinkhorn_iters)[:n_rows]
-            targets = _maps(q.view_as(s_t), grid_t, f.n_global)
-            zf = z_t.reshape(-1, z_t.shape[-1])
-            pick = torch.randperm(zf.shape[0], generator=step_generator(f.seed, epoch, it, 19))[: f.queue_push]
-            queue.push(zf[pick.to(zf.device)].cpu())
+            per_image = f.n_global * s_t.shape[1]  # teacher rows of one image (crop-major, then patches)
+            k = s_t.shape[-1]
+            rows = s_t.reshape(-1, k)[: real * per_image]  # real images come first in a piece
+            shared = queue.data.to(device) @ teacher.head.prototypes.weight.t() if queue.full else None
+            q = ft.sinkhorn_knopp(rows, f.sinkhorn_eps, f.sinkhorn_iters, shared=shared, distributed=True)
+            q_all = s_t.new_zeros(bsz * per_image, k)
+            q_all[: q.shape[0]] = q
+            targets = _maps(q_all.view_as(s_t), grid_t, f.n_global)
+            _push_global(queue, z_t.reshape(-1, z_t.shape[-1]), offset * per_image, real * per_image,
+                         gsize * per_image, f.queue_push, step_generator(f.seed, epoch, it, 19))
+            counts = all_reduce_sum(ft.usage_counts(q) if q.shape[0] else s_t.new_zeros(k))
         _, s_g, grid_g = _forward_crops(student, glob)
         preds = _maps(s_g, grid_g, f.n_global)
         if f.n_local > 0:
             _, s_l, grid_l = _forward_crops(student, loc)
             preds += _maps(s_l, grid_l, f.n_local)
-        loss = ft.cluster_loss(preds, targets, boxes, f.n_global, f.temperature, f.align_size)
+        each = ft.cluster_loss(preds, targets, boxes, f.n_global, f.temperature, f.align_size, per_image=True)
+        share = (each * weight).sum() / gsize  # this rank's part of the global-batch mean
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (share * world).backward()  # DDP averages over the W ranks: the gradient of the sum of the shares
         optimizer.step()
         m = ft.ema_momentum(step, total, f.momentum)
         ft.ema_update(teacher, student.module if hasattr(student, "module") else student, m)
-        _, real, _ = batch_piece(batch, bsz)
-        sums["loss"] += float(loss.detach())
-        sums["usage_entropy"] += ft.usage_entropy(q)
+        loss = float(all_reduce_sum(share.detach().clone()))
+        usage = ft.entropy_of_counts(counts)
+        if on_step is not None:
+            on_step({"epoch": epoch, "step": it, "loss": loss, "usage_entropy": usage})
+        sums["loss"] += loss
+        sums["usage_entropy"] += usage
         sums["momentum"] += m
         sums["lr_head"] += max(g["lr"] for g in optimizer.param_groups if g["name"].startswith("head"))
         n += 1
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def _push_global(queue: ft.EmbeddingQueue, z: Tensor, lo: int, count: int, global_rows: int, n_push: int,
+                 g: torch.Generator) -> None:
+    """Push ``n_push`` rows of the *global* batch's teacher embeddings, picked by one draw of ``g`` over the global
+    rows, in that order: each rank fills the picked rows it holds (``z[:count]`` are global rows ``lo ..
+    lo + count``), the others stay 0, and one all-reduce sum assembles them exactly (``x + 0 = x``). Every rank
+    then pushes the rows one process pushes."""
+    pick = torch.randperm(global_rows, generator=g)[:n_push].to(z.device)
+    mine = (pick >= lo) & (pick < lo + count)
+    rows = z.new_zeros(pick.shape[0], z.shape[-1])
+    rows[mine] = z[pick[mine] - lo]
+    queue.push(all_reduce_sum(rows).cpu())
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
