@@ -168,8 +168,16 @@ def test_blocks_are_timm_blocks_same_keys_init_outputs_and_masked_training(monke
     from timm.models.vision_transformer import Block as TimmBlock
 
     def timm_block(dim, num_heads, mlp_ratio, qkv_bias, drop, eps):
-        return TimmBlock(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop,
-                         attn_drop=drop, drop_path=0.0, norm_layer=partial(nn.LayerNorm, eps=eps))
+        return TimmBlock(
+            dim=dim,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_drop=drop,
+            attn_drop=drop,
+            drop_path=0.0,
+            norm_layer=partial(nn.LayerNorm, eps=eps),
+        )
 
     torch.manual_seed(5)
     new = MaskTransformerDecoder(6, d_encoder=24, d_model=32, n_layers=2, n_heads=4)

@@ -42,8 +42,9 @@ class Attention(nn.Module):
     the attention weights are materialised, ``softmax(q k^T / sqrt(d_h))``, so that the mask can drop them.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -85,8 +86,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block, ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (timm ``Block``, no drop-path)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 drop: float = 0.0, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        drop: float = 0.0,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=drop, proj_drop=drop)
