@@ -2,8 +2,9 @@
 
 The pieces are checked against the one-process definition (sampler, augmentation slices, loss shares, RNG state),
 then a real 2-rank gloo process group trains on real CamVid images against the one-process run: same batches, same
-random decisions, same losses and step decisions for every step across teacher updates, same final weights. A rank
-whose own loss share is not positive never skips alone (no hang: the run has a timeout).
+random decisions (dropout masks at the reference's 0.1 included), same losses and step decisions for every step
+across teacher updates, same final weights. A rank whose own loss share is not positive never skips alone (no hang:
+the run has a timeout).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from transfgu.engine import (
 from transfgu.losses import LossWeights, total_loss
 
 N_IMAGES, BATCH, EPOCHS, SEED = 7, 3, 3, 7
+DROPOUT = 0.1  # the reference's: a sample's dropout masks are keyed by its global-batch position, not the rank
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -63,8 +65,7 @@ def _setup(variant: str):
         items = [{"image": it["image"], "pseudo": it["pseudo"][5:]} for it in items]
     k = items[0]["pseudo"].shape[0] + (variant == "things")
     torch.manual_seed(1)
-    # dropout 0: dropout masks are the one per-rank random draw (the only thing DDP cannot share with one process)
-    student = MaskTransformerDecoder(k, d_encoder=48, d_model=48, n_layers=2, n_heads=2, dropout=0.0)
+    student = MaskTransformerDecoder(k, d_encoder=48, d_model=48, n_layers=2, n_heads=2, dropout=DROPOUT)
     return backbone, student, items
 
 

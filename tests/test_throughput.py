@@ -458,7 +458,8 @@ def _step_setup(variant: str, k: int = 5, n_batches: int = 2, bsz: int = 2):
 def test_compiled_step_kernels_equal_eager_losses_and_gradients(variant):
     """The step's device functions through torch.compile (AOTAutograd: forward and backward graphs; the
     ``aot_eager`` backend runs them without code generation, so the test is fast on CPU) give eager's losses,
-    gradients and parameters after two bootstrapping epochs (dropout included: same RNG stream)."""
+    gradients and parameters after two bootstrapping epochs (dropout 0.1 included: the same keyed masks, drawn
+    outside the compiled function)."""
     from transfgu.engine import StepKernels
 
     results = {}

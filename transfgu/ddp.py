@@ -10,7 +10,9 @@ W ranks of a ``torch.distributed`` group train one model together. What makes W 
   with weight 0 so that it still joins every collective.
 * **One set of random decisions per global step.** Every rank builds the same generator from
   :func:`step_seed` ``(seed, epoch, step)``, draws the decisions of the *whole* global batch (colour decision, crop
-  boxes, flips, the class permutation) and uses its own slice (:mod:`transfgu.engine`).
+  boxes, flips, the class permutation) and uses its own slice (:mod:`transfgu.engine`). Dropout masks are keyed
+  per sample by its position in the global batch (``step_seed(seed, epoch, step, 1 + q)``), so a rank draws for its
+  samples the masks one process draws for them.
 * **One loss, one decision.** Each rank computes its *share* of the global loss (its per-image means weighted by
   its fraction of the global batch, and of the foreground pixels for the uncertainty term), so the shares sum to
   the one-process loss; one ``all_reduce`` gives every rank that sum, and every rank takes the same ``loss > 0``
@@ -40,8 +42,8 @@ def _splitmix64(x: int) -> int:
 def step_seed(seed: int, epoch: int, step: int, stream: int = 0) -> int:
     """A 63-bit seed that is a pure function of ``(seed, epoch, step, stream)`` (SplitMix64 chain).
 
-    ``stream`` separates independent uses of one step (0: the shared augmentation/permutation draws; ``1 + rank``:
-    the rank's dropout).
+    ``stream`` separates independent uses of one step (0: the shared augmentation/permutation draws; ``1 + q``: the
+    dropout masks of the sample at position ``q`` of the global batch, :func:`transfgu.engine.draw_dropout`).
     """
     h = 0
     for v in (seed, epoch, step, stream):

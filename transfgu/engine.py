@@ -18,13 +18,12 @@ disturbed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +44,8 @@ from transfgu.losses import (
 )
 from transfgu.metrics import Overcluster, RunningConfusion
 from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD, normalize, resize_to_multiple
+from transfgu.models.decoder import MaskTransformerDecoder
+from transfgu.models.dropout import draw_keep_masks
 from transfgu.throughput import CompileMode, compile_function
 
 log = logging.getLogger(__name__)
@@ -484,24 +485,29 @@ def predict_logits(
 
 
 # -- training loop (§7.4) ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _dropout_rng(seed: int | None, epoch: int, step: int, rank: int, device: torch.device) -> Iterator[None]:
-    """Seed dropout (the global RNG) from ``(seed, epoch, step, rank)`` for one step, restoring the caller's state.
+def draw_dropout(
+    student: nn.Module,
+    grid: tuple[int, int],
+    seed: int | None,
+    epoch: int,
+    step: int,
+    offset: int,
+    count: int,
+    device: torch.device,
+) -> list[Tensor] | None:
+    """The student's dropout keep-masks for ``count`` samples at ``offset..`` of step ``step``'s global batch.
 
-    Dropout masks are the only per-rank randomness: each rank draws its own, a pure function of the step, so a
-    resumed run draws the same masks as an uninterrupted one.
+    With ``seed`` the masks of the sample at global-batch position ``q`` are drawn from a generator seeded with
+    ``step_seed(seed, epoch, step, 1 + q)``: whichever rank holds the sample draws the same masks, so W ranks
+    apply the masks one process would, and a resumed run draws those of an uninterrupted one. Without ``seed``
+    they come from the global RNG. ``None`` when the student has no active dropout (eval, ``p = 0``) or takes no
+    masks.
     """
-    if seed is None:
-        yield
-        return
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    s = step_seed(seed, epoch, step, 1 + rank)
-    with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(s)
-        if cuda:  # only the training device's generator (fork_rng restores only that one)
-            with torch.cuda.device(cuda[0]):
-                torch.cuda.manual_seed(s)
-        yield
+    dec = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    if not isinstance(dec, MaskTransformerDecoder) or not dec.training or dec.dropout <= 0.0:
+        return None
+    keys = None if seed is None else [step_seed(seed, epoch, step, 1 + offset + j) for j in range(count)]
+    return draw_keep_masks(dec.dropout_shapes(grid[0] * grid[1]), dec.dropout, count, device, keys)
 
 
 def shared_loss(
@@ -559,19 +565,21 @@ def step_losses(
     fraction: float = 1.0,
     fg_total: Callable[[Tensor], float] | None = None,
     placeholder: bool = False,
+    dropout_keep: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The step's decoder and loss kernels: teacher (no grad) and student on the frozen patch tokens, the targets
     of §7.3 and eq. 16; returns ``(total, peer, diversity, uncertainty)`` attached to the student's graph.
 
     One process: ``fraction=1``, ``fg_total=None`` (exactly :func:`total_loss`, nothing read on the host), and
     :class:`StepKernels` may compile it. Data-parallel ranks pass their share and ``fg_total`` (the all-reduced
-    foreground count of the "things" variant, :func:`shared_loss`), eagerly.
+    foreground count of the "things" variant, :func:`shared_loss`), eagerly. ``dropout_keep``: the student's
+    dropout masks (:func:`draw_dropout`), drawn outside so that a compiled graph holds no generator.
     """
     use_teacher = teacher is not None
     with torch.autocast(patch.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         with torch.no_grad():
             teacher_logits = teacher(patch, grid)[0].float() if use_teacher else None
-        logits, class_emb = student(patch, grid)
+        logits, class_emb = student(patch, grid) if dropout_keep is None else student(patch, grid, dropout_keep)
     targets = make_targets(labels, teacher_logits, variant, t_bg=t_bg, mix=mix, perm=perm)
     if logits.shape[1] != targets.soft.shape[1]:
         raise ValueError(
@@ -648,8 +656,9 @@ def train_one_epoch(
     at ``alpha = schedule_state.alpha``.
 
     Randomness: with ``seed`` every step ``i`` draws its augmentation and class permutation from
-    :func:`transfgu.ddp.step_generator` ``(seed, epoch, i)`` and its dropout from a seed of ``(seed, epoch, i,
-    rank)``; otherwise everything is drawn from ``generator`` (and dropout from the global RNG).
+    :func:`transfgu.ddp.step_generator` ``(seed, epoch, i)`` and the dropout masks of the sample at global-batch
+    position ``q`` from a seed of ``(seed, epoch, i, 1 + q)`` (:func:`draw_dropout`); otherwise everything is drawn
+    from ``generator`` (and dropout from the global RNG).
 
     Data parallelism (a ``torch.distributed`` group of W > 1 ranks; the student wrapped in DDP; ``seed`` required;
     batches from :func:`transfgu.ddp.step_loader`): each rank draws the decisions of the whole global batch and
@@ -706,67 +715,67 @@ def train_one_epoch(
         hw = (int(images.shape[-2]), int(images.shape[-1]))
         draws = draw_step(global_b, hw, g, c, colour_mode)
         mine = draws.piece(offset, images.shape[0]) if n_real else draws.piece(0, images.shape[0])
-        with _dropout_rng(seed, plan.epoch, i, rank, device):
-            if world == 1:
-                crops, labels = apply_augment(images, pseudo, mine, patch_size=ps, geometry=kernels.geometry)
-            else:
-                crops, labels = apply_augment(images, pseudo, mine, patch_size=ps)
-            amp_on = amp_dtype is not None
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_on), torch.no_grad():
-                feats = backbone(crops)
-            common = dict(variant=variant, t_bg=t_bg, mix=mix, alpha=plan.alpha, weights=loss_weights,
-                          empty_fg=empty_fg, amp_dtype=amp_dtype)  # fmt: skip
-            if world == 1:  # the whole batch: no share, no foreground all-reduce (nothing read on the host)
-                total, peer_t, div_t, unc_t = kernels.losses(
-                    student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
-                    fraction=n_real / global_b,
-                )  # fmt: skip
-            else:
-                total, peer_t, div_t, unc_t = step_losses(
-                    student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
-                    fraction=n_real / global_b, placeholder=not n_real,
-                    fg_total=lambda m: float(all_reduce_sum(m.sum().double().reshape(1), device)[0]),
-                )  # fmt: skip
-            terms = LossTerms(total=total, peer=peer_t, diversity=div_t, uncertainty=unc_t)
-            if on_device:
-                loss_t = terms.total.detach()
-                finite = torch.isfinite(loss_t)
-                ok = (loss_t > 0) if skip_nonpositive else finite  # NaN > 0 is False: NaN is skipped too
-                optimizer.zero_grad(set_to_none=True)
-                terms.total.backward()  # always; a skipped step is dropped inside the fused update
-                if clamp_grad is not None:
-                    torch.nn.utils.clip_grad_value_(params, clamp_grad)
-                optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
-                try:
-                    optimizer.step()
-                finally:
-                    del optimizer.found_inf  # type: ignore[attr-defined]
-                vals = torch.stack([loss_t, terms.peer.detach(), terms.diversity.detach(), terms.uncertainty.detach()])
-                dev_sums += torch.where(finite, vals.double(), 0.0)
-                dev_counts += torch.stack([finite, ok]).long()
-                n_batches += 1
-                n_images += n_real
-                if log_every and (i + 1) % log_every == 0:
-                    log.info(
-                        "epoch %d step %d loss %.4f (peer %.4f div %.4f unc %.4f) skipped %d",
-                        plan.epoch, i + 1, *(float(v) for v in vals), n_batches - int(dev_counts[1]),
-                    )  # fmt: skip
-                continue
-            # One all-reduce of the shares: every rank gets the global loss and takes the same decision.
-            parts = torch.stack([terms.total, terms.peer, terms.diversity, terms.uncertainty]).detach().double().cpu()
-            reduced = all_reduce_sum(torch.cat([parts, torch.tensor([float(n_real)], dtype=torch.float64)]), device)
-            loss_value, peer, div, unc, n_global = (float(v) for v in reduced)
-            do_step = loss_value > 0 if skip_nonpositive else math.isfinite(loss_value)
+        if world == 1:
+            crops, labels = apply_augment(images, pseudo, mine, patch_size=ps, geometry=kernels.geometry)
+        else:
+            crops, labels = apply_augment(images, pseudo, mine, patch_size=ps)
+        amp_on = amp_dtype is not None
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_on), torch.no_grad():
+            feats = backbone(crops)
+        keep = draw_dropout(student, feats.grid, seed, plan.epoch, i, offset, images.shape[0], device)
+        common = dict(variant=variant, t_bg=t_bg, mix=mix, alpha=plan.alpha, weights=loss_weights,
+                      empty_fg=empty_fg, amp_dtype=amp_dtype, dropout_keep=keep)  # fmt: skip
+        if world == 1:  # the whole batch: no share, no foreground all-reduce (nothing read on the host)
+            total, peer_t, div_t, unc_t = kernels.losses(
+                student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
+                fraction=n_real / global_b,
+            )  # fmt: skip
+        else:
+            total, peer_t, div_t, unc_t = step_losses(
+                student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
+                fraction=n_real / global_b, placeholder=not n_real,
+                fg_total=lambda m: float(all_reduce_sum(m.sum().double().reshape(1), device)[0]),
+            )  # fmt: skip
+        terms = LossTerms(total=total, peer=peer_t, diversity=div_t, uncertainty=unc_t)
+        if on_device:
+            loss_t = terms.total.detach()
+            finite = torch.isfinite(loss_t)
+            ok = (loss_t > 0) if skip_nonpositive else finite  # NaN > 0 is False: NaN is skipped too
             optimizer.zero_grad(set_to_none=True)
-            if do_step:
-                # DDP averages gradients over ranks: W x the share makes the average the gradient of the sum.
-                (terms.total * world if world > 1 else terms.total).backward()
-                if clamp_grad is not None:
-                    torch.nn.utils.clip_grad_value_(params, clamp_grad)
+            terms.total.backward()  # always; a skipped step is dropped inside the fused update
+            if clamp_grad is not None:
+                torch.nn.utils.clip_grad_value_(params, clamp_grad)
+            optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+            try:
                 optimizer.step()
-                n_steps += 1
-            else:
-                n_skipped += 1
+            finally:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+            vals = torch.stack([loss_t, terms.peer.detach(), terms.diversity.detach(), terms.uncertainty.detach()])
+            dev_sums += torch.where(finite, vals.double(), 0.0)
+            dev_counts += torch.stack([finite, ok]).long()
+            n_batches += 1
+            n_images += n_real
+            if log_every and (i + 1) % log_every == 0:
+                log.info(
+                    "epoch %d step %d loss %.4f (peer %.4f div %.4f unc %.4f) skipped %d",
+                    plan.epoch, i + 1, *(float(v) for v in vals), n_batches - int(dev_counts[1]),
+                )  # fmt: skip
+            continue
+        # One all-reduce of the shares: every rank gets the global loss and takes the same decision.
+        parts = torch.stack([terms.total, terms.peer, terms.diversity, terms.uncertainty]).detach().double().cpu()
+        reduced = all_reduce_sum(torch.cat([parts, torch.tensor([float(n_real)], dtype=torch.float64)]), device)
+        loss_value, peer, div, unc, n_global = (float(v) for v in reduced)
+        do_step = loss_value > 0 if skip_nonpositive else math.isfinite(loss_value)
+        optimizer.zero_grad(set_to_none=True)
+        if do_step:
+            # DDP averages gradients over ranks: W x the share makes the average the gradient of the sum.
+            (terms.total * world if world > 1 else terms.total).backward()
+            if clamp_grad is not None:
+                torch.nn.utils.clip_grad_value_(params, clamp_grad)
+            optimizer.step()
+            n_steps += 1
+        else:
+            n_skipped += 1
         n_batches += 1
         n_images += int(n_global)
         if math.isfinite(loss_value):

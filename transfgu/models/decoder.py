@@ -11,20 +11,105 @@ Class-token initialisation (``cls_emb_init``):
   ~ N(0, 1/(K*D))), not K orthogonal vectors. Use it to reproduce the published numbers.
 * ``"orthogonal"`` (default, the fix): ``orthogonal_`` on the ``(K, D)`` view, i.e. K mutually orthogonal unit
   rows when K <= D (for K > D the D columns are orthonormal instead, the best ``orthogonal_`` can do).
+
+Dropout (attention, projection and MLP, p = 0.1 in the reference) takes optional caller-drawn keep-masks
+(:mod:`transfgu.models.dropout`): the training loop draws them per sample, so W data-parallel ranks apply the
+masks one process would. The blocks are timm's pre-norm ``Block`` (same submodule names, so the same
+``state_dict`` keys) with the masks threaded through; without masks they are timm's forward.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from transfgu.models.dropout import MaskedDropout
+
 ClsEmbInit = Literal["reference", "orthogonal"]
+MASKS_PER_BLOCK = 4  # attention weights, attention projection, MLP hidden, MLP output
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (timm ``Attention``: no qkv bias, projection with bias) with maskable dropout.
+
+    Without a mask (or not training) it runs ``scaled_dot_product_attention`` like timm's fused path. With masks
+    the attention weights are materialised, ``softmax(q k^T / sqrt(d_h))``, so that the mask can drop them.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = MaskedDropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = MaskedDropout(proj_drop)
+
+    def forward(self, x: Tensor, attn_keep: Tensor | None = None, proj_keep: Tensor | None = None) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_keep is not None and self.attn_drop.active:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = self.attn_drop(attn, attn_keep) @ v
+        else:
+            p = self.attn_drop.p if self.attn_drop.active else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)), proj_keep)
+
+
+class Mlp(nn.Module):
+    """timm ``Mlp``: ``fc2(drop(GELU(fc1(x))))`` followed by dropout, both dropouts maskable."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = MaskedDropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = MaskedDropout(drop)
+
+    def forward(self, x: Tensor, hidden_keep: Tensor | None = None, out_keep: Tensor | None = None) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)), hidden_keep)), out_keep)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (timm ``Block``, no drop-path)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        drop: float = 0.0,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def mask_shapes(self, n_tokens: int) -> list[tuple[int, ...]]:
+        """Per-sample shapes of the block's keep-masks, in the order :meth:`forward` takes them."""
+        d, hidden = self.mlp.fc2.out_features, self.mlp.fc1.out_features
+        return [(self.attn.num_heads, n_tokens, n_tokens), (n_tokens, d), (n_tokens, hidden), (n_tokens, d)]
+
+    def forward(self, x: Tensor, keep: Sequence[Tensor] | None = None) -> Tensor:
+        a, p, h, o = keep if keep is not None else (None,) * MASKS_PER_BLOCK
+        x = x + self.attn(self.norm1(x), a, p)
+        return x + self.mlp(self.norm2(x), h, o)
 
 
 class MaskTransformerDecoder(nn.Module):
@@ -61,22 +146,14 @@ class MaskTransformerDecoder(nn.Module):
         self.d_encoder = d_encoder
         self.d_model = d_model
         self.cls_emb_init = cls_emb_init
+        self.dropout = float(dropout)
 
         self.proj_dec = nn.Linear(d_encoder, d_model)
         self.cls_emb = nn.Parameter(torch.empty(1, n_classes, d_model))
         norm_layer = partial(nn.LayerNorm, eps=1e-5)
         self.blocks = nn.ModuleList(
             [
-                Block(
-                    dim=d_model,
-                    num_heads=n_heads,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=False,
-                    proj_drop=dropout,
-                    attn_drop=dropout,
-                    drop_path=0.0,
-                    norm_layer=norm_layer,
-                )
+                Block(dim=d_model, num_heads=n_heads, mlp_ratio=mlp_ratio, qkv_bias=False, drop=dropout, eps=1e-5)
                 for _ in range(n_layers)
             ]
         )
@@ -127,12 +204,21 @@ class MaskTransformerDecoder(nn.Module):
         self.load_state_dict(state, strict=True)
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def forward(self, patch_tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def dropout_shapes(self, n_patches: int) -> list[tuple[int, ...]]:
+        """Per-sample shapes of the keep-masks :meth:`forward` takes for ``n_patches`` patch tokens, in order."""
+        return [s for blk in self.blocks for s in blk.mask_shapes(n_patches + self.n_classes)]
+
+    def forward(
+        self, patch_tokens: Tensor, grid: tuple[int, int], dropout_keep: Sequence[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Decode patch tokens into class logits.
 
         Args:
             patch_tokens: ``(B, h*w, d_encoder)`` encoder patch tokens (CLS dropped).
             grid: ``(h, w)`` patch grid.
+            dropout_keep: optional boolean keep-masks ``(B, *shape)`` for :meth:`dropout_shapes`
+                (:func:`transfgu.models.dropout.draw_keep_masks`); without them, training-mode dropout draws from
+                the global RNG. Ignored in eval mode.
 
         Returns:
             logits ``(B, K, h, w)`` at patch resolution (after the class-dim LayerNorm), and the class
@@ -145,8 +231,11 @@ class MaskTransformerDecoder(nn.Module):
             raise ValueError(f"got {n} patch tokens for a {h}x{w} grid")
         x = self.proj_dec(patch_tokens)
         x = torch.cat([x, self.cls_emb.expand(b, -1, -1)], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        if dropout_keep is not None and len(dropout_keep) != MASKS_PER_BLOCK * len(self.blocks):
+            raise ValueError(f"got {len(dropout_keep)} dropout masks, want {MASKS_PER_BLOCK * len(self.blocks)}")
+        m = MASKS_PER_BLOCK
+        for j, blk in enumerate(self.blocks):
+            x = blk(x, dropout_keep[m * j : m * (j + 1)] if dropout_keep is not None else None)
         x = self.decoder_norm(x)
         patches = F.normalize(x[:, :n] @ self.proj_patch, dim=-1)
         classes = F.normalize(x[:, n:] @ self.proj_classes, dim=-1)
