@@ -203,6 +203,10 @@ class RunConfig(_Base):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     error_budget: float = Field(0.05, ge=0, le=1, description="max fraction of unreadable images")
     report: bool = True
+    write_threads: int | None = Field(
+        None, ge=1, description="Parquet writer threads of the one-process extract/label-bank stages (None = the "
+        "node's CPUs less one, at most 8; throughput.default_writer_threads); the files are the same for any value",
+    )
 
 
 class MlflowConfig(_Base):
