@@ -149,7 +149,7 @@ def test_decode_stage_gives_the_one_process_shards(ray_local, tmp_path, monkeypa
 
     ref_ctx = RunContext(tiny_config(tmp_path / "a", "t", **over))
     local.run_extract(ref_ctx)
-    cfg = tiny_config(tmp_path / "b", "t", **over, **{"ray.decode_stage": "true", "ray.extract_actors": "[1, auto]"})
+    cfg = tiny_config(tmp_path / "b", "t", **{**over, "ray.decode_stage": "true", "ray.extract_actors": "[1, auto]"})
     prepare_run_dir(cfg)
     ctx = RunContext(cfg)
     info = shards.run_sharded_stage(ctx, ExtractStage)
