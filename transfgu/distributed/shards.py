@@ -8,6 +8,11 @@ actor decodes the images itself (undecodable files are reported back, not raised
 shard atomically (``store.write_parquet_atomic``: plain pyarrow reads it) and returns one small summary row per
 input image.
 
+With ``ray.decode_stage`` on (default: when the actors get GPUs) the decoding moves to Ray Data CPU tasks ahead of
+the pool (:func:`load_shards`, as ``distributed/predict.py`` decodes ahead of its GPU actors): the dataset is then
+one row per shard (:func:`shard_specs`), so no batching can split a shard, and the actor only computes and writes.
+The pool's maximum follows the cluster (:func:`transfgu.distributed.cluster.actor_pool_bounds`).
+
 Resume is by image id, as in the one-process executor (:mod:`transfgu.integrity`): each shard file carries the
 stage's input hash and the ids it covers (decode failures included) in its key-value metadata; the driver plans
 which files are kept and names every new file before the pool starts, so a re-run only sends the images no kept
