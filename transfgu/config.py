@@ -383,6 +383,40 @@ class LeopartConfig(_Base):
         return v
 
 
+class FinetuneConfig(_Base):
+    """Leopart's dense self-supervised fine-tuning of the backbone (leopart_appendix.md A.1; ``method:
+    leopart_finetune``). Defaults are the appendix's recipe; the output is ``<run>/finetune/backbone.safetensors``,
+    a ``backbone.weights=`` file for any other run."""
+
+    epochs: int = Field(50, ge=1, description="training epochs over the training split (appendix: 50)")
+    batch_size: int = Field(32, ge=1, description="images per global step (over all workers)")
+    n_global: int = Field(2, ge=1, description="global crops per image")
+    n_local: int = Field(4, ge=0, description="local crops per image")
+    global_size: int = Field(224, ge=8, description="global crop side after resizing (appendix: 224)")
+    local_size: int = Field(96, ge=8, description="local crop side after resizing (appendix: 96)")
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    min_intersection: float = Field(0.01, ge=0, lt=1, description="every crop meets every global crop by this "
+                                    "fraction of the image (appendix: 1 %)")
+    max_side: int = Field(448, ge=16, description="images are decoded with their longer side at most this")
+    hidden_dim: int = Field(2048, ge=1)
+    out_dim: int = Field(256, ge=1)
+    n_prototypes: int = Field(300, ge=2)
+    queue_length: int = Field(8192, ge=0, description="teacher embeddings added to the Sinkhorn batch; 0 = none")
+    queue_push: int = Field(2048, ge=1, description="teacher embeddings pushed to the queue per step")
+    temperature: float = Field(0.1, gt=0)
+    sinkhorn_eps: float = Field(0.05, gt=0)
+    sinkhorn_iters: int = Field(3, ge=1)
+    align_size: int = Field(7, ge=1, description="RoIAlign output grid of the aligned maps (appendix: 7x7)")
+    momentum: float = Field(0.9995, ge=0, le=1, description="EMA momentum at step 0, cosine to 1")
+    lr_head: float = Field(1e-4, gt=0)
+    lr_backbone: float = Field(1e-5, ge=0)
+    weight_decay: tuple[float, float] = Field((0.04, 0.4), description="cosine weight-decay schedule start, end")
+    train_blocks: int | None = Field(None, ge=0, description="fine-tune only the last N ViT blocks; None = all")
+    export: Literal["teacher", "student"] = "teacher"
+    seed: int = 0
+
+
 def paper_protocol(data_name: str) -> dict[str, Any]:
     """The dotted settings ``protocol: paper`` imposes for data set ``data_name``."""
     out = dict(PAPER_PROTOCOL)
@@ -414,10 +448,12 @@ class Config(_Base):
     run: RunConfig = Field(default_factory=RunConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    method: Literal["transfgu", "leopart"] = Field(
-        "transfgu", description="transfgu = the TransFGU stages; leopart = Leopart CBFE + community detection"
+    method: Literal["transfgu", "leopart", "leopart_finetune"] = Field(
+        "transfgu", description="transfgu = the TransFGU stages; leopart = Leopart CBFE + community detection; "
+        "leopart_finetune = Leopart's dense fine-tuning of the backbone"
     )
     leopart: LeopartConfig = Field(default_factory=LeopartConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="before")
     @classmethod

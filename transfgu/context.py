@@ -29,6 +29,10 @@ def method_stages(cfg: Config) -> tuple[str, ...]:
         from transfgu.leopart.pipeline import STAGES as LEOPART_STAGES
 
         return tuple(LEOPART_STAGES)
+    if cfg.method == "leopart_finetune":
+        from transfgu.leopart.finetune_train import STAGES as FINETUNE_STAGES
+
+        return tuple(FINETUNE_STAGES)
     return STAGES
 
 
@@ -38,6 +42,10 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
         from transfgu.leopart.pipeline import stage_hashes as leopart_hashes
 
         return leopart_hashes(cfg)
+    if cfg.method == "leopart_finetune":
+        from transfgu.leopart.finetune_train import stage_hashes as finetune_hashes
+
+        return finetune_hashes(cfg)
     d = json.loads(cfg.model_dump_json())
     data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
     # Training/evaluation subsets (curated lists) do not change the crop, concept and label-bank stages.

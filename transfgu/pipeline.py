@@ -37,6 +37,10 @@ def method_runners(cfg: Config) -> Mapping[str, StageRunner]:
         from transfgu.leopart.pipeline import RUNNERS as LEOPART_RUNNERS
 
         return LEOPART_RUNNERS
+    if cfg.method == "leopart_finetune":
+        from transfgu.leopart.finetune_train import RUNNERS as FINETUNE_RUNNERS
+
+        return FINETUNE_RUNNERS
     return LOCAL_RUNNERS
 
 
@@ -104,7 +108,7 @@ def _run_stage(ctx: RunContext, name: str, runner: StageRunner, force: bool) -> 
         integrity.prepare_stage_outputs(ctx.run_dir, name, h, force=force)
     ctx.manifest.mark_running(name, input_hash=h)
     ctx.stage_run_id = tracker.stage_run(name)
-    epoch_log = tracker.epoch_logger(ctx.stage_run_id) if name == "train" else None
+    epoch_log = tracker.epoch_logger(ctx.stage_run_id, prefix=name) if name in ("train", "finetune") else None
     ctx.on_epoch = epoch_log
     t0 = time.time()
     try:

@@ -54,6 +54,13 @@ def _check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
             problems.append(("leopart.input_size", f"{list(size)} is not a multiple of the backbone's patch size "
                                                    f"{p} ({cfg.backbone.arch}); use e.g. {_multiple(size, p)}"))
         return problems
+    if cfg.method == "leopart_finetune":  # the fine-tuning crops only
+        for key in ("global_size", "local_size"):
+            v = getattr(cfg.finetune, key)
+            if v % p:
+                problems.append((f"finetune.{key}", f"{v} is not a multiple of the backbone's patch size {p} "
+                                                     f"({cfg.backbone.arch}); use e.g. {_multiple((v, v), p)[0]}"))
+        return problems
     for key, size in (("crops.input_size", cfg.crops.input_size), ("pseudo.input_size", cfg.pseudo.input_size)):
         if size[0] % p or size[1] % p:
             problems.append((key, f"{list(size)} is not a multiple of the backbone's patch size {p} "

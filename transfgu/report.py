@@ -251,6 +251,25 @@ def _val_history_section(run_dir: Path) -> Section:
     return sec
 
 
+def _finetune_section(run_dir: Path) -> Section:
+    """Leopart dense fine-tuning: the per-epoch history and the attention / cluster maps before and after."""
+    info = _read_json(run_dir / "finetune" / "finetune.json") or {}
+    sec = Section("Dense fine-tuning")
+    src = info.get("source") or {}
+    rows = [(str(h["epoch"] + 1), f"{h['loss']:.4f}", f"{h['usage_entropy']:.3f}", f"{h['momentum']:.6f}")
+            for h in info.get("history", [])]
+    sec.html = (f"<p class='meta'>source weights: {html.escape(str(src.get('weights')))} "
+                f"({html.escape(str(src.get('prior')))}); "
+                f"output: finetune/{html.escape(str(info.get('backbone_file')))}"
+                f" ({html.escape(str(info.get('exported')))})</p>"
+                + _table(["epoch", "loss", "cluster-usage entropy", "EMA momentum"], rows))
+    pic = run_dir / "finetune" / "before_after.png"
+    if pic.is_file():
+        sec.images.append((pic, "last-block CLS attention and 8-cluster maps of the patch tokens, source backbone "
+                                "(before) vs fine-tuned backbone (after)"))
+    return sec
+
+
 def _stages_section(run_dir: Path) -> Section:
     sec = Section("Stages")
     man = _read_json(RunLayout(run_dir).manifest)
@@ -673,6 +692,8 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
              lambda: lrep.gallery_section(run_dir, out, cfg, opt.n_per_concept, opt.thumb)),
             ("Leopart: community graph", lambda: lrep.graph_section(run_dir, out, metrics)),
         ]
+    if (run_dir / "finetune" / "finetune.json").is_file():  # method: leopart_finetune: no segmentation to show
+        builders = [("Dense fine-tuning", lambda: _finetune_section(run_dir)), *builders[-3:]]
     sections = []
     for title, build in builders:
         try:

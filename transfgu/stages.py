@@ -337,7 +337,7 @@ def add_stage_quality(ctx: RunContext) -> None:
         return evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp)[0]
 
     stages_q = stage_quality(ctx.layout.root, cfg, lambda: build_decoder(cfg, ctx.backbone.embed_dim).to(ctx.device),
-                             score)
+                             score, ctx.backbone, ctx.device)
     prior = cfg.backbone.source.prior
     metrics = json.loads(ctx.layout.metrics.read_text())
     metrics["prior"] = prior

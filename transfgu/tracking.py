@@ -359,10 +359,10 @@ class PipelineTracker:
         self.tracker.log_metrics(run_id, _numeric(info))
         self.tracker.end_run(run_id, status)
 
-    def epoch_logger(self, stage_run_id: str | None) -> EpochLogger | None:
+    def epoch_logger(self, stage_run_id: str | None, prefix: str = "train") -> EpochLogger | None:
         if self.tracker is None or stage_run_id is None:
             return None
-        return EpochLogger(self.tracker.spec, stage_run_id)
+        return EpochLogger(self.tracker.spec, stage_run_id, prefix=prefix)
 
     def finish(self, run_dir: Path | None, status: str = "FINISHED") -> None:
         """Final metrics and artifacts on the parent run, then close it."""

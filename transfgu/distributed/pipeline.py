@@ -95,6 +95,8 @@ def run_pipeline_ray(cfg: Config, only: Sequence[str] | None = None, force: Sequ
     prepare_run_dir(cfg)
     if cfg.method == "leopart":
         from transfgu.distributed.leopart import LEOPART_RAY_RUNNERS as base
+    elif cfg.method == "leopart_finetune":
+        from transfgu.distributed.finetune import FINETUNE_RAY_RUNNERS as base
     else:
         base = RAY_RUNNERS
     return run_pipeline(cfg, only=only, force=force, runners={**base, **(runners or {})}, kind=kind,

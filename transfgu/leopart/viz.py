@@ -49,6 +49,64 @@ def community_graph_png(
     return path
 
 
+def _kmeans_labels(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
+    """Spherical k-means labels of the rows of ``x`` (a few images' patches: small, plain numpy)."""
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+    rng = np.random.default_rng(seed)
+    c = x[rng.choice(len(x), size=min(k, len(x)), replace=False)]
+    for _ in range(niter):
+        lab = (x @ c.T).argmax(1)
+        for j in range(len(c)):
+            if (lab == j).any():
+                v = x[lab == j].sum(0)
+                c[j] = v / max(np.linalg.norm(v), 1e-8)
+    return (x @ c.T).argmax(1)
+
+
+def finetune_pictures_png(images: Sequence[np.ndarray], backbones: dict[str, object], size: int, k: int,
+                          path: str | Path) -> Path:
+    """Rows = images; for every backbone (e.g. before / after fine-tuning): the head-mean CLS attention of the last
+    block and a ``k``-cluster map of the patch tokens (spherical k-means over the shown images' patches, so the
+    colours of one column are comparable across rows). PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+
+    from transfgu.models.backbone import normalize
+    from transfgu.viz import palette
+
+    x = torch.stack([F.interpolate(torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float(), size=(size, size),
+                                   mode="bilinear", align_corners=False)[0] for im in images])
+    cols: list[tuple[str, np.ndarray]] = []
+    for name, bb in backbones.items():
+        with torch.no_grad():
+            f = bb.eval()(normalize(x))  # type: ignore[operator]
+        h, w = f.grid
+        attn = f.attn_cls.mean(1).reshape(len(images), h, w).numpy()
+        feats = f.patch.reshape(-1, f.patch.shape[-1]).numpy()
+        lab = _kmeans_labels(feats, k).reshape(len(images), h, w)
+        cols += [(f"{name}: attention", attn), (f"{name}: {k} clusters", palette(k)[lab])]
+    fig, axes = plt.subplots(len(images), 1 + len(cols), figsize=(2.2 * (1 + len(cols)), 2.2 * len(images)),
+                             dpi=90, squeeze=False)
+    for r in range(len(images)):
+        axes[r, 0].imshow(x[r].permute(1, 2, 0).numpy().astype(np.uint8))
+        for c, (title, arr) in enumerate(cols, start=1):
+            axes[r, c].imshow(arr[r], cmap="inferno" if arr.ndim == 3 else None, interpolation="nearest")
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=8)
+        for ax in axes[r]:
+            ax.set_axis_off()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def foreground_panel(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
                      n_segments: int | None = None) -> Any:
     """Per image: photo | head-mean CLS attention | noisy attention mask | CBFE foreground | segments.

@@ -52,8 +52,13 @@ ARCHS: dict[str, str] = {
 PRIOR_RANDOM = "random"
 PRIOR_PRETRAINED = "pretrained"
 PRIOR_STANDIN = "supervised stand-in"
-#: safetensors metadata key that marks a file written by transfgu.tools.standin_prior.
+#: A backbone that Leopart's dense fine-tuning (transfgu.leopart.finetune_train) started from random weights: it
+#: learned from the user's images only, never from DINO's pretraining, so it is never recorded as ``pretrained``.
+PRIOR_FINETUNED_RANDOM = "fine-tuned from random"
+#: safetensors metadata key that marks what a weights file is (the stand-in prior, a fine-tuned random init).
 PRIOR_METADATA_KEY = "transfgu_prior"
+#: Values of :data:`PRIOR_METADATA_KEY` that :func:`weights_prior` reports as they are (anything else: pretrained).
+MARKED_PRIORS = (PRIOR_STANDIN, PRIOR_FINETUNED_RANDOM)
 
 
 class WeightsError(RuntimeError):
@@ -270,8 +275,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
 
 def weights_prior(weights: str | os.PathLike[str]) -> str:
-    """What ``backbone.weights`` gives: :data:`PRIOR_RANDOM` for ``none``, :data:`PRIOR_STANDIN` for a safetensors
-    file whose metadata marks it as the supervised stand-in prior, else :data:`PRIOR_PRETRAINED`.
+    """What ``backbone.weights`` gives: :data:`PRIOR_RANDOM` for ``none``; for a safetensors file whose metadata marks
+    it, the mark (:data:`MARKED_PRIORS`: the supervised stand-in prior, a fine-tuned random init); else
+    :data:`PRIOR_PRETRAINED`.
 
     The stand-in is a test fixture trained with labels, so runs that use it must never claim ``pretrained: true``.
     """
@@ -287,8 +293,8 @@ def weights_prior(weights: str | os.PathLike[str]) -> str:
                 meta = fh.metadata() or {}
         except Exception:  # unreadable files are reported by load_state_dict_file with a clear message
             meta = {}
-        if meta.get(PRIOR_METADATA_KEY) == PRIOR_STANDIN:
-            return PRIOR_STANDIN
+        if meta.get(PRIOR_METADATA_KEY) in MARKED_PRIORS:
+            return meta[PRIOR_METADATA_KEY]
     return PRIOR_PRETRAINED
 
 

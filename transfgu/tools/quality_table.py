@@ -44,10 +44,11 @@ def quality_overrides(dataset: str, root: str | Path, run_root: str | Path, name
         "pseudo.grad_scale": "0.5",
         "train.train_size": "[96, 128]",
         "train.batch_size": "8",
-        "train.epochs": "4",
+        "train.repeat": "8",
+        "train.epochs": "8",
         "train.lr": "0.0005",
-        "train.teacher_intervals": "[2]",
-        "train.bootstrap_start": "2",
+        "train.teacher_intervals": "[4]",
+        "train.bootstrap_start": "4",
         "eval.eval_size": "[96, 128]",
         "eval.batch_size": "12",
         "run.root": str(run_root),
@@ -72,13 +73,20 @@ def stage_numbers(metrics: dict[str, Any]) -> dict[str, float | None]:
     c, p, rounds = st.get("concepts") or {}, st.get("pseudo_labels") or {}, st.get("rounds") or []
     out: dict[str, float | None] = {
         "concept_purity": c.get("purity"),
+        "concept_balanced_purity": c.get("balanced_purity"),
         "concept_nmi": c.get("nmi"),
         "pseudo_mIoU": p.get("mIoU"),
         "pseudo_acc": p.get("pixel_accuracy"),
+        "pseudo_anchored_mIoU": p.get("anchored_mIoU"),
     }
     for r in rounds if isinstance(rounds, list) else []:
         out[f"round{r['round']}_teacher_mIoU"] = r.get("teacher_mIoU")
         out[f"round{r['round']}_student_mIoU"] = r.get("student_mIoU")
+    for t in st.get("targets") or [] if isinstance(st.get("targets"), list) else []:
+        out[f"round{t['round']}_targets_mIoU"] = t.get("mIoU")
+        out[f"round{t['round']}_targets_anchored_mIoU"] = t.get("anchored_mIoU")
+        out[f"round{t['round']}_student_teacher_agreement"] = t.get("student_teacher_agreement")
+        out[f"round{t['round']}_pseudo_teacher_agreement"] = t.get("pseudo_teacher_agreement")
     out["final_mIoU"] = metrics.get("mIoU")
     out["final_acc"] = metrics.get("pixel_accuracy")
     return out

@@ -9,9 +9,11 @@ labelled stand-in set. Its weights are saved as safetensors in the DINO/timm key
 record ``prior: supervised stand-in`` and ``pretrained: false``. It is a test fixture, not the method, and its
 numbers are never the method's.
 
-Objective (two linear heads, dropped when saving):
+Objective (two heads, dropped when saving):
 
-* CLS head: cross-entropy against the majority ground-truth class of the crop (what the concept stage clusters);
+* CLS head: cross-entropy against the majority ground-truth class of the crop (what the concept stage clusters),
+  with logits = minus the squared distance of the CLS to a learnt prototype per class, so that the classes form
+  Euclidean clusters of the raw CLS (the concept stage's k-means is L2 on raw features, §4);
 * patch head: cross-entropy of every patch token against the ground-truth class at the patch centre (what the
   decoder reads and what the attention Grad-CAM of the pseudo labels localises).
 
@@ -63,6 +65,12 @@ class StandinSettings:
     seed: int = 0
     threads: int = 1  # one thread: the same sums in the same order on every machine, and no OpenMP stalls on a busy one
     max_images: int = 0  # 0 = the whole split
+    min_area: float = 0.1  # smallest crop, as a share of the image area
+    cls_weight: float = 1.0  # weight of the CLS (crop class) loss against the patch loss
+    # "prototype": CLS logits = -squared L2 distance to a learnt prototype per class, so the classes become Euclidean
+    # clusters of the raw CLS, the geometry the concept stage's k-means sees; "linear": a linear head (linearly
+    # separable classes, which k-means does not find: concept purity no better than the random backbone's).
+    cls_head: str = "prototype"
 
 
 #: (height, width) of the crops a step is trained at: crop-stage squares and pseudo-label / training views.
@@ -117,15 +125,16 @@ def majority(labels: Tensor, n_classes: int) -> Tensor:
 
 
 def sample_batch(
-    images: Tensor, labels: Tensor, out_hw: tuple[int, int], batch: int, gen: torch.Generator
+    images: Tensor, labels: Tensor, out_hw: tuple[int, int], batch: int, gen: torch.Generator,
+    min_area: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    """Random crops (area 10-100 % of the image at the output aspect, random flip) resized to ``out_hw``."""
+    """Random crops (area ``min_area``-100 % of the image at the output aspect, random flip) resized to ``out_hw``."""
     n, _, hh, ww = images.shape
     idx = torch.randint(n, (batch,), generator=gen)
     aspect = out_hw[1] / out_hw[0]
     xs, ys = [], []
     for i in idx.tolist():
-        frac = 0.1 + 0.9 * float(torch.rand((), generator=gen))
+        frac = min_area + (1.0 - min_area) * float(torch.rand((), generator=gen))
         ch = min(hh, max(8, int(round(math.sqrt(frac * hh * ww / aspect)))))
         cw = min(ww, max(8, int(round(ch * aspect))))
         y0 = int(torch.randint(hh - ch + 1, (), generator=gen))
@@ -144,17 +153,27 @@ def sample_batch(
 class StandinModel(nn.Module):
     """The backbone plus the two linear training heads (CLS -> crop class, patch token -> patch class)."""
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, cls_head: str = "linear") -> None:
         super().__init__()
         self.vit = _create_vit(ARCH, pretrained_tag=False)
         d = int(self.vit.embed_dim)
-        self.cls_head = nn.Linear(d, n_classes)
+        if cls_head not in ("linear", "prototype"):
+            raise ValueError(f"cls_head must be 'linear' or 'prototype', got {cls_head!r}")
+        self.prototype = cls_head == "prototype"
+        self.cls_head = nn.Linear(d, n_classes)  # made in both modes: the seeded draws stay in the same order
+        if self.prototype:
+            self.prototypes = nn.Parameter(torch.randn(n_classes, d))
         self.patch_head = nn.Linear(d, n_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         t = self.vit.forward_features(x)  # (B, 1 + h*w, D) after the final LayerNorm
         p = self.vit.num_prefix_tokens
-        return self.cls_head(t[:, 0]), self.patch_head(t[:, p:])
+        if self.prototype:
+            # Classes as Euclidean clusters of the raw CLS: the geometry the concept stage's k-means sees (§4).
+            cls = -torch.cdist(t[:, 0], self.prototypes).pow(2) / t.shape[-1] ** 0.5
+        else:
+            cls = self.cls_head(t[:, 0])
+        return cls, self.patch_head(t[:, p:])
 
 
 def train_standin(
@@ -163,7 +182,7 @@ def train_standin(
     """Train the stand-in; returns the timm ViT (heads dropped) and the last logged losses/accuracies."""
     torch.manual_seed(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
-    model = StandinModel(n_classes)
+    model = StandinModel(n_classes, s.cls_head)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=s.steps, pct_start=0.1)
     model.train()
@@ -175,12 +194,12 @@ def train_standin(
         ps = 8
         # A fixed token budget per step keeps the cost of the large views down (the cost is linear in tokens).
         batch = max(4, s.tokens_per_step // ((out_hw[0] // ps) * (out_hw[1] // ps)))
-        x, y = sample_batch(images, labels, out_hw, batch, gen)
+        x, y = sample_batch(images, labels, out_hw, batch, gen, s.min_area)
         # The class at each patch centre is the patch target (nearest sampling of the label crop).
         y_patch = y[:, ps // 2 :: ps, ps // 2 :: ps].reshape(y.shape[0], -1)
         y_cls = majority(y, n_classes)
         cls_logits, patch_logits = model(normalize(x))
-        loss = F.cross_entropy(cls_logits, y_cls, ignore_index=-1) + F.cross_entropy(
+        loss = s.cls_weight * F.cross_entropy(cls_logits, y_cls, ignore_index=-1) + F.cross_entropy(
             patch_logits.reshape(-1, n_classes), y_patch.reshape(-1), ignore_index=-1
         )
         opt.zero_grad(set_to_none=True)
@@ -256,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=d.tokens_per_step)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--cls-head", choices=("prototype", "linear"), default=d.cls_head)
+    p.add_argument("--min-area", type=float, default=d.min_area, help="smallest crop, share of the image area")
+    p.add_argument("--cls-weight", type=float, default=d.cls_weight)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -269,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options[key] = yaml.safe_load(value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     s = StandinSettings(dataset=a.dataset, split=a.split, steps=a.steps, tokens_per_step=a.tokens_per_step, lr=a.lr,
-                        seed=a.seed, threads=a.threads, max_images=a.max_images)
+                        seed=a.seed, threads=a.threads, max_images=a.max_images, cls_head=a.cls_head,
+                        min_area=a.min_area, cls_weight=a.cls_weight)
     t0 = time.time()
     path = build_standin(a.root, a.out, s, **options)
     log.info("stand-in prior written to %s in %.0fs", path, time.time() - t0)

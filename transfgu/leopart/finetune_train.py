@@ -1,0 +1,424 @@
+"""The ``finetune`` stage of ``method: leopart_finetune``: Leopart's dense fine-tuning loop, defined once and run by
+either executor (this process, or Ray Train workers in :mod:`transfgu.distributed.finetune`).
+
+Outputs (``<run>/finetune/``):
+
+* ``epoch_<e>/`` -- the resumable training state after epoch ``e`` (:func:`transfgu.checkpoint.save_train_state`:
+  student and teacher (backbone + head), Adam moments, the queue, RNG; ``state.json`` written last marks it
+  complete and records the stage's input hash). The two latest are kept; a re-run resumes from the latest state of
+  the same input hash, a state of other settings is never resumed from.
+* ``backbone.safetensors`` -- the fine-tuned ViT (teacher by default) in the timm/DINO key layout: give it to any
+  run as ``backbone.weights=<path>``. Its safetensors metadata records the source weights and the fine-tuning
+  settings (and keeps the supervised stand-in mark when the source was the stand-in: derived weights still carry
+  its labels).
+* ``finetune.json`` -- source weights, architecture, the ``finetune`` config, input hash, per-epoch history.
+
+Data-parallel: every rank takes its slice of the one-process global batch (:mod:`transfgu.ddp`) with the same
+per-image crop draws (a pure function of seed, epoch and image index); the Sinkhorn assignments and the queue are
+per rank (SwAV-style), so W ranks are *not* bit-equal to one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transfgu.checkpoint import load_optimizer, load_train_state, read_state_info, restore_rng, save_train_state
+from transfgu.config import Config
+from transfgu.ddp import batch_piece, step_generator, step_loader, step_seed
+from transfgu.leopart import finetune as ft
+from transfgu.models.backbone import (
+    PRIOR_FINETUNED_RANDOM,
+    PRIOR_METADATA_KEY,
+    PRIOR_RANDOM,
+    PRIOR_STANDIN,
+    DinoViT,
+    normalize,
+)
+from transfgu.store import atomic_write_json, config_hash
+
+log = logging.getLogger("transfgu")
+
+STAGES = ("finetune",)
+BACKBONE_OUT = "backbone.safetensors"
+INFO_FILE = "finetune.json"
+PICTURES = "before_after.png"
+#: safetensors metadata key of a fine-tuned backbone: JSON with its source and settings.
+FINETUNE_METADATA_KEY = "transfgu_finetune"
+
+
+def stage_hashes(cfg: Config) -> dict[str, str]:
+    d = json.loads(cfg.model_dump_json())
+    data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
+    return {"finetune": config_hash({"method": "leopart_finetune", "data": data, "backbone": d["backbone"],
+                                     "finetune": d["finetune"], "seed": d["run"]["seed"]})}
+
+
+def crop_spec(cfg: Config) -> ft.CropSpec:
+    f = cfg.finetune
+    return ft.CropSpec(n_global=f.n_global, n_local=f.n_local, global_size=f.global_size, local_size=f.local_size,
+                       global_scale=tuple(f.global_scale), local_scale=tuple(f.local_scale),
+                       min_intersection=f.min_intersection)
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def decode_training_images(cfg: Config, errors: Any) -> tuple[list[np.ndarray], list[str]]:
+    """The training split's images, decoded once and shrunk to ``finetune.max_side``; unreadable ones are recorded
+    (``errors.jsonl``) and skipped within ``run.error_budget``."""
+    from PIL import Image
+
+    from transfgu.data.loaders import split_records
+    from transfgu.errors import check_error_budget, decode_images
+
+    records = split_records(cfg, cfg.data.train_split)
+    images, ids = [], []
+    for rec, im in decode_images(records, errors, "finetune"):
+        h, w = im.shape[:2]
+        s = cfg.finetune.max_side / max(h, w)
+        if s < 1:
+            im = np.asarray(Image.fromarray(im).resize((max(1, round(w * s)), max(1, round(h * s))),
+                                                       Image.BILINEAR))
+        images.append(im)
+        ids.append(rec.image_id)
+    check_error_budget(len(records) - len(images), len(records), cfg.run.error_budget, "finetune")
+    if not images:
+        raise RuntimeError("finetune: no training image could be read")
+    return images, ids
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Item ``i``: the global and local crops of image ``i`` (augmented, ImageNet-normalised) and their boxes.
+
+    The crop boxes and the photometric draws are a pure function of ``(seed, epoch, i)``, so every rank and a
+    resumed run see the same crops (set :attr:`epoch` before each epoch).
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], spec: ft.CropSpec, seed: int) -> None:
+        self.images, self.spec, self.seed = list(images), spec, seed
+        self.epoch = 0
+        self.augment = ft.photometric()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        img = torch.from_numpy(np.array(self.images[i], dtype=np.uint8, copy=True)).permute(2, 0, 1)  # uint8 (3, H, W)
+        h, w = img.shape[-2:]
+        g = step_generator(self.seed, self.epoch, i, stream=17)
+        boxes = ft.sample_crop_boxes(h, w, self.spec, g)
+        crops = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step_seed(self.seed, self.epoch, i, stream=18))
+            for c, b in enumerate(boxes.tolist()):
+                size = self.spec.global_size if c < self.spec.n_global else self.spec.local_size
+                x0, y0, x1, y1 = (int(v) for v in b)
+                crop = F.interpolate(img[None, :, y0:y1, x0:x1].float(), size=(size, size), mode="bilinear",
+                                     align_corners=False, antialias=True).round().clamp(0, 255).to(torch.uint8)[0]
+                crops.append(normalize(self.augment(crop)))  # no flips: a crop must agree with its box
+        ng = self.spec.n_global
+        out = {"global": torch.stack(crops[:ng]), "boxes": boxes}
+        out["local"] = torch.stack(crops[ng:]) if len(crops) > ng else torch.zeros(0, 3, self.spec.local_size,
+                                                                                  self.spec.local_size)
+        return out
+
+
+def make_loader(images: Sequence[np.ndarray], cfg: Config, rank: int = 0, world: int = 1) -> Any:
+    ds = MultiCropDataset(images, crop_spec(cfg), cfg.finetune.seed)
+
+    def on_epoch(sampler: Any) -> None:
+        ds.epoch = sampler.epoch
+
+    return step_loader(ds, cfg.finetune.batch_size, cfg.finetune.seed, rank, world, on_epoch=on_epoch)
+
+
+# -- model ----------------------------------------------------------------------------------------------------------
+class DenseModel(nn.Module):
+    """Backbone + projection head; ``forward(x)`` gives unit embeddings and prototype scores on the patch grid."""
+
+    def __init__(self, backbone: DinoViT, head: ft.ProjectionHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        f = self.backbone(x)
+        z, s = self.head(f.patch)  # (B, h*w, out), (B, h*w, K)
+        return z, s, f.grid
+
+
+def build_models(cfg: Config, backbone: DinoViT) -> tuple[DenseModel, DenseModel]:
+    """Student (trainable) and teacher (an EMA copy, never trained by gradients)."""
+    f = cfg.finetune
+    torch.manual_seed(f.seed)
+    head = ft.ProjectionHead(backbone.embed_dim, f.hidden_dim, f.out_dim, f.n_prototypes)
+    backbone.train()
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    for p in ft.frozen_first_blocks(backbone, f.train_blocks):
+        p.requires_grad_(False)
+    student = DenseModel(backbone, head)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.eval()
+    return student, teacher
+
+
+def _maps(s: Tensor, grid: tuple[int, int], n: int) -> list[Tensor]:
+    """``(n*B, h*w, K)`` scores of ``n`` crops per image -> ``n`` maps ``(B, K, h, w)``."""
+    h, w = grid
+    k = s.shape[-1]
+    s = s.view(-1, n, h, w, k).permute(1, 0, 4, 2, 3)
+    return list(s.unbind(0))
+
+
+def _forward_crops(model: nn.Module, crops: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """All crops of one size of a batch ``(B, n, 3, S, S)`` in one pass, crop-major within each image."""
+    return model(crops.flatten(0, 1))
+
+
+def train_one_epoch(
+    student: nn.Module, teacher: DenseModel, head: ft.ProjectionHead, optimizer: torch.optim.Optimizer,
+    loader: Any, queue: ft.EmbeddingQueue, cfg: Config, epoch: int, steps_per_epoch: int, device: torch.device,
+) -> dict[str, float]:
+    """One epoch of Leopart's loss; returns the epoch means of loss, cluster-usage entropy, momentum and lr.
+
+    ``student`` may be the DDP-wrapped :class:`DenseModel`; ``head`` is its (unwrapped) projection head.
+    """
+    f = cfg.finetune
+    total = f.epochs * steps_per_epoch
+    sums: dict[str, float] = {"loss": 0.0, "usage_entropy": 0.0, "momentum": 0.0, "lr_head": 0.0}
+    n = 0
+    loader.batch_sampler.set_epoch(epoch)
+    for it, batch in enumerate(loader):
+        step = epoch * steps_per_epoch + it
+        ft.set_schedules(optimizer, step, total, f.weight_decay[0], f.weight_decay[1])
+        head.normalize_prototypes()
+        glob = batch["global"].to(device)
+        loc = batch["local"].to(device)
+        boxes = batch["boxes"].to(device)
+        bsz = glob.shape[0]
+        with torch.no_grad():
+            head_t = teacher.head
+            z_t, s_t, grid_t = _forward_crops(teacher, glob)
+            rows = s_t.reshape(-1, s_t.shape[-1])
+            n_rows = rows.shape[0]
+            if queue.full:
+                rows = torch.cat([rows, queue.data.to(device) @ head_t.prototypes.weight.t()])
+            q = ft.sinkhorn_knopp(rows, f.sinkhorn_eps, f.sinkhorn_iters)[:n_rows]
+            targets = _maps(q.view_as(s_t), grid_t, f.n_global)
+            zf = z_t.reshape(-1, z_t.shape[-1])
+            pick = torch.randperm(zf.shape[0], generator=step_generator(f.seed, epoch, it, 19))[: f.queue_push]
+            queue.push(zf[pick.to(zf.device)].cpu())
+        _, s_g, grid_g = _forward_crops(student, glob)
+        preds = _maps(s_g, grid_g, f.n_global)
+        if f.n_local > 0:
+            _, s_l, grid_l = _forward_crops(student, loc)
+            preds += _maps(s_l, grid_l, f.n_local)
+        loss = ft.cluster_loss(preds, targets, boxes, f.n_global, f.temperature, f.align_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        m = ft.ema_momentum(step, total, f.momentum)
+        ft.ema_update(teacher, student.module if hasattr(student, "module") else student, m)
+        _, real, _ = batch_piece(batch, bsz)
+        sums["loss"] += float(loss.detach())
+        sums["usage_entropy"] += ft.usage_entropy(q)
+        sums["momentum"] += m
+        sums["lr_head"] += max(g["lr"] for g in optimizer.param_groups if g["name"].startswith("head"))
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+def state_dir(out: Path, epoch: int) -> Path:
+    return out / f"epoch_{epoch:03d}"
+
+
+def latest_state(out: Path, input_hash: str) -> Path | None:
+    """The latest complete training state of ``input_hash`` under ``<run>/finetune`` (None when none)."""
+    done = [(info["epoch"], p) for p in Path(out).glob("epoch_*") if (info := read_state_info(p)) is not None
+            and info.get("input_hash") == input_hash]
+    return max(done, key=lambda t: t[0])[1] if done else None
+
+
+def _prune(out: Path, input_hash: str, keep: int = 2) -> None:
+    """Drop all but the ``keep`` latest states of ``input_hash`` (states of other settings are left alone)."""
+    dirs = sorted(p for p in out.glob("epoch_*") if (info := read_state_info(p)) is not None
+                  and info.get("input_hash") == input_hash)
+    for p in dirs[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def set_aside_other_settings(out: Path, input_hash: str) -> list[Path]:
+    """Move epoch states and outputs written under another input hash to ``<run>/_stale/finetune/<hash12>/``
+    (never deleted, never resumed from, never read as this run's result)."""
+    from transfgu import integrity
+
+    moved = []
+    for p in sorted(out.glob("epoch_*")):
+        info = read_state_info(p)
+        h = info.get("input_hash") if info else None
+        if h != input_hash:
+            moved.append(integrity.set_aside(p, out.parent, "finetune", h, "state of other settings"))
+    if (out / INFO_FILE).is_file():
+        h = integrity.read_json_stamp(out / INFO_FILE)
+        if h != input_hash:
+            for name in (INFO_FILE, BACKBONE_OUT, PICTURES):
+                if (out / name).exists():
+                    moved.append(integrity.set_aside(out / name, out.parent, "finetune", h, "output of other settings"))
+    return moved
+
+
+def finetuned_prior(source_prior: str | None) -> str | None:
+    """The prior mark of a fine-tuned backbone: the stand-in stays the stand-in, a random init becomes
+    ``fine-tuned from random`` (never ``pretrained``), a pretrained source needs no mark."""
+    if source_prior in (PRIOR_RANDOM, PRIOR_FINETUNED_RANDOM):
+        return PRIOR_FINETUNED_RANDOM
+    if source_prior == PRIOR_STANDIN:
+        return PRIOR_STANDIN
+    return None
+
+
+def save_finetuned_backbone(model: DenseModel, path: Path, meta: dict[str, Any], prior: str | None) -> None:
+    """The backbone's state dict in timm/DINO key layout, with the fine-tuning record (and the prior mark of
+    :func:`finetuned_prior`) in the file's metadata."""
+    import os
+
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.backbone.vit.state_dict().items()}
+    md = {FINETUNE_METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    if prior is not None:
+        md[PRIOR_METADATA_KEY] = prior
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata=md)
+    os.replace(tmp, path)
+
+
+def backbone_from_state(state: Path, which: str = "student") -> dict[str, Tensor]:
+    """The ``student`` or ``teacher`` ViT of an epoch state, in timm/DINO key layout."""
+    groups, _ = load_train_state(Path(state))
+    pre = "backbone.vit."
+    return {k[len(pre):]: v for k, v in groups[which].items() if k.startswith(pre)}
+
+
+def finetune(
+    cfg: Config, backbone: DinoViT, images: Sequence[np.ndarray], out: Path, input_hash: str, device: torch.device,
+    rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None, source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) every epoch; rank 0 writes the epoch states and, at the end, the backbone file.
+
+    ``wrap`` makes the DDP model (Ray Train's ``prepare_model``); ``on_epoch(metrics)`` gets every epoch's metrics
+    (``epoch``, ``loss``, ``usage_entropy``, ``momentum``, ``lr_head``) after its state is on disk.
+    """
+    f = cfg.finetune
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        set_aside_other_settings(out, input_hash)
+    student, teacher = build_models(cfg, backbone)
+    student.to(device)
+    teacher.to(device)
+    optimizer = torch.optim.Adam(ft.param_groups(student.backbone, student.head, f.lr_backbone, f.lr_head))
+    queue = ft.EmbeddingQueue(f.queue_length, f.out_dim)
+    history: list[dict[str, float]] = []
+    start = 0
+    latest = latest_state(out, input_hash)
+    if latest is not None:
+        groups, info = load_train_state(latest)
+        student.load_state_dict(groups["student"])
+        teacher.load_state_dict(groups["teacher"])
+        load_optimizer(optimizer, groups["opt"], info["optimizer"])
+        queue.load(groups["initial"])
+        restore_rng(groups.get("rng", {}))
+        history = list(info.get("history", []))
+        start = int(info["epoch"]) + 1
+        log.info("[finetune] resuming at epoch %d from %s", start + 1, latest)
+    loader = make_loader(images, cfg, rank, world)
+    steps = len(loader)
+    model = wrap(student) if wrap is not None else student
+    for epoch in range(start, f.epochs):
+        model.train()
+        metrics = train_one_epoch(model, teacher, student.head, optimizer, loader, queue, cfg, epoch, steps, device)
+        metrics = {"epoch": epoch, **{k: round(v, 6) for k, v in metrics.items()}}
+        history.append(metrics)
+        log.info("[finetune] epoch %d/%d loss %.4f usage entropy %.3f momentum %.6f", epoch + 1, f.epochs,
+                 metrics["loss"], metrics["usage_entropy"], metrics["momentum"])
+        if rank == 0:
+            save_train_state(state_dir(out, epoch), student, teacher, queue.state(), optimizer,
+                             {"epoch": epoch, "round": 0, "input_hash": input_hash, "history": history})
+            _prune(out, input_hash)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    final = teacher if f.export == "teacher" else student
+    meta = {"source": source or {}, "finetune": json.loads(f.model_dump_json()), "input_hash": input_hash,
+            "epochs": f.epochs, "exported": f.export}
+    if rank == 0:
+        save_finetuned_backbone(final, out / BACKBONE_OUT, meta, finetuned_prior((source or {}).get("prior")))
+        write_pictures(cfg, images, out, final.backbone)
+        atomic_write_json(out / INFO_FILE, {**meta, "arch": cfg.backbone.arch, "history": history,
+                                            "backbone_file": BACKBONE_OUT, "images": len(images),
+                                            "start_epoch": start, "workers": world})
+    return {"history": history, "start_epoch": start}
+
+
+def write_pictures(cfg: Config, images: Sequence[np.ndarray], out: Path, after: DinoViT, n: int = 4,
+                   k: int = 8) -> None:
+    """``<run>/finetune/before_after.png``: attention and cluster maps of ``n`` training images spread over the split
+    (consecutive frames of a video look alike) with the source backbone and the fine-tuned one (best effort: a
+    picture never fails the stage)."""
+    from transfgu.layout import RunLayout
+    from transfgu.leopart.viz import finetune_pictures_png
+    from transfgu.runtime import load_run_backbone
+
+    try:
+        before = load_run_backbone(cfg.backbone, RunLayout(out.parent), cfg.run.seed)
+        after_cpu = copy.deepcopy(after).cpu()
+        pick = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int))
+        finetune_pictures_png([images[i] for i in pick], {"before": before, "after": after_cpu},
+                              cfg.finetune.global_size, k, out / PICTURES)
+    except Exception as exc:  # matplotlib missing, odd images: the backbone file matters, the picture does not
+        log.warning("[finetune] no before/after picture: %s", exc)
+
+
+def source_record(cfg: Config) -> dict[str, Any]:
+    src = cfg.backbone.source
+    return {"arch": cfg.backbone.arch, "weights": cfg.backbone.weights, "prior": src.prior,
+            "pretrained": src.pretrained}
+
+
+def finish_info(out: Path) -> dict[str, Any]:
+    """The stage's manifest info, from ``finetune.json`` (written by rank 0 at the end of training)."""
+    info = json.loads((out / INFO_FILE).read_text())
+    hist = info["history"]
+    return {"rows": info["images"], "epochs": len(hist), "resumed_from_epoch": info["start_epoch"],
+            "backbone": str(out / BACKBONE_OUT),
+            "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
+            "last_usage_entropy": hist[-1]["usage_entropy"] if hist else None}
+
+
+# -- the one-process executor ---------------------------------------------------------------------------------------
+def run_finetune(ctx: Any) -> dict[str, Any]:
+    """The stage in this process (``ctx.on_epoch`` logs each epoch to MLflow)."""
+    cfg = ctx.cfg
+    images, _ = decode_training_images(cfg, ctx.errors)
+    from transfgu.runtime import load_run_backbone
+
+    backbone = load_run_backbone(cfg.backbone, ctx.layout, cfg.run.seed).to(ctx.device)
+    out = ctx.run_dir / "finetune"
+    finetune(cfg, backbone, images, out, ctx.hashes["finetune"], ctx.device, on_epoch=ctx.on_epoch,
+             source=source_record(cfg))
+    return finish_info(out)
+
+
+RUNNERS = {"finetune": run_finetune}
