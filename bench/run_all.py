@@ -25,6 +25,7 @@ BENCHES = (
     "storage",
     "end_to_end",
     "throughput",
+    "train_input",
     "cost_model",
 )
 

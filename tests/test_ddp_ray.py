@@ -1,7 +1,11 @@
-"""Ray Train with two DDP workers (gloo) trains the tiny config exactly like the one-process pipeline.
+"""Ray Train with two DDP workers (gloo) on two nodes trains the tiny config exactly like the one-process pipeline.
 
 The one-process run and the 2-worker Ray Train run share extraction, concepts and label bank (the run directory is
-copied); only the training stage differs. Per epoch (two teacher updates) the global loss and its terms, the number
+copied, without the training input stores: the Ray driver writes its own); only the training stage differs. The Ray
+side runs on a ``ray.cluster_utils.Cluster`` of a CPU-less head and two 1-CPU nodes, so the two Train workers (one
+CPU each) are on different nodes and each streams its share of the training input (packed label bank and image
+store, transfgu/data/train_store.py); Train's storage is a separate directory, from which the driver takes the
+final model (``result.checkpoint``). Per epoch (two teacher updates) the global loss and its terms, the number
 of optimizer steps and of skipped steps agree, and so do the final decoder weights. Five training images in global
 batches of 4 give worker pieces of 2 + 2 and then 1 + a placeholder (weight 0).
 """
@@ -25,12 +29,9 @@ TRAIN = {
     "train.epochs": "3",  # teacher updates before epochs 1 and 2
     "train.dropout": "0",  # dropout masks are per rank by design: the one draw DDP cannot share with one process
     "ray.num_workers": "2",
-    "ray.cpus_per_worker": "0.5",
-    "ray.cpus_per_actor": "0.5",
-    "ray.extract_actors": "[1, 1]",
-    "ray.kmeans_shards": "1",
+    "ray.cpus_per_worker": "1",
     "ray.fit_per_round": "false",
-    "ray.num_cpus": "2",
+    "ray.use_gpu": "false",
 }
 
 
@@ -41,9 +42,11 @@ def _history(run_dir) -> list[dict]:
     return out
 
 
-def test_two_ray_train_workers_equal_one_process(tmp_path):
+def test_two_ray_train_workers_on_two_nodes_equal_one_process(tmp_path):
+    from ray.cluster_utils import Cluster
     from safetensors.torch import load_file
 
+    from transfgu.data.train_store import STORE_DIR
     from transfgu.distributed.cluster import init_ray
     from transfgu.distributed.pipeline import run_pipeline_ray
     from transfgu.pipeline import run_pipeline
@@ -51,16 +54,28 @@ def test_two_ray_train_workers_equal_one_process(tmp_path):
     torch.set_num_threads(1)
     one = tiny_config(tmp_path / "runs", name="one", **TRAIN)
     run_pipeline(one, only=["extract", "concepts", "label_bank", "train"])
-    two = tiny_config(tmp_path / "runs", name="two", **TRAIN)
-    shutil.copytree(one.run_dir, two.run_dir, ignore=shutil.ignore_patterns("train", "model", "pipeline.log"))
+    assert (one.run_dir / "label_bank" / STORE_DIR).is_dir()  # the one-process run streams too
     if ray.is_initialized():
         ray.shutdown()
-    init_ray(two, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                            **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}})
+    env = {"OMP_NUM_THREADS": "1", **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
+    cluster.wait_for_nodes()
+    two = tiny_config(tmp_path / "runs", name="two", **TRAIN, **{"ray.address": cluster.address,
+                                                                   "ray.storage_path": str(tmp_path / "storage")})
+    shutil.copytree(one.run_dir, two.run_dir,
+                    ignore=shutil.ignore_patterns("train", "model", "pipeline.log", STORE_DIR))
+    init_ray(two, runtime_env={"env_vars": env})
     try:
+        # one CPU on each of two nodes and one CPU per Train worker: the two workers cannot share a node
+        assert sorted(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]) == [0, 1, 1]
         manifest = run_pipeline_ray(two, only=["train"], force=["train"])
     finally:
         ray.shutdown()
+        cluster.shutdown()
+    assert any(p.suffix == ".u8" for p in (two.run_dir / "label_bank" / STORE_DIR).iterdir())
     train = manifest["stages"]["train"]
     assert train["status"] == "done" and train.get("extra", train).get("workers") == 2, train
     h1, h2 = _history(one.run_dir), _history(two.run_dir)

@@ -18,6 +18,7 @@ from conftest import require_shared_data
 from transfgu.config import load_config
 from transfgu.data.io import load_rgb
 from transfgu.data.loaders import BankDataset
+from transfgu.data.train_store import open_packed_bank
 from transfgu.data.transforms import to_model_input
 from transfgu.models.backbone import build_backbone
 from transfgu.pseudo_labels import concept_map_parts, naive_concept_maps
@@ -65,7 +66,9 @@ def test_bank_read_back_keeps_every_float32_decision(setting, tmp_path, preset, 
     parts, (h, w) = concept_map_parts(bb, x, torch.from_numpy(c), grad_scale, cfg.pseudo.mass)
     ref = parts.maps().reshape(len(images), k, h, w).numpy()
     ref_gate = parts.gate.reshape(len(images), k, h, w).numpy()
-    ds = BankDataset([], compact, (64, 80))  # training's expansion of one compact entry
+    ds = BankDataset([], compact, (64, 80))  # the in-memory expansion of one compact entry
+    packed = open_packed_bank(tmp_path, None)  # and the streaming reader training uses
+    rows = packed.rows_of(ids)
     for i, image_id in enumerate(ids):
         got = dense[image_id]
         assert isinstance(compact[image_id], LabelMaps)
@@ -74,6 +77,7 @@ def test_bank_read_back_keeps_every_float32_decision(setting, tmp_path, preset, 
         np.testing.assert_array_equal(compact[image_id].gate, ref_gate[i])  # every gate decision
         assert np.array_equal(got.view(np.uint32), ref[i].view(np.uint32))  # and in fact the same bits
         assert ds.bank[image_id].dense().tobytes() == got.tobytes()
+        assert packed.row(int(rows[i])).dense().tobytes() == got.tobytes()
 
     # The previous float16 storage loses decisions at these settings: this comparison does catch a lossy bank.
     f16 = ref.astype(np.float16).astype(np.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_config
 from test_ray_kmeans import ATOL, _blobs, _write_shards
 
@@ -106,3 +107,49 @@ def test_storage_rules_on_a_multinode_cluster(cluster, tmp_path, monkeypatch):
     # fractional GPUs and CPUs per GPU actor are passed through, not capped
     cfg = tiny_config(tmp_path, **{"ray.gpus_per_actor": "0.25", "ray.cpus_per_actor": "3"})
     assert task_resources(cfg, gpu=True) == {"num_gpus": 0.25, "num_cpus": 3.0}
+
+
+def test_driver_takes_the_final_model_from_result_checkpoint(tmp_path):
+    """``run_train_ray`` writes ``model/`` from the last fit's ``result.checkpoint`` (Train's storage), not from the
+    ``train/`` the driver's node sees; a checkpoint of other settings is refused."""
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+    from safetensors.torch import load_file
+
+    from transfgu.checkpoint import save_train_state
+    from transfgu.context import RunContext
+    from transfgu.distributed.train import finish_from_result
+    from transfgu.engine import make_optimizer
+    from transfgu.integrity import IntegrityError, stamp_table
+    from transfgu.store import LabelMaps, label_bank_table, write_parquet_atomic
+    from transfgu.training import build_decoder
+
+    ctx = RunContext(tiny_config(tmp_path))
+    ids = ["0001TP_006690", "0001TP_006720"]
+    maps = [LabelMaps.from_dense(np.ones((4, 8, 10), np.float32)) for _ in ids]
+    write_parquet_atomic(stamp_table(label_bank_table(ids, maps), ctx.hashes["label_bank"], ids),
+                         ctx.layout.label_bank / "part-00000.parquet")
+
+    def state(where, fill: float, input_hash: str) -> None:
+        dec = build_decoder(ctx.cfg, ctx.backbone.embed_dim)
+        with torch.no_grad():
+            for p in dec.parameters():
+                p.fill_(fill)
+        initial = {k: v.clone() for k, v in dec.state_dict().items()}
+        save_train_state(where, dec, None, initial, make_optimizer(dec, 1e-3),
+                         {"epoch": 1, "round": 1, "metrics": {"loss": 0.5}, "input_hash": input_hash})
+
+    state(ctx.layout.round_dir(1), 1.0, ctx.hashes["train"])  # what a (stale) shared disk would show
+    state(tmp_path / "storage" / "ckpt", 2.0, ctx.hashes["train"])
+    out = finish_from_result(ctx, SimpleNamespace(checkpoint=Checkpoint.from_directory(str(tmp_path / "storage" /
+                                                                                          "ckpt"))))
+    assert out["rounds"] == 2
+    assert all(bool((v == 2.0).all()) for v in load_file(str(ctx.layout.model / "decoder.safetensors")).values())
+    # no checkpoint (every round already trained): the run's own newest state
+    finish_from_result(ctx, None)
+    assert all(bool((v == 1.0).all()) for v in load_file(str(ctx.layout.model / "decoder.safetensors")).values())
+    state(tmp_path / "storage" / "other", 3.0, "0" * 64)
+    with pytest.raises(IntegrityError, match="final training checkpoint"):
+        finish_from_result(ctx, SimpleNamespace(checkpoint=Checkpoint.from_directory(str(tmp_path / "storage" /
+                                                                                        "other"))))

@@ -67,6 +67,16 @@ def check_file(path: Path) -> str:
     elif suffix == ".db":
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
             con.execute("select count(*) from sqlite_master").fetchone()
+    elif suffix in (".rows", ".u8"):  # training input stores: raw records behind their JSON stamp (train_store)
+        from transfgu.data.train_store import ImageStore, PackedLabelBank
+
+        stamp = path.with_suffix(".json")
+        if suffix == ".rows":
+            bank = PackedLabelBank(stamp)
+            [bank.row(r) for r in range(len(bank))]
+        else:
+            store = ImageStore(stamp)
+            [store.row(r) for r in range(store.rows)]
     elif suffix in (".csv", ".html", ".log", ".txt", ".svg", ".css", ".js", ".md"):
         path.read_text(encoding="utf-8")
     else:

@@ -167,7 +167,14 @@ class TrainConfig(_Base):
     empty_fg: Literal["zero", "nan"] = Field(
         "zero", description="uncertainty loss with no foreground pixel: 0 (fix) or NaN -> skipped step (reference)"
     )
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader processes reading/decoding the training input; auto = the process's CPUs "
+        "less one, at most 8, 0 on <= 2 CPUs (not part of the train hash: results do not depend on it)"
+    )
+    image_store: bool = Field(
+        True, description="write the training images once at the train size (uint8, next to the label bank) so "
+        "epochs do not decode JPEGs again; 3*H*W bytes an image (not part of the train hash)"
+    )
     select: Literal["last", "best_val"] = Field(
         "last", description="last = final epoch; best_val = best validation mIoU + acc (the paper's protocol, uses "
         "validation labels for model selection)"

@@ -36,6 +36,10 @@ def method_stages(cfg: Config) -> tuple[str, ...]:
     return STAGES
 
 
+#: ``train`` fields that only say how the training input is read; left out of the train hash.
+TRAIN_INPUT_ONLY = ("num_workers", "image_store")
+
+
 def stage_hashes(cfg: Config) -> dict[str, str]:
     """Input hash of every stage: its own config sections chained with its upstream stage's hash."""
     if cfg.method == "leopart":
@@ -54,8 +58,10 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     h_ex = config_hash({"data": data, "backbone": d["backbone"], "crops": d["crops"], "seed": d["run"]["seed"]})
     h_co = config_hash({"up": h_ex, "concepts": d["concepts"]})
     h_lb = config_hash({"up": h_co, "pseudo": d["pseudo"]})
+    # How the training input is read (loader processes, the image store) does not change what training computes.
+    train = {k: v for k, v in d["train"].items() if k not in TRAIN_INPUT_ONLY}
     h_tr = config_hash(
-        {"up": h_lb, "train": d["train"], "seed": d["run"]["seed"], **({"subsets": subsets} if subsets else {})}
+        {"up": h_lb, "train": train, "seed": d["run"]["seed"], **({"subsets": subsets} if subsets else {})}
     )
     h_ev = config_hash({"up": h_tr, "eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]})
     return {"extract": h_ex, "concepts": h_co, "label_bank": h_lb, "train": h_tr, "evaluate": h_ev}

@@ -220,11 +220,13 @@ def step_loader(
     world_size: int = 1,
     num_workers: int = 0,
     on_epoch: Callable[[GlobalBatchSampler], None] | None = None,
+    **loader_kwargs: Any,
 ) -> torch.utils.data.DataLoader:
     """The training loader of one rank (``world_size=1``: the one-process loader). Call
-    ``loader.batch_sampler.set_epoch(e)`` before each epoch."""
+    ``loader.batch_sampler.set_epoch(e)`` before each epoch; ``loader_kwargs`` go to the ``DataLoader``."""
     sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size, on_epoch)
-    return torch.utils.data.DataLoader(StepDataset(dataset), batch_sampler=sampler, num_workers=num_workers)
+    return torch.utils.data.DataLoader(StepDataset(dataset), batch_sampler=sampler, num_workers=num_workers,
+                                       **loader_kwargs)
 
 
 def batch_piece(batch: dict[str, Any], n_local: int) -> tuple[int, int, int]:

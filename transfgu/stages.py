@@ -285,10 +285,12 @@ def load_checked_concepts(ctx: RunContext) -> ConceptBank:
 
 
 # -- stage 4: train ------------------------------------------------------------------------------------------------
-def finish_train(ctx: RunContext) -> dict[str, Any]:
-    """Write ``model/`` from the newest training state and return the manifest info."""
+def finish_train(ctx: RunContext, state_dir: Path | None = None) -> dict[str, Any]:
+    """Write ``model/`` from the newest training state (or the state in ``state_dir``: the Ray executor's final
+    checkpoint) and return the manifest info."""
     cfg = ctx.cfg
-    student, state = load_latest_student(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device, ctx.hashes["train"])
+    student, state = load_latest_student(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device, ctx.hashes["train"],
+                                         state_dir=state_dir)
     selection = select_student(cfg, ctx.layout.train, student)  # train.select (best_val: the best-on-val epoch)
     write_model(cfg, ctx.layout, student, ctx.backbone, selection, input_hash=ctx.hashes["train"])
     in_bank = label_bank_image_ids(ctx.layout.label_bank)

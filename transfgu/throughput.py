@@ -293,10 +293,10 @@ class Prefetcher(Generic[T]):
 class PrefetchLoader:
     """A re-iterable wrapper of a ``DataLoader`` whose every epoch is read through a :class:`Prefetcher`.
 
-    With ``num_workers=0`` (the default of ``train.num_workers``) the batches are otherwise decoded in front of
-    each training step; here the next ``depth`` batches are decoded (and pinned, when the loader pins) on a thread
-    while the step runs. ``sampler``, ``batch_sampler`` and ``len`` are those of the wrapped loader (``set_epoch``
-    keeps working).
+    With ``num_workers=0`` (``train.num_workers=auto`` on a node of two CPUs or fewer) the batches are otherwise
+    read in front of each training step; here the next ``depth`` batches are decoded (and pinned, when the loader
+    pins) on a thread while the step runs. ``sampler``, ``batch_sampler`` and ``len`` are those of the wrapped
+    loader (``set_epoch`` keeps working).
     """
 
     def __init__(self, loader: Any, depth: int = 2) -> None:

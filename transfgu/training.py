@@ -230,9 +230,21 @@ def load_model_decoder(cfg: Config, layout: RunLayout, d_encoder: int, device: t
 
 
 def load_latest_student(cfg: Config, layout: RunLayout, d_encoder: int, device: torch.device,
-                        input_hash: str | None = None) -> tuple[nn.Module, dict]:
-    """The student of the newest training state (of ``input_hash`` when given), and that state's info."""
-    latest = latest_round_state(layout.train, input_hash)
+                        input_hash: str | None = None, state_dir: Path | None = None) -> tuple[nn.Module, dict]:
+    """The student of the newest training state (of ``input_hash`` when given), and that state's info.
+
+    ``state_dir`` names the state to read instead (the Ray executor's final ``result.checkpoint``); with
+    ``input_hash`` it must record that hash.
+    """
+    if state_dir is not None:
+        from transfgu import integrity
+
+        if input_hash is not None:
+            integrity.check_json_stamp(Path(state_dir) / "state.json", input_hash, "the final training checkpoint",
+                                       "re-run with --force train")
+        latest: Path | None = Path(state_dir)
+    else:
+        latest = latest_round_state(layout.train, input_hash)
     if latest is None:
         raise RuntimeError(f"train: no training state under {layout.train}")
     groups, info = load_train_state(latest)

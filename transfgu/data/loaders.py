@@ -1,9 +1,10 @@
 """PyTorch datasets and loaders of the training and evaluation stages (one definition for both executors).
 
-* :class:`BankDataset` -- training images at the train size (uint8) with their stored pseudo labels (§7.1);
+* :class:`BankDataset` -- training images at the train size (uint8) with their pseudo labels from a bank held in
+  memory (tests, small tools); training itself streams them (:mod:`transfgu.data.train_store`);
 * :class:`EvalDataset` -- validation images and labels at the eval size, bad samples recorded and left out (§8);
 * :func:`make_train_loader` -- the training loader of one worker: the one-process global batches, or the
-  ``rank``-th slice of each of them under Ray Train (:mod:`transfgu.ddp`);
+  ``rank``-th slice of each of them under Ray Train (:mod:`transfgu.ddp`), streamed in bounded memory;
 * :func:`split_records`, :func:`dataset_classes` -- the images of a split and the label space of the data set.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,10 +19,16 @@ import torch
 from transfgu.config import Config
 from transfgu.data.datasets import SUBSET_OPTIONS, DatasetError, ImageRecord, dataset_spec, list_records, load_sample
 from transfgu.data.io import load_rgb
+from transfgu.data.train_store import (
+    StreamingBankDataset,
+    open_image_store,
+    open_packed_bank,
+    resolve_loader_workers,
+)
 from transfgu.data.transforms import to_label_tensor, to_uint8_chw
-from transfgu.ddp import EpochRows, GlobalBatchSampler, step_loader
+from transfgu.ddp import step_loader
 from transfgu.errors import ErrorLog, failed_file
-from transfgu.store import LabelMaps, label_bank_image_ids, read_label_bank
+from transfgu.store import LabelMaps
 
 
 def split_records(cfg: Config, split: str, subset: bool = True) -> list[ImageRecord]:
@@ -165,31 +171,42 @@ def _unpack_label(lab: torch.Tensor) -> torch.Tensor:
 
 
 def make_train_loader(
-    cfg: Config, bank_dir: Path, rank: int = 0, world: int = 1
+    cfg: Config, bank_dir: Path, rank: int = 0, world: int = 1, cpus: float | None = None
 ) -> torch.utils.data.DataLoader[dict[str, torch.Tensor]]:
     """The training loader of worker ``rank`` of ``world`` (one process: ``rank=0, world=1``; :mod:`transfgu.ddp`).
 
     Every worker draws the one-process epoch order, cuts it into global batches of ``train.batch_size`` and takes
-    its contiguous slice of each; with several workers a worker holds only the label-bank rows of its current epoch
-    (about 1/W of the bank), read when the epoch starts. Call ``loader.batch_sampler.set_epoch(e)`` before each
-    epoch.
+    its contiguous slice of each. Items stream from the packed label bank and (``train.image_store``) the
+    train-size image store (:mod:`transfgu.data.train_store`, written once by :func:`prepare_train_input`): a
+    worker's memory does not grow with the number of images and it reads only its batches' bytes.
+    ``train.num_workers`` processes (``auto``: from ``cpus``, or this process's CPUs) read and decode items.
+    Call ``loader.batch_sampler.set_epoch(e)`` before each epoch.
     """
-    records = split_records(cfg, cfg.data.train_split)
-    if world <= 1:
-        bank: Mapping[str, Any] = read_label_bank(bank_dir, dense=False)
-    else:
-        # Every epoch reshuffles images across workers, so a worker may need any bank row over the run; it holds
-        # only the rows of its current epoch, read when the epoch starts.
-        bank = EpochRows(
-            label_bank_image_ids(bank_dir), lambda ids: read_label_bank(bank_dir, image_ids=ids, dense=False)
-        )
-    ds = BankDataset(records, bank, tuple(cfg.train.train_size), repeat=cfg.train.repeat)
+    ds = prepare_train_input(cfg, bank_dir, cpus)
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")
-
-    def load_rows(sampler: GlobalBatchSampler) -> None:
-        if isinstance(bank, EpochRows):
-            bank.load(ds.records[i % len(ds.records)].image_id for i in sampler.rank_indices())
-
+    workers = resolve_loader_workers(cfg.train.num_workers, cpus)
     # The global batch is train.batch_size whatever the number of workers; each worker gets its slice of it.
-    return step_loader(ds, cfg.train.batch_size, cfg.run.seed, rank, world, cfg.train.num_workers, load_rows)
+    return step_loader(ds, cfg.train.batch_size, cfg.run.seed, rank, world, workers,
+                       persistent_workers=workers > 0)
+
+
+def prepare_train_input(cfg: Config, bank_dir: Path, cpus: float | None = None) -> StreamingBankDataset:
+    """The training dataset over the stores of ``bank_dir``, writing them first when missing or stale.
+
+    Both executors call this in the driver before training, so Ray Train workers only open what is there.
+    """
+    from transfgu.context import stage_hashes
+
+    bank_hash = stage_hashes(cfg)["label_bank"]
+    records = split_records(cfg, cfg.data.train_split)
+    bank = open_packed_bank(Path(bank_dir), bank_hash)
+    rows = bank.rows_of([r.image_id for r in records])
+    kept = [r for r, row in zip(records, rows) if row >= 0]  # BankDataset's rule: the records the bank holds
+    size = (int(cfg.train.train_size[0]), int(cfg.train.train_size[1]))
+    images = None
+    if cfg.train.image_store and kept:
+        images = open_image_store(Path(bank_dir), [str(r.image_path) for r in kept], size, bank_hash,
+                                  resolve_loader_workers(cfg.train.num_workers, cpus))
+    return StreamingBankDataset(rows[rows >= 0], [str(r.image_path) for r in kept], bank, size, cfg.train.repeat,
+                                images)

@@ -8,14 +8,17 @@ with the same storage restores that round's checkpoint manager). The worker loop
 Data (:func:`transfgu.data.loaders.make_train_loader`, :mod:`transfgu.ddp`): every worker draws the one-process
 epoch order (reshuffled every epoch), cuts it into global batches of ``train.batch_size`` and takes its contiguous
 slice of each, so W workers train on the one-process batches, take one step decision per global batch and share its
-random draws; the run equals the one-process run (tested). A worker holds only the label-bank rows of its current
-epoch (about 1/W of the bank), read when the epoch starts. With one worker (or Train's local mode,
-``num_workers=0``) the loader is exactly the one-process one.
+random draws; the run equals the one-process run (tested). Items stream from the packed label bank and the train-
+size image store (:mod:`transfgu.data.train_store`), which the driver writes once before the first fit: a worker
+reads only its batches' bytes and its memory does not grow with the data set. With one worker (or Train's local
+mode, ``num_workers=0``) the loader is exactly the one-process one.
 
 Checkpoints: rank 0 writes ``<run>/train/round_<r>/`` every epoch (as the one-process loop does) and reports that
 directory as the Ray checkpoint; a worker that starts without it (a fresh node, no shared disk) restores it from
-``ray.train.get_checkpoint()``. Every epoch all ranks call ``ray.train.report`` (it is a barrier in V2); rank 0 adds
-``val_mIoU`` when asked (Tune's objective) and logs the epoch to MLflow.
+``ray.train.get_checkpoint()``. The driver writes ``model/`` from the last fit's ``result.checkpoint`` (Train's
+storage, e.g. S3), not from whatever ``train/`` the driver's node sees. Every epoch all ranks call
+``ray.train.report`` (it is a barrier in V2); rank 0 adds ``val_mIoU`` when asked (Tune's objective) and logs the
+epoch to MLflow.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from transfgu.checkpoint import last_trained_epoch, load_train_state, read_state_info
 from transfgu.config import Config
 from transfgu.context import RunContext, run_backbone
-from transfgu.data.loaders import make_train_loader
+from transfgu.data.loaders import make_train_loader, prepare_train_input
 from transfgu.distributed.cluster import cluster_has_gpus, worker_config
 from transfgu.evaluation import evaluate_decoder, has_labelled_val
 from transfgu.layout import RunLayout, round_name
@@ -78,6 +81,17 @@ def restore_from_checkpoint(layout: RunLayout, input_hash: str | None = None) ->
         log.info("[train] restored epoch %d from the Ray checkpoint into %s", info["epoch"], target)
 
 
+def finish_from_result(ctx: RunContext, result: Any | None) -> dict[str, Any]:
+    """:func:`transfgu.stages.finish_train` from the final state in ``result.checkpoint`` (a Ray Train ``Result``);
+    from the run's ``train/`` when no fit ran (every round was already trained) or it reported no checkpoint."""
+    ckpt = getattr(result, "checkpoint", None)
+    if ckpt is None:
+        return finish_train(ctx)
+    with ckpt.as_directory() as d:
+        log.info("[train] model from the final Ray checkpoint %s", ckpt.path)
+        return finish_train(ctx, state_dir=Path(d))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function: one bootstrapping round (epochs ``[start, stop)``) of train_rounds."""
     import ray.train
@@ -103,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     amp = autocast_dtype(cfg.backbone.precision, device)
     backbone = run_backbone(cfg, layout, device)  # as the one-process executor: compiled on CUDA
-    loader = make_train_loader(cfg, layout.label_bank, rank, world)
+    loader = make_train_loader(cfg, layout.label_bank, rank, world, cpus=config.get("threads"))
 
     epoch_log = None
     mlf = config.get("mlflow") or {}
@@ -180,6 +194,8 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
     from transfgu import integrity
 
     integrity.require_stamped(ctx.layout.label_bank, "label_bank", ctx.hashes["label_bank"])
+    prepare_train_input(cfg, ctx.layout.label_bank)  # written once here, only opened by the workers
+    result = None
     for r, start, stop in segments:
         if last_trained_epoch(ctx.layout.train, ctx.hashes["train"]) >= stop - 1:
             log.info("[train] round %d (epochs %d-%d) already trained; skipping", r, start + 1, stop)
@@ -216,7 +232,7 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
         if "loss" in last_metrics:  # worker lines reach the console only with --verbose: say how the round ended
             log.info("[train] round %d: epoch %d/%d loss %.4f%s", r, stop, cfg.train.epochs, last_metrics["loss"],
                      f" val mIoU {last_metrics['val_mIoU']:.4f}" if "val_mIoU" in last_metrics else "")
-    out = {**finish_train(ctx), "workers": n_workers}
+    out = {**finish_from_result(ctx, result), "workers": n_workers}
     if "val_mIoU" in last_metrics:
         out["val_mIoU"] = float(last_metrics["val_mIoU"])
     return to_jsonable(out)
