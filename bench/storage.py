@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,41 @@ def zstd_levels(table: Any, n_images: int, budget_s_per_image: float, repeats: i
             "within_budget": sorted(fits, key=int)}
 
 
+def writer_threads(table: Any, n_images: int, threads: Sequence[int] | None = None, shards: int = 8,
+                   repeats: int = 3) -> dict[str, Any]:
+    """Write ``shards`` copies of one shard ``table`` as the one-process stage does (``store.write_parquet_atomic``
+    to ``part-<n>.parquet`` through :class:`transfgu.throughput.BackgroundWriter`, at most 2 queued) with each
+    number of writer threads, side by side in this process: fastest wall ms per image of ``repeats`` (the runs
+    interleaved, as the machine is shared), the speed-up over one thread, and whether every thread count wrote the
+    same bytes. ``threads`` defaults to 1, 2, 4, the CPUs and ``default_writer_threads()``."""
+    import os
+    import time
+
+    from transfgu.store import write_parquet_atomic
+    from transfgu.throughput import BackgroundWriter, default_writer_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    threads = sorted(set(threads or (1, 2, 4, cpus, default_writer_threads())))
+    times: dict[int, list[float]] = {t: [] for t in threads}
+    contents: dict[int, dict[str, bytes]] = {}
+    for _ in range(repeats):
+        for t in threads:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                with BackgroundWriter(max_pending=2, threads=t) as w:
+                    for i in range(shards):
+                        w.submit(write_parquet_atomic, table, Path(tmp) / f"part-{i:05d}.parquet")
+                times[t].append(time.perf_counter() - t0)
+                contents[t] = {p.name: p.read_bytes() for p in sorted(Path(tmp).glob("*.parquet"))}
+    one = min(times[1]) if 1 in times else None
+    out = {str(t): {"write_ms_per_image": 1e3 * min(v) / (shards * n_images),
+                    "speedup_vs_1": (one / min(v)) if one else None} for t, v in times.items()}  # fmt: skip
+    ref = contents[threads[0]]
+    return {"threads": out, "shards": shards, "images_per_shard": n_images, "cpus": cpus,
+            "default_writer_threads": default_writer_threads(),
+            "same_files": all(c == ref for c in contents.values())}
+
+
 def bytes_ratio(name: str, reference: str, candidate: str, ours: float, ref: float, n_images: int, target: float,
                 target_text: str, **extra: object) -> dict:
     """One storage comparison: our bytes / the reference's, per image, against a target fraction."""
@@ -134,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--pseudo-size", type=int, default=None, help="pseudo-label input side (default 320; quick 64)"
     )
     p.add_argument("--ks", default=None, help="fg/bg concept splits, e.g. 12/15,80/91 (quick 2/2)")
+    p.add_argument("--writer-only", action="store_true",
+                   help="only the label bank's writer-threads comparison (results.writer_threads)")
     args, device, t_start = start(p, argv)
     q = args.quick
     arch = args.arch
@@ -157,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pseudo_size": psize,
         "k_splits": [list(s) for s in splits],
         "compression": "zstd (store default)",
+        "writer_only": args.writer_only,
     }
     result = new_result("storage", args, device, config)
     res = result["results"]
@@ -170,44 +209,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recs = extract_crops_batch(bb, x, betas=betas, mode="all", crop_size=crop, batch_size=64)
     n_crops = sum(len(r) for r in recs)
     feats = np.concatenate([r.cls for r in recs])
-    ref_feat = sum(_pickle_len(r.cls[r.pool == pool]) for r in recs for pool in sorted(set(r.pool.tolist())))
-    with tempfile.TemporaryDirectory() as tmp:
-        t = features_table(ids, "train", recs)
-        ours = _parquet_size(t, Path(tmp) / "f.parquet")
-        # pyarrow dictionary-encodes every column by default; on unique floats that adds an index per value
-        # until the dictionary page overflows. Variants: dictionaries for the string columns only, plus
-        # byte-stream-split (needs dictionaries off for that column), plus float16 features.
-        strs = ["image_id", "split", "pool"]
-        bss = {"use_dictionary": strs, "use_byte_stream_split": ["cls.list.element"]}
-        variants = {
-            "no float dictionary": _parquet_size(t, Path(tmp) / "f1.parquet", use_dictionary=strs),
-            "no float dictionary + byte_stream_split": _parquet_size(t, Path(tmp) / "f2.parquet", **bss),
+    if not args.writer_only:  # the features storage comparison (skipped by the writer-threads run)
+        ref_feat = sum(_pickle_len(r.cls[r.pool == pool]) for r in recs for pool in sorted(set(r.pool.tolist())))
+        with tempfile.TemporaryDirectory() as tmp:
+            t = features_table(ids, "train", recs)
+            ours = _parquet_size(t, Path(tmp) / "f.parquet")
+            # pyarrow dictionary-encodes every column by default; on unique floats that adds an index per value
+            # until the dictionary page overflows. Variants: dictionaries for the string columns only, plus
+            # byte-stream-split (needs dictionaries off for that column), plus float16 features.
+            strs = ["image_id", "split", "pool"]
+            bss = {"use_dictionary": strs, "use_byte_stream_split": ["cls.list.element"]}
+            variants = {
+                "no float dictionary": _parquet_size(t, Path(tmp) / "f1.parquet", use_dictionary=strs),
+                "no float dictionary + byte_stream_split": _parquet_size(t, Path(tmp) / "f2.parquet", **bss),
+            }
+            t16 = t.set_column(
+                t.schema.get_field_index("cls"),
+                pa.field("cls", pa.list_(pa.float16(), bb.embed_dim)),
+                pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1).astype(np.float16)), bb.embed_dim),
+            )
+            variants["float16 cls + no float dictionary + byte_stream_split"] = _parquet_size(
+                t16, Path(tmp) / "f3.parquet", **bss
+            )
+        res["zstd_levels"] = {"features": zstd_levels(features_table(ids, "train", recs), len(images),
+                                                      n_crops / len(images) / H200_EXTRACT_CROPS_PER_S)}
+        res["features"] = {
+            "crops": n_crops,
+            "crops_per_image": n_crops / len(images),
+            "reference_pickle_bytes_per_image": ref_feat / len(images),
+            "parquet_bytes_per_image": ours / len(images),
+            "parquet_bytes_per_crop": ours / n_crops,
+            "reference_bytes_per_crop": ref_feat / n_crops,
+            "ratio": ours / ref_feat,
+            "variants_bytes_per_image": {k: v / len(images) for k, v in variants.items()},
+            "variants_ratio": {k: v / ref_feat for k, v in variants.items()},
         }
-        t16 = t.set_column(
-            t.schema.get_field_index("cls"),
-            pa.field("cls", pa.list_(pa.float16(), bb.embed_dim)),
-            pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1).astype(np.float16)), bb.embed_dim),
-        )
-        variants["float16 cls + no float dictionary + byte_stream_split"] = _parquet_size(
-            t16, Path(tmp) / "f3.parquet", **bss
-        )
-    res["zstd_levels"] = {"features": zstd_levels(features_table(ids, "train", recs), len(images),
-                                                  n_crops / len(images) / H200_EXTRACT_CROPS_PER_S)}
-    res["features"] = {
-        "crops": n_crops,
-        "crops_per_image": n_crops / len(images),
-        "reference_pickle_bytes_per_image": ref_feat / len(images),
-        "parquet_bytes_per_image": ours / len(images),
-        "parquet_bytes_per_crop": ours / n_crops,
-        "reference_bytes_per_crop": ref_feat / n_crops,
-        "ratio": ours / ref_feat,
-        "variants_bytes_per_image": {k: v / len(images) for k, v in variants.items()},
-        "variants_ratio": {k: v / ref_feat for k, v in variants.items()},
-    }
-    result["comparisons"].append(bytes_ratio(
-        "features bytes/image, Parquet / reference pickles", "pickle float32 (n_crops, D) per image and pool",
-        "features/*.parquet (store, zstd)", ours, ref_feat, len(images), 0.25, "<= 0.25",
-    ))
+        result["comparisons"].append(bytes_ratio(
+            "features bytes/image, Parquet / reference pickles", "pickle float32 (n_crops, D) per image and pool",
+            "features/*.parquet (store, zstd)", ours, ref_feat, len(images), 0.25, "<= 0.25",
+        ))
 
     # -- label bank ----------------------------------------------------------------------------------------------
     xp = torch.stack([to_model_input(im, (psize, psize)) for im in images]).to(device)
@@ -222,6 +262,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gate = parts.gate.reshape(n_img, k, gh, gw).cpu().numpy()
         bonus = parts.bonus.reshape(n_img, k, gh, gw).cpu().numpy()
         lms = [LabelMaps.from_parts(a_hat[i], gate[i], bonus[i], maps[i]) for i in range(n_img)]
+        # N writer threads vs one on the pipeline's own shard table (issue 15: one thread cannot keep up at K = 171)
+        wt = writer_threads(label_bank_table(ids, lms), len(images))
+        res.setdefault("writer_threads", {})[f"label_bank_K{k}"] = wt
+        n_max = max(int(t) for t in wt["threads"])
+        if n_max > 1:
+            result["comparisons"].append(comparison(
+                f"label bank K={k} Parquet writes, {n_max} writer threads vs 1", "BackgroundWriter(threads=1)",
+                f"BackgroundWriter(threads={n_max})", wt["threads"][str(n_max)]["speedup_vs_1"], "x speed-up",
+                "> 1 and same files", wt["threads"][str(n_max)]["speedup_vs_1"] > 1 and wt["same_files"],
+                ms_per_image={t: v["write_ms_per_image"] for t, v in wt["threads"].items()},
+            ))
+        if args.writer_only:
+            continue
         m16 = [m.astype(np.float16) for m in maps]
         m32 = list(maps)
         ref = sum(_pickle_len(m[:kfg]) + _pickle_len(m[kfg:]) for m in m32)

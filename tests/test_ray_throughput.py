@@ -107,3 +107,63 @@ def test_ray_sharded_stages_equal_one_process(ray_local, reference, tmp_path):
     assert bank_a.keys() == bank_b.keys() and bank_a
     for k in bank_a:
         np.testing.assert_allclose(bank_b[k], bank_a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_stage_gives_the_one_process_shards(ray_local, tmp_path, monkeypatch):
+    """``ray.decode_stage=true`` (decode + resize in CPU tasks ahead of the actor pool; forced on this CPU Ray):
+    the same shard files as the one-process executor (names, integrity stamps, rows, features), and an undecodable
+    image is recorded as there. Two-image shards, so the pool sees several shards and a short last one."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from conftest import require_shared_data
+
+    from transfgu import local
+    from transfgu.context import RunContext
+    from transfgu.distributed import shards
+    from transfgu.distributed.pipeline import prepare_run_dir
+    from transfgu.stages import ExtractStage
+
+    src = require_shared_data("camvid")
+    root = tmp_path / "camvid"
+    for sub in ("images/train", "labels/train"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(src / "classes.txt", root / "classes.txt")
+    names = sorted(p.stem for p in (src / "images" / "train").glob("*.jpg"))[:5]
+    for n in names:
+        shutil.copy(src / "images" / "train" / f"{n}.jpg", root / "images" / "train" / f"{n}.jpg")
+        shutil.copy(src / "labels" / "train" / f"{n}.png", root / "labels" / "train" / f"{n}.png")
+    bad = root / "images" / "train" / f"{names[2]}.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    over = {**OVERRIDES, "data.root": str(root), "run.error_budget": "0.5", "data.max_train_images": "5"}
+    monkeypatch.setattr(local, "SHARD_IMAGES", 2)
+    monkeypatch.setattr(shards, "SHARD_IMAGES", 2)
+    real_specs, specs = shards.shard_specs, []
+
+    def spy(*a):  # the decode stage's input: one row per shard
+        out = real_specs(*a)
+        specs.extend(out)
+        return out
+
+    monkeypatch.setattr(shards, "shard_specs", spy)
+
+    ref_ctx = RunContext(tiny_config(tmp_path / "a", "t", **over))
+    local.run_extract(ref_ctx)
+    cfg = tiny_config(tmp_path / "b", "t", **{**over, "ray.decode_stage": "true", "ray.extract_actors": "[1, auto]"})
+    prepare_run_dir(cfg)
+    ctx = RunContext(cfg)
+    info = shards.run_sharded_stage(ctx, ExtractStage)
+    assert len(specs) == 3  # the decode stage ran, one row per shard: 2 + 2 + 1 images
+    assert info["images"] == 4 and info["errors"] == 1 and info["new_images"] == 4
+    assert [e["file"] for e in ctx.errors.entries("extract")] == [str(bad)]
+    assert [e["file"] for e in ref_ctx.errors.entries("extract")] == [str(bad)]
+    ref_files = sorted(p.name for p in (ref_ctx.run_dir / "features").glob("*.parquet"))
+    got_files = sorted(p.name for p in (ctx.run_dir / "features").glob("*.parquet"))
+    assert got_files == ref_files and len(got_files) == 3
+    for name in ref_files:
+        a, b = pq.read_table(ref_ctx.run_dir / "features" / name), pq.read_table(ctx.run_dir / "features" / name)
+        assert a.schema.metadata == b.schema.metadata  # integrity stamp: input hash, covered and failed ids
+        assert a.drop_columns(["cls"]).equals(b.drop_columns(["cls"]))
+        np.testing.assert_allclose(np.stack(b["cls"].to_numpy(zero_copy_only=False)),
+                                   np.stack(a["cls"].to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-5)
+

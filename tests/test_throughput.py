@@ -39,6 +39,7 @@ from transfgu.throughput import (
     Prefetcher,
     PrefetchLoader,
     compile_forward,
+    default_writer_threads,
     overlapped,
     prepare_images,
     to_device,
@@ -160,6 +161,88 @@ def test_background_writer_finishes_queued_jobs_and_reports_the_first_error():
         w.submit(lambda: (time.sleep(0.05), done.append(1)))
         raise KeyError("body")
     assert done == [1]
+
+
+def test_background_writer_threads_run_in_parallel_with_bounded_memory():
+    threads, max_pending = 3, 2
+    lock = threading.Lock()
+    state = {"running": 0, "max_running": 0, "held": 0, "max_held": 0}
+    done: list[int] = []
+
+    def job(i: int) -> None:
+        with lock:
+            state["running"] += 1
+            state["max_running"] = max(state["max_running"], state["running"])
+        time.sleep(0.05)
+        with lock:
+            state["running"] -= 1
+            state["held"] -= 1
+            done.append(i)
+
+    with BackgroundWriter(max_pending=max_pending, threads=threads) as w:
+        for i in range(12):
+            with lock:
+                state["held"] += 1  # a result handed over and not yet written
+                state["max_held"] = max(state["max_held"], state["held"])
+            w.submit(job, i)
+    assert sorted(done) == list(range(12)) and w.completed == 12
+    assert state["max_running"] > 1  # the jobs did overlap
+    # submit blocks while max_pending jobs wait: at most max_pending queued + threads running + the one submitted
+    assert state["max_held"] <= max_pending + threads + 1
+    with pytest.raises(ValueError, match="threads"):
+        BackgroundWriter(threads=0)
+
+
+def test_background_writer_threads_report_the_first_error_and_drop_later_jobs():
+    done: list[int] = []
+
+    def job(i: int) -> None:
+        time.sleep(0.02)
+        if i == 3:
+            raise OSError(f"disk full at {i}")
+        done.append(i)
+
+    w = BackgroundWriter(max_pending=1, threads=3)
+    with pytest.raises(OSError, match="disk full at 3"):
+        for i in range(40):
+            w.submit(job, i)  # raises once the failure is seen
+        w.close()
+    with pytest.raises(OSError, match="disk full at 3"):
+        w.close()  # and again on close: the error is never lost
+    assert 3 not in done and len(done) < 39  # jobs queued after the failure were dropped
+    assert all(not t.is_alive() for t in w._threads)
+
+
+def test_default_writer_threads_follow_the_cpus():
+    assert [default_writer_threads(c) for c in (1, 2, 3, 9, 64)] == [1, 1, 2, 8, 8]
+    assert default_writer_threads() >= 1
+
+
+def test_run_extract_with_writer_threads_writes_the_same_files(tmp_path, monkeypatch):
+    """Several writer threads: same file names, same bytes as the one-thread writer (each shard its own file)."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(local, "SHARD_IMAGES", 1)  # 6 one-image shards, so several writes are in flight at once
+    writers: set[str] = set()
+    real_write = local.write_parquet_atomic
+
+    def slow_write(table, path, **kw):
+        writers.add(threading.current_thread().name)
+        time.sleep(0.1)  # a slow disk: the threads' writes overlap
+        return real_write(table, path, **kw)
+
+    monkeypatch.setattr(local, "write_parquet_atomic", slow_write)
+    files = {}
+    backbone = None
+    for n in (1, 3):
+        cfg = tiny_config(tmp_path, f"w{n}", **{"run.write_threads": str(n), "crops.betas": "[0.5]"})
+        ctx = RunContext(cfg)
+        backbone = backbone or ctx.backbone
+        ctx.backbone = backbone
+        info = local.run_extract(ctx)
+        assert info["rows"] > 0
+        files[n] = {p.name: p.read_bytes() for p in sorted((cfg.run_dir / "features").glob("*.parquet"))}
+    assert len(files[1]) == 6 and files[1] == files[3]
+    assert len([w for w in writers if w.startswith("transfgu-writer")]) > 1
 
 
 def test_overlapped_equals_the_sequential_loop_and_writes_everything():

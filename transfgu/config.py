@@ -210,6 +210,10 @@ class RunConfig(_Base):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     error_budget: float = Field(0.05, ge=0, le=1, description="max fraction of unreadable images")
     report: bool = True
+    write_threads: int | None = Field(
+        None, ge=1, description="Parquet writer threads of the one-process extract/label-bank stages (None = the "
+        "node's CPUs less one, at most 8; throughput.default_writer_threads); the files are the same for any value",
+    )
 
 
 class MlflowConfig(_Base):
@@ -240,7 +244,16 @@ class RayConfig(_Base):
         600.0, ge=0, description="with use_gpu=true: seconds to wait for the autoscaler to bring GPUs before failing"
     )
     gpus_per_actor: float = Field(1.0, gt=0, description="GPU share of an extract/label-bank/k-means actor (<1 packs)")
-    extract_actors: tuple[int, int] = Field((1, 4), description="(min, max) actors of the extract/label-bank pools")
+    extract_actors: tuple[int, int | Literal["auto"]] = Field(
+        (1, "auto"), description="(min, max) actors of the extract/label-bank pools; max auto = as many as the "
+        "cluster's GPUs (GPU actors) or CPUs hold at submit time (cluster.actor_pool_bounds), at most one per shard; "
+        "an integer above that is kept, for a cluster that autoscales",
+    )
+    decode_stage: bool | Literal["auto"] = Field(
+        "auto", description="extract/label-bank on Ray: decode + resize in CPU tasks ahead of the actor pool (auto: "
+        "when the actors get GPUs; false: each actor decodes its own shards)",
+    )
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs of each decoding task of the decode stage")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs of each actor (GPU actors too: decoding, batching)")
     kmeans_shards: int = Field(4, ge=1, description="at most this many k-means tasks per Lloyd iteration")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker (fractions allowed)")
@@ -257,9 +270,9 @@ class RayConfig(_Base):
 
     @field_validator("extract_actors")
     @classmethod
-    def _pool(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 1 or v[1] < v[0]:
-            raise ValueError(f"extract_actors must be (min >= 1, max >= min), got {v}")
+    def _pool(cls, v: tuple[int, int | str]) -> tuple[int, int | str]:
+        if v[0] < 1 or (v[1] != "auto" and v[1] < v[0]):
+            raise ValueError(f"extract_actors must be (min >= 1, max >= min or auto), got {v}")
         return v
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "compile_forward",
     "compile_function",
     "compile_mode_from_env",
+    "default_writer_threads",
     "overlapped",
     "prepare_images",
     "to_device",
@@ -317,22 +318,44 @@ class PrefetchLoader:
         return Prefetcher(self.loader, depth=self.depth, name="transfgu-batches")
 
 
-class BackgroundWriter:
-    """One writer thread with at most ``max_pending`` queued jobs (back-pressure instead of unbounded memory).
+def default_writer_threads(cpus: int | None = None) -> int:
+    """Writer threads for this node: one per CPU the process may use, less one for the model's thread, at most 8.
 
-    ``submit(fn, *args)`` queues ``fn(*args)``. The first job that raises stops the writer; its exception is
-    re-raised by the next ``submit`` or by ``close()``. ``close()`` (and leaving the ``with`` block, also on an
-    exception) first finishes every job already queued, so work that was computed is not lost.
+    pyarrow encodes and compresses (zstd) with the GIL released, so the threads write in parallel; 8 covers the
+    H200 label bank's ~1 ms/image against ~4-6 ms/image per thread at K = 171 (BENCHMARKS.md §8).
+    """
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+    return max(1, min(8, int(cpus) - 1))
+
+
+class BackgroundWriter:
+    """``threads`` writer threads with at most ``max_pending`` queued jobs (back-pressure instead of unbounded
+    memory: at most ``max_pending + threads`` results are held, queued or being written).
+
+    ``submit(fn, *args)`` queues ``fn(*args)``. The first job that raises stops the writer (jobs queued after it are
+    dropped; jobs already running on other threads finish); its exception is re-raised by the next ``submit`` or by
+    ``close()``. ``close()`` (and leaving the ``with`` block, also on an exception) first finishes every job already
+    queued, so work that was computed is not lost. With several threads jobs finish out of order: each job must
+    write its own file (the sharded stages do: one shard, one atomically renamed file), so the files on disk are the
+    same as with one thread.
     """
 
-    def __init__(self, max_pending: int = 2, name: str = "transfgu-writer") -> None:
+    def __init__(self, max_pending: int = 2, name: str = "transfgu-writer", threads: int = 1) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self._q: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
         self.completed = 0
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def _run(self) -> None:
         while True:
@@ -344,9 +367,12 @@ class BackgroundWriter:
             fn, args = job
             try:
                 fn(*args)
-                self.completed += 1
+                with self._lock:
+                    self.completed += 1
             except BaseException as exc:  # noqa: BLE001 -- re-raised in the submitting thread
-                self._error = exc
+                with self._lock:
+                    if self._error is None:  # the first failure is the one reported
+                        self._error = exc
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -357,9 +383,11 @@ class BackgroundWriter:
         self._q.put((fn, args))
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._q.put(_DONE)
-            self._thread.join()
+        alive = [t for t in self._threads if t.is_alive()]
+        for _ in alive:
+            self._q.put(_DONE)  # one stop mark per thread, queued behind every job
+        for t in alive:
+            t.join()
         self._raise()
 
     def __enter__(self) -> BackgroundWriter:
@@ -383,11 +411,13 @@ def overlapped(
     write: Callable[[T, R], None] | None = None,
     prefetch: int = 2,
     max_pending_writes: int = 2,
+    write_threads: int = 1,
 ) -> Iterator[tuple[T, R]]:
     """``for it in items: write(it, compute(it, load(it)))`` as a three-stage pipeline; yields ``(item, result)``.
 
     ``load`` runs on a prefetch thread up to ``prefetch`` items ahead, ``compute`` on the caller's thread (it
-    owns the model), ``write`` on a writer thread. Items are computed and written in order. Every result is
+    owns the model), ``write`` on ``write_threads`` writer threads (:class:`BackgroundWriter`). Items are computed
+    in order; with one writer thread they are also written in order. Every result is
     written before this generator finishes (also when the consumer or ``compute`` raises for a later item).
     """
     if prefetch < 1:
@@ -399,7 +429,7 @@ def overlapped(
             yield it, res
         return
     loaded = Prefetcher(((it, load(it)) for it in items), depth=prefetch)
-    with loaded, BackgroundWriter(max_pending_writes) as writer:
+    with loaded, BackgroundWriter(max_pending_writes, threads=write_threads) as writer:
         for it, payload in loaded:
             res = compute(it, payload)
             if write is not None:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +136,37 @@ def task_resources(cfg: Config, gpu: bool | None = None) -> dict[str, float]:
     if gpu:
         return {"num_gpus": float(cfg.ray.gpus_per_actor), "num_cpus": float(cfg.ray.cpus_per_actor)}
     return {"num_cpus": float(cfg.ray.cpus_per_actor)}
+
+
+#: Ray resource names of the per-actor requests of :func:`task_resources`.
+_RESOURCE_NAMES = {"num_cpus": "CPU", "num_gpus": "GPU"}
+
+
+def actor_pool_bounds(
+    actors: tuple[int, int | str],
+    per_actor: Mapping[str, float],
+    cluster: Mapping[str, float],
+    n_items: int,
+) -> tuple[int, int]:
+    """``(min_size, max_size)`` of an actor pool over ``n_items`` work items (shards).
+
+    ``actors`` is ``ray.extract_actors``. A max of ``"auto"`` is what the cluster holds at submit time: the fewest
+    actors of ``per_actor`` (:func:`task_resources`: ``num_gpus`` and ``num_cpus``) that ``cluster``
+    (``ray.cluster_resources()``) fits, i.e. GPUs / gpus_per_actor for GPU actors (also bounded by the CPUs they
+    ask for), CPUs / cpus_per_actor else; at least 1. An integer max is kept as given even when the cluster holds
+    fewer now: Ray Data (2.60) accepts an ``ActorPoolStrategy.max_size`` above the current resources, starts only
+    the actors that fit and adds more as the cluster grows (an autoscaling cluster). Either way there is no more
+    than one actor per item, and ``min_size <= max_size``.
+    """
+    lo, hi = actors
+    if hi == "auto":
+        fits = [
+            int(float(cluster.get(_RESOURCE_NAMES.get(k, k), 0.0)) / float(v) + 1e-9)
+            for k, v in per_actor.items() if float(v) > 0
+        ]  # fmt: skip
+        hi = max(1, min(fits)) if fits else 1
+    hi = max(1, min(int(hi), int(n_items)))
+    return min(int(lo), hi), hi
 
 
 def check_storage(cfg: Config) -> list[str]:

@@ -8,6 +8,11 @@ actor decodes the images itself (undecodable files are reported back, not raised
 shard atomically (``store.write_parquet_atomic``: plain pyarrow reads it) and returns one small summary row per
 input image.
 
+With ``ray.decode_stage`` on (default: when the actors get GPUs) the decoding moves to Ray Data CPU tasks ahead of
+the pool (:func:`load_shards`, as ``distributed/predict.py`` decodes ahead of its GPU actors): the dataset is then
+one row per shard (:func:`shard_specs`), so no batching can split a shard, and the actor only computes and writes.
+The pool's maximum follows the cluster (:func:`transfgu.distributed.cluster.actor_pool_bounds`).
+
 Resume is by image id, as in the one-process executor (:mod:`transfgu.integrity`): each shard file carries the
 stage's input hash and the ids it covers (decode failures included) in its key-value metadata; the driver plans
 which files are kept and names every new file before the pool starts, so a re-run only sends the images no kept
@@ -16,7 +21,9 @@ file covers, and a retried batch replaces its own file.
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 import threading
 import time
 from collections import Counter
@@ -32,7 +39,13 @@ from transfgu import integrity
 from transfgu.config import Config
 from transfgu.context import RunContext, run_backbone
 from transfgu.data.datasets import ImageRecord
-from transfgu.distributed.cluster import configure_data_context, task_resources, torch_threads, worker_config
+from transfgu.distributed.cluster import (
+    actor_pool_bounds,
+    configure_data_context,
+    task_resources,
+    torch_threads,
+    worker_config,
+)
 from transfgu.errors import CollectedErrors
 from transfgu.layout import RunLayout
 from transfgu.logs import Progress, setup_logging
@@ -59,6 +72,46 @@ def shard_tables(records: Sequence[ImageRecord], plan: integrity.ShardPlan) -> l
         })
         for n, g in enumerate(plan.groups)
     ]
+
+
+def shard_specs(records: Sequence[ImageRecord], plan: integrity.ShardPlan) -> list[pa.Table]:
+    """The decode stage's input: one one-row table (a block) per new shard file, its images as JSON. A shard is one
+    row from here on, so however Ray Data bundles blocks into batches, no shard is split between two calls."""
+    return [
+        pa.table({
+            "shard": pa.array([n], pa.int64()),
+            "file": pa.array([g.name], pa.string()),
+            "items": pa.array([json.dumps({
+                "index": [int(i) for i in g.positions],
+                "image_id": [records[i].image_id for i in g.positions],
+                "path": [str(Path(records[i].image_path).resolve()) for i in g.positions],
+            })], pa.string()),
+        })
+        for n, g in enumerate(plan.groups)
+    ]
+
+
+def load_shards(batch: dict[str, np.ndarray], stage: str | type[ShardedStage], cfg: dict[str, Any],
+                inputs: dict[str, Any], num_cpus: float) -> dict[str, np.ndarray]:
+    """CPU task of the decode stage: the stage's own data path (:meth:`ShardedStage.load`: decode, undecodable files
+    recorded not raised, then ``prepare``) for each shard row, as in ``predict.decode_batch`` ahead of the
+    prediction actors. The model input, the decoded ids and the failures travel to the actor pickled in ``decoded``.
+    """
+    import torch
+
+    torch.set_num_threads(torch_threads(num_cpus))
+    config = Config.model_validate(cfg)
+    configure_inputs(config)
+    stage_cls = SHARDED_STAGES[stage] if isinstance(stage, str) else stage
+    work = stage_cls(config, None, torch.device("cpu"), None, **inputs)  # no model: load() needs none
+    decoded = []
+    for items in batch["items"]:
+        spec = json.loads(str(items))
+        errors = CollectedErrors()
+        payload, ok_ids = work.load([ImageRecord(i, Path(p)) for i, p in zip(spec["image_id"], spec["path"])], errors)
+        decoded.append(pickle.dumps({"payload": payload, "ok_ids": ok_ids, "failed": errors.failed}, protocol=5))
+    return {"shard": batch["shard"], "file": batch["file"], "items": batch["items"],
+            "decoded": np.asarray(decoded, dtype=object)}  # fmt: skip
 
 
 class StageActor:
@@ -110,8 +163,31 @@ class StageActor:
             finally:
                 self.calls_in_model -= 1
 
+    def _shard(self, indices: list[int], ids: list[str], paths: list[str], file: str, payload: Any,
+               ok_ids: list[str], failed: dict[str, str], out: dict[str, list[Any]]) -> None:
+        """Model, integrity stamp, atomic write of one shard; one summary row per image into ``out``."""
+        table = self._compute(payload, ok_ids)
+        table = integrity.stamp_table(table, self.input_hash, ids, [i for i in ids if i not in set(ok_ids)])
+        path = self.out_dir / file
+        write_parquet_atomic(table, path)
+        counts = self.work.rows_per_image(table)
+        for i, image_id, p in zip(indices, ids, paths):
+            reason = failed.get(p)
+            out["index"].append(i)
+            out["image_id"].append(image_id)
+            out["ok"].append(reason is None)
+            out["reason"].append(reason or "")
+            out["rows"].append(0 if reason else counts.get(image_id, 0))
+            out["file"].append(path.name)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {k: [] for k in SUMMARY_COLUMNS}
+        if "decoded" in batch:  # shards decoded by the CPU decode stage (load_shards): one row per shard
+            for items, file, blob in zip(batch["items"], batch["file"], batch["decoded"]):
+                spec, d = json.loads(str(items)), pickle.loads(blob)
+                self._shard(spec["index"], spec["image_id"], spec["path"], str(file), d["payload"], d["ok_ids"],
+                            d["failed"], out)
+            return _summary(out)
         order = np.argsort(batch["index"], kind="stable")
         shards = batch["shard"][order]
         for s in np.unique(shards):
@@ -122,27 +198,26 @@ class StageActor:
             errors = CollectedErrors()
             recs = [ImageRecord(i, Path(p)) for i, p in zip(ids, paths)]
             payload, ok_ids = self.work.load(recs, errors)  # the data path, outside the model lock
-            table = self._compute(payload, ok_ids)
-            table = integrity.stamp_table(table, self.input_hash, ids, [i for i in ids if i not in set(ok_ids)])
-            path = self.out_dir / str(batch["file"][sel][0])
-            write_parquet_atomic(table, path)
-            counts = self.work.rows_per_image(table)
-            for i, image_id, p in zip(indices, ids, paths):
-                reason = errors.failed.get(p)
-                out["index"].append(i)
-                out["image_id"].append(image_id)
-                out["ok"].append(reason is None)
-                out["reason"].append(reason or "")
-                out["rows"].append(0 if reason else counts.get(image_id, 0))
-                out["file"].append(path.name)
-        return {
-            "index": np.asarray(out["index"], dtype=np.int64),
-            "image_id": np.asarray(out["image_id"], dtype=object),
-            "ok": np.asarray(out["ok"], dtype=bool),
-            "reason": np.asarray(out["reason"], dtype=object),
-            "rows": np.asarray(out["rows"], dtype=np.int64),
-            "file": np.asarray(out["file"], dtype=object),
-        }
+            self._shard(indices, ids, paths, str(batch["file"][sel][0]), payload, ok_ids, errors.failed, out)
+        return _summary(out)
+
+
+def _summary(out: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+    return {
+        "index": np.asarray(out["index"], dtype=np.int64),
+        "image_id": np.asarray(out["image_id"], dtype=object),
+        "ok": np.asarray(out["ok"], dtype=bool),
+        "reason": np.asarray(out["reason"], dtype=object),
+        "rows": np.asarray(out["rows"], dtype=np.int64),
+        "file": np.asarray(out["file"], dtype=object),
+    }
+
+
+def decode_stage_wanted(cfg: Config, gpu: bool) -> bool:
+    """``ray.decode_stage``: auto = a CPU decode stage ahead of GPU actors only (there a GPU would otherwise wait on
+    its actor's one or two CPUs decoding JPEGs); CPU actors decode their own shards, overlapped inside the actor."""
+    v = cfg.ray.decode_stage
+    return gpu if v == "auto" else bool(v)
 
 
 def actor_kwargs(ctx: RunContext, stage_cls: type[ShardedStage], num_cpus: float, use_gpu: bool) -> dict[str, Any]:
@@ -179,20 +254,30 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
     kept = len(records) - len(todo)
     if not todo:
         return {**stage_cls.finish(ctx, ids), "new_images": 0}
-    tables = shard_tables(records, plan)
     res = task_resources(cfg)
     gpu = "num_gpus" in res
-    lo, hi = cfg.ray.extract_actors
-    hi = max(lo, min(hi, len(tables)))
+    lo, hi = actor_pool_bounds(cfg.ray.extract_actors, res, ray.cluster_resources(), len(plan.groups))
+    kwargs = actor_kwargs(ctx, stage_cls, res["num_cpus"], gpu)
     configure_data_context(DataContext.get_current())
-    ds = ray.data.from_arrow(tables)
+    if decode_stage_wanted(cfg, gpu):
+        # Decode + resize in CPU tasks ahead of the actors (as predict_ray does), one shard per row and per call.
+        ds = ray.data.from_arrow(shard_specs(records, plan))
+        ds = ds.map_batches(load_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.ray.decode_cpus,
+                            fn_kwargs={k: kwargs[k] for k in ("stage", "cfg", "inputs")} | {
+                                "num_cpus": cfg.ray.decode_cpus})
+        batch_size = 1
+    else:
+        ds = ray.data.from_arrow(shard_tables(records, plan))
+        batch_size = SHARD_IMAGES
+    log.info("[%s] %d shards on %d-%d actors (%s), decode %s", stage, len(plan.groups), lo, hi, res,
+             "in CPU tasks" if batch_size == 1 else "in the actors")
     ds = ds.map_batches(
         StageActor,
-        batch_size=SHARD_IMAGES,
+        batch_size=batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=min(lo, hi), max_size=hi, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
                                   enable_true_multi_threading=True),
-        fn_constructor_kwargs=actor_kwargs(ctx, stage_cls, res["num_cpus"], gpu),
+        fn_constructor_kwargs=kwargs,
         **res,
     )
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_COLUMNS}
