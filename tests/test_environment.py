@@ -117,6 +117,8 @@ def test_readme_and_ci_install_from_the_lock():
     assert "-r requirements/lock.txt" in quick.code and "ray_jobs/full_pipeline.py" in quick.code
     ci = (REPO / ".ci" / "run").read_text()
     assert "scripts/readme_check.py --only tests" in ci
+    # the README's command is the fast set; CI runs the slow tests as well, so every test runs in CI
+    assert '-m "not slow"' in tests[0].code and "python -m pytest -q -m slow" in ci
 
 
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the lock is compiled for CPython 3.11")
