@@ -115,6 +115,22 @@ def load_train_state(directory: Path) -> tuple[dict[str, dict[str, Tensor]], dic
     return groups, info
 
 
+def install_state_dir(src: Path, target: Path) -> None:
+    """Copy the files of ``src`` (e.g. a Ray Train checkpoint's directory) to the state directory ``target``,
+    atomically: into a temporary sibling first, then renamed over ``target``, so a reader (or a resume after a
+    kill) never sees a half-copied state."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=target.parent))
+    for f in Path(src).iterdir():
+        shutil.copy2(f, tmp / f.name)
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def read_state_info(directory: Path) -> dict[str, Any] | None:
     """The JSON half of a training state (epoch, round, metrics); None when ``directory`` holds no complete state."""
     path = Path(directory) / STATE_JSON

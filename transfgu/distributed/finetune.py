@@ -15,15 +15,12 @@ epoch all ranks call ``ray.train.report`` (a barrier in V2); rank 0 logs the epo
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transfgu.checkpoint import read_state_info
+from transfgu.checkpoint import install_state_dir, read_state_info
 from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.distributed.cluster import cluster_has_gpus, worker_config
@@ -53,13 +50,7 @@ def restore_from_checkpoint(out: Path, input_hash: str) -> None:
         if have is not None and int(read_state_info(have)["epoch"]) >= int(info["epoch"]):  # type: ignore[index]
             return
         target = ftt.state_dir(out, int(info["epoch"]))
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=out))
-        for f in Path(d).iterdir():
-            shutil.copy2(f, tmp / f.name)
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        install_state_dir(Path(d), target)
         log.info("[finetune] restored epoch %d from the Ray checkpoint into %s", info["epoch"], target)
 
 

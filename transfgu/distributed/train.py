@@ -24,15 +24,12 @@ epoch to MLflow.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transfgu.checkpoint import last_trained_epoch, load_train_state, read_state_info
+from transfgu.checkpoint import install_state_dir, last_trained_epoch, load_train_state, read_state_info
 from transfgu.config import Config
 from transfgu.context import RunContext, run_backbone
 from transfgu.data.loaders import make_train_loader, prepare_train_input
@@ -69,15 +66,8 @@ def restore_from_checkpoint(layout: RunLayout, input_hash: str | None = None) ->
             return
         if last_trained_epoch(layout.train, input_hash) >= info["epoch"]:
             return
-        train_dir = layout.train
         target = layout.round_dir(int(info["round"]))
-        train_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=train_dir))
-        for f in Path(d).iterdir():
-            shutil.copy2(f, tmp / f.name)
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        install_state_dir(Path(d), target)
         log.info("[train] restored epoch %d from the Ray checkpoint into %s", info["epoch"], target)
 
 
