@@ -115,11 +115,18 @@ def segmentation_scores(
     NaN}), ``mapping`` (list: cluster -> class, -1 unmatched), ``n_clusters`` and ``n_classes``.
     """
     conf = np.asarray(conf, dtype=np.int64)
+    return mapped_scores(conf, hungarian_match(conf, overcluster), class_names)
+
+
+def mapped_scores(conf: np.ndarray, mapping: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """:func:`segmentation_scores` for a given cluster -> class ``mapping`` (-1: unmatched): the one IoU definition
+    shared by the Hungarian/overclustering evaluation, Leopart's unmatched-to-background merge and the probe."""
+    conf = np.asarray(conf, dtype=np.int64)
+    mapping = np.asarray(mapping, dtype=np.int64)
     n_classes, n_clusters = conf.shape
     names = list(class_names) if class_names is not None else [str(c) for c in range(n_classes)]
     if len(names) != n_classes:
         raise ValueError(f"{len(names)} class names for {n_classes} classes")
-    mapping = hungarian_match(conf, overcluster)
     m = matched_confusion(conf, mapping)
     tp = np.diag(m).astype(np.float64)
     gt_total = conf.sum(axis=1).astype(np.float64)  # includes pixels of unmatched clusters

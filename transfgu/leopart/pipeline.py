@@ -502,25 +502,12 @@ def scores_unmatched_to_background(conf: np.ndarray, names: Sequence[str], bg: i
 
     Same IoU definition as :func:`transfgu.metrics.segmentation_scores`, on the merged matching.
     """
-    from transfgu.metrics import hungarian_match, matched_confusion
+    from transfgu.metrics import hungarian_match, mapped_scores
 
     conf = np.asarray(conf, dtype=np.int64)
     mapping = hungarian_match(conf, "hungarian")
     mapping[mapping < 0] = bg
-    m = matched_confusion(conf, mapping)
-    tp = np.diag(m).astype(np.float64)
-    denom = conf.sum(axis=1) + m.sum(axis=0) - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(denom > 0, tp / np.where(denom > 0, denom, 1.0), np.nan)
-    total = conf.sum()
-    return {
-        "mIoU": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
-        "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
-        "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
-        "mapping": mapping.tolist(),
-        "n_clusters": int(conf.shape[1]),
-        "n_classes": int(conf.shape[0]),
-    }
+    return mapped_scores(conf, mapping, names)
 
 
 def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:

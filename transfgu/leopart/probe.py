@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfgu.metrics import RunningConfusion, matched_confusion
+from transfgu.metrics import RunningConfusion, mapped_scores
 
 
 def probe_logits(head: nn.Linear, feats: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -94,15 +94,6 @@ def evaluate(head: nn.Linear, feats: np.ndarray, labels: Sequence[np.ndarray], g
 def identity_scores(conf: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """:func:`transfgu.metrics.segmentation_scores`'s IoU and accuracy for a class predictor (column c = class c)."""
     conf = np.asarray(conf, dtype=np.int64)
-    m = matched_confusion(conf, np.arange(conf.shape[1]))
-    tp = np.diag(m).astype(np.float64)
-    denom = conf.sum(axis=1) + m.sum(axis=0) - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(denom > 0, tp / np.where(denom > 0, denom, 1.0), np.nan)
-    total = conf.sum()
-    return {
-        "mIoU": float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan"),
-        "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
-        "per_class_iou": {str(c): float(v) for c, v in zip(class_names, iou)},
-        "n_pixels": int(total),
-    }
+    s = mapped_scores(conf, np.arange(conf.shape[1]), [str(c) for c in class_names])
+    return {"mIoU": s["mIoU"], "pixel_accuracy": s["pixel_accuracy"], "per_class_iou": s["per_class_iou"],
+            "n_pixels": int(conf.sum())}
