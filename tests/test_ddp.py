@@ -127,14 +127,15 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
             dist.destroy_process_group()
 
 
-def _run_ranks(tmp: Path, world: int, opts: dict, timeout: float = 240.0) -> None:
-    """Spawn ``world`` ranks of :func:`_train`; a rank still running after ``timeout`` s fails the test."""
+def run_ranks(target, tmp: Path, world: int, opts: dict, timeout: float = 240.0) -> None:
+    """Spawn ``world`` ranks of ``target(rank, world, out, opts)`` (e.g. :func:`_train`) with one thread each; a rank
+    still running after ``timeout`` s fails the test (a collective without its partner)."""
     opts = {**opts, "init": str(tmp / "pg_init")}
     ctx = mp.get_context("spawn")
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        procs = [ctx.Process(target=_train, args=(r, world, str(tmp), opts)) for r in range(world)]
+        procs = [ctx.Process(target=target, args=(r, world, str(tmp), opts)) for r in range(world)]
         for p in procs:
             p.start()
     finally:
@@ -320,7 +321,7 @@ def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
     one_dir.mkdir()
     two_dir.mkdir()
     _train(0, 1, str(one_dir), {})
-    _run_ranks(two_dir, 2, {})
+    run_ranks(_train, two_dir, 2, {})
     one, one_w = _load(one_dir, 0)
     r0, r0_w = _load(two_dir, 0)
     r1, r1_w = _load(two_dir, 1)
@@ -354,7 +355,7 @@ def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
 def test_a_rank_with_a_nonpositive_loss_never_skips_alone(tmp_path, shift, expect_step):
     """Rank 1's own share is made negative. The old per-rank rule would skip there while rank 0 stepped (rank 0
     then waits in the gradient all-reduce for a partner that never comes): here both take the global decision."""
-    _run_ranks(tmp_path, 2, {"epochs": 1, "shift": {"rank": 1, "value": shift}})
+    run_ranks(_train, tmp_path, 2, {"epochs": 1, "shift": {"rank": 1, "value": shift}})
     r0, r0_w = _load(tmp_path, 0)
     r1, r1_w = _load(tmp_path, 1)
     for variant in ("thingstuff", "things"):

@@ -9,13 +9,12 @@ losses and cluster usage, the same queue and the same final student and teacher 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from test_ddp import run_ranks
 from test_leopart_finetune import finetune_config, naive_sinkhorn
 
 from transfgu.leopart import finetune as ft
@@ -35,30 +34,6 @@ def _init(rank: int, world: int, init: str) -> None:
                             timeout=timedelta(seconds=60))
 
 
-def _run_ranks(target, tmp: Path, world: int, opts: dict, timeout: float = 120.0) -> None:
-    """Spawn ``world`` ranks of ``target(rank, world, out, opts)``; a rank still running after ``timeout`` fails."""
-    opts = {**opts, "init": str(tmp / "pg_init")}
-    ctx = mp.get_context("spawn")
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        procs = [ctx.Process(target=target, args=(r, world, str(tmp), opts)) for r in range(world)]
-        for p in procs:
-            p.start()
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    for p in procs:
-        p.join(timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} did not finish within {timeout}s (a collective without its partner?)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
 # -- distributed Sinkhorn ---------------------------------------------------------------------------------------------
@@ -94,7 +69,7 @@ def _sinkhorn_rank(rank: int, world: int, out: str, opts: dict) -> None:
 def test_distributed_sinkhorn_is_the_sinkhorn_of_the_concatenated_batch(tmp_path):
     """Each rank holds a piece of the batch (uneven, or empty on rank 1). ``distributed=False`` is the old per-rank
     Sinkhorn (SwAV without its all-reduce) and must fail the same check."""
-    _run_ranks(_sinkhorn_rank, tmp_path, 2, {})
+    run_ranks(_sinkhorn_rank, tmp_path, 2, {})
     scores, queue = _sinkhorn_data()
     ref = {"queue": ft.sinkhorn_knopp(scores, 0.1, 3, shared=queue), "none": ft.sinkhorn_knopp(scores, 0.1, 3)}
     # the one-process result is the textbook loop over all rows (the queue's rows are dropped from the output)
@@ -165,7 +140,7 @@ def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
     one.mkdir()
     two.mkdir()
     _finetune(0, 1, str(one), {"root": str(tmp_path / "runs")})
-    _run_ranks(_finetune, two, 2, {"root": str(tmp_path / "runs")})
+    run_ranks(_finetune, two, 2, {"root": str(tmp_path / "runs")})
     ref = json.loads((one / "steps-rank0.json").read_text())
     r0, r1 = (json.loads((two / f"steps-rank{r}.json").read_text()) for r in range(2))
     assert len(ref) == EPOCHS * 2
