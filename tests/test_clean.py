@@ -40,7 +40,7 @@ def test_lists_without_deleting_then_deletes_only_stale(tmp_path: Path, capsys: 
                                                                  ("label_bank", "a" * 12, 1000)]
     assert main([str(run)]) == 0
     out = capsys.readouterr().out
-    assert "2 set-aside outputs" in out and "--yes" in out
+    assert "2 set-aside outputs and caches" in out and "--yes" in out
     assert (run / "_stale" / "label_bank" / ("a" * 12) / "label_bank" / "part-0.parquet").is_file()
 
     assert main([str(run), "--yes"]) == 0
@@ -91,3 +91,25 @@ def test_is_a_transfgu_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[
     run = _run_dir(tmp_path)
     assert cli_main(["clean", str(run)]) == 0
     assert "nothing set aside" in capsys.readouterr().out
+
+
+def test_train_input_caches_are_listed_and_deleted_only_on_request(tiny_run_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A finished run's packed label bank and image store (written by its training) are caches: listed with
+    --train-input, deleted with --yes, and the label bank itself is untouched."""
+    import shutil
+
+    from transfgu.clean import train_input_entries
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run_dir, run)
+    caches = train_input_entries(run)
+    assert {e.tag.split("-")[0] for e in caches} == {"bank", "images"} and all(e.bytes > 0 for e in caches)
+    bank_files = sorted(p.name for p in (run / "label_bank").glob("*.parquet"))
+    assert main([str(run)]) == 0 and "nothing set aside" in capsys.readouterr().out  # not without the flag
+    assert main([str(run), "--train-input"]) == 0
+    assert f"{len(caches)} set-aside outputs and caches" in capsys.readouterr().out
+    assert train_input_entries(run) == caches
+    assert main([str(run), "--train-input", "--yes"]) == 0
+    assert train_input_entries(run) == []
+    assert sorted(p.name for p in (run / "label_bank").glob("*.parquet")) == bank_files

@@ -1,10 +1,15 @@
-"""``transfgu clean RUN_DIR``: list, then (with ``--yes``) delete the outputs a run has set aside under ``_stale/``.
+"""``transfgu clean RUN_DIR``: list, then (with ``--yes``) delete the outputs a run has set aside under ``_stale/``
+(and, with ``--train-input``, the training-input caches next to the label bank).
 
 Outputs computed from other inputs, torn shards and ``--force``d stages are never deleted by the pipeline: they are
 moved to ``<run>/_stale/<stage>/<hash12 | unstamped>/`` (:func:`transfgu.integrity.set_aside`) so that no reader sees
 them and nothing a user may still want is lost. ``_stale/`` therefore grows with every re-run under changed settings;
 this command is the one way to reclaim the space. It only ever touches ``_stale/`` of a directory that a pipeline run
 created (:func:`transfgu.integrity.require_run_dir`), and without ``--yes`` it only prints what it would remove.
+
+``--train-input`` also lists the packed label banks and train-size image stores that training writes once into
+``label_bank/_train_input/`` (:mod:`transfgu.data.train_store`): caches, one per key (another train size or image
+list gives another), rebuilt by the next training that needs them. Delete them when no training of the run is going.
 """
 
 from __future__ import annotations
@@ -56,6 +61,39 @@ def stale_entries(run_dir: Path, stages: Sequence[str] = (), older_than_days: fl
     return sorted(out, key=lambda e: e.mtime)
 
 
+def train_input_entries(run_dir: Path) -> list[StaleEntry]:
+    """The training-input caches of a run, one entry per store (``bank-<key12>`` or ``images-<key12>``: its data,
+    index and stamp files), oldest first. Half-written temporary files of a killed build are listed too."""
+    from transfgu.data.train_store import STORE_DIR
+
+    root = Path(run_dir) / "label_bank" / STORE_DIR
+    if not root.is_dir() or root.is_symlink():
+        return []
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(root.iterdir()):
+        if f.is_file() and not f.is_symlink():
+            groups.setdefault(f.name.split(".", 1)[0], []).append(f)
+    out = [StaleEntry("train_input", tag, root / tag, sum(f.lstat().st_size for f in files),
+                      max(f.lstat().st_mtime for f in files)) for tag, files in groups.items()]
+    return sorted(out, key=lambda e: e.mtime)
+
+
+def remove_train_input(run_dir: Path, entries: Sequence[StaleEntry]) -> int:
+    """Delete the files of ``entries`` (from :func:`train_input_entries`); returns the bytes freed."""
+    from transfgu.data.train_store import STORE_DIR
+
+    root = (Path(run_dir) / "label_bank" / STORE_DIR).resolve()
+    freed = 0
+    for e in entries:
+        if e.path.parent.resolve() != root:
+            raise ValueError(f"refusing to delete {e.path}: not inside {root}")
+        for f in root.iterdir():
+            if f.is_file() and f.name.split(".", 1)[0] == e.tag:
+                freed += f.lstat().st_size
+                f.unlink()
+    return freed
+
+
 def remove_entries(run_dir: Path, entries: Sequence[StaleEntry]) -> int:
     """Delete ``entries`` (each must lie inside ``<run>/_stale/``); empty stage folders go too. Returns bytes freed."""
     root = (Path(run_dir) / STALE_DIR).resolve()
@@ -95,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stage", action="append", default=[], help="only this stage's set-aside outputs (repeatable)")
     p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                    help="only outputs set aside more than DAYS days ago")
+    p.add_argument("--train-input", action="store_true",
+                   help="also the training-input caches in label_bank/_train_input/ (rebuilt when needed)")
     p.add_argument("--yes", "-y", action="store_true", help="delete them (default: only list them)")
     args = p.parse_args(argv)
     try:
@@ -103,18 +143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     entries = stale_entries(run_dir, args.stage, args.older_than)
-    total = sum(e.bytes for e in entries)
-    for e in entries:
+    caches = train_input_entries(run_dir) if args.train_input else []
+    entries_all = entries + caches
+    total = sum(e.bytes for e in entries_all)
+    for e in entries_all:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
         print(f"{e.stage:12} {e.tag:14} {_human(e.bytes):>11}  {when}  {e.path}")
-    if not entries:
-        print(f"nothing set aside under {run_dir / STALE_DIR}")
+    if not entries_all:
+        print(f"nothing set aside under {run_dir / STALE_DIR}" + (" and no training-input cache" if args.train_input
+                                                                  else ""))
         return 0
     if not args.yes:
-        print(f"{len(entries)} set-aside outputs, {_human(total)}; run again with --yes to delete them")
+        print(f"{len(entries_all)} set-aside outputs and caches, {_human(total)}; run again with --yes to delete them")
         return 0
-    freed = remove_entries(run_dir, entries)
-    print(f"deleted {len(entries)} set-aside outputs, {_human(freed)} freed")
+    freed = remove_entries(run_dir, entries) + remove_train_input(run_dir, caches)
+    print(f"deleted {len(entries_all)} set-aside outputs and caches, {_human(freed)} freed")
     return 0
 
 
