@@ -723,16 +723,19 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_on), torch.no_grad():
             feats = backbone(crops)
         keep = draw_dropout(student, feats.grid, seed, plan.epoch, i, offset, images.shape[0], device)
+        # The permutation is drawn on the CPU generator; the compiled kernels get it on the step's device, so no
+        # graph has an input on another device (an exact copy: argsort of a permutation is the same anywhere).
+        perm = mine.perm.to(device, non_blocking=True) if mine.perm is not None else None
         common = dict(variant=variant, t_bg=t_bg, mix=mix, alpha=plan.alpha, weights=loss_weights,
                       empty_fg=empty_fg, amp_dtype=amp_dtype, dropout_keep=keep)  # fmt: skip
         if world == 1:  # the whole batch: no share, no foreground all-reduce (nothing read on the host)
             total, peer_t, div_t, unc_t = kernels.losses(
-                student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
+                student, teacher if use_teacher else None, feats.patch, feats.grid, labels, perm, **common,
                 fraction=n_real / global_b,
             )  # fmt: skip
         else:
             total, peer_t, div_t, unc_t = step_losses(
-                student, teacher if use_teacher else None, feats.patch, feats.grid, labels, mine.perm, **common,
+                student, teacher if use_teacher else None, feats.patch, feats.grid, labels, perm, **common,
                 fraction=n_real / global_b, placeholder=not n_real,
                 fg_total=lambda m: float(all_reduce_sum(m.sum().double().reshape(1), device)[0]),
             )  # fmt: skip
