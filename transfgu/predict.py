@@ -15,7 +15,6 @@ through the Hungarian matching stored in the checkpoint; clusters left unmatched
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_model_meta
+from transfgu.cli_args import predict_parser as build_parser
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_model_input
 from transfgu.engine import predict_logits
@@ -417,37 +417,6 @@ def _decode_stream(
                 else:
                     good.append((path, stem, img))
             yield good
-
-
-def prediction_parser(prog: str, description: str, checkpoint_help: str, inputs_help: str) -> argparse.ArgumentParser:
-    """A parser with the arguments both executors of ``transfgu predict`` take (each adds its own)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("checkpoint", help=checkpoint_help)
-    p.add_argument("inputs", nargs="+", help=inputs_help)
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--classes", action="store_true",
-                   help="write matched class ids (255 = cluster without a class) instead of cluster ids")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = prediction_parser(
-        "transfgu predict",
-        "Label images with a trained checkpoint. Writes <out>/<stem>.png (cluster ids, or class ids with --classes; "
-        "uint8, uint16 when there are more than 254 ids) and, with --overlay, <out>/overlay/<stem>.jpg. Unreadable "
-        "images are skipped and listed in <out>/errors.jsonl.",
-        "a run directory or its model/ checkpoint directory",
-        "image files, folders (searched recursively) or text files listing image paths",
-    )
-    p.add_argument("--overlay", action="store_true", help="also write colour overlays as JPEG")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
-    p.add_argument("--ray", action="store_true",
-                   help="run on Ray Data instead (CPU decoding ahead of GPU actors, Parquet ledger, resumable; "
-                   "globs and s3:// prefixes as inputs): see `transfgu predict --ray --help`")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from transfgu import viz
+from transfgu.cli_args import HelpFormatter
 from transfgu.layout import RunLayout
 from transfgu.store import atomic_write_json
 
@@ -713,9 +714,9 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="transfgu report",
+    p = argparse.ArgumentParser(prog="transfgu report", formatter_class=HelpFormatter,
                                 description="Write <RUN_DIR>/report/index.html (self-contained) and its PNGs.")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a run directory (runs/<name>)")
     p.add_argument("--per-concept", type=int, default=8, help="crops per concept in the galleries")
     p.add_argument("--cam-images", type=int, default=3, help="images with CAM panels")
     p.add_argument("--pred-images", type=int, default=4, help="validation images with predictions")
