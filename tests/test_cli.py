@@ -95,3 +95,18 @@ def test_readme_cites_no_internal_notes():
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert not re.search(r"issue\s+\d+|reference_method|field_anchors", text, re.IGNORECASE)
+
+
+def test_readme_cluster_example_is_scoped_to_its_own_head():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+    cluster = next(b for b in blocks if "ray start --head" in b and "ray job submit" in b)
+    commands = [ln.split("#")[0].strip() for ln in cluster.splitlines()]
+    assert not any(re.match(r"ray stop\b", c) for c in commands)  # machine-wide: other users' clusters die
+    assert "--block" in cluster and re.search(r"kill \$RAY_HEAD_PID", cluster)
+    ports = {int(p) for p in re.findall(r"--(?:port|dashboard-port|ray-client-server-port) (\d+)", cluster)}
+    assert len(ports) == 3 and not ports & {6379, 8265, 10001}
+    assert "127.0.0.1:8265" not in cluster
+    assert re.search(r"dashboard.*asks for the same token", text, re.DOTALL)

@@ -33,7 +33,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,9 @@ def list_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
             if not hits:
                 raise FileNotFoundError(f"no image matches {s}")
-            found.extend((str(Path(p)), Path(p).relative_to(root).with_suffix("").as_posix()) for p in hits)
-        else:
-            found.extend((str(p), stem) for p, stem in collect_inputs([s]))
+            found.extend((str(Path(p).resolve()), Path(p).relative_to(root).with_suffix("").as_posix()) for p in hits)
+        else:  # the ledger's `source` is absolute: it names the file wherever the ledger is read from
+            found.extend((str(Path(p).resolve()), stem) for p, stem in collect_inputs([s]))
     return unique_stems(found)  # the same rule as the one-process transfgu predict, across all inputs
 
 
@@ -350,6 +350,15 @@ def _check_exactly_once(out: Path, all_stems: Sequence[str], todo: Sequence[str]
 
 
 # -- command line --------------------------------------------------------------------------------------------------
+def summary_line(res: Mapping[str, Any], out: Path) -> str:
+    """The closing line of ``transfgu predict --ray``: counts, and the error list only when this run wrote one."""
+    errors = Path(out) / "errors.jsonl"
+    unreadable = f"{res['n_errors']} unreadable"
+    if res["n_errors"] and errors.exists():
+        unreadable += f": see {errors.resolve()}"
+    return f"{res['n_predicted']} images labelled ({res['n_kept']} already done, {unreadable}); ledger {res['ledger']}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -388,8 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{res['n_predicted']} images labelled ({res['n_kept']} already done, {res['n_errors']} unreadable: see "
-          f"{Path(args.out) / 'errors.jsonl'}); ledger {res['ledger']}")
+    print(summary_line(res, Path(args.out)))
     if not res["pretrained_backbone"]:
         print("warning: the checkpoint's backbone is RANDOM (no pretrained weights): predictions are not the "
               "method's", file=sys.stderr)
