@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import browser as _browser_fixture  # noqa: F401  (the `browser` fixture)
 from PIL import Image
 
 from transfgu.data.io import load_rgb
@@ -219,77 +219,6 @@ def test_openapi_documents_predict_and_docs_work_offline(endpoint):
 
 
 # -- the page in headless Chromium -----------------------------------------------------------------------------------
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-class DevTools:
-    """A minimal Chrome DevTools Protocol client (flat sessions over the browser's websocket)."""
-
-    def __init__(self, ws_url: str) -> None:
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=None, open_timeout=60)
-        self.next_id = 0
-
-    def call(self, method: str, session: str | None = None, timeout: float = 60, **params):
-        self.next_id += 1
-        msg = {"id": self.next_id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        self.ws.send(json.dumps(msg))
-        deadline = time.time() + timeout
-        while True:
-            reply = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.time())))
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply["result"]
-
-    def evaluate(self, session: str, expr: str):
-        return self.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
-
-
-@pytest.fixture()
-def browser(tmp_path):
-    exe = _chromium()
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("chromium is not installed")
-    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
-    proc = subprocess.Popen(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0", "--window-size=1100,800", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    ws_url = None
-    deadline = time.time() + 60
-    while time.time() < deadline and ws_url is None:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        if "DevTools listening on" in line:
-            ws_url = line.split("DevTools listening on", 1)[1].strip()
-    if ws_url is None:
-        proc.kill()
-        pytest.fail("chromium did not start its DevTools endpoint")
-    tools = DevTools(ws_url)
-    yield tools
-    tools.ws.close()
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def _wait_done(browser, session, what: str) -> None:
     deadline = time.time() + 120
     while (state := browser.evaluate(session, "document.body.dataset.state")) not in ("done", "error"):
