@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from transfgu.engine import predict_logits
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
 from transfgu.layout import RunLayout
+from transfgu.logs import Progress
 from transfgu.model_meta import CheckpointMeta
 from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
@@ -290,7 +290,7 @@ def load(
     backbone = _build_backbone(ckpt, meta, weights).to(dev).eval()
     decoder = _build_decoder(ckpt, meta, backbone.embed_dim).to(dev)
     if not meta["backbone"].get("pretrained", False):
-        log.warning("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
+        log.info("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
     return Predictor(backbone, decoder, meta, dev, autocast_dtype(precision, dev), batch_size)
 
 
@@ -427,7 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(importlib.import_module("transfgu.distributed.predict").main(argv))
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from transfgu.logs import setup_logging
+
+        setup_logging()  # the console format of every transfgu command
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
@@ -458,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transfgu.viz import overlay, palette
 
         colours = palette(n_ids)
-    done, t0 = 0, time.time()
+    done = 0
+    prog = Progress("predict", len(items))  # a bar on a terminal, a line every 10 s elsewhere
     for batch in _decode_stream(items, args.batch_size, errors):
         if not batch:
             continue
@@ -472,8 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(overlay(img, lab, colours)).save(path, quality=90)
         done += len(batch)
-        rate = done / max(time.time() - t0, 1e-9)
-        log.info("[predict] %d/%d images (%.2f/s)", done, len(items), rate)
+        prog.update(len(batch))
+    prog.close()
     n_err = errors.count()
     summary = {
         "checkpoint": str(find_checkpoint(args.checkpoint).resolve()),

@@ -857,7 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="device for the prediction panels (default: CUDA when present)")
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from transfgu.logs import setup_logging
+
+        setup_logging()  # the console format of every transfgu command
     opt = ReportOptions(n_per_concept=args.per_concept, n_cam_images=args.cam_images,
                         n_pred_images=args.pred_images, n_pred_candidates=args.pred_candidates, device=args.device)
     try:

@@ -362,7 +362,9 @@ def summary_line(res: Mapping[str, Any], out: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from transfgu.logs import setup_logging
+
+        setup_logging()  # the console format of every transfgu command
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     if not formats <= {"png", "parquet"} or not formats:
         print(f"error: --format takes png and/or parquet, got {args.format!r}", file=sys.stderr)
