@@ -32,6 +32,7 @@ from typing import Any
 
 from transfgu.config import Config
 from transfgu.layout import RunLayout
+from transfgu.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +375,9 @@ class PipelineTracker:
             except Exception as exc:  # artifacts are a convenience; never fail a finished pipeline on them
                 log.warning("[mlflow] could not log artifacts: %s", exc)
             model_dir = Path(run_dir) / "model"
-            # the MLflow pyfunc wraps TransFGU checkpoints only (a Leopart model is served by transfgu predict)
-            if (status == "FINISHED" and self.cfg.mlflow.log_model and self.cfg.method == "transfgu"
+            # the MLflow pyfunc wraps the checkpoints of the methods that say so (TransFGU's; a Leopart model is
+            # served by transfgu predict)
+            if (status == "FINISHED" and self.cfg.mlflow.log_model and get_method(self.cfg.method).mlflow_model
                     and (model_dir / "model.json").is_file()):
                 from transfgu.mlflow_model import log_model
 

@@ -47,7 +47,7 @@ from transfgu.models.backbone import (
     DinoViT,
     normalize,
 )
-from transfgu.store import atomic_write_json, config_hash
+from transfgu.store import atomic_write_json
 
 log = logging.getLogger("transfgu")
 
@@ -57,13 +57,6 @@ INFO_FILE = "finetune.json"
 PICTURES = "before_after.png"
 #: safetensors metadata key of a fine-tuned backbone: JSON with its source and settings.
 FINETUNE_METADATA_KEY = "transfgu_finetune"
-
-
-def stage_hashes(cfg: Config) -> dict[str, str]:
-    d = json.loads(cfg.model_dump_json())
-    data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
-    return {"finetune": config_hash({"method": "leopart_finetune", "data": data, "backbone": d["backbone"],
-                                     "finetune": d["finetune"], "seed": d["run"]["seed"]})}
 
 
 def crop_spec(cfg: Config) -> ft.CropSpec:
@@ -452,5 +445,3 @@ def run_finetune(ctx: Any) -> dict[str, Any]:
              source=source_record(cfg))
     return finish_info(out)
 
-
-RUNNERS = {"finetune": run_finetune}
