@@ -104,15 +104,15 @@ def test_force_sets_a_stage_aside_and_recomputes_it(base_run, tmp_path):
 
 
 def test_a_stage_refuses_inputs_of_other_settings(base_run, tmp_path):
-    from transfgu.context import RunContext
     from transfgu.integrity import IntegrityError
     from transfgu.leopart.pipeline import run_cbfe
     from transfgu.local import LocalExecutor
+    from transfgu.methods import run_context
 
     shutil.copytree(base_run.run_dir, tmp_path / "mixed")
     cfg = leopart_config(tmp_path, "mixed", **{"leopart.pca_dim": "12"})  # pca/ is the 16-dim one of base
     with pytest.raises(IntegrityError, match="the PCA"):
-        run_cbfe(RunContext(cfg), LocalExecutor())
+        run_cbfe(run_context(cfg), LocalExecutor())
 
 
 def _interrupt_dense(run: Path) -> None:

@@ -124,9 +124,9 @@ def test_full_pipeline_matches_one_process_and_resumes(cluster, tiny_run_dir, tm
 
 
 def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
-    from transfgu.context import RunContext
     from transfgu.distributed.executor import RayExecutor
     from transfgu.distributed.pipeline import prepare_run_dir
+    from transfgu.methods import run_context
     from transfgu.stages import ExtractStage
     from transfgu.store import read_features
 
@@ -143,7 +143,7 @@ def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
     bad.write_bytes(b"not a jpeg at all")
     cfg = tiny_config(tmp_path / "runs", **RAY_OVERRIDES, **{"data.root": str(root), "run.error_budget": "0.5"})
     prepare_run_dir(cfg)
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     info = RayExecutor(cfg).run_sharded(ctx, ExtractStage)
     assert info["images"] == 3 and info["errors"] == 1
     meta, _ = read_features(cfg.run_dir / "features")

@@ -599,3 +599,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from transfgu.store import atomic_write_text
 
     atomic_write_text(Path(path), cfg.to_yaml())
+
+
+def n_output_channels(cfg: Config) -> int:
+    """Decoder channels: K concepts, plus the background channel 0 in the "things" variant (eq. 8)."""
+    return cfg.concepts.k + (1 if cfg.train.variant == "things" else 0)

@@ -1,5 +1,7 @@
 """What the stages of one run share, on the driver: config, input hashes, run layout, manifest, device, backbone,
-tracking."""
+tracking.
+
+Nothing here knows which method runs: the stage hashes come in (:func:`transfgu.methods.run_context`)."""
 
 from __future__ import annotations
 
@@ -11,24 +13,12 @@ import torch
 from transfgu.config import Config
 from transfgu.errors import ErrorLog
 from transfgu.layout import RunLayout
-from transfgu.method import Method
-from transfgu.methods import get_method
 from transfgu.models.backbone import DinoViT
 from transfgu.runtime import autocast_dtype, configure_inputs, load_run_backbone, resolve_device
 from transfgu.store import Manifest
 from transfgu.throughput import compile_forward
 from transfgu.tracking import PipelineTracker
 from transfgu.training import EpochCallback
-
-
-def method_stages(cfg: Config) -> tuple[str, ...]:
-    """The stages of ``cfg.method``, in order (the method's :class:`~transfgu.method.Method` in the registry)."""
-    return get_method(cfg.method).stage_names
-
-
-def stage_hashes(cfg: Config) -> dict[str, str]:
-    """Input hash of every stage of ``cfg.method``: its declared inputs chained with its upstream stage's hash."""
-    return get_method(cfg.method).stage_hashes(cfg)
 
 
 def run_backbone(cfg: Config, layout: RunLayout, device: torch.device) -> DinoViT:
@@ -42,15 +32,15 @@ def run_backbone(cfg: Config, layout: RunLayout, device: torch.device) -> DinoVi
 class RunContext:
     """The driver-side state of one run; the backbone is built on first use (a Ray driver may never need it)."""
 
-    def __init__(self, cfg: Config, hashes: Mapping[str, str] | None = None) -> None:
+    def __init__(self, cfg: Config, hashes: Mapping[str, str]) -> None:
         self.cfg = cfg
-        self.method: Method = get_method(cfg.method)
         self.layout = RunLayout(cfg.run_dir)
         self.run_dir = self.layout.root
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest.load(self.run_dir)
-        # A Ray task gets the driver's hashes: the config it is shipped has absolute paths, which change them.
-        self.hashes = dict(hashes) if hashes is not None else self.method.stage_hashes(cfg)
+        # The input hash of every stage of the run's method (transfgu.methods.run_context computes them; a Ray task
+        # gets the driver's: the config it is shipped has absolute paths, which change them).
+        self.hashes = dict(hashes)
         self.device = resolve_device(cfg.run.device)
         self.amp = autocast_dtype(cfg.backbone.precision, self.device)
         self.errors = ErrorLog(self.layout.errors)

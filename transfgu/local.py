@@ -92,7 +92,8 @@ def run_concepts(ctx: RunContext) -> dict[str, Any]:
 def run_train(ctx: RunContext) -> dict[str, Any]:
     """Every epoch of bootstrapped training in this process, then ``model/``."""
     integrity.require_stamped(ctx.layout.label_bank, "label_bank", ctx.hashes["label_bank"])
-    loader = PrefetchLoader(make_train_loader(ctx.cfg, ctx.layout.label_bank))  # next batches decoded during a step
+    # next batches decoded during a step
+    loader = PrefetchLoader(make_train_loader(ctx.cfg, ctx.layout.label_bank, ctx.hashes["label_bank"]))
     # train.select=best_val / validate_every: the student is scored on val during training (transfgu.selection).
     validate = Validator(ctx.cfg, ctx.backbone, ctx.device, ctx.amp) if validation_wanted(ctx.cfg) else None
     train_rounds(ctx.cfg, ctx.backbone, loader, ctx.layout, ctx.device, ctx.amp, on_epoch=ctx.on_epoch,

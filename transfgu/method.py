@@ -19,15 +19,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from transfgu.config import Config
+from transfgu.context import RunContext
 from transfgu.integrity import Output
+from transfgu.sharded import ShardedStage
 from transfgu.store import config_hash
-
-if TYPE_CHECKING:  # annotations only: the context and the sharded-stage base import this module's users
-    from transfgu.context import RunContext
-    from transfgu.sharded import ShardedStage
 
 #: What a stage returns: its manifest info (counts, scores, seconds are added by the pipeline).
 StageInfo = dict[str, Any]
@@ -58,7 +56,7 @@ class Executor(Protocol):
 
 
 #: A stage as the pipeline runs it.
-StageFn = Callable[["RunContext", Executor], StageInfo]
+StageFn = Callable[[RunContext, Executor], StageInfo]
 #: A stage's declared hash inputs: the config as plain data (``Config.model_dump`` in JSON mode) -> what it hashes.
 HashInputs = Callable[[dict[str, Any]], dict[str, Any]]
 

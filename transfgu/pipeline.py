@@ -20,10 +20,11 @@ from typing import Any
 
 from transfgu import integrity
 from transfgu.config import Config, save_config
-from transfgu.context import RunContext, stage_hashes
+from transfgu.context import RunContext
 from transfgu.local import LocalExecutor
 from transfgu.logs import setup_logging
 from transfgu.method import Executor, Stage, StageFn
+from transfgu.methods import get_method, run_context, stage_hashes
 from transfgu.preflight import preflight
 from transfgu.runtime import seed_everything
 from transfgu.tracking import PipelineTracker
@@ -53,7 +54,8 @@ def run_pipeline(
     sweep). ``checked=True``: the caller already ran :func:`transfgu.preflight.preflight`.
     """
     images = None if checked else preflight(cfg)  # fail before any stage writes anything
-    ctx = RunContext(cfg)
+    method = get_method(cfg.method)
+    ctx = run_context(cfg)
     setup_logging(ctx.layout.log)
     if images is not None:
         log.info("preflight: images per split %s", images)
@@ -64,11 +66,11 @@ def run_pipeline(
                     cfg.backbone.arch)
     log.info("run directory %s on %s", ctx.run_dir, ctx.device)
     ex = executor if executor is not None else LocalExecutor()
-    tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent)
+    tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent, log_model=method.mlflow_model)
     ctx.tracker = tracker
     tracker.start()
     try:
-        for stage in ctx.method.stages:
+        for stage in method.stages:
             if only is not None and stage.name not in only:
                 continue
             run = (runners or {}).get(stage.name) or stage.runner(ex.name)

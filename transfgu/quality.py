@@ -249,8 +249,8 @@ def pseudo_label_quality(run_dir: Path, cfg: Any, gt: dict[str, np.ndarray] | No
     puts it elsewhere (it relabels both); the anchored score can, so it checks that eq. 5-7 localise each concept
     where the concept is.
     """
+    from transfgu.config import n_output_channels
     from transfgu.store import read_label_bank
-    from transfgu.training import n_output_channels
 
     if gt is None or n_classes is None:
         gt, n_classes, names = _labels(cfg, cfg.data.train_split)
@@ -354,12 +354,12 @@ def target_quality(
     """
     import transfgu.engine as engine
     from transfgu.checkpoint import load_train_state
+    from transfgu.config import n_output_channels
     from transfgu.data.io import load_rgb
     from transfgu.data.loaders import split_records
     from transfgu.data.transforms import to_uint8_chw
     from transfgu.models.backbone import normalize
     from transfgu.store import read_label_bank
-    from transfgu.training import n_output_channels
 
     if gt is None or n_classes is None:
         gt, n_classes, names = _labels(cfg, cfg.data.train_split)

@@ -32,7 +32,6 @@ from typing import Any
 
 from transfgu.config import Config
 from transfgu.layout import RunLayout
-from transfgu.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +289,9 @@ class PipelineTracker:
     """
 
     def __init__(self, cfg: Config, tracker: Tracker | None, kind: str = "pipeline",
-                 parent_id: str | None = None) -> None:
+                 parent_id: str | None = None, log_model: bool = False) -> None:
         self.cfg = cfg
+        self.log_model = log_model  # the method's model/ is an MLflow pyfunc (transfgu.method.Method.mlflow_model)
         self.tracker = tracker
         self.kind = kind
         self.parent_of_root = parent_id
@@ -299,8 +299,9 @@ class PipelineTracker:
         self._monitors: dict[str, Any] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None) -> PipelineTracker:
-        return cls(cfg, Tracker.from_config(cfg), kind, parent_id)
+    def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None,
+                    log_model: bool = False) -> PipelineTracker:
+        return cls(cfg, Tracker.from_config(cfg), kind, parent_id, log_model)
 
     @property
     def enabled(self) -> bool:
@@ -377,7 +378,7 @@ class PipelineTracker:
             model_dir = Path(run_dir) / "model"
             # the MLflow pyfunc wraps the checkpoints of the methods that say so (TransFGU's; a Leopart model is
             # served by transfgu predict)
-            if (status == "FINISHED" and self.cfg.mlflow.log_model and get_method(self.cfg.method).mlflow_model
+            if (status == "FINISHED" and self.cfg.mlflow.log_model and self.log_model
                     and (model_dir / "model.json").is_file()):
                 from transfgu.mlflow_model import log_model
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from transfgu.checkpoint import load_optimizer, load_train_state, read_state_info, restore_rng, save_train_state
 from transfgu.config import Config
+from transfgu.context import RunContext
 from transfgu.ddp import all_reduce_sum, batch_piece, step_generator, step_loader, step_seed, world_info
 from transfgu.leopart import finetune as ft
 from transfgu.models.backbone import (
@@ -183,7 +184,8 @@ def _forward_crops(model: nn.Module, crops: Tensor) -> tuple[Tensor, Tensor, tup
 
 def train_one_epoch(
     student: nn.Module, teacher: DenseModel, head: ft.ProjectionHead, optimizer: torch.optim.Optimizer,
-    loader: Any, queue: ft.EmbeddingQueue, cfg: Config, epoch: int, steps_per_epoch: int, device: torch.device,
+    loader: torch.utils.data.DataLoader[dict[str, Tensor]], queue: ft.EmbeddingQueue, cfg: Config, epoch: int,
+    steps_per_epoch: int, device: torch.device,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of Leopart's loss; returns the epoch means of loss, cluster-usage entropy, momentum and lr.
@@ -433,7 +435,7 @@ def finish_info(out: Path) -> dict[str, Any]:
 
 
 # -- the one-process executor ---------------------------------------------------------------------------------------
-def run_finetune(ctx: Any) -> dict[str, Any]:
+def run_finetune(ctx: RunContext) -> dict[str, Any]:
     """The stage in this process (``ctx.on_epoch`` logs each epoch to MLflow)."""
     cfg = ctx.cfg
     images, _ = decode_training_images(cfg, ctx.errors)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from functools import cache
 from importlib import import_module
 
+from transfgu.config import Config
+from transfgu.context import RunContext
 from transfgu.method import Method
 
 #: method name -> module that defines ``METHOD``.
@@ -30,3 +32,13 @@ def get_method(name: str) -> Method:
     if not isinstance(method, Method) or method.name != name:
         raise TypeError(f"{REGISTRY[name]}.METHOD is not the Method {name!r}")
     return method
+
+
+def stage_hashes(cfg: Config) -> dict[str, str]:
+    """Input hash of every stage of ``cfg.method``: its declared inputs chained with its upstream stage's hash."""
+    return get_method(cfg.method).stage_hashes(cfg)
+
+
+def run_context(cfg: Config) -> RunContext:
+    """The run context of ``cfg`` with its method's stage hashes."""
+    return RunContext(cfg, stage_hashes(cfg))
