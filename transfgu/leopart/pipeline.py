@@ -1,5 +1,5 @@
 """The Leopart stages, defined once and run by either executor (one process here, Ray in
-``transfgu.distributed.leopart``).
+``transfgu.distributed.executor``).
 
 =============  ==============================================================================================
 stage          output (``<run>/...``)
