@@ -5,8 +5,9 @@ Nothing here knows which method runs: the stage hashes come in (:func:`transfgu.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -18,7 +19,6 @@ from transfgu.runtime import autocast_dtype, configure_inputs, load_run_backbone
 from transfgu.store import Manifest
 from transfgu.throughput import compile_forward
 from transfgu.tracking import PipelineTracker
-from transfgu.training import EpochCallback
 
 
 def run_backbone(cfg: Config, layout: RunLayout, device: torch.device) -> DinoViT:
@@ -27,6 +27,10 @@ def run_backbone(cfg: Config, layout: RunLayout, device: torch.device) -> DinoVi
     the Ray Train workers)."""
     bb = load_run_backbone(cfg.backbone, layout, cfg.run.seed).to(device).eval()
     return compile_forward(bb)
+
+
+#: ``on_epoch(metrics)``: what a stage that trains calls after every epoch (MLflow, Ray reporting).
+EpochCallback = Callable[[dict[str, Any]], None]
 
 
 class RunContext:

@@ -31,6 +31,7 @@ from transfgu.checkpoint import (
     save_train_state,
 )
 from transfgu.config import Config, n_output_channels
+from transfgu.context import EpochCallback
 from transfgu.data.loaders import dataset_classes
 from transfgu.engine import StepKernels, make_optimizer, reboot, train_one_epoch
 from transfgu.layout import RunLayout
@@ -41,10 +42,6 @@ from transfgu.selection import ValHistory, validate_epoch
 from transfgu.store import to_jsonable
 
 log = logging.getLogger(__name__)
-
-#: Called after every epoch with that epoch's metrics (MLflow logging, Ray Train reports).
-EpochCallback = Callable[[dict[str, Any]], None]
-
 
 def build_decoder(cfg: Config, d_encoder: int) -> MaskTransformerDecoder:
     return MaskTransformerDecoder(

@@ -15,8 +15,8 @@ from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.crops import window_layout
 from transfgu.data.datasets import SUBSET_OPTIONS
+from transfgu.distributed import evaluate as ray_evaluate
 from transfgu.distributed import kmeans as ray_kmeans
-from transfgu.distributed import pipeline as ray_pipeline
 from transfgu.distributed import train as ray_train
 from transfgu.integrity import Output
 from transfgu.method import Executor, Method, Stage, StageInfo
@@ -108,7 +108,7 @@ METHOD = Method(
               outputs=(Output("train", "rounds"), Output("model", stamp="model.json")), inputs=_train_inputs,
               epochs=True),
         Stage("evaluate", lambda ctx, ex: stages.run_evaluate(ctx),
-              on={"ray": lambda ctx, ex: ray_pipeline.run_evaluate_ray(ctx)},
+              on={"ray": lambda ctx, ex: ray_evaluate.run_evaluate_ray(ctx)},
               outputs=(Output("eval", stamp="metrics.json"),),
               inputs=lambda d: {"eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]}),
     ),
