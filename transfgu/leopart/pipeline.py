@@ -43,6 +43,7 @@ from transfgu.context import RunContext
 from transfgu.data.datasets import ImageRecord
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 from transfgu.errors import ErrorLog, check_error_budget
+from transfgu.evaluation import has_labelled_val, write_eval
 from transfgu.layout import RunLayout
 from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import (
@@ -52,12 +53,15 @@ from transfgu.leopart.communities import (
     glcm_offsets,
     network_edges,
 )
-from transfgu.leopart.dense import dense_features, dense_table
+from transfgu.leopart.dense import dense_features, dense_table, read_dense
 from transfgu.leopart.kmeans import KMeansFit, lloyd_kmeans
 from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
 from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
+from transfgu.leopart.probe import evaluate, train_linear_probe
 from transfgu.leopart.shards import DenseShards
+from transfgu.leopart.viz import community_graph_png
 from transfgu.method import Executor, StageInfo
+from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores, segmentation_scores
 from transfgu.models.backbone import DinoViT
 from transfgu.sharded import ShardedStage
 from transfgu.store import atomic_write_json, list_parquet_files, write_parquet_atomic
@@ -90,8 +94,6 @@ def mask_kwargs(cfg: Config) -> dict[str, Any]:
 
 def file_moments(path: str) -> MomentStats:
     """PCA statistics of one dense file (all its patch tokens)."""
-    from transfgu.leopart.dense import read_dense
-
     imgs = read_dense(path)
     if not imgs:
         raise ValueError(f"{path} holds no image")
@@ -309,8 +311,6 @@ def _fit_network(shards: DenseShards, model: LeopartModel, k: int, lp: LeopartCo
 
 def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmatched: str) -> dict[str, Any]:
     """Hungarian scores of a ``(classes, segments)`` confusion, unmatched segments per ``leopart.unmatched``."""
-    from transfgu.metrics import segmentation_scores
-
     if unmatched == "background":
         if bg is None:
             raise ValueError("leopart.unmatched=background needs a data set with a 'background' class")
@@ -322,8 +322,6 @@ def _paper_grid_search(ctx: RunContext, shards: DenseShards, model: LeopartModel
     """``protocol: paper``: k_community x Markov time x edge threshold chosen by Hungarian mIoU on the TRAINING
     SPLIT'S LABELS (the authors' Optuna search on PVOC train, here a grid). The cluster confusion against the
     training labels is counted once per k; a partition's segment confusion is its columns summed by community."""
-    from transfgu.metrics import RunningConfusion
-
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     names, bg = _fg_classes(cfg)
     gt = _gt_at(cfg, cfg.data.train_split, ctx.errors, "communities")
@@ -410,8 +408,6 @@ def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
             "preferred_modules": _n_communities(cfg), "objective": fit.objective[-1], "n_points": fit.n_points,
             "selection": selection, "input_hash": ctx.hashes["communities"]}
     atomic_write_json(out / "communities.json", meta)
-    from transfgu.leopart.viz import community_graph_png
-
     community_graph_png(edges, model.cluster_to_segment, k, out / "graph.png")
     save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained, ctx.hashes["communities"]),
                backbone=ctx.backbone)
@@ -478,8 +474,6 @@ def scores_unmatched_to_background(conf: np.ndarray, names: Sequence[str], bg: i
 
     Same IoU definition as :func:`transfgu.metrics.segmentation_scores`, on the merged matching.
     """
-    from transfgu.metrics import hungarian_match, mapped_scores
-
     conf = np.asarray(conf, dtype=np.int64)
     mapping = hungarian_match(conf, "hungarian")
     mapping[mapping < 0] = bg
@@ -487,9 +481,6 @@ def scores_unmatched_to_background(conf: np.ndarray, names: Sequence[str], bg: i
 
 
 def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
-    from transfgu.evaluation import has_labelled_val, write_eval
-    from transfgu.metrics import RunningConfusion
-
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     if not has_labelled_val(cfg):
         log.info("[evaluate] no labelled validation split configured; skipping")
@@ -538,8 +529,6 @@ def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
 def _dense_with_labels(run_dir: Path, split: str, gt: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray],
                                                                                       tuple[int, int]]:
     """Frozen tokens ``(N, h*w, d)`` and label maps of the images of ``split`` that have both, in file order."""
-    from transfgu.leopart.dense import read_dense
-
     feats, labels, grids = [], [], set()
     for f in dense_files(run_dir, split):
         for im in read_dense(f):
@@ -558,8 +547,6 @@ def linear_probe(ctx: RunContext, names: Sequence[str]) -> dict[str, Any]:
     """The optional linear probe (``leopart.linear_probe.enabled``; :mod:`transfgu.leopart.probe`): trained WITH
     THE TRAINING SPLIT'S LABELS on the frozen dense tokens of the dense stage, scored on val. It runs in the driver
     process for both executors (one linear layer; the inputs are the same files)."""
-    from transfgu.leopart.probe import evaluate, train_linear_probe
-
     cfg, pc = ctx.cfg, ctx.cfg.leopart.linear_probe
     gt_train = _gt_at(cfg, cfg.data.train_split, ctx.errors, "evaluate", pc.train_size)
     x_train, y_train, grid = _dense_with_labels(ctx.run_dir, cfg.data.train_split, gt_train)
@@ -580,8 +567,6 @@ def linear_probe(ctx: RunContext, names: Sequence[str]) -> dict[str, Any]:
 def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
     """Spherical k-means of the training patches at each K, val patches assigned, clusters mapped to classes
     many-to-one by majority overlap (WITH labels), mIoU at ``leopart.eval_size``."""
-    from transfgu.metrics import RunningConfusion
-
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     pca = load_checked_pca(ctx)
     fits: dict[str, np.ndarray] = {}
