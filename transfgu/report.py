@@ -602,16 +602,10 @@ def _errors_section(run_dir: Path) -> Section:
     return sec
 
 
-#: Top-level config sections that only another method reads (left out of the report's configuration).
-OTHER_METHODS_SECTIONS: dict[str, tuple[str, ...]] = {
-    "transfgu": ("leopart", "finetune"),
-    "leopart": ("crops", "concepts", "pseudo", "train", "finetune"),
-    "leopart_finetune": ("crops", "concepts", "pseudo", "train"),
-}
-
-
 def _config_section(cfg: Any, run_dir: Path) -> Section:
     import yaml
+
+    from transfgu.config import METHOD_SECTIONS
 
     sec = Section("Configuration")
     path = RunLayout(run_dir).config
@@ -627,7 +621,9 @@ def _config_section(cfg: Any, run_dir: Path) -> Section:
         sec.note = "No config.yaml in the run directory."
         return sec
     method = str(data.get("method") or "transfgu")
-    dropped = [k for k in OTHER_METHODS_SECTIONS.get(method, ()) if k in data]
+    # a config.yaml of an older version may still hold every method's sections
+    other = {sec for m, secs in METHOD_SECTIONS.items() if m != method for sec in secs}
+    dropped = [k for k in data if k in other]
     text = yaml.safe_dump({k: v for k, v in data.items() if k not in dropped}, sort_keys=False)
     left_out = (f" (sections of other methods left out: {', '.join(dropped)}; the full file is "
                 f"<code>config.yaml</code> in the run directory)" if dropped else "")
