@@ -37,7 +37,7 @@ SUBCOMMANDS = {
 #: Parsers (in :mod:`transfgu.cli_args`, standard library only) of the subcommands whose module imports torch: the
 #: arguments are checked, and ``--help`` answered, before that import.
 FAST_PARSERS = {"predict": "predict_parser", "export": "export_parser", "import-decoder": "import_decoder_parser",
-                "evaluate": "evaluate_parser"}
+                "evaluate": "evaluate_parser", "report": "report_parser"}
 
 
 def run_parser(prog: str, description: str | None, ray_flag: bool = True) -> argparse.ArgumentParser:

@@ -155,3 +155,17 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="leave out GT images without a prediction")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     return p
+
+
+def report_parser() -> argparse.ArgumentParser:
+    """``transfgu report``."""
+    p = parser("transfgu report", "Write <RUN_DIR>/report/index.html (self-contained) and its PNGs.")
+    p.add_argument("run_dir", type=Path, help="a run directory (runs/<name>)")
+    p.add_argument("--per-concept", type=int, default=8, help="crops per concept in the galleries")
+    p.add_argument("--cam-images", type=int, default=3, help="images with CAM panels")
+    p.add_argument("--pred-images", type=int, default=4,
+                   help="validation images with predictions: the best, the worst and ranks between")
+    p.add_argument("--pred-candidates", type=int, default=16,
+                   help="images spread over the split that are scored to choose them")
+    p.add_argument("--device", default=None, help="device for the prediction panels (default: CUDA when present)")
+    return p

@@ -20,7 +20,6 @@ stands alone.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from transfgu import viz
-from transfgu.cli_args import HelpFormatter
+from transfgu.cli_args import report_parser
 from transfgu.layout import RunLayout
 from transfgu.methods import get_method
 from transfgu.store import atomic_write_json
@@ -832,16 +831,7 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="transfgu report", formatter_class=HelpFormatter,
-                                description="Write <RUN_DIR>/report/index.html (self-contained) and its PNGs.")
-    p.add_argument("run_dir", type=Path, help="a run directory (runs/<name>)")
-    p.add_argument("--per-concept", type=int, default=8, help="crops per concept in the galleries")
-    p.add_argument("--cam-images", type=int, default=3, help="images with CAM panels")
-    p.add_argument("--pred-images", type=int, default=4,
-                   help="validation images with predictions: the best, the worst and ranks between")
-    p.add_argument("--pred-candidates", type=int, default=16,
-                   help="images spread over the split that are scored to choose them")
-    p.add_argument("--device", default=None, help="device for the prediction panels (default: CUDA when present)")
+    p = report_parser()
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         from transfgu.logs import setup_logging
