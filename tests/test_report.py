@@ -245,7 +245,8 @@ def test_report_page_in_chromium(tiny_run_dir, tmp_path, browser):
 
     run = _ranked_run(tiny_run_dir, tmp_path)
     path = write_report(run, ReportOptions(n_pred_images=4, device="cpu", n_cam_images=1, n_per_concept=2))
-    session = open_page(browser, path.as_uri())
+    # ready once the report is there (the new tab is on about:blank, also "complete", until it navigates)
+    session = open_page(browser, path.as_uri(), ready="document.querySelector('nav.toc a') !== null")
     toc = browser.evaluate(session, "[...document.querySelectorAll('nav.toc a')].map(a => a.getAttribute('href'))")
     assert len(toc) >= 5 and all(browser.evaluate(session, f"document.querySelector('{h}') !== null") for h in toc)
     # the configuration is collapsed: its text takes no room until opened
