@@ -40,7 +40,7 @@ def test_faiss_gpu_kmeans_if_available():
     faiss = pytest.importorskip("faiss")
     if faiss.get_num_gpus() == 0:
         pytest.skip("faiss was built without GPU support (install the gpu extra)")
-    from transfgu.concepts import kmeans
+    from transfgu.kmeans import kmeans
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(i * 10, 1, (500, 32)) for i in range(4)]).astype(np.float32)

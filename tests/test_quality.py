@@ -238,7 +238,7 @@ def _rerun(quality_runs, name: str, stages: list[str]):
 
 def test_sabotage_random_concepts_lowers_concept_quality(quality_runs, monkeypatch):
     import transfgu.local as local_mod
-    from transfgu.concepts import kmeans
+    from transfgu.kmeans import kmeans
 
     def random_concepts(x, k, **kw):
         res = kmeans(x, k, **kw)

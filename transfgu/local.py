@@ -14,10 +14,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from transfgu import integrity
-from transfgu.concepts import PoolFit, kmeans
 from transfgu.context import RunContext
 from transfgu.data.loaders import make_train_loader
-from transfgu.kmeans_sklearn import minibatch_kmeans
+from transfgu.kmeans import kmeans
+from transfgu.kmeans.minibatch import minibatch_kmeans
 from transfgu.logs import Progress
 from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import (
@@ -115,7 +115,7 @@ def run_concepts(ctx: RunContext) -> dict[str, Any]:
             res = minibatch_kmeans(cls, k, max_iter=cfg.concepts.niter, random_state=cfg.concepts.seed)
         else:
             res = kmeans(cls, k, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
-        fits[pool] = PoolFit(res.centroids, res.inertia, len(cls))
+        fits[pool] = res
     return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "algorithm": cfg.concepts.algorithm})
 
 

@@ -36,7 +36,7 @@ import torch
 
 from transfgu import integrity
 from transfgu.checkpoint import set_cluster_to_class
-from transfgu.concepts import ConceptBank, PoolFit, assemble_bank, order_pools
+from transfgu.concepts import ConceptBank, assemble_bank, order_pools
 from transfgu.config import Config, CropConfig, PseudoLabelConfig
 from transfgu.context import STAGES, RunContext, stage_hashes
 from transfgu.crops import extract_crops_batch
@@ -44,6 +44,7 @@ from transfgu.data.datasets import ImageRecord
 from transfgu.data.loaders import split_records
 from transfgu.errors import ErrorLog, check_error_budget, decode_images
 from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
+from transfgu.kmeans import KMeansResult
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.pseudo_labels import concept_map_parts
@@ -258,7 +259,7 @@ def concept_pools(cfg: Config) -> dict[str, int]:
     return {p: int(cfg.concepts.k_per_pool[p]) for p in order_pools(list(cfg.concepts.k_per_pool))}
 
 
-def finish_concepts(ctx: RunContext, fits: Mapping[str, PoolFit], extra: dict[str, Any]) -> dict[str, Any]:
+def finish_concepts(ctx: RunContext, fits: Mapping[str, KMeansResult], extra: dict[str, Any]) -> dict[str, Any]:
     """Stack the per-pool k-means results, write ``concepts/`` and return the manifest info."""
     cfg = ctx.cfg
     for pool, fit in fits.items():

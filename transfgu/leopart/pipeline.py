@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
-from transfgu.config import Config
+from transfgu.config import Config, LeopartConfig
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 from transfgu.errors import check_error_budget, decode_images
+from transfgu.kmeans import lloyd_kmeans
 from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import (
     community_map,
@@ -43,7 +44,6 @@ from transfgu.leopart.communities import (
     network_edges,
 )
 from transfgu.leopart.dense import dense_features, dense_table
-from transfgu.leopart.kmeans import lloyd_kmeans
 from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
 from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
 from transfgu.leopart.shards import DenseShards
@@ -73,16 +73,22 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     h_dense = config_hash({"method": "leopart", "data": d["data"], "backbone": d["backbone"],
                            **pick("input_size"), "seed": d["run"]["seed"]})
     h_pca = config_hash({"up": h_dense, **pick("pca_dim")})
+    # k-means options enter only when set away from their defaults: a run with the defaults keeps its earlier hashes
+    km_keys = [k for k, v in (("kmeans_points", "l2_normalized"), ("kmeans_max_points_per_centroid", None))
+               if lp[k] != v]
     cbfe_keys = ["protocol", "attn_mass", "blur_kernel", "blur_sigma", "min_component", "k_cbfe", "cbfe_niter",
-                 "cbfe_nredo", "precision_threshold", "seed"] + (["eval_size"] if lp["protocol"] == "paper" else [])
+                 "cbfe_nredo", "precision_threshold", "seed", *km_keys]
+    cbfe_keys += ["eval_size"] if lp["protocol"] == "paper" else []
     h_cbfe = config_hash({"up": h_pca, **pick(*cbfe_keys)})
     comm_keys = ["k_community", "community_niter", "cooc_size", "edge_threshold", "markov_time", "n_communities",
-                 "infomap_trials", "seed"]
+                 "infomap_trials", "seed"] + [k for k in km_keys if k != "kmeans_points"]
+    if lp["community_nredo"] != 1:
+        comm_keys.append("community_nredo")
     if lp["protocol"] == "paper":  # the grid search scores on the training labels
         comm_keys += ["paper_grid", "eval_size", "unmatched"]
     h_comm = config_hash({"up": h_cbfe, **pick(*comm_keys)})
     h_seg = config_hash({"up": h_comm})
-    eval_keys = ["eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed"]
+    eval_keys = ["eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed"] + km_keys
     if lp["linear_probe"]["enabled"]:  # only then: a run without the probe keeps its earlier hash
         eval_keys.append("linear_probe")
     h_eval = config_hash({"up": h_seg, **pick(*eval_keys)})
@@ -101,6 +107,12 @@ def splits(cfg: Config) -> list[str]:
 def mask_kwargs(cfg: Config) -> dict[str, Any]:
     lp = cfg.leopart
     return {"mass": lp.attn_mass, "kernel": lp.blur_kernel, "sigma": lp.blur_sigma, "min_component": lp.min_component}
+
+
+def kmeans_options(lp: LeopartConfig) -> dict[str, Any]:
+    """The spherical k-means options of CBFE and overclustering (:func:`transfgu.kmeans.lloyd_kmeans`)."""
+    return {"normalize": lp.kmeans_points == "l2_normalized",
+            "max_points_per_centroid": lp.kmeans_max_points_per_centroid}
 
 
 def file_moments(path: str) -> MomentStats:
@@ -254,7 +266,7 @@ def run_cbfe(ctx: Any, ex: Any) -> dict[str, Any]:
     shards = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
     try:
         fit = lloyd_kmeans(shards, lp.k_cbfe, lp.cbfe_niter, lp.seed, spherical=True, nredo=lp.cbfe_nredo,
-                           name="cbfe")
+                           **kmeans_options(lp), name="cbfe")
         model = LeopartModel(pca, fit.centroids, np.zeros(lp.k_cbfe, dtype=bool))
         parts = shards.precision_stats(model)
         sum_prec, n_img = np.zeros(lp.k_cbfe), np.zeros(lp.k_cbfe, dtype=np.int64)
@@ -331,7 +343,8 @@ def model_meta(cfg: Config, pretrained: bool) -> dict[str, Any]:
 def _fit_network(shards: Any, model: LeopartModel, k: int, lp: Any) -> tuple[Any, np.ndarray]:
     """Foreground overclustering at ``k`` (the shards' selection must be the CBFE foreground) and its averaged
     co-occurrence matrix; sets ``model.cd_centroids``."""
-    fit = lloyd_kmeans(shards, k, lp.community_niter, lp.seed, spherical=False, name=f"communities k={k}")
+    fit = lloyd_kmeans(shards, k, lp.community_niter, lp.seed, nredo=lp.community_nredo,
+                       max_points_per_centroid=lp.kmeans_max_points_per_centroid, name=f"communities k={k}")
     model.cd_centroids = fit.centroids
     parts = shards.cooc_stats(model, tuple(lp.cooc_size) if lp.cooc_size else None, glcm_offsets())
     n = k + 1
@@ -611,6 +624,7 @@ def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence
         n_train = int(sum(train.counts()))
         for k in lp.overcluster_k:
             fits[str(k)] = lloyd_kmeans(train, min(k, n_train), lp.cbfe_niter, lp.seed, spherical=True,
+                                        **kmeans_options(lp),
                                         name=f"overcluster{k}").centroids
     finally:
         ex.release(train)
@@ -620,7 +634,7 @@ def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence
         for k, centroids in fits.items():
             kk = int(centroids.shape[0])
             conf = RunningConfusion(len(names), kk, ignore_index=None)
-            for file_maps in val.assign_maps(centroids, spherical=True):
+            for file_maps in val.assign_maps(centroids, normalize=True):  # unit centroids: largest cosine
                 for image_id, m in file_maps:
                     if image_id in gt:
                         conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))
