@@ -122,7 +122,7 @@ def test_driver_takes_the_final_model_from_result_checkpoint(tmp_path):
     from transfgu.checkpoint import save_train_state
     from transfgu.context import RunContext
     from transfgu.distributed.train import finish_from_result
-    from transfgu.engine import make_optimizer
+    from transfgu.engine.step import make_optimizer
     from transfgu.integrity import IntegrityError, stamp_table
     from transfgu.store import LabelMaps, label_bank_table, write_parquet_atomic
     from transfgu.training import build_decoder

@@ -31,7 +31,7 @@ from transfgu.stages import (
     run_evaluate,
 )
 from transfgu.store import read_features, write_parquet_atomic
-from transfgu.throughput import PrefetchLoader, default_writer_threads, overlapped
+from transfgu.throughput.prefetch import PrefetchLoader, default_writer_threads, overlapped
 from transfgu.training import train_rounds
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
         if plan.covered:
             prog.update(len(plan.covered), "(kept)")
         # Decoding + resizing of the next shard runs on a prefetch thread and the Parquet write of the previous one
-        # on writer threads (transfgu.throughput.overlapped), so the model waits for neither. Each shard is its own
+        # on writer threads (throughput.prefetch.overlapped), so the model waits for neither. Each shard is its own
         # atomically renamed file, so several writer threads give the same files as one.
         threads = ctx.cfg.run.write_threads or default_writer_threads()
         for (shard, _), table in overlapped(

@@ -77,7 +77,7 @@ class Validator:
         return {"mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"])}
 
     def _evaluate(self, decoder: torch.nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-        from transfgu.engine import evaluate
+        from transfgu.engine.loop import evaluate
         from transfgu.training import n_output_channels
 
         return evaluate(

@@ -57,7 +57,7 @@ from transfgu.store import (
     label_bank_table,
     to_jsonable,
 )
-from transfgu.throughput import prepare_images, to_device
+from transfgu.throughput.tensors import prepare_images, to_device
 from transfgu.training import load_latest_student, load_model_decoder, write_model
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def extract_features(
     """Crop + embed a group of decoded images (§2-3) into rows of the features table."""
     if len(images) == 0:
         return features_table([], split, [], dim=backbone.embed_dim)
-    # ``images`` may already be the resized batch (transfgu.throughput.prepare_images, run in the prefetch thread).
+    # ``images`` may already be the resized batch (throughput.tensors.prepare_images, run in the prefetch thread).
     x = images if isinstance(images, torch.Tensor) else prepare_images(images, crops.input_size, crops.resize_mode)
     x = to_device(x, device)
     recs = extract_crops_batch(
@@ -166,8 +166,8 @@ class ShardedStage:
         :meth:`prepare`; returns ``(model input, ids of the decoded images)``, the arguments of :meth:`compute`.
 
         Both executors run it off the model's thread: the one-process executor on its prefetch thread
-        (:func:`transfgu.throughput.overlapped`), a Ray stage actor in a concurrent call (two calls per actor, the
-        model calls one at a time, :class:`transfgu.distributed.shards.StageActor`).
+        (:func:`~transfgu.throughput.prefetch.overlapped`), a Ray stage actor in a concurrent call (two calls per
+        actor, the model calls one at a time, :class:`transfgu.distributed.shards.StageActor`).
         """
         decoded = list(decode_images(records, errors, self.name))
         return self.prepare([im for _, im in decoded]), [r.image_id for r, _ in decoded]

@@ -32,7 +32,8 @@ from transfgu.checkpoint import (
 )
 from transfgu.config import Config
 from transfgu.data.loaders import dataset_classes
-from transfgu.engine import StepKernels, make_optimizer, reboot, train_one_epoch
+from transfgu.engine.loop import train_one_epoch
+from transfgu.engine.step import StepKernels, make_optimizer, reboot
 from transfgu.layout import RunLayout
 from transfgu.losses import BootstrapSchedule, LossWeights
 from transfgu.models.backbone import DinoViT
