@@ -13,7 +13,15 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from transfgu.kmeans.rules import KMeansResult, _want_gpu, assign, check_points, cluster_sums, exact_sq_dists
+from transfgu.kmeans.rules import (
+    KMeansResult,
+    _want_gpu,
+    assign,
+    check_options,
+    check_points,
+    cluster_sums,
+    exact_sq_dists,
+)
 
 
 def kmeans(
@@ -44,12 +52,7 @@ def kmeans(
     """
     x = check_points(x, k)
     n, d = x.shape
-    if niter < 0:
-        raise ValueError(f"niter must be >= 0, got {niter}")
-    if nredo < 1:
-        raise ValueError(f"nredo must be >= 1, got {nredo}")
-    if max_points_per_centroid is not None and max_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
+    check_options(niter, nredo, max_points_per_centroid)
     gpu = _want_gpu(use_gpu)
     extra: dict[str, int] = {}
     if init == "kmeans++":

@@ -28,6 +28,7 @@ import numpy as np
 from transfgu.kmeans.rules import (
     KMeansResult,
     Stats,
+    check_options,
     init_rows,
     l2_normalize,
     shard_stats,
@@ -132,12 +133,7 @@ def lloyd_kmeans(
     Returns:
         :class:`KMeansResult` (``inertia`` without ``means_step``: faiss's last-iteration objective).
     """
-    if niter < 0:
-        raise ValueError(f"{name}: niter must be >= 0, got {niter}")
-    if nredo < 1:
-        raise ValueError(f"{name}: nredo must be >= 1, got {nredo}")
-    if max_points_per_centroid is not None and max_points_per_centroid < 1:
-        raise ValueError(f"{name}: max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
+    check_options(niter, nredo, max_points_per_centroid, f"{name}: ")
     counts = shards.counts()
     n = int(sum(counts))
     if n < k:

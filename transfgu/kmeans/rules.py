@@ -58,6 +58,16 @@ def check_points(x: np.ndarray, k: int | None = None) -> np.ndarray:
     return x
 
 
+def check_options(niter: int, nredo: int, max_points_per_centroid: int | None, prefix: str = "") -> None:
+    """Raise a one-line ``ValueError`` for an iteration count, restart count or subsampling limit out of range."""
+    if niter < 0:
+        raise ValueError(f"{prefix}niter must be >= 0, got {niter}")
+    if nredo < 1:
+        raise ValueError(f"{prefix}nredo must be >= 1, got {nredo}")
+    if max_points_per_centroid is not None and max_points_per_centroid < 1:
+        raise ValueError(f"{prefix}max_points_per_centroid must be >= 1 or None, got {max_points_per_centroid}")
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
