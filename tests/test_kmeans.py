@@ -113,3 +113,26 @@ def test_bad_options_fail_with_a_message():
         lloyd_kmeans(shards, 2, niter=2, max_points_per_centroid=0)
     with pytest.raises(ValueError, match="nredo"):
         lloyd_kmeans(shards, 2, niter=2, nredo=0)
+
+
+def test_leopart_kmeans_settings_are_explicit_and_hashed_only_when_set():
+    from pathlib import Path
+
+    from transfgu.config import load_config
+    from transfgu.leopart.pipeline import kmeans_options, stage_hashes
+    from transfgu.store import config_hash
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "leopart_horse.yaml"
+    default = load_config(conf)
+    assert kmeans_options(default.leopart) == {"normalize": True, "max_points_per_centroid": None}
+    paper = load_config(conf, ["leopart.kmeans_points=raw", "leopart.kmeans_max_points_per_centroid=256",
+                               "leopart.community_nredo=2"])
+    assert kmeans_options(paper.leopart) == {"normalize": False, "max_points_per_centroid": 256}
+    h0, h1 = stage_hashes(default), stage_hashes(paper)
+    assert h0["pca"] == h1["pca"]
+    assert all(h0[s] != h1[s] for s in ("cbfe", "communities", "evaluate"))
+    # the defaults keep the hash of a config written before these settings existed
+    lp = default.leopart.model_dump(mode="json")
+    old = ["protocol", "attn_mass", "blur_kernel", "blur_sigma", "min_component", "k_cbfe", "cbfe_niter", "cbfe_nredo",
+           "precision_threshold", "seed"]
+    assert h0["cbfe"] == config_hash({"up": h0["pca"], **{k: lp[k] for k in old}})
