@@ -119,7 +119,8 @@ def test_leopart_kmeans_settings_are_explicit_and_hashed_only_when_set():
     from pathlib import Path
 
     from transfgu.config import load_config
-    from transfgu.leopart.pipeline import kmeans_options, stage_hashes
+    from transfgu.leopart.pipeline import kmeans_options
+    from transfgu.methods import stage_hashes
     from transfgu.store import config_hash
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "leopart_horse.yaml"

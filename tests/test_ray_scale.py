@@ -54,7 +54,7 @@ def test_holder_reads_each_shard_once(tmp_path, monkeypatch):
             np.testing.assert_allclose(g[0], e[0])
             np.testing.assert_array_equal(g[1], e[1])
     assert len(reads) == 3  # monkeypatched reads: the holder's construction only
-    assert holder.bytes_read() > 0 and holder.nbytes() == x.nbytes
+    assert sum(holder.bytes_read()) > 0 and holder.nbytes() == x.nbytes
 
 
 def test_multinode_kmeans_equals_single_process_faiss(cluster, tmp_path):
@@ -120,14 +120,14 @@ def test_driver_takes_the_final_model_from_result_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     from transfgu.checkpoint import save_train_state
-    from transfgu.context import RunContext
     from transfgu.distributed.train import finish_from_result
     from transfgu.engine.step import make_optimizer
     from transfgu.integrity import IntegrityError, stamp_table
+    from transfgu.methods import run_context
     from transfgu.store import LabelMaps, label_bank_table, write_parquet_atomic
     from transfgu.training import build_decoder
 
-    ctx = RunContext(tiny_config(tmp_path))
+    ctx = run_context(tiny_config(tmp_path))
     ids = ["0001TP_006690", "0001TP_006720"]
     maps = [LabelMaps.from_dense(np.ones((4, 8, 10), np.float32)) for _ in ids]
     write_parquet_atomic(stamp_table(label_bank_table(ids, maps), ctx.hashes["label_bank"], ids),

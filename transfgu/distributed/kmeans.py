@@ -1,12 +1,13 @@
 """Stage 2 on Ray: faiss-equivalent k-means over the feature shards, with no process holding all features.
 
-A few long-lived :class:`ShardHolder` actors each read their group of Parquet shards ONCE (into CPU memory, decoded per
-pool) behind :class:`transfgu.distributed.holders.RayShardSet`, and the one Lloyd driver of every sharded k-means
-(:func:`transfgu.kmeans.lloyd_kmeans`) sends them only the current centroids; each returns per-file sums and counts
-(faiss on the GPU when the actor holds one) and the driver adds them up in file order and divides. Per-iteration
-traffic is therefore ``K x D`` numbers each way per actor, and no feature byte is read from disk after loading (each
-holder counts the bytes it read: :meth:`ShardHolder.bytes_read`). Memory grows with the cluster, not the data: a holder
-keeps ``1 / num_tasks`` of the features; the driver holds ``K x D`` numbers.
+A few long-lived :class:`ShardHolder` actors each read their group of Parquet shards ONCE (into CPU memory, decoded
+per pool) behind :class:`transfgu.distributed.executor.RayHolders` (the holders of Leopart's dense steps too), and
+the one Lloyd driver of every sharded k-means (:func:`transfgu.kmeans.lloyd_kmeans`) sends them only the current
+centroids; each returns per-file sums and counts (faiss on the GPU when the actor holds one) and the driver adds
+them up in file order and divides. Per-iteration traffic is therefore ``K x D`` numbers each way per actor, and no
+feature byte is read from disk after loading (each holder counts the bytes it read: :meth:`ShardHolder.bytes_read`).
+Memory grows with the cluster, not the data: a holder keeps ``1 / num_tasks`` of the features; the driver holds
+``K x D`` numbers.
 
 The driver reproduces ``faiss.Kmeans.train`` as :func:`transfgu.kmeans.kmeans` configures it (``nredo = 1``, no
 subsampling, faiss's sample initialisation in the pool's row order: shards in file-name order, rows in file order, the
@@ -28,7 +29,7 @@ import numpy as np
 
 from transfgu.context import RunContext
 from transfgu.distributed.cluster import cluster_has_gpus, task_resources
-from transfgu.distributed.holders import RayShardSet
+from transfgu.distributed.executor import start_holders
 from transfgu.kmeans import KMeansResult, Stats, lloyd_kmeans, shard_stats
 from transfgu.stages import concept_pools, finish_concepts
 from transfgu.store import iter_feature_shards, list_parquet_files
@@ -50,18 +51,21 @@ class ShardHolder:
     storage, so a test can show that iterations after the first read nothing.
     """
 
+    PER_FILE = ("rows",)  # called with a file index, on the one holder of that file
+
     def __init__(self, paths: Sequence[str], pools: Sequence[str], use_gpu: bool = False) -> None:
         self.paths = [str(p) for p in paths]
         self.use_gpu = use_gpu
-        self._bytes_read = sum(os.path.getsize(p) for p in self.paths)
+        self._sizes = [os.path.getsize(p) for p in self.paths]
         # one array per (file, pool): row order = file order, as store.read_features concatenates them
         self.data: list[dict[str, np.ndarray]] = [
             {pool: np.ascontiguousarray(_read_pool(path, pool)) for pool in pools} for path in self.paths
         ]
         self.pool = str(pools[0])
 
-    def bytes_read(self) -> int:
-        return self._bytes_read
+    def bytes_read(self) -> list[int]:
+        """Parquet bytes read from storage, per file (all of it at construction)."""
+        return list(self._sizes)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for d in self.data for a in d.values())
@@ -102,19 +106,22 @@ def distributed_kmeans(
     if use_gpu:
         opts.setdefault("num_gpus", 1)
     pools = list(k_per_pool)
-    shards = RayShardSet.start(ShardHolder, files, num_tasks, opts, pools, use_gpu)
+    shards = start_holders(ShardHolder, files, num_tasks, opts, pools, use_gpu)
     try:
-        loaded = sum(shards.each("bytes_read"))
+        loaded = sum(shards.bytes_read())
         log.info("[concepts] %d shard holders loaded %.1f MB of features once", len(shards.actors), loaded / 1e6)
         out = {}
         for pool in pools:
-            shards.each("select", pool)
+            shards.select(pool)
             init = None if init_centroids is None else init_centroids.get(pool)
             out[pool] = lloyd_kmeans(shards, int(k_per_pool[pool]), niter, seed, init_centroids=init,
                                      means_step=True, name=f"pool {pool!r}")
         return out
     finally:
-        shards.release()
+        import ray
+
+        for a in shards.actors:
+            ray.kill(a)
 
 
 def run_concepts_ray(ctx: RunContext) -> dict[str, Any]:

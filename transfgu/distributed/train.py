@@ -62,7 +62,8 @@ def _train_body(w: WorkerContext) -> None:
     cfg, layout, device = w.cfg, w.layout, w.device
     amp = autocast_dtype(cfg.backbone.precision, device)
     backbone = run_backbone(cfg, layout, device)  # as the one-process executor: compiled on CUDA
-    loader = make_train_loader(cfg, layout.label_bank, w.rank, w.world, cpus=max(1, int(cfg.ray.cpus_per_worker)))
+    loader = make_train_loader(cfg, layout.label_bank, w.options["bank_hash"], w.rank, w.world,
+                               cpus=max(1, int(cfg.ray.cpus_per_worker)))
 
     def on_epoch(metrics: dict[str, Any]) -> None:
         out = dict(metrics)
@@ -112,7 +113,8 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
     from transfgu import integrity
 
     integrity.require_stamped(ctx.layout.label_bank, "label_bank", ctx.hashes["label_bank"])
-    prepare_train_input(cfg, ctx.layout.label_bank)  # written once here, only opened by the workers
+    # written once here, only opened by the workers
+    prepare_train_input(cfg, ctx.layout.label_bank, ctx.hashes["label_bank"])
     result = None
     for r, start, stop in segments:
         if last_trained_epoch(ctx.layout.train, ctx.hashes["train"]) >= stop - 1:
@@ -122,7 +124,8 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
                  " with GPUs" if gpu else "")
         name = f"{cfg.run.name}-train-{h}" + (f"-round{r:03d}" if cfg.ray.fit_per_round else "")
         result = fit_on_ray(ctx, TRAIN_LOOP, name, tune=tune,
-                            options={"stop_epoch": stop, "eval_every_epoch": bool(tune and has_labelled_val(cfg))})
+                            options={"stop_epoch": stop, "bank_hash": ctx.hashes["label_bank"],
+                                     "eval_every_epoch": bool(tune and has_labelled_val(cfg))})
         last_metrics = dict(result.metrics or {})
         if "loss" in last_metrics:  # worker lines reach the console only with --verbose: say how the round ended
             log.info("[train] round %d: epoch %d/%d loss %.4f%s", r, stop, cfg.train.epochs, last_metrics["loss"],

@@ -13,7 +13,7 @@ module                 what
 
 TransFGU's concepts (one process: :func:`kmeans`; Ray: :mod:`transfgu.distributed.kmeans`) and Leopart's CBFE,
 community overclustering and overclustering evaluation (:mod:`transfgu.leopart.pipeline`, both executors) call these;
-the Ray executors hold their shards in actors behind :class:`transfgu.distributed.holders.RayShardSet`.
+the Ray executors hold their shards in actors behind :class:`transfgu.distributed.executor.RayHolders`.
 """
 
 from transfgu.kmeans.faiss_kmeans import kmeans

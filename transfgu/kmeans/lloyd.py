@@ -4,7 +4,7 @@ The driver (:func:`lloyd_kmeans`) needs three calls from a *shard set* (:class:`
 file, in file order), ``rows(file, local_rows)`` (gather initial centroids or a subsample) and ``stats(centroids,
 normalize)`` (per file, the :data:`~transfgu.kmeans.rules.Stats` of one assignment step). :class:`ArrayShards`
 answers them for arrays in memory; Leopart's :class:`~transfgu.leopart.shards.DenseShards` for dense files; the
-Ray executors with actors that each hold a group of files (:class:`transfgu.distributed.holders.RayShardSet`).
+Ray executors with actors that each hold a group of files (:class:`transfgu.distributed.executor.RayHolders`).
 Per-file statistics are reduced in file order, so every executor computes the same centroids bit for bit.
 
 Each step follows faiss (:mod:`transfgu.kmeans.rules`): the training set (all points, or faiss's subsample of at
