@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+import torch
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -108,7 +110,7 @@ class PrefetchLoader:
     loader (``set_epoch`` keeps working).
     """
 
-    def __init__(self, loader: Any, depth: int = 2) -> None:
+    def __init__(self, loader: torch.utils.data.DataLoader[Any], depth: int = 2) -> None:
         self.loader = loader
         self.depth = depth
 
