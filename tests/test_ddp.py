@@ -24,14 +24,9 @@ from conftest import require_shared_data
 from PIL import Image
 
 from transfgu.ddp import EpochRows, GlobalBatchSampler, epoch_order, global_split, step_loader, step_seed
-from transfgu.engine import (
-    Targets,
-    apply_augment,
-    augment_batch,
-    draw_step,
-    make_targets,
-    shared_loss,
-)
+from transfgu.engine.augment import apply_augment, augment_batch, draw_step
+from transfgu.engine.step import shared_loss
+from transfgu.engine.targets import Targets, make_targets
 from transfgu.losses import LossWeights, total_loss
 
 N_IMAGES, BATCH, EPOCHS, SEED = 7, 3, 3, 7
@@ -74,8 +69,9 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from transfgu import engine
-    from transfgu.engine import make_optimizer, make_teacher, reboot, train_one_epoch
+    from transfgu.engine import step as engine_step
+    from transfgu.engine.loop import train_one_epoch
+    from transfgu.engine.step import make_optimizer, make_teacher, reboot
     from transfgu.losses import BootstrapSchedule, LossTerms
 
     torch.set_num_threads(1)
@@ -83,7 +79,7 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
         dist.init_process_group("gloo", init_method=f"file://{opts['init']}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=90))
     local: list[float] = []
-    real_share = engine.shared_loss
+    real_share = engine_step.shared_loss
     shift = opts.get("shift")
 
     def recorded_share(*a, **k) -> LossTerms:
@@ -95,7 +91,7 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
         local.append(float(t.total.detach()))
         return t
 
-    engine.shared_loss = recorded_share
+    engine_step.shared_loss = recorded_share
     try:
         result = {}
         for variant, colour in (("thingstuff", "batch"), ("things", "per_sample")):
@@ -122,7 +118,7 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
                       str(Path(out) / f"{variant}-rank{rank}.safetensors"))
         (Path(out) / f"steps-rank{rank}.json").write_text(json.dumps(result))
     finally:
-        engine.shared_loss = real_share
+        engine_step.shared_loss = real_share
         if world > 1:
             dist.destroy_process_group()
 
@@ -283,7 +279,7 @@ def test_loss_shares_sum_to_the_one_process_loss(variant, empty_fg, pieces):
 
 def test_round_state_saves_and_restores_the_rng(tmp_path):
     from transfgu.checkpoint import load_train_state, restore_rng, save_train_state
-    from transfgu.engine import make_optimizer
+    from transfgu.engine.step import make_optimizer
 
     torch.manual_seed(11)
     dec = torch.nn.Linear(3, 2)
@@ -298,7 +294,7 @@ def test_round_state_saves_and_restores_the_rng(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_round_state_saves_and_restores_the_cuda_rng(tmp_path):
     from transfgu.checkpoint import load_train_state, restore_rng, save_train_state
-    from transfgu.engine import make_optimizer
+    from transfgu.engine.step import make_optimizer
 
     torch.cuda.manual_seed_all(11)
     torch.rand(1, device="cuda")  # CUDA initialised: its state belongs in the checkpoint

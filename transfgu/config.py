@@ -347,6 +347,15 @@ class LeopartConfig(_Base):
     k_cbfe: int = Field(200, ge=2, description="spherical k-means clusters for CBFE (authors: 200)")
     cbfe_niter: int = Field(100, ge=1)
     cbfe_nredo: int = Field(5, ge=1, description="k-means restarts, lowest objective kept (authors: 5)")
+    kmeans_points: Literal["l2_normalized", "raw"] = Field(
+        "l2_normalized", description="spherical k-means (CBFE, overclustering) of the L2-normalised points, or of the "
+        "raw PCA points with unit centroids as faiss's spherical option does (authors: raw)",
+    )
+    kmeans_max_points_per_centroid: int | None = Field(
+        None, ge=1, description="faiss's subsampling: every Leopart k-means trains on at most this many points per "
+        "centroid (authors: faiss's default, 256); None = every point",
+    )
+    community_nredo: int = Field(1, ge=1, description="restarts of the community overclustering k-means")
     precision_threshold: float = Field(
         0.4, ge=0, le=1, description="label_free: clusters at or above this precision are foreground (Table 1: 40 %)"
     )
