@@ -330,11 +330,9 @@ def build_backbone(arch: str = "vit_small_patch8", weights: str = "none", pos_em
     src = parse_source(weights)
     if src.kind == "random":
         vit = _create_vit(arch, pretrained_tag=False)
-        log.warning(
-            "backbone %s has RANDOM weights (weights=none): features, pseudo labels and metrics are NOT those of "
-            "the method; give model.weights a DINO checkpoint for real results",
-            arch,
-        )
+        # debug: every process that builds the backbone gets here; the run warns once (transfgu.pipeline), and
+        # prediction on a random checkpoint says so where it is loaded
+        log.debug("backbone %s has RANDOM weights (backbone.weights=none)", arch)
     elif src.kind == "hub":
         try:
             vit = timm.create_model(src.tag, pretrained=True, num_classes=0, dynamic_img_size=True)
