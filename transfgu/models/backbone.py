@@ -453,18 +453,24 @@ def convert_state_dict(vit: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tenso
 
 
 def _load_into(vit: nn.Module, sd: dict[str, Tensor], path: str) -> None:
+    """Convert ``sd`` to timm's layout and load it; any key missing, unexpected or of another shape is refused, with
+    the keys named (a file of another family or size never loads half-way)."""
     try:
         sd = convert_state_dict(vit, sd)
-        missing, unexpected = vit.load_state_dict(sd, strict=False)
-    except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, layouts the filter cannot read
+    except (RuntimeError, ValueError, KeyError) as exc:  # layouts the conversion cannot read (e.g. a bad pos grid)
         raise WeightsError(f"{path}: checkpoint does not match the architecture: {exc}") from exc
-    missing = [k for k in missing if not k.startswith("head")]
-    if missing or unexpected:
+    want = vit.state_dict()
+    missing = [k for k in want if k not in sd and not k.startswith("head")]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}" for k in sd
+              if k in want and sd[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
         raise WeightsError(
             f"{path}: checkpoint does not match the architecture: missing {missing[:8]}, unexpected {unexpected[:8]}"
-            + (f" ({len(missing)} missing, {len(unexpected)} unexpected in all)" if len(missing) + len(unexpected)
-               > 16 else "")
+            + (f", shapes (file vs model) {shapes[:4]}" if shapes else "")
+            + f" ({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another shape in all)"
         )
+    vit.load_state_dict(sd, strict=False)  # strict=False: a classifier head of the model is not in the file
 
 
 def build_backbone(arch: str = "vit_small_patch8", weights: str = "none", pos_embed: str = "timm") -> DinoViT:
