@@ -340,3 +340,43 @@ def test_official_file_round_trip_keeps_what_timm_layout_needs(tmp_path):
     torch.save(_dinov2_reg_layout(src.vit), tmp_path / "o.pth")
     sd = load_state_dict_file(tmp_path / "o.pth")
     assert {"mask_token", "register_tokens", "pos_embed", "cls_token"} <= set(sd)
+
+
+NEW_PRESETS = ["demo_camvid", "coco_stuff27", "pascal_voc", "leopart_pvoc"]
+
+
+@pytest.mark.parametrize("family", ["dinov2_reg", "dinov3"])
+@pytest.mark.parametrize("base", NEW_PRESETS)
+def test_presets_fit_their_patch_size_and_keep_the_base_setting(base, family):
+    from conftest import REPO
+
+    from transfgu.config import load_config
+    from transfgu.models.backbone import patch_size_of
+    from transfgu.preflight import _check_sizes
+    from transfgu.preflight import patch_size_of as preflight_patch_size
+
+    cfg = load_config(REPO / "conf" / f"{base}_{family}.yaml")
+    ref = load_config(REPO / "conf" / f"{base}.yaml")
+    p = patch_size_of(cfg.backbone.arch)
+    assert p == {"dinov2_reg": 14, "dinov3": 16}[family] == preflight_patch_size(cfg.backbone.arch)
+    assert _check_sizes(cfg, p) == []
+    # only the backbone, the sizes and the run name differ from the DINO v1 preset
+    keep = {k: v for k, v in cfg.flat().items() if not k.startswith(("backbone.", "run.name")) and "size" not in k}
+    assert keep == {k: v for k, v in ref.flat().items() if k in keep}
+    assert set(keep) == {k for k in ref.flat() if not k.startswith(("backbone.", "run.name")) and "size" not in k}
+
+
+def test_paper_protocol_on_another_backbone_says_so(caplog):
+    from transfgu.config import load_config
+
+    with caplog.at_level("WARNING", logger="transfgu"):
+        load_config(None, ["protocol=paper", "backbone.arch=vit_small_patch16_dinov3"])
+    assert "used DINO v1" in caplog.text and "vit_small_patch16_dinov3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transfgu"):
+        load_config(None, ["method=leopart", "leopart.protocol=paper", "backbone.arch=vit_small_patch14_reg4_dinov2"])
+        assert "used DINO v1" in caplog.text
+        caplog.clear()
+        load_config(None, ["method=leopart", "leopart.protocol=paper", "backbone.arch=vit_small_patch16"])
+        load_config(None, ["backbone.arch=vit_small_patch16_dinov3"])
+    assert "used DINO v1" not in caplog.text
