@@ -167,7 +167,9 @@ def test_ray_runs_equal_the_one_process_runs(arch, local_ray, tmp_path):
     ma, fa = read_features(one.run_dir / "features")
     mb, fb = read_features(dist.run_dir / "features")
     assert ma.equals(mb)
-    np.testing.assert_array_equal(fa, fb)
+    # the same crops and CLS features; at the 14-pixel grid's odd image widths (98 x 126) the Ray and driver
+    # processes differ in the last float32 bits (measured: <= 2e-6), so features are compared to 1e-5
+    np.testing.assert_allclose(fa, fb, rtol=0, atol=1e-5)
     np.testing.assert_allclose(ConceptBank.load(dist.run_dir / "concepts").centroids,
                                ConceptBank.load(one.run_dir / "concepts").centroids, atol=1e-5)
     bank_a, bank_b = read_label_bank(one.run_dir / "label_bank"), read_label_bank(dist.run_dir / "label_bank")
