@@ -48,8 +48,10 @@ class DataConfig(_Base):
 class BackboneConfig(_Base):
     """Frozen self-supervised ViT (§3)."""
 
-    arch: str = "vit_small_patch8"
-    weights: str = Field("none", description="'none', 'timm', 'hub:<tag>' or a .pth/.safetensors path")
+    arch: str = Field("vit_small_patch8", description="DINO v1 (vit_small_patch8, ...), DINOv2 with registers "
+                      "(vit_small_patch14_reg4_dinov2, ...) or DINOv3 (vit_small_patch16_dinov3, ...)")
+    weights: str = Field("none", description="'none', 'timm', 'hub:<tag>' or a .pth/.safetensors path (timm's, DINO's, "
+                         "or an official DINOv2/DINOv3 release file)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA devices that support it, fp32 otherwise"
     )
