@@ -351,15 +351,15 @@ def test_presets_fit_their_patch_size_and_keep_the_base_setting(base, family):
     from conftest import REPO
 
     from transfgu.config import load_config
+    from transfgu.methods import get_method
     from transfgu.models.backbone import patch_size_of
-    from transfgu.preflight import _check_sizes
     from transfgu.preflight import patch_size_of as preflight_patch_size
 
     cfg = load_config(REPO / "conf" / f"{base}_{family}.yaml")
     ref = load_config(REPO / "conf" / f"{base}.yaml")
     p = patch_size_of(cfg.backbone.arch)
     assert p == {"dinov2_reg": 14, "dinov3": 16}[family] == preflight_patch_size(cfg.backbone.arch)
-    assert _check_sizes(cfg, p) == []
+    assert get_method(cfg.method).check_sizes(cfg, p) == []
     # only the backbone, the sizes and the run name differ from the DINO v1 preset
     keep = {k: v for k, v in cfg.flat().items() if not k.startswith(("backbone.", "run.name")) and "size" not in k}
     assert keep == {k: v for k, v in ref.flat().items() if k in keep}
