@@ -19,8 +19,9 @@ FAMILIES = ["vit_test_tiny_reg4", "vit_test_tiny_dinov3"]
 
 #: conf/tiny.yaml's grids at each family's patch size (training sizes: multiples of twice the patch size).
 TINY_SIZES = {
-    "vit_test_tiny_reg4": {"crops.input_size": "[98, 126]", "crops.crop_size": "56", "pseudo.input_size": "[56, 84]",
-                           "train.train_size": "[56, 84]", "eval.eval_size": "[56, 84]"},
+    "vit_test_tiny_reg4": {"crops.input_size": "[112, 168]", "crops.crop_size": "56",
+                           "pseudo.input_size": "[56, 112]", "train.train_size": "[56, 112]",
+                           "eval.eval_size": "[56, 112]"},
     "vit_test_tiny_dinov3": {"crops.input_size": "[128, 192]", "crops.crop_size": "64",
                              "pseudo.input_size": "[64, 96]", "train.train_size": "[64, 96]",
                              "eval.eval_size": "[64, 96]"},
@@ -167,9 +168,7 @@ def test_ray_runs_equal_the_one_process_runs(arch, local_ray, tmp_path):
     ma, fa = read_features(one.run_dir / "features")
     mb, fb = read_features(dist.run_dir / "features")
     assert ma.equals(mb)
-    # the same crops and CLS features; at the 14-pixel grid's odd image widths (98 x 126) the Ray and driver
-    # processes differ in the last float32 bits (measured: <= 2e-6), so features are compared to 1e-5
-    np.testing.assert_allclose(fa, fb, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(fa, fb)
     np.testing.assert_allclose(ConceptBank.load(dist.run_dir / "concepts").centroids,
                                ConceptBank.load(one.run_dir / "concepts").centroids, atol=1e-5)
     bank_a, bank_b = read_label_bank(one.run_dir / "label_bank"), read_label_bank(dist.run_dir / "label_bank")
