@@ -1,7 +1,7 @@
 """Stage 5's method: score a trained decoder on the labelled validation split (§8) and write ``eval/``.
 
 The cluster -> class matching (Hungarian, or majority vote when over-clustering) and the scores are computed by
-:func:`transfgu.engine.evaluate` and :mod:`transfgu.metrics`; this module builds the validation loader, applies
+:func:`transfgu.engine.loop.evaluate` and :mod:`transfgu.metrics`; this module builds the validation loader, applies
 the error budget and writes the files.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from transfgu.config import Config, n_output_channels
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
-from transfgu.engine import evaluate
+from transfgu.engine.loop import evaluate
 from transfgu.errors import ErrorLog, check_error_budget
 from transfgu.logs import Progress
 from transfgu.models.backbone import DinoViT

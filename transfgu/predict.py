@@ -32,7 +32,7 @@ from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_mo
 from transfgu.cli_args import predict_parser as build_parser
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_model_input
-from transfgu.engine import predict_logits
+from transfgu.engine.step import predict_logits
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
 from transfgu.layout import RunLayout
