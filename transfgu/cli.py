@@ -57,9 +57,37 @@ def parse_run_args(
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    _split_overrides(args)
     cfg = load_config(args.config, args.overrides)
+    check_stage_names(cfg, getattr(args, "only", None), "--only")
+    check_stage_names(cfg, args.force, "--force")
     setup_logging(verbose=args.verbose)
     return cfg, args
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """Move ``key=value`` words that argparse gave to ``--only``/``--force`` (both take any number of words) back to
+    the overrides: a stage name never contains ``=``, so ``--only extract run.name=a`` overrides ``run.name``."""
+    for flag in ("only", "force"):
+        words = getattr(args, flag, None)
+        if words:
+            setattr(args, flag, [w for w in words if "=" not in w])
+            args.overrides = [*args.overrides, *(w for w in words if "=" in w)]
+
+
+def check_stage_names(cfg: Config, names: Sequence[str] | None, flag: str) -> None:
+    """Refuse stage names that ``cfg.method`` does not have (a typo would otherwise run nothing, or everything)."""
+    if names is None:
+        return
+    from transfgu.context import method_stages  # torch: only once the arguments parsed
+
+    valid = [*method_stages(cfg), *(("report",) if flag == "--only" else ())]
+    if flag == "--only" and not names:
+        raise ConfigError(f"--only needs at least one stage name (valid for method {cfg.method}: {', '.join(valid)})")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(f"{flag}: unknown stage {', '.join(map(repr, unknown))} for method {cfg.method}; "
+                          f"valid stages: {', '.join(valid)}")
 
 
 def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Sequence[str] = ()) -> int:
