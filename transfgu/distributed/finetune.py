@@ -28,6 +28,7 @@ from transfgu.errors import CollectedErrors, ErrorLog
 from transfgu.layout import RunLayout
 from transfgu.leopart import finetune_train as ftt
 from transfgu.logs import setup_logging
+from transfgu.paths import default_storage
 from transfgu.runtime import configure_inputs, load_run_backbone, seed_everything
 from transfgu.store import to_jsonable
 from transfgu.tracking import EpochLogger
@@ -132,7 +133,7 @@ def run_finetune_ray(ctx: RunContext) -> dict[str, Any]:
             scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=gpu, resources_per_worker=per),
             run_config=ray.train.RunConfig(
                 name=f"{cfg.run.name}-finetune-{h[:10]}",
-                storage_path=cfg.ray.storage_path or str(ctx.layout.ray_results.resolve()),
+                storage_path=default_storage(cfg.ray.storage_path, ctx.layout.ray_results, ctx.run_dir),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=1),
             ),

@@ -37,6 +37,7 @@ from transfgu.distributed.cluster import cluster_has_gpus, worker_config
 from transfgu.evaluation import evaluate_decoder, has_labelled_val
 from transfgu.layout import RunLayout, round_name
 from transfgu.logs import setup_logging
+from transfgu.paths import default_storage
 from transfgu.runtime import autocast_dtype, configure_inputs, seed_everything
 from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import finish_train
@@ -169,7 +170,7 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
     else:
         per = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}
         scaling = ScalingConfig(num_workers=n_workers, use_gpu=gpu, resources_per_worker=per)
-    storage = cfg.ray.storage_path or str(ctx.layout.ray_results.resolve())
+    storage = default_storage(cfg.ray.storage_path, ctx.layout.ray_results, ctx.run_dir)
     tracker = ctx.tracker if ctx.tracker is not None and ctx.tracker.enabled else None
     callbacks = []
     if tune and n_workers > 0:
