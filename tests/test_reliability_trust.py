@@ -188,3 +188,114 @@ def test_ray_storage_defaults_stay_inside_the_run(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="name"):
         run_sweep(load_config(None, [f"run.root={tmp_path}"]), name="../sweep")
+
+
+# -- one run per run directory --------------------------------------------------------------------------------------
+_HOLDER = """
+import sys, time
+from transfgu.runlock import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process holding the run directory's lock (as a run does from its first write to its end)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("entry", ["run", "run --ray", "ray_jobs/full_pipeline.py"])
+def test_a_second_run_of_a_locked_directory_is_refused_before_writing(tmp_path: Path, entry: str) -> None:
+    root = tmp_path / "runs"
+    holder = _hold_lock(root / "tiny")
+    try:
+        before = _tree(root)
+        args = [*entry.split()[1:], *_tiny_args(root, "concepts.k_per_pool={all: 6}")]
+        if entry.startswith("ray_jobs"):
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            res = subprocess.run([sys.executable, str(REPO / entry), *args], cwd=REPO, env=env, capture_output=True,
+                                 text=True, timeout=600)
+        else:
+            res = _cli("run", *args)
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr
+        assert "in use by another run" in lines[0] and f"pid {holder.pid}" in lines[0] and "host " in lines[0]
+        assert _tree(root) == before  # nothing written by the refused run
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import signal
+
+    from transfgu.runlock import LOCK_FILE, run_lock
+
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=60)
+    assert json.loads((run / LOCK_FILE).read_text(encoding="utf-8"))["pid"] == holder.pid  # left behind
+    with caplog.at_level("WARNING", logger="transfgu.runlock"), run_lock(run):
+        assert json.loads((run / LOCK_FILE).read_text(encoding="utf-8"))["pid"] == os.getpid()
+    assert f"pid {holder.pid}" in caplog.text and "taking over" in caplog.text
+    assert "released" in json.loads((run / LOCK_FILE).read_text(encoding="utf-8"))
+
+
+def test_the_lock_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: Path) -> None:
+    import threading
+
+    from transfgu.runlock import RunDirLocked, run_lock
+
+    errors: list[BaseException] = []
+    with run_lock(tmp_path / "run"), run_lock(tmp_path / "run"):  # the Ray executor nests the shared pipeline
+        t = threading.Thread(target=lambda: _try(lambda: run_lock(tmp_path / "run").__enter__(), errors))
+        t.start()
+        t.join()
+    assert len(errors) == 1 and isinstance(errors[0], RunDirLocked)
+    with run_lock(tmp_path / "run"):  # released after the outer block
+        pass
+
+
+def _try(fn, errors: list[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        errors.append(exc)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_of_one_directory_the_second_is_refused(tmp_path: Path) -> None:
+    """The probe: the same run.name started twice with different K. The second is refused with exit 2; the
+    directory then holds the first run's config and results only."""
+    import json
+    import time
+
+    import yaml
+
+    root = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "transfgu.cli", "run", *_tiny_args(root)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not (root / "tiny" / "config.yaml").is_file():
+        time.sleep(0.2)  # the first run has started writing
+    second = _cli("run", *_tiny_args(root, "concepts.k_per_pool={all: 6}"))
+    out, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    cfg = yaml.safe_load((root / "tiny" / "config.yaml").read_text(encoding="utf-8"))
+    assert cfg["concepts"]["k_per_pool"] == {"all": 4}
+    assert json.loads((root / "tiny" / "model" / "model.json").read_text())["k_per_pool"] == {"all": 4}

@@ -23,6 +23,7 @@ from transfgu.context import STAGES, RunContext, method_stages, stage_hashes
 from transfgu.local import LOCAL_RUNNERS, StageRunner
 from transfgu.logs import setup_logging
 from transfgu.preflight import preflight
+from transfgu.runlock import run_lock
 from transfgu.runtime import seed_everything
 from transfgu.tracking import PipelineTracker
 
@@ -62,6 +63,13 @@ def run_pipeline(
     :func:`transfgu.preflight.preflight`.
     """
     images = None if checked else preflight(cfg)  # fail before any stage writes anything
+    with run_lock(cfg.run_dir):  # one run per run directory, taken before the first write
+        return _run_locked(cfg, only, force, runners, kind, tracking_parent, images)
+
+
+def _run_locked(cfg: Config, only: Sequence[str] | None, force: Sequence[str],
+                runners: Mapping[str, StageRunner] | None, kind: str, tracking_parent: str | None,
+                images: Any) -> dict[str, Any]:
     ctx = RunContext(cfg)
     setup_logging(ctx.layout.log)
     if images is not None:
