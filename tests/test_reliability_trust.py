@@ -299,3 +299,69 @@ def test_two_concurrent_runs_of_one_directory_the_second_is_refused(tmp_path: Pa
     cfg = yaml.safe_load((root / "tiny" / "config.yaml").read_text(encoding="utf-8"))
     assert cfg["concepts"]["k_per_pool"] == {"all": 4}
     assert json.loads((root / "tiny" / "model" / "model.json").read_text())["k_per_pool"] == {"all": 4}
+
+
+# -- refusals: one line, exit code 2, before any work ---------------------------------------------------------------
+def _refusal_case(tmp_path: Path, case: str) -> list[str]:
+    """The CLI arguments of one refusal probe (files it needs are written under ``tmp_path``)."""
+    root = tmp_path / "runs"
+    if case == "yaml tag":
+        bad = tmp_path / "tag.yaml"
+        bad.write_text("train: !!python/object/apply:os.system ['echo hi']\n", encoding="utf-8")
+        return ["run", "--config", str(bad), f"run.root={root}"]
+    if case == "weights not a checkpoint":
+        (tmp_path / "w.pth").write_text("not a checkpoint", encoding="utf-8")
+        return ["run", *_tiny_args(root, f"backbone.weights={tmp_path / 'w.pth'}")]
+    if case == "weights of another model":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+        return ["run", *_tiny_args(root, f"backbone.weights={tmp_path / 'w.safetensors'}")]
+    if case == "two preflight problems":
+        return ["run", *_tiny_args(root, f"data.root={tmp_path / 'nowhere'}", "crops.betas=[0.5, 0.05]")]
+    if case == "unknown stage":
+        return ["run", *_tiny_args(root, "--only", "extrct")]
+    if case == "run.name a path":
+        return ["run", *_tiny_args(root, "run.name=../x")]
+    if case == "two bad values":
+        return ["run", *_tiny_args(root, "train.lr=nan", "train.epochs=two")]
+    raise AssertionError(case)
+
+
+REFUSALS = ["yaml tag", "weights not a checkpoint", "weights of another model", "two preflight problems",
+            "unknown stage", "run.name a path", "two bad values"]
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_refusal_is_one_line_exit_2_and_creates_nothing(tmp_path: Path, case: str) -> None:
+    res = _cli(*_refusal_case(tmp_path, case), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_verbose_shows_the_traceback_of_a_refusal(tmp_path: Path) -> None:
+    res = _cli(*_refusal_case(tmp_path, "weights not a checkpoint"), "--verbose", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" in res.stderr and "PreflightError" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_integrity_refusal_in_a_stage_is_one_line_without_traceback(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """Non-finite centroids found by the label-bank stage: refused with one ``error:`` line and exit 2 (the run's
+    log lines before it are not part of the refusal), never a traceback."""
+    import shutil
+
+    import numpy as np
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run_dir, run)
+    centroids = np.load(run / "concepts" / "centroids.npy")
+    np.save(run / "concepts" / "centroids.npy", np.full_like(centroids, np.nan))
+    res = _cli("run", *_tiny_args(tmp_path, "--only", "label_bank", "--force", "label_bank"), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "non-finite centroids" in last

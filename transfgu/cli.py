@@ -90,8 +90,32 @@ def check_stage_names(cfg: Config, names: Sequence[str] | None, flag: str) -> No
                           f"valid stages: {', '.join(valid)}")
 
 
-def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Sequence[str] = ()) -> int:
-    """Run the pipeline with the chosen executor, then print a short summary; 2 on a preflight/config error."""
+def refusal_types() -> tuple[type[BaseException], ...]:
+    """The errors that refuse a run (bad config, data, weights, paths, a locked or inconsistent run directory), as
+    opposed to a bug: the CLI prints them as one line and exits 2 (:func:`refuse`)."""
+    from transfgu.data.datasets import DatasetError
+    from transfgu.errors import ErrorBudgetExceeded
+    from transfgu.integrity import IntegrityError
+    from transfgu.models.backbone import WeightsError
+    from transfgu.paths import PathEscapeError
+
+    return ConfigError, DatasetError, ErrorBudgetExceeded, IntegrityError, PathEscapeError, WeightsError
+
+
+def refuse(exc: BaseException, verbose: bool = False) -> int:
+    """Print a refusal as one ``error:`` line on stderr (the traceback first with ``--verbose``); returns 2."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc)
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2
+
+
+def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Sequence[str] = (),
+            verbose: bool = False) -> int:
+    """Run the pipeline with the chosen executor, then print a short summary; 2 (one line on stderr) when the run
+    is refused: by preflight before any work, or by a stage that finds its inputs unusable."""
     try:
         if ray:
             from transfgu.distributed.pipeline import run_pipeline_ray
@@ -101,9 +125,8 @@ def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Se
             from transfgu.pipeline import run_pipeline
 
             manifest = run_pipeline(cfg, only=only, force=force)
-    except ConfigError as exc:  # preflight: data, weights, device, window layout
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except refusal_types() as exc:  # preflight (data, weights, device, window layout), the run lock, integrity
+        return refuse(exc, verbose)
     for name, rec in manifest["stages"].items():
         extra = rec.get("extra", {})
         print(f"{name:12} {rec.get('status', '?'):8} rows={rec.get('rows')} seconds={extra.get('seconds')}")
@@ -115,9 +138,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, args = parse_run_args(argv, "transfgu run", SUBCOMMANDS["run"][2])
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return execute(cfg, ray=args.ray, only=args.only, force=args.force)
+        return refuse(exc, verbose="--verbose" in (argv or sys.argv) or "-v" in (argv or sys.argv))
+    return execute(cfg, ray=args.ray, only=args.only, force=args.force, verbose=args.verbose)
 
 
 def print_outputs(cfg: Config) -> None:
