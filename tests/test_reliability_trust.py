@@ -365,3 +365,20 @@ def test_an_integrity_refusal_in_a_stage_is_one_line_without_traceback(tiny_run_
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "non-finite centroids" in last
+
+
+# -- file modes follow the umask ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_every_file_of_a_run_and_its_mlflow_model_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Atomic writes (mkstemp: 0600) and safetensors files (0600) used to ignore the umask: a run directory on
+    shared storage, or an MLflow server running as another user, could not read the manifest, the config, the
+    Parquet shards, the metrics, the weights. Now every file of a tiny tracked run, and of its logged MLflow
+    model, has the mode ``0666 & ~umask``."""
+    root = tmp_path / "runs"
+    res = _cli("run", *_tiny_args(root, "mlflow.enabled=true"), cwd=tmp_path, umask=umask)
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix == ".safetensors" for p in files) and any("mlartifacts" in p.parts for p in files)
+    wrong = {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != mode}
+    assert wrong == {}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from transfgu.config import Config
-from transfgu.store import atomic_write_json, atomic_write_text
+from transfgu.store import atomic_write_json, atomic_write_text, fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class ValHistory:
                 sd = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
                 tmp = d / ".decoder.safetensors.tmp"
                 save_file(sd, str(tmp))
+                fix_mode(tmp)  # safetensors writes 0600; the umask decides
                 tmp.replace(d / "decoder.safetensors")
                 atomic_write_json(d / "best.json", {**entry, "selection": "best_val", "warning": SELECTION_WARNING})
                 log.warning("[train] epoch %d is the best on validation so far (mIoU %.4f + acc %.4f)",

@@ -47,7 +47,7 @@ from transfgu.leopart.kmeans import lloyd_kmeans
 from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
 from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
 from transfgu.leopart.shards import DenseShards
-from transfgu.store import atomic_write_json, config_hash, list_parquet_files, write_parquet_atomic
+from transfgu.store import atomic_write_json, config_hash, fix_mode, list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger("transfgu")
 
@@ -275,6 +275,7 @@ def run_cbfe(ctx: Any, ex: Any) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "cbfe.safetensors.tmp"
     save_file({"centroids": fit.centroids, "precision": precision, "foreground": fg.astype(np.uint8)}, str(tmp))
+    fix_mode(tmp)  # safetensors writes 0600; the umask decides
     tmp.replace(out / "cbfe.safetensors")
     meta = {**info, "k": lp.k_cbfe, "threshold": threshold, "n_foreground_clusters": int(fg.sum()),
             "objective": fit.objective[-1], "redo": fit.redo, "n_points": fit.n_points,
@@ -437,6 +438,7 @@ def run_communities(ctx: Any, ex: Any) -> dict[str, Any]:
     tmp = out / "communities.safetensors.tmp"
     save_file({"centroids": fit.centroids, "cooccurrence": m, "cluster_to_segment": model.cluster_to_segment},
               str(tmp))
+    fix_mode(tmp)  # safetensors writes 0600; the umask decides
     tmp.replace(out / "communities.safetensors")
     meta = {"k": k, "n_nodes": n, "background_node": k, "n_edges": len(edges),
             "edges": [[i, j, round(w, 6)] for i, j, w in edges],
