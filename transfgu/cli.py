@@ -79,9 +79,9 @@ def check_stage_names(cfg: Config, names: Sequence[str] | None, flag: str) -> No
     """Refuse stage names that ``cfg.method`` does not have (a typo would otherwise run nothing, or everything)."""
     if names is None:
         return
-    from transfgu.context import method_stages  # torch: only once the arguments parsed
+    from transfgu.methods import get_method  # the method's modules: only once the arguments parsed
 
-    valid = [*method_stages(cfg), *(("report",) if flag == "--only" else ())]
+    valid = [*get_method(cfg.method).stage_names, *(("report",) if flag == "--only" else ())]
     if flag == "--only" and not names:
         raise ConfigError(f"--only needs at least one stage name (valid for method {cfg.method}: {', '.join(valid)})")
     unknown = [n for n in names if n not in valid]
