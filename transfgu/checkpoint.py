@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from transfgu.store import atomic_write_json, read_json_strict
+from transfgu.store import atomic_write_json, fix_mode, read_json_strict, umask_mode
 
 MODEL_JSON = "model.json"
 STATE_JSON = "state.json"
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    fix_mode(tmp)  # safetensors writes 0600; the umask decides
     os.replace(tmp, path)
 
 
@@ -124,6 +125,7 @@ def install_state_dir(src: Path, target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=target.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # mkdtemp makes it 0700; it becomes the state directory
     for f in Path(src).iterdir():
         shutil.copy2(f, tmp / f.name)
     if target.exists():

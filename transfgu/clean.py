@@ -6,6 +6,9 @@ moved to ``<run>/_stale/<stage>/<hash12 | unstamped>/`` (:func:`transfgu.integri
 them and nothing a user may still want is lost. ``_stale/`` therefore grows with every re-run under changed settings;
 this command is the one way to reclaim the space. It only ever touches ``_stale/`` of a directory that a pipeline run
 created (:func:`transfgu.integrity.require_run_dir`), and without ``--yes`` it only prints what it would remove.
+It deletes only what it can prove the pipeline moved there: the entries recorded in ``_stale/_set_aside.jsonl``
+(written by ``set_aside`` before each move); anything else found under ``_stale/`` is named and left alone, and a
+symbolic link is never followed (a linked ``_stale/`` or stage folder is refused, a linked entry is removed as a link).
 
 ``--train-input`` also lists the packed label banks and train-size image stores that training writes once into
 ``label_bank/_train_input/`` (:mod:`transfgu.data.train_store`): caches, one per key (another train size or image
@@ -15,6 +18,7 @@ list gives another), rebuilt by the next training that needs them. Delete them w
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -23,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transfgu.cli_args import HelpFormatter
-from transfgu.integrity import STALE_DIR, require_run_dir
+from transfgu.integrity import STALE_DIR, STALE_LEDGER, require_run_dir, stale_ledger
+from transfgu.paths import PathEscapeError, check_name, is_inside, require_inside
+from transfgu.store import atomic_write_text
 
 DESCRIPTION = """\
 List, then (with --yes) delete, the outputs a run has set aside under RUN_DIR/_stale/.
@@ -40,13 +46,19 @@ training of the run is going on."""
 
 @dataclass(frozen=True)
 class StaleEntry:
-    """One set-aside output: ``_stale/<stage>/<tag>/``, its size on disk and when it was last modified."""
+    """One set-aside output: ``_stale/<stage>/<tag>/``, its size on disk and when it was last modified.
+
+    ``names``: the entries of the folder that ``_stale/_set_aside.jsonl`` proves the pipeline moved there (the only
+    ones ``--yes`` deletes; ``bytes`` counts those); ``foreign``: anything else found there (left alone).
+    """
 
     stage: str
     tag: str
     path: Path
     bytes: int
     mtime: float
+    names: tuple[str, ...] = ()
+    foreign: tuple[str, ...] = ()
 
 
 def _du(path: Path) -> int:
@@ -56,21 +68,40 @@ def _du(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def stale_entries(run_dir: Path, stages: Sequence[str] = (), older_than_days: float | None = None) -> list[StaleEntry]:
-    """The ``_stale/<stage>/<tag>`` folders of a run, oldest first; filtered by stage and by age when given."""
+def _stale_root(run_dir: Path) -> Path:
+    """``<run>/_stale``, refused when it is a symbolic link (the pipeline creates a real folder; a link would send
+    the deletion elsewhere)."""
     root = Path(run_dir) / STALE_DIR
+    if root.is_symlink():
+        raise PathEscapeError(f"refusing to touch {root}: it is a symbolic link (to {root.resolve()}), not the "
+                              "folder the pipeline created")
+    return root
+
+
+def stale_entries(run_dir: Path, stages: Sequence[str] = (), older_than_days: float | None = None) -> list[StaleEntry]:
+    """The ``_stale/<stage>/<tag>`` folders of a run, oldest first; filtered by stage and by age when given.
+
+    Symbolic links among them are skipped; each entry says which of its contents the pipeline's ledger proves it
+    set aside (``names``) and which not (``foreign``).
+    """
+    root = _stale_root(run_dir)
     if not root.is_dir():
         return []
+    ledger = stale_ledger(run_dir)
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400.0
     out = []
     for stage_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         if stages and stage_dir.name not in stages:
             continue
-        for tag_dir in sorted(stage_dir.iterdir()):
+        for tag_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.is_symlink()):
             mtime = tag_dir.lstat().st_mtime
             if cutoff is not None and mtime > cutoff:
                 continue
-            out.append(StaleEntry(stage_dir.name, tag_dir.name, tag_dir, _du(tag_dir), mtime))
+            children = sorted(c.name for c in tag_dir.iterdir())
+            names = tuple(n for n in children if (stage_dir.name, tag_dir.name, n) in ledger)
+            foreign = tuple(n for n in children if n not in names)
+            size = sum(_du(tag_dir / n) for n in names)
+            out.append(StaleEntry(stage_dir.name, tag_dir.name, tag_dir, size, mtime, names, foreign))
     return sorted(out, key=lambda e: e.mtime)
 
 
@@ -80,7 +111,7 @@ def train_input_entries(run_dir: Path) -> list[StaleEntry]:
     from transfgu.data.train_store import STORE_DIR
 
     root = Path(run_dir) / "label_bank" / STORE_DIR
-    if not root.is_dir() or root.is_symlink():
+    if not root.is_dir() or root.is_symlink() or not is_inside(root, run_dir):  # a linked label_bank/ too
         return []
     groups: dict[str, list[Path]] = {}
     for f in sorted(root.iterdir()):
@@ -95,7 +126,7 @@ def remove_train_input(run_dir: Path, entries: Sequence[StaleEntry]) -> int:
     """Delete the files of ``entries`` (from :func:`train_input_entries`); returns the bytes freed."""
     from transfgu.data.train_store import STORE_DIR
 
-    root = (Path(run_dir) / "label_bank" / STORE_DIR).resolve()
+    root = require_inside(Path(run_dir) / "label_bank" / STORE_DIR, run_dir, "the training-input caches").resolve()
     freed = 0
     for e in entries:
         if e.path.parent.resolve() != root:
@@ -108,26 +139,65 @@ def remove_train_input(run_dir: Path, entries: Sequence[StaleEntry]) -> int:
 
 
 def remove_entries(run_dir: Path, entries: Sequence[StaleEntry]) -> int:
-    """Delete ``entries`` (each must lie inside ``<run>/_stale/``); empty stage folders go too. Returns bytes freed."""
-    root = (Path(run_dir) / STALE_DIR).resolve()
+    """Delete the proven contents (``names``) of ``entries``, each a real ``<stage>/<tag>`` folder of this run's
+    ``_stale/``; a folder left empty goes too, and so do empty stage folders. Returns the bytes freed.
+
+    Nothing is followed out of the run: a symbolic link is removed as a link, never through it, and
+    ``shutil.rmtree`` does not descend into links.
+    """
+    root_link = _stale_root(run_dir)
+    root = root_link.resolve()
+    require_inside(root, run_dir, "the set-aside folder")
+    ledger = stale_ledger(run_dir)
     freed = 0
     for e in entries:
         target = e.path.absolute()
         # Refuse anything that is not a direct <stage>/<tag> child of this run's _stale/ (a symlinked stage
         # folder could otherwise point the deletion elsewhere).
-        if target.parent.parent.resolve() != root or target.parent.is_symlink():
+        if target.parent.parent.resolve() != root or target.parent.is_symlink() or target.is_symlink():
             raise ValueError(f"refusing to delete {target}: not inside {root}")
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        else:
-            shutil.rmtree(target)
-        freed += e.bytes
-    for stage_dir in list(root.iterdir()) if root.is_dir() else []:
+        for name in e.names:
+            check_name(name, "a set-aside entry")
+            if (e.stage, e.tag, name) not in ledger:
+                raise ValueError(f"refusing to delete {target / name}: the pipeline did not set it aside")
+            child = target / name
+            size = _du(child) if child.exists() or child.is_symlink() else 0
+            if child.is_symlink() or child.is_file():
+                child.unlink()
+            elif child.is_dir():
+                shutil.rmtree(child)
+            freed += size
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+    for stage_dir in list(root_link.iterdir()) if root_link.is_dir() else []:
         if stage_dir.is_dir() and not stage_dir.is_symlink() and not any(stage_dir.iterdir()):
             stage_dir.rmdir()
-    if root.is_dir() and not any(root.iterdir()):
-        root.rmdir()
+    _prune_ledger(run_dir)
     return freed
+
+
+def _prune_ledger(run_dir: Path) -> None:
+    """Drop ledger lines whose entry is gone; remove ``_stale/`` when nothing but an empty ledger is left."""
+    root = _stale_root(run_dir)
+    ledger_path = root / STALE_LEDGER
+    if not root.is_dir():
+        return
+    keep = []
+    if ledger_path.is_file() and not ledger_path.is_symlink():
+        for line in ledger_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                entry = root / str(rec["stage"]) / str(rec["tag"]) / str(rec["name"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if entry.exists() or entry.is_symlink():
+                keep.append(line)
+        if keep:
+            atomic_write_text(ledger_path, "\n".join(keep) + "\n")
+        else:
+            ledger_path.unlink()
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 def _human(n: int) -> str:
@@ -151,11 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         run_dir = require_run_dir(args.run_dir, "transfgu clean")
+        entries = stale_entries(run_dir, args.stage, args.older_than)
+        caches = train_input_entries(run_dir) if args.train_input else []
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    entries = stale_entries(run_dir, args.stage, args.older_than)
-    caches = train_input_entries(run_dir) if args.train_input else []
+    for e in entries:
+        if e.foreign:
+            print(f"warning: {e.path} holds {', '.join(e.foreign)}, which the pipeline did not set aside (not in "
+                  f"{STALE_DIR}/{STALE_LEDGER}): left alone; delete it by hand if it is yours", file=sys.stderr)
+    entries = [e for e in entries if e.names]
     entries_all = entries + caches
     total = sum(e.bytes for e in entries_all)
     for e in entries_all:

@@ -65,13 +65,65 @@ def parse_run_args(
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    _split_overrides(args)
     cfg = load_config(args.config, args.overrides)
+    check_stage_names(cfg, getattr(args, "only", None), "--only")
+    check_stage_names(cfg, args.force, "--force")
     setup_logging(verbose=args.verbose)
     return cfg, args
 
 
-def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Sequence[str] = ()) -> int:
-    """Run the pipeline with the chosen executor, then print a short summary; 2 on a preflight/config error."""
+def _split_overrides(args: argparse.Namespace) -> None:
+    """Move ``key=value`` words that argparse gave to ``--only``/``--force`` (both take any number of words) back to
+    the overrides: a stage name never contains ``=``, so ``--only extract run.name=a`` overrides ``run.name``."""
+    for flag in ("only", "force"):
+        words = getattr(args, flag, None)
+        if words:
+            setattr(args, flag, [w for w in words if "=" not in w])
+            args.overrides = [*args.overrides, *(w for w in words if "=" in w)]
+
+
+def check_stage_names(cfg: Config, names: Sequence[str] | None, flag: str) -> None:
+    """Refuse stage names that ``cfg.method`` does not have (a typo would otherwise run nothing, or everything)."""
+    if names is None:
+        return
+    from transfgu.methods import get_method  # the method's modules: only once the arguments parsed
+
+    valid = [*get_method(cfg.method).stage_names, *(("report",) if flag == "--only" else ())]
+    if flag == "--only" and not names:
+        raise ConfigError(f"--only needs at least one stage name (valid for method {cfg.method}: {', '.join(valid)})")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(f"{flag}: unknown stage {', '.join(map(repr, unknown))} for method {cfg.method}; "
+                          f"valid stages: {', '.join(valid)}")
+
+
+def refusal_types() -> tuple[type[BaseException], ...]:
+    """The errors that refuse a run (bad config, data, weights, paths, a locked or inconsistent run directory), as
+    opposed to a bug: the CLI prints them as one line and exits 2 (:func:`refuse`)."""
+    from transfgu.data.datasets import DatasetError
+    from transfgu.errors import ErrorBudgetExceeded
+    from transfgu.integrity import IntegrityError
+    from transfgu.models.backbone import WeightsError
+    from transfgu.paths import PathEscapeError
+
+    return ConfigError, DatasetError, ErrorBudgetExceeded, IntegrityError, PathEscapeError, WeightsError
+
+
+def refuse(exc: BaseException, verbose: bool = False) -> int:
+    """Print a refusal as one ``error:`` line on stderr (the traceback first with ``--verbose``); returns 2."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc)
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2
+
+
+def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Sequence[str] = (),
+            verbose: bool = False) -> int:
+    """Run the pipeline with the chosen executor, then print a short summary; 2 (one line on stderr) when the run
+    is refused: by preflight before any work, or by a stage that finds its inputs unusable."""
     try:
         if ray:
             from transfgu.distributed.pipeline import run_pipeline_ray
@@ -81,9 +133,8 @@ def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Se
             from transfgu.pipeline import run_pipeline
 
             manifest = run_pipeline(cfg, only=only, force=force)
-    except ConfigError as exc:  # preflight: data, weights, device, window layout
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except refusal_types() as exc:  # preflight (data, weights, device, window layout), the run lock, integrity
+        return refuse(exc, verbose)
     for name, rec in manifest["stages"].items():
         extra = rec.get("extra", {})
         print(f"{name:12} {rec.get('status', '?'):8} rows={rec.get('rows')} seconds={extra.get('seconds')}")
@@ -95,9 +146,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, args = parse_run_args(argv, "transfgu run", SUBCOMMANDS["run"][2])
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return execute(cfg, ray=args.ray, only=args.only, force=args.force)
+        return refuse(exc, verbose="--verbose" in (argv or sys.argv) or "-v" in (argv or sys.argv))
+    return execute(cfg, ray=args.ray, only=args.only, force=args.force, verbose=args.verbose)
 
 
 def print_outputs(cfg: Config) -> None:

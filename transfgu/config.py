@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transfgu.models.source import BackboneSource, parse_source
+from transfgu.paths import check_name
 
 
 class _Base(BaseModel):
@@ -217,6 +218,12 @@ class RunConfig(_Base):
         None, ge=1, description="Parquet writer threads of the one-process extract/label-bank stages (None = the "
         "node's CPUs less one, at most 8; throughput.default_writer_threads); the files are the same for any value",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_path(cls, v: str) -> str:
+        # The run directory is always <run.root>/<run.name>: a name with a separator or ".." would put it elsewhere.
+        return check_name(v, "run.name")
 
 
 class MlflowConfig(_Base):
@@ -600,11 +607,14 @@ def _check_key(parts: list[str], key: str) -> int:
 
 
 def _format_error(exc: ValidationError) -> str:
-    lines = []
+    parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        lines.append(f"  {loc or '(config)'}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid configuration:\n" + "\n".join(lines)
+        got = repr(err.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."
+        parts.append(f"{loc or '(config)'}: {str(err['msg']).replace(chr(10), ' ')} (got {got})")
+    # One line: a refusal is one line on stderr (docs/reliability.md, "Trust boundaries").
+    return "invalid configuration: " + "; ".join(parts)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -614,7 +624,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:  # a syntax error, or a tag such as !!python/object (safe_load refuses it)
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}: not a valid config file{where}: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded

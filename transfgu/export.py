@@ -150,6 +150,7 @@ def export_torchscript(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a left-over (or planted link) is replaced, never written through
     extra = {EXTRA_FILE: json.dumps({**info, "format_kind": "torchscript"})}
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(model, _example(predictor), check_trace=False)
@@ -168,6 +169,7 @@ def export_program(predictor: Predictor, path: str | Path, output: str = "labels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a left-over (or planted link) is replaced, never written through
     torch.export.save(program, str(tmp), extra_files={EXTRA_FILE: json.dumps({**info, "format_kind": "export"})})
     tmp.replace(path)
     return path
@@ -194,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.format == "onnx":
         print("error: ONNX export is not supported (onnx/onnxruntime are not dependencies of transfgu); use "
               "--format torchscript", file=sys.stderr)
+        return 2
+    if args.out.is_symlink() or args.out.is_dir():
+        print(f"error: --out {args.out} is a {'symbolic link' if args.out.is_symlink() else 'folder'}; give the path "
+              "of the file to write (export never writes through a link)", file=sys.stderr)
         return 2
     try:
         predictor = load(args.checkpoint, device="cpu", weights=args.weights, precision="fp32")

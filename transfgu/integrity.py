@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transfgu.layout import RunLayout
+from transfgu.paths import PathEscapeError, is_inside, require_inside
 from transfgu.store import atomic_write_json, list_parquet_files, strict_jsonable
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ IDS_KEY = b"transfgu.image_ids"
 FAILED_KEY = b"transfgu.failed_ids"
 STALE_DIR = "_stale"
 UNSTAMPED = "unstamped"
+#: ``_stale/_set_aside.jsonl``: one line per output moved aside (stage, tag, name): what ``transfgu clean`` may delete.
+STALE_LEDGER = "_set_aside.jsonl"
 
 @dataclass(frozen=True)
 class Output:
@@ -81,16 +84,39 @@ def set_aside(path: Path, run_dir: Path, stage: str, input_hash: str | None, why
     Returns the new location. The move keeps what a user may still want (an older run's outputs) while
     guaranteeing that no reader of the stage's output directory sees it again.
     """
-    dest_dir = RunLayout(Path(run_dir)).stale(stage, _tag(input_hash))
+    tag = _tag(input_hash)
+    dest_dir = RunLayout(Path(run_dir)).stale(stage, tag)
+    require_inside(dest_dir, run_dir, "the set-aside folder")  # a symlinked _stale/ must not take outputs away
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / path.name
     n = 1
     while dest.exists() or dest.is_symlink():
         dest = dest_dir / f"{path.name}.{n}"
         n += 1
+    # Recorded before the move: `transfgu clean` deletes only what this ledger names (a line whose entry never
+    # arrived names nothing on disk and is dropped by the next clean).
+    record = json.dumps({"stage": stage, "tag": tag, "name": dest.name, "why": why})
+    with open(dest_dir.parent.parent / STALE_LEDGER, "a", encoding="utf-8") as fh:
+        fh.write(record + "\n")
     shutil.move(str(path), str(dest))
     log.warning("[%s] %s: moved %s aside to %s", stage, why, path, dest)
     return dest
+
+
+def stale_ledger(run_dir: Path) -> set[tuple[str, str, str]]:
+    """``(stage, tag, name)`` of every output :func:`set_aside` moved into ``<run>/_stale/`` (malformed lines are
+    ignored: they prove nothing)."""
+    path = Path(run_dir) / STALE_DIR / STALE_LEDGER
+    if path.is_symlink() or not path.is_file():
+        return set()
+    out = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            out.add((str(rec["stage"]), str(rec["tag"]), str(rec["name"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def read_json_stamp(path: Path) -> str | None:
@@ -410,3 +436,9 @@ def check_predict_output(out: Path, inputs: Sequence[Path]) -> None:
     if o.is_dir() and any(o.iterdir()) and not (o / PREDICT_MARKER).is_file():
         raise ValueError(f"--out {out} already holds files that `transfgu predict` did not write (no "
                          f"{PREDICT_MARKER}); choose an empty or new folder")
+    # predict writes <out>/<stem>.png, predict.json, errors.jsonl and overlay/<stem>.jpg: none may lead out of it
+    for folder in (o, o / "overlay"):
+        for p in (folder, *folder.iterdir()) if folder.is_dir() or folder.is_symlink() else ():
+            if p.is_symlink() and not is_inside(p, o):
+                raise PathEscapeError(f"--out {out}: {p} is a symbolic link out of the output folder; predict "
+                                      "writes only inside it")

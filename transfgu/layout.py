@@ -17,6 +17,8 @@ A run directory holds one run of the method; each stage writes only its own entr
       report/                       report: index.html
       ray_results/                  Ray Train's own checkpoints (Ray executor, unless ray.storage_path is set)
       _stale/<stage>/<hash12>/      outputs of other inputs, moved aside and never read (transfgu.integrity)
+      _stale/_set_aside.jsonl       what was moved there: the only entries `transfgu clean` deletes
+      _lock.json                    held (flock) while a run uses the directory; its host and pid (transfgu.runlock)
 
 Nothing else builds these names: stages, executors, the report and the Tune cache ask a :class:`RunLayout`.
 """

@@ -26,6 +26,7 @@ from transfgu.logs import setup_logging
 from transfgu.method import Executor, Stage, StageFn
 from transfgu.methods import get_method, run_context, stage_hashes
 from transfgu.preflight import preflight
+from transfgu.runlock import run_lock
 from transfgu.runtime import seed_everything
 from transfgu.tracking import PipelineTracker
 
@@ -54,6 +55,13 @@ def run_pipeline(
     sweep). ``checked=True``: the caller already ran :func:`transfgu.preflight.preflight`.
     """
     images = None if checked else preflight(cfg)  # fail before any stage writes anything
+    with run_lock(cfg.run_dir):  # one run per run directory, taken before the first write
+        return _run_locked(cfg, only, force, runners, kind, tracking_parent, executor, images)
+
+
+def _run_locked(cfg: Config, only: Sequence[str] | None, force: Sequence[str],
+                runners: Mapping[str, StageFn] | None, kind: str, tracking_parent: str | None,
+                executor: Executor | None, images: Any) -> dict[str, Any]:
     method = get_method(cfg.method)
     ctx = run_context(cfg)
     setup_logging(ctx.layout.log)

@@ -121,6 +121,14 @@ def _check_weights(cfg: Config) -> list[tuple[str, str]]:
         return [("backbone.weights", f"{p} is not a {'/'.join(WEIGHT_SUFFIXES)} file")]
     if p.stat().st_size == 0:
         return [("backbone.weights", f"{p} is empty")]
+    # Read it now (weights-only) and match it to the architecture: a file that is not a checkpoint of this ViT
+    # must be refused before the run directory exists, not by the first stage that builds the backbone.
+    from transfgu.models.backbone import WeightsError, build_backbone
+
+    try:
+        build_backbone(cfg.backbone.arch, str(p))
+    except WeightsError as exc:
+        return [("backbone.weights", " ".join(str(exc).split()))]
     return []
 
 
@@ -191,8 +199,9 @@ def check_ray_address(cfg: Config, timeout: float = SERVICE_TIMEOUT_S) -> list[t
 def raise_problems(problems: list[tuple[str, str]]) -> None:
     problems = list(dict.fromkeys(problems))  # the same problem found for two splits is listed once
     if problems:
-        lines = "\n".join(f"  - {key}: {msg}" for key, msg in problems)
-        raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run):\n{lines}")
+        # One line (a refusal is one line on stderr): "key: what to change" per problem, separated by "; ".
+        text = "; ".join(f"{key}: {' '.join(str(msg).split())}" for key, msg in problems)
+        raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run): {text}")
 
 
 def preflight(cfg: Config) -> dict[str, int]:

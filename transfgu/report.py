@@ -784,10 +784,14 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     """
     opt = options or ReportOptions()
     from transfgu.integrity import REPORT_MARKER, report_files, require_run_dir
+    from transfgu.paths import PathEscapeError, is_inside, require_inside
 
     run_dir = require_run_dir(Path(run_dir), "transfgu report")
-    out = RunLayout(run_dir).report
+    out = require_inside(RunLayout(run_dir).report, run_dir, "the report folder")
     out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():  # a planted link would make a report file land outside the run
+        if p.is_symlink() and not is_inside(p, out):
+            raise PathEscapeError(f"refusing to write the report: {p} is a symbolic link out of {out}")
     for name in report_files(out):  # only the files an earlier report wrote, never a user's
         (out / name).unlink(missing_ok=True)
     foreign = {p.name for p in out.glob("*.png")}

@@ -24,7 +24,7 @@ import torch
 
 from transfgu.config import Config, n_output_channels
 from transfgu.evaluation import has_labelled_val
-from transfgu.store import atomic_write_json, atomic_write_text
+from transfgu.store import atomic_write_json, atomic_write_text, fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class ValHistory:
                 sd = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
                 tmp = d / ".decoder.safetensors.tmp"
                 save_file(sd, str(tmp))
+                fix_mode(tmp)  # safetensors writes 0600; the umask decides
                 tmp.replace(d / "decoder.safetensors")
                 atomic_write_json(d / "best.json", {**entry, "selection": "best_val", "warning": SELECTION_WARNING})
                 log.warning("[train] epoch %d is the best on validation so far (mIoU %.4f + acc %.4f)",

@@ -102,6 +102,31 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which would give
+    files created meanwhile by other threads the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): read it by setting it, at once restored
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open()`` (``mkdir``) would give a new file (directory): 0666 (0777) less the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def fix_mode(path: PathLike) -> None:
+    """Give ``path`` the umask's mode: safetensors (like ``mkstemp``) creates its files 0600 whatever the umask."""
+    os.chmod(path, umask_mode())
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; on clean exit fsync it and rename it to ``path``.
@@ -115,6 +140,9 @@ def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates 0600; the file must get the mode any other file of the run gets (readable by the group
+        # or others under umask 022: a run directory on shared storage, an MLflow server running as another user)
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:
             yield f
             f.flush()

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from transfgu.cli import execute, parse_run_args, print_outputs
+from transfgu.cli import check_stage_names, execute, parse_run_args, print_outputs, refuse
 from transfgu.config import Config, ConfigError
 
 __all__ = ["main_stages", "parse", "print_outputs"]
@@ -24,8 +24,7 @@ def parse(argv: Sequence[str] | None, description: str | None,
     try:
         cfg, args = parse_run_args(argv, Path(sys.argv[0]).name, description, ray_flag=False, extra=extra)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(refuse(exc)) from None
     _warn_relative_paths(cfg)
     return cfg, args
 
@@ -43,4 +42,9 @@ def _warn_relative_paths(cfg: Config) -> None:
 def main_stages(stages: Sequence[str] | None, description: str | None, argv: Sequence[str] | None = None) -> int:
     """Run ``stages`` (None = all, plus the report) with the Ray executor and print the outputs."""
     cfg, args = parse(argv, description)
-    return execute(cfg, ray=True, only=stages, force=args.force)
+    try:
+        check_stage_names(cfg, stages, "--only")
+    except ConfigError as exc:  # a job script of one method's stage run with another method
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return execute(cfg, ray=True, only=stages, force=args.force, verbose=args.verbose)

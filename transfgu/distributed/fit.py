@@ -34,6 +34,7 @@ from transfgu.context import RunContext
 from transfgu.distributed.cluster import cluster_has_gpus, worker_config
 from transfgu.layout import RunLayout
 from transfgu.logs import setup_logging
+from transfgu.paths import default_storage
 from transfgu.runtime import configure_inputs, seed_everything
 from transfgu.tracking import EpochLogger
 
@@ -196,7 +197,7 @@ def fit_on_ray(ctx: RunContext, loop: RayLoop, name: str, *, num_workers: int | 
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=cfg.ray.storage_path or str(ctx.layout.ray_results.resolve()),
+            storage_path=default_storage(cfg.ray.storage_path, ctx.layout.ray_results, ctx.run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=1),
             callbacks=callbacks or None,

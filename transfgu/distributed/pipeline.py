@@ -21,6 +21,7 @@ from transfgu.logs import setup_logging
 from transfgu.method import StageFn
 from transfgu.pipeline import run_pipeline
 from transfgu.preflight import check_ray_address, preflight, raise_problems
+from transfgu.runlock import run_lock
 from transfgu.runtime import load_run_backbone
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,10 @@ def run_pipeline_ray(cfg: Config, only: Sequence[str] | None = None, force: Sequ
     """Run (or resume) every stage on the Ray cluster this process joins (or starts); returns the manifest."""
     setup_logging()
     images = preflight(cfg)  # fail on bad data paths, weights, device or window layout before starting Ray
-    log.info("preflight: images per split %s", images)
     raise_problems(check_ray_address(cfg))  # a short timeout instead of ray.init's long retries
-    init_ray(cfg)
-    prepare_run_dir(cfg)
-    return run_pipeline(cfg, only=only, force=force, runners=runners, kind=kind, tracking_parent=tracking_parent,
-                        checked=True, executor=RayExecutor(cfg))
+    with run_lock(cfg.run_dir):  # before Ray starts and anything is written; run_pipeline takes it again
+        log.info("preflight: images per split %s", images)
+        init_ray(cfg)
+        prepare_run_dir(cfg)
+        return run_pipeline(cfg, only=only, force=force, runners=runners, kind=kind, tracking_parent=tracking_parent,
+                            checked=True, executor=RayExecutor(cfg))

@@ -37,6 +37,7 @@ from transfgu.layout import RunLayout
 from transfgu.logs import setup_logging
 from transfgu.method import Executor, StageFn
 from transfgu.methods import get_method
+from transfgu.paths import check_name, default_storage
 from transfgu.pipeline import run_pipeline
 from transfgu.store import atomic_write_json, to_jsonable
 from transfgu.tracking import Tracker, config_params, resolve_tracking_uri, run_tags
@@ -187,6 +188,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    check_name(name, "the sweep name (--name)")  # <run.root>/<name>: never a path out of the run root
     setup_logging()
     init_ray(cfg)
     sweep_dir = (Path(cfg.run.root) / name).resolve()
@@ -207,7 +209,7 @@ def run_sweep(
                              parent_run_id=parent),
         trial_resources(cfg, resources),
     )
-    storage = cfg.ray.storage_path or str(sweep_dir / "ray_results")
+    storage = default_storage(cfg.ray.storage_path, sweep_dir / "ray_results", sweep_dir)
     experiment = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment):
         log.info("[tune] resuming sweep %r from %s (finished trials are kept, errored ones retried)", name, experiment)

@@ -48,7 +48,7 @@ from transfgu.models.backbone import (
     DinoViT,
     normalize,
 )
-from transfgu.store import atomic_write_json
+from transfgu.store import atomic_write_json, fix_mode
 
 log = logging.getLogger("transfgu")
 
@@ -329,6 +329,7 @@ def save_finetuned_backbone(model: DenseModel, path: Path, meta: dict[str, Any],
         md[PRIOR_METADATA_KEY] = prior
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=md)
+    fix_mode(tmp)  # safetensors writes 0600; the umask decides
     os.replace(tmp, path)
 
 

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from transfgu.kmeans import nearest
 from transfgu.leopart.pca import PCA
 from transfgu.model_meta import CheckpointMeta
+from transfgu.store import fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class LeopartModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(self.arrays(), str(tmp))
+        fix_mode(tmp)  # safetensors writes 0600; the umask decides
         tmp.replace(path)
 
     @classmethod

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from transfgu.store import atomic_write_json
+from transfgu.store import atomic_write_json, fix_mode
 
 PCA_FILE = "pca.safetensors"
 
@@ -75,6 +75,7 @@ class PCA:
         tmp = directory / (PCA_FILE + ".tmp")
         save_file({"mean": self.mean, "std": self.std, "components": self.components,
                    "eigenvalues": self.eigenvalues}, str(tmp))
+        fix_mode(tmp)  # safetensors writes 0600; the umask decides
         tmp.replace(directory / PCA_FILE)
         atomic_write_json(directory / "pca.json", {"n": self.n, "dim": self.dim, "in_dim": int(self.mean.shape[0])})
 

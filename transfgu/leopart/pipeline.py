@@ -64,7 +64,7 @@ from transfgu.method import Executor, StageInfo
 from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores, segmentation_scores
 from transfgu.models.backbone import DinoViT
 from transfgu.sharded import ShardedStage
-from transfgu.store import atomic_write_json, list_parquet_files, write_parquet_atomic
+from transfgu.store import atomic_write_json, fix_mode, list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger("transfgu")
 
@@ -245,6 +245,7 @@ def run_cbfe(ctx: RunContext, ex: Executor) -> StageInfo:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "cbfe.safetensors.tmp"
     save_file({"centroids": fit.centroids, "precision": precision, "foreground": fg.astype(np.uint8)}, str(tmp))
+    fix_mode(tmp)  # safetensors writes 0600; the umask decides
     tmp.replace(out / "cbfe.safetensors")
     meta = {**info, "k": lp.k_cbfe, "threshold": threshold, "n_foreground_clusters": int(fg.sum()),
             "objective": fit.objective[-1], "redo": fit.redo, "n_points": fit.n_points,
@@ -407,6 +408,7 @@ def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
     tmp = out / "communities.safetensors.tmp"
     save_file({"centroids": fit.centroids, "cooccurrence": m, "cluster_to_segment": model.cluster_to_segment},
               str(tmp))
+    fix_mode(tmp)  # safetensors writes 0600; the umask decides
     tmp.replace(out / "communities.safetensors")
     meta = {"k": k, "n_nodes": n, "background_node": k, "n_edges": len(edges),
             "edges": [[i, j, round(w, 6)] for i, j, w in edges],

@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from transfgu.config import load_config
     from transfgu.pipeline import run_pipeline
+    from transfgu.store import fix_mode
     from transfgu.tools.quality_table import quality_config, stage_numbers
 
     torch.set_num_threads(a.threads)
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta = fh.metadata() or {}
         path = out / f"{cfg.data.name}_student_backbone.safetensors"
         save_file({k: v.contiguous() for k, v in backbone_from_state(state, "student").items()}, str(path), meta)
+        fix_mode(path)  # safetensors writes 0600; the umask decides
         backbones["after (student)"] = str(path)
     results: dict[str, dict[str, float | None]] = {}
     for label, weights in backbones.items():

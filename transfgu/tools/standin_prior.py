@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transfgu.models.backbone import PRIOR_METADATA_KEY, PRIOR_STANDIN, _create_vit, normalize
+from transfgu.store import fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def save_standin(vit: nn.Module, path: str | Path, settings: StandinSettings, st
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)
+    fix_mode(tmp)  # safetensors writes 0600; the umask decides
     tmp.replace(path)
     return path
 
