@@ -34,7 +34,7 @@ DROPOUT = 0.1  # the reference's: a sample's dropout masks are keyed by its glob
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
-def camvid_items(n: int = N_IMAGES, hw: tuple[int, int] = (64, 80)) -> list[dict[str, torch.Tensor]]:
+def camvid_items(n: int = N_IMAGES, hw: tuple[int, int] = (64, 80), patch: int = 8) -> list[dict[str, torch.Tensor]]:
     """Real CamVid images at the train size with pseudo-label-like maps pooled from their ground truth."""
     root = require_shared_data("camvid")
     ids = sorted(p.stem for p in (root / "images" / "train").glob("*.jpg"))[:n]
@@ -45,22 +45,27 @@ def camvid_items(n: int = N_IMAGES, hw: tuple[int, int] = (64, 80)) -> list[dict
         y = torch.from_numpy(np.asarray(lb).astype(np.int64))
         oh = F.one_hot(y.clamp(0, 10), 11).permute(2, 0, 1).float() * (y < 11)
         items.append({"image": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
-                      "pseudo": F.avg_pool2d(oh[None], 8)[0]})
+                      "pseudo": F.avg_pool2d(oh[None], patch)[0]})
     return items
 
 
-def _setup(variant: str):
+#: The train size per patch size: multiples of twice the patch (training crops are half of it).
+TRAIN_HW = {8: (64, 80), 14: (56, 84), 16: (64, 96)}
+
+
+def _setup(variant: str, arch: str = "vit_test_tiny"):
     from transfgu.models.backbone import build_backbone
     from transfgu.models.decoder import MaskTransformerDecoder
 
     torch.manual_seed(0)
-    backbone = build_backbone("vit_test_tiny", weights="none").eval()
-    items = camvid_items()
+    backbone = build_backbone(arch, weights="none").eval()
+    items = camvid_items(hw=TRAIN_HW[backbone.patch_size], patch=backbone.patch_size)
     if variant == "things":  # a few "object" concepts, the rest becomes background
         items = [{"image": it["image"], "pseudo": it["pseudo"][5:]} for it in items]
     k = items[0]["pseudo"].shape[0] + (variant == "things")
     torch.manual_seed(1)
-    student = MaskTransformerDecoder(k, d_encoder=48, d_model=48, n_layers=2, n_heads=2, dropout=DROPOUT)
+    student = MaskTransformerDecoder(k, d_encoder=backbone.embed_dim, d_model=48, n_layers=2, n_heads=2,
+                                     dropout=DROPOUT)
     return backbone, student, items
 
 
@@ -95,7 +100,7 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
     try:
         result = {}
         for variant, colour in (("thingstuff", "batch"), ("things", "per_sample")):
-            backbone, student, items = _setup(variant)
+            backbone, student, items = _setup(variant, opts.get("arch", "vit_test_tiny"))
             model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
             loader = step_loader(items, BATCH, SEED, rank, world)
             opt = make_optimizer(student, lr=2e-3)
@@ -312,12 +317,13 @@ def test_round_state_saves_and_restores_the_cuda_rng(tmp_path):
 # -- two gloo ranks against one process ----------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
+@pytest.mark.parametrize("arch", ["vit_test_tiny", "vit_test_tiny_reg4", "vit_test_tiny_dinov3"])
+def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path, arch):
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     one_dir.mkdir()
     two_dir.mkdir()
-    _train(0, 1, str(one_dir), {})
-    run_ranks(_train, two_dir, 2, {})
+    _train(0, 1, str(one_dir), {"arch": arch})
+    run_ranks(_train, two_dir, 2, {"arch": arch})
     one, one_w = _load(one_dir, 0)
     r0, r0_w = _load(two_dir, 0)
     r1, r1_w = _load(two_dir, 1)
@@ -339,7 +345,7 @@ def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
             assert torch.equal(r0_w[variant][k], r1_w[variant][k]), k  # DDP: identical replicas
             torch.testing.assert_close(r0_w[variant][k], v, rtol=1e-4, atol=2e-5, msg=f"{variant} {k}")
         # the steps changed the weights (the equality above is not that of two untouched models)
-        _, init_student, _ = _setup(variant)
+        _, init_student, _ = _setup(variant, arch)
         moved = max(float((v - init_student.state_dict()[k]).abs().max()) for k, v in one_w[variant].items())
         assert moved > 1e-3
 

@@ -21,7 +21,7 @@ from transfgu.logs import Progress
 from transfgu.method import StageInfo
 from transfgu.selection import Validator, validation_wanted
 from transfgu.sharded import SHARD_IMAGES, ShardedStage
-from transfgu.stages import concept_pools, finish_concepts, finish_train
+from transfgu.stages import ExtractStage, LabelBankStage, concept_pools, finish_concepts, finish_train
 from transfgu.store import read_features, write_parquet_atomic
 from transfgu.throughput.prefetch import PrefetchLoader, default_writer_threads, overlapped
 from transfgu.training import train_rounds
@@ -69,6 +69,16 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
             rows += table.num_rows
             prog.update(len(shard), f"rows={rows}")
     return stage_cls.finish(ctx, ids)
+
+
+def run_extract(ctx: RunContext) -> StageInfo:
+    """TransFGU's extract stage in this process (what ``LocalExecutor().run_sharded(ctx, ExtractStage)`` runs)."""
+    return run_sharded(ctx, ExtractStage)
+
+
+def run_label_bank(ctx: RunContext) -> StageInfo:
+    """TransFGU's label-bank stage in this process."""
+    return run_sharded(ctx, LabelBankStage)
 
 
 def run_concepts(ctx: RunContext) -> dict[str, Any]:

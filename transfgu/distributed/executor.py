@@ -63,12 +63,13 @@ class RayHolders:
             raise AttributeError(method)
         import ray
 
-        def call(*args: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             if method in self.per_file:
                 a, j = self.where[int(args[0])]
-                return ray.get(getattr(self.actors[a], method).remote(j, *args[1:]))
+                return ray.get(getattr(self.actors[a], method).remote(j, *args[1:], **kwargs))
             shared = [_shared(x) for x in args]
-            parts = ray.get([getattr(actor, method).remote(*shared) for actor in self.actors])
+            named = {k: _shared(v) for k, v in kwargs.items()}
+            parts = ray.get([getattr(actor, method).remote(*shared, **named) for actor in self.actors])
             return [x for part in parts for x in part]
 
         return call

@@ -182,7 +182,7 @@ def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str |
     if model.cluster_to_segment is None:
         raise ValueError(f"{ckpt} holds no community map (the communities stage did not finish)")
     if not meta["backbone"].get("pretrained", False):
-        log.warning("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
+        log.info("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
     return LeopartPredictor(backbone, model, meta, device, amp_dtype, batch_size)
 
 
