@@ -44,7 +44,7 @@ def leopart_family_config(arch: str, root, name: str, **over: str):
 def test_transfgu_end_to_end_then_predict_export_and_mlflow_model(arch, tmp_path):
     from transfgu.data.io import load_rgb
     from transfgu.data.transforms import to_model_input
-    from transfgu.engine import predict_logits
+    from transfgu.engine.step import predict_logits
     from transfgu.export import export_torchscript, load_exported
     from transfgu.mlflow_model import load_pyfunc, save_model
     from transfgu.pipeline import run_pipeline

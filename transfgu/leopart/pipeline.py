@@ -595,7 +595,7 @@ def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], nam
         for k, centroids in fits.items():
             kk = int(centroids.shape[0])
             conf = RunningConfusion(len(names), kk, ignore_index=None)
-            for file_maps in val.assign_maps(centroids, normalize=True):  # unit centroids: largest cosine
+            for file_maps in val.assign_maps(centroids, True):  # normalised points, unit centroids: largest cosine
                 for image_id, m in file_maps:
                     if image_id in gt:
                         conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))
