@@ -396,21 +396,32 @@ class FinetuneConfig(_Base):
     a ``backbone.weights=`` file for any other run."""
 
     epochs: int = Field(50, ge=1, description="training epochs over the training split (appendix: 50)")
-    batch_size: int = Field(32, ge=1, description="images per global step (over all workers)")
+    batch_size: int = Field(64, ge=1, description="images per global step, over all workers (authors: 32 x 2 GPUs)")
     n_global: int = Field(2, ge=1, description="global crops per image")
     n_local: int = Field(4, ge=0, description="local crops per image")
     global_size: int = Field(224, ge=8, description="global crop side after resizing (appendix: 224)")
     local_size: int = Field(96, ge=8, description="local crop side after resizing (appendix: 96)")
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
-    min_intersection: float = Field(0.01, ge=0, lt=1, description="every crop meets every global crop by this "
-                                    "fraction of the image (appendix: 1 %)")
+    min_intersection: float = Field(0.01, ge=0, lt=1, description="every local crop meets every global crop by at "
+                                    "least this fraction of the image (appendix: 1 %)")
+    global_overlap: float = Field(0.02, ge=0, lt=1, description="two global crops overlap by more than this "
+                                  "fraction of the image (authors' code: 2 %)")
     max_side: int = Field(448, ge=16, description="images are decoded with their longer side at most this")
     hidden_dim: int = Field(2048, ge=1)
     out_dim: int = Field(256, ge=1)
     n_prototypes: int = Field(300, ge=2)
-    queue_length: int = Field(8192, ge=0, description="teacher embeddings added to the Sinkhorn batch; 0 = none")
-    queue_push: int = Field(2048, ge=1, description="teacher embeddings pushed to the queue per step")
+    queue_length: int = Field(8192, ge=0, description="length of each global crop's queue of embeddings added to "
+                              "its Sinkhorn batch; 0 = none")
+    queue_push: int = Field(320, ge=1, description="embeddings pushed to each global crop's queue per step "
+                            "(authors: 320, foreground only)")
+    loss_mask: Literal["foreground", "all"] = Field(
+        "foreground", description="foreground = the loss and the queue pushes use foreground patches only (authors' "
+        "code); all = every patch")
+    fg_attention: Literal["teacher", "source"] = Field(
+        "teacher", description="whose last-block CLS attention gives the foreground: the EMA teacher (authors) or "
+        "the frozen source backbone")
+    fg_mass: float = Field(0.6, gt=0, le=1, description="foreground = patches holding this much of the attention")
     temperature: float = Field(0.1, gt=0)
     sinkhorn_eps: float = Field(0.05, gt=0)
     sinkhorn_iters: int = Field(3, ge=1)
@@ -418,9 +429,19 @@ class FinetuneConfig(_Base):
     momentum: float = Field(0.9995, ge=0, le=1, description="EMA momentum at step 0, cosine to 1")
     lr_head: float = Field(1e-4, gt=0)
     lr_backbone: float = Field(1e-5, ge=0)
-    weight_decay: tuple[float, float] = Field((0.04, 0.4), description="cosine weight-decay schedule start, end")
+    optimizer: Literal["adamw", "adam"] = Field(
+        "adamw", description="adamw = decoupled weight decay (authors' code); adam = L2 added to the gradient")
+    weight_decay: tuple[float, float] = Field((0.04, 0.5), description="cosine weight-decay schedule start, end")
+    decay_tokens: bool = Field(True, description="decay the CLS token and position embedding too (authors' code)")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="student stochastic depth, linear in depth up to this")
+    jitter: tuple[float, float, float, float] = Field(
+        (0.8, 0.8, 0.8, 0.2), description="colour jitter brightness, contrast, saturation, hue (authors' code)")
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    blur_kernel: int | None = Field(None, ge=1, description="Gaussian blur kernel; None = grows with sigma (PIL)")
     train_blocks: int | None = Field(None, ge=0, description="fine-tune only the last N ViT blocks; None = all")
-    export: Literal["teacher", "student"] = "teacher"
+    export: Literal["teacher", "student"] = Field(
+        "student", description="the backbone.safetensors written: the student (what the authors evaluate) or the "
+        "EMA teacher; the other is written too (backbone_<other>.safetensors)")
     seed: int = 0
 
 
