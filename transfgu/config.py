@@ -319,6 +319,10 @@ class LinearProbeConfig(_Base):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (the appendix does not name the optimiser)")
     train_size: tuple[int, int] = Field((100, 100), description="training masks (authors: 100 x 100)")
     eval_size: tuple[int, int] = Field((448, 448), description="evaluation masks (authors: 448 x 448)")
+    weight_decay: float | None = Field(None, ge=0, description="SGD weight decay; None = 0 (label_free) or the "
+                                       "authors' 1e-4 (protocol: paper)")
+    augment: bool | None = Field(None, description="RandomResizedCrop (scale 0.8-1) + horizontal flip of the "
+                                 "training maps; None = off (label_free) or on (protocol: paper)")
 
     _size = field_validator("train_size", "eval_size")(_check_size)
 
@@ -372,8 +376,58 @@ class LeopartConfig(_Base):
     )
     paper_grid: LeopartGridConfig = Field(default_factory=LeopartGridConfig)
     linear_probe: LinearProbeConfig = Field(default_factory=LinearProbeConfig)
+    # -- what protocol: paper changes besides the label-chosen hyperparameters (None = the protocol's choice; the
+    # -- label_free value first, the authors' second; docs/leopart.md, "protocol: paper")
+    cbfe_attention: Literal["backbone", "weights"] = Field(
+        "backbone", description="CBFE's noisy foreground from the evaluated backbone's attention, or from another "
+        "ViT given by cbfe_attention_arch / cbfe_attention_weights (the authors: DINO ViT-S/16)")
+    cbfe_attention_arch: str = Field("vit_small_patch16", description="architecture of cbfe_attention: weights")
+    cbfe_attention_weights: str | None = Field(None, description="weights file of cbfe_attention: weights")
+    fit_splits: Literal["train", "train+val"] | None = Field(
+        None, description="data the PCA, the k-means of CBFE and of the communities and the co-occurrence are "
+        "fitted on: train | train+val (authors: transductive)")
+    val_precision: Literal["train", "val"] | None = Field(
+        None, description="CBFE foreground of val patches: the training split's cluster flags | flags from val's "
+        "own attention masks (authors)")
+    cooc_angles: Literal["even", "authors"] | None = Field(
+        None, description="co-occurrence angles: 8 even | the authors' list (4 pi / 3 in place of 5 pi / 4)")
+    cooc_presence: Literal["occurs", "row_sum"] | None = Field(
+        None, description="an image counts for a cluster's row where the cluster occurs | where its row sum is > 0 "
+        "(authors)")
+    match: Literal["pixels", "iou"] | None = Field(
+        None, description="Hungarian matching maximises matched pixels | IoU (authors)")
+    infomap_runs: int | None = Field(
+        None, ge=1, description="Infomap seeds seed .. seed + n - 1 evaluated, mean +- std reported (authors: 10, "
+        "seeds 0-9); the model keeps the first; None = 1 (label_free) or 10 (paper)")
+    overcluster_split: Literal["train", "val"] | None = Field(
+        None, description="overclustering k-means fitted on train | val (authors)")
+    overcluster_seeds: int | None = Field(None, ge=1, description="overclustering seeds averaged (authors: 5)")
+    overcluster_spherical: bool | None = Field(None, description="overclustering k-means spherical (authors: no)")
 
     _size = field_validator("input_size", "eval_size")(_check_size)
+
+    @model_validator(mode="after")
+    def _protocol_choices(self) -> LeopartConfig:
+        """Fill every ``None`` choice from ``protocol`` (an explicit value always wins)."""
+        paper = self.protocol == "paper"
+        choices = {"fit_splits": ("train", "train+val"), "val_precision": ("train", "val"),
+                   "cooc_angles": ("even", "authors"), "cooc_presence": ("occurs", "row_sum"),
+                   "match": ("pixels", "iou"), "infomap_runs": (1, 10), "overcluster_split": ("train", "val"),
+                   "overcluster_seeds": (1, 5), "overcluster_spherical": (True, False)}
+        for key, (free, authors) in choices.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, authors if paper else free)
+        lp = self.linear_probe
+        if lp.weight_decay is None:
+            object.__setattr__(lp, "weight_decay", 1e-4 if paper else 0.0)
+        if lp.augment is None:
+            object.__setattr__(lp, "augment", paper)
+        if paper and "unmatched" not in self.model_fields_set:
+            object.__setattr__(self, "unmatched", "background")
+        if self.cbfe_attention == "weights" and not self.cbfe_attention_weights:
+            raise ValueError("leopart.cbfe_attention=weights needs leopart.cbfe_attention_weights (a DINO ViT-S/16 "
+                             "weights file)")
+        return self
 
     @field_validator("blur_kernel")
     @classmethod
