@@ -177,7 +177,45 @@ class LocalExecutor:
 def dense_rows(backbone: Any, images: list[np.ndarray], ids: list[str], cfg: Config, device: Any, amp: Any) -> pa.Table:
     """The dense stage's table for one shard of decoded images (both executors)."""
     lp = cfg.leopart
-    return dense_table(ids, dense_features(backbone, images, tuple(lp.input_size), device, lp.batch_size, amp))
+    outputs = dense_features(backbone, images, tuple(lp.input_size), device, lp.batch_size, amp)
+    if lp.cbfe_attention == "weights":  # CBFE's attention from another ViT (the authors: DINO ViT-S/16)
+        outputs = with_attention_of(attention_backbone(lp.cbfe_attention_arch, str(lp.cbfe_attention_weights),
+                                                       device), outputs, images, cfg, device, amp)
+    return dense_table(ids, outputs)
+
+
+_ATTENTION_BACKBONES: dict[tuple[str, str, str], Any] = {}
+
+
+def attention_backbone(arch: str, weights: str, device: Any) -> Any:
+    """The ViT of ``leopart.cbfe_attention: weights``, built once per process (a dense worker keeps it)."""
+    from transfgu.models.backbone import build_backbone
+
+    key = (arch, weights, str(device))
+    if key not in _ATTENTION_BACKBONES:
+        _ATTENTION_BACKBONES[key] = build_backbone(arch, weights).to(device)
+    return _ATTENTION_BACKBONES[key]
+
+
+def with_attention_of(attn_backbone: Any, outputs: list, images: list[np.ndarray], cfg: Config, device: Any,
+                      amp: Any) -> list:
+    """``outputs`` (``(feats, attn, grid)`` per image) with ``attn`` replaced by ``attn_backbone``'s head-mean CLS
+    attention at the same input size, resized bilinearly to the evaluated backbone's patch grid when the two grids
+    differ (a ViT-B/8 evaluated with ViT-S/16 attention), then renormalised to sum 1."""
+    import torch
+    import torch.nn.functional as F
+
+    lp = cfg.leopart
+    other = dense_features(attn_backbone, images, tuple(lp.input_size), device, lp.batch_size, amp)
+    out = []
+    for (feats, _, grid), (_, a, g2) in zip(outputs, other):
+        a = np.asarray(a, dtype=np.float32)
+        if tuple(g2) != tuple(grid):
+            t = torch.from_numpy(a.reshape(1, 1, *g2))
+            a = F.interpolate(t, size=tuple(grid), mode="bilinear", align_corners=False).numpy().ravel()
+            a = a / max(float(a.sum()), 1e-12)
+        out.append((feats, a, grid))
+    return out
 
 
 def dense_stage(split: str) -> type:
@@ -304,9 +342,14 @@ def run_cbfe(ctx: Any, ex: Any) -> dict[str, Any]:
         if own_val:
             val_precision = cbfe_mod.cluster_precision(*_sum_precision(parts[n_train:], lp.k_cbfe))
         info: dict[str, Any] = {"protocol": lp.protocol, "labels_used": lp.protocol == "paper"}
-        if lp.protocol == "paper":
+        if lp.protocol == "paper" and _fg_classes(cfg)[1] is not None:
             threshold, ious = _paper_threshold(ctx, shards, model, precision)
             info["cut_iou"] = {str(k): v for k, v in ious.items()}
+        elif lp.protocol == "paper":  # the authors' cut search scores foreground IoU: it needs a background class
+            threshold = lp.precision_threshold
+            info["labels_used"] = False
+            info["threshold_rule"] = "fixed: the data set has no background class for the authors' cut search"
+            log.info("[cbfe] protocol=paper without a background class: fixed threshold %.2f", threshold)
         else:
             threshold = lp.precision_threshold
         fg = cbfe_mod.foreground_clusters(precision, threshold)
@@ -407,7 +450,12 @@ def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmat
     unmatched segments per ``leopart.unmatched`` (:func:`transfgu.leopart.scoring.leopart_scores`)."""
     from transfgu.leopart.scoring import leopart_scores
 
-    return leopart_scores(conf, names, bg, match, unmatched)
+    return leopart_scores(conf, names, bg, match, unmatched_rule(unmatched, bg))
+
+
+def unmatched_rule(unmatched: str, bg: int | None) -> str:
+    """``background`` needs a background class to merge into; a data set without one (MSRC) keeps ``error``."""
+    return "error" if unmatched == "background" and bg is None else unmatched
 
 
 def _paper_grid_search(ctx: Any, shards: Any, model: LeopartModel, n_fg: int) -> dict[str, Any]:
@@ -602,7 +650,7 @@ def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
     sel = comm_meta.get("selection") or {}
     metrics.update({
         "method": "leopart", "protocol": lp.protocol, "labels_used_for_fitting": lp.protocol == "paper",
-        "eval_size": list(lp.eval_size), "unmatched": lp.unmatched, "match": lp.match,
+        "eval_size": list(lp.eval_size), "unmatched": unmatched_rule(lp.unmatched, bg), "match": lp.match,
         "n_segments": model.n_segments, "infomap_seeds": seeds,
         "prior": cfg.backbone.source.prior,
         "overclustering": over,
@@ -651,7 +699,7 @@ def infomap_seed_scores(run_dir: Path, cfg: Config, gt: dict[str, np.ndarray], n
         sc = segment_scores(seg_conf, names, bg, lp.unmatched, lp.match)
         miou[s], acc[s] = float(sc["mIoU"]), float(sc["pixel_accuracy"])
     return {"mIoU": seed_summary(miou), "pixel_accuracy": seed_summary(acc), "match": lp.match,
-            "unmatched": lp.unmatched}
+            "unmatched": unmatched_rule(lp.unmatched, bg)}
 
 
 def _dense_with_labels(run_dir: Path, split: str, gt: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray],
@@ -684,13 +732,15 @@ def linear_probe(ctx: Any, names: Sequence[str]) -> dict[str, Any]:
     x_train, y_train, grid = _dense_with_labels(ctx.run_dir, cfg.data.train_split, gt_train)
     head, losses = train_linear_probe(x_train, np.stack(y_train), grid, len(names), epochs=pc.epochs, lr=pc.lr,
                                       lr_drop_epoch=pc.lr_drop_epoch, batch_size=pc.batch_size,
-                                      momentum=pc.momentum, seed=cfg.leopart.seed)
+                                      momentum=pc.momentum, seed=cfg.leopart.seed,
+                                      weight_decay=float(pc.weight_decay or 0.0), augment=bool(pc.augment))
     gt_val = _gt_at(cfg, cfg.data.val_split, ctx.errors, "evaluate", pc.eval_size)
     x_val, y_val, _ = _dense_with_labels(ctx.run_dir, cfg.data.val_split, gt_val)
     s = evaluate(head, x_val, y_val, grid, names)
     log.info("[evaluate] linear probe (TRAINED WITH LABELS): mIoU %.4f on %d val images", s["mIoU"], len(y_val))
     return {**s, "labels_used": True, "n_train_images": int(x_train.shape[0]), "n_val_images": len(y_val),
             "train_size": list(pc.train_size), "eval_size": list(pc.eval_size), "epochs": pc.epochs, "lr": pc.lr,
+            "weight_decay": pc.weight_decay, "augment": pc.augment,
             "losses": [round(v, 6) for v in losses],
             "note": "a linear layer on the frozen dense tokens trained with the training labels: a feature-quality "
                     "number, not an unsupervised one"}
