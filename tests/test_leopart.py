@@ -416,8 +416,10 @@ def test_paper_protocol_uses_train_labels_and_says_so(lp_run, tmp_path):
     cfg2 = _copy_run(cfg, tmp_path, "paper", **{"leopart.protocol": "paper", "leopart.unmatched": "background"})
     manifest = run_pipeline(cfg2)
     first = json.loads((cfg.run_dir / "_manifest.json").read_text())["stages"]
-    for stage in ("dense", "pca"):  # upstream of the CBFE threshold: kept, not recomputed
-        assert manifest["stages"][stage]["extra"]["seconds"] == first[stage]["extra"]["seconds"]
+    # the dense features are kept; the PCA is refitted (the authors fit it on train + val)
+    assert manifest["stages"]["dense"]["extra"]["seconds"] == first["dense"]["extra"]["seconds"]
+    assert json.loads((cfg2.run_dir / "pca" / "pca.json").read_text())["n"] > json.loads(
+        (cfg.run_dir / "pca" / "pca.json").read_text())["n"]
     info = json.loads((cfg2.run_dir / "cbfe" / "cbfe.json").read_text())
     assert info["labels_used"] is True and info["protocol"] == "paper"
     assert abs(info["threshold"] / 0.05 - round(info["threshold"] / 0.05)) < 1e-9
