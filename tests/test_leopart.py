@@ -467,10 +467,8 @@ def test_bad_inputs_are_recorded_or_rejected_clearly(tmp_path):
         "run.error_budget": "0.2", "leopart.k_community": "100000", "leopart.n_communities": "null"})
     with pytest.raises(ValueError, match="leopart.k_community"):
         run_pipeline(bad)
-    # paper protocol on a data set without a background class
-    with pytest.raises(ValueError, match="background"):
-        run_pipeline(leopart_config(tmp_path, "cam", **{"data.name": "camvid", "data.root": str(
-            require_shared_data("camvid")), "leopart.protocol": "paper"}))
+    # (the paper protocol on a data set without a background class runs with a fixed CBFE threshold and unmatched
+    # segments as errors: tests/test_leopart_ray.py, the MSRC preset)
     with pytest.raises(ConfigError, match="blur_kernel"):
         load_config(REPO / "conf" / "leopart_horse.yaml", ["leopart.blur_kernel=4"])
     with pytest.raises(ConfigError, match="leopart.kcbfe"):

@@ -103,6 +103,14 @@ def test_unmatched_segments_merge_into_background():
     assert bg["per_class_iou"]["bg"] == pytest.approx(55 / (65 + 60 - 55))
 
 
+def test_without_a_background_class_unmatched_segments_stay_errors():
+    from transfgu.leopart.pipeline import unmatched_rule
+
+    assert unmatched_rule("background", None) == "error" and unmatched_rule("background", 0) == "background"
+    with pytest.raises(ValueError, match="background"):  # the scoring itself never merges into no class
+        leopart_scores(np.array([[3, 1], [0, 2]]), ["a", "b"], None, "iou", "background")
+
+
 def test_seed_summary_is_the_mean_and_population_std():
     vals = {s: 0.1 * s + 0.05 * (s % 3) for s in range(10)}
     out = seed_summary(vals)
