@@ -737,7 +737,7 @@ def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], nam
             for seed, centroids in zip(seeds, per_seed):
                 kk = int(centroids.shape[0])
                 conf = RunningConfusion(len(names), kk, ignore_index=None)
-                for file_maps in val.assign_maps(centroids, spherical=spherical):
+                for file_maps in val.assign_maps(centroids, spherical):  # positional: Ray holders forward args only
                     for image_id, m in file_maps:
                         if image_id in gt:
                             conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))
