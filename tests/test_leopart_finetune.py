@@ -245,9 +245,14 @@ def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
     path = cfg.run_dir / "finetune" / "backbone.safetensors"
     bb = build_backbone("vit_test_tiny", str(path))
     groups, _ = ftt.load_train_state(cfg.run_dir / "finetune" / "epoch_005")
-    teacher = {k[len("backbone.vit."):]: v for k, v in groups["teacher"].items() if k.startswith("backbone.vit.")}
-    for k, v in bb.vit.state_dict().items():
-        torch.testing.assert_close(v, teacher[k])
+    # the exported backbone is the student (what the authors evaluate); the teacher is written next to it
+    assert cfg.finetune.export == "student"
+    other = build_backbone("vit_test_tiny", str(cfg.run_dir / "finetune" / "backbone_teacher.safetensors"))
+    for which, net in (("student", bb), ("teacher", other)):
+        ref = {k[len("backbone.vit."):]: v for k, v in groups[which].items() if k.startswith("backbone.vit.")}
+        for k, v in net.vit.state_dict().items():
+            torch.testing.assert_close(v, ref[k])
+    assert not torch.equal(bb.vit.blocks[0].attn.qkv.weight, other.vit.blocks[0].attn.qkv.weight)
     rand = build_backbone("vit_test_tiny", str(cfg.run_dir / "backbone_random.safetensors"))
     assert not torch.equal(rand.vit.blocks[0].attn.qkv.weight, bb.vit.blocks[0].attn.qkv.weight)
     with safe_open(str(path), framework="pt") as fh:
@@ -363,3 +368,207 @@ def test_folder_preset_is_the_appendix_recipe():
     assert (f.lr_head, f.lr_backbone, f.momentum) == (1e-4, 1e-5, 0.9995)
     for name in ("leopart_finetune_camvid", "leopart_finetune_tiny"):
         assert load_config(REPO / "conf" / f"{name}.yaml", []).method == "leopart_finetune"
+
+
+# -- the authors' recipe: foreground mask, per-crop queues, AdamW, drop-path, crop overlap -----------------------
+def test_attention_foreground_keeps_the_top_mass_by_hand():
+    # head mean of [[4, 3, 2, 1], [4, 3, 2, 1]] / 10: top 60 % of the mass = 0.4 + 0.3 (0.7 > 0.6; 0.4 alone < 0.6)
+    a = torch.tensor([[[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]]])
+    assert ft.attention_foreground(a, 0.6).tolist() == [[True, True, False, False]]
+    # uniform attention: cumsum 0.25, 0.5, 0.75, 1.0 > 0.4 keeps the last three in sort order (stable)
+    assert ft.attention_foreground(torch.ones(1, 1, 4), 0.6).sum() == 3
+    # one patch holds everything: exactly that patch (at least one patch)
+    assert ft.attention_foreground(torch.tensor([[[0.0, 0.0, 1.0]]]), 0.01).tolist() == [[False, False, True]]
+
+
+def _brute_masked_loss(preds, targets, fg, boxes, n_global, tau, out):
+    """Per image: the mean over pairs of the mean over the foreground cells (aligned mask >= 0.5, else the highest
+    cell) of -sum_k Q log softmax(s / tau), cell by cell in Python."""
+    b = boxes.shape[0]
+    n_crops = len(preds)
+    per_image = []
+    for im in range(b):
+        pair_losses = []
+        for j in range(n_global):
+            for i in range(n_crops):
+                if i == j:
+                    continue
+                inter = ft.box_intersection(boxes[im : im + 1, i], boxes[im : im + 1, j])
+                s = preds[i][im : im + 1]
+                t = targets[j][im : im + 1]
+                s_al = ft.align_maps(s / tau, ft.boxes_in_crop(inter, boxes[im : im + 1, i], s.shape[-2:]), out)[0]
+                tb = ft.boxes_in_crop(inter, boxes[im : im + 1, j], t.shape[-2:])
+                t_al = ft.align_maps(t, tb, out)[0]
+                m_al = ft.align_maps(fg[j][im : im + 1], tb, out)[0, 0]
+                cells = [(u, v) for u in range(out) for v in range(out) if float(m_al[u, v]) >= 0.5]
+                if not cells:
+                    flat = m_al.flatten()
+                    top = int(flat.argmax())
+                    cells = [(top // out, top % out)]
+                vals = []
+                for u, v in cells:
+                    logp = torch.log_softmax(s_al[:, u, v].double(), 0)
+                    vals.append(float(-(t_al[:, u, v].double() * logp).sum()))
+                pair_losses.append(sum(vals) / len(vals))
+        per_image.append(sum(pair_losses) / len(pair_losses))
+    return torch.tensor(per_image, dtype=torch.float64)
+
+
+def test_masked_loss_equals_a_cell_by_cell_brute_force():
+    g = torch.Generator().manual_seed(5)
+    b, k, n_global = 2, 6, 2
+    spec = ft.CropSpec(n_global=2, n_local=1, min_intersection=0.05, global_overlap=0.02)
+    boxes = torch.stack([ft.sample_crop_boxes(60, 80, spec, g) for _ in range(b)])
+    preds = [torch.randn(b, k, 4, 4, generator=g), torch.randn(b, k, 4, 4, generator=g),
+             torch.randn(b, k, 2, 2, generator=g)]
+    targets = [torch.softmax(torch.randn(b, k, 4, 4, generator=g), 1) for _ in range(2)]
+    fg = [(torch.rand(b, 1, 4, 4, generator=g) > 0.5).float() for _ in range(2)]
+    fg[1][0] = 0.0
+    fg[1][0, 0, 3, 3] = 1.0  # one foreground patch in a corner: some pairs keep only their best cell
+    got = ft.cluster_loss(preds, targets, boxes, n_global, 0.1, 3, per_image=True, foreground=fg)
+    ref = _brute_masked_loss(preds, targets, fg, boxes, n_global, 0.1, 3)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    # the mask matters: the unmasked loss is another number, and an all-foreground mask is the unmasked loss
+    plain = ft.cluster_loss(preds, targets, boxes, n_global, 0.1, 3, per_image=True)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    ones = [torch.ones(b, 1, 4, 4) for _ in range(2)]
+    torch.testing.assert_close(ft.cluster_loss(preds, targets, boxes, n_global, 0.1, 3, per_image=True,
+                                               foreground=ones), plain)
+
+
+def test_foreground_queue_pushes_equal_a_brute_force_pick():
+    from transfgu.ddp import step_generator
+    from transfgu.leopart import finetune_train as ftt
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 5, 2, generator=g)  # 3 images, 5 patches, dim 2
+    fg = torch.rand(3, 5, generator=g) > 0.4
+    fg[:, 0] = True
+    q = ft.EmbeddingQueue(50, 2)
+    ftt._push_global(q, z, fg, 0, 3, 4, step_generator(0, 0, 0, 19))
+    # brute force: the foreground rows image by image, patch by patch, and the same draw over their number
+    rows = [z[i, p] for i in range(3) for p in range(5) if bool(fg[i, p])]
+    pick = torch.randperm(len(rows), generator=step_generator(0, 0, 0, 19))[:4]
+    assert q.filled == 4
+    torch.testing.assert_close(q.data[:4], torch.stack([rows[int(r)] for r in pick]))
+    # without a mask every patch is a candidate (the ranks' pieces: tests/test_leopart_finetune_ddp.py)
+    q_all = ft.EmbeddingQueue(50, 2)
+    ftt._push_global(q_all, z, None, 0, 3, 4, step_generator(0, 0, 0, 19))
+    pick = torch.randperm(15, generator=step_generator(0, 0, 0, 19))[:4]
+    torch.testing.assert_close(q_all.data[:4], z.reshape(15, 2)[pick])
+
+
+def test_sinkhorn_runs_per_global_crop_with_its_own_queue():
+    from transfgu.leopart import finetune_train as ftt
+
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(2, 2, 3, 4, generator=g) * 0.5  # 2 images, 2 global crops, 3 patches, K = 4
+    protos = torch.nn.functional.normalize(torch.randn(4, 3, generator=g), dim=1)
+    queues = ft.CropQueues(2, 5, 3)
+    for j in range(2):
+        queues[j].push(torch.nn.functional.normalize(torch.randn(5, 3, generator=g), dim=1))
+    got = ftt.sinkhorn_per_crop(scores, queues, protos, 0.1, 3)
+    for j in range(2):
+        rows = scores[:, j].reshape(-1, 4)
+        shared = queues[j].data @ protos.t()
+        ref = naive_sinkhorn(torch.cat([rows, shared]).double().tolist(), 0.1, 3)[:6]
+        torch.testing.assert_close(got[j].double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # not the joint Sinkhorn over both crops (what the loop did before)
+    joint = ft.sinkhorn_knopp(scores.reshape(-1, 4), 0.1, 3).view(2, 2, 3, 4)
+    assert not torch.allclose(got[0].view(2, 3, 4), joint[:, 0], atol=1e-4)
+    # the queues' state round-trips
+    q2 = ft.CropQueues(2, 5, 3)
+    q2.load(queues.state())
+    assert all(torch.equal(q2[j].data, queues[j].data) for j in range(2))
+
+
+def test_adamw_decays_what_the_authors_decay():
+    from transfgu.leopart import finetune_train as ftt
+    from transfgu.models.backbone import build_backbone
+
+    bb = build_backbone("vit_test_tiny", weights="none").requires_grad_(True)  # built frozen
+    head = ft.ProjectionHead(bb.embed_dim, 16, 8, 5)
+    groups = ft.param_groups(bb, head, 1e-5, 1e-4)
+    names = {id(p): n for n, p in list(bb.named_parameters()) + list(head.named_parameters())}
+    decayed = {names[id(p)] for grp in groups if grp["decay"] for p in grp["params"]}
+    kept = {names[id(p)] for grp in groups if not grp["decay"] for p in grp["params"]}
+    assert {"vit.cls_token", "vit.pos_embed", "vit.patch_embed.proj.weight", "prototypes.weight"} <= decayed
+    assert {"vit.patch_embed.proj.bias", "vit.norm.weight", "vit.blocks.0.norm1.weight"} <= kept
+    assert not any(n.endswith(".bias") for n in decayed)
+    old = {names[id(p)] for grp in ft.param_groups(bb, head, 1e-5, 1e-4, decay_tokens=False) if grp["decay"]
+           for p in grp["params"]}
+    assert decayed - old == {"vit.cls_token", "vit.pos_embed"}
+    # decoupled decay by hand: with a zero gradient AdamW shrinks a decayed weight by exactly (1 - lr * wd)
+    # (Adam with L2 would move it by ~lr: the normalised gradient of wd * p)
+    cfg = finetune_config("/tmp/unused")
+    student, _ = ftt.build_models(cfg, build_backbone("vit_test_tiny", weights="none"))
+    opt = ftt.make_optimizer(cfg, student)
+    assert isinstance(opt, torch.optim.AdamW)
+    ft.set_schedules(opt, 0, 10, *cfg.finetune.weight_decay)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    for p in student.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = dict(student.named_parameters())
+    lr = cfg.finetune.lr_backbone
+    torch.testing.assert_close(after["backbone.vit.cls_token"], before["backbone.vit.cls_token"] * (1 - lr * 0.04))
+    assert torch.equal(after["backbone.vit.norm.weight"], before["backbone.vit.norm.weight"])
+    assert cfg.finetune.weight_decay[1] == 0.5 and ft.cosine_schedule(0.04, 0.5, 10, 10) == pytest.approx(0.5)
+
+
+def test_student_drop_path_rates_and_draws():
+    from transfgu.leopart import finetune_train as ftt
+    from transfgu.models.backbone import build_backbone
+
+    cfg = finetune_config("/tmp/unused")
+    student, teacher = ftt.build_models(cfg, build_backbone("vit_test_tiny", weights="none"))
+    mods = ft.drop_path_modules(student)
+    assert [m.rate for m in mods] == pytest.approx([0.0, 0.0, 0.1, 0.1])  # 2 blocks: linear 0 -> 0.1
+    assert not ft.drop_path_modules(teacher)
+    # a set draw drops exactly the samples whose uniform is below the rate and scales the others
+    m = mods[-1]
+    m.train()
+    ft.set_drop_path_draws([m], torch.tensor([[0.05], [0.5]]))
+    x = torch.ones(2, 3, 4)
+    y = m(x)
+    assert torch.equal(y[0], torch.zeros(3, 4)) and torch.allclose(y[1], torch.full((3, 4), 1 / 0.9))
+
+
+def test_global_crops_overlap_by_more_than_two_percent():
+    """Pixel-counting oracle: two global crops share more than 2 % of the image's pixels, local crops >= 1 %."""
+    import numpy as np
+
+    spec = ft.CropSpec(n_global=2, n_local=3, global_scale=(0.1, 0.3), local_scale=(0.02, 0.1),
+                       min_intersection=0.01, global_overlap=0.02)
+    g = torch.Generator().manual_seed(11)
+    h, w = 60, 80
+    for _ in range(40):
+        b = ft.sample_crop_boxes(h, w, spec, g).int().tolist()
+        masks = []
+        for x0, y0, x1, y1 in b:
+            m = np.zeros((h, w), bool)
+            m[y0:y1, x0:x1] = True
+            masks.append(m)
+        assert (masks[0] & masks[1]).sum() > 0.02 * h * w
+        for i in range(2, 5):
+            for j in range(2):
+                assert (masks[i] & masks[j]).sum() >= 0.01 * h * w
+    # the rule bites: small global crops drawn without it often overlap by 2 % or less
+    loose = ft.CropSpec(n_global=2, n_local=0, global_scale=(0.1, 0.3), min_intersection=0.0)
+    small = 0
+    for _ in range(40):
+        b = ft.sample_crop_boxes(h, w, loose, g)
+        small += float(ft.box_area(ft.box_intersection(b[0], b[1]))) <= 0.02 * h * w
+    assert small > 0
+
+
+def test_the_authors_recipe_is_the_default():
+    f = finetune_config("/tmp/unused").finetune.model_copy()
+    from transfgu.config import FinetuneConfig
+
+    d = FinetuneConfig()
+    assert (d.loss_mask, d.fg_attention, d.fg_mass, d.queue_push) == ("foreground", "teacher", 0.6, 320)
+    assert (d.optimizer, d.weight_decay, d.decay_tokens, d.drop_path) == ("adamw", (0.04, 0.5), True, 0.1)
+    assert (d.batch_size, d.global_overlap, d.jitter, d.jitter_p, d.export) == (
+        64, 0.02, (0.8, 0.8, 0.8, 0.2), 0.8, "student")
+    assert f.loss_mask == "foreground"

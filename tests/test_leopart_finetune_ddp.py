@@ -3,7 +3,8 @@
 Two real gloo ranks (spawned processes, CPU) against one process: the distributed Sinkhorn-Knopp equals the one
 on the concatenated batch (and the naive loop), and a short fine-tuning on real CamVid images -- uneven pieces
 (a global batch of 3 split 2 + 1) and a placeholder rank (a last global batch of 1) -- gives the same per-step
-losses and cluster usage, the same queue and the same final student and teacher weights.
+losses and cluster usage, the same queues and the same final student and teacher weights -- with the authors' recipe
+(foreground-masked loss, foreground-only pushes to one queue per global crop, AdamW, student drop-path).
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def _finetune(rank: int, world: int, out: str, opts: dict) -> None:
         torch.manual_seed(0)
         backbone = build_backbone("vit_test_tiny", weights="none")
         student, teacher = ftt.build_models(cfg, backbone)
-        opt = torch.optim.Adam(ft.param_groups(student.backbone, student.head, f.lr_backbone, f.lr_head))
-        queue = ft.EmbeddingQueue(f.queue_length, f.out_dim)
+        opt = ftt.make_optimizer(cfg, student)  # AdamW, the authors' decay groups
+        queue = ftt.make_queues(cfg)  # one queue per global crop
         loader = ftt.make_loader(images[:N_IMAGES], cfg, rank, world)
         model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
         init = {f"init.{k}": v.detach().clone() for k, v in student.state_dict().items()}
@@ -122,7 +123,7 @@ def _finetune(rank: int, world: int, out: str, opts: dict) -> None:
                                 torch.device("cpu"), on_step=steps.append)
         weights = {f"student.{k}": v for k, v in student.state_dict().items()}
         weights.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})
-        weights["queue"] = queue.data
+        weights.update(queue.state())
         weights.update(init)
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(Path(out) / f"rank{rank}.safetensors"))
         (Path(out) / f"steps-rank{rank}.json").write_text(json.dumps(steps))
@@ -153,7 +154,9 @@ def test_two_gloo_ranks_finetune_like_one_process(tmp_path):
         assert x["usage_entropy"] == pytest.approx(s["usage_entropy"], rel=1e-5), where
     w1 = load_file(str(one / "rank0.safetensors"))
     wa, wb = (load_file(str(two / f"rank{r}.safetensors")) for r in range(2))
-    assert bool(wa["queue"].abs().sum() > 0)  # the queue filled (and was used from the second step on)
+    # both per-crop queues filled with foreground rows (and were used from the second step on)
+    assert bool(wa["queue_0"].abs().sum() > 0) and bool(wa["queue_1"].abs().sum() > 0)
+    assert not torch.equal(wa["queue_0"], wa["queue_1"])
     for k, v in w1.items():
         assert torch.equal(wa[k], wb[k]), k  # identical replicas, identical queues
         # Adam divides by sqrt(v): rounding-level gradient differences move a weight by up to ~lr * 1e-3

@@ -329,6 +329,10 @@ class LinearProbeConfig(_Base):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (the appendix does not name the optimiser)")
     train_size: tuple[int, int] = Field((100, 100), description="training masks (authors: 100 x 100)")
     eval_size: tuple[int, int] = Field((448, 448), description="evaluation masks (authors: 448 x 448)")
+    weight_decay: float | None = Field(None, ge=0, description="SGD weight decay; None = 0 (label_free) or the "
+                                       "authors' 1e-4 (protocol: paper)")
+    augment: bool | None = Field(None, description="RandomResizedCrop (scale 0.8-1) + horizontal flip of the "
+                                 "training maps; None = off (label_free) or on (protocol: paper)")
 
     _size = field_validator("train_size", "eval_size")(_check_size)
 
@@ -391,8 +395,58 @@ class LeopartConfig(_Base):
     )
     paper_grid: LeopartGridConfig = Field(default_factory=LeopartGridConfig)
     linear_probe: LinearProbeConfig = Field(default_factory=LinearProbeConfig)
+    # -- what protocol: paper changes besides the label-chosen hyperparameters (None = the protocol's choice; the
+    # -- label_free value first, the authors' second; docs/leopart.md, "protocol: paper")
+    cbfe_attention: Literal["backbone", "weights"] = Field(
+        "backbone", description="CBFE's noisy foreground from the evaluated backbone's attention, or from another "
+        "ViT given by cbfe_attention_arch / cbfe_attention_weights (the authors: DINO ViT-S/16)")
+    cbfe_attention_arch: str = Field("vit_small_patch16", description="architecture of cbfe_attention: weights")
+    cbfe_attention_weights: str | None = Field(None, description="weights file of cbfe_attention: weights")
+    fit_splits: Literal["train", "train+val"] | None = Field(
+        None, description="data the PCA, the k-means of CBFE and of the communities and the co-occurrence are "
+        "fitted on: train | train+val (authors: transductive)")
+    val_precision: Literal["train", "val"] | None = Field(
+        None, description="CBFE foreground of val patches: the training split's cluster flags | flags from val's "
+        "own attention masks (authors)")
+    cooc_angles: Literal["even", "authors"] | None = Field(
+        None, description="co-occurrence angles: 8 even | the authors' list (4 pi / 3 in place of 5 pi / 4)")
+    cooc_presence: Literal["occurs", "row_sum"] | None = Field(
+        None, description="an image counts for a cluster's row where the cluster occurs | where its row sum is > 0 "
+        "(authors)")
+    match: Literal["pixels", "iou"] | None = Field(
+        None, description="Hungarian matching maximises matched pixels | IoU (authors)")
+    infomap_runs: int | None = Field(
+        None, ge=1, description="Infomap seeds seed .. seed + n - 1 evaluated, mean +- std reported (authors: 10, "
+        "seeds 0-9); the model keeps the first; None = 1 (label_free) or 10 (paper)")
+    overcluster_split: Literal["train", "val"] | None = Field(
+        None, description="overclustering k-means fitted on train | val (authors)")
+    overcluster_seeds: int | None = Field(None, ge=1, description="overclustering seeds averaged (authors: 5)")
+    overcluster_spherical: bool | None = Field(None, description="overclustering k-means spherical (authors: no)")
 
     _size = field_validator("input_size", "eval_size")(_check_size)
+
+    @model_validator(mode="after")
+    def _protocol_choices(self) -> LeopartConfig:
+        """Fill every ``None`` choice from ``protocol`` (an explicit value always wins)."""
+        paper = self.protocol == "paper"
+        choices = {"fit_splits": ("train", "train+val"), "val_precision": ("train", "val"),
+                   "cooc_angles": ("even", "authors"), "cooc_presence": ("occurs", "row_sum"),
+                   "match": ("pixels", "iou"), "infomap_runs": (1, 10), "overcluster_split": ("train", "val"),
+                   "overcluster_seeds": (1, 5), "overcluster_spherical": (True, False)}
+        for key, (free, authors) in choices.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, authors if paper else free)
+        lp = self.linear_probe
+        if lp.weight_decay is None:
+            object.__setattr__(lp, "weight_decay", 1e-4 if paper else 0.0)
+        if lp.augment is None:
+            object.__setattr__(lp, "augment", paper)
+        if paper and "unmatched" not in self.model_fields_set:
+            object.__setattr__(self, "unmatched", "background")
+        if self.cbfe_attention == "weights" and not self.cbfe_attention_weights:
+            raise ValueError("leopart.cbfe_attention=weights needs leopart.cbfe_attention_weights (a DINO ViT-S/16 "
+                             "weights file)")
+        return self
 
     @field_validator("blur_kernel")
     @classmethod
@@ -415,21 +469,32 @@ class FinetuneConfig(_Base):
     a ``backbone.weights=`` file for any other run."""
 
     epochs: int = Field(50, ge=1, description="training epochs over the training split (appendix: 50)")
-    batch_size: int = Field(32, ge=1, description="images per global step (over all workers)")
+    batch_size: int = Field(64, ge=1, description="images per global step, over all workers (authors: 32 x 2 GPUs)")
     n_global: int = Field(2, ge=1, description="global crops per image")
     n_local: int = Field(4, ge=0, description="local crops per image")
     global_size: int = Field(224, ge=8, description="global crop side after resizing (appendix: 224)")
     local_size: int = Field(96, ge=8, description="local crop side after resizing (appendix: 96)")
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
-    min_intersection: float = Field(0.01, ge=0, lt=1, description="every crop meets every global crop by this "
-                                    "fraction of the image (appendix: 1 %)")
+    min_intersection: float = Field(0.01, ge=0, lt=1, description="every local crop meets every global crop by at "
+                                    "least this fraction of the image (appendix: 1 %)")
+    global_overlap: float = Field(0.02, ge=0, lt=1, description="two global crops overlap by more than this "
+                                  "fraction of the image (authors' code: 2 %)")
     max_side: int = Field(448, ge=16, description="images are decoded with their longer side at most this")
     hidden_dim: int = Field(2048, ge=1)
     out_dim: int = Field(256, ge=1)
     n_prototypes: int = Field(300, ge=2)
-    queue_length: int = Field(8192, ge=0, description="teacher embeddings added to the Sinkhorn batch; 0 = none")
-    queue_push: int = Field(2048, ge=1, description="teacher embeddings pushed to the queue per step")
+    queue_length: int = Field(8192, ge=0, description="length of each global crop's queue of embeddings added to "
+                              "its Sinkhorn batch; 0 = none")
+    queue_push: int = Field(320, ge=1, description="embeddings pushed to each global crop's queue per step "
+                            "(authors: 320, foreground only)")
+    loss_mask: Literal["foreground", "all"] = Field(
+        "foreground", description="foreground = the loss and the queue pushes use foreground patches only (authors' "
+        "code); all = every patch")
+    fg_attention: Literal["teacher", "source"] = Field(
+        "teacher", description="whose last-block CLS attention gives the foreground: the EMA teacher (authors) or "
+        "the frozen source backbone")
+    fg_mass: float = Field(0.6, gt=0, le=1, description="foreground = patches holding this much of the attention")
     temperature: float = Field(0.1, gt=0)
     sinkhorn_eps: float = Field(0.05, gt=0)
     sinkhorn_iters: int = Field(3, ge=1)
@@ -437,9 +502,19 @@ class FinetuneConfig(_Base):
     momentum: float = Field(0.9995, ge=0, le=1, description="EMA momentum at step 0, cosine to 1")
     lr_head: float = Field(1e-4, gt=0)
     lr_backbone: float = Field(1e-5, ge=0)
-    weight_decay: tuple[float, float] = Field((0.04, 0.4), description="cosine weight-decay schedule start, end")
+    optimizer: Literal["adamw", "adam"] = Field(
+        "adamw", description="adamw = decoupled weight decay (authors' code); adam = L2 added to the gradient")
+    weight_decay: tuple[float, float] = Field((0.04, 0.5), description="cosine weight-decay schedule start, end")
+    decay_tokens: bool = Field(True, description="decay the CLS token and position embedding too (authors' code)")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="student stochastic depth, linear in depth up to this")
+    jitter: tuple[float, float, float, float] = Field(
+        (0.8, 0.8, 0.8, 0.2), description="colour jitter brightness, contrast, saturation, hue (authors' code)")
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    blur_kernel: int | None = Field(None, ge=1, description="Gaussian blur kernel; None = grows with sigma (PIL)")
     train_blocks: int | None = Field(None, ge=0, description="fine-tune only the last N ViT blocks; None = all")
-    export: Literal["teacher", "student"] = "teacher"
+    export: Literal["teacher", "student"] = Field(
+        "student", description="the backbone.safetensors written: the student (what the authors evaluate) or the "
+        "EMA teacher; the other is written too (backbone_<other>.safetensors)")
     seed: int = 0
 
 

@@ -8,7 +8,7 @@ Ziegler & Asano, "Self-Supervised Learning of Object Parts for Semantic Segmenta
 module                     step
 =========================  =====================================================================================
 :mod:`.dense`              patch tokens + last-block CLS attention (head mean) per image, one Parquet row each
-:mod:`.pca`                standardisation + PCA from additive per-shard statistics (fit on train only)
+:mod:`.pca`                standardisation + PCA from additive per-shard statistics (train; train + val: paper)
 :mod:`.foreground`         noisy attention foreground mask (blur, top 65 % mass, small components removed)
 :mod:`.shards`             dense files in memory, PCA-projected: the k-means shard set (:mod:`transfgu.kmeans`)
 :mod:`.cbfe`               precision of every cluster against the attention mask, threshold, foreground clusters

@@ -7,6 +7,10 @@ row to sum 1; then average each row over the images where its cluster occurs. He
 (image, cluster, cluster) codes per offset counts a whole chunk of images (no Python loop over pixels or images, any
 number of clusters), and the two sums (of the normalised rows, of the occurrences) add up over shards.
 
+The authors' code (``leopart.protocol: paper``) differs in two details, both selectable: its angle list
+(:data:`AUTHORS_ANGLES`: 4 pi / 3 in place of 5 pi / 4) and its presence rule (an image counts for a row only where
+the row sums to more than 0, i.e. the cluster has a neighbour of another cluster at one of the offsets).
+
 Network: an undirected edge (i, j) when both conditional probabilities reach the edge threshold, weighted by the
 smaller one. Communities: Infomap (``infomap`` package, MapEquation's own), two-level, undirected, with a Markov
 time and a preferred number of modules. The background node takes part; the community that holds it -- and every
@@ -25,21 +29,30 @@ from pathlib import Path
 
 import numpy as np
 
+#: The angles of the authors' co-occurrence (their list has 4 pi / 3 where 5 pi / 4 would complete 8 even angles).
+AUTHORS_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4, math.pi, 4 * math.pi / 3, 3 * math.pi / 2,
+                  7 * math.pi / 4)
 
-def glcm_offsets(distances: Sequence[int] = (1, 2), n_angles: int = 8) -> list[tuple[int, int]]:
-    """(row, col) offsets of ``skimage.feature.graycomatrix`` for these distances and ``n_angles`` even angles."""
+
+def glcm_offsets(distances: Sequence[int] = (1, 2), n_angles: int = 8,
+                 angles: Sequence[float] | None = None) -> list[tuple[int, int]]:
+    """(row, col) offsets of ``skimage.feature.graycomatrix`` for these distances and ``n_angles`` even angles (or
+    the given ``angles``): ``(round(sin(angle) d), round(cos(angle) d))``, Python's rounding (half to even)."""
+    if angles is None:
+        angles = [2 * math.pi * a / n_angles for a in range(n_angles)]
     out = []
     for d in distances:
-        for a in range(n_angles):
-            angle = 2 * math.pi * a / n_angles
+        for angle in angles:
             out.append((int(round(math.sin(angle) * d)), int(round(math.cos(angle) * d))))
     return out
 
 
 def cooccurrence_stats(
     maps: np.ndarray, n_nodes: int, offsets: Sequence[tuple[int, int]], max_cells: int = 1 << 22
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(sum over images of the row-normalised co-occurrence matrices (n, n) float64, images per node (n,))``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sum over images of the row-normalised co-occurrence matrices (n, n) float64, images where each node
+    occurs (n,), images where each node's row sum is > 0 (n,))``: the last two are the two presence rules (the
+    project's label-free default; the authors' code), the denominators of :func:`cooccurrence_matrix`.
 
     ``maps``: ``(B, H, W)`` integer node ids in ``[0, n_nodes)`` of images of one size. Images are counted in chunks
     of at most ``max_cells`` image x node x node cells, each with one ``bincount`` of (image, node, node) codes over
@@ -54,6 +67,7 @@ def cooccurrence_stats(
     n = n_nodes
     total = np.zeros((n, n))
     n_present = np.zeros(n, dtype=np.int64)
+    n_rows = np.zeros(n, dtype=np.int64)
     chunk = max(1, max_cells // (n * n))
     diag = np.arange(n)
     for s0 in range(0, b, chunk):
@@ -74,7 +88,8 @@ def cooccurrence_stats(
         rows = c.sum(axis=2, keepdims=True)
         total += (c / np.where(rows > 0, rows, 1.0)).sum(axis=0)
         n_present += (np.bincount((base + m).ravel(), minlength=bc * n).reshape(bc, n) > 0).sum(axis=0)
-    return total, n_present
+        n_rows += (rows[:, :, 0] > 0).sum(axis=0)
+    return total, n_present, n_rows
 
 
 def cooccurrence_matrix(sum_norm: np.ndarray, n_present: np.ndarray) -> np.ndarray:

@@ -14,6 +14,12 @@ that cell ``(u, v)`` of both aligned maps looks at the same point of the image. 
 Optimisation: Adam, head lr 1e-4, backbone lr 1e-5, both on a cosine schedule to 0; a cosine weight-decay
 schedule; the teacher's EMA momentum follows a cosine from 0.9995 to 1 (a hard copy at the end).
 
+The authors' code adds what the appendix does not say (and the defaults follow it, docs/leopart.md): the loss is
+masked to the foreground (the teacher's CLS attention, top 60 % of its mass, RoI-aligned with the targets), only
+foreground embeddings enter the queues (one queue per global crop, scored with the student's prototypes; Sinkhorn-
+Knopp runs per global crop), AdamW with weight decay 0.04 -> 0.5 on every non-bias, non-norm parameter, drop-path
+0.1 in the student, global crops overlapping by more than 2 %, colour jitter (0.8, 0.8, 0.8, 0.2).
+
 This module holds the pieces only (tested one by one in ``tests/test_leopart_finetune.py``); the loop is in
 :mod:`transfgu.leopart.finetune_train`, the Ray Train executor in :mod:`transfgu.distributed.finetune`.
 """
@@ -196,6 +202,30 @@ class EmbeddingQueue:
         self.filled, self.ptr = (int(v) for v in state["queue_meta"].tolist())
 
 
+class CropQueues:
+    """One :class:`EmbeddingQueue` per global crop (the authors' code): queue ``j`` holds foreground embeddings of
+    global crop ``j`` and joins only crop ``j``'s Sinkhorn-Knopp batch."""
+
+    def __init__(self, n: int, length: int, dim: int) -> None:
+        self.queues = [EmbeddingQueue(length, dim) for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.queues)
+
+    def __getitem__(self, j: int) -> EmbeddingQueue:
+        return self.queues[j]
+
+    def state(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for j, q in enumerate(self.queues):
+            out.update({f"{k}_{j}": v for k, v in q.state().items()})
+        return out
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        for j, q in enumerate(self.queues):
+            q.load({k: state[f"{k}_{j}"] for k in ("queue", "queue_meta")})
+
+
 # -- multi-crop -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CropSpec:
@@ -208,7 +238,8 @@ class CropSpec:
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    min_intersection: float = 0.01  # of the image area, between every crop and every global crop
+    min_intersection: float = 0.01  # of the image area, between every local crop and every global crop (>=)
+    global_overlap: float = 0.0  # of the image area, between two global crops (strictly more; authors: 2 %)
     max_tries: int = 50
 
 
@@ -242,20 +273,26 @@ def box_area(b: Tensor) -> Tensor:
 def sample_crop_boxes(h: int, w: int, spec: CropSpec, g: torch.Generator) -> Tensor:
     """Boxes of ``n_global`` then ``n_local`` crops of an ``h x w`` image, ``(n, 4)`` in pixels.
 
-    Every crop intersects every global crop by at least ``min_intersection * h * w`` pixels (appendix A.1): the
-    global crops are drawn first (all together, redrawn until they pairwise intersect), then each local crop is
-    redrawn until it meets every global crop. After ``max_tries`` failures the offending crop becomes a copy of
-    the first global crop's box (always valid), so a step never fails on an odd image.
+    Every local crop intersects every global crop by at least ``min_intersection * h * w`` pixels (appendix A.1),
+    and two global crops intersect by at least that and by *more than* ``global_overlap * h * w`` (the authors'
+    code: > 2 %): the global crops are drawn first (all together, redrawn until they pairwise intersect), then each
+    local crop is redrawn until it meets every global crop. After ``max_tries`` failures the offending crop becomes
+    a copy of the first global crop's box (always valid), so a step never fails on an odd image.
     """
     need = spec.min_intersection * h * w
+
+    need_global = spec.global_overlap * h * w
 
     def meets(box: Tensor, others: Sequence[Tensor]) -> bool:
         return all(float(box_area(box_intersection(box, o))) >= need for o in others)
 
+    def overlaps(box: Tensor, others: Sequence[Tensor]) -> bool:
+        return all(float(box_area(box_intersection(box, o))) > need_global for o in others)
+
     globals_: list[Tensor] = []
     for _ in range(spec.max_tries):
         globals_ = [_one_box(h, w, spec.global_scale, spec.ratio, g) for _ in range(spec.n_global)]
-        if all(meets(b, globals_[:i]) for i, b in enumerate(globals_)):
+        if all(meets(b, globals_[:i]) and overlaps(b, globals_[:i]) for i, b in enumerate(globals_)):
             break
     else:
         globals_ = [globals_[0].clone() for _ in range(spec.n_global)]
@@ -305,6 +342,36 @@ def align_maps(maps: Tensor, boxes: Tensor, out: int = 7) -> Tensor:
 
 
 # -- the loss -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def attention_foreground(attn: Tensor, mass: float = 0.6) -> Tensor:
+    """Foreground patches ``(B, n)`` bool of the last block's CLS attention ``(B, heads, n)``.
+
+    The attention is averaged over heads and the patches holding the top ``mass`` of it are kept (DINO's rule:
+    sorted ascending and normalised, the entries whose cumulative sum exceeds ``1 - mass``); the most attended
+    patch always qualifies, so every crop has at least one foreground patch.
+    """
+    a = attn.float().mean(dim=1) if attn.dim() == 3 else attn.float()
+    a = a / a.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    srt, order = torch.sort(a, dim=1, stable=True)
+    keep_sorted = torch.cumsum(srt, dim=1) > (1.0 - mass)
+    keep_sorted[:, -1] = True  # the largest value: the cumulative sum reaches 1 there (float rounding aside)
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+@torch.no_grad()
+def aligned_foreground(aligned: Tensor) -> Tensor:
+    """Foreground cells ``(B, out*out)`` bool of a RoI-aligned 0/1 mask ``(B, 1, out, out)``: the cells whose
+    aligned value is at least 0.5 (the majority of their samples fall on foreground patches); an image with no
+    such cell keeps its highest cell (first in row-major order on ties), so the masked mean is always defined."""
+    v = aligned.flatten(1)
+    cells = v >= 0.5
+    none = ~cells.any(dim=1)
+    if bool(none.any()):
+        top = v.argmax(dim=1)
+        cells[none, top[none]] = True
+    return cells
+
+
 def cluster_loss(
     student_scores: Sequence[Tensor],
     teacher_targets: Sequence[Tensor],
@@ -313,6 +380,7 @@ def cluster_loss(
     temperature: float = 0.1,
     out: int = 7,
     per_image: bool = False,
+    foreground: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Leopart's aligned swapped-prediction loss of one batch.
 
@@ -324,8 +392,12 @@ def cluster_loss(
         temperature: softmax temperature of the student's predictions.
         per_image: return each image's loss ``(B,)`` (its mean over pairs and cells) instead of their mean; the
             data-parallel loop weights them by the global batch size.
+        foreground: per global crop ``j``, its 0/1 foreground patches ``(B, 1, h_j, w_j)`` (the authors'
+            ``loss_mask: fg``): the mask is RoI-aligned with the target on the same box
+            (:func:`aligned_foreground`) and each pair's loss is the mean over its foreground cells only.
+            ``None``: every cell counts.
     Returns:
-        the mean over pairs, images and the ``out x out`` cells of ``-sum_k Q_k log softmax(s / tau)_k``.
+        the mean over pairs, images and the (foreground) ``out x out`` cells of ``-sum_k Q_k log softmax(s/tau)_k``.
     """
     n_crops = len(student_scores)
     losses = []
@@ -334,9 +406,15 @@ def cluster_loss(
         s = student_scores[i]
         t = teacher_targets[j]
         s_al = align_maps(s / temperature, boxes_in_crop(inter, boxes[:, i], tuple(s.shape[-2:])), out)
-        t_al = align_maps(t, boxes_in_crop(inter, boxes[:, j], tuple(t.shape[-2:])), out)
-        losses.append(-(t_al * F.log_softmax(s_al, dim=1)).sum(dim=1).flatten(1).mean(dim=1))  # (B,)
-    # every pair has the same images and cells: the mean over images of per-image means is the overall mean
+        t_box = boxes_in_crop(inter, boxes[:, j], tuple(t.shape[-2:]))
+        t_al = align_maps(t, t_box, out)
+        cell = -(t_al * F.log_softmax(s_al, dim=1)).sum(dim=1).flatten(1)  # (B, out*out)
+        if foreground is None:
+            losses.append(cell.mean(dim=1))  # (B,)
+        else:
+            m = aligned_foreground(align_maps(foreground[j].to(t.dtype), t_box, out)).to(cell.dtype)
+            losses.append((cell * m).sum(dim=1) / m.sum(dim=1))
+    # every pair has the same images: the mean over images of per-image means is the overall mean
     each = torch.stack(losses).mean(dim=0)
     return each if per_image else each.mean()
 
@@ -359,28 +437,110 @@ def usage_entropy(assign: Tensor) -> float:
 
 
 # -- augmentations --------------------------------------------------------------------------------------------------
-def photometric(jitter: float = 0.4, grayscale_p: float = 0.2, blur_p: float = 0.5) -> nn.Module:
-    """Colour jitter (p = 0.8), grayscale and Gaussian blur on uint8 crops (torchvision.transforms.v2)."""
+class RandomSigmaBlur(nn.Module):
+    """Gaussian blur with ``sigma`` drawn uniformly in ``sigma`` and a kernel that grows with it (``2 ceil(3 sigma)
+    + 1`` taps, PIL's ``GaussianBlur(radius=sigma)`` up to its box approximation), applied with probability ``p``;
+    ``kernel`` fixes the kernel size instead (torchvision's usual ``GaussianBlur(kernel, sigma)``)."""
+
+    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0), kernel: int | None = None) -> None:
+        super().__init__()
+        self.p, self.sigma, self.kernel = p, sigma, kernel
+
+    def forward(self, img: Tensor) -> Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        if torch.rand(()).item() >= self.p:
+            return img
+        s = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(()).item()
+        k = self.kernel if self.kernel is not None else 2 * math.ceil(3 * s) + 1
+        k = min(k, 2 * ((min(img.shape[-2:]) - 1) // 2) + 1)  # reflect padding needs the crop wider than it
+        return TF.gaussian_blur(img, [k, k], [s, s]) if k > 1 else img
+
+
+def photometric(
+    jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.2), jitter_p: float = 0.8, grayscale_p: float = 0.2,
+    blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0), blur_kernel: int | None = None,
+) -> nn.Module:
+    """Colour jitter (brightness, contrast, saturation, hue; applied with ``jitter_p``), grayscale and Gaussian blur
+    (:class:`RandomSigmaBlur`) on uint8 crops (torchvision.transforms.v2). The authors' code: jitter (0.8, 0.8, 0.8,
+    0.2) with p 0.8 and PIL's blur with sigma in 0.1-2."""
     from torchvision.transforms import v2
 
+    b, c, s, h = jitter
     return v2.Compose([
-        v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter / 2, jitter / 4)], p=0.8),
+        v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=jitter_p),
         v2.RandomGrayscale(p=grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=blur_p),
+        RandomSigmaBlur(blur_p, blur_sigma, blur_kernel),
     ])
 
 
+# -- stochastic depth -----------------------------------------------------------------------------------------------
+class SeededDropPath(nn.Module):
+    """Stochastic depth (drop a residual branch per sample, scale the kept ones by ``1 / (1 - rate)``) whose keep
+    decisions are set from outside (:func:`set_drop_path_draws`) before a forward pass: the data-parallel loop
+    draws them for the whole global batch from the step's seed, so W ranks drop what one process drops. Without
+    draws (``keep is None``) it draws from torch's generator, as timm's ``DropPath``."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = float(rate)
+        self.keep: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate <= 0:
+            return x
+        keep = self.keep
+        if keep is None or keep.shape[0] != x.shape[0]:
+            keep = torch.rand(x.shape[0], device=x.device) >= self.rate
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return x * keep.to(x.device, x.dtype).view(shape) / (1.0 - self.rate)
+
+
+def install_drop_path(vit: nn.Module, rate: float) -> list[SeededDropPath]:
+    """Give every block of a timm ViT two :class:`SeededDropPath` (attention and MLP branch) with DINO's
+    stochastic-depth rule: rates linear in depth from 0 to ``rate``. Returns them block-major."""
+    blocks = list(vit.blocks)
+    rates = torch.linspace(0, rate, len(blocks)).tolist() if len(blocks) > 1 else [rate]
+    mods = []
+    for blk, r in zip(blocks, rates):
+        blk.drop_path1 = SeededDropPath(r)
+        blk.drop_path2 = SeededDropPath(r)
+        mods += [blk.drop_path1, blk.drop_path2]
+    return mods
+
+
+def drop_path_modules(model: nn.Module) -> list[SeededDropPath]:
+    return [m for m in model.modules() if isinstance(m, SeededDropPath)]
+
+
+def set_drop_path_draws(mods: Sequence[SeededDropPath], u: Tensor | None) -> None:
+    """Set each module's keep decisions from uniforms ``u`` ``(rows, len(mods))`` (keep where ``u >= rate``);
+    ``None`` clears them."""
+    for i, m in enumerate(mods):
+        m.keep = None if u is None else (u[:, i] >= m.rate)
+
+
 # -- optimiser ------------------------------------------------------------------------------------------------------
-def param_groups(backbone: nn.Module, head: nn.Module, lr_backbone: float, lr_head: float) -> list[dict]:
-    """Adam groups: backbone / head, each split into decayed weights and undecayed biases, norms and tokens (DINO's
-    convention: weight decay on matrices only). ``base_lr`` and ``decay`` tell the schedule what to set."""
+def decayed(name: str, p: Tensor, decay_tokens: bool = True) -> bool:
+    """Whether parameter ``name`` gets weight decay: DINO's rule (the authors' code), every parameter but biases
+    and 1-D ones (norms), so the CLS token and the position embedding *are* decayed; ``decay_tokens=False`` also
+    exempts those (``*token*``, ``pos_embed``)."""
+    if p.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return decay_tokens or not ("token" in name or "pos_embed" in name)
+
+
+def param_groups(backbone: nn.Module, head: nn.Module, lr_backbone: float, lr_head: float,
+                 decay_tokens: bool = True) -> list[dict]:
+    """Optimiser groups: backbone / head, each split into decayed and undecayed parameters (:func:`decayed`).
+    ``base_lr`` and ``decay`` tell the schedule what to set."""
     groups = []
     for name, mod, lr in (("backbone", backbone, lr_backbone), ("head", head, lr_head)):
         decay, no_decay = [], []
         for n, p in mod.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 or n.endswith(".bias") or "token" in n or "pos_embed" in n else decay).append(p)
+            (decay if decayed(n, p, decay_tokens) else no_decay).append(p)
         groups.append({"params": decay, "lr": lr, "base_lr": lr, "decay": True, "name": f"{name}"})
         groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "decay": False, "weight_decay": 0.0,
                        "name": f"{name}_no_decay"})

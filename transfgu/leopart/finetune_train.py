@@ -64,7 +64,13 @@ def crop_spec(cfg: Config) -> ft.CropSpec:
     f = cfg.finetune
     return ft.CropSpec(n_global=f.n_global, n_local=f.n_local, global_size=f.global_size, local_size=f.local_size,
                        global_scale=tuple(f.global_scale), local_scale=tuple(f.local_scale),
-                       min_intersection=f.min_intersection)
+                       min_intersection=f.min_intersection, global_overlap=f.global_overlap)
+
+
+def augmentation(cfg: Config) -> nn.Module:
+    """The photometric augmentation of every crop (``finetune.jitter``, ``jitter_p``, ``blur_kernel``)."""
+    f = cfg.finetune
+    return ft.photometric(f.jitter, f.jitter_p, blur_kernel=f.blur_kernel)
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -99,10 +105,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
     resumed run see the same crops (set :attr:`epoch` before each epoch).
     """
 
-    def __init__(self, images: Sequence[np.ndarray], spec: ft.CropSpec, seed: int) -> None:
+    def __init__(self, images: Sequence[np.ndarray], spec: ft.CropSpec, seed: int,
+                 augment: nn.Module | None = None) -> None:
         self.images, self.spec, self.seed = list(images), spec, seed
         self.epoch = 0
-        self.augment = ft.photometric()
+        self.augment = augment if augment is not None else ft.photometric()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -129,7 +136,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
 
 def make_loader(images: Sequence[np.ndarray], cfg: Config, rank: int = 0, world: int = 1) -> Any:
-    ds = MultiCropDataset(images, crop_spec(cfg), cfg.finetune.seed)
+    ds = MultiCropDataset(images, crop_spec(cfg), cfg.finetune.seed, augmentation(cfg))
 
     def on_epoch(sampler: Any) -> None:
         ds.epoch = sampler.epoch
@@ -139,20 +146,22 @@ def make_loader(images: Sequence[np.ndarray], cfg: Config, rank: int = 0, world:
 
 # -- model ----------------------------------------------------------------------------------------------------------
 class DenseModel(nn.Module):
-    """Backbone + projection head; ``forward(x)`` gives unit embeddings and prototype scores on the patch grid."""
+    """Backbone + projection head; ``forward(x)`` gives unit embeddings and prototype scores on the patch grid, the
+    grid and the last block's CLS attention ``(B, heads, h*w)``."""
 
     def __init__(self, backbone: DinoViT, head: ft.ProjectionHead) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int], Tensor]:
         f = self.backbone(x)
         z, s = self.head(f.patch)  # (B, h*w, out), (B, h*w, K)
-        return z, s, f.grid
+        return z, s, f.grid, f.attn_cls
 
 
 def build_models(cfg: Config, backbone: DinoViT) -> tuple[DenseModel, DenseModel]:
-    """Student (trainable) and teacher (an EMA copy, never trained by gradients)."""
+    """Student (trainable, with ``finetune.drop_path`` stochastic depth) and teacher (an EMA copy without it, never
+    trained by gradients)."""
     f = cfg.finetune
     torch.manual_seed(f.seed)
     head = ft.ProjectionHead(backbone.embed_dim, f.hidden_dim, f.out_dim, f.n_prototypes)
@@ -166,7 +175,34 @@ def build_models(cfg: Config, backbone: DinoViT) -> tuple[DenseModel, DenseModel
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher.eval()
+    if f.drop_path > 0:
+        ft.install_drop_path(student.backbone.vit, f.drop_path)  # modules without parameters: the EMA is unchanged
     return student, teacher
+
+
+def build_source(cfg: Config, backbone: DinoViT) -> DinoViT | None:
+    """A frozen copy of the source backbone when ``finetune.fg_attention: source`` (its attention gives the
+    foreground all along), else None. Call before training moves the backbone."""
+    f = cfg.finetune
+    if f.loss_mask != "foreground" or f.fg_attention != "source":
+        return None
+    src = copy.deepcopy(backbone).eval()
+    for p in src.parameters():
+        p.requires_grad_(False)
+    return src
+
+
+def make_optimizer(cfg: Config, student: DenseModel) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay, the authors' code) or Adam (L2 in the gradient) over :func:`ft.param_groups`
+    (the schedule sets every group's lr and the decayed groups' weight decay each step)."""
+    f = cfg.finetune
+    groups = ft.param_groups(student.backbone, student.head, f.lr_backbone, f.lr_head, f.decay_tokens)
+    return torch.optim.AdamW(groups) if f.optimizer == "adamw" else torch.optim.Adam(groups)
+
+
+def make_queues(cfg: Config) -> ft.CropQueues:
+    f = cfg.finetune
+    return ft.CropQueues(f.n_global, f.queue_length, f.out_dim)
 
 
 def _maps(s: Tensor, grid: tuple[int, int], n: int) -> list[Tensor]:
@@ -177,24 +213,30 @@ def _maps(s: Tensor, grid: tuple[int, int], n: int) -> list[Tensor]:
     return list(s.unbind(0))
 
 
-def _forward_crops(model: nn.Module, crops: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+def _forward_crops(model: nn.Module, crops: Tensor) -> tuple[Tensor, Tensor, tuple[int, int], Tensor]:
     """All crops of one size of a batch ``(B, n, 3, S, S)`` in one pass, crop-major within each image."""
     return model(crops.flatten(0, 1))
 
 
 def train_one_epoch(
     student: nn.Module, teacher: DenseModel, head: ft.ProjectionHead, optimizer: torch.optim.Optimizer,
-    loader: torch.utils.data.DataLoader[dict[str, Tensor]], queue: ft.EmbeddingQueue, cfg: Config, epoch: int,
+    loader: torch.utils.data.DataLoader[dict[str, Tensor]], queues: ft.CropQueues, cfg: Config, epoch: int,
     steps_per_epoch: int, device: torch.device,
-    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None, source: nn.Module | None = None,
 ) -> dict[str, float]:
     """One epoch of Leopart's loss; returns the epoch means of loss, cluster-usage entropy, momentum and lr.
 
-    ``student`` may be the DDP-wrapped :class:`DenseModel`; ``head`` is its (unwrapped) projection head. With a
-    process group the W ranks are the one-process training (:mod:`transfgu.ddp`): each rank holds its contiguous
-    piece of the global batch, Sinkhorn-Knopp runs over the global batch (row sums all-reduced), the queue gets the
-    global batch's picked embeddings in global order (so every rank holds the one-process queue), and the loss is
-    each rank's share of the global-batch mean (DDP's gradient average then gives one process's gradient).
+    ``student`` may be the DDP-wrapped :class:`DenseModel`; ``head`` is its (unwrapped) projection head. Per global
+    crop ``j``: Sinkhorn-Knopp over the teacher's scores of crop ``j`` and queue ``j`` (scored with the student's
+    prototypes); with ``loss_mask: foreground`` the foreground patches of crop ``j`` (the teacher's -- or
+    ``source``'s -- CLS attention, top ``fg_mass``) mask the loss of every pair targeting ``j`` and are the only
+    rows pushed to queue ``j`` (``queue_push`` per step, picked over the global batch).
+
+    With a process group the W ranks are the one-process training (:mod:`transfgu.ddp`): each rank holds its
+    contiguous piece of the global batch, Sinkhorn-Knopp runs over the global batch (row sums all-reduced), each
+    queue gets the global batch's picked embeddings in global order (so every rank holds the one-process queues),
+    the student's drop-path decisions are drawn for the global batch from the step's seed, and the loss is each
+    rank's share of the global-batch mean (DDP's gradient average then gives one process's gradient).
     ``on_step`` gets ``epoch``, ``step``, ``loss`` (global) and ``usage_entropy`` (global) of every step.
     """
     f = cfg.finetune
@@ -202,6 +244,8 @@ def train_one_epoch(
     _, world = world_info()
     sums: dict[str, float] = {"loss": 0.0, "usage_entropy": 0.0, "momentum": 0.0, "lr_head": 0.0}
     n = 0
+    masked = f.loss_mask == "foreground"
+    drops = ft.drop_path_modules(student)
     loader.batch_sampler.set_epoch(epoch)
     for it, batch in enumerate(loader):
         step = epoch * steps_per_epoch + it
@@ -210,30 +254,45 @@ def train_one_epoch(
         glob = batch["global"].to(device)
         loc = batch["local"].to(device)
         boxes = batch["boxes"].to(device)
-        bsz = glob.shape[0]
+        bsz, ng = glob.shape[0], glob.shape[1]
         # offset of this piece in the global batch, its real images (0: a placeholder that only joins the
         # collectives, weight 0), the global batch size
         offset, real, gsize = batch_piece(batch, bsz)
         weight = (torch.as_tensor(batch["real"]).float() if "real" in batch else torch.ones(bsz)).to(device)
         with torch.no_grad():
-            z_t, s_t, grid_t = _forward_crops(teacher, glob)
-            per_image = f.n_global * s_t.shape[1]  # teacher rows of one image (crop-major, then patches)
-            k = s_t.shape[-1]
-            rows = s_t.reshape(-1, k)[: real * per_image]  # real images come first in a piece
-            shared = queue.data.to(device) @ teacher.head.prototypes.weight.t() if queue.full else None
-            q = ft.sinkhorn_knopp(rows, f.sinkhorn_eps, f.sinkhorn_iters, shared=shared, distributed=True)
-            q_all = s_t.new_zeros(bsz * per_image, k)
-            q_all[: q.shape[0]] = q
-            targets = _maps(q_all.view_as(s_t), grid_t, f.n_global)
-            _push_global(queue, z_t.reshape(-1, z_t.shape[-1]), offset * per_image, real * per_image,
-                         gsize * per_image, f.queue_push, step_generator(f.seed, epoch, it, 19))
-            counts = all_reduce_sum(ft.usage_counts(q) if q.shape[0] else s_t.new_zeros(k))
-        _, s_g, grid_g = _forward_crops(student, glob)
+            z_t, s_t, grid_t, a_t = _forward_crops(teacher, glob)
+            n_p, k = s_t.shape[1], s_t.shape[-1]
+            fg = None
+            if masked:
+                attn = source(glob.flatten(0, 1)).attn_cls if source is not None else a_t
+                fg = ft.attention_foreground(attn, f.fg_mass).view(bsz, ng, n_p)
+            z_t = z_t.view(bsz, ng, n_p, -1)
+            s_t = s_t.view(bsz, ng, n_p, k)
+            protos = head.prototypes.weight.detach()  # the student's (unit) prototypes score the queues
+            assigned = sinkhorn_per_crop(s_t[:real], queues, protos, f.sinkhorn_eps, f.sinkhorn_iters)
+            targets, counts = [], s_t.new_zeros(k)
+            for j in range(ng):
+                qj, q = queues[j], assigned[j]
+                q_all = s_t.new_zeros(bsz * n_p, k)
+                q_all[: q.shape[0]] = q
+                targets.append(q_all.view(bsz, *grid_t, k).permute(0, 3, 1, 2))
+                if q.shape[0]:
+                    counts = counts + ft.usage_counts(q)
+                _push_global(qj, z_t[:real, j], None if fg is None else fg[:real, j], offset, gsize, f.queue_push,
+                             step_generator(f.seed, epoch, it, 19 + j))
+            counts = all_reduce_sum(counts)
+            fg_maps = None if fg is None else [fg[:, j].view(bsz, 1, *grid_t).float() for j in range(ng)]
+        u = _drop_path_draws(drops, f.seed, epoch, it, offset, bsz, gsize, ng + loc.shape[1])
+        ft.set_drop_path_draws(drops, None if u is None else u[:, :ng].reshape(bsz * ng, -1))
+        _, s_g, grid_g, _ = _forward_crops(student, glob)
         preds = _maps(s_g, grid_g, f.n_global)
         if f.n_local > 0:
-            _, s_l, grid_l = _forward_crops(student, loc)
+            ft.set_drop_path_draws(drops, None if u is None else u[:, ng:].reshape(-1, len(drops)))
+            _, s_l, grid_l, _ = _forward_crops(student, loc)
             preds += _maps(s_l, grid_l, f.n_local)
-        each = ft.cluster_loss(preds, targets, boxes, f.n_global, f.temperature, f.align_size, per_image=True)
+        ft.set_drop_path_draws(drops, None)
+        each = ft.cluster_loss(preds, targets, boxes, f.n_global, f.temperature, f.align_size, per_image=True,
+                               foreground=fg_maps)
         share = (each * weight).sum() / gsize  # this rank's part of the global-batch mean
         optimizer.zero_grad(set_to_none=True)
         (share * world).backward()  # DDP averages over the W ranks: the gradient of the sum of the shares
@@ -252,17 +311,56 @@ def train_one_epoch(
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
+def sinkhorn_per_crop(scores: Tensor, queues: ft.CropQueues, prototypes: Tensor, eps: float,
+                      n_iters: int) -> list[Tensor]:
+    """Sinkhorn-Knopp run separately for each global crop (the authors' code): crop ``j``'s batch is the teacher's
+    scores of crop ``j`` (``scores`` ``(B, n_global, n, K)``, every image and patch of this rank, all-reduced over
+    the ranks) plus queue ``j`` scored with ``prototypes`` (once it is full). Returns ``(B * n, K)`` per crop."""
+    k = scores.shape[-1]
+    out = []
+    for j in range(scores.shape[1]):
+        qj = queues[j]
+        shared = qj.data.to(scores.device) @ prototypes.t() if qj.full else None
+        out.append(ft.sinkhorn_knopp(scores[:, j].reshape(-1, k), eps, n_iters, shared=shared, distributed=True))
+    return out
+
+
+def _drop_path_draws(drops: Sequence[nn.Module], seed: int, epoch: int, it: int, offset: int, bsz: int, gsize: int,
+                     n_crops: int) -> Tensor | None:
+    """Uniforms ``(bsz, n_crops, len(drops))`` of this piece's images: one draw per global step over the global
+    batch (so every rank's student drops what one process's drops), sliced at the piece's offset."""
+    if not drops:
+        return None
+    u = torch.rand(gsize, n_crops, len(drops), generator=step_generator(seed, epoch, it, 23))
+    piece = u[offset : offset + bsz]
+    if piece.shape[0] < bsz:  # a placeholder image (weight 0): keep everything
+        piece = torch.cat([piece, torch.ones(bsz - piece.shape[0], n_crops, len(drops))])
+    return piece
+
+
 @torch.no_grad()
-def _push_global(queue: ft.EmbeddingQueue, z: Tensor, lo: int, count: int, global_rows: int, n_push: int,
+def _push_global(queue: ft.EmbeddingQueue, z: Tensor, fg: Tensor | None, offset: int, gsize: int, n_push: int,
                  g: torch.Generator) -> None:
-    """Push ``n_push`` rows of the *global* batch's teacher embeddings, picked by one draw of ``g`` over the global
-    rows, in that order: each rank fills the picked rows it holds (``z[:count]`` are global rows ``lo ..
-    lo + count``), the others stay 0, and one all-reduce sum assembles them exactly (``x + 0 = x``). Every rank
-    then pushes the rows one process pushes."""
-    pick = torch.randperm(global_rows, generator=g)[:n_push].to(z.device)
-    mine = (pick >= lo) & (pick < lo + count)
+    """Push ``n_push`` of the *global* batch's rows of one global crop -- its foreground patches' teacher embeddings
+    (``fg`` ``(real, n)`` bool; ``None``: every patch) -- picked by one draw of ``g`` over the global rows (image
+    by image in global order, patches in grid order), in that order.
+
+    This rank's images are ``offset .. offset + real`` of the global batch (``z``: ``(real, n, d)``). The rows per
+    image are summed over the ranks (one slot per global image) to place this rank's rows among the global ones;
+    each rank fills the picked rows it holds, the others stay 0, and one all-reduce sum assembles them exactly
+    (``x + 0 = x``). Every rank then pushes the rows one process pushes."""
+    real, n = z.shape[0], z.shape[1]
+    mine_rows = z[fg] if fg is not None else z.reshape(-1, z.shape[-1])  # (count, d), image-major
+    per_image = torch.zeros(gsize + 1, dtype=torch.float64)
+    per_image[offset : offset + real] = (fg.sum(dim=1) if fg is not None else torch.full((real,), n)).double().cpu()
+    per_image = all_reduce_sum(per_image, device=z.device)[:gsize]
+    starts = torch.cumsum(per_image, 0) - per_image
+    total_rows = int(per_image.sum())
+    lo = int(starts[offset]) if offset < gsize and real else 0
+    pick = torch.randperm(total_rows, generator=g)[:n_push].to(z.device)
+    mine = (pick >= lo) & (pick < lo + mine_rows.shape[0])
     rows = z.new_zeros(pick.shape[0], z.shape[-1])
-    rows[mine] = z[pick[mine] - lo]
+    rows[mine] = mine_rows[pick[mine] - lo]
     queue.push(all_reduce_sum(rows).cpu())
 
 
@@ -300,7 +398,8 @@ def set_aside_other_settings(out: Path, input_hash: str) -> list[Path]:
     if (out / INFO_FILE).is_file():
         h = integrity.read_json_stamp(out / INFO_FILE)
         if h != input_hash:
-            for name in (INFO_FILE, BACKBONE_OUT, PICTURES):
+            for name in (INFO_FILE, BACKBONE_OUT, other_backbone_file("teacher"), other_backbone_file("student"),
+                         PICTURES):
                 if (out / name).exists():
                     moved.append(integrity.set_aside(out / name, out.parent, "finetune", h, "output of other settings"))
     return moved
@@ -333,6 +432,11 @@ def save_finetuned_backbone(model: DenseModel, path: Path, meta: dict[str, Any],
     os.replace(tmp, path)
 
 
+def other_backbone_file(export: str) -> str:
+    """File name of the network not exported as ``backbone.safetensors``: ``backbone_<teacher|student>``."""
+    return f"backbone_{'student' if export == 'teacher' else 'teacher'}.safetensors"
+
+
 def backbone_from_state(state: Path, which: str = "student") -> dict[str, Tensor]:
     """The ``student`` or ``teacher`` ViT of an epoch state, in timm/DINO key layout."""
     groups, _ = load_train_state(Path(state))
@@ -354,11 +458,14 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         set_aside_other_settings(out, input_hash)
+    source_model = build_source(cfg, backbone)
+    if source_model is not None:
+        source_model.to(device)
     student, teacher = build_models(cfg, backbone)
     student.to(device)
     teacher.to(device)
-    optimizer = torch.optim.Adam(ft.param_groups(student.backbone, student.head, f.lr_backbone, f.lr_head))
-    queue = ft.EmbeddingQueue(f.queue_length, f.out_dim)
+    optimizer = make_optimizer(cfg, student)
+    queue = make_queues(cfg)
     history: list[dict[str, float]] = []
     start = 0
     latest = latest_state(out, input_hash)
@@ -377,7 +484,8 @@ def finetune(
     model = wrap(student) if wrap is not None else student
     for epoch in range(start, f.epochs):
         model.train()
-        metrics = train_one_epoch(model, teacher, student.head, optimizer, loader, queue, cfg, epoch, steps, device)
+        metrics = train_one_epoch(model, teacher, student.head, optimizer, loader, queue, cfg, epoch, steps, device,
+                                  source=source_model)
         metrics = {"epoch": epoch, **{k: round(v, 6) for k, v in metrics.items()}}
         history.append(metrics)
         log.info("[finetune] epoch %d/%d loss %.4f usage entropy %.3f momentum %.6f", epoch + 1, f.epochs,
@@ -389,13 +497,20 @@ def finetune(
         if on_epoch is not None:
             on_epoch(metrics)
     final = teacher if f.export == "teacher" else student
+    other = "student" if f.export == "teacher" else "teacher"
     meta = {"source": source or {}, "finetune": json.loads(f.model_dump_json()), "input_hash": input_hash,
             "epochs": f.epochs, "exported": f.export}
     if rank == 0:
-        save_finetuned_backbone(final, out / BACKBONE_OUT, meta, finetuned_prior((source or {}).get("prior")))
+        prior = finetuned_prior((source or {}).get("prior"))
+        save_finetuned_backbone(final, out / BACKBONE_OUT, meta, prior)
+        # the other network stays available as a backbone file too (the authors evaluate the student)
+        save_finetuned_backbone(teacher if other == "teacher" else student, out / other_backbone_file(f.export),
+                                {**meta, "exported": other}, prior)
         write_pictures(cfg, images, out, final.backbone)
         atomic_write_json(out / INFO_FILE, {**meta, "arch": cfg.backbone.arch, "history": history,
-                                            "backbone_file": BACKBONE_OUT, "images": len(images),
+                                            "backbone_file": BACKBONE_OUT,
+                                            "other_backbone_file": other_backbone_file(f.export),
+                                            "images": len(images),
                                             "start_epoch": start, "workers": world})
     return {"history": history, "start_epoch": start}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,14 @@ class LeopartModel:
     foreground: np.ndarray  # (K,) bool
     cd_centroids: np.ndarray | None = None  # (k, p) foreground overclustering
     cluster_to_segment: np.ndarray | None = None  # (k + 1,) node -> segment, node k = background
+    # CBFE flags of the dense files of one directory (a split) that differ from ``foreground``: the authors'
+    # protocol recomputes the cluster precision of val from val's own attention masks
+    foreground_by_dir: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def for_file(self, path: str | Path) -> LeopartModel:
+        """The model with the CBFE flags of ``path``'s directory (itself when that directory has none)."""
+        fg = self.foreground_by_dir.get(str(Path(path).parent))
+        return self if fg is None else replace(self, foreground=fg)
 
     @property
     def k_community(self) -> int:

@@ -48,6 +48,7 @@ from transfgu.kmeans import KMeansResult, lloyd_kmeans
 from transfgu.layout import RunLayout
 from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import (
+    AUTHORS_ANGLES,
     community_map,
     cooccurrence_matrix,
     detect_communities,
@@ -61,7 +62,7 @@ from transfgu.leopart.probe import evaluate, train_linear_probe
 from transfgu.leopart.shards import DenseShards
 from transfgu.leopart.viz import community_graph_png
 from transfgu.method import Executor, StageInfo
-from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores, segmentation_scores
+from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores
 from transfgu.models.backbone import DinoViT
 from transfgu.sharded import ShardedStage
 from transfgu.store import atomic_write_json, fix_mode, list_parquet_files, write_parquet_atomic
@@ -77,6 +78,24 @@ SEGMENTS_SCHEMA = pa.schema([
     pa.field("segments", pa.list_(pa.int32()), nullable=False),
     pa.field("clusters", pa.list_(pa.int32()), nullable=False),
 ], metadata={"format": "transfgu.leopart.segments/1"})
+
+
+#: The label-free values of the choices ``leopart.protocol`` sets (see :class:`transfgu.config.LeopartConfig`).
+LABEL_FREE: dict[str, Any] = {
+    "cbfe_attention": "backbone", "cbfe_attention_arch": "vit_small_patch16", "cbfe_attention_weights": None,
+    "fit_splits": "train", "val_precision": "train", "cooc_angles": "even", "cooc_presence": "occurs",
+    "match": "pixels", "infomap_runs": 1, "overcluster_split": "train", "overcluster_seeds": 1,
+    "overcluster_spherical": True,
+}
+
+
+def fit_files(cfg: Config, run_dir: Path, input_hash: str | None = None) -> list[Path]:
+    """Dense files the fits use: the training split's, then val's under ``leopart.fit_splits: train+val`` (the
+    authors' transductive PCA, k-means and co-occurrence)."""
+    files = dense_files(run_dir, cfg.data.train_split, input_hash)
+    if cfg.leopart.fit_splits == "train+val" and len(splits(cfg)) > 1:
+        files = files + dense_files(run_dir, cfg.data.val_split, input_hash)
+    return files
 
 
 def splits(cfg: Config) -> list[str]:
@@ -110,7 +129,45 @@ def dense_rows(backbone: DinoViT, images: list[np.ndarray], ids: list[str], cfg:
                amp: torch.dtype | None) -> pa.Table:
     """The dense stage's table for one shard of decoded images (both executors)."""
     lp = cfg.leopart
-    return dense_table(ids, dense_features(backbone, images, tuple(lp.input_size), device, lp.batch_size, amp))
+    outputs = dense_features(backbone, images, tuple(lp.input_size), device, lp.batch_size, amp)
+    if lp.cbfe_attention == "weights":  # CBFE's attention from another ViT (the authors: DINO ViT-S/16)
+        outputs = with_attention_of(attention_backbone(lp.cbfe_attention_arch, str(lp.cbfe_attention_weights),
+                                                       device), outputs, images, cfg, device, amp)
+    return dense_table(ids, outputs)
+
+
+_ATTENTION_BACKBONES: dict[tuple[str, str, str], Any] = {}
+
+
+def attention_backbone(arch: str, weights: str, device: Any) -> Any:
+    """The ViT of ``leopart.cbfe_attention: weights``, built once per process (a dense worker keeps it)."""
+    from transfgu.models.backbone import build_backbone
+
+    key = (arch, weights, str(device))
+    if key not in _ATTENTION_BACKBONES:
+        _ATTENTION_BACKBONES[key] = build_backbone(arch, weights).to(device)
+    return _ATTENTION_BACKBONES[key]
+
+
+def with_attention_of(attn_backbone: Any, outputs: list, images: list[np.ndarray], cfg: Config, device: Any,
+                      amp: Any) -> list:
+    """``outputs`` (``(feats, attn, grid)`` per image) with ``attn`` replaced by ``attn_backbone``'s head-mean CLS
+    attention at the same input size, resized bilinearly to the evaluated backbone's patch grid when the two grids
+    differ (a ViT-B/8 evaluated with ViT-S/16 attention), then renormalised to sum 1."""
+    import torch
+    import torch.nn.functional as F
+
+    lp = cfg.leopart
+    other = dense_features(attn_backbone, images, tuple(lp.input_size), device, lp.batch_size, amp)
+    out = []
+    for (feats, _, grid), (_, a, g2) in zip(outputs, other):
+        a = np.asarray(a, dtype=np.float32)
+        if tuple(g2) != tuple(grid):
+            t = torch.from_numpy(a.reshape(1, 1, *g2))
+            a = F.interpolate(t, size=tuple(grid), mode="bilinear", align_corners=False).numpy().ravel()
+            a = a / max(float(a.sum()), 1e-12)
+        out.append((feats, a, grid))
+    return out
 
 
 class DenseStage(ShardedStage):
@@ -165,7 +222,7 @@ def run_dense(ctx: RunContext, ex: Executor) -> StageInfo:
 
 def run_pca(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg = ctx.cfg
-    parts = ex.map_files(file_moments, dense_files(ctx.run_dir, cfg.data.train_split, ctx.hashes["dense"]))
+    parts = ex.map_files(file_moments, fit_files(cfg, ctx.run_dir, ctx.hashes["dense"]))
     pca = fit_pca(reduce_stats(parts), cfg.leopart.pca_dim)
     pca.save(ctx.run_dir / "pca")
     integrity.stamp_json(ctx.run_dir / "pca" / "pca.json", ctx.hashes["pca"])
@@ -192,6 +249,9 @@ def load_model(run_dir: Path, upto: str) -> LeopartModel:
     pca = PCA.load(run_dir / "pca")
     c = load_file(str(run_dir / "cbfe" / "cbfe.safetensors"))
     model = LeopartModel(pca, c["centroids"], c["foreground"].astype(bool))
+    if "foreground_val" in c:  # val's own CBFE flags (leopart.val_precision: val)
+        val_split = json.loads((run_dir / "cbfe" / "cbfe.json").read_text())["val_split"]
+        model.foreground_by_dir[str(run_dir / "dense" / val_split)] = c["foreground_val"].astype(bool)
     if upto == "communities":
         t = load_file(str(run_dir / "communities" / "communities.safetensors"))
         model.cd_centroids = t["centroids"]
@@ -221,21 +281,38 @@ def _gt_at(cfg: Config, split: str, errors: ErrorLog, stage: str,
 def run_cbfe(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     pca = load_checked_pca(ctx)
-    shards = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
+    files = fit_files(cfg, ctx.run_dir)
+    n_train = len(dense_files(ctx.run_dir, cfg.data.train_split))
+    own_val = lp.val_precision == "val" and len(splits(cfg)) > 1
+    if own_val and len(files) == n_train:  # val's precision needs val's masks in the shards
+        files = files + dense_files(ctx.run_dir, cfg.data.val_split)
+    shards = ex.hold(DenseShards, files, pca, mask_kwargs(cfg))
+    val_precision = None
     try:
-        fit = lloyd_kmeans(shards, lp.k_cbfe, lp.cbfe_niter, lp.seed, spherical=True, nredo=lp.cbfe_nredo,
-                           **kmeans_options(lp), name="cbfe")
+        if lp.fit_splits == "train+val" or not own_val:
+            fit = lloyd_kmeans(shards, lp.k_cbfe, lp.cbfe_niter, lp.seed, spherical=True, nredo=lp.cbfe_nredo,
+                               **kmeans_options(lp), name="cbfe")
+        else:  # fitted on train only, val's precision from val's masks: the val files join afterwards
+            train_only = ex.hold(DenseShards, files[:n_train], pca, mask_kwargs(cfg))
+            try:
+                fit = lloyd_kmeans(train_only, lp.k_cbfe, lp.cbfe_niter, lp.seed, spherical=True,
+                                   nredo=lp.cbfe_nredo, **kmeans_options(lp), name="cbfe")
+            finally:
+                ex.release(train_only)
         model = LeopartModel(pca, fit.centroids, np.zeros(lp.k_cbfe, dtype=bool))
         parts = shards.precision_stats(model)
-        sum_prec, n_img = np.zeros(lp.k_cbfe), np.zeros(lp.k_cbfe, dtype=np.int64)
-        for sp_, n_ in parts:  # file order
-            sum_prec += sp_
-            n_img += n_
-        precision = cbfe_mod.cluster_precision(sum_prec, n_img)
+        precision = cbfe_mod.cluster_precision(*_sum_precision(parts[:n_train], lp.k_cbfe))  # file order
+        if own_val:
+            val_precision = cbfe_mod.cluster_precision(*_sum_precision(parts[n_train:], lp.k_cbfe))
         info: dict[str, Any] = {"protocol": lp.protocol, "labels_used": lp.protocol == "paper"}
-        if lp.protocol == "paper":
+        if lp.protocol == "paper" and _fg_classes(cfg)[1] is not None:
             threshold, ious = _paper_threshold(ctx, shards, model, precision)
             info["cut_iou"] = {str(k): v for k, v in ious.items()}
+        elif lp.protocol == "paper":  # the authors' cut search scores foreground IoU: it needs a background class
+            threshold = lp.precision_threshold
+            info["labels_used"] = False
+            info["threshold_rule"] = "fixed: the data set has no background class for the authors' cut search"
+            log.info("[cbfe] protocol=paper without a background class: fixed threshold %.2f", threshold)
         else:
             threshold = lp.precision_threshold
         fg = cbfe_mod.foreground_clusters(precision, threshold)
@@ -244,7 +321,14 @@ def run_cbfe(ctx: RunContext, ex: Executor) -> StageInfo:
     out = ctx.run_dir / "cbfe"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "cbfe.safetensors.tmp"
-    save_file({"centroids": fit.centroids, "precision": precision, "foreground": fg.astype(np.uint8)}, str(tmp))
+    arrays = {"centroids": fit.centroids, "precision": precision, "foreground": fg.astype(np.uint8)}
+    if val_precision is not None:  # the authors: the threshold applied to val's own precision
+        arrays["precision_val"] = val_precision
+        arrays["foreground_val"] = cbfe_mod.foreground_clusters(val_precision, threshold).astype(np.uint8)
+        info["val_split"] = cfg.data.val_split
+        info["n_foreground_clusters_val"] = int(arrays["foreground_val"].sum())
+    info["fit_splits"] = lp.fit_splits
+    save_file(arrays, str(tmp))
     fix_mode(tmp)  # safetensors writes 0600; the umask decides
     tmp.replace(out / "cbfe.safetensors")
     meta = {**info, "k": lp.k_cbfe, "threshold": threshold, "n_foreground_clusters": int(fg.sum()),
@@ -254,6 +338,15 @@ def run_cbfe(ctx: RunContext, ex: Executor) -> StageInfo:
     log.info("[cbfe] threshold %.2f: %d of %d clusters foreground", threshold, int(fg.sum()), lp.k_cbfe)
     return {"rows": fit.n_points, "threshold": threshold, "foreground_clusters": int(fg.sum()),
             "labels_used": info["labels_used"]}
+
+
+def _sum_precision(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-file CBFE precision sums and image counts added up in file order."""
+    sum_prec, n_img = np.zeros(k), np.zeros(k, dtype=np.int64)
+    for sp_, n_ in parts:
+        sum_prec += sp_
+        n_img += n_
+    return sum_prec, n_img
 
 
 def _paper_threshold(ctx: RunContext, shards: DenseShards, model: LeopartModel,
@@ -308,23 +401,29 @@ def _fit_network(shards: DenseShards, model: LeopartModel, k: int,
     fit = lloyd_kmeans(shards, k, lp.community_niter, lp.seed, nredo=lp.community_nredo,
                        max_points_per_centroid=lp.kmeans_max_points_per_centroid, name=f"communities k={k}")
     model.cd_centroids = fit.centroids
-    parts = shards.cooc_stats(model, tuple(lp.cooc_size) if lp.cooc_size else None, glcm_offsets())
+    angles = AUTHORS_ANGLES if lp.cooc_angles == "authors" else None
+    parts = shards.cooc_stats(model, tuple(lp.cooc_size) if lp.cooc_size else None, glcm_offsets(angles=angles))
     n = k + 1
     sum_norm = np.zeros((n, n))
     n_present = np.zeros(n, dtype=np.int64)
-    for s, c in parts:  # file order
+    for s, c, r in parts:  # file order
         sum_norm += s
-        n_present += c
+        n_present += r if lp.cooc_presence == "row_sum" else c
     return fit, cooccurrence_matrix(sum_norm, n_present)
 
 
-def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmatched: str) -> dict[str, Any]:
-    """Hungarian scores of a ``(classes, segments)`` confusion, unmatched segments per ``leopart.unmatched``."""
-    if unmatched == "background":
-        if bg is None:
-            raise ValueError("leopart.unmatched=background needs a data set with a 'background' class")
-        return scores_unmatched_to_background(conf, names, bg)
-    return segmentation_scores(conf, names, "hungarian")
+def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmatched: str,
+                   match: str = "pixels") -> dict[str, Any]:
+    """Hungarian scores of a ``(classes, segments)`` confusion on ``match`` (``leopart.match``: pixels | iou),
+    unmatched segments per ``leopart.unmatched`` (:func:`transfgu.leopart.scoring.leopart_scores`)."""
+    from transfgu.leopart.scoring import leopart_scores
+
+    return leopart_scores(conf, names, bg, match, unmatched_rule(unmatched, bg))
+
+
+def unmatched_rule(unmatched: str, bg: int | None) -> str:
+    """``background`` needs a background class to merge into; a data set without one (MSRC) keeps ``error``."""
+    return "error" if unmatched == "background" and bg is None else unmatched
 
 
 def _paper_grid_search(ctx: RunContext, shards: DenseShards, model: LeopartModel, n_fg: int) -> dict[str, Any]:
@@ -355,7 +454,7 @@ def _paper_grid_search(ctx: RunContext, shards: DenseShards, model: LeopartModel
                 comm = detect_communities(k + 1, edges, mt, _n_communities(cfg), lp.seed, lp.infomap_trials)
                 seg = community_map(k + 1, comm.modules, bg_node=k)
                 seg_conf = conf.conf @ np.eye(int(seg.max()) + 1, dtype=np.int64)[seg]  # columns summed by segment
-                score = segment_scores(seg_conf, names, bg, lp.unmatched)["mIoU"]
+                score = segment_scores(seg_conf, names, bg, lp.unmatched, lp.match)["mIoU"]
                 trials.append({"k_community": k, "markov_time": mt, "edge_threshold": thr,
                                "train_mIoU": round(float(score), 6), "n_segments": int(seg.max()) + 1})
                 log.info("[communities] grid (train labels): k=%d markov_time=%g edge_threshold=%g -> train mIoU "
@@ -375,7 +474,7 @@ def _paper_grid_search(ctx: RunContext, shards: DenseShards, model: LeopartModel
 def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     model = load_checked_model(ctx, "cbfe")
-    shards = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.train_split), model.pca, mask_kwargs(cfg))
+    shards = ex.hold(DenseShards, fit_files(cfg, ctx.run_dir), model.pca, mask_kwargs(cfg))
     selection: dict[str, Any]
     try:
         n_fg = int(sum(shards.select_foreground(model)))
@@ -403,11 +502,20 @@ def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
         edges = network_edges(m, edge_threshold)
         comm = detect_communities(n, edges, markov_time, _n_communities(cfg), lp.seed, lp.infomap_trials)
     model.cluster_to_segment = community_map(n, comm.modules, bg_node=k)
+    # the authors evaluate Infomap over several seeds (0-9): every run's partition is kept, the model is the first
+    runs = [model.cluster_to_segment]
+    run_info = [{"seed": lp.seed, "codelength": comm.codelength, "num_modules": comm.num_modules,
+                 "n_segments": model.n_segments}]
+    for r in range(1, lp.infomap_runs):
+        c_r = detect_communities(n, edges, markov_time, _n_communities(cfg), lp.seed + r, lp.infomap_trials)
+        runs.append(community_map(n, c_r.modules, bg_node=k))
+        run_info.append({"seed": lp.seed + r, "codelength": c_r.codelength, "num_modules": c_r.num_modules,
+                         "n_segments": int(runs[-1].max()) + 1})
     out = ctx.run_dir / "communities"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "communities.safetensors.tmp"
-    save_file({"centroids": fit.centroids, "cooccurrence": m, "cluster_to_segment": model.cluster_to_segment},
-              str(tmp))
+    save_file({"centroids": fit.centroids, "cooccurrence": m, "cluster_to_segment": model.cluster_to_segment,
+               "cluster_to_segment_runs": np.stack(runs).astype(np.int64)}, str(tmp))
     fix_mode(tmp)  # safetensors writes 0600; the umask decides
     tmp.replace(out / "communities.safetensors")
     meta = {"k": k, "n_nodes": n, "background_node": k, "n_edges": len(edges),
@@ -416,7 +524,8 @@ def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
             "codelength": comm.codelength, "num_modules": comm.num_modules, "n_segments": model.n_segments,
             "markov_time": markov_time, "edge_threshold": edge_threshold,
             "preferred_modules": _n_communities(cfg), "objective": fit.objective[-1], "n_points": fit.n_points,
-            "selection": selection, "input_hash": ctx.hashes["communities"]}
+            "selection": selection, "infomap_runs": run_info, "fit_splits": lp.fit_splits,
+            "cooc_angles": lp.cooc_angles, "cooc_presence": lp.cooc_presence, "input_hash": ctx.hashes["communities"]}
     atomic_write_json(out / "communities.json", meta)
     community_graph_png(edges, model.cluster_to_segment, k, out / "graph.png")
     save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained, ctx.hashes["communities"]),
@@ -468,13 +577,13 @@ def run_segments(ctx: RunContext, ex: Executor) -> StageInfo:
     return {"rows": rows, "segments": model.n_segments}
 
 
-def read_segments(run_dir: Path, split: str) -> dict[str, np.ndarray]:
-    """Segment maps ``(h, w)`` of a split by image id."""
+def read_segments(run_dir: Path, split: str, column: str = "segments") -> dict[str, np.ndarray]:
+    """Segment maps ``(h, w)`` of a split by image id (``column="clusters"``: the foreground-cluster maps)."""
     out: dict[str, np.ndarray] = {}
     for f in list_parquet_files(run_dir / "segments" / split):
         t = pq.read_table(f)
         for i, h, w, s in zip(t["image_id"].to_pylist(), t["h"].to_pylist(), t["w"].to_pylist(),
-                              t["segments"].to_pylist()):
+                              t[column].to_pylist()):
             out[i] = np.asarray(s, dtype=np.int64).reshape(h, w)
     return out
 
@@ -505,16 +614,18 @@ def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
     ids = [i for i in gt if i in segs]
     for i in ids:
         conf.update(gt[i], upsample_labels(segs[i], gt[i].shape))
-    scores = segment_scores(conf.conf, names, bg, lp.unmatched)
+    scores = segment_scores(conf.conf, names, bg, lp.unmatched, lp.match)
     scores["confusion"] = conf.conf
     metrics = write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=len(ids))
+    seeds = infomap_seed_scores(ctx.run_dir, cfg, gt, names, bg)
     over = overclustering(ctx, ex, gt, names) if lp.overcluster_k else {}
     probe = linear_probe(ctx, names) if lp.linear_probe.enabled else None
     comm_meta = json.loads((ctx.run_dir / "communities" / "communities.json").read_text())
     sel = comm_meta.get("selection") or {}
     metrics.update({
         "method": "leopart", "protocol": lp.protocol, "labels_used_for_fitting": lp.protocol == "paper",
-        "eval_size": list(lp.eval_size), "unmatched": lp.unmatched, "n_segments": model.n_segments,
+        "eval_size": list(lp.eval_size), "unmatched": unmatched_rule(lp.unmatched, bg), "match": lp.match,
+        "n_segments": model.n_segments, "infomap_seeds": seeds,
         "prior": cfg.backbone.source.prior,
         "overclustering": over,
         "hyperparameters": {"k_community": comm_meta.get("k"), "markov_time": comm_meta.get("markov_time"),
@@ -531,9 +642,39 @@ def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
     meta = json.loads(meta_path.read_text())
     meta["cluster_to_class"] = [int(x) for x in scores["mapping"]]
     atomic_write_json(meta_path, meta)
+    seed_metrics = {"mIoU_mean": seeds["mIoU"]["mean"], "mIoU_std": seeds["mIoU"]["std"],
+                    **{f"mIoU_seed_{s}": v for s, v in seeds["mIoU"]["per_seed"].items()}}
     return {"rows": len(ids), "mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"]),
+            **seed_metrics,
             **{f"overcluster_{k}_mIoU": v["mIoU"] for k, v in over.items()},
             **({"linear_probe_mIoU": probe["mIoU"]} if probe is not None else {})}
+
+
+def infomap_seed_scores(run_dir: Path, cfg: Config, gt: dict[str, np.ndarray], names: Sequence[str],
+                        bg: int | None) -> dict[str, Any]:
+    """Val scores of every Infomap run of the communities stage (``leopart.infomap_runs`` seeds) and their mean +-
+    std (:func:`transfgu.leopart.scoring.seed_summary`). The val cluster confusion is counted once; a run's segment
+    confusion is its columns summed by that run's communities."""
+    from transfgu.leopart.scoring import seed_summary
+    from transfgu.metrics import RunningConfusion
+
+    lp = cfg.leopart
+    t = load_file(str(run_dir / "communities" / "communities.safetensors"))
+    runs = t["cluster_to_segment_runs"] if "cluster_to_segment_runs" in t else t["cluster_to_segment"][None]
+    info = json.loads((run_dir / "communities" / "communities.json").read_text()).get("infomap_runs") or []
+    seeds = [int(r["seed"]) for r in info] if len(info) == len(runs) else [lp.seed + r for r in range(len(runs))]
+    clusters = read_segments(run_dir, cfg.data.val_split, "clusters")
+    conf = RunningConfusion(len(names), runs.shape[1], ignore_index=None)
+    for i in gt:
+        if i in clusters:
+            conf.update(gt[i], upsample_labels(clusters[i], gt[i].shape))
+    miou, acc = {}, {}
+    for s, seg in zip(seeds, runs):
+        seg_conf = conf.conf @ np.eye(int(seg.max()) + 1, dtype=np.int64)[seg]  # columns summed by segment
+        sc = segment_scores(seg_conf, names, bg, lp.unmatched, lp.match)
+        miou[s], acc[s] = float(sc["mIoU"]), float(sc["pixel_accuracy"])
+    return {"mIoU": seed_summary(miou), "pixel_accuracy": seed_summary(acc), "match": lp.match,
+            "unmatched": unmatched_rule(lp.unmatched, bg)}
 
 
 def _dense_with_labels(run_dir: Path, split: str, gt: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray],
@@ -562,46 +703,64 @@ def linear_probe(ctx: RunContext, names: Sequence[str]) -> dict[str, Any]:
     x_train, y_train, grid = _dense_with_labels(ctx.run_dir, cfg.data.train_split, gt_train)
     head, losses = train_linear_probe(x_train, np.stack(y_train), grid, len(names), epochs=pc.epochs, lr=pc.lr,
                                       lr_drop_epoch=pc.lr_drop_epoch, batch_size=pc.batch_size,
-                                      momentum=pc.momentum, seed=cfg.leopart.seed)
+                                      momentum=pc.momentum, seed=cfg.leopart.seed,
+                                      weight_decay=float(pc.weight_decay or 0.0), augment=bool(pc.augment))
     gt_val = _gt_at(cfg, cfg.data.val_split, ctx.errors, "evaluate", pc.eval_size)
     x_val, y_val, _ = _dense_with_labels(ctx.run_dir, cfg.data.val_split, gt_val)
     s = evaluate(head, x_val, y_val, grid, names)
     log.info("[evaluate] linear probe (TRAINED WITH LABELS): mIoU %.4f on %d val images", s["mIoU"], len(y_val))
     return {**s, "labels_used": True, "n_train_images": int(x_train.shape[0]), "n_val_images": len(y_val),
             "train_size": list(pc.train_size), "eval_size": list(pc.eval_size), "epochs": pc.epochs, "lr": pc.lr,
+            "weight_decay": pc.weight_decay, "augment": pc.augment,
             "losses": [round(v, 6) for v in losses],
             "note": "a linear layer on the frozen dense tokens trained with the training labels: a feature-quality "
                     "number, not an unsupervised one"}
 
 
 def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
-    """Spherical k-means of the training patches at each K, val patches assigned, clusters mapped to classes
-    many-to-one by majority overlap (WITH labels), mIoU at ``leopart.eval_size``."""
+    """k-means of the patches at each K (fitted on ``leopart.overcluster_split``, spherical or not per
+    ``overcluster_spherical``), val patches assigned, clusters mapped to classes many-to-one by majority overlap
+    (WITH labels), mIoU at ``leopart.eval_size``; averaged over ``overcluster_seeds`` seeds (the authors: fitted on
+    val, Euclidean, 5 seeds)."""
+    from transfgu.leopart.scoring import seed_summary
+    from transfgu.metrics import RunningConfusion
+
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     pca = load_checked_pca(ctx)
-    fits: dict[str, np.ndarray] = {}
-    train = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
-    try:  # one group of holders at a time: the training patches for the fits, then the val patches
+    seeds = [lp.seed + r for r in range(lp.overcluster_seeds)]
+    spherical = bool(lp.overcluster_spherical)
+    fit_split = cfg.data.val_split if lp.overcluster_split == "val" else cfg.data.train_split
+    fits: dict[str, list[np.ndarray]] = {}
+    train = ex.hold(DenseShards, dense_files(ctx.run_dir, fit_split), pca, mask_kwargs(cfg))
+    try:  # one group of holders at a time: the fitting patches, then the val patches
         n_train = int(sum(train.counts()))
         for k in lp.overcluster_k:
-            fits[str(k)] = lloyd_kmeans(train, min(k, n_train), lp.cbfe_niter, lp.seed, spherical=True,
-                                        **kmeans_options(lp),
-                                        name=f"overcluster{k}").centroids
+            fits[str(k)] = [lloyd_kmeans(train, min(k, n_train), lp.cbfe_niter, seed, spherical=spherical,
+                                         **(kmeans_options(lp) if spherical else {}),
+                                         name=f"overcluster{k}").centroids for seed in seeds]
     finally:
         ex.release(train)
     out: dict[str, Any] = {}
     val = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.val_split), pca, mask_kwargs(cfg))
     try:
-        for k, centroids in fits.items():
-            kk = int(centroids.shape[0])
-            conf = RunningConfusion(len(names), kk, ignore_index=None)
-            for file_maps in val.assign_maps(centroids, True):  # normalised points, unit centroids: largest cosine
-                for image_id, m in file_maps:
-                    if image_id in gt:
-                        conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))
-            s = conf.scores(names, overcluster="majority")
-            out[k] = {"k": kk, "mIoU": s["mIoU"], "pixel_accuracy": s["pixel_accuracy"]}
-            log.info("[evaluate] overclustering K=%d: mIoU %.4f", kk, s["mIoU"])
+        for k, per_seed in fits.items():
+            miou, acc = {}, {}
+            for seed, centroids in zip(seeds, per_seed):
+                kk = int(centroids.shape[0])
+                conf = RunningConfusion(len(names), kk, ignore_index=None)
+                for file_maps in val.assign_maps(centroids, spherical):  # unit centroids: largest cosine
+                    for image_id, m in file_maps:
+                        if image_id in gt:
+                            conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))
+                sc = conf.scores(names, overcluster="majority")
+                miou[seed], acc[seed] = float(sc["mIoU"]), float(sc["pixel_accuracy"])
+            rec: dict[str, Any] = {"k": kk, "mIoU": float(np.mean(list(miou.values()))),
+                                   "pixel_accuracy": float(np.mean(list(acc.values())))}
+            if len(seeds) > 1:
+                rec.update({"mIoU_std": seed_summary(miou)["std"], "per_seed": seed_summary(miou)["per_seed"],
+                            "fitted_on": fit_split, "spherical": spherical})
+            out[k] = rec
+            log.info("[evaluate] overclustering K=%d: mIoU %.4f (%d seeds)", kk, rec["mIoU"], len(seeds))
     finally:
         ex.release(val)
     return out

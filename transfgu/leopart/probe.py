@@ -4,7 +4,9 @@ matrix and IoU definition (the head predicts classes, so there is no cluster mat
 
 The appendix's settings: features bilinearly interpolated to the mask size before the head, 25 epochs, learning
 rate 0.01 divided by 10 after epoch 20, batch size 120, training masks 100 x 100, evaluation masks 448 x 448. It does
-not name the optimiser; SGD with momentum is used here (``leopart.linear_probe.momentum``).
+not name the optimiser; SGD with momentum is used here (``leopart.linear_probe.momentum``). The authors' code adds
+SGD weight decay 1e-4 and RandomResizedCrop (scale 0.8-1) + horizontal flip of the training images
+(``weight_decay`` / ``augment``, on under ``leopart.protocol: paper``; :func:`augment_pair`).
 
 A 1 x 1 linear head commutes with bilinear interpolation (each output pixel is a convex combination of input
 pixels, and the weights sum to one, so the bias passes through), so the head is applied on the patch grid and its
@@ -31,9 +33,47 @@ def probe_logits(head: nn.Linear, feats: torch.Tensor, grid: tuple[int, int], si
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def crop_box(h: int, w: int, g: torch.Generator, scale: tuple[float, float] = (0.8, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """A RandomResizedCrop box ``(y0, x0, ch, cw)`` of an ``h x w`` map (torchvision's rule, drawn with ``g``;
+    the whole map after 10 failed draws)."""
+    import math
+
+    for _ in range(10):
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=g)))
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * float(torch.rand((),
+                                                                                                   generator=g)))
+        cw, ch = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y0 = int(torch.randint(0, h - ch + 1, (), generator=g))
+            x0 = int(torch.randint(0, w - cw + 1, (), generator=g))
+            return y0, x0, ch, cw
+    return 0, 0, h, w
+
+
+def augment_pair(logits: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' probe augmentation, RandomResizedCrop (scale 0.8-1) + horizontal flip (p 0.5), applied to each
+    image's logits ``(C, H, W)`` and label map ``(H, W)`` alike (logits bilinear, labels nearest, back to ``H x W``).
+
+    The authors crop the image before the frozen backbone; here the frozen tokens are stored, so the crop is taken
+    of the head's upsampled output -- the same as cropping the bilinearly interpolated features, the head being
+    linear -- not of new tokens of the cropped image."""
+    _, hh, ww = logits.shape
+    y0, x0, ch, cw = crop_box(hh, ww, g)
+    lo = F.interpolate(logits[None, :, y0 : y0 + ch, x0 : x0 + cw], size=(hh, ww), mode="bilinear",
+                       align_corners=False)[0]
+    la = F.interpolate(labels[None, None, y0 : y0 + ch, x0 : x0 + cw].float(), size=(hh, ww),
+                       mode="nearest")[0, 0].long()
+    if float(torch.rand((), generator=g)) < 0.5:
+        lo, la = lo.flip(-1), la.flip(-1)
+    return lo, la
+
+
 def train_one_epoch(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
-                    optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator) -> float:
-    """One pass over the shuffled training images; pixel cross-entropy (label -1 ignored). Returns the mean loss."""
+                    optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
+                    augment: bool = False) -> float:
+    """One pass over the shuffled training images; pixel cross-entropy (label -1 ignored). Returns the mean loss.
+    ``augment``: :func:`augment_pair` on every image (drawn with ``generator``)."""
     head.train()
     order = torch.randperm(feats.shape[0], generator=generator)
     total, steps = 0.0, 0
@@ -42,7 +82,11 @@ def train_one_epoch(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, 
         y = labels[idx]
         if not (y >= 0).any():
             continue
-        loss = F.cross_entropy(probe_logits(head, feats[idx], grid, tuple(y.shape[1:])), y, ignore_index=-1)
+        logits = probe_logits(head, feats[idx], grid, tuple(y.shape[1:]))
+        if augment:
+            pairs = [augment_pair(lo, la, generator) for lo, la in zip(logits, y)]
+            logits, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        loss = F.cross_entropy(logits, y, ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -53,7 +97,8 @@ def train_one_epoch(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, 
 
 def train_linear_probe(feats: np.ndarray, labels: np.ndarray, grid: tuple[int, int], n_classes: int, *,
                        epochs: int = 25, lr: float = 0.01, lr_drop_epoch: int = 20, batch_size: int = 120,
-                       momentum: float = 0.9, seed: int = 0) -> tuple[nn.Linear, list[float]]:
+                       momentum: float = 0.9, seed: int = 0, weight_decay: float = 0.0,
+                       augment: bool = False) -> tuple[nn.Linear, list[float]]:
     """Fit the head on ``feats (N, h*w, d)`` and ``labels (N, H, W)`` (int, -1 = ignore); returns it and the loss
     of every epoch. Deterministic for a given seed (CPU)."""
     if feats.ndim != 3 or feats.shape[1] != grid[0] * grid[1]:
@@ -65,13 +110,13 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, grid: tuple[int, i
     torch.manual_seed(seed)
     head = nn.Linear(feats.shape[2], n_classes)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[lr_drop_epoch], gamma=0.1)
     x = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     losses = []
     for _ in range(epochs):
-        losses.append(train_one_epoch(head, x, y, grid, opt, batch_size, gen))
+        losses.append(train_one_epoch(head, x, y, grid, opt, batch_size, gen, augment))
         sched.step()
     return head, losses
 

@@ -64,7 +64,8 @@ class DenseShards:
         return self.counts()
 
     def select_foreground(self, model: LeopartModel) -> list[int]:
-        self.selection = [model.foreground_mask(p) if len(p) else np.zeros(0, bool) for p in self.points]
+        self.selection = [model.for_file(f).foreground_mask(p) if len(p) else np.zeros(0, bool)
+                          for f, p in zip(self.files, self.points)]
         return self.counts()
 
     # -- the k-means protocol -------------------------------------------------------------------------------------
@@ -97,9 +98,10 @@ class DenseShards:
 
     def label_maps(self, model: LeopartModel, what: str) -> list[list[tuple[str, np.ndarray]]]:
         """Per file, per image: ``(image_id, (h, w) map)`` of ``cbfe`` clusters, ``clusters`` or ``segments``."""
-        fn = {"cbfe": model.cbfe_labels, "clusters": model.clusters, "segments": model.segments}[what]
         out = []
         for f in range(len(self.files)):
+            m = model.for_file(self.files[f])  # a split's own CBFE flags, where it has them
+            fn = {"cbfe": m.cbfe_labels, "clusters": m.clusters, "segments": m.segments}[what]
             lab = fn(self.points[f]) if len(self.points[f]) else np.zeros(0, np.int64)
             per = self._per_image(f, lab)
             out.append([(i, m.reshape(g)) for i, m, g in zip(self.ids[f], per, self.grids[f])])
@@ -116,18 +118,19 @@ class DenseShards:
 
     def cooc_stats(self, model: LeopartModel, size: tuple[int, int] | None,
                    offsets: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per file: co-occurrence sums of the foreground-cluster maps (node k = background)."""
+        """Per file: co-occurrence sums of the foreground-cluster maps (node k = background) and both presence
+        counts (:func:`transfgu.leopart.communities.cooccurrence_stats`)."""
         n = model.k_community + 1
         out = []
         for file_maps in self.label_maps(model, "clusters"):
-            total = (np.zeros((n, n)), np.zeros(n, dtype=np.int64))
+            total = (np.zeros((n, n)), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
             # images of one size are counted in one vectorised call
             by_size: dict[tuple[int, int], list[np.ndarray]] = {}
             for _, m in file_maps:
                 mm = upsample_labels(m, size) if size is not None else m
                 by_size.setdefault(mm.shape, []).append(mm)
             for maps in by_size.values():
-                s, c = cooccurrence_stats(np.stack(maps), n, offsets)
-                total = (total[0] + s, total[1] + c)
+                s, c, r = cooccurrence_stats(np.stack(maps), n, offsets)
+                total = (total[0] + s, total[1] + c, total[2] + r)
             out.append(total)
         return out

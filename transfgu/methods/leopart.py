@@ -27,6 +27,16 @@ def _paper(d: dict[str, Any]) -> bool:
     return d["leopart"]["protocol"] == "paper"
 
 
+def _changed(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The protocol choices whose value is not the label-free one (earlier label-free runs keep their hashes)."""
+    return {k: d["leopart"][k] for k in keys if d["leopart"][k] != lp.LABEL_FREE.get(k)}
+
+
+def _dense_inputs(d: dict[str, Any]) -> dict[str, Any]:
+    return {"method": "leopart", "data": d["data"], "backbone": d["backbone"], **_pick(d, "input_size"),
+            "seed": d["run"]["seed"], **_changed(d, "cbfe_attention", "cbfe_attention_arch", "cbfe_attention_weights")}
+
+
 def _kmeans_keys(d: dict[str, Any]) -> list[str]:
     """The k-means settings away from their defaults: only then do they enter a hash (earlier runs keep theirs)."""
     defaults = (("kmeans_points", "l2_normalized"), ("kmeans_max_points_per_centroid", None))
@@ -36,7 +46,7 @@ def _kmeans_keys(d: dict[str, Any]) -> list[str]:
 def _cbfe_inputs(d: dict[str, Any]) -> dict[str, Any]:
     keys = ["protocol", "attn_mass", "blur_kernel", "blur_sigma", "min_component", "k_cbfe", "cbfe_niter",
             "cbfe_nredo", "precision_threshold", "seed", *_kmeans_keys(d)] + (["eval_size"] if _paper(d) else [])
-    return _pick(d, *keys)
+    return {**_pick(d, *keys), **_changed(d, "val_precision")}
 
 
 def _communities_inputs(d: dict[str, Any]) -> dict[str, Any]:
@@ -46,14 +56,15 @@ def _communities_inputs(d: dict[str, Any]) -> dict[str, Any]:
         keys.append("community_nredo")
     if _paper(d):  # the grid search scores on the training labels
         keys += ["paper_grid", "eval_size", "unmatched"]
-    return _pick(d, *keys)
+    return {**_pick(d, *keys), **_changed(d, "cooc_angles", "cooc_presence", "match", "infomap_runs")}
 
 
 def _evaluate_inputs(d: dict[str, Any]) -> dict[str, Any]:
     keys = ["eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed", *_kmeans_keys(d)]
     if d["leopart"]["linear_probe"]["enabled"]:  # only then: a run without the probe keeps its earlier hash
         keys.append("linear_probe")
-    return _pick(d, *keys)
+    return {**_pick(d, *keys),
+            **_changed(d, "match", "overcluster_split", "overcluster_seeds", "overcluster_spherical")}
 
 
 def check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
@@ -83,9 +94,9 @@ METHOD = Method(
     name="leopart",
     stages=(
         Stage("dense", lp.run_dense, outputs=(Output("dense", "shards"),),
-              inputs=lambda d: {"method": "leopart", "data": d["data"], "backbone": d["backbone"],
-                                **_pick(d, "input_size"), "seed": d["run"]["seed"]}),
-        Stage("pca", lp.run_pca, outputs=(Output("pca", stamp="pca.json"),), inputs=lambda d: _pick(d, "pca_dim")),
+              inputs=_dense_inputs),
+        Stage("pca", lp.run_pca, outputs=(Output("pca", stamp="pca.json"),),
+              inputs=lambda d: {**_pick(d, "pca_dim"), **_changed(d, "fit_splits")}),
         Stage("cbfe", lp.run_cbfe, outputs=(Output("cbfe", stamp="cbfe.json"),), inputs=_cbfe_inputs),
         Stage("communities", lp.run_communities,
               outputs=(Output("communities", stamp="communities.json"), Output("model", stamp="model.json")),

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing: dict[str, Any] = {"finetune_s": round(time.time() - t0, 1)}
     print(f"finetune: {timing['finetune_s']}s losses {[h['loss'] for h in ft_info['history']]}", flush=True)
     backbones = {"before": cfg.backbone.weights, "after": str(cfg.run_dir / "finetune" / "backbone.safetensors")}
-    if a.student:  # the student of the last epoch, next to the exported (teacher) backbone
+    if a.student:  # the student of the last epoch (the exported backbone is finetune.export's choice)
         from safetensors import safe_open
         from safetensors.torch import save_file
 
