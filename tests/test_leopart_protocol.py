@@ -262,3 +262,19 @@ def test_paper_fits_pca_and_cooccurrence_on_train_and_val(paper_run):
     assert json.loads((cfg.run_dir / "pca" / "pca.json").read_text())["n"] == n
     comm = json.loads((cfg.run_dir / "communities" / "communities.json").read_text())
     assert (comm["fit_splits"], comm["cooc_angles"], comm["cooc_presence"]) == ("train+val", "authors", "row_sum")
+
+
+def test_paper_protocol_sets_the_authors_kmeans() -> None:
+    """``protocol: paper`` runs the authors' k-means (raw points, faiss's 256-point subsampling, 5 restarts);
+    the label-free default keeps every point, L2-normalised, one community restart; an explicit key wins."""
+    from transfgu.config import LeopartConfig
+
+    free = LeopartConfig()
+    assert (free.kmeans_points, free.kmeans_max_points_per_centroid, free.community_nredo) == (
+        "l2_normalized", None, 1)
+    paper = LeopartConfig(protocol="paper")
+    assert (paper.kmeans_points, paper.kmeans_max_points_per_centroid, paper.community_nredo) == ("raw", 256, 5)
+    assert paper.cbfe_nredo == 5 and paper.cbfe_niter == 100 and paper.community_niter == 100
+    mixed = LeopartConfig(protocol="paper", kmeans_points="l2_normalized", kmeans_max_points_per_centroid=None)
+    assert (mixed.kmeans_points, mixed.kmeans_max_points_per_centroid, mixed.community_nredo) == (
+        "l2_normalized", None, 5)

@@ -443,6 +443,11 @@ class LeopartConfig(_Base):
             object.__setattr__(lp, "augment", paper)
         if paper and "unmatched" not in self.model_fields_set:
             object.__setattr__(self, "unmatched", "background")
+        if paper:  # the authors' k-means: faiss on the raw points, default subsampling, 5 restarts
+            for key, authors in (("kmeans_points", "raw"), ("kmeans_max_points_per_centroid", 256),
+                                 ("community_nredo", 5)):
+                if key not in self.model_fields_set:
+                    object.__setattr__(self, key, authors)
         if self.cbfe_attention == "weights" and not self.cbfe_attention_weights:
             raise ValueError("leopart.cbfe_attention=weights needs leopart.cbfe_attention_weights (a DINO ViT-S/16 "
                              "weights file)")
