@@ -36,9 +36,15 @@ from transfgu.layout import RunLayout
 log = logging.getLogger(__name__)
 
 _PARAM_BATCH = 100  # MLflow's log_batch limit for params
-# The experiment type the MLflow 3 UI keys its layout on ("genai_development" is the default it infers when empty).
+# The experiment type of MLflow's own API; UIs that key their layout on it open the experiment on its runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: What the MLflow UI (3.17) reads to choose an experiment's view: the ``workflowType`` query parameter of the page's
+#: URL, else the browser's stored position of the "GenAI | Model training" switch, else ``genai`` (the traces
+#: "Overview" page). The experiment's kind tag is not consulted, so the link we print carries the parameter.
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+#: Where ``mlflow ui`` listens unless told otherwise.
+UI_DEFAULT = "http://127.0.0.1:5000"
 _PARAM_VALUE_MAX = 6000
 
 
@@ -54,6 +60,48 @@ def resolve_tracking_uri(cfg: Config) -> str:
 
 def _is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:///")
+
+
+def experiment_ui_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs (``ui``: the server's base URL)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW_QUERY}"
+
+
+def find_experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` in a store, None when the store or the experiment does not exist (a local
+    SQLite file is never created by asking; a server that does not answer is not retried)."""
+    if _is_local_sqlite(tracking_uri) and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        return None
+    from unittest import mock
+
+    from mlflow import MlflowClient
+
+    try:
+        with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}):
+            exp = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    except Exception as exc:
+        log.debug("[mlflow] experiment %r not found in %s: %s", name, tracking_uri, exc)
+        return None
+    return None if exp is None else str(exp.experiment_id)
+
+
+def ui_lines(cfg: Config) -> list[tuple[str, str]]:
+    """``(label, text)`` lines that tell a user how to look at the run's experiment in the MLflow UI: the command that
+    starts the UI on a local store, and the URL of the experiment's training runs."""
+    uri = resolve_tracking_uri(cfg)
+    lines: list[tuple[str, str]] = []
+    if _is_local_sqlite(uri):
+        lines.append(("mlflow ui:", f"mlflow ui --backend-store-uri {uri}"))
+        base = UI_DEFAULT
+    elif uri.startswith(("http://", "https://")):
+        base = uri
+    else:
+        return lines
+    exp_id = find_experiment_id(uri, cfg.mlflow.experiment)
+    if exp_id is not None:
+        lines.append(("mlflow runs:", experiment_ui_url(base, exp_id)))
+    return lines
 
 
 def _git_sha() -> str | None:
