@@ -75,12 +75,19 @@ def run_pipeline(
     impl = {**method_runners(cfg), **(runners or {})}
     tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent)
     ctx.tracker = tracker
-    tracker.start()
+    selected = [n for n in method_stages(cfg) if only is None or n in only]
+    all_done = all(n not in force and ctx.manifest.is_done(n, ctx.hashes[n]) for n in selected)
+    previous = tracker.finished_run() if all_done else None
+    if previous is not None:  # nothing to do: no second MLflow run (nor a second copy of the model) for it
+        log.info("[mlflow] every stage is done; run %s already records it", previous)
+    else:
+        tracker.start()
     try:
         for name in method_stages(cfg):
             if only is not None and name not in only:
                 continue
             _run_stage(ctx, name, impl[name], force=name in force)
+        _write_model_card(ctx)
         if cfg.run.report and (only is None or "report" in only):
             try:
                 from transfgu.report import write_report  # optional: matplotlib may be missing
@@ -129,6 +136,16 @@ def _run_stage(ctx: RunContext, name: str, runner: StageRunner, force: bool) -> 
     tracker.end_stage(ctx.stage_run_id, info)
     ctx.stage_run_id = None
     log.info("[%s] done in %.1fs: %s", name, info["seconds"], {k: v for k, v in info.items() if k != "history"})
+
+
+def _write_model_card(ctx: RunContext) -> None:
+    """``model/MODEL_CARD.md`` from the run's records (no model yet: nothing); a card is never worth a failed run."""
+    from transfgu.mlflow_model import write_model_card
+
+    try:
+        write_model_card(ctx.run_dir)
+    except Exception as exc:
+        log.warning("could not write the model card: %s: %s", type(exc).__name__, exc)
 
 
 def _run_status(exc: BaseException) -> str:
