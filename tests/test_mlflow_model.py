@@ -272,7 +272,7 @@ def chromium(tmp_path):
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
          f"--user-data-dir={tmp_path / 'chromium-profile'}", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0", "--window-size=1400,850", "about:blank"],
+         "--remote-debugging-port=0", "--window-size=1600,900", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     ws_url, deadline = None, time.time() + 60

@@ -112,7 +112,7 @@ def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path, caps
     printed = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out[end:].strip().splitlines()}
     assert printed["run directory"] == str(best_dir)
     assert printed["model"] == str(best_dir / "model") and printed["metrics"] == str(best_dir / "eval" / "metrics.json")
-    assert "tiny" not in printed["run directory"].split("/")[-1]
+    assert printed["registered"] == "models:/transfgu-sw/1"  # the same model: no second version
     assert sorted((tmp_path / "runs" / "sw" / "trials").iterdir()) == trials  # no new trial was started
     assert {p: p.stat().st_mtime_ns for p in trials} == mtimes
     runs = client.search_runs([exp.experiment_id], max_results=500)

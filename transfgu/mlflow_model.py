@@ -299,8 +299,11 @@ def register_logged_model(tracking_uri: str, model_id: str, name: str) -> str:
     model = client.get_logged_model(model_id)
     try:
         client.create_registered_model(name)
-    except Exception:  # it exists already: add a version
+    except Exception:  # it exists already: add a version, unless this model is one (a resumed sweep)
         client.get_registered_model(name)
+        for v in client.search_model_versions(f"name = '{name}'"):
+            if getattr(v, "model_id", None) == model_id:
+                return f"{name}/{v.version}"
     card = None
     with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):  # a model logged without a card
         card = Path(client.download_artifacts(model.source_run_id, "model_card/" + MODEL_CARD, tmp)).read_text()
