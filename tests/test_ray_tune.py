@@ -21,6 +21,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.timeout(1200)  # two sweeps (the second restores the first) on a 2-core machine
 def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path, capsys):
     from mlflow import MlflowClient
     from ray import tune

@@ -139,7 +139,10 @@ def _run_stage(ctx: RunContext, name: str, runner: StageRunner, force: bool) -> 
 
 
 def _write_model_card(ctx: RunContext) -> None:
-    """``model/MODEL_CARD.md`` from the run's records (no model yet: nothing); a card is never worth a failed run."""
+    """``model/MODEL_CARD.md`` of a TransFGU run from its records (no model yet: nothing); a card is never worth a
+    failed run."""
+    if ctx.cfg.method != "transfgu":  # the card describes the TransFGU model (the one logged to MLflow)
+        return
     from transfgu.mlflow_model import write_model_card
 
     try:

@@ -327,17 +327,20 @@ def close_trial_runs(tracker: Tracker, sweep_run_id: str, results: list[Any] | N
     ended: list[str] = []
     for trial_run in _descendants_of_kind(tracker, sweep_run_id):
         res = next((r for t, r in by_trial.items() if trial_run.data.tags.get("run_name", "").endswith(t)), None)
+        done = int(((res.metrics or {}) if res is not None else {}).get("training_iteration", 0))
+        status = "KILLED"
         if res is None:
             reason = "the sweep stopped before the trial ended"
         elif res.error is not None:
-            reason = f"the trial failed: {type(res.error).__name__}"
-        else:
-            done = int((res.metrics or {}).get("training_iteration", 0))
+            reason, status = f"the trial failed: {type(res.error).__name__}", "FAILED"
+        elif done < epochs:
             reason = f"stopped early by the ASHA scheduler after {done} of {epochs} epochs"
+        else:  # the trial ended in a later attempt (Tune retries a trial whose process died)
+            reason, status = "an attempt of the trial that died; the trial was retried", "FAILED"
         stuck = [r for r in [trial_run, *_descendants(tracker, trial_run.info.run_id)] if r.info.status == "RUNNING"]
         for r in stuck:
             tracker.set_tags(r.info.run_id, {"stop_reason": reason})
-            tracker.end_run(r.info.run_id, "FAILED" if res is not None and res.error is not None else "KILLED")
+            tracker.end_run(r.info.run_id, status)
             ended.append(r.info.run_id)
     if ended:
         log.info("[tune] ended %d MLflow runs of stopped trials", len(ended))
