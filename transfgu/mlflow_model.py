@@ -302,13 +302,14 @@ def register_logged_model(tracking_uri: str, model_id: str, name: str) -> str:
     except Exception:  # it exists already: add a version, unless this model is one (a resumed sweep)
         client.get_registered_model(name)
         for v in client.search_model_versions(f"name = '{name}'"):
-            if getattr(v, "model_id", None) == model_id:
+            if model_id in (getattr(v, "model_id", None), v.source.removeprefix("models:/")):
                 return f"{name}/{v.version}"
     card = None
     with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):  # a model logged without a card
         card = Path(client.download_artifacts(model.source_run_id, "model_card/" + MODEL_CARD, tmp)).read_text()
-    mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=model.source_run_id,
-                                     model_id=model_id, description=card)
+    with _tracking_uri(tracking_uri):  # the registry resolves the models:/ source through the fluent store
+        mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=model.source_run_id,
+                                         model_id=model_id, description=card)
     log.info("[mlflow] model %s registered as %r version %s", model_id, name, mv.version)
     return f"{name}/{mv.version}"
 
