@@ -108,7 +108,10 @@ def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path, caps
     assert script.main(["--config", str(TINY_CONFIG), "--name", "sw", "--num-samples", "1", "--grace-period",
                         str(cfg.train.epochs), *(f"{k}={v}" for k, v in over.items())]) == 0
     out = capsys.readouterr().out
-    again, end = json.JSONDecoder().raw_decode(out)
+    import re
+
+    start = re.search(r"^\{$", out, flags=re.M).start()  # the summary (log lines may come before it)
+    again, end = json.JSONDecoder().raw_decode(out, start)
     assert again["trials"] == 2 and again["best_metric"] == pytest.approx(summary["best_metric"])
     printed = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out[end:].strip().splitlines()}
     assert printed["run directory"] == str(best_dir)
