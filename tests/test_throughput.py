@@ -25,25 +25,25 @@ from torch import nn
 
 from transfgu import errors, integrity, local, stages
 from transfgu.concepts import ConceptBank
-from transfgu.context import RunContext
 from transfgu.data import loaders
 from transfgu.data.transforms import to_model_input
 from transfgu.ddp import step_loader
-from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
+from transfgu.engine.loop import train_one_epoch
+from transfgu.engine.step import make_optimizer, make_teacher
 from transfgu.losses import EpochPlan
+from transfgu.methods import run_context
 from transfgu.models.backbone import ViTFeatures, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.pseudo_labels import ConceptMapParts
-from transfgu.throughput import (
+from transfgu.throughput.compile import compile_forward
+from transfgu.throughput.prefetch import (
     BackgroundWriter,
     Prefetcher,
     PrefetchLoader,
-    compile_forward,
     default_writer_threads,
     overlapped,
-    prepare_images,
-    to_device,
 )
+from transfgu.throughput.tensors import prepare_images, to_device
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_run_extract_with_writer_threads_writes_the_same_files(tmp_path, monkeyp
     backbone = None
     for n in (1, 3):
         cfg = tiny_config(tmp_path, f"w{n}", **{"run.write_threads": str(n), "crops.betas": "[0.5]"})
-        ctx = RunContext(cfg)
+        ctx = run_context(cfg)
         backbone = backbone or ctx.backbone
         ctx.backbone = backbone
         info = local.run_extract(ctx)
@@ -404,7 +404,7 @@ def test_extract_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     # crop/resize/table work around it, measured as it happens.
     compute = Timed(stages.extract_features)
     monkeypatch.setattr(stages, "extract_features", compute)
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     ctx.backbone = SleepViT(MODEL_LATENCY)
     t0 = time.perf_counter()
     info = local.run_extract(ctx)
@@ -429,7 +429,7 @@ def test_label_bank_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
         centroids=np.random.default_rng(0).normal(size=(k, 16)).astype(np.float32),
         pools=["all"] * k, k_per_pool={"all": k}, seed=0, niter=1,
     ).save(cfg.run_dir / "concepts")  # fmt: skip
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     integrity.stamp_json(ctx.layout.concepts / ConceptBank.META_FILE, ctx.hashes["concepts"])  # as the stage would
     calls = []
 
@@ -543,7 +543,7 @@ def test_compiled_step_kernels_equal_eager_losses_and_gradients(variant):
     ``aot_eager`` backend runs them without code generation, so the test is fast on CPU) give eager's losses,
     gradients and parameters after two bootstrapping epochs (dropout 0.1 included: the same keyed masks, drawn
     outside the compiled function)."""
-    from transfgu.engine import StepKernels
+    from transfgu.engine.step import StepKernels
 
     results = {}
     for mode in ("off", "on"):
@@ -573,7 +573,7 @@ def test_compiled_step_kernels_equal_eager_losses_and_gradients(variant):
 
 
 def test_compiled_step_kernels_fall_back_to_eager(caplog):
-    from transfgu.engine import StepKernels
+    from transfgu.engine.step import StepKernels
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no C++ compiler on this machine")
@@ -594,7 +594,7 @@ def test_compiled_step_kernels_fall_back_to_eager(caplog):
 
 def _epoch_syncs(variant: str, n_batches: int, log_every: int, on_step=None) -> list[str]:
     """Host reads of device values during one bootstrapping epoch of ``n_batches`` steps."""
-    from transfgu.throughput import HostSyncCounter
+    from transfgu.throughput.syncs import HostSyncCounter
 
     bb, student, teacher, batches = _step_setup(variant, n_batches=n_batches)
     opt = make_optimizer(student, lr=1e-3)

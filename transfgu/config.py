@@ -8,6 +8,7 @@ fails at once with a message that names the key. Defaults are the paper's COCO-S
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,8 +48,10 @@ class DataConfig(_Base):
 class BackboneConfig(_Base):
     """Frozen self-supervised ViT (§3)."""
 
-    arch: str = "vit_small_patch8"
-    weights: str = Field("none", description="'none', 'timm', 'hub:<tag>' or a .pth/.safetensors path")
+    arch: str = Field("vit_small_patch8", description="DINO v1 (vit_small_patch8, ...), DINOv2 with registers "
+                      "(vit_small_patch14_reg4_dinov2, ...) or DINOv3 (vit_small_patch16_dinov3, ...)")
+    weights: str = Field("none", description="'none', 'timm', 'hub:<tag>' or a .pth/.safetensors path (timm's, DINO's, "
+                         "or an official DINOv2/DINOv3 release file)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA devices that support it, fp32 otherwise"
     )
@@ -349,6 +352,15 @@ class LeopartConfig(_Base):
     k_cbfe: int = Field(200, ge=2, description="spherical k-means clusters for CBFE (authors: 200)")
     cbfe_niter: int = Field(100, ge=1)
     cbfe_nredo: int = Field(5, ge=1, description="k-means restarts, lowest objective kept (authors: 5)")
+    kmeans_points: Literal["l2_normalized", "raw"] = Field(
+        "l2_normalized", description="spherical k-means (CBFE, overclustering) of the L2-normalised points, or of the "
+        "raw PCA points with unit centroids as faiss's spherical option does (authors: raw)",
+    )
+    kmeans_max_points_per_centroid: int | None = Field(
+        None, ge=1, description="faiss's subsampling: every Leopart k-means trains on at most this many points per "
+        "centroid (authors: faiss's default, 256); None = every point",
+    )
+    community_nredo: int = Field(1, ge=1, description="restarts of the community overclustering k-means")
     precision_threshold: float = Field(
         0.4, ge=0, le=1, description="label_free: clusters at or above this precision are foreground (Table 1: 40 %)"
     )
@@ -498,12 +510,32 @@ class Config(_Base):
             )
         return self
 
+    @model_validator(mode="after")
+    def _paper_backbone(self) -> Config:
+        """Both papers used DINO v1 ViTs: a paper protocol on another backbone is allowed, and said."""
+        from transfgu.models.backbone import PAPER_ARCHS, TEST_ARCHS
+
+        arch = self.backbone.arch
+        paper = self.protocol == "paper" or (self.method == "leopart" and self.leopart.protocol == "paper")
+        if paper and arch not in PAPER_ARCHS + TEST_ARCHS:
+            logging.getLogger("transfgu").warning(
+                "protocol=paper reproduces the papers, which used DINO v1 backbones (%s); backbone.arch=%s is not "
+                "one of them, so the numbers are not comparable with the papers'", ", ".join(PAPER_ARCHS), arch)
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.run.root / self.run.name
 
+    def method_dump(self) -> dict[str, Any]:
+        """The config as plain data without the sections of the other methods (:data:`METHOD_SECTIONS`): what a run
+        shows (``config.yaml``, MLflow params, the report). Reading it back gives the same config: the sections
+        left out are only read by the other methods."""
+        other = {s for m, secs in METHOD_SECTIONS.items() if m != self.method for s in secs}
+        return {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in other}
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+        return yaml.safe_dump(self.method_dump(), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (MLflow params, Tune spaces)."""
@@ -516,7 +548,7 @@ class Config(_Base):
             else:
                 out[prefix] = obj
 
-        walk("", json.loads(self.model_dump_json()))
+        walk("", self.method_dump())
         return out
 
 
@@ -597,7 +629,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(_format_error(exc)) from None
 
 
+#: The config sections only one method reads (the others are shared: data, backbone, run, mlflow, ray, serve, ...).
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "transfgu": ("crops", "concepts", "pseudo", "train", "eval"),
+    "leopart": ("leopart",),
+    "leopart_finetune": ("finetune",),
+}
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     from transfgu.store import atomic_write_text
 
     atomic_write_text(Path(path), cfg.to_yaml())
+
+
+def n_output_channels(cfg: Config) -> int:
+    """Decoder channels: K concepts, plus the background channel 0 in the "things" variant (eq. 8)."""
+    return cfg.concepts.k + (1 if cfg.train.variant == "things" else 0)

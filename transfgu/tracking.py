@@ -338,8 +338,9 @@ class PipelineTracker:
     """
 
     def __init__(self, cfg: Config, tracker: Tracker | None, kind: str = "pipeline",
-                 parent_id: str | None = None) -> None:
+                 parent_id: str | None = None, log_model: bool = False) -> None:
         self.cfg = cfg
+        self.log_model = log_model  # the method's model/ is an MLflow pyfunc (transfgu.method.Method.mlflow_model)
         self.tracker = tracker
         self.kind = kind
         self.parent_of_root = parent_id
@@ -347,8 +348,9 @@ class PipelineTracker:
         self._monitors: dict[str, Any] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None) -> PipelineTracker:
-        return cls(cfg, Tracker.from_config(cfg), kind, parent_id)
+    def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None,
+                    log_model: bool = False) -> PipelineTracker:
+        return cls(cfg, Tracker.from_config(cfg), kind, parent_id, log_model)
 
     @property
     def enabled(self) -> bool:
@@ -448,9 +450,10 @@ class PipelineTracker:
         if run_dir is not None:
             model_dir = Path(run_dir) / "model"
             model_id = None
-            # the MLflow pyfunc wraps TransFGU checkpoints only (a Leopart model is served by transfgu predict);
-            # logged before the run's metrics, which are then linked to it with their data set
-            if (status == "FINISHED" and self.cfg.mlflow.log_model and self.cfg.method == "transfgu"
+            # the MLflow pyfunc wraps the checkpoints of the methods that say so (TransFGU's; a Leopart model is
+            # served by transfgu predict); logged before the run's metrics, which are then linked to it with their
+            # data set
+            if (status == "FINISHED" and self.cfg.mlflow.log_model and self.log_model
                     and (model_dir / "model.json").is_file()):
                 from transfgu.mlflow_model import log_model
 
