@@ -29,15 +29,20 @@ def _extra(p) -> None:
 
 
 def main(argv=None) -> int:
-    from transfgu.distributed.tune import run_sweep
+    from transfgu.distributed.tune import best_trial_config, run_sweep
 
     cfg, args = parse(argv, __doc__, _extra)
     summary = run_sweep(cfg, name=args.name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                         metric=args.metric, mode=args.mode, grace_period=args.grace_period)
     print(json.dumps(summary, indent=2))
-    if summary.get("best_run_dir"):
-        print(f"best trial run:  {summary['best_run_dir']} (model: {summary['best_run_dir']}/model)")
-    print_outputs(cfg)
+    best = best_trial_config(cfg, summary)
+    if best is None:
+        print(f"no trial finished: see {summary['sweep_dir']}", file=sys.stderr)
+        return 1
+    print(f"{'best trial:':15} {summary['best_trial']} ({args.metric} {summary['best_metric']:.4f})")
+    print_outputs(best)
+    if summary.get("registered_model"):
+        print(f"{'registered:':15} models:/{summary['registered_model']}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Issue 18 item 1: the trained model as an MLflow model (pyfunc, no pickle) and the experiment as `mlflow ui` shows it.
+"""The trained model as an MLflow model (pyfunc, no pickle) and the experiment as `mlflow ui` shows it.
 
 One tracked whole-method run (tiny random ViT, real CamVid images, SQLite store) serves every test here.
 """
@@ -92,6 +92,67 @@ def test_model_artifacts_hold_no_pickle_and_describe_the_model(tracked, tmp_path
     assert m.metadata["pretrained"] is False and m.metadata["preprocessing"]["resize"] == [64, 80]
     assert m.signature.inputs.input_names() == ["image"]
     assert (model_root / "serving_input_example.json").is_file()
+    # the model card, beside the model and in the run's model/ folder, says what the model is and is not
+    card = (model_root / "MODEL_CARD.md").read_text()
+    assert card == (tracked["cfg"].run_dir / "model" / "MODEL_CARD.md").read_text()
+    for section in ("## Intended use", "## Data", "## Backbone prior", "## Metrics", "## Limitations"):
+        assert section in card
+    metrics = json.loads((tracked["cfg"].run_dir / "eval" / "metrics.json").read_text())
+    assert f"mIoU {metrics['mIoU']:.4f}" in card and "**random**" in card and "`camvid`" in card
+    assert "trained on split `train` (6 images)" in card
+    version = tracked["client"].get_model_version("tiny-seg", "1")
+    assert version.description == card
+
+
+def test_requirements_install_where_the_model_is_served(tracked, tmp_path):
+    """No `transfgu==...` line (no index serves it): the package travels as code; the rest is pinned as the lock."""
+    import re
+
+    from transfgu.mlflow_model import REQUIREMENTS
+
+    local = resolve_model_dir(f"runs:/{tracked['parent'].info.run_id}/model", tracking_uri=tracked["uri"],
+                              dst=tmp_path / "dl")
+    model_root = local.parents[1]
+    reqs = [r for r in (model_root / "requirements.txt").read_text().split() if not r.startswith("mlflow==")]
+    lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (Path(__file__).parents[1] / "requirements" / "lock.txt")
+                           .read_text(), flags=re.M))
+    lock = {k.lower(): v for k, v in lock.items()}
+    assert sorted(r.split("==")[0] for r in reqs) == sorted(REQUIREMENTS)
+    for r in reqs:
+        name, version = r.split("==")
+        assert lock[name.lower()] == version, r
+    assert (model_root / "code" / "transfgu" / "mlflow_model.py").is_file()
+    assert not list((model_root / "code").rglob("__pycache__"))
+
+
+@pytest.mark.slow
+def test_model_loads_with_the_package_it_carries(tracked, tmp_path):
+    """A fresh interpreter outside the repository (no PYTHONPATH) loads the model with the transfgu it carries."""
+    import os
+    import subprocess
+    import sys
+
+    local = resolve_model_dir(f"runs:/{tracked['parent'].info.run_id}/model", tracking_uri=tracked["uri"],
+                              dst=tmp_path / "dl")
+    model_root = local.parents[1]
+    image = _images(1)[0]
+    script = (
+        "import sys, mlflow.pyfunc, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model({str(model_root)!r})\n"
+        f"out = m.predict(pd.DataFrame({{'image': [open({str(image)!r}, 'rb').read()]}}))\n"
+        "import transfgu\n"
+        "print(transfgu.__file__)\n"
+        "print(out['label_png'][0])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env["TRANSFGU_DEVICE"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, label_png = out.stdout.strip().splitlines()[-2:]
+    assert Path(where).resolve().is_relative_to((model_root / "code").resolve()), where
+    expected = load(tracked["cfg"].run_dir, device="cpu").predict(load_rgb(image))
+    np.testing.assert_array_equal(decode_label_png(label_png), expected)
 
 
 def test_serving_input_round_trip(tracked, monkeypatch):
@@ -148,3 +209,168 @@ def test_experiment_kind_source_datasets_and_system_metrics(tracked):
     models = client.search_logged_models(experiment_ids=[tracked["exp"].experiment_id])
     assert [m.source_run_id for m in models] == [parent.info.run_id]
     assert client.get_registered_model("tiny-seg").name == "tiny-seg"
+    # its metrics are the evaluation's, on the validation split ("Datasets used"), without system metrics
+    model_metrics = {m.key: m for m in models[0].metrics}
+    assert not [k for k in model_metrics if k.startswith("system/")]
+    val = inputs["camvid/val"].dataset
+    assert model_metrics["mIoU"].value == pytest.approx(parent.data.metrics["mIoU"])
+    for key in ("mIoU", "pixel_accuracy", "iou/Sky"):
+        assert (model_metrics[key].dataset_name, model_metrics[key].dataset_digest) == (val.name, val.digest)
+
+
+# -- the experiment in the MLflow UI, in headless Chromium ----------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _DevTools:
+    """A minimal Chrome DevTools Protocol client (flat sessions over the browser's websocket)."""
+
+    def __init__(self, ws_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=None, open_timeout=60)
+        self.next_id = 0
+
+    def call(self, method: str, session: str | None = None, timeout: float = 60, **params):
+        import time
+
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        self.ws.send(json.dumps(msg))
+        deadline = time.time() + timeout
+        while True:
+            reply = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.time())))
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def evaluate(self, session: str, expr: str):
+        return self.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
+
+
+@pytest.fixture()
+def chromium(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    exe = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    proc = subprocess.Popen(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--remote-debugging-address=127.0.0.1",
+         "--remote-debugging-port=0", "--window-size=1600,900", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ws_url, deadline = None, time.time() + 60
+    while time.time() < deadline and ws_url is None:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        if "DevTools listening on" in line:
+            ws_url = line.split("DevTools listening on", 1)[1].strip()
+    if ws_url is None:
+        proc.kill()
+        pytest.fail("chromium did not start its DevTools endpoint")
+    tools = _DevTools(ws_url)
+    yield tools
+    tools.ws.close()
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture()
+def mlflow_ui(tracked, capsys):
+    """``mlflow ui`` started as the run's printed outputs say (on a free port), and the URL they print."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from transfgu.cli import print_outputs
+
+    print_outputs(tracked["cfg"])
+    printed = {line.split(":", 1)[0]: line.split(":", 1)[1].strip()
+               for line in capsys.readouterr().out.splitlines() if ":" in line}
+    assert "mlflow ui" in printed, printed
+    assert "mlflow runs" in printed, f"no link to the experiment's runs among the outputs: {printed}"
+    cmd = shlex.split(printed["mlflow ui"])
+    assert cmd[:2] == ["mlflow", "ui"]
+    port = _free_port()
+    url = printed["mlflow runs"].replace("http://127.0.0.1:5000/", f"http://127.0.0.1:{port}/")
+    assert url != printed["mlflow runs"]
+    mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
+    proc = subprocess.Popen([mlflow_exe, *cmd[1:], "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300  # a loaded 2-core machine takes minutes to start it
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, "mlflow ui exited"
+            assert time.time() < deadline, "mlflow ui did not answer"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_opens_the_experiment_on_its_training_runs(tracked, mlflow_ui, chromium, tmp_path):
+    """The link the run prints opens the MLflow UI on the experiment's runs (with the pipeline run listed), not on
+    the GenAI traces overview that MLflow 3 shows by default."""
+    import io
+    import os
+    import time
+
+    from PIL import Image
+
+    target = chromium.call("Target.createTarget", url=mlflow_ui)["targetId"]
+    session = chromium.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    run_name = tracked["parent"].info.run_name
+    deadline = time.time() + 240
+    text = ""
+    while time.time() < deadline:
+        href = chromium.evaluate(session, "location.href") or ""
+        text = chromium.evaluate(session, "document.body ? document.body.innerText : ''") or ""
+        if run_name in text and "matching run" in text:
+            break
+        time.sleep(0.5)
+    assert run_name in text, f"{href}: the pipeline run is not listed:\n{text[:1500]}"
+    exp_id = tracked["exp"].experiment_id
+    assert f"/#/experiments/{exp_id}/runs" in href and "workflowType=machine_learning" in href, href
+    assert "Token Usage" not in text and "Traces" in text  # the traces tab exists, its overview is not shown
+    time.sleep(1.0)  # let the table settle for the picture
+    shot = base64.b64decode(chromium.call("Page.captureScreenshot", session, format="png")["data"])
+    page = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+    assert page.shape[0] > 500 and len(np.unique(page.reshape(-1, 3), axis=0)) > 50  # a rendered page, not blank
+    (tmp_path / "mlflow_experiment.png").write_bytes(shot)
+    if os.environ.get("TRANSFGU_SCREENSHOT_DIR"):  # docs/img/mlflow_experiment.png is made this way
+        Path(os.environ["TRANSFGU_SCREENSHOT_DIR"], "mlflow_experiment.png").write_bytes(shot)

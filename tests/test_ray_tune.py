@@ -21,7 +21,8 @@ def ray_local():
     ray.shutdown()
 
 
-def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path):
+@pytest.mark.timeout(1200)  # two sweeps (the second restores the first) on a 2-core machine
+def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path, capsys):
     from mlflow import MlflowClient
     from ray import tune
 
@@ -61,6 +62,9 @@ def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path):
     assert len(sweeps) == 1 and sweeps[0].info.run_id == summary["mlflow_run_id"]
     sweep = sweeps[0]
     assert sweep.info.status == "FINISHED"
+    assert sweep.data.tags["sweep"] == "sw" and sweep.data.tags["run_name"] == "sw"  # not the base config's name
+    assert all(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
     assert sweep.data.params["best.w_div"] == str(summary["best_config"]["w_div"])
     assert sweep.data.metrics["best_val_mIoU"] == pytest.approx(summary["best_metric"])
     trial_runs = children(sweep.info.run_id)
@@ -78,15 +82,82 @@ def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path):
         assert "mIoU" in t.data.metrics
     assert all(by_id[r.data.tags["mlflow.parentRunId"]] for r in runs if "mlflow.parentRunId" in r.data.tags)
 
-    # the best trial's run directory (with its model) is named; a re-run of the same sweep name restores it
+    # the best trial's run directory (with its model) is named, and its model registered under the sweep's name
     best_dir = Path(summary["best_run_dir"])
     assert best_dir.parent == tmp_path / "runs" / "sw" / "trials" and (best_dir / "model").is_dir()
+    assert summary["registered_model"] == "transfgu-sw/1"
+    version = client.get_model_version("transfgu-sw", "1")
+    best_run = next(t for t in trial_runs if t.data.tags["run_name"] == best_dir.name)
+    assert version.run_id == best_run.info.run_id and version.description.startswith("# Model card")
+    assert len(client.search_registered_models()) == 1  # trials log their models without registering them
+
+    # the sweep script, re-run with the same name, restores the sweep (no new trial, no new sweep run) and prints
+    # the best trial's outputs, not those of the base config's run
+    import importlib.util
+
+    from conftest import TINY_CONFIG
+
+    spec = importlib.util.spec_from_file_location("tune_sweep", Path(__file__).parents[1] / "ray_jobs" /
+                                                  "tune_sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     mtimes = {p: p.stat().st_mtime_ns for p in trials}
-    again = run_sweep(cfg, space={"w_div": tune.grid_search([0.5, 1.0]), "K": 4}, name="sw", num_samples=1,
-                      grace_period=cfg.train.epochs)
+    over = {"data.root": cfg.data.root, "run.root": cfg.run.root, "run.name": cfg.run.name,
+            "ray.cpus_per_actor": "0.5", "ray.num_workers": "0", "ray.trial_cpus": "0.5", "run.report": "false",
+            "mlflow.enabled": "true"}
+    assert script.main(["--config", str(TINY_CONFIG), "--name", "sw", "--num-samples", "1", "--grace-period",
+                        str(cfg.train.epochs), *(f"{k}={v}" for k, v in over.items())]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    start = re.search(r"^\{$", out, flags=re.M).start()  # the summary (log lines may come before it)
+    again, end = json.JSONDecoder().raw_decode(out, start)
     assert again["trials"] == 2 and again["best_metric"] == pytest.approx(summary["best_metric"])
+    printed = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out[end:].strip().splitlines()}
+    assert printed["run directory"] == str(best_dir)
+    assert printed["model"] == str(best_dir / "model") and printed["metrics"] == str(best_dir / "eval" / "metrics.json")
+    assert printed["registered"] == "models:/transfgu-sw/1"  # the same model: no second version
     assert sorted((tmp_path / "runs" / "sw" / "trials").iterdir()) == trials  # no new trial was started
     assert {p: p.stat().st_mtime_ns for p in trials} == mtimes
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    assert [r.info.run_id for r in runs if r.data.tags.get("kind") == "sweep"] == [sweep.info.run_id]
+    assert client.get_run(sweep.info.run_id).info.status == "FINISHED"
+
+
+def test_stopped_trials_runs_end_killed_with_the_reason(tmp_path):
+    """Tune kills a trial ASHA stops, so its runs cannot end themselves: the sweep ends them."""
+    from mlflow import MlflowClient
+    from ray.tune import Result
+
+    from transfgu.distributed.tune import close_trial_runs
+    from transfgu.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="sweeps")
+    sweep = tracker.start_run("sweep s", tags={"kind": "sweep"})
+    runs = {}
+    for trial in ("trial_driver_ab_00000", "trial_driver_ab_00001"):
+        runs[trial] = tracker.start_run(f"trial {trial}", parent_id=sweep, tags={"run_name": trial})
+        runs[trial + "/train"] = tracker.start_run("stage train", parent_id=runs[trial])
+        runs[trial + "/round"] = tracker.start_run("train/round=0", parent_id=runs[trial + "/train"])
+    runs["extract"] = tracker.start_run("stage extract", parent_id=runs["trial_driver_ab_00000"])
+    tracker.end_run(runs["extract"])
+    for key in ("trial_driver_ab_00001/round", "trial_driver_ab_00001/train", "trial_driver_ab_00001"):
+        tracker.end_run(runs[key])  # the trial that ran to its end closed its own runs
+    results = [Result(metrics={"trial_id": "ab_00000", "training_iteration": 1, "val_mIoU": 0.1}, checkpoint=None,
+                      error=None, path=str(tmp_path)),
+               Result(metrics={"trial_id": "ab_00001", "training_iteration": 3, "val_mIoU": 0.2}, checkpoint=None,
+                      error=None, path=str(tmp_path))]
+    ended = close_trial_runs(tracker, sweep, results, epochs=3)
+    stopped = ["trial_driver_ab_00000", "trial_driver_ab_00000/train", "trial_driver_ab_00000/round"]
+    assert sorted(ended) == sorted(runs[k] for k in stopped)
+    client = MlflowClient(tracker.tracking_uri)
+    for key, rid in runs.items():
+        run = client.get_run(rid)
+        if key in stopped:
+            assert run.info.status == "KILLED"
+            assert run.data.tags["stop_reason"] == "stopped early by the ASHA scheduler after 1 of 3 epochs"
+        else:
+            assert run.info.status == "FINISHED" and "stop_reason" not in run.data.tags
 
 
 def test_train_ddp_two_workers(ray_local, tiny_run_dir, tmp_path):

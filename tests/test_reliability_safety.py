@@ -79,6 +79,8 @@ def check_file(path: Path) -> str:
             [store.row(r) for r in range(store.rows)]
     elif suffix in (".csv", ".html", ".log", ".txt", ".svg", ".css", ".js", ".md"):
         path.read_text(encoding="utf-8")
+    elif suffix == ".py" and "code" in path.parts:  # the package an MLflow model carries (its code path): source
+        compile(path.read_text(encoding="utf-8"), str(path), "exec")
     else:
         raise AssertionError(f"{path}: unexpected file type in a run")
     return suffix or path.name

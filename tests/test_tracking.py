@@ -55,13 +55,26 @@ def test_one_process_pipeline_run_tree(tmp_path, monkeypatch):
     assert sorted(m.step for m in hist) == [0, 1]  # one point per epoch
     assert stages["evaluate"].data.metrics["mIoU"] == pytest.approx(parent.data.metrics["mIoU"])
 
-    # a resumed run is a new parent whose stages are all marked skipped
+    # the model is registered under a name derived from the run, its card as the version's description
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert len(models) == 1
+    version = client.get_model_version("transfgu-tiny", "1")
+    assert version.source == f"models:/{models[0].model_id}" and version.description.startswith("# Model card")
+
+    # a re-run whose stages all skip opens no second parent run and logs no second model
     run_pipeline(cfg)
+    assert len(client.search_runs([exp.experiment_id], max_results=100)) == len(runs)
+    assert len(client.search_logged_models(experiment_ids=[exp.experiment_id])) == 1
+
+    # a resumed run that does work is a new parent whose finished stages are marked skipped
+    run_pipeline(cfg, force=["evaluate"])
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
     assert len(parents) == 2
-    second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
-    assert len(second) == 5 and all(r.data.tags["skipped"] == "true" for r in second)
+    second = {r.data.tags["pipeline_stage"]: r.data.tags["skipped"]
+              for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id}
+    assert second == {"extract": "true", "concepts": "true", "label_bank": "true", "train": "true",
+                      "evaluate": "false"}
 
 
 def test_a_stage_shorter_than_the_sampling_interval_still_logs_system_metrics(tmp_path):

@@ -22,7 +22,7 @@ from transfgu.cli_args import HelpFormatter
 from transfgu.config import Config, ConfigError, load_config
 from transfgu.layout import RunLayout
 from transfgu.logs import setup_logging
-from transfgu.tracking import resolve_tracking_uri
+from transfgu.tracking import resolve_tracking_uri, ui_lines
 
 SUBCOMMANDS = {
     "run": ("transfgu.cli", "run_main", "run every stage of the method (--ray: on a Ray cluster)"),
@@ -161,8 +161,8 @@ def print_outputs(cfg: Config) -> None:
     if cfg.mlflow.enabled:
         uri = resolve_tracking_uri(cfg)
         print(f"{'mlflow store:':15} {uri}")
-        if uri.startswith("sqlite:///"):
-            print(f"{'mlflow ui:':15} mlflow ui --backend-store-uri {uri}")
+        for label, text in ui_lines(cfg):
+            print(f"{label:15} {text}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

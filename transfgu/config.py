@@ -233,7 +233,9 @@ class MlflowConfig(_Base):
     tracking_uri: str | None = None
     experiment: str = "transfgu"
     log_model: bool = Field(True, description="log the trained model as an MLflow pyfunc model on the pipeline run")
-    registered_model: str | None = Field(None, description="also register the logged model under this name")
+    registered_model: str | None = Field(
+        None, description="register the logged model under this name (default: <method>-<run.name>; a sweep: "
+        "<method>-<sweep name> for its best trial); '' = log it without registering")
     system_metrics: bool = Field(True, description="sample CPU/memory/GPU into stage and trial runs")
     system_metrics_interval: float = Field(10.0, gt=0, description="seconds between system-metric samples")
 

@@ -4,13 +4,17 @@ MLflow's ``python_model=`` pyfunc pickles a Python object (cloudpickle). This on
 the flavor instead: ``loader_module="transfgu.mlflow_model"`` plus ``data_path`` = a copy of the run's ``model/``
 checkpoint (``model.json`` + safetensors, :mod:`transfgu.checkpoint`). ``mlflow.pyfunc.load_model`` imports this
 module and calls :func:`_load_pyfunc` on the copied folder, which is :func:`transfgu.predict.load`: one definition of
-prediction for the CLI, the MLflow model, Ray Data batch prediction and the Serve endpoint. Loading needs the
-``transfgu`` package installed (it is the model's one pip requirement besides its dependencies).
+prediction for the CLI, the MLflow model, Ray Data batch prediction and the Serve endpoint. The ``transfgu`` package
+travels with the model as a code path (no index serves it), so the model's ``requirements.txt`` lists only what
+loading it imports, pinned to the versions it was logged with (those of ``requirements/lock.txt``): what
+``mlflow models serve`` installs with its default environment manager.
 
 Logged model layout (``runs:/<run>/model`` or ``models:/<name>/<version>``)::
 
-    MLmodel                 flavor pyfunc, loader_module transfgu.mlflow_model, signature, metadata (below)
+    MLmodel                 flavor pyfunc, loader_module transfgu.mlflow_model, code, signature, metadata (below)
+    MODEL_CARD.md           intended use, data, backbone prior, metrics, limitations (also in the run's model/)
     transfgu_model/         model.json, decoder.safetensors [, backbone.safetensors for a random backbone]
+    code/transfgu/          the package that loads it
     input_example.json      serving_input_example.json, requirements.txt, python_env.yaml
 
 Input: a DataFrame with a binary column ``image`` (encoded PNG/JPEG/... bytes; base64 in JSON requests to
@@ -39,6 +43,10 @@ log = logging.getLogger(__name__)
 
 DATA_DIR = "transfgu_model"
 ARTIFACT_NAME = "model"
+MODEL_CARD = "MODEL_CARD.md"
+#: What loading and running the model imports (pinned to the installed versions when logged).
+REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas", "pyyaml", "pydantic",
+                "pyarrow", "scipy")
 #: Decoded images larger than this are refused (an MLflow server has no other size limit of its own).
 MAX_PIXELS = 40_000_000
 
@@ -161,11 +169,13 @@ def _signature() -> Any:
     )
 
 
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
+    """The model's pip requirements: :data:`REQUIREMENTS` pinned to the installed versions (never ``transfgu``
+    itself, which travels as code)."""
     from importlib import metadata
 
     reqs = []
-    for dist in ("transfgu", "torch", "timm", "safetensors", "pillow", "numpy", "pandas"):
+    for dist in REQUIREMENTS:
         try:
             reqs.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -173,7 +183,17 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def _flavor_kwargs(checkpoint: Path) -> dict[str, Any]:
+def _staged_code(tmp: Path) -> Path:
+    """A clean copy of the ``transfgu`` package (no caches) to carry as the model's code path."""
+    import transfgu
+
+    dst = tmp / "code" / "transfgu"
+    shutil.copytree(Path(transfgu.__file__).resolve().parent, dst,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    return dst
+
+
+def _flavor_kwargs(checkpoint: Path, tmp: Path) -> dict[str, Any]:
     import pandas as pd
 
     from transfgu.checkpoint import read_model_meta
@@ -181,18 +201,20 @@ def _flavor_kwargs(checkpoint: Path) -> dict[str, Any]:
     meta = read_model_meta(checkpoint)
     return {
         "loader_module": __name__,
-        "data_path": str(checkpoint),
+        "data_path": str(_staged_checkpoint(checkpoint, tmp)),
+        "code_paths": [str(_staged_code(tmp))],
         "signature": _signature(),
         "input_example": (pd.DataFrame({"image": [example_image_png()]}), {"as_classes": False}),
-        "pip_requirements": _requirements(),
+        "pip_requirements": requirements(),
         "metadata": model_metadata(meta),
     }
 
 
 def _staged_checkpoint(checkpoint: Path, tmp: Path) -> Path:
-    """Copy the checkpoint under the name the flavor stores it as (``data_path`` keeps its base name)."""
+    """Copy the checkpoint under the name the flavor stores it as (``data_path`` keeps its base name); the model
+    card goes beside the MLflow model instead."""
     dst = tmp / DATA_DIR
-    shutil.copytree(checkpoint, dst, ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(checkpoint, dst, ignore=shutil.ignore_patterns(".*", MODEL_CARD))
     return dst
 
 
@@ -204,8 +226,9 @@ def save_model(checkpoint_dir: str | Path, path: str | Path) -> Path:
 
     ckpt = find_checkpoint(checkpoint_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        kw = _flavor_kwargs(_staged_checkpoint(ckpt, Path(tmp)))
-        mlflow.pyfunc.save_model(str(path), **kw)
+        mlflow.pyfunc.save_model(str(path), **_flavor_kwargs(ckpt, Path(tmp)))
+    if (ckpt / MODEL_CARD).is_file():
+        shutil.copy2(ckpt / MODEL_CARD, Path(path) / MODEL_CARD)
     return Path(path)
 
 
@@ -229,7 +252,13 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str | Path, registered_name: str | None = None,
               name: str = ARTIFACT_NAME) -> Any:
     """Log the checkpoint as an MLflow model of ``run_id`` (shown in the run's and experiment's Models tab),
-    registered under ``registered_name`` when given. Returns MLflow's ``ModelInfo`` (``model_uri``, ...)."""
+    registered under ``registered_name`` when given. Returns MLflow's ``ModelInfo`` (``model_uri``, ...).
+
+    The checkpoint's model card (:func:`write_model_card`) is logged beside the model's ``MLmodel`` and becomes the
+    description of the registered version. Run metrics at step 0 are copied onto the model by MLflow when it is
+    logged: log the evaluation metrics after this, with the model's id and their data set (what the UI lists as the
+    model's metrics and "Datasets used").
+    """
     import mlflow.pyfunc
     from mlflow import MlflowClient
     from mlflow.models import Model
@@ -246,12 +275,113 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str | Path, regist
         params={k: str(v) for k, v in run.data.params.items()},
     )
     with tempfile.TemporaryDirectory() as tmp, _tracking_uri(tracking_uri):
-        kw = _flavor_kwargs(_staged_checkpoint(ckpt, Path(tmp)))
+        kw = _flavor_kwargs(ckpt, Path(tmp))
         info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
                          registered_model_name=registered_name, **kw)
+    card = ckpt / MODEL_CARD
+    if card.is_file():
+        client.log_model_artifact(logged.model_id, str(card))
+        if registered_name and info.registered_model_version is not None:
+            client.update_model_version(registered_name, str(info.registered_model_version),
+                                        description=card.read_text())
     log.info("[mlflow] model logged as %s%s", info.model_uri,
-             f", registered as {registered_name!r}" if registered_name else "")
+             f", registered as {registered_name!r} version {info.registered_model_version}" if registered_name
+             else "")
     return info
+
+
+def register_logged_model(tracking_uri: str, model_id: str, name: str) -> str:
+    """Register an already logged model (e.g. a sweep's best trial's) under ``name``, with its model card as the
+    version's description; returns ``<name>/<version>``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    model = client.get_logged_model(model_id)
+    try:
+        client.create_registered_model(name)
+    except Exception:  # it exists already: add a version, unless this model is one (a resumed sweep)
+        client.get_registered_model(name)
+        for v in client.search_model_versions(f"name = '{name}'"):
+            if model_id in (getattr(v, "model_id", None), v.source.removeprefix("models:/")):
+                return f"{name}/{v.version}"
+    card = None
+    with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):  # a model logged without a card
+        card = Path(client.download_artifacts(model.source_run_id, "model_card/" + MODEL_CARD, tmp)).read_text()
+    with _tracking_uri(tracking_uri):  # the registry resolves the models:/ source through the fluent store
+        mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=model.source_run_id,
+                                         model_id=model_id, description=card)
+    log.info("[mlflow] model %s registered as %r version %s", model_id, name, mv.version)
+    return f"{name}/{mv.version}"
+
+
+def default_registered_name(method: str, run_name: str) -> str:
+    """``<method>-<run name>`` with the characters a registry refuses in a name replaced by ``-``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{method}-{run_name}").strip("-")
+
+
+def write_model_card(run_dir: str | Path) -> Path | None:
+    """``model/MODEL_CARD.md`` of a finished run: what the model is for, the data it saw, its backbone prior, its
+    evaluation metrics and its limitations, from the run's own records (config, model.json, eval/metrics.json,
+    manifest). None when the run has no model yet."""
+    from transfgu.checkpoint import read_model_meta
+    from transfgu.config import load_config
+    from transfgu.layout import RunLayout
+
+    layout = RunLayout(Path(run_dir))
+    if not (layout.model / "model.json").is_file():
+        return None
+    meta = read_model_meta(layout.model)
+    cfg = load_config(layout.config) if layout.config.is_file() else None
+    metrics = json.loads(layout.metrics.read_text()) if layout.metrics.is_file() else {}
+    manifest = json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else {}
+    stages = manifest.get("stages", {})
+    bb = meta["backbone"]
+    prior = bb.get("prior") or ("pretrained" if bb.get("pretrained") else "random")
+    prior_text = {
+        "random": "**random**: the ViT was never trained. The clusters come from random features; the numbers below "
+                  "are a smoke test of the pipeline, not the method's.",
+        "pretrained": f"**pretrained** self-supervised weights ({bb.get('weights')}): the method as published.",
+    }.get(prior, f"**{prior}**: a backbone trained *with labels* (a development stand-in for the self-supervised "
+                 "prior). Its numbers are not the unsupervised method's.")
+    lines = [f"# Model card: {meta.get('variant', 'transfgu')} segmentation model of run `{layout.root.name}`", ""]
+    lines += ["## Intended use", "",
+              "Unsupervised semantic segmentation: each pixel of an image gets one of "
+              f"{meta['decoder']['n_classes']} learned clusters (`as_classes` maps clusters to the "
+              f"{len(meta.get('class_names') or [])} evaluation classes through the Hungarian matching found on the "
+              "labelled validation split). For research and for images like the training data; not for "
+              "safety-critical decisions.", ""]
+    lines += ["## Data", ""]
+    if cfg is not None:
+        d = cfg.data
+        train_n = (stages.get("extract", {}).get("extra") or {}).get("images")
+        lines.append(f"- data set: `{d.name}` at `{d.root}`")
+        lines.append(f"- trained on split `{d.train_split}`" + (f" ({train_n} images)" if train_n else "")
+                     + ", without labels")
+        if metrics.get("n_images"):
+            lines.append(f"- evaluated on split `{d.val_split}` ({metrics['n_images']} images, with labels)")
+    lines += ["", "## Backbone prior", "", f"- architecture `{bb['arch']}`, weights `{bb.get('weights')}`",
+              f"- prior: {prior_text}", ""]
+    lines += ["## Metrics", ""]
+    if metrics.get("mIoU") is not None:
+        lines.append(f"- mIoU {metrics['mIoU']:.4f}, pixel accuracy {metrics.get('pixel_accuracy', float('nan')):.4f}"
+                     f" (Hungarian matching of {metrics.get('n_clusters')} clusters to the classes)")
+        iou = {k: v for k, v in (metrics.get("per_class_iou") or {}).items() if v is not None}
+        if iou:
+            lines.append("- per class IoU: " + ", ".join(f"{k} {v:.3f}" for k, v in iou.items()))
+    else:
+        lines.append("- not evaluated (no labelled validation split)")
+    lines += ["", "## Limitations", "",
+              "- Cluster ids are arbitrary; class names hold only through the matching on the evaluation split.",
+              f"- Input images are resized to {list(meta['eval_size'])} (height, width) for the network: small "
+              "objects and thin structures are lost.",
+              "- Trained on one data set's domain; other domains need their own run."]
+    if prior != "pretrained":
+        lines.append("- Not the method's model: see the backbone prior above.")
+    out = layout.model / MODEL_CARD
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
@@ -307,5 +437,6 @@ def decode_label_png(b64: str) -> np.ndarray:
     return np.where(arr == top, -1, arr)
 
 
-__all__: Sequence[str] = ("TransFGUPyfunc", "decode_label_png", "load_pyfunc", "log_model", "model_metadata",
-                          "resolve_model_dir", "save_model")
+__all__: Sequence[str] = ("TransFGUPyfunc", "decode_label_png", "default_registered_name", "load_pyfunc", "log_model",
+                          "model_metadata", "register_logged_model", "requirements", "resolve_model_dir", "save_model",
+                          "write_model_card")

@@ -77,13 +77,20 @@ def _run_locked(cfg: Config, only: Sequence[str] | None, force: Sequence[str],
     ex = executor if executor is not None else LocalExecutor()
     tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent, log_model=method.mlflow_model)
     ctx.tracker = tracker
-    tracker.start()
+    selected = [st.name for st in method.stages if only is None or st.name in only]
+    all_done = all(n not in force and ctx.manifest.is_done(n, ctx.hashes[n]) for n in selected)
+    previous = tracker.finished_run() if all_done else None
+    if previous is not None:  # nothing to do: no second MLflow run (nor a second copy of the model) for it
+        log.info("[mlflow] every stage is done; run %s already records it", previous)
+    else:
+        tracker.start()
     try:
         for stage in method.stages:
             if only is not None and stage.name not in only:
                 continue
             run = (runners or {}).get(stage.name) or stage.runner(ex.name)
             _run_stage(ctx, stage, run, ex, force=stage.name in force)
+        _write_model_card(ctx)
         if cfg.run.report and (only is None or "report" in only):
             try:
                 from transfgu.report import write_report  # optional: matplotlib may be missing
@@ -134,6 +141,19 @@ def _run_stage(ctx: RunContext, stage: Stage, run: StageFn, ex: Executor, force:
     tracker.end_stage(ctx.stage_run_id, info)
     ctx.stage_run_id = None
     log.info("[%s] done in %.1fs: %s", name, info["seconds"], {k: v for k, v in info.items() if k != "history"})
+
+
+def _write_model_card(ctx: RunContext) -> None:
+    """``model/MODEL_CARD.md`` of a TransFGU run from its records (no model yet: nothing); a card is never worth a
+    failed run."""
+    if not get_method(ctx.cfg.method).mlflow_model:  # the card describes the model logged to MLflow (TransFGU's)
+        return
+    from transfgu.mlflow_model import write_model_card
+
+    try:
+        write_model_card(ctx.run_dir)
+    except Exception as exc:
+        log.warning("could not write the model card: %s: %s", type(exc).__name__, exc)
 
 
 def _run_status(exc: BaseException) -> str:

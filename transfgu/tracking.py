@@ -36,9 +36,15 @@ from transfgu.layout import RunLayout
 log = logging.getLogger(__name__)
 
 _PARAM_BATCH = 100  # MLflow's log_batch limit for params
-# The experiment type the MLflow 3 UI keys its layout on ("genai_development" is the default it infers when empty).
+# The experiment type of MLflow's own API; UIs that key their layout on it open the experiment on its runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+#: What the MLflow UI (3.17) reads to choose an experiment's view: the ``workflowType`` query parameter of the page's
+#: URL, else the browser's stored position of the "GenAI | Model training" switch, else ``genai`` (the traces
+#: "Overview" page). The experiment's kind tag is not consulted, so the link we print carries the parameter.
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+#: Where ``mlflow ui`` listens unless told otherwise.
+UI_DEFAULT = "http://127.0.0.1:5000"
 _PARAM_VALUE_MAX = 6000
 
 
@@ -54,6 +60,48 @@ def resolve_tracking_uri(cfg: Config) -> str:
 
 def _is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:///")
+
+
+def experiment_ui_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs (``ui``: the server's base URL)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW_QUERY}"
+
+
+def find_experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` in a store, None when the store or the experiment does not exist (a local
+    SQLite file is never created by asking; a server that does not answer is not retried)."""
+    if _is_local_sqlite(tracking_uri) and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        return None
+    from unittest import mock
+
+    from mlflow import MlflowClient
+
+    try:
+        with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}):
+            exp = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    except Exception as exc:
+        log.debug("[mlflow] experiment %r not found in %s: %s", name, tracking_uri, exc)
+        return None
+    return None if exp is None else str(exp.experiment_id)
+
+
+def ui_lines(cfg: Config) -> list[tuple[str, str]]:
+    """``(label, text)`` lines that tell a user how to look at the run's experiment in the MLflow UI: the command that
+    starts the UI on a local store, and the URL of the experiment's training runs."""
+    uri = resolve_tracking_uri(cfg)
+    lines: list[tuple[str, str]] = []
+    if _is_local_sqlite(uri):
+        lines.append(("mlflow ui:", f"mlflow ui --backend-store-uri {uri}"))
+        base = UI_DEFAULT
+    elif uri.startswith(("http://", "https://")):
+        base = uri
+    else:
+        return lines
+    exp_id = find_experiment_id(uri, cfg.mlflow.experiment)
+    if exp_id is not None:
+        lines.append(("mlflow runs:", experiment_ui_url(base, exp_id)))
+    return lines
 
 
 def _git_sha() -> str | None:
@@ -214,6 +262,7 @@ def run_tags(cfg: Config, kind: str) -> dict[str, str]:
         "backbone": cfg.backbone.arch,
         "dataset": cfg.data.name,
         "run_name": cfg.run.name,
+        "run_dir": str(Path(cfg.run_dir).resolve()),
         "config_hash": config_hash(cfg.model_dump(mode="json"))[:16],
     }
     sha = _git_sha()
@@ -311,6 +360,33 @@ class PipelineTracker:
     def spec(self) -> TrackerSpec | None:
         return self.tracker.spec if self.tracker is not None else None
 
+    def registered_name(self) -> str | None:
+        """The registry name of the run's model: ``mlflow.registered_model``, by default ``<method>-<run.name>``;
+        None for ``""`` and for a sweep's trials (the sweep registers its best trial's model)."""
+        from transfgu.mlflow_model import default_registered_name
+
+        name = self.cfg.mlflow.registered_model
+        if name is None:
+            return None if self.kind == "trial" else default_registered_name(self.cfg.method, self.cfg.run.name)
+        return name or None
+
+    def finished_run(self) -> str | None:
+        """The id of a FINISHED run of this kind that already records this run directory with this config (what a
+        re-run whose stages all skip would only repeat), else None."""
+        if self.tracker is None:
+            return None
+        tags = run_tags(self.cfg, self.kind)
+        query = " and ".join(f"tags.{k} = '{tags[k]}'" for k in ("kind", "run_dir", "config_hash")
+                             if "'" not in tags[k])
+        try:
+            runs = self.tracker.client.search_runs(
+                [self.tracker.experiment_id], filter_string=f"{query} and attributes.status = 'FINISHED'",
+                max_results=1, order_by=["attributes.start_time DESC"])
+        except Exception as exc:  # a store that cannot answer: track the run as a new one
+            log.debug("[mlflow] no search for a previous run: %s", exc)
+            return None
+        return runs[0].info.run_id if runs else None
+
     def start(self, name: str | None = None, tags: Mapping[str, Any] | None = None) -> str | None:
         if self.tracker is None:
             return None
@@ -321,7 +397,8 @@ class PipelineTracker:
         self.tracker.log_params(self.run_id, config_params(self.cfg))
         self.tracker.log_dict(self.run_id, self.cfg.model_dump(mode="json"), "config/config.json")
         _best_effort("dataset inputs", log_dataset_inputs, self.tracker, self.run_id, self.cfg)
-        self._monitor(self.run_id)
+        # No system-metrics sampler on the parent: its stage runs have theirs, and MLflow copies the parent's metrics
+        # onto the model logged there.
         log.info("[mlflow] %s run %s in %s", self.kind, self.run_id, self.tracker.tracking_uri)
         return self.run_id
 
@@ -371,19 +448,23 @@ class PipelineTracker:
         if self.tracker is None or self.run_id is None:
             return
         if run_dir is not None:
-            try:
-                log_run_artifacts(self.tracker, self.run_id, Path(run_dir))
-            except Exception as exc:  # artifacts are a convenience; never fail a finished pipeline on them
-                log.warning("[mlflow] could not log artifacts: %s", exc)
             model_dir = Path(run_dir) / "model"
+            model_id = None
             # the MLflow pyfunc wraps the checkpoints of the methods that say so (TransFGU's; a Leopart model is
-            # served by transfgu predict)
+            # served by transfgu predict); logged before the run's metrics, which are then linked to it with their
+            # data set
             if (status == "FINISHED" and self.cfg.mlflow.log_model and self.log_model
                     and (model_dir / "model.json").is_file()):
                 from transfgu.mlflow_model import log_model
 
-                _best_effort("the model", log_model, self.tracker.tracking_uri, self.run_id, model_dir,
-                             self.cfg.mlflow.registered_model)
+                info = _best_effort("the model", log_model, self.tracker.tracking_uri, self.run_id, model_dir,
+                                    self.registered_name())
+                model_id = getattr(info, "model_id", None)
+            try:
+                log_run_artifacts(self.tracker, self.run_id, Path(run_dir), model_id=model_id,
+                                  dataset=_best_effort("the evaluation data set", eval_dataset, self.cfg))
+            except Exception as exc:  # artifacts are a convenience; never fail a finished pipeline on them
+                log.warning("[mlflow] could not log artifacts: %s", exc)
         for rid in list(self._monitors):
             self._stop_monitor(rid)
         self.tracker.end_run(self.run_id, status)
@@ -427,25 +508,42 @@ def dataset_digest(image_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
 
 
+def _split_dataset(cfg: Config, split: str) -> tuple[str, str, int]:
+    """``(name, digest, images)`` of a split as MLflow records it."""
+    from transfgu.data.loaders import split_records  # torch: only when MLflow logs the data sets
+
+    records = split_records(cfg, split)
+    return f"{cfg.data.name}/{split}", dataset_digest([r.image_id for r in records]), len(records)
+
+
+def eval_dataset(cfg: Config) -> tuple[str, str] | None:
+    """``(name, digest)`` of the labelled split the evaluation metrics come from (None without one)."""
+    if cfg.data.val_split is None or cfg.data.name == "folder":
+        return None
+    name, digest, _ = _split_dataset(cfg, cfg.data.val_split)
+    return name, digest
+
+
 def log_dataset_inputs(tracker: Tracker, run_id: str, cfg: Config) -> None:
     """The train (and validation) split as MLflow dataset inputs: name, split (context), digest, source path."""
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
-
-    from transfgu.data.loaders import split_records  # torch: only when MLflow logs the data sets
 
     inputs = []
     splits = [("training", cfg.data.train_split)]
     if cfg.data.val_split is not None and cfg.data.name != "folder":
         splits.append(("validation", cfg.data.val_split))
     for context, split in splits:
-        records = split_records(cfg, split)
-        ds = MetaDataset(source=resolve_dataset_source(str(Path(cfg.data.root).resolve())),
-                         name=f"{cfg.data.name}/{split}", digest=dataset_digest([r.image_id for r in records]))
+        name, digest, n = _split_dataset(cfg, split)
+        with warnings.catch_warnings():  # a local folder matches two equivalent source kinds; either is right
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(str(Path(cfg.data.root).resolve()))
+        ds = MetaDataset(source=source, name=name, digest=digest)
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
-            InputTag("mlflow.data.context", context), InputTag("split", str(split)),
-            InputTag("images", str(len(records)))]))
+            InputTag("mlflow.data.context", context), InputTag("split", str(split)), InputTag("images", str(n))]))
     tracker.client.log_inputs(run_id, datasets=inputs)
 
 
@@ -453,19 +551,30 @@ def _numeric(d: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path) -> None:
-    """Resolved config, eval metrics, per-class IoU, confusion matrix (CSV + PNG) and report PNGs of a run dir."""
+def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path, model_id: str | None = None,
+                      dataset: tuple[str, str] | None = None) -> None:
+    """Resolved config, eval metrics, per-class IoU, confusion matrix (CSV + PNG), model card and report PNGs of a
+    run dir. The evaluation metrics are linked to the logged model ``model_id`` and to their data set
+    ``(name, digest)`` when given."""
     import json
+
+    from mlflow.entities import Metric
 
     layout = RunLayout(run_dir)
     tracker.log_artifact(run_id, layout.config, "config")
+    tracker.log_artifact(run_id, layout.model / "MODEL_CARD.md", "model_card")
     ev = layout.eval
     metrics_path = layout.metrics
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
-        tracker.log_metrics(run_id, {"mIoU": m.get("mIoU"), "pixel_accuracy": m.get("pixel_accuracy")})
-        tracker.log_metrics(run_id, {f"iou/{k}": v for k, v in m.get("per_class_iou", {}).items()
-                                     if v is not None})
+        scores = {"mIoU": m.get("mIoU"), "pixel_accuracy": m.get("pixel_accuracy"),
+                  **{f"iou/{k}": v for k, v in m.get("per_class_iou", {}).items()}}
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, 0, model_id=model_id, dataset_name=dataset[0] if dataset else None,
+                        dataset_digest=dataset[1] if dataset else None)
+                 for k, v in scores.items() if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if items:
+            tracker.client.log_batch(run_id, metrics=items)
         from transfgu.quality import mlflow_metrics
 
         flat, per_round = mlflow_metrics(m)  # the stage-quality funnel: concepts, pseudo labels, rounds

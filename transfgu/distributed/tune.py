@@ -9,8 +9,10 @@ links to them, so trials with the same betas (same extract hash) reuse the featu
 and K (same concepts and label-bank hashes) reuse the concepts and the label bank. A per-key file lock makes a trial
 wait while another computes the same key; a ``_done.json`` marks a finished key.
 
-MLflow: a parent run ``sweep <name>`` with one child per trial (itself the parent of the trial's stage runs); the best
-trial's config and metric are logged on the sweep run at the end.
+MLflow: a parent run ``sweep <name>`` (tagged ``sweep=<name>``) with one child per trial (itself the parent of the
+trial's stage runs); the best trial's config and metric are logged on the sweep run at the end and its model is
+registered as ``<method>-<sweep name>``. Trials that ASHA stopped are killed by Tune before their runs can end: the
+sweep ends those runs (and their running children) as KILLED with a ``stop_reason`` tag, so no run stays RUNNING.
 
 Without labels there is no mIoU: sweep on ``train/loss`` of the last round (``metric="loss", mode="min"``), or
 better, fix the settings from a labelled stand-in data set and only sweep the cheap ones (K) by inspection of the
@@ -195,11 +197,20 @@ def run_sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space = dict(space if space is not None else default_space(cfg))
     tracker = Tracker.from_config(cfg)
+    storage = default_storage(cfg.ray.storage_path, sweep_dir / "ray_results", sweep_dir)
+    experiment = f"{storage.rstrip('/')}/{name}"
+    restoring = tune.Tuner.can_restore(experiment)
     parent = None
     if tracker is not None:
-        parent = tracker.start_run(f"sweep {name}", tags={**run_tags(cfg, "sweep"), "pipeline_stage": "tune"})
-        tracker.log_params(parent, {f"base.{k}": v for k, v in config_params(cfg).items()})
-        tracker.log_dict(parent, {k: repr(v) for k, v in space.items()}, "sweep/space.json")
+        tags = {**run_tags(cfg, "sweep"), "pipeline_stage": "tune", "run_name": name, "sweep": name,
+                "run_dir": str(sweep_dir)}
+        parent = _previous_sweep_run(tracker, sweep_dir) if restoring else None
+        if parent is not None:  # a resumed sweep goes on in its run
+            tracker.client.update_run(parent, status="RUNNING")
+        else:
+            parent = tracker.start_run(f"sweep {name}", tags=tags)
+            tracker.log_params(parent, {f"base.{k}": v for k, v in config_params(cfg).items()})
+            tracker.log_dict(parent, {k: repr(v) for k, v in space.items()}, "sweep/space.json")
     import ray
 
     resources = ray.cluster_resources()
@@ -209,9 +220,7 @@ def run_sweep(
                              parent_run_id=parent),
         trial_resources(cfg, resources),
     )
-    storage = default_storage(cfg.ray.storage_path, sweep_dir / "ray_results", sweep_dir)
-    experiment = f"{storage.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(experiment):
+    if restoring:
         log.info("[tune] resuming sweep %r from %s (finished trials are kept, errored ones retried)", name, experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
@@ -235,14 +244,23 @@ def run_sweep(
         best = grid.get_best_result(metric=metric, mode=mode)
     except BaseException:
         if tracker is not None and parent is not None:
+            close_trial_runs(tracker, parent, None, cfg.train.epochs)
             tracker.end_run(parent, "FAILED")
         raise
     best_params = {k: best.config[k] for k in space if k in best.config}
     best_metric = float(best.metrics.get(metric, float("nan"))) if best.metrics else float("nan")
+    best_dir = _trial_run_dir(sweep_dir, (best.metrics or {}).get("trial_id"))
+    registered = None
     if tracker is not None and parent is not None:
+        close_trial_runs(tracker, parent, list(grid), cfg.train.epochs)
         tracker.log_params(parent, {f"best.{k}": v for k, v in best_params.items()})
         tracker.log_metrics(parent, {f"best_{metric}": best_metric})
         tracker.log_dict(parent, {"params": to_jsonable(best_params), metric: best_metric}, "sweep/best.json")
+        if best_dir is not None and cfg.mlflow.log_model and cfg.mlflow.registered_model != "":
+            from transfgu.mlflow_model import default_registered_name
+
+            registered = _register_trial_model(tracker, parent, Path(best_dir).name,
+                                               cfg.mlflow.registered_model or default_registered_name(cfg.method, name))
         tracker.end_run(parent, "FINISHED")
     summary = {
         "best_config": to_jsonable(best_params),
@@ -251,7 +269,9 @@ def run_sweep(
         "errors": len(grid.errors),
         "sweep_dir": str(sweep_dir),
         "mlflow_run_id": parent,
-        "best_run_dir": _trial_run_dir(sweep_dir, (best.metrics or {}).get("trial_id")),
+        "best_run_dir": best_dir,
+        "best_trial": Path(best_dir).name if best_dir else None,
+        "registered_model": registered,
         "max_concurrent": concurrent,
     }
     atomic_write_json(sweep_dir / "best.json", summary)
@@ -265,3 +285,88 @@ def _trial_run_dir(sweep_dir: Path, trial_id: str | None) -> str | None:
         return None
     found = sorted((sweep_dir / "trials").glob(f"*{trial_id}"))
     return str(found[0]) if found else None
+
+
+def best_trial_config(cfg: Config, summary: Mapping[str, Any]) -> Config | None:
+    """The config of the sweep's best trial (its run directory, metrics, report and model), from :func:`run_sweep`'s
+    summary; None when no trial finished."""
+    if not summary.get("best_trial"):
+        return None
+    return apply_trial(cfg, summary["best_config"], Path(summary["sweep_dir"]) / "trials", summary["best_trial"])
+
+
+def _previous_sweep_run(tracker: Tracker, sweep_dir: Path) -> str | None:
+    """The MLflow run of an earlier session of the sweep in ``sweep_dir`` (resumed with ``Tuner.restore``)."""
+    if "'" in str(sweep_dir):
+        return None
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      filter_string=f"tags.kind = 'sweep' and tags.run_dir = '{sweep_dir}'",
+                                      max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def _descendants(tracker: Tracker, run_id: str) -> list[Any]:
+    out, todo = [], [run_id]
+    while todo:
+        rid = todo.pop()
+        kids = tracker.client.search_runs([tracker.experiment_id],
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{rid}'", max_results=1000)
+        out.extend(kids)
+        todo.extend(k.info.run_id for k in kids)
+    return out
+
+
+def close_trial_runs(tracker: Tracker, sweep_run_id: str, results: list[Any] | None, epochs: int) -> list[str]:
+    """End every run of the sweep that is still RUNNING: a trial that ASHA stopped (Tune kills its process, so its
+    runs cannot end themselves) and the stage and round runs under it become KILLED with a ``stop_reason`` tag.
+    ``results``: Tune's results (None when the sweep itself failed). Returns the ids of the runs it ended."""
+    by_trial = {}
+    for res in results or []:
+        trial_id = (res.metrics or {}).get("trial_id")
+        if trial_id:
+            by_trial[str(trial_id)] = res
+    ended: list[str] = []
+    for trial_run in _descendants_of_kind(tracker, sweep_run_id):
+        res = next((r for t, r in by_trial.items() if trial_run.data.tags.get("run_name", "").endswith(t)), None)
+        done = int(((res.metrics or {}) if res is not None else {}).get("training_iteration", 0))
+        status = "KILLED"
+        if res is None:
+            reason = "the sweep stopped before the trial ended"
+        elif res.error is not None:
+            reason, status = f"the trial failed: {type(res.error).__name__}", "FAILED"
+        elif done < epochs:
+            reason = f"stopped early by the ASHA scheduler after {done} of {epochs} epochs"
+        else:  # the trial ended in a later attempt (Tune retries a trial whose process died)
+            reason, status = "an attempt of the trial that died; the trial was retried", "FAILED"
+        stuck = [r for r in [trial_run, *_descendants(tracker, trial_run.info.run_id)] if r.info.status == "RUNNING"]
+        for r in stuck:
+            tracker.set_tags(r.info.run_id, {"stop_reason": reason})
+            tracker.end_run(r.info.run_id, status)
+            ended.append(r.info.run_id)
+    if ended:
+        log.info("[tune] ended %d MLflow runs of stopped trials", len(ended))
+    return ended
+
+
+def _descendants_of_kind(tracker: Tracker, sweep_run_id: str) -> list[Any]:
+    """The trial runs (direct children) of a sweep run."""
+    return tracker.client.search_runs([tracker.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{sweep_run_id}'", max_results=1000)
+
+
+def _register_trial_model(tracker: Tracker, sweep_run_id: str, trial: str, registered: str) -> str | None:
+    """Register the model the best trial logged under ``registered``; returns ``<name>/<version>`` (None: no model)."""
+    trial_runs = [r for r in _descendants_of_kind(tracker, sweep_run_id) if r.data.tags.get("run_name") == trial]
+    if not trial_runs:
+        return None
+    models = tracker.client.search_logged_models(
+        experiment_ids=[tracker.experiment_id], filter_string=f"source_run_id = '{trial_runs[0].info.run_id}'")
+    if not models:
+        return None
+    try:
+        from transfgu.mlflow_model import register_logged_model
+
+        return register_logged_model(tracker.tracking_uri, models[0].model_id, registered)
+    except Exception as exc:  # the sweep's results stand without a registry entry
+        log.warning("[mlflow] could not register the best trial's model: %s: %s", type(exc).__name__, exc)
+        return None
