@@ -14,7 +14,6 @@ into one process (docs/architecture.md, "concepts").
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -262,8 +261,11 @@ class ConceptBank:
     @classmethod
     def load(cls, directory: str | Path) -> ConceptBank:
         d = Path(directory)
-        meta = json.loads((d / cls.META_FILE).read_text())
+        from transfgu.schemas import ConceptsMeta, check_finite, read_json
+
+        meta = read_json(d / cls.META_FILE, ConceptsMeta)
         centroids = np.load(d / cls.CENTROIDS_FILE, allow_pickle=False)
+        check_finite(d / cls.CENTROIDS_FILE, {"centroids": centroids})
         if centroids.shape != (meta["num_concepts"], meta["dim"]):
             raise ValueError(
                 f"{d}: centroids.npy has shape {centroids.shape}, concepts.json says "

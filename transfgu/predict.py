@@ -41,6 +41,7 @@ from transfgu.model_meta import CheckpointMeta
 from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.runtime import autocast_dtype, resolve_device
+from transfgu.schemas import check_finite
 
 __all__ = [
     "UNMATCHED",
@@ -130,8 +131,10 @@ def _build_decoder(ckpt: Path, meta: dict[str, Any], d_encoder: int) -> MaskTran
         n_layers=int(dm.get("n_layers", 2)), n_heads=int(dm.get("n_heads", max(1, d_model // 64))),
         cls_emb_init=dm.get("cls_emb_init", "orthogonal"),
     )
+    state = load_file(str(path))
+    check_finite(path, state)  # an all-NaN decoder loads fine and predicts one class
     try:
-        dec.load_state_dict(load_file(str(path)))
+        dec.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the decoder described in {MODEL_JSON}: {exc}") from exc
     return dec.eval()
