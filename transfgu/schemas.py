@@ -41,7 +41,7 @@ class FileSchemaError(ValueError):
 
     def __init__(self, path: str | Path, field: str, problem: str) -> None:
         self.path, self.field, self.problem = str(path), field, problem
-        super().__init__(f"{path}: field {field!r}: {problem}")
+        super().__init__(f"{path}: {problem}" if field == "(file)" else f"{path}: field {field!r}: {problem}")
 
 
 class _Disagree(Exception):  # noqa: N818 -- not a ValueError, so pydantic lets it through with its field name
@@ -288,7 +288,7 @@ def read_json(path: str | Path, cls: type[M] | None = None, max_bytes: int = MAX
         raise FileSchemaError(p, "(file)", f"{size} bytes, more than the {max_bytes} any such file needs")
 
     def refuse(token: str) -> Any:
-        raise ValueError(f"non-finite number {token} (not valid JSON)")
+        raise FileSchemaError(p, "(file)", f"non-finite number {token} (not valid JSON)")
 
     try:
         data = json.loads(p.read_bytes().decode("utf-8"), parse_constant=refuse)
@@ -296,6 +296,8 @@ def read_json(path: str | Path, cls: type[M] | None = None, max_bytes: int = MAX
         raise FileSchemaError(p, "(file)", f"not UTF-8 text ({exc.reason})") from None
     except RecursionError:
         raise FileSchemaError(p, "(file)", "nested too deeply") from None
+    except FileSchemaError:
+        raise
     except ValueError as exc:
         raise FileSchemaError(p, "(file)", f"not valid JSON: {exc}") from None
     if cls is not None:
