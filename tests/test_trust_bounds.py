@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_CONFIG, require_shared_data, tiny_config
+
 from transfgu.config import ConfigError, load_config
 from transfgu.preflight import PreflightError, preflight
 
@@ -60,7 +60,7 @@ def test_every_preset_is_within_the_bounds(preset):
 
 
 def _bomb(levels: int, width: int = 10) -> str:
-    lines = ["data:", "  options:", '    l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines = ["data:", "  options:", "    l0: &l0 [" + ", ".join(['"lol"'] * width) + "]"]
     for i in range(1, levels):
         lines.append(f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
     return "\n".join(lines) + "\n"
