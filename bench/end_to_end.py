@@ -35,7 +35,8 @@ def build_config(quick: bool, run_root: Path, name: str, device: str, extra: lis
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
-    from transfgu.pipeline import STAGES, run_pipeline
+    from transfgu.pipeline import run_pipeline
+    from transfgu.stages import STAGES
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument(

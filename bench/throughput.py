@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu import local, stages
     from transfgu.concepts import ConceptBank
     from transfgu.config import load_config
-    from transfgu.context import RunContext
     from transfgu.crops import extract_crops_batch
     from transfgu.data import loaders
     from transfgu.ddp import step_loader
     from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
     from transfgu.integrity import stamp_json
     from transfgu.losses import EpochPlan
+    from transfgu.methods import run_context
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_maps
     from transfgu.throughput import PrefetchLoader, compile_forward
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return load_config(None, [f"{a}={b}" for a, b in over.items()])
 
     def context(name: str, n: int) -> Any:
-        ctx = RunContext(cfg_for(name, n))
+        ctx = run_context(cfg_for(name, n))
         ctx.backbone = bb
         return ctx
 

@@ -87,7 +87,7 @@ def test_one_curated_list_for_both_splits_is_refused_by_preflight(coco_tree, tmp
 
 
 def test_changing_the_curated_lists_keeps_the_label_bank_stage(coco_tree, tmp_path):
-    from transfgu.context import stage_hashes
+    from transfgu.methods import stage_hashes
 
     a = stage_hashes(_cfg(coco_tree, tmp_path))
     b = stage_hashes(_cfg(coco_tree, tmp_path, **{"data.options.curated_list_train": str(

@@ -459,7 +459,7 @@ def test_unknown_reader_option_is_named_by_preflight(tmp_path):
 
 
 def test_readers_refuse_artifacts_of_other_inputs(tmp_path, tiny_run_dir):
-    from transfgu.context import RunContext as Context
+    from transfgu.methods import run_context as Context
     from transfgu.stages import load_checked_concepts
     from transfgu.training import load_model_decoder
 

@@ -13,7 +13,8 @@ import yaml
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from transfgu.pipeline import STAGES, run_pipeline
+from transfgu.pipeline import run_pipeline
+from transfgu.stages import STAGES
 from transfgu.store import Manifest
 
 

@@ -124,8 +124,10 @@ def test_full_pipeline_matches_one_process_and_resumes(cluster, tiny_run_dir, tm
 
 
 def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
-    from transfgu.context import RunContext
-    from transfgu.distributed.pipeline import prepare_run_dir, run_extract_ray
+    from transfgu.distributed.executor import RayExecutor
+    from transfgu.distributed.pipeline import prepare_run_dir
+    from transfgu.methods import run_context
+    from transfgu.stages import ExtractStage
     from transfgu.store import read_features
 
     src = require_shared_data("camvid")
@@ -141,13 +143,13 @@ def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
     bad.write_bytes(b"not a jpeg at all")
     cfg = tiny_config(tmp_path / "runs", **RAY_OVERRIDES, **{"data.root": str(root), "run.error_budget": "0.5"})
     prepare_run_dir(cfg)
-    ctx = RunContext(cfg)
-    info = run_extract_ray(ctx)
+    ctx = run_context(cfg)
+    info = RayExecutor(cfg).run_sharded(ctx, ExtractStage)
     assert info["images"] == 3 and info["errors"] == 1
     meta, _ = read_features(cfg.run_dir / "features")
     assert set(meta["image_id"].to_pylist()) == {names[0], names[2], names[3]}
     assert info["rows"] == meta.num_rows
     assert [e["file"] for e in ctx.errors.entries("extract")] == [str(bad)]
     # every image of the input is covered exactly once, so a re-run sends nothing to the actors
-    again = run_extract_ray(ctx)
+    again = RayExecutor(cfg).run_sharded(ctx, ExtractStage)
     assert again["new_images"] == 0 and again["rows"] == info["rows"]

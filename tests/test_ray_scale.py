@@ -118,14 +118,14 @@ def test_driver_takes_the_final_model_from_result_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     from transfgu.checkpoint import save_train_state
-    from transfgu.context import RunContext
     from transfgu.distributed.train import finish_from_result
     from transfgu.engine import make_optimizer
     from transfgu.integrity import IntegrityError, stamp_table
+    from transfgu.methods import run_context
     from transfgu.store import LabelMaps, label_bank_table, write_parquet_atomic
     from transfgu.training import build_decoder
 
-    ctx = RunContext(tiny_config(tmp_path))
+    ctx = run_context(tiny_config(tmp_path))
     ids = ["0001TP_006690", "0001TP_006720"]
     maps = [LabelMaps.from_dense(np.ones((4, 8, 10), np.float32)) for _ in ids]
     write_parquet_atomic(stamp_table(label_bank_table(ids, maps), ctx.hashes["label_bank"], ids),

@@ -35,11 +35,11 @@ def reference(tmp_path_factory):
     import torch
 
     from transfgu import local
-    from transfgu.context import RunContext
+    from transfgu.methods import run_context
 
     torch.set_num_threads(2)
     cfg = tiny_config(tmp_path_factory.mktemp("ref"), "t", **OVERRIDES)
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     assert not getattr(ctx.backbone, "_transfgu_compiled", False)
     for run in (local.run_extract, local.run_concepts, local.run_label_bank):
         run(ctx)
@@ -57,15 +57,15 @@ def _check_features(got_dir, ref_dir) -> None:
 def test_stage_actor_compiles_and_keeps_the_model_to_one_call(ray_local, reference, tmp_path):
     """A StageActor built with the executor's own arguments: compiled backbone (no fallback), two concurrent calls
     of which at most one is in the model at a time, and the one-process shard files."""
-    from transfgu.context import RunContext
     from transfgu.distributed.pipeline import prepare_run_dir
     from transfgu.distributed.shards import CALLS_PER_ACTOR, StageActor, actor_kwargs, shard_tables
     from transfgu.integrity import plan_shards
+    from transfgu.methods import run_context
     from transfgu.stages import SHARD_IMAGES, ExtractStage
 
     cfg = tiny_config(tmp_path, "t", **OVERRIDES)
     prepare_run_dir(cfg)
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     out_dir = ExtractStage.output(ctx.layout)
     out_dir.mkdir(parents=True)
     records = ExtractStage.records(cfg)
@@ -90,15 +90,15 @@ def test_ray_sharded_stages_equal_one_process(ray_local, reference, tmp_path):
     """Extract and label bank through the Ray Data actor pool (compiled actors, two calls per actor) == the
     one-process executor."""
     from transfgu import local
-    from transfgu.context import RunContext
     from transfgu.distributed.pipeline import prepare_run_dir
     from transfgu.distributed.shards import run_sharded_stage
+    from transfgu.methods import run_context
     from transfgu.stages import ExtractStage, LabelBankStage
     from transfgu.store import read_label_bank
 
     cfg = tiny_config(tmp_path, "t", **OVERRIDES)
     prepare_run_dir(cfg)
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     run_sharded_stage(ctx, ExtractStage)
     _check_features(ctx.run_dir, reference)
     local.run_concepts(ctx)
@@ -119,9 +119,9 @@ def test_decode_stage_gives_the_one_process_shards(ray_local, tmp_path, monkeypa
     from conftest import require_shared_data
 
     from transfgu import local
-    from transfgu.context import RunContext
     from transfgu.distributed import shards
     from transfgu.distributed.pipeline import prepare_run_dir
+    from transfgu.methods import run_context
     from transfgu.stages import ExtractStage
 
     src = require_shared_data("camvid")
@@ -147,11 +147,11 @@ def test_decode_stage_gives_the_one_process_shards(ray_local, tmp_path, monkeypa
 
     monkeypatch.setattr(shards, "shard_specs", spy)
 
-    ref_ctx = RunContext(tiny_config(tmp_path / "a", "t", **over))
+    ref_ctx = run_context(tiny_config(tmp_path / "a", "t", **over))
     local.run_extract(ref_ctx)
     cfg = tiny_config(tmp_path / "b", "t", **{**over, "ray.decode_stage": "true", "ray.extract_actors": "[1, auto]"})
     prepare_run_dir(cfg)
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     info = shards.run_sharded_stage(ctx, ExtractStage)
     assert len(specs) == 3  # the decode stage ran, one row per shard: 2 + 2 + 1 images
     assert info["images"] == 4 and info["errors"] == 1 and info["new_images"] == 4

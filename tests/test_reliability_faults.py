@@ -31,7 +31,8 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 from transfgu import store
-from transfgu.pipeline import STAGES, run_pipeline
+from transfgu.pipeline import run_pipeline
+from transfgu.stages import STAGES
 from transfgu.store import Manifest, list_parquet_files, read_features
 
 torch.set_num_threads(2)

@@ -25,12 +25,12 @@ from torch import nn
 
 from transfgu import errors, integrity, local, stages
 from transfgu.concepts import ConceptBank
-from transfgu.context import RunContext
 from transfgu.data import loaders
 from transfgu.data.transforms import to_model_input
 from transfgu.ddp import step_loader
 from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
 from transfgu.losses import EpochPlan
+from transfgu.methods import run_context
 from transfgu.models.backbone import ViTFeatures, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.pseudo_labels import ConceptMapParts
@@ -235,7 +235,7 @@ def test_run_extract_with_writer_threads_writes_the_same_files(tmp_path, monkeyp
     backbone = None
     for n in (1, 3):
         cfg = tiny_config(tmp_path, f"w{n}", **{"run.write_threads": str(n), "crops.betas": "[0.5]"})
-        ctx = RunContext(cfg)
+        ctx = run_context(cfg)
         backbone = backbone or ctx.backbone
         ctx.backbone = backbone
         info = local.run_extract(ctx)
@@ -404,7 +404,7 @@ def test_extract_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
     # crop/resize/table work around it, measured as it happens.
     compute = Timed(stages.extract_features)
     monkeypatch.setattr(stages, "extract_features", compute)
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     ctx.backbone = SleepViT(MODEL_LATENCY)
     t0 = time.perf_counter()
     info = local.run_extract(ctx)
@@ -429,7 +429,7 @@ def test_label_bank_stage_wall_is_max_not_sum(tmp_path, monkeypatch, overlap):
         centroids=np.random.default_rng(0).normal(size=(k, 16)).astype(np.float32),
         pools=["all"] * k, k_per_pool={"all": k}, seed=0, niter=1,
     ).save(cfg.run_dir / "concepts")  # fmt: skip
-    ctx = RunContext(cfg)
+    ctx = run_context(cfg)
     integrity.stamp_json(ctx.layout.concepts / ConceptBank.META_FILE, ctx.hashes["concepts"])  # as the stage would
     calls = []
 

@@ -20,11 +20,11 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from transfgu.context import stage_hashes
 from transfgu.data import train_store as ts
 from transfgu.data.loaders import BankDataset, make_train_loader, split_records
 from transfgu.ddp import step_loader
 from transfgu.integrity import stamp_table
+from transfgu.methods import stage_hashes
 from transfgu.store import LabelMaps, label_bank_table, read_label_bank, write_parquet_atomic
 
 
@@ -98,7 +98,7 @@ def test_streaming_loader_equals_the_in_memory_loader(tmp_path, workers, world, 
     ids = [r.image_id for r in records][:6]  # the 7th image is not in the bank: left out, as BankDataset does
     _write_bank(bank_dir, ids, stage_hashes(cfg)["label_bank"], per_file=4)
     ref = step_loader(BankDataset(records, read_label_bank(bank_dir, dense=False), (64, 80)), 4, cfg.run.seed)
-    loaders = [make_train_loader(cfg, bank_dir, rank, world) for rank in range(world)]
+    loaders = [make_train_loader(cfg, bank_dir, stage_hashes(cfg)["label_bank"], rank, world) for rank in range(world)]
     assert (bank_dir / ts.STORE_DIR).is_dir()
     assert any(p.suffix == ".u8" for p in (bank_dir / ts.STORE_DIR).iterdir()) == (store == "true")
     for epoch in range(2):

@@ -500,8 +500,15 @@ class Config(_Base):
     def run_dir(self) -> Path:
         return self.run.root / self.run.name
 
+    def method_dump(self) -> dict[str, Any]:
+        """The config as plain data without the sections of the other methods (:data:`METHOD_SECTIONS`): what a run
+        shows (``config.yaml``, MLflow params, the report). Reading it back gives the same config: the sections
+        left out are only read by the other methods."""
+        other = {s for m, secs in METHOD_SECTIONS.items() if m != self.method for s in secs}
+        return {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in other}
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+        return yaml.safe_dump(self.method_dump(), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (MLflow params, Tune spaces)."""
@@ -514,7 +521,7 @@ class Config(_Base):
             else:
                 out[prefix] = obj
 
-        walk("", json.loads(self.model_dump_json()))
+        walk("", self.method_dump())
         return out
 
 
@@ -677,7 +684,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(_format_error(exc)) from None
 
 
+#: The config sections only one method reads (the others are shared: data, backbone, run, mlflow, ray, serve, ...).
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "transfgu": ("crops", "concepts", "pseudo", "train", "eval"),
+    "leopart": ("leopart",),
+    "leopart_finetune": ("finetune",),
+}
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     from transfgu.store import atomic_write_text
 
     atomic_write_text(Path(path), cfg.to_yaml())
+
+
+def n_output_channels(cfg: Config) -> int:
+    """Decoder channels: K concepts, plus the background channel 0 in the "things" variant (eq. 8)."""
+    return cfg.concepts.k + (1 if cfg.train.variant == "things" else 0)

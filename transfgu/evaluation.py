@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from transfgu.config import Config
+from transfgu.config import Config, n_output_channels
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 from transfgu.engine import evaluate
 from transfgu.errors import ErrorLog, check_error_budget
 from transfgu.models.backbone import DinoViT
 from transfgu.store import to_jsonable
-from transfgu.training import n_output_channels
 
 
 def has_labelled_val(cfg: Config) -> bool:

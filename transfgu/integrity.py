@@ -45,16 +45,25 @@ FAILED_KEY = b"transfgu.failed_ids"
 STALE_DIR = "_stale"
 UNSTAMPED = "unstamped"
 
-#: Stage -> its entries in the run directory.
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "extract": ("features",),
-    "concepts": ("concepts",),
-    "label_bank": ("label_bank",),
-    "train": ("train", "model"),
-    "evaluate": ("eval",),
-}
-#: Stage -> the JSON file inside its (single) output entry that carries its ``input_hash``.
-STAMP_FILES: dict[str, str] = {"concepts": "concepts.json", "evaluate": "metrics.json"}
+@dataclass(frozen=True)
+class Output:
+    """One entry of the run directory that a stage writes, and how resume sorts it.
+
+    ``kind``: ``shards`` -- a directory of stamped Parquet shards (directly or one level down, e.g. per split),
+    sorted file by file by :func:`plan_shards` when the stage runs; ``stamped`` -- a directory whose ``stamp`` JSON
+    file (written last) records the hash; ``rounds`` -- training rounds, each stamped in its ``state.json``
+    (:func:`set_aside_rounds`).
+    """
+
+    entry: str
+    kind: str = "stamped"
+    stamp: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("shards", "stamped", "rounds"):
+            raise ValueError(f"unknown output kind {self.kind!r}")
+        if self.kind == "stamped" and not self.stamp:
+            raise ValueError(f"output {self.entry!r}: a stamped output names its stamp file")
 
 
 class IntegrityError(RuntimeError):
@@ -110,41 +119,28 @@ def check_json_stamp(path: Path, input_hash: str, what: str, fix: str) -> None:
         )
 
 
-def prepare_stage_outputs(run_dir: Path, stage: str, input_hash: str, force: bool = False) -> list[Path]:
-    """Before a stage runs: set aside whatever of its outputs another hash produced (all of them with ``force``).
+def prepare_stage_outputs(run_dir: Path, stage: str, input_hash: str, outputs: Sequence[Output],
+                          force: bool = False) -> list[Path]:
+    """Before a stage runs: set aside whatever of its ``outputs`` another hash produced (all of them with ``force``).
 
-    Sharded outputs (features, label bank) are sorted file by file by :func:`plan_shards` when the stage runs, so
-    only ``force`` moves them here; training rounds are sorted by :func:`set_aside_rounds`.
-    Returns the new locations of what was moved.
+    Sharded outputs are sorted file by file by :func:`plan_shards` when the stage runs, so only ``force`` moves them
+    here; training rounds are sorted by :func:`set_aside_rounds`; a stamped output goes when its stamp file records
+    another hash or none (an interrupted write). Returns the new locations of what was moved.
     """
     run_dir = Path(run_dir)
     moved: list[Path] = []
-    for name in STAGE_OUTPUTS.get(stage, ()):  # TransFGU's stages; another method's are left as they are
-        out = run_dir / name
+    for o in outputs:
+        out = run_dir / o.entry
         if not (out.exists() or out.is_symlink()):
             continue
+        found = read_json_stamp(out / o.stamp) if o.stamp else None
         if force:
-            moved.append(set_aside(out, run_dir, stage, _output_hash(stage, out), "--force"))
-            continue
-        if stage in STAMP_FILES:
-            found = read_json_stamp(out / STAMP_FILES[stage])
-            if found != input_hash:
-                moved.append(set_aside(out, run_dir, stage, found, "computed from other inputs"))
-        elif name == "model":
-            found = read_json_stamp(out / "model.json")
-            if found != input_hash:
-                moved.append(set_aside(out, run_dir, stage, found, "trained under other settings"))
-        elif name == "train":
+            moved.append(set_aside(out, run_dir, stage, found, "--force"))
+        elif o.kind == "stamped" and found != input_hash:
+            moved.append(set_aside(out, run_dir, stage, found, "computed from other inputs"))
+        elif o.kind == "rounds":
             moved.extend(set_aside_rounds(out, run_dir, input_hash))
     return moved
-
-
-def _output_hash(stage: str, out: Path) -> str | None:
-    if stage in STAMP_FILES:
-        return read_json_stamp(out / STAMP_FILES[stage])
-    if out.name == "model":
-        return read_json_stamp(out / "model.json")
-    return None
 
 
 # -- training rounds -------------------------------------------------------------------------------------------------

@@ -1,17 +1,16 @@
-"""The one-process executor: every stage of :mod:`transfgu.stages` run as a loop in this process.
+"""The one-process executor: :class:`LocalExecutor`, every stage's work as a loop in this process.
 
-``LOCAL_RUNNERS[name](ctx) -> manifest info`` is what :func:`transfgu.pipeline.run_pipeline` calls for each stage
-that is not done yet; the Ray executor (:mod:`transfgu.distributed.pipeline`) provides the same mapping.
+It implements :class:`transfgu.method.Executor` (what every method's stages are written against); the Ray executor
+is :class:`transfgu.distributed.executor.RayExecutor`. TransFGU's concepts and train stages have a one-process form
+here (:func:`run_concepts`, :func:`run_train`), their Ray form in :mod:`transfgu.distributed`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import pyarrow.parquet as pq
+from typing import Any, TypeVar
 
 from transfgu import integrity
 from transfgu.concepts import PoolFit, kmeans
@@ -19,42 +18,17 @@ from transfgu.context import RunContext
 from transfgu.data.loaders import make_train_loader
 from transfgu.kmeans_sklearn import minibatch_kmeans
 from transfgu.logs import Progress
+from transfgu.method import StageInfo
 from transfgu.selection import Validator, validation_wanted
-from transfgu.stages import (
-    SHARD_IMAGES,
-    ExtractStage,
-    LabelBankStage,
-    ShardedStage,
-    concept_pools,
-    finish_concepts,
-    finish_train,
-    run_evaluate,
-)
+from transfgu.sharded import SHARD_IMAGES, ShardedStage
+from transfgu.stages import concept_pools, finish_concepts, finish_train
 from transfgu.store import read_features, write_parquet_atomic
 from transfgu.throughput import PrefetchLoader, default_writer_threads, overlapped
 from transfgu.training import train_rounds
 
 log = logging.getLogger(__name__)
-
-#: A stage as an executor runs it: the run's context in, the stage's manifest info out.
-StageRunner = Callable[[RunContext], dict[str, Any]]
-
-
-def _kept_rows(path: Path, stage: str) -> int | None:
-    """Rows of a finished shard file; None when there is none or it is unreadable (then it is removed and redone).
-
-    Leopart's one-process dense step keeps shards by file name with this; TransFGU's stages resume by image id
-    (:func:`run_sharded`).
-    """
-    if not path.is_file():
-        return None
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a torn or foreign file
-        log.warning("[%s] %s is unreadable (%s); computing it again", stage, path, exc)
-        path.unlink()
-        return None
-
+T = TypeVar("T")
+H = TypeVar("H")
 
 def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any]:
     """Run a per-image stage over the training split, one shard after the other.
@@ -97,10 +71,6 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
     return stage_cls.finish(ctx, ids)
 
 
-def run_extract(ctx: RunContext) -> dict[str, Any]:
-    return run_sharded(ctx, ExtractStage)
-
-
 def run_concepts(ctx: RunContext) -> dict[str, Any]:
     """faiss k-means of every pool in this process (all crop features of a pool in memory); sklearn's
     MiniBatchKMeans with ``concepts.algorithm=minibatch_kmeans`` (protocol: paper, Cityscapes/LIP)."""
@@ -119,14 +89,11 @@ def run_concepts(ctx: RunContext) -> dict[str, Any]:
     return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "algorithm": cfg.concepts.algorithm})
 
 
-def run_label_bank(ctx: RunContext) -> dict[str, Any]:
-    return run_sharded(ctx, LabelBankStage)
-
-
 def run_train(ctx: RunContext) -> dict[str, Any]:
     """Every epoch of bootstrapped training in this process, then ``model/``."""
     integrity.require_stamped(ctx.layout.label_bank, "label_bank", ctx.hashes["label_bank"])
-    loader = PrefetchLoader(make_train_loader(ctx.cfg, ctx.layout.label_bank))  # next batches decoded during a step
+    # next batches decoded during a step
+    loader = PrefetchLoader(make_train_loader(ctx.cfg, ctx.layout.label_bank, ctx.hashes["label_bank"]))
     # train.select=best_val / validate_every: the student is scored on val during training (transfgu.selection).
     validate = Validator(ctx.cfg, ctx.backbone, ctx.device, ctx.amp) if validation_wanted(ctx.cfg) else None
     train_rounds(ctx.cfg, ctx.backbone, loader, ctx.layout, ctx.device, ctx.amp, on_epoch=ctx.on_epoch,
@@ -134,10 +101,19 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
     return finish_train(ctx)
 
 
-LOCAL_RUNNERS: dict[str, StageRunner] = {
-    "extract": run_extract,
-    "concepts": run_concepts,
-    "label_bank": run_label_bank,
-    "train": run_train,
-    "evaluate": run_evaluate,
-}
+class LocalExecutor:
+    """The one-process executor (:class:`transfgu.method.Executor`): every stage's work in this process."""
+
+    name = "local"
+
+    def run_sharded(self, ctx: RunContext, stage: type[ShardedStage]) -> StageInfo:
+        return run_sharded(ctx, stage)
+
+    def map_files(self, fn: Callable[[str], T], files: Sequence[Path]) -> list[T]:
+        return [fn(str(f)) for f in files]
+
+    def hold(self, holder: Callable[..., H], files: Sequence[Path], *args: Any) -> H:
+        return holder([str(f) for f in files], *args)  # one holder for every file
+
+    def release(self, held: object) -> None:
+        pass

@@ -1,9 +1,10 @@
 """Orchestration of a run: stage order, input hashes, the manifest, skip-if-done, tracking, the report.
 
-The stages themselves are defined once in :mod:`transfgu.stages`; an *executor* maps each stage name to a runner
-``runner(ctx) -> manifest info``: :data:`transfgu.local.LOCAL_RUNNERS` (one process) or
-:data:`transfgu.distributed.pipeline.RAY_RUNNERS` (a Ray cluster). This module does the rest, identically for
-both, so a run directory can be resumed by either executor (docs/architecture.md).
+The stages are the run's method's (:class:`transfgu.method.Method`, from the registry :mod:`transfgu.methods`),
+each a function ``run(ctx, ex) -> manifest info`` of the run context and an *executor*:
+:class:`transfgu.local.LocalExecutor` (one process) or :class:`transfgu.distributed.executor.RayExecutor` (a Ray
+cluster). This module does the rest, identically for every method and both executors, so a run directory can be
+resumed by either executor (docs/architecture.md).
 
 Every stage is idempotent: it records its input hash in ``_manifest.json`` when it finishes, and a re-run skips
 stages whose hash matches, so an interrupted run resumes at the first unfinished stage. Within the per-image
@@ -19,50 +20,42 @@ from typing import Any
 
 from transfgu import integrity
 from transfgu.config import Config, save_config
-from transfgu.context import STAGES, RunContext, method_stages, stage_hashes
-from transfgu.local import LOCAL_RUNNERS, StageRunner
+from transfgu.context import RunContext
+from transfgu.local import LocalExecutor
 from transfgu.logs import setup_logging
+from transfgu.method import Executor, Stage, StageFn
+from transfgu.methods import get_method, run_context, stage_hashes
 from transfgu.preflight import preflight
 from transfgu.runtime import seed_everything
 from transfgu.tracking import PipelineTracker
 
 log = logging.getLogger("transfgu")
 
-__all__ = ["STAGES", "RunContext", "method_runners", "run_pipeline", "stage_hashes"]
-
-
-def method_runners(cfg: Config) -> Mapping[str, StageRunner]:
-    """The one-process runners of ``cfg.method`` (Leopart's live in :mod:`transfgu.leopart.pipeline`)."""
-    if cfg.method == "leopart":
-        from transfgu.leopart.pipeline import RUNNERS as LEOPART_RUNNERS
-
-        return LEOPART_RUNNERS
-    if cfg.method == "leopart_finetune":
-        from transfgu.leopart.finetune_train import RUNNERS as FINETUNE_RUNNERS
-
-        return FINETUNE_RUNNERS
-    return LOCAL_RUNNERS
+__all__ = ["RunContext", "run_pipeline", "stage_hashes"]
 
 
 def run_pipeline(
     cfg: Config,
     only: Sequence[str] | None = None,
     force: Sequence[str] = (),
-    runners: Mapping[str, StageRunner] | None = None,
+    runners: Mapping[str, StageFn] | None = None,
     kind: str = "pipeline",
     tracking_parent: str | None = None,
     checked: bool = False,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns the manifest as a dict.
 
-    ``runners`` replaces stage implementations by name (the Ray executor passes its own; skip-if-done, the
-    manifest, MLflow and the report stay here). With ``mlflow.enabled`` the run is tracked as one parent MLflow
-    run with a child per stage and per bootstrapping round (:mod:`transfgu.tracking`), itself a child of
-    ``tracking_parent`` when given (a Tune trial under its sweep). ``checked=True``: the caller already ran
-    :func:`transfgu.preflight.preflight`.
+    The stages are ``cfg.method``'s (:class:`transfgu.method.Method`), run by ``executor`` (default: this process,
+    :class:`transfgu.local.LocalExecutor`; the Ray executor passes its own). ``runners`` replaces stage functions by
+    name (a Tune trial's cached stages); skip-if-done, the manifest, MLflow and the report stay here.
+    With ``mlflow.enabled`` the run is tracked as one parent MLflow run with a child per stage and per bootstrapping
+    round (:mod:`transfgu.tracking`), itself a child of ``tracking_parent`` when given (a Tune trial under its
+    sweep). ``checked=True``: the caller already ran :func:`transfgu.preflight.preflight`.
     """
     images = None if checked else preflight(cfg)  # fail before any stage writes anything
-    ctx = RunContext(cfg)
+    method = get_method(cfg.method)
+    ctx = run_context(cfg)
     setup_logging(ctx.layout.log)
     if images is not None:
         log.info("preflight: images per split %s", images)
@@ -72,15 +65,16 @@ def run_pipeline(
         log.warning("RUN WITHOUT PRETRAINED WEIGHTS: backbone %s is random; metrics are not the method's",
                     cfg.backbone.arch)
     log.info("run directory %s on %s", ctx.run_dir, ctx.device)
-    impl = {**method_runners(cfg), **(runners or {})}
-    tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent)
+    ex = executor if executor is not None else LocalExecutor()
+    tracker = PipelineTracker.from_config(cfg, kind=kind, parent_id=tracking_parent, log_model=method.mlflow_model)
     ctx.tracker = tracker
     tracker.start()
     try:
-        for name in method_stages(cfg):
-            if only is not None and name not in only:
+        for stage in method.stages:
+            if only is not None and stage.name not in only:
                 continue
-            _run_stage(ctx, name, impl[name], force=name in force)
+            run = (runners or {}).get(stage.name) or stage.runner(ex.name)
+            _run_stage(ctx, stage, run, ex, force=stage.name in force)
         if cfg.run.report and (only is None or "report" in only):
             try:
                 from transfgu.report import write_report  # optional: matplotlib may be missing
@@ -95,8 +89,10 @@ def run_pipeline(
     return ctx.manifest.to_dict()
 
 
-def _run_stage(ctx: RunContext, name: str, runner: StageRunner, force: bool) -> None:
-    """One stage with skip-if-done, the manifest record and its MLflow child run."""
+def _run_stage(ctx: RunContext, stage: Stage, run: StageFn, ex: Executor, force: bool) -> None:
+    """One stage with skip-if-done, the outputs of other inputs set aside, the manifest record and its MLflow child
+    run."""
+    name = stage.name
     tracker = ctx.tracker
     assert tracker is not None
     h = ctx.hashes[name]
@@ -104,15 +100,15 @@ def _run_stage(ctx: RunContext, name: str, runner: StageRunner, force: bool) -> 
         log.info("[%s] already done (input %s); skipping", name, h[:12])
         tracker.stage_run(name, skipped=True, info=ctx.manifest.stage(name).get("extra", {}))
         return
-    if method_stages(ctx.cfg) == STAGES:  # TransFGU: outputs of other inputs (all with --force) go to _stale/
-        integrity.prepare_stage_outputs(ctx.run_dir, name, h, force=force)
+    # outputs of other inputs (all of them with --force) go to _stale/, for every method alike
+    integrity.prepare_stage_outputs(ctx.run_dir, name, h, stage.outputs, force=force)
     ctx.manifest.mark_running(name, input_hash=h)
     ctx.stage_run_id = tracker.stage_run(name)
-    epoch_log = tracker.epoch_logger(ctx.stage_run_id, prefix=name) if name in ("train", "finetune") else None
+    epoch_log = tracker.epoch_logger(ctx.stage_run_id, prefix=name) if stage.epochs else None
     ctx.on_epoch = epoch_log
     t0 = time.time()
     try:
-        info = runner(ctx)
+        info = run(ctx, ex)
     except BaseException as exc:
         ctx.manifest.mark_failed(name, error=f"{type(exc).__name__}: {exc}")
         status = _run_status(exc)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from transfgu.config import Config, ConfigError
-from transfgu.crops import window_layout
 from transfgu.data.datasets import DatasetError, dataset_spec, list_records
+from transfgu.methods import get_method
 from transfgu.models.backbone import ARCHS
 
 __all__ = ["PreflightError", "patch_size_of", "preflight"]
@@ -46,41 +46,12 @@ def _multiple(size: tuple[int, int], step: int) -> list[int]:
     return [max(step, round(s / step) * step) for s in size]
 
 
-def _check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    if cfg.method == "leopart":  # Leopart reads only its own input size
-        size = cfg.leopart.input_size
-        if size[0] % p or size[1] % p:
-            problems.append(("leopart.input_size", f"{list(size)} is not a multiple of the backbone's patch size "
-                                                   f"{p} ({cfg.backbone.arch}); use e.g. {_multiple(size, p)}"))
-        return problems
-    if cfg.method == "leopart_finetune":  # the fine-tuning crops only
-        for key in ("global_size", "local_size"):
-            v = getattr(cfg.finetune, key)
-            if v % p:
-                problems.append((f"finetune.{key}", f"{v} is not a multiple of the backbone's patch size {p} "
-                                                     f"({cfg.backbone.arch}); use e.g. {_multiple((v, v), p)[0]}"))
-        return problems
-    for key, size in (("crops.input_size", cfg.crops.input_size), ("pseudo.input_size", cfg.pseudo.input_size)):
-        if size[0] % p or size[1] % p:
-            problems.append((key, f"{list(size)} is not a multiple of the backbone's patch size {p} "
-                                  f"({cfg.backbone.arch}); use e.g. {_multiple(size, p)}"))
-    if cfg.crops.crop_size % p:
-        problems.append(("crops.crop_size", f"{cfg.crops.crop_size} is not a multiple of the patch size {p}; use "
-                                            f"e.g. {_multiple((cfg.crops.crop_size,) * 2, p)[0]}"))
-    size = cfg.train.train_size
-    if size[0] % (2 * p) or size[1] % (2 * p):  # training crops are half the train size, in whole patches
-        problems.append(("train.train_size", f"{list(size)}: each side must be a multiple of 2 x patch size = "
-                                             f"{2 * p} (training crops are half that size); use e.g. "
-                                             f"{_multiple(size, 2 * p)}"))
-    h, w = cfg.crops.input_size
-    if not (h % p or w % p):
-        try:
-            window_layout(h // p, w // p, cfg.crops.betas)
-        except ValueError as exc:
-            problems.append(("crops.betas", f"{cfg.crops.betas} with crops.input_size={list(cfg.crops.input_size)} "
-                                            f"(a {h // p}x{w // p} patch grid): {exc}"))
-    return problems
+def size_problems(key: str, size: tuple[int, int] | list[int], p: int, arch: str) -> list[tuple[str, str]]:
+    """``size`` (an input size a method reads) against the backbone's patch size ``p``: a problem naming ``key``."""
+    if size[0] % p or size[1] % p:
+        return [(key, f"{list(size)} is not a multiple of the backbone's patch size {p} ({arch}); use e.g. "
+                      f"{_multiple(tuple(size), p)}")]
+    return []
 
 
 #: Every option a data set reader accepts (transfgu.data.datasets); a reader rejects the ones not its own.
@@ -318,23 +289,6 @@ def raise_problems(problems: list[tuple[str, str]]) -> None:
         raise PreflightError(f"the run cannot start ({len(problems)} problem(s); nothing was run):\n{lines}")
 
 
-def check_concepts_fit(cfg: Config, n_train: int, p: int) -> list[tuple[str, str]]:
-    """K per pool against the most crops the extract stage can produce (images x sliding windows), before any work.
-
-    The fg/bg split of the crops is only known after extraction; this bound is exact for ``crops.selection=all`` and
-    an upper bound otherwise, so it refuses only what can never work (k-means would fail after the whole extract).
-    """
-    if cfg.method != "transfgu" or n_train <= 0:
-        return []
-    n = min(n_train, cfg.data.max_train_images or n_train)
-    h, w = cfg.crops.input_size
-    windows = len(window_layout(h // p, w // p, cfg.crops.betas))
-    most = n * windows
-    return [(f"concepts.k_per_pool.{pool}", f"k={k} concepts but the extract stage can give at most {most} crops "
-                                            f"({n} images x {windows} windows): lower k or use more images")
-            for pool, k in cfg.concepts.k_per_pool.items() if int(k) > most]
-
-
 def preflight(cfg: Config) -> dict[str, int]:
     """Check data, weights, device, output folder and the window layout before any work; returns images per split.
 
@@ -344,8 +298,9 @@ def preflight(cfg: Config) -> dict[str, int]:
     problems += _check_weights(cfg)
     problems += _check_device(cfg)
     problems += _check_run_root(cfg)
+    method = get_method(cfg.method)
     try:
-        problems += _check_sizes(cfg, patch_size_of(cfg.backbone.arch))
+        problems += method.check_sizes(cfg, patch_size_of(cfg.backbone.arch))
         problems += check_memory(cfg, patch_size_of(cfg.backbone.arch))
     except Exception as exc:  # noqa: BLE001 - an unbuildable backbone is reported, not raised half way
         problems.append(("backbone.arch", f"cannot determine the patch size of {cfg.backbone.arch!r}: {exc}"))
@@ -353,7 +308,7 @@ def preflight(cfg: Config) -> dict[str, int]:
     problems += data_problems
     if not data_problems:
         with contextlib.suppress(Exception):  # an unknown arch or bad size is already reported above
-            problems += check_concepts_fit(cfg, counts.get(cfg.data.train_split, 0), patch_size_of(cfg.backbone.arch))
+            problems += method.check_fit(cfg, counts.get(cfg.data.train_split, 0), patch_size_of(cfg.backbone.arch))
     problems += check_mlflow_uri(cfg)
     raise_problems(problems)
     return counts

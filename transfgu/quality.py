@@ -36,7 +36,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transfgu.metrics import RunningConfusion
+from transfgu.checkpoint import load_train_state
+from transfgu.concepts import ConceptBank, assign
+from transfgu.config import n_output_channels
+from transfgu.data.datasets import load_sample
+from transfgu.data.io import load_rgb
+from transfgu.data.loaders import dataset_classes, split_records
+from transfgu.data.transforms import to_uint8_chw
+from transfgu.engine import minmax_normalise
+from transfgu.metrics import RunningConfusion, matched_confusion
+from transfgu.models.backbone import normalize
+from transfgu.store import read_features, read_label_bank
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +133,6 @@ def box_majority(label: np.ndarray, boxes: np.ndarray, n_classes: int) -> np.nda
 # -- ground truth of the training split ----------------------------------------------------------------------------
 def _labels(cfg: Any, split: str) -> tuple[dict[str, np.ndarray], int, tuple[str, ...]]:
     """``{image_id: int64 (H, W) with -1 = ignore}`` of the labelled images of a split, the class count, names."""
-    from transfgu.data.datasets import load_sample
-    from transfgu.data.loaders import dataset_classes, split_records
-
     names, ignore, label_map = dataset_classes(cfg)
     out: dict[str, np.ndarray] = {}
     for rec in split_records(cfg, split):
@@ -153,9 +160,6 @@ def _resize_nearest(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
 def concept_quality(run_dir: Path, cfg: Any, gt: dict[str, np.ndarray] | None = None,
                     n_classes: int | None = None) -> dict[str, Any]:
     """Purity and NMI of the training crops' concept assignments against their majority GT class."""
-    from transfgu.concepts import ConceptBank, assign
-    from transfgu.store import read_features
-
     if gt is None or n_classes is None:
         gt, n_classes, _ = _labels(cfg, cfg.data.train_split)
     bank = ConceptBank.load(Path(run_dir) / "concepts")
@@ -202,8 +206,6 @@ def label_decisions(maps: Any, variant: str, t_bg: float = 0.1, size: Sequence[i
     background of eq. 8 and concept k becomes channel k + 1, as the decoder is trained. ``maps`` may be an array or
     a label-bank record with a ``dense()`` method.
     """
-    from transfgu.engine import minmax_normalise
-
     if hasattr(maps, "dense"):
         maps = maps.dense()
     m = torch.as_tensor(np.asarray(maps, dtype=np.float32))[None]
@@ -222,8 +224,6 @@ def anchored_scores(conf: np.ndarray, mapping: Sequence[int]) -> dict[str, float
     Many-to-one: every channel counts for its class; IoU as :func:`transfgu.metrics.segmentation_scores` (nanmean
     over the classes present in GT or prediction), pixels of unmapped channels are errors.
     """
-    from transfgu.metrics import matched_confusion
-
     conf = np.asarray(conf, dtype=np.int64)
     m = matched_confusion(conf, np.asarray(mapping, dtype=np.int64))
     tp = np.diag(m).astype(np.float64)
@@ -249,9 +249,6 @@ def pseudo_label_quality(run_dir: Path, cfg: Any, gt: dict[str, np.ndarray] | No
     puts it elsewhere (it relabels both); the anchored score can, so it checks that eq. 5-7 localise each concept
     where the concept is.
     """
-    from transfgu.store import read_label_bank
-    from transfgu.training import n_output_channels
-
     if gt is None or n_classes is None:
         gt, n_classes, names = _labels(cfg, cfg.data.train_split)
     ids = sorted(gt)
@@ -298,8 +295,6 @@ def round_quality(
     ``make_decoder()`` builds an empty decoder of the run's shape; ``score(decoder)`` evaluates it on the labelled
     validation split (the evaluate stage's protocol). A round's directory holds its last epoch's state.
     """
-    from transfgu.checkpoint import load_train_state
-
     rounds = sorted(p for p in Path(train_dir).glob("round_*") if (p / "state.json").is_file())
     out = []
     for d in rounds:
@@ -353,14 +348,6 @@ def target_quality(
     split order) are used; the count is reported as ``n_images``.
     """
     import transfgu.engine as engine
-    from transfgu.checkpoint import load_train_state
-    from transfgu.data.io import load_rgb
-    from transfgu.data.loaders import split_records
-    from transfgu.data.transforms import to_uint8_chw
-    from transfgu.models.backbone import normalize
-    from transfgu.store import read_label_bank
-    from transfgu.training import n_output_channels
-
     if gt is None or n_classes is None:
         gt, n_classes, names = _labels(cfg, cfg.data.train_split)
     rounds = sorted(p for p in (Path(run_dir) / "train").glob("round_*") if (p / "state.json").is_file())

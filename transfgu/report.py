@@ -36,6 +36,7 @@ import numpy as np
 
 from transfgu import viz
 from transfgu.layout import RunLayout
+from transfgu.methods import get_method
 from transfgu.store import atomic_write_json
 
 __all__ = ["ReportOptions", "main", "nearest_crops", "write_report"]
@@ -640,12 +641,9 @@ def _summary(metrics: dict[str, Any] | None, meta: dict[str, Any] | None, cfg: A
     items = []
     if cfg is not None:
         items.append(f"data set <b>{html.escape(cfg.data.name)}</b> ({html.escape(str(cfg.data.root))})")
-        if cfg.method == "leopart":
-            items.append(f"method <b>leopart</b> (CBFE + community detection), protocol "
-                         f"{html.escape(cfg.leopart.protocol)}")
-        else:
-            items.append(f"K = {cfg.concepts.k} concepts {html.escape(str(dict(cfg.concepts.k_per_pool)))}, "
-                         f"variant {html.escape(cfg.train.variant)}")
+        line = get_method(cfg.method).summary(cfg)
+        if line:
+            items.append(line)
     if metrics is not None and metrics.get("mIoU") is not None:
         items.append(f"<b>mIoU {100 * metrics['mIoU']:.2f} %</b>, pixel accuracy "
                      f"{100 * metrics['pixel_accuracy']:.2f} % on {metrics.get('n_images', '?')} images")
@@ -683,15 +681,8 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
         ("Skipped inputs", lambda: _errors_section(run_dir)),
         ("Configuration", lambda: _config_section(cfg, run_dir)),
     ]
-    if cfg is not None and cfg.method == "leopart":  # its own pictures instead of TransFGU's concepts and CAMs
-        from transfgu.leopart import report as lrep
-
-        builders[3:6] = [
-            ("Leopart: foreground masks", lambda: lrep.foreground_section(run_dir, out, cfg, opt.n_mask_images)),
-            ("Leopart: community and cluster galleries",
-             lambda: lrep.gallery_section(run_dir, out, cfg, opt.n_per_concept, opt.thumb)),
-            ("Leopart: community graph", lambda: lrep.graph_section(run_dir, out, metrics)),
-        ]
+    if cfg is not None:  # the method's own pictures (Leopart's instead of TransFGU's concepts and CAMs)
+        builders = get_method(cfg.method).report_sections(builders, run_dir, out, cfg, metrics, opt)
     if (run_dir / "finetune" / "finetune.json").is_file():  # method: leopart_finetune: no segmentation to show
         builders = [("Dense fine-tuning", lambda: _finetune_section(run_dir)), *builders[-3:]]
     sections = []

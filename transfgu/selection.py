@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from transfgu.config import Config
+from transfgu.config import Config, n_output_channels
+from transfgu.evaluation import has_labelled_val
 from transfgu.store import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ SELECTION_WARNING = (
 
 def validation_wanted(cfg: Config) -> bool:
     """Whether training scores the decoder on the validation split at all."""
-    from transfgu.evaluation import has_labelled_val
 
     wanted = cfg.train.select == "best_val" or cfg.train.validate_every > 0
     if cfg.train.select == "best_val" and not has_labelled_val(cfg):
@@ -78,7 +78,6 @@ class Validator:
 
     def _evaluate(self, decoder: torch.nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
         from transfgu.engine import evaluate
-        from transfgu.training import n_output_channels
 
         return evaluate(
             decoder, self.backbone, loader, n_clusters=n_output_channels(self.cfg), n_classes=len(self.names),

@@ -27,28 +27,26 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from transfgu import integrity
 from transfgu.checkpoint import set_cluster_to_class
 from transfgu.concepts import ConceptBank, PoolFit, assemble_bank, order_pools
 from transfgu.config import Config, CropConfig, PseudoLabelConfig
-from transfgu.context import STAGES, RunContext, stage_hashes
+from transfgu.context import RunContext
 from transfgu.crops import extract_crops_batch
-from transfgu.data.datasets import ImageRecord
 from transfgu.data.loaders import split_records
-from transfgu.errors import ErrorLog, check_error_budget, decode_images
 from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.pseudo_labels import concept_map_parts
 from transfgu.runtime import pseudo_autocast_dtype
 from transfgu.selection import select_student
+from transfgu.sharded import SHARD_IMAGES, ShardedStage, training_images
 from transfgu.store import (
     LabelMaps,
     features_table,
@@ -61,9 +59,9 @@ from transfgu.training import load_latest_student, load_model_decoder, write_mod
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "SHARD_IMAGES", "ExtractStage", "LabelBankStage", "ShardedStage", "stage_hashes"]
-#: Images per Parquet shard of the per-image stages (both executors: same grouping, same file names).
-SHARD_IMAGES = 32
+__all__ = ["STAGES", "SHARD_IMAGES", "ExtractStage", "LabelBankStage", "ShardedStage", "training_images"]
+#: The stages of the method, in order (docs/architecture.md, "Stages").
+STAGES = ("extract", "concepts", "label_bank", "train", "evaluate")
 
 
 # -- per-item work of the sharded stages -----------------------------------------------------------------------------
@@ -129,71 +127,6 @@ def build_label_maps(
     return out
 
 
-class ShardedStage:
-    """A per-image stage over the training split, written as one Parquet shard per ``SHARD_IMAGES`` images.
-
-    An instance is the per-worker state (config, backbone, device; built once per process or per Ray actor);
-    :meth:`compute` is the per-shard work; :meth:`worker_inputs` is what the driver hands every worker (plain
-    data: it travels to Ray actors); :meth:`finish` checks the stage's outputs and returns its manifest info.
-    """
-
-    name: ClassVar[str]
-
-    def __init__(self, cfg: Config, backbone: DinoViT, device: torch.device, amp: torch.dtype | None) -> None:
-        self.cfg, self.backbone, self.device, self.amp = cfg, backbone, device, amp
-
-    @classmethod
-    def output(cls, layout: RunLayout) -> Path:
-        return layout.output(cls.name)
-
-    @classmethod
-    def records(cls, cfg: Config) -> list:
-        """The image records the stage runs over: the training split (Leopart's dense stage: each split)."""
-        return training_images(cfg)
-
-    @classmethod
-    def worker_inputs(cls, layout: RunLayout) -> dict[str, Any]:
-        return {}
-
-    def prepare(self, images: list[np.ndarray]) -> list[np.ndarray] | torch.Tensor:
-        """Decoded images -> the model's input batch; runs ahead of :meth:`compute` on a prefetch thread."""
-        return images
-
-    def load(self, records: Sequence[ImageRecord], errors: ErrorLog) -> tuple[Any, list[str]]:
-        """The data path of one shard: decode (undecodable images recorded in ``errors``, the run's log or a Ray
-        actor's :class:`~transfgu.errors.CollectedErrors`; not raised) and
-        :meth:`prepare`; returns ``(model input, ids of the decoded images)``, the arguments of :meth:`compute`.
-
-        Both executors run it off the model's thread: the one-process executor on its prefetch thread
-        (:func:`transfgu.throughput.overlapped`), a Ray stage actor in a concurrent call (two calls per actor, the
-        model calls one at a time, :class:`transfgu.distributed.shards.StageActor`).
-        """
-        decoded = list(decode_images(records, errors, self.name))
-        return self.prepare([im for _, im in decoded]), [r.image_id for r, _ in decoded]
-
-    def compute(self, images: list[np.ndarray] | torch.Tensor, image_ids: list[str]) -> pa.Table:
-        raise NotImplementedError
-
-    @staticmethod
-    def rows_per_image(table: pa.Table) -> dict[str, int]:
-        """Rows of ``table`` by image id (the Ray executor checks every image came back with its rows)."""
-        if table.num_rows == 0:
-            return {}
-        return {c["values"]: int(c["counts"]) for c in pc.value_counts(table["image_id"]).to_pylist()}
-
-    @classmethod
-    def check_inputs(cls, ctx: RunContext) -> None:
-        """Before the stage runs: its upstream outputs belong to the current inputs (hash)."""
-
-    @classmethod
-    def finish(cls, ctx: RunContext, image_ids: Sequence[str]) -> dict[str, Any]:
-        """Check the output directory covers exactly ``image_ids`` under this stage's input hash, apply the error
-        budget and return the manifest info ``{"rows", "images", "errors"}``, counted from disk."""
-        disk = integrity.verify_shards(cls.output(ctx.layout), cls.name, ctx.hashes[cls.name], image_ids)
-        check_error_budget(disk.failed, len(image_ids), ctx.cfg.run.error_budget, cls.name)
-        return {"rows": disk.rows, "images": disk.images, "errors": disk.failed}
-
-
 class ExtractStage(ShardedStage):
     """Stage 1: crops + CLS features of every training image (§2-3) -> ``features/``."""
 
@@ -244,12 +177,6 @@ class LabelBankStage(ShardedStage):
 
 
 SHARDED_STAGES: dict[str, type[ShardedStage]] = {"extract": ExtractStage, "label_bank": LabelBankStage}
-
-
-def training_images(cfg: Config) -> list:
-    """The image records of the training split (the inputs of the sharded stages): the full split, as the
-    reference's crop, concept and label-bank stages; curated lists filter only training and evaluation."""
-    return split_records(cfg, cfg.data.train_split, subset=False)
 
 
 # -- stage 2: concepts ---------------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ class PrefetchLoader:
     loader (``set_epoch`` keeps working).
     """
 
-    def __init__(self, loader: Any, depth: int = 2) -> None:
+    def __init__(self, loader: torch.utils.data.DataLoader[Any], depth: int = 2) -> None:
         self.loader = loader
         self.depth = depth
 

@@ -289,8 +289,9 @@ class PipelineTracker:
     """
 
     def __init__(self, cfg: Config, tracker: Tracker | None, kind: str = "pipeline",
-                 parent_id: str | None = None) -> None:
+                 parent_id: str | None = None, log_model: bool = False) -> None:
         self.cfg = cfg
+        self.log_model = log_model  # the method's model/ is an MLflow pyfunc (transfgu.method.Method.mlflow_model)
         self.tracker = tracker
         self.kind = kind
         self.parent_of_root = parent_id
@@ -298,8 +299,9 @@ class PipelineTracker:
         self._monitors: dict[str, Any] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None) -> PipelineTracker:
-        return cls(cfg, Tracker.from_config(cfg), kind, parent_id)
+    def from_config(cls, cfg: Config, kind: str = "pipeline", parent_id: str | None = None,
+                    log_model: bool = False) -> PipelineTracker:
+        return cls(cfg, Tracker.from_config(cfg), kind, parent_id, log_model)
 
     @property
     def enabled(self) -> bool:
@@ -374,8 +376,9 @@ class PipelineTracker:
             except Exception as exc:  # artifacts are a convenience; never fail a finished pipeline on them
                 log.warning("[mlflow] could not log artifacts: %s", exc)
             model_dir = Path(run_dir) / "model"
-            # the MLflow pyfunc wraps TransFGU checkpoints only (a Leopart model is served by transfgu predict)
-            if (status == "FINISHED" and self.cfg.mlflow.log_model and self.cfg.method == "transfgu"
+            # the MLflow pyfunc wraps the checkpoints of the methods that say so (TransFGU's; a Leopart model is
+            # served by transfgu predict)
+            if (status == "FINISHED" and self.cfg.mlflow.log_model and self.log_model
                     and (model_dir / "model.json").is_file()):
                 from transfgu.mlflow_model import log_model
 

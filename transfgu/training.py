@@ -30,25 +30,18 @@ from transfgu.checkpoint import (
     save_model,
     save_train_state,
 )
-from transfgu.config import Config
+from transfgu.config import Config, n_output_channels
+from transfgu.context import EpochCallback
 from transfgu.data.loaders import dataset_classes
 from transfgu.engine import StepKernels, make_optimizer, reboot, train_one_epoch
 from transfgu.layout import RunLayout
 from transfgu.losses import BootstrapSchedule, LossWeights
 from transfgu.models.backbone import DinoViT
 from transfgu.models.decoder import MaskTransformerDecoder
+from transfgu.selection import ValHistory, validate_epoch
 from transfgu.store import to_jsonable
 
 log = logging.getLogger(__name__)
-
-#: Called after every epoch with that epoch's metrics (MLflow logging, Ray Train reports).
-EpochCallback = Callable[[dict[str, Any]], None]
-
-
-def n_output_channels(cfg: Config) -> int:
-    """Decoder channels: K concepts, plus the background channel 0 in the "things" variant (eq. 8)."""
-    return cfg.concepts.k + (1 if cfg.train.variant == "things" else 0)
-
 
 def build_decoder(cfg: Config, d_encoder: int) -> MaskTransformerDecoder:
     return MaskTransformerDecoder(
@@ -93,13 +86,9 @@ def train_rounds(
     executor runs one fit per bootstrapping round); the default trains to ``train.epochs``. ``validate(student)``
     (rank 0 only) scores the student on val after the epochs :func:`transfgu.selection.validation_due` names and
     records ``train/val_history.jsonl`` (and ``train/best/`` for ``train.select=best_val``). Only states stamped
-    with ``input_hash`` (the train stage's hash, from ``cfg`` by default) are resumed from, and every saved state
+    with ``input_hash`` (the train stage's hash; None: any state, none stamped) are resumed from, and every saved state
     records it.
     """
-    from transfgu.selection import ValHistory, validate_epoch
-
-    if input_hash is None:
-        input_hash = train_hash(cfg)
     t = cfg.train
     torch.manual_seed(cfg.run.seed)
     student = build_decoder(cfg, backbone.embed_dim).to(device)
@@ -167,13 +156,6 @@ def train_rounds(
     return student, {"epochs": t.epochs, "rounds": round_idx + 1, "history": to_jsonable(history)}
 
 
-def train_hash(cfg: Config) -> str:
-    """The train stage's input hash of ``cfg`` (what training states and ``model.json`` are stamped with)."""
-    from transfgu.context import stage_hashes
-
-    return stage_hashes(cfg)["train"]
-
-
 def latest_round_state(train_dir: Path, input_hash: str | None) -> Path | None:
     """The newest complete training state under ``train_dir`` written under ``input_hash`` (None: any)."""
     return latest_train_state(train_dir, input_hash)
@@ -206,7 +188,7 @@ def write_model(
     stamped with the train hash."""
     meta = model_meta(cfg, cfg.backbone.source.pretrained, backbone.embed_dim)
     meta.update(selection or {"selection": "last"})
-    meta["input_hash"] = input_hash if input_hash is not None else train_hash(cfg)
+    meta["input_hash"] = input_hash
     save_model(layout.model, student, meta, backbone=backbone)
 
 

@@ -171,7 +171,7 @@ def _unpack_label(lab: torch.Tensor) -> torch.Tensor:
 
 
 def make_train_loader(
-    cfg: Config, bank_dir: Path, rank: int = 0, world: int = 1, cpus: float | None = None
+    cfg: Config, bank_dir: Path, bank_hash: str, rank: int = 0, world: int = 1, cpus: float | None = None
 ) -> torch.utils.data.DataLoader[dict[str, torch.Tensor]]:
     """The training loader of worker ``rank`` of ``world`` (one process: ``rank=0, world=1``; :mod:`transfgu.ddp`).
 
@@ -182,7 +182,7 @@ def make_train_loader(
     ``train.num_workers`` processes (``auto``: from ``cpus``, or this process's CPUs) read and decode items.
     Call ``loader.batch_sampler.set_epoch(e)`` before each epoch.
     """
-    ds = prepare_train_input(cfg, bank_dir, cpus)
+    ds = prepare_train_input(cfg, bank_dir, bank_hash, cpus)
     if len(ds) == 0:
         raise RuntimeError("train: the label bank has no image of the training split")
     workers = resolve_loader_workers(cfg.train.num_workers, cpus)
@@ -191,14 +191,14 @@ def make_train_loader(
                        persistent_workers=workers > 0)
 
 
-def prepare_train_input(cfg: Config, bank_dir: Path, cpus: float | None = None) -> StreamingBankDataset:
-    """The training dataset over the stores of ``bank_dir``, writing them first when missing or stale.
+def prepare_train_input(
+    cfg: Config, bank_dir: Path, bank_hash: str, cpus: float | None = None
+) -> StreamingBankDataset:
+    """The training dataset over the stores of ``bank_dir`` (the label bank of input hash ``bank_hash``), writing them
+    first when missing or stale.
 
     Both executors call this in the driver before training, so Ray Train workers only open what is there.
     """
-    from transfgu.context import stage_hashes
-
-    bank_hash = stage_hashes(cfg)["label_bank"]
     records = split_records(cfg, cfg.data.train_split)
     bank = open_packed_bank(Path(bank_dir), bank_hash)
     rows = bank.rows_of([r.image_id for r in records])

@@ -140,5 +140,3 @@ def run_finetune_ray(ctx: RunContext) -> dict[str, Any]:
         trainer.fit()
     return to_jsonable({**ftt.finish_info(out), "workers": max(1, cfg.ray.num_workers)})
 
-
-FINETUNE_RAY_RUNNERS = {"finetune": run_finetune_ray}

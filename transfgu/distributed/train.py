@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     amp = autocast_dtype(cfg.backbone.precision, device)
     backbone = run_backbone(cfg, layout, device)  # as the one-process executor: compiled on CUDA
-    loader = make_train_loader(cfg, layout.label_bank, rank, world, cpus=config.get("threads"))
+    loader = make_train_loader(cfg, layout.label_bank, config["bank_hash"], rank, world, cpus=config.get("threads"))
 
     epoch_log = None
     mlf = config.get("mlflow") or {}
@@ -184,7 +184,8 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
     from transfgu import integrity
 
     integrity.require_stamped(ctx.layout.label_bank, "label_bank", ctx.hashes["label_bank"])
-    prepare_train_input(cfg, ctx.layout.label_bank)  # written once here, only opened by the workers
+    # written once here, only opened by the workers
+    prepare_train_input(cfg, ctx.layout.label_bank, ctx.hashes["label_bank"])
     result = None
     for r, start, stop in segments:
         if last_trained_epoch(ctx.layout.train, ctx.hashes["train"]) >= stop - 1:
@@ -199,6 +200,7 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
                 "run_dir": str(ctx.run_dir.resolve()),
                 "stop_epoch": stop,
                 "input_hash": ctx.hashes["train"],
+                "bank_hash": ctx.hashes["label_bank"],
                 "threads": max(1, int(cfg.ray.cpus_per_worker)),
                 "use_gpu": gpu,
                 "eval_every_epoch": bool(tune and has_labelled_val(cfg)),

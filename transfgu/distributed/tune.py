@@ -30,12 +30,13 @@ from typing import Any
 from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.distributed.cluster import init_ray, worker_config
-from transfgu.distributed.kmeans import run_concepts_ray
-from transfgu.distributed.pipeline import RAY_RUNNERS, prepare_run_dir, run_extract_ray, run_label_bank_ray
+from transfgu.distributed.executor import RayExecutor
+from transfgu.distributed.pipeline import prepare_run_dir
 from transfgu.distributed.train import run_train_ray
 from transfgu.layout import RunLayout
-from transfgu.local import StageRunner
 from transfgu.logs import setup_logging
+from transfgu.method import Executor, StageFn
+from transfgu.methods import get_method
 from transfgu.pipeline import run_pipeline
 from transfgu.store import atomic_write_json, to_jsonable
 from transfgu.tracking import Tracker, config_params, resolve_tracking_uri, run_tags
@@ -84,11 +85,11 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def cached_stage(stage: str, runner: StageRunner, cache_root: Path) -> StageRunner:
+def cached_stage(stage: str, runner: StageFn, cache_root: Path) -> StageFn:
     """Wrap a stage runner so that its output directory is shared by every trial with the same input hash."""
     assert stage in SHARED_STAGES, stage
 
-    def run(ctx: RunContext) -> dict[str, Any]:
+    def run(ctx: RunContext, ex: Executor) -> dict[str, Any]:
         key = f"{stage}-{ctx.hashes[stage][:16]}"
         shared = RunLayout(cache_root / key)
         shared.output(stage).mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,7 @@ def cached_stage(stage: str, runner: StageRunner, cache_root: Path) -> StageRunn
                 info = json.loads(done.read_text())
                 log.info("[%s] reusing %s (computed by %s)", stage, shared.root, info.get("computed_by"))
                 return {**info, "reused": True}
-            info = runner(ctx)
+            info = runner(ctx, ex)
             atomic_write_json(done, {**info, "computed_by": ctx.cfg.run.name})
         return {**info, "reused": False}
 
@@ -119,14 +120,12 @@ def trial_driver(params: dict[str, Any], base: dict[str, Any], sweep_dir: str, p
     root = Path(sweep_dir)
     cfg = apply_trial(Config.model_validate(base), params, root / "trials", trial)
     cache = root / "cache"
-    runners = {
-        "extract": cached_stage("extract", run_extract_ray, cache),
-        "concepts": cached_stage("concepts", run_concepts_ray, cache),
-        "label_bank": cached_stage("label_bank", run_label_bank_ray, cache),
-        "train": lambda ctx: run_train_ray(ctx, tune=True),
-    }
+    ex = RayExecutor(cfg)
+    method = get_method(cfg.method)
+    runners: dict[str, StageFn] = {s: cached_stage(s, method.stage(s).runner(ex.name), cache) for s in SHARED_STAGES}
+    runners["train"] = lambda ctx, ex: run_train_ray(ctx, tune=True)
     prepare_run_dir(cfg)
-    run_pipeline(cfg, runners={**RAY_RUNNERS, **runners}, kind="trial", tracking_parent=parent_run_id)
+    run_pipeline(cfg, runners=runners, kind="trial", tracking_parent=parent_run_id, executor=ex)
 
 
 def default_space(cfg: Config) -> dict[str, Any]:

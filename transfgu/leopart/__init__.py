@@ -14,7 +14,7 @@ module                     step
 :mod:`.cbfe`               precision of every cluster against the attention mask, threshold, foreground clusters
 :mod:`.communities`        co-occurrence network (vectorised), edge threshold, Infomap communities
 :mod:`.model`              the fitted model (PCA, centroids, community map): segmentation, save/load, predict
-:mod:`.pipeline`           the stages on the one-process executor (the Ray executor: ``transfgu.distributed.leopart``)
+:mod:`.pipeline`           the stages, ``run(ctx, ex)`` for either executor (the method: ``transfgu.methods.leopart``)
 =========================  =====================================================================================
 
 Nothing here imports Ray.

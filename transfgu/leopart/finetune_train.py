@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from transfgu.checkpoint import load_optimizer, load_train_state, read_state_info, restore_rng, save_train_state
 from transfgu.config import Config
+from transfgu.context import RunContext
 from transfgu.ddp import all_reduce_sum, batch_piece, step_generator, step_loader, step_seed, world_info
 from transfgu.leopart import finetune as ft
 from transfgu.models.backbone import (
@@ -47,7 +48,7 @@ from transfgu.models.backbone import (
     DinoViT,
     normalize,
 )
-from transfgu.store import atomic_write_json, config_hash
+from transfgu.store import atomic_write_json
 
 log = logging.getLogger("transfgu")
 
@@ -57,13 +58,6 @@ INFO_FILE = "finetune.json"
 PICTURES = "before_after.png"
 #: safetensors metadata key of a fine-tuned backbone: JSON with its source and settings.
 FINETUNE_METADATA_KEY = "transfgu_finetune"
-
-
-def stage_hashes(cfg: Config) -> dict[str, str]:
-    d = json.loads(cfg.model_dump_json())
-    data = {k: v for k, v in d["data"].items() if k != "max_val_images"}
-    return {"finetune": config_hash({"method": "leopart_finetune", "data": data, "backbone": d["backbone"],
-                                     "finetune": d["finetune"], "seed": d["run"]["seed"]})}
 
 
 def crop_spec(cfg: Config) -> ft.CropSpec:
@@ -190,7 +184,8 @@ def _forward_crops(model: nn.Module, crops: Tensor) -> tuple[Tensor, Tensor, tup
 
 def train_one_epoch(
     student: nn.Module, teacher: DenseModel, head: ft.ProjectionHead, optimizer: torch.optim.Optimizer,
-    loader: Any, queue: ft.EmbeddingQueue, cfg: Config, epoch: int, steps_per_epoch: int, device: torch.device,
+    loader: torch.utils.data.DataLoader[dict[str, Tensor]], queue: ft.EmbeddingQueue, cfg: Config, epoch: int,
+    steps_per_epoch: int, device: torch.device,
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of Leopart's loss; returns the epoch means of loss, cluster-usage entropy, momentum and lr.
@@ -440,7 +435,7 @@ def finish_info(out: Path) -> dict[str, Any]:
 
 
 # -- the one-process executor ---------------------------------------------------------------------------------------
-def run_finetune(ctx: Any) -> dict[str, Any]:
+def run_finetune(ctx: RunContext) -> dict[str, Any]:
     """The stage in this process (``ctx.on_epoch`` logs each epoch to MLflow)."""
     cfg = ctx.cfg
     images, _ = decode_training_images(cfg, ctx.errors)
@@ -452,5 +447,3 @@ def run_finetune(ctx: Any) -> dict[str, Any]:
              source=source_record(cfg))
     return finish_info(out)
 
-
-RUNNERS = {"finetune": run_finetune}

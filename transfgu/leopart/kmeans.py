@@ -4,8 +4,8 @@ The driver (:func:`lloyd_kmeans`) only needs three calls from a *shard set*: ``c
 order), ``rows(file, local_rows)`` (gather initial centroids) and ``stats(centroids, spherical)`` (per file: sums,
 counts, inertia of one assignment step, from :func:`transfgu.concepts.lloyd_step_stats`). :class:`DenseShards`
 answers them in one process; the Ray executor answers them with actors that each hold a group of files
-(``transfgu.distributed.leopart``). Per-file statistics are reduced in file order in both cases, so both executors
-compute the same centroids bit for bit.
+(``transfgu.distributed.executor.RayHolders``). Per-file statistics are reduced in file order in both cases, so
+both executors compute the same centroids bit for bit.
 
 It follows ``faiss.Kmeans.train`` (``nredo`` restarts from ``faiss.rand_perm(n, seed + 1)`` samples, the lowest
 final objective kept). ``spherical=True`` (CBFE) L2-normalises the points and re-normalises the centroids after

@@ -1,5 +1,5 @@
 """The Leopart stages, defined once and run by either executor (one process here, Ray in
-``transfgu.distributed.leopart``).
+``transfgu.distributed.executor``).
 
 =============  ==============================================================================================
 stage          output (``<run>/...``)
@@ -13,27 +13,38 @@ segments       ``segments/<split>/part-*.parquet``: segment and cluster maps (pa
 evaluate       ``eval/``: Hungarian matching of segments at ``leopart.eval_size``, overclustering at each K
 =============  ==============================================================================================
 
-A stage asks its executor for four things only: run the dense extraction over a split, hold dense files in memory
-(:class:`~transfgu.leopart.shards.DenseShards`, or Ray actors with the same methods), apply a function to every
-file, and nothing else; the numbers are reduced here, in file order, so both executors write the same files.
+Every stage is ``run_x(ctx, ex)`` (:class:`transfgu.method.Executor`) and asks its executor for three things only:
+run the dense extraction over a split (a :class:`transfgu.sharded.ShardedStage`: planned by image id and stamped
+like TransFGU's extract), hold dense files in memory (:class:`~transfgu.leopart.shards.DenseShards`, one in this
+process or one Ray actor per group of files), apply a function to every file; the numbers are reduced here, in file
+order, so both executors write the same files. Every output records the input hash of the stage that wrote it
+(:mod:`transfgu.integrity`): dense and segment shards in their Parquet metadata, ``pca.json``, ``cbfe.json``,
+``communities.json``, ``model.json``, ``segments.json`` and ``metrics.json`` in an ``input_hash`` field. The method
+(stages, hash inputs, outputs) is :mod:`transfgu.methods.leopart`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from safetensors.numpy import load_file, save_file
 
-from transfgu.config import Config
+from transfgu import integrity
+from transfgu.config import Config, LeopartConfig
+from transfgu.context import RunContext
+from transfgu.data.datasets import ImageRecord
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
-from transfgu.errors import check_error_budget, decode_images
+from transfgu.errors import ErrorLog, check_error_budget
+from transfgu.evaluation import has_labelled_val, write_eval
+from transfgu.layout import RunLayout
 from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import (
     community_map,
@@ -42,12 +53,18 @@ from transfgu.leopart.communities import (
     glcm_offsets,
     network_edges,
 )
-from transfgu.leopart.dense import dense_features, dense_table
-from transfgu.leopart.kmeans import lloyd_kmeans
+from transfgu.leopart.dense import dense_features, dense_table, read_dense
+from transfgu.leopart.kmeans import KMeansFit, lloyd_kmeans
 from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
 from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
+from transfgu.leopart.probe import evaluate, train_linear_probe
 from transfgu.leopart.shards import DenseShards
-from transfgu.store import atomic_write_json, config_hash, list_parquet_files, write_parquet_atomic
+from transfgu.leopart.viz import community_graph_png
+from transfgu.method import Executor, StageInfo
+from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores, segmentation_scores
+from transfgu.models.backbone import DinoViT
+from transfgu.sharded import ShardedStage
+from transfgu.store import atomic_write_json, list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger("transfgu")
 
@@ -60,34 +77,6 @@ SEGMENTS_SCHEMA = pa.schema([
     pa.field("segments", pa.list_(pa.int32()), nullable=False),
     pa.field("clusters", pa.list_(pa.int32()), nullable=False),
 ], metadata={"format": "transfgu.leopart.segments/1"})
-
-
-def stage_hashes(cfg: Config) -> dict[str, str]:
-    """Input hash of every Leopart stage: its settings chained with its upstream stage's hash."""
-    d = json.loads(cfg.model_dump_json())
-    lp = d["leopart"]
-
-    def pick(*keys: str) -> dict[str, Any]:
-        return {k: lp[k] for k in keys}
-
-    h_dense = config_hash({"method": "leopart", "data": d["data"], "backbone": d["backbone"],
-                           **pick("input_size"), "seed": d["run"]["seed"]})
-    h_pca = config_hash({"up": h_dense, **pick("pca_dim")})
-    cbfe_keys = ["protocol", "attn_mass", "blur_kernel", "blur_sigma", "min_component", "k_cbfe", "cbfe_niter",
-                 "cbfe_nredo", "precision_threshold", "seed"] + (["eval_size"] if lp["protocol"] == "paper" else [])
-    h_cbfe = config_hash({"up": h_pca, **pick(*cbfe_keys)})
-    comm_keys = ["k_community", "community_niter", "cooc_size", "edge_threshold", "markov_time", "n_communities",
-                 "infomap_trials", "seed"]
-    if lp["protocol"] == "paper":  # the grid search scores on the training labels
-        comm_keys += ["paper_grid", "eval_size", "unmatched"]
-    h_comm = config_hash({"up": h_cbfe, **pick(*comm_keys)})
-    h_seg = config_hash({"up": h_comm})
-    eval_keys = ["eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed"]
-    if lp["linear_probe"]["enabled"]:  # only then: a run without the probe keeps its earlier hash
-        eval_keys.append("linear_probe")
-    h_eval = config_hash({"up": h_seg, **pick(*eval_keys)})
-    return {"dense": h_dense, "pca": h_pca, "cbfe": h_cbfe, "communities": h_comm, "segments": h_seg,
-            "evaluate": h_eval}
 
 
 def splits(cfg: Config) -> list[str]:
@@ -105,116 +94,91 @@ def mask_kwargs(cfg: Config) -> dict[str, Any]:
 
 def file_moments(path: str) -> MomentStats:
     """PCA statistics of one dense file (all its patch tokens)."""
-    from transfgu.leopart.dense import read_dense
-
     imgs = read_dense(path)
     if not imgs:
         raise ValueError(f"{path} holds no image")
     return MomentStats.of(np.concatenate([im.feats for im in imgs]))
 
 
-# -- executors -----------------------------------------------------------------------------------------------------
-class LocalExecutor:
-    """Every step in this process."""
-
-    def extract(self, ctx: Any, split: str, records: Sequence[Any], out_dir: Path) -> None:
-        from transfgu.layout import shard_file
-        from transfgu.local import _kept_rows
-        from transfgu.logs import Progress
-        from transfgu.stages import SHARD_IMAGES
-
-        cfg = ctx.cfg
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with Progress(f"dense/{split}", len(records)) as prog:
-            for si in range(0, len(records), SHARD_IMAGES):
-                shard = records[si : si + SHARD_IMAGES]
-                path = shard_file(out_dir, si // SHARD_IMAGES)
-                if _kept_rows(path, "dense") is not None:
-                    prog.update(len(shard), "(kept)")
-                    continue
-                decoded = list(decode_images(shard, ctx.errors, "dense"))
-                table = dense_rows(ctx.backbone, [im for _, im in decoded], [r.image_id for r, _ in decoded], cfg,
-                                   ctx.device, ctx.amp)
-                write_parquet_atomic(table, path)
-                prog.update(len(shard))
-
-    def shards(self, files: Sequence[Path], pca: PCA, mask: dict[str, Any]) -> DenseShards:
-        return DenseShards(files, pca, mask)
-
-    def map_files(self, fn: Callable[[str], Any], files: Sequence[Path]) -> list[Any]:
-        return [fn(str(f)) for f in files]
-
-    def release(self, shards: Any) -> None:
-        pass
-
-
-def dense_rows(backbone: Any, images: list[np.ndarray], ids: list[str], cfg: Config, device: Any, amp: Any) -> pa.Table:
+def dense_rows(backbone: DinoViT, images: list[np.ndarray], ids: list[str], cfg: Config, device: torch.device,
+               amp: torch.dtype | None) -> pa.Table:
     """The dense stage's table for one shard of decoded images (both executors)."""
     lp = cfg.leopart
     return dense_table(ids, dense_features(backbone, images, tuple(lp.input_size), device, lp.batch_size, amp))
 
 
-def dense_stage(split: str) -> type:
-    """The dense step of one split as a :class:`transfgu.stages.ShardedStage` (the Ray executor's actor pool runs
-    it like extract; the split's records and output directory are the stage's own)."""
-    from transfgu.stages import ShardedStage
+class DenseStage(ShardedStage):
+    """The dense step of one split (:func:`dense_stage`): patch tokens + head-mean CLS attention per image."""
 
-    class DenseStage(ShardedStage):
-        name = "dense"
+    name = "dense"
+    split: ClassVar[str]
 
-        @classmethod
-        def output(cls, layout: Any) -> Path:
-            return layout.root / "dense" / split
+    @classmethod
+    def output(cls, layout: RunLayout) -> Path:
+        return layout.root / "dense" / cls.split
 
-        @classmethod
-        def records(cls, cfg: Config) -> list:
-            return split_records(cfg, split)
+    @classmethod
+    def records(cls, cfg: Config) -> list[ImageRecord]:
+        return split_records(cfg, cls.split)
 
-        def compute(self, images: Any, image_ids: list[str]) -> pa.Table:
-            return dense_rows(self.backbone, list(images), image_ids, self.cfg, self.device, self.amp)
+    def compute(self, images: list[np.ndarray] | torch.Tensor, image_ids: list[str]) -> pa.Table:
+        return dense_rows(self.backbone, list(images), image_ids, self.cfg, self.device, self.amp)
 
-        @classmethod
-        def finish(cls, ctx: Any, n_images: int) -> dict[str, Any]:
-            return {}  # run_dense checks the error budget and the counts of every split
 
-    DenseStage.__qualname__ = DenseStage.__name__ = f"DenseStage_{split}"
-    return DenseStage
+def dense_stage(split: str) -> type[DenseStage]:
+    """The dense step of ``split`` as a :class:`transfgu.sharded.ShardedStage`: its records and output directory are
+    that split's; both executors plan it by image id and stamp its shards with the dense hash."""
+    return type(f"DenseStage_{split}", (DenseStage,), {"split": split})
 
 
 # -- stages --------------------------------------------------------------------------------------------------------
-def dense_files(run_dir: Path, split: str) -> list[Path]:
+def dense_files(run_dir: Path, split: str, input_hash: str | None = None) -> list[Path]:
+    """The dense files of ``split``; with ``input_hash``, after checking that the current dense stage wrote them."""
     d = run_dir / "dense" / split
     files = list_parquet_files(d) if d.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no dense features under {d}; run the dense stage first")
+    if input_hash is not None:
+        integrity.require_stamped(d, "dense", input_hash)
     return files
 
 
-def run_dense(ctx: Any, ex: Any) -> dict[str, Any]:
+def run_dense(ctx: RunContext, ex: Executor) -> StageInfo:
+    """Dense tokens of every split, one stamped shard per ``SHARD_IMAGES`` images, resumed by image id."""
     cfg = ctx.cfg
     info: dict[str, Any] = {"rows": 0, "errors": 0}
     for split in splits(cfg):
-        records = split_records(cfg, split)
-        before = ctx.errors.count("dense")
-        ex.extract(ctx, split, records, ctx.run_dir / "dense" / split)
-        n_err = ctx.errors.count("dense") - before
-        check_error_budget(n_err, len(records), cfg.run.error_budget, "dense")
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(ctx.run_dir / "dense" / split))
-        if split == cfg.data.train_split and rows == 0:
+        got = ex.run_sharded(ctx, dense_stage(split))  # verify_shards + the error budget of the split
+        if split == cfg.data.train_split and got["rows"] == 0:
             raise RuntimeError("dense: no training image could be read")
-        info[f"{split}_images"] = int(rows)
-        info["rows"] += int(rows)
-        info["errors"] += n_err
+        info[f"{split}_images"] = int(got["rows"])
+        info["rows"] += int(got["rows"])
+        info["errors"] += int(got["errors"])
     return info
 
 
-def run_pca(ctx: Any, ex: Any) -> dict[str, Any]:
+def run_pca(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg = ctx.cfg
-    parts = ex.map_files(file_moments, dense_files(ctx.run_dir, cfg.data.train_split))
+    parts = ex.map_files(file_moments, dense_files(ctx.run_dir, cfg.data.train_split, ctx.hashes["dense"]))
     pca = fit_pca(reduce_stats(parts), cfg.leopart.pca_dim)
     pca.save(ctx.run_dir / "pca")
+    integrity.stamp_json(ctx.run_dir / "pca" / "pca.json", ctx.hashes["pca"])
     kept = float(pca.eigenvalues.sum() / pca.mean.shape[0])  # standardised: the total variance is d
     return {"rows": pca.n, "dim": pca.dim, "variance_kept": round(kept, 4)}
+
+
+def load_checked_pca(ctx: RunContext) -> PCA:
+    """The PCA, after checking that the current pca stage wrote it."""
+    integrity.check_json_stamp(ctx.run_dir / "pca" / "pca.json", ctx.hashes["pca"], "the PCA",
+                               "re-run with --force pca")
+    return PCA.load(ctx.run_dir / "pca")
+
+
+def load_checked_model(ctx: RunContext, upto: str) -> LeopartModel:
+    """:func:`load_model` after checking that the current ``upto`` stage (and so every stage before it) wrote it."""
+    meta = ctx.run_dir / upto / f"{upto}.json"
+    integrity.check_json_stamp(meta, ctx.hashes[upto], f"the {upto} fit", f"re-run with --force {upto}")
+    return load_model(ctx.run_dir, upto)
 
 
 def load_model(run_dir: Path, upto: str) -> LeopartModel:
@@ -236,7 +200,7 @@ def _fg_classes(cfg: Config) -> tuple[tuple[str, ...], int | None]:
     return names, (bg[0] if bg else None)
 
 
-def _gt_at(cfg: Config, split: str, errors: Any, stage: str,
+def _gt_at(cfg: Config, split: str, errors: ErrorLog, stage: str,
            size: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Ground truth of a split at ``size`` (default ``leopart.eval_size``) by image id (-1 = ignore); bad samples
     are recorded."""
@@ -248,10 +212,10 @@ def _gt_at(cfg: Config, split: str, errors: Any, stage: str,
     return {rec.image_id: ds[i]["label"].numpy() for i, rec in enumerate(ds.records)}
 
 
-def run_cbfe(ctx: Any, ex: Any) -> dict[str, Any]:
+def run_cbfe(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg, lp = ctx.cfg, ctx.cfg.leopart
-    pca = PCA.load(ctx.run_dir / "pca")
-    shards = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
+    pca = load_checked_pca(ctx)
+    shards = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
     try:
         fit = lloyd_kmeans(shards, lp.k_cbfe, lp.cbfe_niter, lp.seed, spherical=True, nredo=lp.cbfe_nredo,
                            name="cbfe")
@@ -278,14 +242,15 @@ def run_cbfe(ctx: Any, ex: Any) -> dict[str, Any]:
     tmp.replace(out / "cbfe.safetensors")
     meta = {**info, "k": lp.k_cbfe, "threshold": threshold, "n_foreground_clusters": int(fg.sum()),
             "objective": fit.objective[-1], "redo": fit.redo, "n_points": fit.n_points,
-            "precision": [round(float(p), 6) for p in precision]}
+            "precision": [round(float(p), 6) for p in precision], "input_hash": ctx.hashes["cbfe"]}
     atomic_write_json(out / "cbfe.json", meta)
     log.info("[cbfe] threshold %.2f: %d of %d clusters foreground", threshold, int(fg.sum()), lp.k_cbfe)
     return {"rows": fit.n_points, "threshold": threshold, "foreground_clusters": int(fg.sum()),
             "labels_used": info["labels_used"]}
 
 
-def _paper_threshold(ctx: Any, shards: Any, model: LeopartModel, precision: np.ndarray) -> tuple[float, dict]:
+def _paper_threshold(ctx: RunContext, shards: DenseShards, model: LeopartModel,
+                     precision: np.ndarray) -> tuple[float, dict]:
     """The authors' CBFE threshold, chosen WITH THE TRAINING SPLIT'S LABELS (``protocol: paper``)."""
     cfg = ctx.cfg
     _, bg = _fg_classes(cfg)
@@ -315,7 +280,7 @@ def _n_communities(cfg: Config) -> int | None:
     return len(names) - (1 if bg is not None else 0)
 
 
-def model_meta(cfg: Config, pretrained: bool) -> dict[str, Any]:
+def model_meta(cfg: Config, pretrained: bool, input_hash: str | None = None) -> dict[str, Any]:
     names = dataset_classes(cfg)[0] if cfg.data.name != "folder" else ()
     return {
         "method": "leopart",
@@ -325,10 +290,11 @@ def model_meta(cfg: Config, pretrained: bool) -> dict[str, Any]:
         "class_names": list(names),
         "cluster_to_class": None,
         "config": json.loads(cfg.model_dump_json()),
+        **({"input_hash": input_hash} if input_hash is not None else {}),
     }
 
 
-def _fit_network(shards: Any, model: LeopartModel, k: int, lp: Any) -> tuple[Any, np.ndarray]:
+def _fit_network(shards: DenseShards, model: LeopartModel, k: int, lp: LeopartConfig) -> tuple[KMeansFit, np.ndarray]:
     """Foreground overclustering at ``k`` (the shards' selection must be the CBFE foreground) and its averaged
     co-occurrence matrix; sets ``model.cd_centroids``."""
     fit = lloyd_kmeans(shards, k, lp.community_niter, lp.seed, spherical=False, name=f"communities k={k}")
@@ -345,8 +311,6 @@ def _fit_network(shards: Any, model: LeopartModel, k: int, lp: Any) -> tuple[Any
 
 def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmatched: str) -> dict[str, Any]:
     """Hungarian scores of a ``(classes, segments)`` confusion, unmatched segments per ``leopart.unmatched``."""
-    from transfgu.metrics import segmentation_scores
-
     if unmatched == "background":
         if bg is None:
             raise ValueError("leopart.unmatched=background needs a data set with a 'background' class")
@@ -354,12 +318,10 @@ def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmat
     return segmentation_scores(conf, names, "hungarian")
 
 
-def _paper_grid_search(ctx: Any, shards: Any, model: LeopartModel, n_fg: int) -> dict[str, Any]:
+def _paper_grid_search(ctx: RunContext, shards: DenseShards, model: LeopartModel, n_fg: int) -> dict[str, Any]:
     """``protocol: paper``: k_community x Markov time x edge threshold chosen by Hungarian mIoU on the TRAINING
     SPLIT'S LABELS (the authors' Optuna search on PVOC train, here a grid). The cluster confusion against the
     training labels is counted once per k; a partition's segment confusion is its columns summed by community."""
-    from transfgu.metrics import RunningConfusion
-
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     names, bg = _fg_classes(cfg)
     gt = _gt_at(cfg, cfg.data.train_split, ctx.errors, "communities")
@@ -401,10 +363,10 @@ def _paper_grid_search(ctx: Any, shards: Any, model: LeopartModel, n_fg: int) ->
     return best
 
 
-def run_communities(ctx: Any, ex: Any) -> dict[str, Any]:
+def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg, lp = ctx.cfg, ctx.cfg.leopart
-    model = load_model(ctx.run_dir, "cbfe")
-    shards = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), model.pca, mask_kwargs(cfg))
+    model = load_checked_model(ctx, "cbfe")
+    shards = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.train_split), model.pca, mask_kwargs(cfg))
     selection: dict[str, Any]
     try:
         n_fg = int(sum(shards.select_foreground(model)))
@@ -444,12 +406,11 @@ def run_communities(ctx: Any, ex: Any) -> dict[str, Any]:
             "codelength": comm.codelength, "num_modules": comm.num_modules, "n_segments": model.n_segments,
             "markov_time": markov_time, "edge_threshold": edge_threshold,
             "preferred_modules": _n_communities(cfg), "objective": fit.objective[-1], "n_points": fit.n_points,
-            "selection": selection}
+            "selection": selection, "input_hash": ctx.hashes["communities"]}
     atomic_write_json(out / "communities.json", meta)
-    from transfgu.leopart.viz import community_graph_png
-
     community_graph_png(edges, model.cluster_to_segment, k, out / "graph.png")
-    save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained), backbone=ctx.backbone)
+    save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained, ctx.hashes["communities"]),
+               backbone=ctx.backbone)
     log.info("[communities] %d edges, %d Infomap modules, %d segments (codelength %.4f)", len(edges),
              comm.num_modules, model.n_segments, comm.codelength)
     return {"rows": fit.n_points, "edges": len(edges), "segments": model.n_segments, "codelength": comm.codelength,
@@ -467,11 +428,13 @@ def segments_table(seg_maps: list[tuple[str, np.ndarray]], cl_maps: list[tuple[s
     ], schema=SEGMENTS_SCHEMA)
 
 
-def run_segments(ctx: Any, ex: Any) -> dict[str, Any]:
+def run_segments(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg = ctx.cfg
-    model = load_model(ctx.run_dir, "communities")
+    model = load_checked_model(ctx, "communities")
+    h = ctx.hashes["segments"]
     files = [(split, f) for split in splits(cfg) for f in dense_files(ctx.run_dir, split)]
-    shards = ex.shards([f for _, f in files], model.pca, mask_kwargs(cfg))  # one group of holders for every split
+    # one group of holders for every split
+    shards = ex.hold(DenseShards, [f for _, f in files], model.pca, mask_kwargs(cfg))
     try:
         segs = shards.label_maps(model, "segments")
         cls = shards.label_maps(model, "clusters")
@@ -481,8 +444,17 @@ def run_segments(ctx: Any, ex: Any) -> dict[str, Any]:
     for (split, f), s, c in zip(files, segs, cls):
         out = ctx.run_dir / "segments" / split
         out.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(segments_table(s, c), out / Path(f).name)
+        # stamped as the dense shard it maps: same ids (decode failures included), the segments hash
+        dense = integrity.read_stamp(Path(f))
+        table = integrity.stamp_table(segments_table(s, c), h, dense.image_ids or [i for i, _ in s], dense.failed_ids)
+        write_parquet_atomic(table, out / Path(f).name)
         rows += len(s)
+    for split in splits(cfg):
+        ids = [r.image_id for r in split_records(cfg, split)]
+        integrity.verify_shards(ctx.run_dir / "segments" / split, "segments", h, ids)
+    # written last: the stage's stamp (an interrupted stage leaves none, and its files are set aside on re-run)
+    atomic_write_json(ctx.run_dir / "segments" / "segments.json",
+                      {"rows": rows, "segments": model.n_segments, "input_hash": h})
     return {"rows": rows, "segments": model.n_segments}
 
 
@@ -502,26 +474,23 @@ def scores_unmatched_to_background(conf: np.ndarray, names: Sequence[str], bg: i
 
     Same IoU definition as :func:`transfgu.metrics.segmentation_scores`, on the merged matching.
     """
-    from transfgu.metrics import hungarian_match, mapped_scores
-
     conf = np.asarray(conf, dtype=np.int64)
     mapping = hungarian_match(conf, "hungarian")
     mapping[mapping < 0] = bg
     return mapped_scores(conf, mapping, names)
 
 
-def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
-    from transfgu.evaluation import has_labelled_val, write_eval
-    from transfgu.metrics import RunningConfusion
-
+def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     if not has_labelled_val(cfg):
         log.info("[evaluate] no labelled validation split configured; skipping")
         return {"rows": 0, "skipped": "no labels"}
     names, bg = _fg_classes(cfg)
     gt = _gt_at(cfg, cfg.data.val_split, ctx.errors, "evaluate")
+    integrity.check_json_stamp(ctx.run_dir / "segments" / "segments.json", ctx.hashes["segments"], "the segments",
+                               "re-run with --force segments")
     segs = read_segments(ctx.run_dir, cfg.data.val_split)
-    model = load_model(ctx.run_dir, "communities")
+    model = load_checked_model(ctx, "communities")
     conf = RunningConfusion(len(names), model.n_segments, ignore_index=None)
     ids = [i for i in gt if i in segs]
     for i in ids:
@@ -545,6 +514,7 @@ def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
         **({"linear_probe": probe} if probe is not None else {}),
         "note": "mIoU: Hungarian matching of label-free segments; overclustering maps clusters to classes WITH "
                 "labels (many-to-one, precision-based), as Leopart reports it",
+        "input_hash": ctx.hashes["evaluate"],
     })
     atomic_write_json(ctx.run_dir / "eval" / "metrics.json", metrics)
     meta_path = ctx.run_dir / "model" / "model.json"
@@ -559,8 +529,6 @@ def run_evaluate(ctx: Any, ex: Any) -> dict[str, Any]:
 def _dense_with_labels(run_dir: Path, split: str, gt: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray],
                                                                                       tuple[int, int]]:
     """Frozen tokens ``(N, h*w, d)`` and label maps of the images of ``split`` that have both, in file order."""
-    from transfgu.leopart.dense import read_dense
-
     feats, labels, grids = [], [], set()
     for f in dense_files(run_dir, split):
         for im in read_dense(f):
@@ -575,12 +543,10 @@ def _dense_with_labels(run_dir: Path, split: str, gt: dict[str, np.ndarray]) -> 
     return np.stack(feats), labels, grids.pop()
 
 
-def linear_probe(ctx: Any, names: Sequence[str]) -> dict[str, Any]:
+def linear_probe(ctx: RunContext, names: Sequence[str]) -> dict[str, Any]:
     """The optional linear probe (``leopart.linear_probe.enabled``; :mod:`transfgu.leopart.probe`): trained WITH
     THE TRAINING SPLIT'S LABELS on the frozen dense tokens of the dense stage, scored on val. It runs in the driver
     process for both executors (one linear layer; the inputs are the same files)."""
-    from transfgu.leopart.probe import evaluate, train_linear_probe
-
     cfg, pc = ctx.cfg, ctx.cfg.leopart.linear_probe
     gt_train = _gt_at(cfg, cfg.data.train_split, ctx.errors, "evaluate", pc.train_size)
     x_train, y_train, grid = _dense_with_labels(ctx.run_dir, cfg.data.train_split, gt_train)
@@ -598,15 +564,13 @@ def linear_probe(ctx: Any, names: Sequence[str]) -> dict[str, Any]:
                     "number, not an unsupervised one"}
 
 
-def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
+def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
     """Spherical k-means of the training patches at each K, val patches assigned, clusters mapped to classes
     many-to-one by majority overlap (WITH labels), mIoU at ``leopart.eval_size``."""
-    from transfgu.metrics import RunningConfusion
-
     cfg, lp = ctx.cfg, ctx.cfg.leopart
-    pca = PCA.load(ctx.run_dir / "pca")
+    pca = load_checked_pca(ctx)
     fits: dict[str, np.ndarray] = {}
-    train = ex.shards(dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
+    train = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
     try:  # one group of holders at a time: the training patches for the fits, then the val patches
         n_train = int(sum(train.counts()))
         for k in lp.overcluster_k:
@@ -615,7 +579,7 @@ def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence
     finally:
         ex.release(train)
     out: dict[str, Any] = {}
-    val = ex.shards(dense_files(ctx.run_dir, cfg.data.val_split), pca, mask_kwargs(cfg))
+    val = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.val_split), pca, mask_kwargs(cfg))
     try:
         for k, centroids in fits.items():
             kk = int(centroids.shape[0])
@@ -630,13 +594,3 @@ def overclustering(ctx: Any, ex: Any, gt: dict[str, np.ndarray], names: Sequence
     finally:
         ex.release(val)
     return out
-
-
-def runners(ex: Any) -> dict[str, Callable[[Any], dict[str, Any]]]:
-    """Stage name -> ``fn(ctx)`` for an executor."""
-    fns = {"dense": run_dense, "pca": run_pca, "cbfe": run_cbfe, "communities": run_communities,
-           "segments": run_segments, "evaluate": run_evaluate}
-    return {name: (lambda ctx, fn=fn: fn(ctx, ex)) for name, fn in fns.items()}
-
-
-RUNNERS = runners(LocalExecutor())

@@ -17,12 +17,18 @@ from typing import Any
 import numpy as np
 
 from transfgu import viz
+from transfgu.data.datasets import list_records
+from transfgu.data.io import load_rgb, resize_image
 from transfgu.leopart import viz as lviz
+from transfgu.leopart.dense import read_dense
+from transfgu.leopart.foreground import attention_mask
+from transfgu.leopart.pipeline import dense_files, load_model, mask_kwargs
+from transfgu.report import Section, _table
+from transfgu.store import list_parquet_files
 
 
 def _image_at(records: dict[str, Any], image_id: str, size: tuple[int, int]) -> np.ndarray | None:
     """The image as the dense stage saw it (resized bilinearly to ``leopart.input_size``), or None if unreadable."""
-    from transfgu.data.io import load_rgb, resize_image
 
     try:
         return resize_image(np.array(load_rgb(records[image_id].image_path)), size, "bilinear")
@@ -38,17 +44,12 @@ def _to_image(values: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) 
 
 
 def _records(cfg: Any, split: str) -> dict[str, Any]:
-    from transfgu.data.datasets import list_records
 
     return {r.image_id: r for r in list_records(cfg.data.name, cfg.data.root, split, **dict(cfg.data.options))}
 
 
 def foreground_section(run_dir: Path, out: Path, cfg: Any, n_images: int) -> Any:
     """A few training images: CLS attention, the noisy attention mask, CBFE's foreground and the segments."""
-    from transfgu.leopart.dense import read_dense
-    from transfgu.leopart.foreground import attention_mask
-    from transfgu.leopart.pipeline import dense_files, load_model, mask_kwargs
-    from transfgu.report import Section
 
     sec = Section("Leopart: foreground masks")
     if cfg is None:
@@ -100,9 +101,6 @@ def gallery_section(run_dir: Path, out: Path, cfg: Any, n_per_row: int, thumb: i
     covers the largest share of the patches, its patches bright and the rest dimmed."""
     import pyarrow.parquet as pq
 
-    from transfgu.data.io import resize_image
-    from transfgu.report import Section
-    from transfgu.store import list_parquet_files
 
     sec = Section("Leopart: community and cluster galleries")
     if cfg is None:
@@ -176,7 +174,6 @@ def gallery_section(run_dir: Path, out: Path, cfg: Any, n_per_row: int, thumb: i
 def graph_section(run_dir: Path, out: Path, metrics: dict[str, Any] | None) -> Any:
     """The community graph, the chosen hyperparameters (and whether labels chose them), and the evaluations that
     use labels (overclustering, linear probe)."""
-    from transfgu.report import Section, _table
 
     sec = Section("Leopart: community graph")
     src = run_dir / "communities" / "graph.png"

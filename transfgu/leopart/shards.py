@@ -26,7 +26,11 @@ class DenseShards:
     """Points (PCA of the patch tokens) and attention masks of a group of dense files.
 
     ``select_foreground`` restricts the points that ``counts``/``rows``/``stats`` see to CBFE foreground patches.
+    Every method answers per file, in file order, except those in :data:`PER_FILE`, which take a file index first
+    (what :meth:`transfgu.method.Executor.hold` needs to spread the files over several holders).
     """
+
+    PER_FILE = ("rows",)
 
     def __init__(self, files: Sequence[str | Path], pca: PCA, mask: dict[str, Any] | None = None) -> None:
         self.files = [str(f) for f in files]
