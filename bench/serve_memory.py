@@ -159,16 +159,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpus": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg()},
         "config": {"image": f"{args.side}x{args.side} PNG, {len(body)} bytes", "concurrency": args.concurrency,
                    "options": {k: v for k, v in opts.items() if k != "model"}},
-        "replicas_rss_mb": {"idle": {k: round(v / mb, 1) for k, v in idle.items()},
-                            "peak": {k: round(v / mb, 1) for k, v in peak.items()},
-                            "after": {k: round(v / mb, 1) for k, v in after.items()}, **total},
-        "added_at_peak_mb": round(total["peak"] - total["idle"], 1),
-        "held_after_mb": round(total["after"] - total["idle"], 1),
-        "statuses": sorted(s for s, _ in results), "seconds": round(wall, 2),
-        "latency_s": sorted(round(t, 2) for _, t in results),
+        "results": {
+            "replicas_rss_mb": {"idle": {k: round(v / mb, 1) for k, v in idle.items()},
+                                "peak": {k: round(v / mb, 1) for k, v in peak.items()},
+                                "after": {k: round(v / mb, 1) for k, v in after.items()}, **total},
+            "added_at_peak_mb": round(total["peak"] - total["idle"], 1),
+            "held_after_mb": round(total["after"] - total["idle"], 1),
+            "statuses": sorted(s for s, _ in results), "seconds": round(wall, 2),
+            "latency_s": sorted(round(t, 2) for _, t in results),
+        },
     }
-    print(json.dumps({k: result[k] for k in ("replicas_rss_mb", "added_at_peak_mb", "held_after_mb", "statuses",
-                                             "seconds")}, indent=1))
+    print(json.dumps({k: result["results"][k] for k in ("replicas_rss_mb", "added_at_peak_mb", "held_after_mb",
+                                                        "statuses", "seconds")}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
