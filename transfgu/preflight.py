@@ -172,24 +172,8 @@ def pass_memory(size: tuple[int, int], batch: int, patch: int, dim: int, channel
 
 def memory_passes(cfg: Config) -> list[tuple[str, str, tuple[int, int], int, int]]:
     """``(size key, batch key, pass size, batch, output channels)`` of every backbone pass the run's method makes
-    (the pass size is the configured size, but half of ``train.train_size`` for the training crops)."""
-    if cfg.method == "leopart":
-        lp = cfg.leopart
-        return [("leopart.input_size", "leopart.batch_size", tuple(lp.input_size), lp.batch_size, 1)]
-    if cfg.method == "leopart_finetune":
-        f = cfg.finetune
-        return [("finetune.global_size", "finetune.batch_size", (f.global_size, f.global_size),
-                 f.batch_size * f.n_global, 1)]
-    k = cfg.concepts.k + 1
-    return [
-        ("crops.input_size", "crops.batch_size", tuple(cfg.crops.input_size), 1, 1),
-        ("crops.crop_size", "crops.batch_size", (cfg.crops.crop_size,) * 2, cfg.crops.batch_size, 1),
-        ("pseudo.input_size", "pseudo.batch_size", tuple(cfg.pseudo.input_size), cfg.pseudo.batch_size, k),
-        # training crops are half the train size; the decoder's K maps stay at patch resolution
-        ("train.train_size", "train.batch_size", (cfg.train.train_size[0] // 2, cfg.train.train_size[1] // 2),
-         cfg.train.batch_size, 1),
-        ("eval.eval_size", "eval.batch_size", tuple(cfg.eval.eval_size), cfg.eval.batch_size, k),
-    ]
+    (its plug-in's ``memory_passes``)."""
+    return get_method(cfg.method).memory_passes(cfg)
 
 
 def _memory_budget(cfg: Config) -> tuple[int, str]:
@@ -215,14 +199,15 @@ def check_memory(cfg: Config, p: int) -> list[tuple[str, str]]:
     """Every size that drives memory, bounded outright and by an estimate of the memory it implies (before the run
     directory exists: a 20000 x 20000 input is refused here, not by the allocator an hour in)."""
     problems: list[tuple[str, str]] = []
-    if cfg.method == "transfgu" and cfg.concepts.k > MAX_K:
-        problems.append(("concepts.k_per_pool", f"K = {cfg.concepts.k} concepts; at most {MAX_K}"))
     budget, where = _memory_budget(cfg)
     dim = _embed_dim(cfg.backbone.arch)
     for size_key, batch_key, size, batch, channels in memory_passes(cfg):
         shown = _config_size(cfg, size_key)
         if max(shown) > MAX_SIDE:
             problems.append((size_key, f"{list(shown)}: each side at most {MAX_SIDE}"))
+            continue
+        if channels > MAX_K + 1:  # the K output maps (+ background) of the method's passes
+            problems.append(("concepts.k_per_pool", f"K = {channels - 1} concepts; at most {MAX_K}"))
             continue
         if batch > MAX_BATCH:
             problems.append((batch_key, f"{batch}: at most {MAX_BATCH}"))
