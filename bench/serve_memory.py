@@ -51,12 +51,30 @@ def replica_pids() -> dict[int, str]:
     ``ray::ServeReplica:transfgu:<Deployment>``), with the deployment name."""
     import psutil
 
+    procs = psutil.process_iter(["pid", "cmdline"])
+    node = _this_node_raylet()
+    if node is not None:  # only this driver's Ray: other Serve apps on the machine are not ours
+        procs = psutil.Process(node).children(recursive=True)
     out: dict[int, str] = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
+    for p in procs:
+        try:
+            cmd = " ".join(p.cmdline() or [])
+        except psutil.Error:
+            continue
         if "ServeReplica:transfgu:" in cmd:
-            out[p.info["pid"]] = cmd.split("ServeReplica:transfgu:")[1].split()[0]
+            out[p.pid] = cmd.split("ServeReplica:transfgu:")[1].split()[0]
     return out
+
+
+def _this_node_raylet() -> int | None:
+    """PID of the raylet of the Ray this process started (its workers are the raylet's children), or None."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        return int(node.all_processes["raylet"][0].process.pid) if node is not None else None
+    except (ImportError, AttributeError, KeyError, IndexError):
+        return None
 
 
 def rss(pids: dict[int, str]) -> dict[str, int]:

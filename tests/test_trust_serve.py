@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.ray
 
-WORK_PIXELS = 1_000_000
+WORK_PIXELS = 4_000_000  # the default of work_pixels
 
 
 def _request(url: str, data: bytes | None = None, ctype: str | None = None, timeout: float = 300):
@@ -60,8 +60,8 @@ def endpoint(tiny_run_dir):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app({"model": str(tiny_run_dir), "device": "cpu", "model_cpus": "0.5", "api_cpus": "0.25",
-                   "max_replicas": "1", "max_body_mb": "2", "work_pixels": str(WORK_PIXELS),
-                   "max_inflight_pixels": "10000000"}), name="transfgu", route_prefix="/")
+                   "max_replicas": "1", "max_body_mb": "2"}),  # the defaults of the memory bounds
+              name="transfgu", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -81,14 +81,14 @@ def test_large_image_is_labelled_at_full_size_from_the_reduced_decode(endpoint, 
     from transfgu.data.io import decode_rgb_bounded
     from transfgu.predict import load
 
-    body = _png(1500, 2000)
+    body = _png(2000, 2500)
     status, _, raw = _request(endpoint + "/predict?format=png", body, "image/png")
     assert status == 200
     got = np.asarray(Image.open(io.BytesIO(raw)))
-    assert got.shape == (1500, 2000)
+    assert got.shape == (2000, 2500)
     p = load(tiny_run_dir, device="cpu")
     rgb, size = decode_rgb_bounded(body, max_pixels=40_000_000, work_pixels=WORK_PIXELS, min_size=p.eval_size)
-    assert rgb.shape[0] < 1500 and size == (1500, 2000)
+    assert rgb.shape[0] < 2000 and size == (2000, 2500)
     from transfgu.predict import label_image
 
     want = label_image(p.logits(torch.stack([p.preprocess(rgb)]))[0], size, p.label_lut()[0])
