@@ -53,6 +53,8 @@ DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": None, "api_max_ongoing_requests": 64, "ray_address": None, "host": "127.0.0.1",
 }
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
+#: Above this many output pixels a model replica gives freed heap back to the OS after the batch.
+LARGE_PIXELS = 4_000_000
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
@@ -87,8 +89,12 @@ class SegmentationModel:
         del x
         # The label PNG's array (uint8/uint16) at the original size, in row bands: a 6000 x 6000 request costs its
         # 36 MB of labels here, not gigabytes of upsampled float logits and int64 ids.
-        return [label_image(lg, size, self.predictor.label_lut(as_classes)[0])
-                for (_, size, as_classes), lg in zip(items, logits)]
+        out = [label_image(lg, size, self.predictor.label_lut(as_classes)[0])
+               for (_, size, as_classes), lg in zip(items, logits)]
+        del logits
+        if sum(int(size[0]) * int(size[1]) for _, size, _ in items) > LARGE_PIXELS:
+            _release_memory()  # the bands' temporaries: back to the OS, not kept in glibc's arenas
+        return out
 
     async def __call__(self, image: np.ndarray, as_classes: bool = False,
                        size: tuple[int, int] | None = None) -> np.ndarray:
