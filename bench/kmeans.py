@@ -3,7 +3,7 @@
 Synthetic features: ``n x 384`` float32 drawn around ``k`` random centres (full: 1M points, quick: 20k). All
 sides start from the same ``k`` randomly sampled points and run ``niter`` Lloyd iterations:
 
-* ``faiss``: :func:`transfgu.concepts.kmeans` in one process (faiss ``Kmeans`` with ``init_centroids``, then the
+* ``faiss``: :func:`transfgu.kmeans.kmeans` in one process (faiss ``Kmeans`` with ``init_centroids``, then the
   pipeline's final assignment and means recomputation), all features in memory;
 * ``ray``: :func:`transfgu.distributed.kmeans.distributed_kmeans`, Ray tasks that re-read their Parquet shards
   every iteration and return sufficient statistics (no process holds all features), on a local Ray;
@@ -46,7 +46,7 @@ def synthetic_features(n: int, d: int, k_true: int, seed: int = 0, chunk: int = 
 
 
 def final_inertia(x: np.ndarray, centroids: np.ndarray) -> float:
-    from transfgu.concepts import assign
+    from transfgu.kmeans import assign
 
     _, d2 = assign(x, centroids, use_gpu=False)
     return float(d2.astype(np.float64).sum())
@@ -56,7 +56,7 @@ def sharded_lloyd(
     x: np.ndarray, init: np.ndarray, niter: int, n_shards: int
 ) -> tuple[np.ndarray, list[float], list[int]]:
     """Lloyd iterations as a distributed driver runs them: per-shard statistics, one reduction per step."""
-    from transfgu.concepts import lloyd_step_stats
+    from transfgu.kmeans import lloyd_step_stats
 
     bounds = np.linspace(0, x.shape[0], n_shards + 1).astype(int)
     shards = [x[bounds[i] : bounds[i + 1]] for i in range(n_shards)]
@@ -152,7 +152,7 @@ def run_distributed(files: list[Path], k: int, niter: int, init: np.ndarray, tas
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from transfgu.concepts import kmeans
+    from transfgu.kmeans import kmeans
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="points (default 1,000,000; quick 20,000)")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_s": faiss_s,
         "per_iter_s": faiss_s / niter,
         "inertia": faiss_inertia,
-        "note": "total includes the final assignment + means recomputation of transfgu.concepts.kmeans",
+        "note": "total includes the final assignment + means recomputation of transfgu.kmeans.kmeans",
     }
 
     def add(name: str, key: str, total_s: float, cents: np.ndarray, **extra: Any) -> None:

@@ -52,7 +52,7 @@ def _parquet_size(table: Any, path: Path, **kwargs: Any) -> int:
 
 
 def _centroids(feats: np.ndarray, k: int) -> np.ndarray:
-    from transfgu.concepts import kmeans
+    from transfgu.kmeans import kmeans
 
     if feats.shape[0] >= k:
         return kmeans(feats, k, niter=10, seed=1, use_gpu=False).centroids
@@ -111,7 +111,7 @@ def zstd_levels(table: Any, n_images: int, budget_s_per_image: float, repeats: i
 def writer_threads(table: Any, n_images: int, threads: Sequence[int] | None = None, shards: int = 8,
                    repeats: int = 3) -> dict[str, Any]:
     """Write ``shards`` copies of one shard ``table`` as the one-process stage does (``store.write_parquet_atomic``
-    to ``part-<n>.parquet`` through :class:`transfgu.throughput.BackgroundWriter`, at most 2 queued) with each
+    to ``part-<n>.parquet`` through :class:`transfgu.throughput.prefetch.BackgroundWriter`, at most 2 queued) with each
     number of writer threads, side by side in this process: fastest wall ms per image of ``repeats`` (the runs
     interleaved, as the machine is shared), the speed-up over one thread, and whether every thread count wrote the
     same bytes. ``threads`` defaults to 1, 2, 4, the CPUs and ``default_writer_threads()``."""
@@ -119,7 +119,7 @@ def writer_threads(table: Any, n_images: int, threads: Sequence[int] | None = No
     import time
 
     from transfgu.store import write_parquet_atomic
-    from transfgu.throughput import BackgroundWriter, default_writer_threads
+    from transfgu.throughput.prefetch import BackgroundWriter, default_writer_threads
 
     cpus = len(os.sched_getaffinity(0))
     threads = sorted(set(threads or (1, 2, 4, cpus, default_writer_threads())))

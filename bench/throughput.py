@@ -70,8 +70,9 @@ def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
 
 
 def count_syncs(fn: Any, device: torch.device) -> int | None:
-    """Host-device synchronisations during ``fn()`` (:func:`transfgu.throughput.count_cuda_syncs`), None off CUDA."""
-    from transfgu.throughput import count_cuda_syncs
+    """Host-device synchronisations during ``fn()`` (:func:`~transfgu.throughput.syncs.count_cuda_syncs`), None off
+    CUDA."""
+    from transfgu.throughput.syncs import count_cuda_syncs
 
     return count_cuda_syncs(fn) if device.type == "cuda" else None
 
@@ -91,13 +92,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.crops import extract_crops_batch
     from transfgu.data import loaders
     from transfgu.ddp import step_loader
-    from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
+    from transfgu.engine.loop import train_one_epoch
+    from transfgu.engine.step import make_optimizer, make_teacher
     from transfgu.integrity import stamp_json
     from transfgu.losses import EpochPlan
     from transfgu.methods import run_context
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_maps
-    from transfgu.throughput import PrefetchLoader, compile_forward
+    from transfgu.throughput.compile import compile_forward
+    from transfgu.throughput.prefetch import PrefetchLoader
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--arch", default=None, help="backbone (default vit_small_patch8; quick: vit_test_tiny)")

@@ -151,7 +151,7 @@ def child_kmeans(a: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     if a["mode"] == "all_in_one":
         _, x = read_features(Path(a["features"]), pools=["fg"])
-        from transfgu.concepts import lloyd_step_stats
+        from transfgu.kmeans import lloyd_step_stats
 
         load_bytes, r1 = _rchar() - r0, _rchar()
         for _ in range(a["iters"]):

@@ -1,6 +1,6 @@
 """Training (stage 4): images/s of a bootstrapping epoch vs the frozen-backbone forward alone; peak memory.
 
-``transfgu.engine.train_one_epoch`` on synthetic batches (uint8 images at the train size, pseudo-label maps at
+``transfgu.engine.loop.train_one_epoch`` on synthetic batches (uint8 images at the train size, pseudo-label maps at
 token resolution) with a teacher (a bootstrapping epoch: augmentation, frozen backbone on the crops, teacher
 decoder, student forward/backward, Adam). Compared in the same run with the same epoch without a teacher and
 with the floor: the frozen backbone's forward pass on the same crops (half the train size, §7.1), which no
@@ -30,7 +30,8 @@ from bench.common import (
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
+    from transfgu.engine.loop import train_one_epoch
+    from transfgu.engine.step import make_optimizer, make_teacher
     from transfgu.losses import EpochPlan
     from transfgu.models.backbone import build_backbone
     from transfgu.models.decoder import MaskTransformerDecoder

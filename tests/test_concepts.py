@@ -10,7 +10,8 @@ import pytest
 from conftest import require_shared_data
 from PIL import Image
 
-from transfgu.concepts import ConceptBank, assign, fit_concepts, kmeans, lloyd_step_stats
+from transfgu.concepts import ConceptBank, fit_concepts
+from transfgu.kmeans import assign, kmeans, lloyd_step_stats
 
 
 @pytest.fixture(autouse=True)

@@ -24,14 +24,9 @@ from conftest import require_shared_data
 from PIL import Image
 
 from transfgu.ddp import EpochRows, GlobalBatchSampler, epoch_order, global_split, step_loader, step_seed
-from transfgu.engine import (
-    Targets,
-    apply_augment,
-    augment_batch,
-    draw_step,
-    make_targets,
-    shared_loss,
-)
+from transfgu.engine.augment import apply_augment, augment_batch, draw_step
+from transfgu.engine.step import shared_loss
+from transfgu.engine.targets import Targets, make_targets
 from transfgu.losses import LossWeights, total_loss
 
 N_IMAGES, BATCH, EPOCHS, SEED = 7, 3, 3, 7
@@ -39,7 +34,7 @@ DROPOUT = 0.1  # the reference's: a sample's dropout masks are keyed by its glob
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
-def camvid_items(n: int = N_IMAGES, hw: tuple[int, int] = (64, 80)) -> list[dict[str, torch.Tensor]]:
+def camvid_items(n: int = N_IMAGES, hw: tuple[int, int] = (64, 80), patch: int = 8) -> list[dict[str, torch.Tensor]]:
     """Real CamVid images at the train size with pseudo-label-like maps pooled from their ground truth."""
     root = require_shared_data("camvid")
     ids = sorted(p.stem for p in (root / "images" / "train").glob("*.jpg"))[:n]
@@ -50,22 +45,27 @@ def camvid_items(n: int = N_IMAGES, hw: tuple[int, int] = (64, 80)) -> list[dict
         y = torch.from_numpy(np.asarray(lb).astype(np.int64))
         oh = F.one_hot(y.clamp(0, 10), 11).permute(2, 0, 1).float() * (y < 11)
         items.append({"image": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
-                      "pseudo": F.avg_pool2d(oh[None], 8)[0]})
+                      "pseudo": F.avg_pool2d(oh[None], patch)[0]})
     return items
 
 
-def _setup(variant: str):
+#: The train size per patch size: multiples of twice the patch (training crops are half of it).
+TRAIN_HW = {8: (64, 80), 14: (56, 84), 16: (64, 96)}
+
+
+def _setup(variant: str, arch: str = "vit_test_tiny"):
     from transfgu.models.backbone import build_backbone
     from transfgu.models.decoder import MaskTransformerDecoder
 
     torch.manual_seed(0)
-    backbone = build_backbone("vit_test_tiny", weights="none").eval()
-    items = camvid_items()
+    backbone = build_backbone(arch, weights="none").eval()
+    items = camvid_items(hw=TRAIN_HW[backbone.patch_size], patch=backbone.patch_size)
     if variant == "things":  # a few "object" concepts, the rest becomes background
         items = [{"image": it["image"], "pseudo": it["pseudo"][5:]} for it in items]
     k = items[0]["pseudo"].shape[0] + (variant == "things")
     torch.manual_seed(1)
-    student = MaskTransformerDecoder(k, d_encoder=48, d_model=48, n_layers=2, n_heads=2, dropout=DROPOUT)
+    student = MaskTransformerDecoder(k, d_encoder=backbone.embed_dim, d_model=48, n_layers=2, n_heads=2,
+                                     dropout=DROPOUT)
     return backbone, student, items
 
 
@@ -74,8 +74,9 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from transfgu import engine
-    from transfgu.engine import make_optimizer, make_teacher, reboot, train_one_epoch
+    from transfgu.engine import step as engine_step
+    from transfgu.engine.loop import train_one_epoch
+    from transfgu.engine.step import make_optimizer, make_teacher, reboot
     from transfgu.losses import BootstrapSchedule, LossTerms
 
     torch.set_num_threads(1)
@@ -83,7 +84,7 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
         dist.init_process_group("gloo", init_method=f"file://{opts['init']}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=90))
     local: list[float] = []
-    real_share = engine.shared_loss
+    real_share = engine_step.shared_loss
     shift = opts.get("shift")
 
     def recorded_share(*a, **k) -> LossTerms:
@@ -95,11 +96,11 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
         local.append(float(t.total.detach()))
         return t
 
-    engine.shared_loss = recorded_share
+    engine_step.shared_loss = recorded_share
     try:
         result = {}
         for variant, colour in (("thingstuff", "batch"), ("things", "per_sample")):
-            backbone, student, items = _setup(variant)
+            backbone, student, items = _setup(variant, opts.get("arch", "vit_test_tiny"))
             model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
             loader = step_loader(items, BATCH, SEED, rank, world)
             opt = make_optimizer(student, lr=2e-3)
@@ -122,7 +123,7 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
                       str(Path(out) / f"{variant}-rank{rank}.safetensors"))
         (Path(out) / f"steps-rank{rank}.json").write_text(json.dumps(result))
     finally:
-        engine.shared_loss = real_share
+        engine_step.shared_loss = real_share
         if world > 1:
             dist.destroy_process_group()
 
@@ -283,7 +284,7 @@ def test_loss_shares_sum_to_the_one_process_loss(variant, empty_fg, pieces):
 
 def test_round_state_saves_and_restores_the_rng(tmp_path):
     from transfgu.checkpoint import load_train_state, restore_rng, save_train_state
-    from transfgu.engine import make_optimizer
+    from transfgu.engine.step import make_optimizer
 
     torch.manual_seed(11)
     dec = torch.nn.Linear(3, 2)
@@ -298,7 +299,7 @@ def test_round_state_saves_and_restores_the_rng(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_round_state_saves_and_restores_the_cuda_rng(tmp_path):
     from transfgu.checkpoint import load_train_state, restore_rng, save_train_state
-    from transfgu.engine import make_optimizer
+    from transfgu.engine.step import make_optimizer
 
     torch.cuda.manual_seed_all(11)
     torch.rand(1, device="cuda")  # CUDA initialised: its state belongs in the checkpoint
@@ -316,12 +317,13 @@ def test_round_state_saves_and_restores_the_cuda_rng(tmp_path):
 # -- two gloo ranks against one process ----------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
+@pytest.mark.parametrize("arch", ["vit_test_tiny", "vit_test_tiny_reg4", "vit_test_tiny_dinov3"])
+def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path, arch):
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     one_dir.mkdir()
     two_dir.mkdir()
-    _train(0, 1, str(one_dir), {})
-    run_ranks(_train, two_dir, 2, {})
+    _train(0, 1, str(one_dir), {"arch": arch})
+    run_ranks(_train, two_dir, 2, {"arch": arch})
     one, one_w = _load(one_dir, 0)
     r0, r0_w = _load(two_dir, 0)
     r1, r1_w = _load(two_dir, 1)
@@ -343,7 +345,7 @@ def test_two_gloo_ranks_train_exactly_like_one_process(tmp_path):
             assert torch.equal(r0_w[variant][k], r1_w[variant][k]), k  # DDP: identical replicas
             torch.testing.assert_close(r0_w[variant][k], v, rtol=1e-4, atol=2e-5, msg=f"{variant} {k}")
         # the steps changed the weights (the equality above is not that of two untouched models)
-        _, init_student, _ = _setup(variant)
+        _, init_student, _ = _setup(variant, arch)
         moved = max(float((v - init_student.state_dict()[k]).abs().max()) for k, v in one_w[variant].items())
         assert moved > 1e-3
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfgu.ddp import step_seed
-from transfgu.engine import draw_dropout
+from transfgu.engine.step import draw_dropout
 from transfgu.models import decoder as decoder_mod
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.models.dropout import MaskedDropout, draw_keep_masks

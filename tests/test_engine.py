@@ -12,21 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
-from transfgu.engine import (
-    augment_batch,
-    colour_augment,
-    crop_images,
-    crop_labels,
-    evaluate,
-    make_optimizer,
-    make_targets,
-    make_teacher,
-    minmax_normalise,
-    predict_logits,
-    reboot,
-    sample_crop_boxes,
-    train_one_epoch,
-)
+from transfgu.engine.augment import augment_batch, colour_augment, crop_images, crop_labels, sample_crop_boxes
+from transfgu.engine.loop import evaluate, train_one_epoch
+from transfgu.engine.step import make_optimizer, make_teacher, predict_logits, reboot
+from transfgu.engine.targets import make_targets, minmax_normalise
 from transfgu.losses import BootstrapSchedule, EpochPlan, LossWeights
 from transfgu.metrics import confusion_matrix, segmentation_scores
 from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone, normalize

@@ -8,7 +8,7 @@ import torch
 
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_model_input
-from transfgu.engine import predict_logits
+from transfgu.engine.step import predict_logits
 from transfgu.export import export_program, export_torchscript, load_exported, main
 from transfgu.predict import load
 

@@ -40,7 +40,7 @@ def test_faiss_gpu_kmeans_if_available():
     faiss = pytest.importorskip("faiss")
     if faiss.get_num_gpus() == 0:
         pytest.skip("faiss was built without GPU support (install the gpu extra)")
-    from transfgu.concepts import kmeans
+    from transfgu.kmeans import kmeans
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(i * 10, 1, (500, 32)) for i in range(4)]).astype(np.float32)
@@ -49,13 +49,14 @@ def test_faiss_gpu_kmeans_if_available():
 
 
 def _count_syncs(fn) -> int:
-    from transfgu.throughput import count_cuda_syncs
+    from transfgu.throughput.syncs import count_cuda_syncs
 
     return count_cuda_syncs(fn)
 
 
 def test_training_epoch_does_not_synchronise_every_step():
-    from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
+    from transfgu.engine.loop import train_one_epoch
+    from transfgu.engine.step import make_optimizer, make_teacher
     from transfgu.losses import EpochPlan
     from transfgu.models.decoder import MaskTransformerDecoder
 
@@ -84,7 +85,7 @@ def test_training_epoch_does_not_synchronise_every_step():
 
 def test_compiled_forward_matches_eager_on_cuda():
     from transfgu.crops import embed_crops
-    from transfgu.throughput import compile_forward
+    from transfgu.throughput.compile import compile_forward
 
     torch.manual_seed(0)
     ref = build_backbone("vit_test_tiny", "none").cuda()

@@ -181,24 +181,6 @@ def test_planted_parts_are_merged_by_cooccurrence_and_infomap():
 
 
 # -- PCA, k-means, foreground mask, segmentation -------------------------------------------------------------------
-class ListShards:
-    """The k-means shard protocol over in-memory arrays (one per 'file')."""
-
-    def __init__(self, parts: list[np.ndarray]) -> None:
-        self.parts = parts
-
-    def counts(self) -> list[int]:
-        return [len(p) for p in self.parts]
-
-    def rows(self, file: int, local_rows) -> np.ndarray:
-        return self.parts[file][np.asarray(local_rows)]
-
-    def stats(self, centroids, spherical):
-        from transfgu.leopart.kmeans import shard_stats
-
-        return [shard_stats(p, centroids, spherical) for p in self.parts]
-
-
 def test_pca_from_shard_moments_equals_faiss_pcamatrix():
     import faiss
 
@@ -222,12 +204,12 @@ def test_pca_from_shard_moments_equals_faiss_pcamatrix():
 def test_lloyd_kmeans_over_shards_equals_faiss_from_the_same_init(spherical):
     import faiss
 
-    from transfgu.leopart.kmeans import gather, init_rows, l2_normalize, lloyd_kmeans
+    from transfgu.kmeans import ArrayShards, gather, init_rows, l2_normalize, lloyd_kmeans
 
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(loc=c, size=(150, 8)) for c in rng.normal(scale=4, size=(6, 8))]).astype(np.float32)
-    shards = ListShards(np.array_split(x, 4))
-    fit = lloyd_kmeans(shards, 6, niter=15, seed=3, spherical=spherical)
+    shards = ArrayShards(np.array_split(x, 4))
+    fit = lloyd_kmeans(shards, 6, niter=15, seed=3, spherical=spherical, normalize=spherical)
     init = gather(shards, shards.counts(), init_rows(len(x), 6, 3))
     km = faiss.Kmeans(8, 6, niter=15, seed=3, spherical=spherical, max_points_per_centroid=10**7)
     xs = l2_normalize(x) if spherical else x
@@ -283,7 +265,7 @@ def test_upsample_labels_is_torch_nearest():
 
 
 def test_model_segmentation_matches_per_patch_brute_force():
-    from transfgu.leopart.kmeans import l2_normalize
+    from transfgu.kmeans import l2_normalize
     from transfgu.leopart.model import LeopartModel
     from transfgu.leopart.pca import PCA
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from transfgu.data.io import load_label, load_rgb
 from transfgu.data.transforms import to_model_input
-from transfgu.engine import predict_logits
+from transfgu.engine.step import predict_logits
 from transfgu.predict import CheckpointError, collect_inputs, load, main, save_label_png, upsampled_argmax
 
 torch.set_num_threads(2)

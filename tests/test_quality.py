@@ -238,7 +238,7 @@ def _rerun(quality_runs, name: str, stages: list[str]):
 
 def test_sabotage_random_concepts_lowers_concept_quality(quality_runs, monkeypatch):
     import transfgu.local as local_mod
-    from transfgu.concepts import kmeans
+    from transfgu.kmeans import kmeans
 
     def random_concepts(x, k, **kw):
         res = kmeans(x, k, **kw)
@@ -276,12 +276,16 @@ def test_sabotage_flipped_gate_lowers_pseudo_label_quality(quality_runs, monkeyp
 
 
 def test_sabotage_dropped_teacher_mix_lowers_bootstrapped_student(quality_runs, monkeypatch):
-    import transfgu.engine as engine
+    from transfgu.engine import step as engine_step
+    from transfgu.engine import targets as engine_targets
 
-    make_targets = engine.make_targets
+    make_targets = engine_targets.make_targets
     # Eq. 12 mixes the teacher's softmax into the targets; the sabotage trains every round on the raw pseudo labels.
-    monkeypatch.setattr(engine, "make_targets",
-                        lambda pseudo, teacher_logits, variant, **kw: make_targets(pseudo, None, variant, **kw))
+    def dropped(pseudo, teacher_logits, variant, **kw):
+        return make_targets(pseudo, None, variant, **kw)
+
+    for module in (engine_step, engine_targets):  # the training step and the diagnostics (transfgu.quality)
+        monkeypatch.setattr(module, "make_targets", dropped)
     good = quality_runs["standin"][1]
     _, run_dir = _rerun(quality_runs, "sab_mix", ["train", "evaluate"])
     bad = json.loads((run_dir / "eval" / "metrics.json").read_text())
@@ -298,16 +302,18 @@ def test_sabotage_dropped_teacher_mix_lowers_bootstrapped_student(quality_runs, 
 
 
 def test_sabotage_scrambled_teacher_mix_lowers_bootstrapped_student(quality_runs, monkeypatch):
-    import transfgu.engine as engine
+    from transfgu.engine import step as engine_step
+    from transfgu.engine import targets as engine_targets
 
-    make_targets = engine.make_targets
+    make_targets = engine_targets.make_targets
 
     def scrambled(pseudo, teacher_logits, variant, **kw):
         # The teacher is mixed in, but its channels are rolled by one: its decisions land on the wrong concepts.
         t = teacher_logits.roll(1, dims=1) if teacher_logits is not None else None
         return make_targets(pseudo, t, variant, **kw)
 
-    monkeypatch.setattr(engine, "make_targets", scrambled)
+    for module in (engine_step, engine_targets):  # the training step and the diagnostics (transfgu.quality)
+        monkeypatch.setattr(module, "make_targets", scrambled)
     good = quality_runs["standin"][1]
     _, run_dir = _rerun(quality_runs, "sab_mix_roll", ["train", "evaluate"])
     bad = json.loads((run_dir / "eval" / "metrics.json").read_text())

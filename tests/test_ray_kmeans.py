@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfgu.concepts import kmeans
+from transfgu.kmeans import kmeans
 from transfgu.store import features_table, read_features, write_parquet_atomic
 
 ray = pytest.importorskip("ray")

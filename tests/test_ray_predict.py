@@ -141,3 +141,23 @@ def test_list_inputs_forms(inputs, tmp_path):
     assert len({s for _, s in both}) == 2
     with pytest.raises(FileNotFoundError):
         list_inputs([str(inputs / "*.tif")])
+
+
+def test_ledger_sources_are_absolute_paths(inputs, monkeypatch):
+    monkeypatch.chdir(inputs.parent)
+    rel = inputs.name
+    for form in ([rel], [f"{rel}/**/*.png"], [f"{rel}/sub/small.png"]):
+        found = list_inputs(form)
+        assert found and all(Path(src).is_absolute() and Path(src).is_file() for src, _ in found), (form, found)
+    assert dict((s, p) for p, s in list_inputs([rel]))["sub/small"] == str((inputs / "sub" / "small.png").resolve())
+
+
+def test_summary_names_the_error_list_only_when_there_is_one(tmp_path):
+    from transfgu.distributed.predict import summary_line
+
+    res = {"n_predicted": 3, "n_kept": 0, "n_errors": 0, "ledger": str(tmp_path / "predictions")}
+    line = summary_line(res, tmp_path)
+    assert "errors.jsonl" not in line and "3 images labelled (0 already done, 0 unreadable)" in line
+    (tmp_path / "errors.jsonl").write_text('{"file": "x.jpg"}\n')
+    line = summary_line({**res, "n_errors": 1}, tmp_path)
+    assert f"1 unreadable: see {(tmp_path / 'errors.jsonl').resolve()}" in line

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from test_ray_kmeans import ATOL, _blobs, _write_shards
 
-from transfgu.concepts import kmeans
+from transfgu.kmeans import kmeans, lloyd_step_stats
 from transfgu.store import read_features
 
 ray = pytest.importorskip("ray")
@@ -44,15 +44,17 @@ def test_holder_reads_each_shard_once(tmp_path, monkeypatch):
     monkeypatch.setattr(dk, "_read_pool", lambda path, pool: reads.append(path) or real(path, pool))
     holder = dk.ShardHolder(files, ["all"])
     assert len(reads) == 3
-    expected = dk.shard_stats(files, {"all": x[:4]})  # the from-disk path, as an oracle
+    assert holder.select("all") == [len(real(f, "all")) for f in files]  # (the oracle reads once more)
+    expected = [lloyd_step_stats(real(f, "all"), x[:4]) for f in files]  # the from-disk path, as an oracle
     for f in files:
         (tmp_path / f).unlink()
     for _ in range(3):
-        got = holder.stats({"all": x[:4]})
-        np.testing.assert_allclose(got["all"][0], expected["all"][0])
-        np.testing.assert_array_equal(got["all"][1], expected["all"][1])
-    assert len(reads) == 3 + 3  # the oracle's reads only
-    assert holder.bytes_read() > 0 and holder.nbytes() == x.nbytes
+        got = holder.stats(x[:4], False)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g[0], e[0])
+            np.testing.assert_array_equal(g[1], e[1])
+    assert len(reads) == 3  # monkeypatched reads: the holder's construction only
+    assert sum(holder.bytes_read()) > 0 and holder.nbytes() == x.nbytes
 
 
 def test_multinode_kmeans_equals_single_process_faiss(cluster, tmp_path):
@@ -119,7 +121,7 @@ def test_driver_takes_the_final_model_from_result_checkpoint(tmp_path):
 
     from transfgu.checkpoint import save_train_state
     from transfgu.distributed.train import finish_from_result
-    from transfgu.engine import make_optimizer
+    from transfgu.engine.step import make_optimizer
     from transfgu.integrity import IntegrityError, stamp_table
     from transfgu.methods import run_context
     from transfgu.store import LabelMaps, label_bank_table, write_parquet_atomic

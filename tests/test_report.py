@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from chromium import browser as _browser_fixture  # noqa: F401  (the `browser` fixture)
 from PIL import Image
 
 from transfgu import viz
-from transfgu.report import ReportOptions, main, nearest_crops, write_report
+from transfgu.report import ReportOptions, image_miou, main, nearest_crops, spread, write_report
 
 torch.set_num_threads(2)
 
@@ -49,6 +53,10 @@ def test_full_report_of_a_finished_run(tiny_run_dir, tmp_path):
     assert all(s.startswith("data:image/png;base64,") for s in srcs)  # self-contained
     assert "class='note'" not in page  # every section was drawn
     assert "vit_test_tiny" in page and "k_per_pool" in page  # the config is shown
+    assert "<details>" in page and "leopart:" not in page and "finetune:" not in page  # collapsed, this method only
+    for title in ("Metrics", "Predictions vs ground truth", "Configuration"):  # a table of contents
+        anchor = "sec-" + re.sub(r"[^a-z0-9]", "-", title.lower()).strip("-")
+        assert f"href='#{anchor}'" in page and f"id='{anchor}'" in page
 
 
 def test_report_tolerates_missing_stages(tiny_run_dir, tmp_path):
@@ -155,3 +163,106 @@ def test_cli(tiny_run_dir, tmp_path, capsys):
     shutil.copytree(tiny_run_dir, run, ignore=shutil.ignore_patterns("features", "label_bank", "model"))
     assert main([str(run), "--pred-images", "1"]) == 0
     assert (run / "report" / "index.html").is_file()
+
+
+def test_spread_and_image_miou_hand_computed():
+    assert spread(10, 4) == [0, 3, 6, 9] and spread(3, 4) == [0, 1, 2] and spread(5, 1) == [0] and spread(0, 3) == []
+    assert len(spread(100, 16)) == 16 and spread(100, 16)[-1] == 99
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, -1]])
+    pred = np.array([[0, 1, 1, 1], [0, 0, 255, 0]])  # 255: unmatched cluster, wrong where the GT is valid
+    # class 0: inter 3, union 4 + 1 (pred 0 on the -1 pixel is not scored) = 4 -> 3/4; class 1: inter 2, gt 3 + pred 3
+    # = 6 - 2 = 4 -> 2/4
+    assert image_miou(gt, pred, 2) == pytest.approx((3 / 4 + 2 / 4) / 2)
+    assert image_miou(gt, gt, 2) == 1.0
+
+
+def _ranked_run(tiny_run_dir, tmp_path):
+    """A copy of the tiny run whose model has a cluster -> class matching (every cluster to a class)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    meta = json.loads((run / "model" / "model.json").read_text())
+    if meta.get("cluster_to_class") is None:
+        meta["cluster_to_class"] = list(range(meta["decoder"]["n_classes"]))
+        (run / "model" / "model.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_prediction_panel_shows_the_models_range(tiny_run_dir, tmp_path):
+    from transfgu.config import load_config
+    from transfgu.data.datasets import dataset_spec, list_records, load_sample
+    from transfgu.predict import load
+
+    run = _ranked_run(tiny_run_dir, tmp_path)
+    page = write_report(run, ReportOptions(n_pred_images=3, n_pred_candidates=6, device="cpu", n_cam_images=1,
+                                           n_per_concept=2)).read_text()
+    cfg = load_config(run / "config.yaml")
+    records = list(list_records(cfg.data.name, cfg.data.root, cfg.data.val_split, **dict(cfg.data.options)))
+    spec = dataset_spec(cfg.data.name, cfg.data.root, **dict(cfg.data.options))
+    predictor = load(run, device="cpu")
+    scores = {}  # the oracle: every candidate's per-image mIoU, computed here
+    for i in spread(len(records), 6):
+        img, gt = load_sample(records[i], spec.label_map)
+        gt = np.where((gt == spec.ignore_index) | (gt >= len(spec.class_names)), -1, gt)
+        scores[records[i].image_id] = image_miou(gt, predictor.predict(np.array(img), as_classes=True),
+                                                 len(spec.class_names))
+    ranked = sorted(scores, key=lambda k: -scores[k])
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>(best|worst|rank \d+)</td><td>([\d.]+) %</td></tr>", page)
+    assert [r[0] for r in rows] == [ranked[i] for i in spread(len(ranked), 3)]  # best, middle, worst
+    assert rows[0][1] == "best" and rows[-1][1] == "worst"
+    assert float(rows[0][2]) >= float(rows[-1][2])
+    assert float(rows[0][2]) == pytest.approx(100 * scores[ranked[0]], abs=0.06)
+    ids = [r[0] for r in rows]
+    assert len(set(ids)) == 3 and ids != [rec.image_id for rec in records[:3]]  # not the first frames
+    assert "6 images spread evenly" in page
+
+
+def test_report_links_its_mlflow_run(tiny_run_dir, tmp_path):
+    import yaml
+
+    from transfgu.config import load_config
+    from transfgu.tracking import PipelineTracker
+
+    run = tmp_path / "runs" / "linked"
+    shutil.copytree(tiny_run_dir, run, ignore=shutil.ignore_patterns("features", "label_bank", "model"))
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["run"].update(root=str(tmp_path / "runs"), name="linked")
+    data["mlflow"].update(enabled=True, system_metrics=False, tracking_uri=None)
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(run / "config.yaml")
+    tracker = PipelineTracker.from_config(cfg)
+    run_id = tracker.start()
+    tracker.finish(None)
+    page = write_report(run, SMALL).read_text()
+    m = re.search(r"<a id='mlflow-run' href='([^']+)'", page)
+    assert m and m.group(1).endswith(f"/runs/{run_id}") and "/#/experiments/" in m.group(1)
+    assert f"mlflow ui --backend-store-uri sqlite:///{(tmp_path / 'runs' / 'mlflow.db').as_posix()}" in page
+
+
+def test_report_page_in_chromium(tiny_run_dir, tmp_path, browser):
+    import os
+
+    from chromium import element_screenshot, open_page
+
+    run = _ranked_run(tiny_run_dir, tmp_path)
+    path = write_report(run, ReportOptions(n_pred_images=4, device="cpu", n_cam_images=1, n_per_concept=2))
+    session = open_page(browser, path.as_uri())
+    toc = browser.evaluate(session, "[...document.querySelectorAll('nav.toc a')].map(a => a.getAttribute('href'))")
+    assert len(toc) >= 5 and all(browser.evaluate(session, f"document.querySelector('{h}') !== null") for h in toc)
+    # the configuration is collapsed: its text takes no room until opened
+    assert browser.evaluate(session, "document.querySelector('details').open") is False
+    assert browser.evaluate(session, "document.querySelector('details').getBoundingClientRect().height") < 60
+    assert browser.evaluate(session, "document.querySelector('details pre').checkVisibility()") is False
+    # following the contents' link scrolls to the prediction panel, which shows an image
+    browser.evaluate(session, "document.querySelector(\"a[href='#sec-predictions-vs-ground-truth']\").click()")
+    time.sleep(0.3)
+    top = browser.evaluate(session, "document.getElementById('sec-predictions-vs-ground-truth')"
+                                    ".getBoundingClientRect().top")
+    assert abs(top) < 40
+    figure = "#sec-predictions-vs-ground-truth ~ figure"
+    assert browser.evaluate(session, f"document.querySelector('{figure} img').naturalWidth") > 300
+    shot = element_screenshot(browser, session, figure)
+    arr = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+    assert arr.shape[0] > 200 and arr.std() > 20  # drawn, not blank
+    if os.environ.get("TRANSFGU_SCREENSHOTS"):  # docs/img/report_predictions.png is made this way
+        Path(os.environ["TRANSFGU_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["TRANSFGU_SCREENSHOTS"]) / "report_predictions.png").write_bytes(shot)

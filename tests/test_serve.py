@@ -10,10 +10,10 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import browser as _browser_fixture  # noqa: F401  (the `browser` fixture)
 from PIL import Image
 
 from transfgu.data.io import load_rgb
@@ -136,8 +137,10 @@ def _png(w: int, h: int) -> bytes:
     (b"", "image/png", 400, "empty body"),
     (b"hello, this is text", "text/plain", 415, "unsupported content type"),
     (b'{"image": "x"}', "application/json", 415, "unsupported content type"),
-    (b"--b\r\nContent-Disposition: form-data; name=f\r\n\r\nxx\r\n--b--", "multipart/form-data; boundary=b", 415,
-     "unsupported content type"),
+    (b"--b\r\nContent-Disposition: form-data; name=f\r\n\r\nxx\r\n--b--", "multipart/form-data; boundary=b", 422,
+     "the form has no file"),
+    (b"--b\r\nContent-Disposition: form-data; name=file; filename=x.png\r\nContent-Type: image/png\r\n\r\n"
+     b"not an image\r\n--b--\r\n", "multipart/form-data; boundary=b", 400, "not a readable image"),
     (b"\x89PNG\r\n\x1a\n garbage that is not an image", "image/png", 400, "not a readable image"),
     (b"\xff\xd8\xff" + os.urandom(2000), "image/jpeg", 400, "not a readable image"),
     ("big_body", "application/octet-stream", 413, "exceeds the limit"),
@@ -169,88 +172,84 @@ def test_bad_query_and_the_service_survives_bad_input(endpoint, predictor, camvi
     np.testing.assert_array_equal(_labels_of(body), predictor.predict(load_rgb(path)))
 
 
+def _multipart(field: str, filename: str, data: bytes, ctype: str) -> tuple[bytes, str]:
+    boundary = "----transfgu-test-7d1f"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {ctype}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_form_upload_equals_the_raw_body(endpoint, predictor, camvid):
+    path = _val_image(camvid, 3)
+    body, ctype = _multipart("file", path.name, path.read_bytes(), "image/jpeg")
+    status, headers, out = _request(endpoint + "/predict?format=png", body, ctype)
+    assert status == 200, out
+    np.testing.assert_array_equal(_labels_of(out), predictor.predict(load_rgb(path)))
+    if shutil.which("curl"):  # the form upload most users try first
+        r = subprocess.run(["curl", "-s", "-F", f"file=@{path}", endpoint + "/predict"], capture_output=True,
+                           timeout=120)
+        got = json.loads(r.stdout)
+        np.testing.assert_array_equal(_labels_of(base64.b64decode(got["label_png"])), predictor.predict(load_rgb(path)))
+
+
+def test_every_error_has_one_shape(endpoint):
+    status, headers, body = _request(endpoint + "/predict")  # GET on a POST route: FastAPI's 405, in our shape
+    assert status == 405 and json.loads(body) == {"error": "method GET not allowed on /predict: use POST"}
+    status, _, body = _request(endpoint + "/no/such/route")
+    assert status == 404 and set(json.loads(body)) == {"error"}
+    status, _, body = _request(endpoint + "/predict?format=gif", b"x", "image/png")
+    assert status == 422 and set(json.loads(body)) == {"error"}
+
+
+def test_openapi_documents_predict_and_docs_work_offline(endpoint):
+    status, _, body = _request(endpoint + "/openapi.json")
+    assert status == 200
+    op = json.loads(body)["paths"]["/predict"]["post"]
+    assert set(op["requestBody"]["content"]) == {"image/*", "application/octet-stream", "multipart/form-data"}
+    assert {p["name"] for p in op["parameters"]} == {"format", "classes", "overlay"}
+    assert {"200", "400", "413", "415", "422"} <= set(op["responses"])
+    status, headers, body = _request(endpoint + "/docs")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    # nothing fetched from elsewhere (FastAPI's Swagger page loads its scripts from a CDN: blank offline)
+    assert not re.search(rb"""(src|href)=["']?(https?:)?//""", body), body[:300]
+    status, _, body = _request(endpoint + "/info")
+    info = json.loads(body)
+    assert info["model"] and info["prior"] == "random" and info["backbone"]
+
+
 # -- the page in headless Chromium -----------------------------------------------------------------------------------
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+def _wait_done(browser, session, what: str) -> None:
+    deadline = time.time() + 120
+    while (state := browser.evaluate(session, "document.body.dataset.state")) not in ("done", "error"):
+        assert time.time() < deadline, f"page stuck in state {state} ({what})"
+        time.sleep(0.3)
+    assert state == "done", browser.evaluate(session, "document.getElementById('status').textContent")
 
 
-class DevTools:
-    """A minimal Chrome DevTools Protocol client (flat sessions over the browser's websocket)."""
-
-    def __init__(self, ws_url: str) -> None:
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=None, open_timeout=60)
-        self.next_id = 0
-
-    def call(self, method: str, session: str | None = None, timeout: float = 60, **params):
-        self.next_id += 1
-        msg = {"id": self.next_id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        self.ws.send(json.dumps(msg))
-        deadline = time.time() + timeout
-        while True:
-            reply = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.time())))
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply["result"]
-
-    def evaluate(self, session: str, expr: str):
-        return self.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
+def _shown(browser, session, element: str, h: int, w: int) -> tuple[np.ndarray, bytes]:
+    """The pixels the page shows inside ``element``'s 1px border, and the whole screenshot."""
+    rect = json.loads(browser.evaluate(
+        session, f"JSON.stringify(document.getElementById('{element}').getBoundingClientRect())"))
+    shot = base64.b64decode(browser.call("Page.captureScreenshot", session, format="png")["data"])
+    page = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(np.int64)
+    return page[int(rect["top"]) + 1:int(rect["top"]) + 1 + h, int(rect["left"]) + 1:int(rect["left"]) + 1 + w], shot
 
 
-@pytest.fixture()
-def browser(tmp_path):
-    exe = _chromium()
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("chromium is not installed")
-    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
-    proc = subprocess.Popen(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0", "--window-size=1100,800", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    ws_url = None
-    deadline = time.time() + 60
-    while time.time() < deadline and ws_url is None:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        if "DevTools listening on" in line:
-            ws_url = line.split("DevTools listening on", 1)[1].strip()
-    if ws_url is None:
-        proc.kill()
-        pytest.fail("chromium did not start its DevTools endpoint")
-    tools = DevTools(ws_url)
-    yield tools
-    tools.ws.close()
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def test_page_uploads_an_image_and_shows_the_overlay(endpoint, browser, predictor, camvid, tmp_path):
+def test_page_uploads_an_image_and_shows_the_overlay(endpoint, browser, predictor, camvid, tmp_path, tiny_run_dir):
     status, headers, body = _request(endpoint + "/")
     assert status == 200 and b'type="file"' in body
     target = browser.call("Target.createTarget", url=endpoint + "/")["targetId"]
     session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
     deadline = time.time() + 60
-    ready = "document.readyState === 'complete' && document.getElementById('file') !== null"
+    ready = "document.readyState === 'complete' && document.body.dataset.model === 'ready'"
     while not browser.evaluate(session, ready):  # the new tab starts on about:blank, then loads the page
-        assert time.time() < deadline, "the page did not load"
+        assert time.time() < deadline, "the page did not load (or did not describe the model)"
         time.sleep(0.2)
+    # the model is described before any upload
+    described = browser.evaluate(session, "document.getElementById('model').textContent")
+    assert tiny_run_dir.name in described and f"{predictor.n_clusters} clusters" in described, described
+    assert "RANDOM" in browser.evaluate(session, "document.getElementById('warning').textContent")
     node = browser.call("Runtime.evaluate", session, expression="document.getElementById('file')")["result"]
     image = _val_image(camvid, 2)
     # what a user's file chooser does: the input gets the file and fires its change event
@@ -285,3 +284,44 @@ def test_page_uploads_an_image_and_shows_the_overlay(endpoint, browser, predicto
     to_overlay = np.abs(shown - blended).mean()
     to_photo = np.abs(shown - photo.astype(np.int64)).mean()
     assert to_overlay < 8 and to_photo > 2 * to_overlay, (to_overlay, to_photo)
+    if os.environ.get("TRANSFGU_SCREENSHOTS"):  # docs/img/serve_page.png is made this way
+        Path(os.environ["TRANSFGU_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["TRANSFGU_SCREENSHOTS"]) / "serve_page.png").write_bytes(shot)
+
+    # original / overlay toggle and opacity: the original view is the photo; full opacity is the bare label colours
+    from transfgu.viz import colorize
+
+    browser.evaluate(session, "document.getElementById('show-original').click()")
+    shown, _ = _shown(browser, session, "overlay", h, w)
+    assert np.abs(shown - photo.astype(np.int64)).mean() < 4
+    browser.evaluate(session, "document.getElementById('show-overlay').click(); const r = "
+                     "document.getElementById('opacity'); r.value = 100; r.dispatchEvent(new Event('input'))")
+    shown, _ = _shown(browser, session, "overlay", h, w)
+    colours = colorize(predictor.predict(photo), palette(predictor.n_clusters)).astype(np.int64)
+    assert np.abs(shown - colours).mean() < 3
+
+    # ticking "class names" after the upload segments the same image again, with class names
+    browser.evaluate(session, "document.getElementById('classes').click()")
+    _wait_done(browser, session, "re-render with classes")
+    header = browser.evaluate(session, "document.querySelector('#areas tr th:nth-child(2)').textContent")
+    assert header == "classes"
+    names = browser.evaluate(session, "[...document.querySelectorAll('#areas tr td:nth-child(2)')]"
+                             ".map(td => td.textContent)")
+    assert names and set(names) <= set(predictor.class_names)
+    shown, _ = _shown(browser, session, "overlay", h, w)
+    ids = predictor.predict(photo, as_classes=True)
+    n = len(predictor.class_names)
+    classes = np.where(((ids >= 0) & (ids < n))[..., None], colorize(ids, palette(n)), photo)  # unmatched: the photo
+    assert np.abs(shown - classes.astype(np.int64)).mean() < 4
+
+
+def test_docs_page_renders_the_api_without_network(endpoint, browser):
+    target = browser.call("Target.createTarget", url=endpoint + "/docs")["targetId"]
+    session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    deadline = time.time() + 60
+    while browser.evaluate(session, "document.body && document.body.dataset.state") != "done":
+        assert time.time() < deadline, "the docs page did not render"
+        time.sleep(0.2)
+    text = browser.evaluate(session, "document.body.innerText")
+    for needle in ("POST", "/predict", "multipart/form-data", "classes", "overlay", "415", "/healthz"):
+        assert needle in text, needle

@@ -28,22 +28,22 @@ from transfgu.concepts import ConceptBank
 from transfgu.data import loaders
 from transfgu.data.transforms import to_model_input
 from transfgu.ddp import step_loader
-from transfgu.engine import make_optimizer, make_teacher, train_one_epoch
+from transfgu.engine.loop import train_one_epoch
+from transfgu.engine.step import make_optimizer, make_teacher
 from transfgu.losses import EpochPlan
 from transfgu.methods import run_context
 from transfgu.models.backbone import ViTFeatures, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.pseudo_labels import ConceptMapParts
-from transfgu.throughput import (
+from transfgu.throughput.compile import compile_forward
+from transfgu.throughput.prefetch import (
     BackgroundWriter,
     Prefetcher,
     PrefetchLoader,
-    compile_forward,
     default_writer_threads,
     overlapped,
-    prepare_images,
-    to_device,
 )
+from transfgu.throughput.tensors import prepare_images, to_device
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -543,7 +543,7 @@ def test_compiled_step_kernels_equal_eager_losses_and_gradients(variant):
     ``aot_eager`` backend runs them without code generation, so the test is fast on CPU) give eager's losses,
     gradients and parameters after two bootstrapping epochs (dropout 0.1 included: the same keyed masks, drawn
     outside the compiled function)."""
-    from transfgu.engine import StepKernels
+    from transfgu.engine.step import StepKernels
 
     results = {}
     for mode in ("off", "on"):
@@ -573,7 +573,7 @@ def test_compiled_step_kernels_equal_eager_losses_and_gradients(variant):
 
 
 def test_compiled_step_kernels_fall_back_to_eager(caplog):
-    from transfgu.engine import StepKernels
+    from transfgu.engine.step import StepKernels
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no C++ compiler on this machine")
@@ -594,7 +594,7 @@ def test_compiled_step_kernels_fall_back_to_eager(caplog):
 
 def _epoch_syncs(variant: str, n_batches: int, log_every: int, on_step=None) -> list[str]:
     """Host reads of device values during one bootstrapping epoch of ``n_batches`` steps."""
-    from transfgu.throughput import HostSyncCounter
+    from transfgu.throughput.syncs import HostSyncCounter
 
     bb, student, teacher, batches = _step_setup(variant, n_batches=n_batches)
     opt = make_optimizer(student, lr=1e-3)

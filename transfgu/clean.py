@@ -22,7 +22,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from transfgu.cli_args import HelpFormatter
 from transfgu.integrity import STALE_DIR, require_run_dir
+
+DESCRIPTION = """\
+List, then (with --yes) delete, the outputs a run has set aside under RUN_DIR/_stale/.
+
+A run never deletes outputs that were computed from other inputs, torn shards or stages re-run with --force: it
+moves them to RUN_DIR/_stale/<stage>/<key>/, so that no reader sees them and nothing you may still want is lost.
+_stale/ therefore grows with every re-run under changed settings; this command reclaims the space. It only touches
+_stale/ of a directory that a pipeline run created, and without --yes it only prints what it would remove.
+
+--train-input also lists the packed label banks and train-size image stores that training writes once into
+label_bank/_train_input/: caches, one per key, rebuilt by the next training that needs them. Delete them when no
+training of the run is going on."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +140,7 @@ def _human(n: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="transfgu clean", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="transfgu clean", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("run_dir", type=Path, help="a run directory (runs/<name>)")
     p.add_argument("--stage", action="append", default=[], help="only this stage's set-aside outputs (repeatable)")
     p.add_argument("--older-than", type=float, default=None, metavar="DAYS",

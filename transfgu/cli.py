@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from transfgu import __version__
+from transfgu.cli_args import HelpFormatter
 from transfgu.config import Config, ConfigError, load_config
 from transfgu.layout import RunLayout
 from transfgu.logs import setup_logging
@@ -32,16 +34,22 @@ SUBCOMMANDS = {
     "clean": ("transfgu.clean", "main", "list (--yes: delete) the outputs a run set aside under _stale/"),
 }
 
+#: Parsers (in :mod:`transfgu.cli_args`, standard library only) of the subcommands whose module imports torch: the
+#: arguments are checked, and ``--help`` answered, before that import.
+FAST_PARSERS = {"predict": "predict_parser", "export": "export_parser", "import-decoder": "import_decoder_parser",
+                "evaluate": "evaluate_parser", "report": "report_parser"}
+
 
 def run_parser(prog: str, description: str | None, ray_flag: bool = True) -> argparse.ArgumentParser:
     """The arguments of ``transfgu run`` and of the ``ray_jobs/`` scripts."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", default=None, help="YAML preset (see conf/); defaults if omitted")
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    p.add_argument("--config", "-c", default=None, help="YAML preset (see conf/); default: the built-in defaults")
     if ray_flag:
         p.add_argument("--ray", action="store_true", help="run the stages on a Ray cluster (the Ray executor)")
-        p.add_argument("--only", nargs="*", default=None, help="run only these stages")
-    p.add_argument("--force", nargs="*", default=(), help="re-run these stages even if done")
+        p.add_argument("--only", nargs="*", default=None, metavar="STAGE",
+                       help="run only these stages (default: every stage that is not done)")
+    p.add_argument("--force", nargs="*", default=(), metavar="STAGE",
+                   help="re-run these stages even if done (default: none)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="show every library's log lines (faiss, Ray, MLflow); quiet by default")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=2 ray.num_workers=2")
@@ -109,16 +117,25 @@ def print_outputs(cfg: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        print(f"transfgu {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: transfgu {" + ",".join(SUBCOMMANDS) + "} ...\n")
+        print("usage: transfgu [--version] {" + ",".join(SUBCOMMANDS) + "} ...\n")
         for name, (_, _, doc) in SUBCOMMANDS.items():
-            print(f"  {name:10} {doc}")
+            print(f"  {name:14} {doc}")
+        print("\n`transfgu <command> --help` describes each command.")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     module, func, _ = SUBCOMMANDS[name]
+    if name in FAST_PARSERS:  # --help and bad arguments answered before the module (and torch) is imported
+        from transfgu import cli_args
+
+        builder = "predict_ray_parser" if name == "predict" and "--ray" in rest else FAST_PARSERS[name]
+        getattr(cli_args, builder)().parse_args(rest)
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
 
 

@@ -8,6 +8,7 @@ fails at once with a message that names the key. Defaults are the paper's COCO-S
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,8 +48,10 @@ class DataConfig(_Base):
 class BackboneConfig(_Base):
     """Frozen self-supervised ViT (§3)."""
 
-    arch: str = "vit_small_patch8"
-    weights: str = Field("none", description="'none', 'timm', 'hub:<tag>' or a .pth/.safetensors path")
+    arch: str = Field("vit_small_patch8", description="DINO v1 (vit_small_patch8, ...), DINOv2 with registers "
+                      "(vit_small_patch14_reg4_dinov2, ...) or DINOv3 (vit_small_patch16_dinov3, ...)")
+    weights: str = Field("none", description="'none', 'timm', 'hub:<tag>' or a .pth/.safetensors path (timm's, DINO's, "
+                         "or an official DINOv2/DINOv3 release file)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA devices that support it, fp32 otherwise"
     )
@@ -347,6 +350,15 @@ class LeopartConfig(_Base):
     k_cbfe: int = Field(200, ge=2, description="spherical k-means clusters for CBFE (authors: 200)")
     cbfe_niter: int = Field(100, ge=1)
     cbfe_nredo: int = Field(5, ge=1, description="k-means restarts, lowest objective kept (authors: 5)")
+    kmeans_points: Literal["l2_normalized", "raw"] = Field(
+        "l2_normalized", description="spherical k-means (CBFE, overclustering) of the L2-normalised points, or of the "
+        "raw PCA points with unit centroids as faiss's spherical option does (authors: raw)",
+    )
+    kmeans_max_points_per_centroid: int | None = Field(
+        None, ge=1, description="faiss's subsampling: every Leopart k-means trains on at most this many points per "
+        "centroid (authors: faiss's default, 256); None = every point",
+    )
+    community_nredo: int = Field(1, ge=1, description="restarts of the community overclustering k-means")
     precision_threshold: float = Field(
         0.4, ge=0, le=1, description="label_free: clusters at or above this precision are foreground (Table 1: 40 %)"
     )
@@ -494,6 +506,19 @@ class Config(_Base):
                 f"concepts.k_per_pool pools {sorted(pools)} do not match crops.selection={sel!r} "
                 f"(which yields pools {sorted(allowed)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _paper_backbone(self) -> Config:
+        """Both papers used DINO v1 ViTs: a paper protocol on another backbone is allowed, and said."""
+        from transfgu.models.backbone import PAPER_ARCHS, TEST_ARCHS
+
+        arch = self.backbone.arch
+        paper = self.protocol == "paper" or (self.method == "leopart" and self.leopart.protocol == "paper")
+        if paper and arch not in PAPER_ARCHS + TEST_ARCHS:
+            logging.getLogger("transfgu").warning(
+                "protocol=paper reproduces the papers, which used DINO v1 backbones (%s); backbone.arch=%s is not "
+                "one of them, so the numbers are not comparable with the papers'", ", ".join(PAPER_ARCHS), arch)
         return self
 
     @property

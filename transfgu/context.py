@@ -17,7 +17,7 @@ from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.runtime import autocast_dtype, configure_inputs, load_run_backbone, resolve_device
 from transfgu.store import Manifest
-from transfgu.throughput import compile_forward
+from transfgu.throughput.compile import compile_forward
 from transfgu.tracking import PipelineTracker
 
 

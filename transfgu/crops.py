@@ -340,7 +340,7 @@ def embed_crops(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dim = int(getattr(backbone, "embed_dim", 0))
-    # A compiled backbone (transfgu.throughput.compile_forward) is specialised per input shape: pad a short last
+    # A compiled backbone (transfgu.throughput.compile.compile_forward) is specialised per input shape: pad a short last
     # chunk to the full batch (zeros, outputs dropped) instead of compiling one more graph per ragged tail.
     pad = bool(getattr(backbone, "_transfgu_compiled", False))
     feats = []

@@ -43,7 +43,7 @@ def step_seed(seed: int, epoch: int, step: int, stream: int = 0) -> int:
     """A 63-bit seed that is a pure function of ``(seed, epoch, step, stream)`` (SplitMix64 chain).
 
     ``stream`` separates independent uses of one step (0: the shared augmentation/permutation draws; ``1 + q``: the
-    dropout masks of the sample at position ``q`` of the global batch, :func:`transfgu.engine.draw_dropout`).
+    dropout masks of the sample at position ``q`` of the global batch, :func:`transfgu.engine.step.draw_dropout`).
     """
     h = 0
     for v in (seed, epoch, step, stream):

@@ -18,7 +18,6 @@ refuses size mismatches instead. (The reference scores at a fixed 320-based resi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from transfgu.cli_args import RESIZE_POLICIES
+from transfgu.cli_args import evaluate_parser as build_parser
 from transfgu.data.datasets import DatasetError, dataset_info, list_records
 from transfgu.data.io import DecodeError, load_label, resize_label
 from transfgu.data.labelmaps import IGNORE_INDEX, LabelMap, LabelMapError, parse_classes_file
@@ -38,7 +39,6 @@ __all__ = ["MissingPredictionsError", "evaluate_folders", "format_table", "main"
 
 log = logging.getLogger(__name__)
 
-RESIZE_POLICIES = ("nearest-pred-to-gt", "error")
 _RESIZE_TEXT = {
     "nearest-pred-to-gt": "predictions whose size differs from the ground truth are resized to the "
     "ground-truth size with nearest-neighbour sampling; metrics are at ground-truth resolution",
@@ -266,33 +266,6 @@ def _parse_class_names(text: str) -> list[str]:
             raise ValueError(f"{path}: class indices must be 0..{len(classes) - 1}")
         return [classes[i] for i in range(len(classes))]
     return [n.strip() for n in text.split(",")]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="transfgu evaluate",
-        description="Score predicted cluster-id PNGs against ground truth: one confusion matrix over the "
-        "whole split, cluster->class matching, mIoU and pixel accuracy. Predictions of another size than the "
-        "ground truth are resized to it with nearest neighbour.",
-    )
-    p.add_argument("pred_dir", type=Path, help="folder of predicted cluster-id PNGs (matched by file stem)")
-    src = p.add_argument_group("ground truth (give --gt-dir, or --dataset with --split and --root)")
-    src.add_argument("--gt-dir", type=Path, help="folder of ground-truth class-id PNGs")
-    src.add_argument("--dataset", help="data set name (transfgu.data.DATASETS), e.g. camvid, coco_stuff")
-    src.add_argument("--split", help="split of --dataset, e.g. val")
-    src.add_argument("--root", type=Path, help="root folder of --dataset")
-    src.add_argument("--granularity", type=int, help="COCO 27/171/80 or LIP 19/16/5")
-    src.add_argument("--coarse", action="store_true", help="ccp: the 15 coarse classes")
-    src.add_argument("--curated-list", type=Path, help="coco_stuff: file of image ids to keep")
-    p.add_argument("--n-classes", type=int, help="number of GT classes (default: from names / data set / GT)")
-    p.add_argument("--class-names", help="classes.txt file or comma-separated names")
-    p.add_argument("--n-clusters", type=int, help="number of predicted clusters (default: max id + 1)")
-    p.add_argument("--ignore-index", type=int, default=IGNORE_INDEX, help="GT value not scored (default 255)")
-    p.add_argument("--overcluster", choices=("hungarian", "majority"), default="hungarian")
-    p.add_argument("--resize", choices=RESIZE_POLICIES, default="nearest-pred-to-gt")
-    p.add_argument("--allow-missing", action="store_true", help="leave out GT images without a prediction")
-    p.add_argument("--out", type=Path, help="write the metrics as JSON here")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,13 @@
 """Stage 5's method: score a trained decoder on the labelled validation split (§8) and write ``eval/``.
 
 The cluster -> class matching (Hungarian, or majority vote when over-clustering) and the scores are computed by
-:func:`transfgu.engine.evaluate` and :mod:`transfgu.metrics`; this module builds the validation loader, applies
+:func:`transfgu.engine.loop.evaluate` and :mod:`transfgu.metrics`; this module builds the validation loader, applies
 the error budget and writes the files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,23 @@ import torch
 
 from transfgu.config import Config, n_output_channels
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
-from transfgu.engine import evaluate
+from transfgu.engine.loop import evaluate
 from transfgu.errors import ErrorLog, check_error_budget
+from transfgu.logs import Progress
 from transfgu.models.backbone import DinoViT
 from transfgu.store import to_jsonable
 
 
 def has_labelled_val(cfg: Config) -> bool:
     return cfg.data.val_split is not None and cfg.data.name != "folder"
+
+
+def counted(batches: Iterable[Any], prog: Progress) -> Iterator[Any]:
+    """``batches`` as they are, counting each one's images into ``prog`` once it has been used."""
+    for batch in batches:
+        yield batch
+        first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+        prog.update(len(first))
 
 
 def evaluate_decoder(
@@ -40,11 +49,12 @@ def evaluate_decoder(
     ds = EvalDataset(records, label_map, tuple(cfg.eval.eval_size), ignore, errors=errors)
     check_error_budget(len(ds.skipped), len(records), cfg.run.error_budget, "evaluate")
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False)
-    scores = evaluate(
-        dec, backbone, loader, n_clusters=n_output_channels(cfg), n_classes=len(names), device=device,
-        eval_hw=tuple(cfg.eval.eval_size), ignore_index=-1, class_names=names, overcluster=cfg.eval.overcluster,
-        amp_dtype=amp,
-    )
+    with Progress("evaluate", len(ds)) as prog:
+        scores = evaluate(
+            dec, backbone, counted(loader, prog), n_clusters=n_output_channels(cfg), n_classes=len(names),
+            device=device, eval_hw=tuple(cfg.eval.eval_size), ignore_index=-1, class_names=names,
+            overcluster=cfg.eval.overcluster, amp_dtype=amp,
+        )
     scores["skipped"] = len(ds.skipped)
     return scores, names, len(ds)
 

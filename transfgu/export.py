@@ -23,7 +23,6 @@ stored in the file as the extra file ``transfgu.json``; :func:`load_exported` re
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfgu.cli_args import export_parser
 from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from transfgu.predict import Predictor, load
 
@@ -189,19 +189,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="transfgu export",
-        description="Export backbone + decoder of a trained checkpoint as one TorchScript file taking normalised "
-        "(B, 3, H, W) images at the eval size.",
-    )
-    p.add_argument("checkpoint", help="a run directory or its model/ checkpoint directory")
-    p.add_argument("--out", required=True, type=Path, help="output file, e.g. model.pt")
-    p.add_argument("--format", choices=("torchscript", "export", "onnx"), default="torchscript",
-                   help="torchscript (.pt, default) or export (torch.export ExportedProgram, .pt2); onnx is not "
-                   "supported")
-    p.add_argument("--output", choices=("labels", "logits"), default="labels")
-    p.add_argument("--classes", action="store_true", help="labels are matched class ids instead of cluster ids")
-    p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
+    p = export_parser()
     args = p.parse_args(argv)
     if args.format == "onnx":
         print("error: ONNX export is not supported (onnx/onnxruntime are not dependencies of transfgu); use "

@@ -26,7 +26,6 @@ output is safetensors + JSON, no pickle.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from transfgu.cli_args import import_decoder_parser
 from transfgu.config import Config, ConfigError, load_config
 from transfgu.models.decoder import MaskTransformerDecoder
 
@@ -185,13 +185,7 @@ def import_reference_decoder(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="transfgu import-decoder", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="the authors' decoder checkpoint (.pt/.pth)")
-    p.add_argument("--config", "-c", required=True, help="preset of the data set it was trained on (conf/*.yaml)")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--weights", default=None, help="DINO ViT-S/8 weights (default: the preset's backbone.weights)")
-    p.add_argument("--evaluate", action="store_true", help="score it on the preset's validation split")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. data.root=...)")
+    p = import_decoder_parser()
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

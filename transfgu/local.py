@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from transfgu import integrity
-from transfgu.concepts import PoolFit, kmeans
 from transfgu.context import RunContext
 from transfgu.data.loaders import make_train_loader
-from transfgu.kmeans_sklearn import minibatch_kmeans
+from transfgu.kmeans import kmeans
+from transfgu.kmeans.minibatch import minibatch_kmeans
 from transfgu.logs import Progress
 from transfgu.method import StageInfo
 from transfgu.selection import Validator, validation_wanted
 from transfgu.sharded import SHARD_IMAGES, ShardedStage
-from transfgu.stages import concept_pools, finish_concepts, finish_train
+from transfgu.stages import ExtractStage, LabelBankStage, concept_pools, finish_concepts, finish_train
 from transfgu.store import read_features, write_parquet_atomic
-from transfgu.throughput import PrefetchLoader, default_writer_threads, overlapped
+from transfgu.throughput.prefetch import PrefetchLoader, default_writer_threads, overlapped
 from transfgu.training import train_rounds
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
         if plan.covered:
             prog.update(len(plan.covered), "(kept)")
         # Decoding + resizing of the next shard runs on a prefetch thread and the Parquet write of the previous one
-        # on writer threads (transfgu.throughput.overlapped), so the model waits for neither. Each shard is its own
+        # on writer threads (throughput.prefetch.overlapped), so the model waits for neither. Each shard is its own
         # atomically renamed file, so several writer threads give the same files as one.
         threads = ctx.cfg.run.write_threads or default_writer_threads()
         for (shard, _), table in overlapped(
@@ -69,6 +69,16 @@ def run_sharded(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[str, Any
             rows += table.num_rows
             prog.update(len(shard), f"rows={rows}")
     return stage_cls.finish(ctx, ids)
+
+
+def run_extract(ctx: RunContext) -> StageInfo:
+    """TransFGU's extract stage in this process (what ``LocalExecutor().run_sharded(ctx, ExtractStage)`` runs)."""
+    return run_sharded(ctx, ExtractStage)
+
+
+def run_label_bank(ctx: RunContext) -> StageInfo:
+    """TransFGU's label-bank stage in this process."""
+    return run_sharded(ctx, LabelBankStage)
 
 
 def run_concepts(ctx: RunContext) -> dict[str, Any]:
@@ -85,7 +95,7 @@ def run_concepts(ctx: RunContext) -> dict[str, Any]:
             res = minibatch_kmeans(cls, k, max_iter=cfg.concepts.niter, random_state=cfg.concepts.seed)
         else:
             res = kmeans(cls, k, niter=cfg.concepts.niter, seed=cfg.concepts.seed)
-        fits[pool] = PoolFit(res.centroids, res.inertia, len(cls))
+        fits[pool] = res
     return finish_concepts(ctx, fits, extra={"nredo": 1, "init": "random", "algorithm": cfg.concepts.algorithm})
 
 

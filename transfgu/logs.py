@@ -1,6 +1,7 @@
 """What a person sees while a run works: one log format, progress, and third-party noise turned down.
 
-* :func:`setup_logging` -- ``HH:MM:SS LEVEL name: message`` on stderr (and the full log in ``pipeline.log``);
+* :func:`setup_logging` -- ``HH:MM:SS LEVEL name: message`` on stderr (and the full log in ``pipeline.log``), Ray's and
+  MLflow's console lines in the same format;
   library loggers (faiss's loader, Ray's internals, MLflow, urllib3, timm's hub) are set to WARNING unless
   ``verbose`` -- their INFO lines say nothing about the run. ``TRANSFGU_VERBOSE=1`` does the same as ``--verbose``
   in processes the CLI does not start (Ray workers).
@@ -15,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -41,6 +43,10 @@ def setup_logging(
     verbose = verbose_requested() if verbose is None else verbose
     if verbose:
         os.environ["TRANSFGU_VERBOSE"] = "1"  # inherited by the Ray processes this one starts
+    # MLflow attaches its own console handler (another timestamp format) when imported, unless told not to; its
+    # records then reach ours, at the level quiet_libraries sets. Inherited by the Ray processes started later.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    quiet_warnings(verbose)
     root = logging.getLogger()
     ours = any(getattr(h, "_transfgu", False) for h in root.handlers)
     if not ours and not (worker and root.handlers):
@@ -71,6 +77,28 @@ class _DropMessages(logging.Filter):
 
 #: Ray Data warns once per process that its bars are off; they are off on purpose when stderr is not a terminal.
 _RAY_DATA_BENIGN = _DropMessages(("Progress bars disabled", "Progress bars for operators disabled"))
+#: Ray's notice that token authentication is on: nothing to do for the private local Ray a run starts (bound to
+#: 127.0.0.1); a cluster's users need the token, which the README's cluster section explains.
+_RAY_BENIGN = _DropMessages(("Token authentication is enabled for this Ray cluster",))
+#: Library warnings that name no action for the user (docs/architecture.md, "What a run prints").
+BENIGN_WARNINGS = (
+    # MLflow resolving the source of a dataset input (a local folder) between two equal interpretations
+    r"The specified dataset source can be interpreted in multiple ways",
+)
+
+
+def quiet_warnings(verbose: bool | None = None) -> None:
+    """Python warnings of libraries that the user cannot act on are not shown (unless ``verbose``)."""
+    if verbose_requested() if verbose is None else verbose:
+        return
+    for message in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _our_format(handler: logging.Handler) -> None:
+    """One timestamp format on the console: a library's own console handler gets ours."""
+    if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+        handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
 
 
 def quiet_libraries(verbose: bool | None = None) -> None:
@@ -81,6 +109,10 @@ def quiet_libraries(verbose: bool | None = None) -> None:
                                    if n.startswith("ray.") or "/site-packages/ray/" in n]
     for name in names:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    for h in logging.getLogger("ray").handlers:  # Ray's console handler (its own format; does not propagate)
+        _our_format(h)
+        if not verbose and _RAY_BENIGN not in h.filters:
+            h.addFilter(_RAY_BENIGN)
     # Ray Data logs DEBUG to its own file (ray-data.log) and INFO to the console: keep the file, quiet the console.
     data = logging.getLogger("ray.data")
     if not verbose and data.handlers:
@@ -88,6 +120,7 @@ def quiet_libraries(verbose: bool | None = None) -> None:
         for h in data.handlers:
             if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
                 h.setLevel(logging.WARNING)
+                _our_format(h)
                 if _RAY_DATA_BENIGN not in h.filters:
                     h.addFilter(_RAY_DATA_BENIGN)
 

@@ -62,7 +62,8 @@ def run_pipeline(
     save_config(cfg, ctx.layout.config)
     seed_everything(cfg.run.seed)
     if not ctx.pretrained:
-        log.warning("RUN WITHOUT PRETRAINED WEIGHTS: backbone %s is random; metrics are not the method's",
+        log.warning("RUN WITHOUT PRETRAINED WEIGHTS: backbone %s is random, so its features, pseudo labels and "
+                    "metrics are not the method's; set backbone.weights to a DINO checkpoint for real results",
                     cfg.backbone.arch)
     log.info("run directory %s on %s", ctx.run_dir, ctx.device)
     ex = executor if executor is not None else LocalExecutor()

@@ -15,11 +15,9 @@ through the Hungarian matching stored in the checkpoint; clusters left unmatched
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,12 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_model_meta
+from transfgu.cli_args import predict_parser as build_parser
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_model_input
-from transfgu.engine import predict_logits
+from transfgu.engine.step import predict_logits
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
 from transfgu.layout import RunLayout
+from transfgu.logs import Progress
 from transfgu.model_meta import CheckpointMeta
 from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
@@ -343,7 +343,7 @@ def load(
     backbone = _build_backbone(ckpt, meta, weights).to(dev).eval()
     decoder = _build_decoder(ckpt, meta, backbone.embed_dim).to(dev)
     if not meta["backbone"].get("pretrained", False):
-        log.warning("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
+        log.info("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
     return Predictor(backbone, decoder, meta, dev, autocast_dtype(precision, dev), batch_size)
 
 
@@ -473,37 +473,6 @@ def _decode_stream(
             yield good
 
 
-def prediction_parser(prog: str, description: str, checkpoint_help: str, inputs_help: str) -> argparse.ArgumentParser:
-    """A parser with the arguments both executors of ``transfgu predict`` take (each adds its own)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("checkpoint", help=checkpoint_help)
-    p.add_argument("inputs", nargs="+", help=inputs_help)
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--classes", action="store_true",
-                   help="write matched class ids (255 = cluster without a class) instead of cluster ids")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = prediction_parser(
-        "transfgu predict",
-        "Label images with a trained checkpoint. Writes <out>/<stem>.png (cluster ids, or class ids with --classes; "
-        "uint8, uint16 when there are more than 254 ids) and, with --overlay, <out>/overlay/<stem>.jpg. Unreadable "
-        "images are skipped and listed in <out>/errors.jsonl.",
-        "a run directory or its model/ checkpoint directory",
-        "image files, folders (searched recursively) or text files listing image paths",
-    )
-    p.add_argument("--overlay", action="store_true", help="also write colour overlays as JPEG")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--weights", default=None, help="override the backbone weights source of the checkpoint")
-    p.add_argument("--ray", action="store_true",
-                   help="run on Ray Data instead (CPU decoding ahead of GPU actors, Parquet ledger, resumable; "
-                   "globs and s3:// prefixes as inputs): see `transfgu predict --ray --help`")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ray" in argv:  # the Ray executor of the same per-image functions (imported only when asked for)
@@ -512,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(importlib.import_module("transfgu.distributed.predict").main(argv))
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from transfgu.logs import setup_logging
+
+        setup_logging()  # the console format of every transfgu command
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
@@ -543,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transfgu.viz import overlay, palette
 
         colours = palette(n_ids)
-    done, t0 = 0, time.time()
+    done = 0
+    prog = Progress("predict", len(items))  # a bar on a terminal, a line every 10 s elsewhere
     for batch in _decode_stream(items, args.batch_size, errors):
         if not batch:
             continue
@@ -557,8 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(overlay(img, lab, colours)).save(path, quality=90)
         done += len(batch)
-        rate = done / max(time.time() - t0, 1e-9)
-        log.info("[predict] %d/%d images (%.2f/s)", done, len(items), rate)
+        prog.update(len(batch))
+    prog.close()
     n_err = errors.count()
     summary = {
         "checkpoint": str(find_checkpoint(args.checkpoint).resolve()),

@@ -37,9 +37,9 @@ def patch_size_of(arch: str) -> int:
     m = re.search(r"patch(\d+)", ARCHS.get(arch, "") or arch)
     if m:
         return int(m.group(1))
-    from transfgu.models.backbone import build_backbone  # unknown naming: ask the model itself
+    from transfgu.models.backbone import patch_size_of as model_patch_size  # unknown naming: ask the model itself
 
-    return int(build_backbone(arch, "none").patch_size)
+    return model_patch_size(arch)
 
 
 def _multiple(size: tuple[int, int], step: int) -> list[int]:

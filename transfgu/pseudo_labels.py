@@ -179,31 +179,29 @@ def _concept_map_parts(
             tokens = tokens.float()
         else:
             tokens, (h, w) = backbone.tokens_before_last_block(images)
-        a_full, v = backbone.last_block_cls_attention(tokens)
+        logits, v = backbone.last_block_cls_logits(tokens, (h, w))
+        a_full = torch.softmax(logits, dim=-1)  # what the block applies (registers included)
+        a_map = backbone.patch_attention(logits)  # the map over the patches (registers left out)
     k = centroids.shape[0]
     b = images.shape[0]
     c = centroids.to(device=device, dtype=torch.float32)
-    blk = backbone.vit.blocks[-1]
-    attn = blk.attn
     with torch.no_grad():
-        o = torch.einsum("bht,bhtd->bhd", a_full, v).reshape(b, 1, -1)  # CLS output of the heads, pre-projection
+        o = torch.einsum("bht,bhtd->bhd", a_full, v).reshape(b, -1)  # CLS output of the heads, pre-projection
     # dL_k/dA[h, 0, j] = <dL_k/do_h, v_hj>: back-propagate the K objectives only as far as o (a D-vector per image,
-    # through projection, MLP and LayerNorms of the CLS token), then contract with the values once.
+    # through projection, MLP, layer scales and LayerNorms of the CLS token: the backbone's Grad-CAM hook
+    # finish_last_block), then contract with the values once.
     # Each (concept, image) pair gets its own copy of the image's D-wide CLS row, so one ordinary backward gives
     # every dL_k/do at once (a vmapped backward would loop over K in LayerNorm/GELU backward, which have no
     # batching rule).
     with torch.enable_grad():
-        oo = o.reshape(1, b, -1).expand(k, b, -1).reshape(k * b, -1).clone().requires_grad_(True)
-        u = attn.norm(oo) if hasattr(attn, "norm") else oo
-        u = tokens[:, 0][None].expand(k, b, -1).reshape(k * b, -1) + blk.ls1(attn.proj(u))
-        u = u + blk.ls2(blk.mlp(blk.norm2(u)))
-        z = backbone.vit.norm(u)
+        oo = o[None].expand(k, b, -1).reshape(k * b, -1).clone().requires_grad_(True)
+        z = backbone.finish_last_block(tokens[:, 0][None].expand(k, b, -1).reshape(k * b, -1), oo)
         # Row (k, b) is scored against concept k only: eq. 5 for that pair.
         obj = grad_scale * (1.0 - (F.normalize(z, dim=-1) * F.normalize(c, dim=-1).repeat_interleave(b, 0)).sum(-1))
         (g_o,) = torch.autograd.grad(obj.sum(), oo)
-    grads = torch.einsum("kbhd,bhtd->kbht", g_o.reshape(k, b, attn.num_heads, -1), v)
-    p = backbone.num_prefix_tokens
-    return combine_parts(a_full[:, :, p:], grads[..., p:], mass), (h, w)
+    grads = torch.einsum("kbhd,bhtd->kbht", g_o.reshape(k, b, backbone.num_heads, -1), v)
+    p = backbone.num_prefix_tokens  # CLS + registers: only the patch keys make the maps
+    return combine_parts(a_map, grads[..., p:], mass), (h, w)
 
 
 def naive_concept_maps(
@@ -215,35 +213,30 @@ def naive_concept_maps(
     parameters require grad as in the authors' code; each concept's objective (summed over images, which gives each
     image its own gradient) is back-propagated with a retained graph and ``A.grad`` is read.
     """
-    vit = backbone.vit
-    blk = vit.blocks[-1]
-    attn = blk.attn
+    attn = backbone.vit.blocks[-1].attn
     saved = [p.requires_grad for p in backbone.parameters()]
     for p in backbone.parameters():
         p.requires_grad_(True)
     try:
         with torch.enable_grad(), strict_fp32(images.device):
             t, (h, w) = backbone.tokens_before_last_block(images)
-            b, n, d = t.shape
-            q, kk, v = backbone._qkv(t)
+            b, n, _ = t.shape
+            q, kk, v = backbone.last_block_qkv(t, (h, w))
             big_a = torch.softmax((q * attn.scale) @ kk.transpose(-2, -1), dim=-1)
             big_a.retain_grad()
-            o = (big_a @ v).transpose(1, 2).reshape(b, n, d)
-            if hasattr(attn, "norm"):
-                o = attn.norm(o)
-            x = t + blk.ls1(attn.proj(o))
-            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
-            z = vit.norm(x)[:, 0]
+            o = (big_a @ v).transpose(1, 2).reshape(b, n, -1)
+            z = backbone.finish_last_block(t, o)[:, 0]
             obj = _objective(z, centroids.to(z), grad_scale)
             grads = []
             for k in range(centroids.shape[0]):
                 big_a.grad = None
                 obj[:, k].sum().backward(retain_graph=True)
                 grads.append(big_a.grad[:, :, 0].clone())
+            a_map = backbone.patch_attention(((q[:, :, :1] * attn.scale) @ kk.transpose(-2, -1))[:, :, 0]).detach()
     finally:
         for p, s in zip(backbone.parameters(), saved):
             p.requires_grad_(s)
             p.grad = None
     pre = backbone.num_prefix_tokens
-    maps = combine_maps(big_a[:, :, 0, pre:].detach(), torch.stack(grads)[..., pre:], mass)
+    maps = combine_maps(a_map, torch.stack(grads)[..., pre:], mass)
     return maps.reshape(images.shape[0], centroids.shape[0], h, w)

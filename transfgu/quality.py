@@ -37,13 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from transfgu.checkpoint import load_train_state
-from transfgu.concepts import ConceptBank, assign
+from transfgu.concepts import ConceptBank
 from transfgu.config import n_output_channels
 from transfgu.data.datasets import load_sample
 from transfgu.data.io import load_rgb
 from transfgu.data.loaders import dataset_classes, split_records
 from transfgu.data.transforms import to_uint8_chw
-from transfgu.engine import minmax_normalise
+from transfgu.engine import targets as engine_targets
+from transfgu.kmeans import assign
 from transfgu.metrics import RunningConfusion, matched_confusion
 from transfgu.models.backbone import normalize
 from transfgu.store import read_features, read_label_bank
@@ -210,7 +211,7 @@ def label_decisions(maps: Any, variant: str, t_bg: float = 0.1, size: Sequence[i
         maps = maps.dense()
     m = torch.as_tensor(np.asarray(maps, dtype=np.float32))[None]
     if variant == "things":
-        p = minmax_normalise(m)
+        p = engine_targets.minmax_normalise(m)
         m = torch.cat([F.relu(t_bg - p.max(dim=1).values).unsqueeze(1), p], dim=1)
     dec = m[0].argmax(dim=0)
     if size is not None and tuple(dec.shape) != tuple(size):
@@ -331,13 +332,12 @@ def target_quality(
 ) -> list[dict[str, Any]]:
     """Quality of the targets each bootstrapped round trains on: eq. 12 with the round's teacher, training images.
 
-    For every round with a teacher, each labelled training image (whole view at ``train.train_size``, no
-    augmentation) goes through the frozen backbone and the teacher; :func:`transfgu.engine.make_targets` mixes the
-    teacher's softmax into the image's pseudo labels exactly as a training step does, and the hard targets are
-    scored like the pseudo labels (:func:`pseudo_label_quality`: Hungarian, and anchored when ``concept_class`` is
-    given) at ``pseudo.input_size``. Set beside the pseudo-label scores, it says what the teacher adds to what the
-    student learns from; a round whose targets are no better than the raw pseudo labels has gained nothing from
-    bootstrapping.
+    For every round with a teacher, each labelled training image (whole view at ``train.train_size``, no augmentation)
+    goes through the frozen backbone and the teacher; :func:`~transfgu.engine.targets.make_targets` mixes the teacher's
+    softmax into the image's pseudo labels exactly as a training step does, and the hard targets are scored like the
+    pseudo labels (:func:`pseudo_label_quality`: Hungarian, and anchored when ``concept_class`` is given) at
+    ``pseudo.input_size``. Set beside the pseudo-label scores, it says what the teacher adds to what the student learns
+    from; a round whose targets are no better than the raw pseudo labels has gained nothing from bootstrapping.
 
     ``student_teacher_agreement`` is the share of token positions (same images) where the round's student and its
     teacher take the same channel. The student restarts from its initial weights every round (eq. 10-11), so what
@@ -347,7 +347,6 @@ def target_quality(
     It costs a backbone pass per image and round, so at most ``max_images`` labelled training images (the first in
     split order) are used; the count is reported as ``n_images``.
     """
-    import transfgu.engine as engine
     if gt is None or n_classes is None:
         gt, n_classes, names = _labels(cfg, cfg.data.train_split)
     rounds = sorted(p for p in (Path(run_dir) / "train").glob("round_*") if (p / "state.json").is_file())
@@ -380,9 +379,9 @@ def target_quality(
             if pseudo.shape[-2:] != logits.shape[-2:]:
                 pseudo = F.interpolate(pseudo, size=logits.shape[-2:], mode="bilinear", align_corners=False)
             perm = torch.arange(logits.shape[1])  # the permutation only names the negative labels
-            t = engine.make_targets(pseudo, logits, variant, t_bg=cfg.train.t_bg, mix=cfg.train.teacher_mix,
+            t = engine_targets.make_targets(pseudo, logits, variant, t_bg=cfg.train.t_bg, mix=cfg.train.teacher_mix,
                                     perm=perm)
-            raw = engine.make_targets(pseudo, None, variant, t_bg=cfg.train.t_bg, perm=perm).hard
+            raw = engine_targets.make_targets(pseudo, None, variant, t_bg=cfg.train.t_bg, perm=perm).hard
             agree_pseudo += int((raw == t_dec).sum())
             dec = F.interpolate(t.hard[:, None].float().cpu(), size=size, mode="nearest")[0, 0].long()
             running.update(torch.from_numpy(_resize_nearest(gt[rec.image_id], size)), dec)

@@ -20,7 +20,6 @@ stands alone.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from transfgu import viz
+from transfgu.cli_args import report_parser
 from transfgu.layout import RunLayout
 from transfgu.methods import get_method
 from transfgu.store import atomic_write_json
@@ -56,6 +56,7 @@ class ReportOptions:
     n_cam_images: int = 3
     max_cam_maps: int = 17  # maps per CAM panel; with more concepts the strongest are shown
     n_pred_images: int = 4
+    n_pred_candidates: int = 16  # images spread over the split, scored; the panel shows best, worst and between
     display_width: int = 320  # width of images in the CAM and prediction panels
     thumb: int = 96  # longer side of a gallery thumbnail
     n_mask_images: int = 4  # Leopart runs: images in the foreground-mask panel
@@ -491,7 +492,8 @@ def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any]
     split = cfg.data.val_split if labelled else cfg.data.train_split
     try:
         records = list(list_records(cfg.data.name, cfg.data.root, split, **dict(cfg.data.options)))
-        records = records[: opt.n_pred_images]
+        n_split = len(records)
+        records = [records[i] for i in spread(n_split, max(opt.n_pred_candidates, opt.n_pred_images))]
         spec = dataset_spec(cfg.data.name, cfg.data.root, **dict(cfg.data.options)) if labelled else None
     except Exception as exc:
         sec.note = f"The {split} images are not readable here ({exc}); section skipped."
@@ -500,7 +502,7 @@ def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any]
     as_classes = predictor.cluster_to_class is not None and spec is not None
     names = list(spec.class_names) if as_classes else [f"cluster {i}" for i in range(predictor.n_clusters)]
     colours = viz.palette(max(len(names), 1))
-    rows = []
+    scored = []  # (image id, image, gt, pred, per-image mIoU or None)
     for rec in records:
         try:
             if spec is not None:
@@ -513,9 +515,25 @@ def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any]
             sec.html += f"<p>{html.escape(rec.image_id)}: not readable ({html.escape(str(exc))})</p>"
             continue
         pred = predictor.predict(img, as_classes=as_classes)
+        score = image_miou(gt, pred, len(names)) if as_classes and gt is not None else None
+        scored.append((rec.image_id, img, gt, pred, score))
+    ranked = all(s[4] is not None for s in scored) and bool(scored)
+    if ranked:  # best, worst and evenly spaced ranks between: the model's range, not four neighbouring frames
+        order = sorted(range(len(scored)), key=lambda i: -scored[i][4])
+        chosen = [order[i] for i in spread(len(order), opt.n_pred_images)]
+    else:
+        chosen = spread(len(scored), opt.n_pred_images)
+    rows, table = [], []
+    for rank, i in enumerate(chosen):
+        image_id, img, gt, pred, score = scored[i]
         small = _resize_to_width(img, opt.display_width)
         hw = small.shape[:2]
-        rows.append((rec.image_id, small, None if gt is None or not as_classes else resize_label(gt, hw),
+        caption = image_id
+        if ranked:
+            where = "best" if rank == 0 else "worst" if rank == len(chosen) - 1 else f"rank {order.index(i) + 1}"
+            caption = f"{image_id}: {where}, mIoU {100 * score:.1f} %"
+            table.append((image_id, where, f"{100 * score:.1f} %"))
+        rows.append((caption, small, None if gt is None or not as_classes else resize_label(gt, hw),
                      resize_label(pred, hw)))
     if rows:
         fig = viz.prediction_panel(rows, names, colours,
@@ -527,8 +545,43 @@ def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any]
         "No cluster-to-class matching is available, so clusters are shown with their own colours (ground truth "
         "is not comparable colour for colour and is not drawn)."
     )
-    sec.html = f"<p>The first {len(rows)} images of split <code>{html.escape(str(split))}</code>. {what}</p>" + sec.html
+    split_name = f"split <code>{html.escape(str(split))}</code>"
+    how = (f"{len(scored)} images spread evenly over the {n_split} of {split_name} were scored by per-image mIoU "
+           f"(classes present in the image's ground truth or prediction); shown: the best, the worst and "
+           f"{max(len(rows) - 2, 0)} evenly spaced ranks between." if ranked else
+           f"{len(rows)} images spread evenly over the {n_split} of {split_name}.")
+    sec.html = f"<p>{how} {what}</p>" + sec.html
+    if table:
+        sec.html += _table(["image", "", "per-image mIoU"], table)
     return sec
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``min(k, n)`` indices spread evenly over ``range(n)``, first and last included (``[0]`` for one)."""
+    if n <= 0 or k <= 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def image_miou(gt: np.ndarray, pred: np.ndarray, n: int) -> float:
+    """Mean IoU of one image over the classes present in its ground truth or its prediction (ids outside
+    ``[0, n)`` -- ignored ground truth, unmatched clusters -- are not scored where the ground truth is ignored, and
+    count as wrong where it is not)."""
+    valid = (gt >= 0) & (gt < n)
+    g = gt[valid].astype(np.int64)
+    p = pred[valid].astype(np.int64)
+    ok = (p >= 0) & (p < n)
+    conf = np.bincount(g[ok] * n + p[ok], minlength=n * n).reshape(n, n)
+    gt_count = np.bincount(g, minlength=n)
+    pred_count = conf.sum(0)
+    inter = np.diag(conf)
+    union = gt_count + pred_count - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 0.0
 
 
 def _errors_section(run_dir: Path) -> Section:
@@ -549,17 +602,82 @@ def _errors_section(run_dir: Path) -> Section:
 
 
 def _config_section(cfg: Any, run_dir: Path) -> Section:
+    import yaml
+
+    from transfgu.config import METHOD_SECTIONS
+
     sec = Section("Configuration")
     path = RunLayout(run_dir).config
+    data: Any = None
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
-    elif cfg is not None:
-        text = cfg.to_yaml()
-    else:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            log.warning("report: cannot parse %s: %s", path, exc)
+    if not isinstance(data, dict) and cfg is not None:
+        data = cfg.model_dump(mode="json")
+    if not isinstance(data, dict):
         sec.note = "No config.yaml in the run directory."
         return sec
-    sec.html = f"<pre>{html.escape(text)}</pre>"
+    method = str(data.get("method") or "transfgu")
+    # a config.yaml of an older version may still hold every method's sections
+    other = {sec for m, secs in METHOD_SECTIONS.items() if m != method for sec in secs}
+    dropped = [k for k in data if k in other]
+    text = yaml.safe_dump({k: v for k, v in data.items() if k not in dropped}, sort_keys=False)
+    left_out = (f" (sections of other methods left out: {', '.join(dropped)}; the full file is "
+                f"<code>config.yaml</code> in the run directory)" if dropped else "")
+    sec.html = (f"<details><summary>The resolved configuration of this <code>{html.escape(method)}</code> run, "
+                f"{len(text.splitlines())} lines{left_out}</summary><pre>{html.escape(text)}</pre></details>")
     return sec
+
+
+def mlflow_run_link(cfg: Any) -> tuple[str, str] | None:
+    """``(url, how to open it)`` of the run's MLflow parent run (the newest with its name), or None.
+
+    Read-only: a SQLite store that does not exist is not created. The URL of a local store is the one ``mlflow ui``
+    serves on its default address.
+    """
+    if cfg is None or not cfg.mlflow.enabled:
+        return None
+    from transfgu.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg)
+    local = uri.startswith("sqlite:///")
+    if local and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    if not (local or uri.startswith(("http://", "https://"))):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        return None
+    name = str(cfg.run.name).replace("'", "")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags] or runs
+    if not parents:
+        return None
+    run = parents[0]
+    base = "http://127.0.0.1:5000" if local else uri.rstrip("/")
+    url = f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    how = f"mlflow ui --backend-store-uri {uri}" if local else ""
+    return url, how
+
+
+def _mlflow_html(cfg: Any) -> str:
+    try:
+        link = mlflow_run_link(cfg)
+    except Exception as exc:  # the link is a convenience: never fail the report on it
+        log.warning("report: cannot find the run in MLflow: %s: %s", type(exc).__name__, exc)
+        return ""
+    if link is None:
+        return ""
+    url, how = link
+    start = f" (start the UI first: <code>{html.escape(how)}</code>)" if how else ""
+    return (f"<p class='meta'>MLflow run: <a id='mlflow-run' href='{html.escape(url)}'>{html.escape(url)}</a>"
+            f"{start}</p>")
 
 
 # -- HTML ------------------------------------------------------------------------------------------------------------
@@ -589,6 +707,8 @@ font-size:14px;vertical-align:top}
 th{background:#f6f6f6} figure{margin:12px 0} img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:13px;color:#555} pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px}
 .meta{color:#666;font-size:14px}
+.toc{background:#fafafa;border:1px solid #eee;padding:6px 16px;display:inline-block;font-size:14px}
+.toc ol{margin:4px 0;padding-left:20px} details summary{cursor:pointer;color:#444}
 """
 
 
@@ -617,7 +737,12 @@ def _banner(pretrained: bool | None, meta: dict[str, Any] | None, cfg: Any) -> s
     return '<div class="banner unknown"><b>Backbone weights unknown</b>: no model, metrics or config found.</div>'
 
 
-def _render(run_dir: Path, sections: Sequence[Section], banner: str, summary: str) -> str:
+def _anchor(title: str) -> str:
+    return "sec-" + "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+
+
+def _render(run_dir: Path, sections: Sequence[Section], banner: str, summary: str, links: str = "") -> str:
+    toc = "".join(f"<li><a href='#{_anchor(sec.title)}'>{html.escape(sec.title)}</a></li>" for sec in sections)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>TransFGU report: {html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>",
@@ -626,9 +751,11 @@ def _render(run_dir: Path, sections: Sequence[Section], banner: str, summary: st
         f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</div>",
         banner,
         summary,
+        links,
+        f"<nav class='toc'><b>Contents</b><ol>{toc}</ol></nav>",
     ]
     for sec in sections:
-        parts.append(f"<h2>{html.escape(sec.title)}</h2>")
+        parts.append(f"<h2 id='{_anchor(sec.title)}'>{html.escape(sec.title)}</h2>")
         if sec.note:
             parts.append(f"<p class='note'>{html.escape(sec.note)}</p>")
         parts.append(sec.html)
@@ -692,7 +819,7 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
         except Exception as exc:  # one broken section must not cost the user the rest of the report
             log.exception("report section %r failed", title)
             sections.append(Section(title, note=f"This section could not be drawn: {type(exc).__name__}: {exc}"))
-    page = _render(run_dir, sections, _banner(pretrained, meta, cfg), _summary(metrics, meta, cfg))
+    page = _render(run_dir, sections, _banner(pretrained, meta, cfg), _summary(metrics, meta, cfg), _mlflow_html(cfg))
     path = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
@@ -704,18 +831,14 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="transfgu report",
-                                description="Write <RUN_DIR>/report/index.html (self-contained) and its PNGs.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--per-concept", type=int, default=8, help="crops per concept in the galleries")
-    p.add_argument("--cam-images", type=int, default=3, help="images with CAM panels")
-    p.add_argument("--pred-images", type=int, default=4, help="validation images with predictions")
-    p.add_argument("--device", default=None, help="device for the prediction panels (default: CUDA when present)")
+    p = report_parser()
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from transfgu.logs import setup_logging
+
+        setup_logging()  # the console format of every transfgu command
     opt = ReportOptions(n_per_concept=args.per_concept, n_cam_images=args.cam_images,
-                        n_pred_images=args.pred_images, device=args.device)
+                        n_pred_images=args.pred_images, n_pred_candidates=args.pred_candidates, device=args.device)
     try:
         path = write_report(args.run_dir, opt)
     except (FileNotFoundError, ValueError) as exc:

@@ -78,5 +78,5 @@ def _load_run_backbone(cfg: BackboneConfig, layout: RunLayout | None, seed: int)
     bb = build_backbone(cfg.arch, "none")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_backbone_weights(bb, path)
-    log.warning("random backbone weights saved to %s so this run can be reproduced", path)
+    log.info("random backbone weights saved to %s so this run can be reproduced", path)
     return bb

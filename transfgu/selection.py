@@ -77,7 +77,7 @@ class Validator:
         return {"mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"])}
 
     def _evaluate(self, decoder: torch.nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-        from transfgu.engine import evaluate
+        from transfgu.engine.loop import evaluate
 
         return evaluate(
             decoder, self.backbone, loader, n_clusters=n_output_channels(self.cfg), n_classes=len(self.names),

@@ -69,8 +69,8 @@ class ShardedStage:
         :meth:`prepare`; returns ``(model input, ids of the decoded images)``, the arguments of :meth:`compute`.
 
         Both executors run it off the model's thread: the one-process executor on its prefetch thread
-        (:func:`transfgu.throughput.overlapped`), a Ray stage actor in a concurrent call (two calls per actor, the
-        model calls one at a time, :class:`transfgu.distributed.shards.StageActor`).
+        (:func:`~transfgu.throughput.prefetch.overlapped`), a Ray stage actor in a concurrent call (two calls per actor,
+        the model calls one at a time, :class:`transfgu.distributed.shards.StageActor`).
         """
         decoded = list(decode_images(records, errors, self.name))
         return self.prepare([im for _, im in decoded]), [r.image_id for r, _ in decoded]

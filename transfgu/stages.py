@@ -35,12 +35,13 @@ import torch
 
 from transfgu import integrity
 from transfgu.checkpoint import set_cluster_to_class
-from transfgu.concepts import ConceptBank, PoolFit, assemble_bank, order_pools
+from transfgu.concepts import ConceptBank, assemble_bank, order_pools
 from transfgu.config import Config, CropConfig, PseudoLabelConfig
 from transfgu.context import RunContext
 from transfgu.crops import extract_crops_batch
 from transfgu.data.loaders import split_records
 from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
+from transfgu.kmeans import KMeansResult
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.pseudo_labels import concept_map_parts
@@ -54,7 +55,7 @@ from transfgu.store import (
     label_bank_table,
     to_jsonable,
 )
-from transfgu.throughput import prepare_images, to_device
+from transfgu.throughput.tensors import prepare_images, to_device
 from transfgu.training import load_latest_student, load_model_decoder, write_model
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def extract_features(
     """Crop + embed a group of decoded images (§2-3) into rows of the features table."""
     if len(images) == 0:
         return features_table([], split, [], dim=backbone.embed_dim)
-    # ``images`` may already be the resized batch (transfgu.throughput.prepare_images, run in the prefetch thread).
+    # ``images`` may already be the resized batch (throughput.tensors.prepare_images, run in the prefetch thread).
     x = images if isinstance(images, torch.Tensor) else prepare_images(images, crops.input_size, crops.resize_mode)
     x = to_device(x, device)
     recs = extract_crops_batch(
@@ -185,7 +186,7 @@ def concept_pools(cfg: Config) -> dict[str, int]:
     return {p: int(cfg.concepts.k_per_pool[p]) for p in order_pools(list(cfg.concepts.k_per_pool))}
 
 
-def finish_concepts(ctx: RunContext, fits: Mapping[str, PoolFit], extra: dict[str, Any]) -> dict[str, Any]:
+def finish_concepts(ctx: RunContext, fits: Mapping[str, KMeansResult], extra: dict[str, Any]) -> dict[str, Any]:
     """Stack the per-pool k-means results, write ``concepts/`` and return the manifest info."""
     cfg = ctx.cfg
     for pool, fit in fits.items():

@@ -33,7 +33,8 @@ from transfgu.checkpoint import (
 from transfgu.config import Config, n_output_channels
 from transfgu.context import EpochCallback
 from transfgu.data.loaders import dataset_classes
-from transfgu.engine import StepKernels, make_optimizer, reboot, train_one_epoch
+from transfgu.engine.loop import train_one_epoch
+from transfgu.engine.step import StepKernels, make_optimizer, reboot
 from transfgu.layout import RunLayout
 from transfgu.losses import BootstrapSchedule, LossWeights
 from transfgu.models.backbone import DinoViT

@@ -7,7 +7,7 @@ resizing before normalising equals the reference's normalise-then-resize (refere
 
 * :func:`to_model_input` returns the normalised float tensor (feature extraction, pseudo labels, prediction, export);
 * :func:`to_uint8_chw` returns the resized image still as uint8 (training and evaluation loaders keep uint8 in
-  memory and normalise on the device, after augmentation: :func:`transfgu.engine.augment_batch`);
+  memory and normalise on the device, after augmentation: :func:`transfgu.engine.augment.augment_batch`);
 * :func:`to_label_tensor` returns a label map resized with nearest neighbour.
 
 (:func:`transfgu.data.io.resize_image` is different on purpose: numpy in, numpy out, anti-aliased, for pictures in

@@ -13,7 +13,7 @@ hold            actors that each hold a contiguous group of files (:class:`RayHo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -63,15 +63,37 @@ class RayHolders:
             raise AttributeError(method)
         import ray
 
-        def call(*args: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             if method in self.per_file:
                 a, j = self.where[int(args[0])]
-                return ray.get(getattr(self.actors[a], method).remote(j, *args[1:]))
+                return ray.get(getattr(self.actors[a], method).remote(j, *args[1:], **kwargs))
             shared = [_shared(x) for x in args]
-            parts = ray.get([getattr(actor, method).remote(*shared) for actor in self.actors])
+            named = {k: _shared(v) for k, v in kwargs.items()}
+            parts = ray.get([getattr(actor, method).remote(*shared, **named) for actor in self.actors])
             return [x for part in parts for x in part]
 
         return call
+
+
+def start_holders(holder: Callable[..., Any], files: Sequence[Path | str], max_holders: int,
+                  options: Mapping[str, Any], *args: Any) -> RayHolders:
+    """``holder(group, *args)`` actors over contiguous groups of ``files`` with Ray ``options``: the holders of every
+    sharded k-means (Leopart's dense steps through :meth:`RayExecutor.hold`, TransFGU's concepts).
+
+    Holders live for a whole step: never more of them than the cluster can host at once, or they would wait for
+    each other forever (tasks could queue; long-lived actors cannot).
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    fit = int(total.get("CPU", 1) // max(float(options.get("num_cpus", 1)), 1e-3))
+    if options.get("num_gpus"):
+        fit = min(fit, int(total.get("GPU", 0) // float(options["num_gpus"])))
+    groups = file_groups(list(files), max(1, min(max_holders, fit)))
+    cls = ray.remote(holder).options(**options)
+    shared = [_shared(x) for x in args]
+    actors = [cls.remote(g, *shared) for g in groups]
+    return RayHolders(actors, groups, getattr(holder, "PER_FILE", ()))
 
 
 class RayExecutor:
@@ -94,17 +116,9 @@ class RayExecutor:
         return ray.get([task.remote(str(f)) for f in files])
 
     def hold(self, holder: Callable[..., H], files: Sequence[Path], *args: Any) -> H:
-        import ray
-
-        # holders live for a whole step: never more of them than the cluster can host at once, or they would wait
-        # for each other forever (tasks could queue; long-lived actors cannot)
-        fit = int(ray.cluster_resources().get("CPU", 1) // max(float(self.res["num_cpus"]), 1e-3))
-        groups = file_groups(list(files), max(1, min(self.cfg.ray.kmeans_shards, fit)))
         # CPU only (faiss CPU assign); "DEFAULT": on the cluster, not inside a Tune trial's placement group
-        cls = ray.remote(holder).options(num_cpus=self.res["num_cpus"], scheduling_strategy="DEFAULT")
-        shared = [_shared(x) for x in args]
-        actors = [cls.remote(g, *shared) for g in groups]
-        return cast(H, RayHolders(actors, groups, getattr(holder, "PER_FILE", ())))
+        opts = {"num_cpus": self.res["num_cpus"], "scheduling_strategy": "DEFAULT"}
+        return cast(H, start_holders(holder, files, self.cfg.ray.kmeans_shards, opts, *args))
 
     def release(self, held: object) -> None:
         import ray

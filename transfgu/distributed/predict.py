@@ -26,7 +26,6 @@ rows. A re-run only sends the stems no ledger row covers; at the end every input
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -34,7 +33,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transfgu.predict import IMAGE_EXTENSIONS, collect_inputs, prediction_parser, unique_stems
+from transfgu.cli_args import predict_ray_parser as build_parser
+from transfgu.predict import IMAGE_EXTENSIONS, collect_inputs, unique_stems
 from transfgu.store import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,9 @@ def list_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
             if not hits:
                 raise FileNotFoundError(f"no image matches {s}")
-            found.extend((str(Path(p)), Path(p).relative_to(root).with_suffix("").as_posix()) for p in hits)
-        else:
-            found.extend((str(p), stem) for p, stem in collect_inputs([s]))
+            found.extend((str(Path(p).resolve()), Path(p).relative_to(root).with_suffix("").as_posix()) for p in hits)
+        else:  # the ledger's `source` is absolute: it names the file wherever the ledger is read from
+            found.extend((str(Path(p).resolve()), stem) for p, stem in collect_inputs([s]))
     return unique_stems(found)  # the same rule as the one-process transfgu predict, across all inputs
 
 
@@ -350,35 +350,21 @@ def _check_exactly_once(out: Path, all_stems: Sequence[str], todo: Sequence[str]
 
 
 # -- command line --------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = prediction_parser(
-        "transfgu predict --ray",
-        "Label images on Ray Data: CPU decoding tasks ahead of an actor pool (one GPU per actor when the cluster has "
-        "GPUs). Writes <out>/<stem>.png and a Parquet ledger <out>/predictions/*.parquet (stem, source, label_png, "
-        "height, width, pixels per id, unmatched, error); a re-run only does what the ledger lacks.",
-        "a run directory, its model/ folder, or an MLflow model URI (runs:/<id>/model, models:/<name>/<version>)",
-        "folders, image files, list files, globs, or URIs (s3://bucket/prefix/)",
-    )
-    p.add_argument("--ray", action="store_true", help="(accepted: this is the Ray executor)")
-    p.add_argument("--format", default="png,parquet",
-                   help="png,parquet (default) or parquet: the Parquet ledger is always written")
-    p.add_argument("--actors", default="1,4", help="min,max actors of the prediction pool (default 1,4)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decoding task")
-    p.add_argument("--gpu", choices=("auto", "true", "false"), default="auto")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started here")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ checkpoints")
-    p.add_argument("--device", help=argparse.SUPPRESS)
-    p.add_argument("--weights", help=argparse.SUPPRESS)
-    p.add_argument("--overlay", action="store_true", help=argparse.SUPPRESS)
-    return p
+def summary_line(res: Mapping[str, Any], out: Path) -> str:
+    """The closing line of ``transfgu predict --ray``: counts, and the error list only when this run wrote one."""
+    errors = Path(out) / "errors.jsonl"
+    unreadable = f"{res['n_errors']} unreadable"
+    if res["n_errors"] and errors.exists():
+        unreadable += f": see {errors.resolve()}"
+    return f"{res['n_predicted']} images labelled ({res['n_kept']} already done, {unreadable}); ledger {res['ledger']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from transfgu.logs import setup_logging
+
+        setup_logging()  # the console format of every transfgu command
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     if not formats <= {"png", "parquet"} or not formats:
         print(f"error: --format takes png and/or parquet, got {args.format!r}", file=sys.stderr)
@@ -413,8 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{res['n_predicted']} images labelled ({res['n_kept']} already done, {res['n_errors']} unreadable: see "
-          f"{Path(args.out) / 'errors.jsonl'}); ledger {res['ledger']}")
+    print(summary_line(res, Path(args.out)))
     if not res["pretrained_backbone"]:
         print("warning: the checkpoint's backbone is RANDOM (no pretrained weights): predictions are not the "
               "method's", file=sys.stderr)

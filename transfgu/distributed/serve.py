@@ -7,18 +7,23 @@ Two deployments::
 
 Routes:
 
-* ``GET /`` a page to upload an image and see the colour overlay and the per-class areas;
-* ``POST /predict`` the body is the image file itself (``Content-Type: image/*`` or ``application/octet-stream``).
-  Query: ``format=json`` (default: ``label_png`` base64, ``areas`` per id) or ``format=png`` (the label PNG
-  alone, areas in the ``X-Areas`` header), ``classes=true`` (matched class ids instead of clusters),
-  ``overlay=true`` (also a JPEG overlay, base64, in the JSON);
+* ``GET /`` a page that describes the model, segments an uploaded image (again when an option changes) and shows
+  the photo, the labels over it at a chosen opacity, and the per-class areas;
+* ``POST /predict`` the body is the image file itself (``Content-Type: image/*`` or ``application/octet-stream``),
+  or a form upload (``multipart/form-data``, ``curl -F file=@street.jpg``: the first file field). Query:
+  ``format=json`` (default: ``label_png`` base64, ``areas`` per id) or ``format=png`` (the label PNG alone, areas in
+  the ``X-Areas`` header), ``classes=true`` (matched class ids instead of clusters), ``overlay=true`` (also a JPEG
+  overlay and the colour-coded labels as RGBA PNG, base64, in the JSON);
 * ``GET /healthz`` 200 with the model's description when a model replica answers, 503 otherwise;
-* ``GET /info`` the model's description.
+* ``GET /info`` the model's description;
+* ``GET /docs`` the API reference, rendered from ``GET /openapi.json`` by a page that needs no network (Swagger UI's
+  assets come from a CDN, so FastAPI's own ``/docs`` is blank offline).
 
-Bad requests get a 4xx with a JSON ``{"error": ...}`` and never reach the model: 411/413 for a missing or too large
+Every error, FastAPI's own included (404, 405 for ``GET /predict``), is a JSON ``{"error": ...}`` with the status.
+Bad requests get a 4xx and never reach the model: 411/413 for a missing or too large
 body (``max_body_mb``, checked on the header and while reading), 400 for an empty body or a file that is not an
 image, 413 for an image over ``max_pixels`` (checked on the file header, before decoding), 415 for another content
-type, 422 for bad query values. Model replicas only ever see decoded uint8 images.
+type, 422 for bad query values or a form without a file. Model replicas only ever see decoded uint8 images.
 
 Labels come from :class:`transfgu.predict.Predictor` (same preprocessing, same logits, same upsampled argmax), so
 they equal ``transfgu predict``. ``@serve.batch`` stacks concurrent requests into one forward pass.
@@ -28,6 +33,8 @@ they equal ``transfgu predict``. ``@serve.batch`` stacks concurrent requests int
 # and Serve's class-based routes do not resolve string annotations.
 import asyncio
 import base64
+import email.parser
+import email.policy
 import io
 import json
 import logging
@@ -39,20 +46,23 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("serve_page.html")
+DOCS_PAGE = Path(__file__).with_name("serve_docs.html")
 DEFAULTS: dict[str, Any] = {
     "device": "auto", "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "min_replicas": 1, "max_replicas": 2,
     "target_ongoing_requests": 4, "model_cpus": 1.0, "api_cpus": 0.25, "api_replicas": 1, "max_body_mb": 16.0,
     "max_pixels": 40_000_000, "tracking_uri": None, "work_pixels": 4_000_000, "max_inflight_pixels": 64_000_000,
     "max_ongoing_requests": None, "api_max_ongoing_requests": 64, "ray_address": None, "host": "127.0.0.1",
 }
-ACCEPTED_TYPES = ("image/", "application/octet-stream")
+ACCEPTED_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
 #: Above this many output pixels a model replica gives freed heap back to the OS after the batch.
 LARGE_PIXELS = 4_000_000
 
@@ -69,14 +79,18 @@ class SegmentationModel:
 
         torch.set_num_threads(max(1, int(num_cpus)))
         self.predictor = load(checkpoint, device=None if device == "auto" else device)
+        path = Path(checkpoint)  # the run's name (runs/<name>/model), shown on the page
+        self.name = path.parent.name if path.name == "model" else path.name
         self.predict_batch.set_max_batch_size(int(max_batch_size))
         self.predict_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
 
     def info(self) -> dict[str, Any]:
         p = self.predictor
+        backbone = p.meta["backbone"]
         return {"n_clusters": p.n_clusters, "class_names": p.class_names, "has_classes": p.cluster_to_class is not None,
                 "pretrained": p.pretrained, "eval_size": list(p.eval_size), "device": str(p.device),
-                "backbone": p.meta["backbone"]["arch"]}
+                "backbone": backbone["arch"], "prior": backbone.get("prior"),
+                "method": p.meta.get("method", "transfgu"), "model": self.name}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def predict_batch(self, items: list[tuple[np.ndarray, tuple[int, int], bool]]) -> list[np.ndarray]:
@@ -109,11 +123,102 @@ class BadRequest(Exception):
         self.message = message
 
 
-api = FastAPI(title="transfgu", description="TransFGU unsupervised semantic segmentation")
+api = FastAPI(title="transfgu", description="TransFGU unsupervised semantic segmentation: upload an image, get its "
+              "label map and the area of each cluster (or matched class).", docs_url=None, redoc_url=None)
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (unknown route, wrong method) in the API's one error shape."""
+    if exc.status_code == 405:
+        allowed = exc.headers.get("Allow", "") if exc.headers else ""
+        message = f"method {request.method} not allowed on {request.url.path}" + (f": use {allowed}" if allowed else "")
+    elif exc.status_code == 404:
+        message = f"no route {request.url.path}: see /docs"
+    else:
+        message = str(exc.detail)
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())), e.get("msg", "")) for e in exc.errors()]
+    return _error(422, "; ".join(parts) or "invalid request")
+
+
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+_ERROR_RESPONSE = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+#: What /predict reads, for the OpenAPI schema (the route reads the raw request itself, so FastAPI cannot infer it).
+PREDICT_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {"name": "format", "in": "query", "required": False,
+         "description": "json: label PNG (base64) and areas in a JSON object; png: the label PNG itself, areas in the "
+         "X-Areas header", "schema": {"type": "string", "enum": ["json", "png"], "default": "json"}},
+        {"name": "classes", "in": "query", "required": False,
+         "description": "matched class ids instead of cluster ids (a model with a cluster -> class matching)",
+         "schema": {"type": "boolean", "default": False}},
+        {"name": "overlay", "in": "query", "required": False,
+         "description": "also a JPEG overlay, the colour-coded label map (RGBA PNG) and the palette, in the JSON",
+         "schema": {"type": "boolean", "default": False}},
+    ],
+    "requestBody": {
+        "required": True,
+        "description": "the image file (PNG, JPEG, WebP, BMP, TIFF, ...) as the body, or a form with one file field",
+        "content": {
+            "image/*": _BINARY, "application/octet-stream": _BINARY,
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary", "description": "the image file"}}}},
+        },
+    },
+    "responses": {
+        "200": {"description": "the label map and the area of each id", "content": {
+            "application/json": {"schema": {"type": "object", "properties": {
+                "height": {"type": "integer"}, "width": {"type": "integer"},
+                "ids": {"type": "string", "enum": ["clusters", "classes"]},
+                "areas": {"type": "array", "items": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "name": {"type": "string"}, "pixels": {"type": "integer"},
+                    "fraction": {"type": "number"}}}},
+                "unmatched_pixels": {"type": "integer"}, "unmatched_value": {"type": "integer"},
+                "label_png": {"type": "string", "description": "base64 of the label PNG (uint8, uint16 over 254 ids)"},
+                "pretrained": {"type": "boolean"},
+                "overlay_jpeg": {"type": "string", "description": "base64 JPEG (overlay=true)"},
+                "color_png": {"type": "string", "description": "base64 RGBA PNG of the colour-coded labels "
+                              "(overlay=true; transparent where no class)"},
+                "palette": {"type": "array", "items": {"type": "string"}}}}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        "400": {"description": "empty body, not a readable image", **_ERROR_RESPONSE},
+        "411": {"description": "no body", **_ERROR_RESPONSE},
+        "413": {"description": "body or image too large", **_ERROR_RESPONSE},
+        "415": {"description": "unsupported content type", **_ERROR_RESPONSE},
+        "422": {"description": "bad query value, or a form without a file", **_ERROR_RESPONSE},
+    },
+}
+
+
+def form_file(body: bytes, content_type: str) -> bytes:
+    """The first file of a ``multipart/form-data`` body (``curl -F file=@x.jpg``): its bytes.
+
+    Parsed with the standard library's MIME parser (no extra dependency); a form without a file field is a 422.
+    """
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise BadRequest(400, "malformed multipart/form-data body (no boundary or no parts)")
+    parts = list(msg.iter_parts())
+    files = [p for p in parts if p.get_filename() is not None]
+    chosen = files[0] if files else next((p for p in parts if p.get_param("name", header="content-disposition")
+                                          in ("file", "image")), None)
+    if chosen is None:
+        raise BadRequest(422, "the form has no file: send the image as a file field, e.g. curl -F file=@street.jpg")
+    data = chosen.get_payload(decode=True)
+    if not data:
+        raise BadRequest(400, "empty file in the form: send an image file (PNG, JPEG, ...)")
+    return bytes(data)
 
 
 def _flag(value: str | None, name: str) -> bool:
@@ -193,6 +298,20 @@ class PixelBudget:
             self._cond.notify_all()
 
 
+def _color_png(labels: np.ndarray, n_ids: int) -> bytes:
+    """The colour-coded labels as RGBA (transparent where the id has no colour): the page lays it over the photo at
+    the opacity the user picks; at 0.5 that is :func:`transfgu.viz.overlay`."""
+    from PIL import Image
+
+    from transfgu.viz import colorize, palette
+
+    ok = (labels >= 0) & (labels < n_ids)
+    rgba = np.dstack([colorize(np.where(ok, labels, 0), palette(n_ids)), np.where(ok, 255, 0).astype(np.uint8)])
+    buf = io.BytesIO()
+    Image.fromarray(rgba.astype(np.uint8), "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # Everything the ingress class uses must be defined above it: @serve.ingress captures the module's globals when the
 # class is decorated.
 @serve.deployment
@@ -214,11 +333,16 @@ class Api:
             self._info = await self.model.info.remote()
         return self._info
 
-    @api.get("/", response_class=HTMLResponse)
+    @api.get("/", response_class=HTMLResponse, summary="the upload page")
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @api.get("/healthz")
+    @api.get("/docs", response_class=HTMLResponse, summary="this API reference (works offline)")
+    async def docs(self) -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE.read_text(encoding="utf-8"))
+
+    @api.get("/healthz", summary="200 with the model's description when a model replica answers, else 503",
+             responses={503: {"description": "no model replica answers", **_ERROR_RESPONSE}})
     async def healthz(self) -> JSONResponse:
         try:
             info = await asyncio.wait_for(self.model.info.remote(), timeout=10)
@@ -226,7 +350,7 @@ class Api:
             return _error(503, f"model replica unavailable: {type(exc).__name__}: {exc}")
         return JSONResponse({"status": "ok", **info})
 
-    @api.get("/info")
+    @api.get("/info", summary="the model's description (backbone, prior, clusters, class names, eval size)")
     async def info(self) -> JSONResponse:
         return JSONResponse(await self._model_info())
 
@@ -234,7 +358,8 @@ class Api:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not ctype.startswith(ACCEPTED_TYPES):
             raise BadRequest(415, f"unsupported content type {ctype or '(none)'!r}: send the image file itself as "
-                             "the body with Content-Type image/<format> or application/octet-stream")
+                             "the body with Content-Type image/<format> or application/octet-stream, or as a form "
+                             "upload (multipart/form-data, e.g. curl -F file=@image.jpg)")
         length = request.headers.get("content-length")
         if length is not None:
             try:
@@ -275,7 +400,7 @@ class Api:
         except DecodeError as exc:
             raise BadRequest(400, f"not a readable image: {exc.reason}") from None
 
-    @api.post("/predict")
+    @api.post("/predict", summary="label an image", openapi_extra=PREDICT_OPENAPI)
     async def predict(self, request: Request) -> Response:
         held = 0
         try:
@@ -285,6 +410,9 @@ class Api:
             as_classes = _flag(request.query_params.get("classes"), "classes")
             want_overlay = _flag(request.query_params.get("overlay"), "overlay")
             body = await self._read_body(request)
+            ctype = request.headers.get("content-type", "")
+            if ctype.split(";")[0].strip().lower() == "multipart/form-data":
+                body = form_file(body, ctype)
             info = await self._model_info()
             if as_classes and not info["has_classes"]:
                 raise BadRequest(422, "classes=true needs a model with a cluster -> class matching (an evaluated "
@@ -335,6 +463,7 @@ class Api:
             jpeg = await asyncio.to_thread(_overlay_jpeg, image, labels, n_ids)
             out["overlay_jpeg"] = base64.b64encode(jpeg).decode("ascii")
             out["palette"] = ["#" + "".join(f"{int(v):02x}" for v in c) for c in palette(n_ids)]
+            out["color_png"] = base64.b64encode(await asyncio.to_thread(_color_png, labels, n_ids)).decode("ascii")
         return JSONResponse(out)
 
 

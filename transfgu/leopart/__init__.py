@@ -10,7 +10,7 @@ module                     step
 :mod:`.dense`              patch tokens + last-block CLS attention (head mean) per image, one Parquet row each
 :mod:`.pca`                standardisation + PCA from additive per-shard statistics (fit on train only)
 :mod:`.foreground`         noisy attention foreground mask (blur, top 65 % mass, small components removed)
-:mod:`.kmeans`             Lloyd k-means over in-memory shards (spherical for CBFE), one driver for both executors
+:mod:`.shards`             dense files in memory, PCA-projected: the k-means shard set (:mod:`transfgu.kmeans`)
 :mod:`.cbfe`               precision of every cluster against the attention mask, threshold, foreground clusters
 :mod:`.communities`        co-occurrence network (vectorised), edge threshold, Infomap communities
 :mod:`.model`              the fitted model (PCA, centroids, community map): segmentation, save/load, predict

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from transfgu.leopart.kmeans import nearest
+from transfgu.kmeans import nearest
 from transfgu.leopart.pca import PCA
 from transfgu.model_meta import CheckpointMeta
 
@@ -51,7 +51,7 @@ class LeopartModel:
         return self.pca.transform(feats)
 
     def cbfe_labels(self, points: np.ndarray) -> np.ndarray:
-        return nearest(points, self.cbfe_centroids, spherical=True)
+        return nearest(points, self.cbfe_centroids, normalize=True)
 
     def foreground_mask(self, points: np.ndarray) -> np.ndarray:
         """CBFE: a patch is foreground when its (spherical) cluster is."""
@@ -63,7 +63,7 @@ class LeopartModel:
         out = np.full(points.shape[0], k, dtype=np.int64)
         fg = self.foreground_mask(points)
         if fg.any():
-            out[fg] = nearest(points[fg], self.cd_centroids, spherical=False)
+            out[fg] = nearest(points[fg], self.cd_centroids, normalize=False)
         return out
 
     def segments(self, points: np.ndarray) -> np.ndarray:
@@ -188,7 +188,7 @@ def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str |
     if model.cluster_to_segment is None:
         raise ValueError(f"{ckpt} holds no community map (the communities stage did not finish)")
     if not meta["backbone"].get("pretrained", False):
-        log.warning("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
+        log.info("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
     return LeopartPredictor(backbone, model, meta, device, amp_dtype, batch_size)
 
 

@@ -44,6 +44,7 @@ from transfgu.data.datasets import ImageRecord
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 from transfgu.errors import ErrorLog, check_error_budget
 from transfgu.evaluation import has_labelled_val, write_eval
+from transfgu.kmeans import KMeansResult, lloyd_kmeans
 from transfgu.layout import RunLayout
 from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import (
@@ -54,7 +55,6 @@ from transfgu.leopart.communities import (
     network_edges,
 )
 from transfgu.leopart.dense import dense_features, dense_table, read_dense
-from transfgu.leopart.kmeans import KMeansFit, lloyd_kmeans
 from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
 from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
 from transfgu.leopart.probe import evaluate, train_linear_probe
@@ -90,6 +90,12 @@ def splits(cfg: Config) -> list[str]:
 def mask_kwargs(cfg: Config) -> dict[str, Any]:
     lp = cfg.leopart
     return {"mass": lp.attn_mass, "kernel": lp.blur_kernel, "sigma": lp.blur_sigma, "min_component": lp.min_component}
+
+
+def kmeans_options(lp: LeopartConfig) -> dict[str, Any]:
+    """The spherical k-means options of CBFE and overclustering (:func:`transfgu.kmeans.lloyd_kmeans`)."""
+    return {"normalize": lp.kmeans_points == "l2_normalized",
+            "max_points_per_centroid": lp.kmeans_max_points_per_centroid}
 
 
 def file_moments(path: str) -> MomentStats:
@@ -218,7 +224,7 @@ def run_cbfe(ctx: RunContext, ex: Executor) -> StageInfo:
     shards = ex.hold(DenseShards, dense_files(ctx.run_dir, cfg.data.train_split), pca, mask_kwargs(cfg))
     try:
         fit = lloyd_kmeans(shards, lp.k_cbfe, lp.cbfe_niter, lp.seed, spherical=True, nredo=lp.cbfe_nredo,
-                           name="cbfe")
+                           **kmeans_options(lp), name="cbfe")
         model = LeopartModel(pca, fit.centroids, np.zeros(lp.k_cbfe, dtype=bool))
         parts = shards.precision_stats(model)
         sum_prec, n_img = np.zeros(lp.k_cbfe), np.zeros(lp.k_cbfe, dtype=np.int64)
@@ -294,10 +300,12 @@ def model_meta(cfg: Config, pretrained: bool, input_hash: str | None = None) -> 
     }
 
 
-def _fit_network(shards: DenseShards, model: LeopartModel, k: int, lp: LeopartConfig) -> tuple[KMeansFit, np.ndarray]:
+def _fit_network(shards: DenseShards, model: LeopartModel, k: int,
+                 lp: LeopartConfig) -> tuple[KMeansResult, np.ndarray]:
     """Foreground overclustering at ``k`` (the shards' selection must be the CBFE foreground) and its averaged
     co-occurrence matrix; sets ``model.cd_centroids``."""
-    fit = lloyd_kmeans(shards, k, lp.community_niter, lp.seed, spherical=False, name=f"communities k={k}")
+    fit = lloyd_kmeans(shards, k, lp.community_niter, lp.seed, nredo=lp.community_nredo,
+                       max_points_per_centroid=lp.kmeans_max_points_per_centroid, name=f"communities k={k}")
     model.cd_centroids = fit.centroids
     parts = shards.cooc_stats(model, tuple(lp.cooc_size) if lp.cooc_size else None, glcm_offsets())
     n = k + 1
@@ -575,6 +583,7 @@ def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], nam
         n_train = int(sum(train.counts()))
         for k in lp.overcluster_k:
             fits[str(k)] = lloyd_kmeans(train, min(k, n_train), lp.cbfe_niter, lp.seed, spherical=True,
+                                        **kmeans_options(lp),
                                         name=f"overcluster{k}").centroids
     finally:
         ex.release(train)
@@ -584,7 +593,7 @@ def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], nam
         for k, centroids in fits.items():
             kk = int(centroids.shape[0])
             conf = RunningConfusion(len(names), kk, ignore_index=None)
-            for file_maps in val.assign_maps(centroids, spherical=True):
+            for file_maps in val.assign_maps(centroids, normalize=True):  # unit centroids: largest cosine
                 for image_id, m in file_maps:
                     if image_id in gt:
                         conf.update(gt[image_id], upsample_labels(m, gt[image_id].shape))

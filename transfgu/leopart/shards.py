@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from transfgu.kmeans import Stats, l2_normalize, nearest, shard_stats
 from transfgu.leopart import cbfe as cbfe_mod
 from transfgu.leopart.communities import cooccurrence_stats
 from transfgu.leopart.dense import read_dense
 from transfgu.leopart.foreground import attention_mask
-from transfgu.leopart.kmeans import Stats, l2_normalize, nearest, shard_stats
 from transfgu.leopart.model import LeopartModel, upsample_labels
 from transfgu.leopart.pca import PCA
 
@@ -74,8 +74,8 @@ class DenseShards:
     def rows(self, file: int, local_rows: Sequence[int]) -> np.ndarray:
         return self._selected(file)[np.asarray(local_rows, dtype=np.int64)]
 
-    def stats(self, centroids: np.ndarray, spherical: bool) -> list[Stats]:
-        if not spherical:
+    def stats(self, centroids: np.ndarray, normalize: bool) -> list[Stats]:
+        if not normalize:
             return [shard_stats(self._selected(f), centroids, False) for f in range(len(self.files))]
         if self._unit is None or self._unit[0] is not self.selection:  # unit rows once per selection, not per step
             self._unit = (self.selection, [l2_normalize(self._selected(f)) for f in range(len(self.files))])
@@ -105,11 +105,11 @@ class DenseShards:
             out.append([(i, m.reshape(g)) for i, m, g in zip(self.ids[f], per, self.grids[f])])
         return out
 
-    def assign_maps(self, centroids: np.ndarray, spherical: bool) -> list[list[tuple[str, np.ndarray]]]:
+    def assign_maps(self, centroids: np.ndarray, normalize: bool) -> list[list[tuple[str, np.ndarray]]]:
         """Per file, per image: ``(image_id, (h, w) map)`` of the nearest of ``centroids`` (overclustering)."""
         out = []
         for f in range(len(self.files)):
-            lab = nearest(self.points[f], centroids, spherical) if len(self.points[f]) else np.zeros(0, np.int64)
+            lab = nearest(self.points[f], centroids, normalize) if len(self.points[f]) else np.zeros(0, np.int64)
             per = self._per_image(f, lab)
             out.append([(i, m.reshape(g)) for i, m, g in zip(self.ids[f], per, self.grids[f])])
         return out

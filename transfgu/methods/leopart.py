@@ -27,22 +27,30 @@ def _paper(d: dict[str, Any]) -> bool:
     return d["leopart"]["protocol"] == "paper"
 
 
+def _kmeans_keys(d: dict[str, Any]) -> list[str]:
+    """The k-means settings away from their defaults: only then do they enter a hash (earlier runs keep theirs)."""
+    defaults = (("kmeans_points", "l2_normalized"), ("kmeans_max_points_per_centroid", None))
+    return [k for k, v in defaults if d["leopart"][k] != v]
+
+
 def _cbfe_inputs(d: dict[str, Any]) -> dict[str, Any]:
     keys = ["protocol", "attn_mass", "blur_kernel", "blur_sigma", "min_component", "k_cbfe", "cbfe_niter",
-            "cbfe_nredo", "precision_threshold", "seed"] + (["eval_size"] if _paper(d) else [])
+            "cbfe_nredo", "precision_threshold", "seed", *_kmeans_keys(d)] + (["eval_size"] if _paper(d) else [])
     return _pick(d, *keys)
 
 
 def _communities_inputs(d: dict[str, Any]) -> dict[str, Any]:
     keys = ["k_community", "community_niter", "cooc_size", "edge_threshold", "markov_time", "n_communities",
-            "infomap_trials", "seed"]
+            "infomap_trials", "seed"] + [k for k in _kmeans_keys(d) if k != "kmeans_points"]
+    if d["leopart"]["community_nredo"] != 1:
+        keys.append("community_nredo")
     if _paper(d):  # the grid search scores on the training labels
         keys += ["paper_grid", "eval_size", "unmatched"]
     return _pick(d, *keys)
 
 
 def _evaluate_inputs(d: dict[str, Any]) -> dict[str, Any]:
-    keys = ["eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed"]
+    keys = ["eval_size", "overcluster_k", "unmatched", "cbfe_niter", "seed", *_kmeans_keys(d)]
     if d["leopart"]["linear_probe"]["enabled"]:  # only then: a run without the probe keeps its earlier hash
         keys.append("linear_probe")
     return _pick(d, *keys)

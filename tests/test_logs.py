@@ -1,0 +1,111 @@
+"""What a run prints: one console format (ours, also for Ray's and MLflow's lines), no MLflow set-up chatter or
+warning the user cannot act on, Ray's token notice left out, one random-backbone warning naming the real key, and
+progress for evaluation and prediction."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from transfgu.logs import Progress
+
+REPO = Path(__file__).resolve().parents[1]
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+
+SCRIPT = r"""
+import logging, sys
+from transfgu.config import load_config
+from transfgu.logs import setup_logging, quiet_libraries
+setup_logging()
+import ray  # noqa: F401  (configures Ray's console logger, as in a run)
+quiet_libraries()
+logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+    "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+logging.getLogger("ray.data.some_module").warning("a Ray warning the user should see")
+from transfgu.models.backbone import build_backbone
+build_backbone("vit_test_tiny", "none")
+build_backbone("vit_test_tiny", "none")
+from transfgu.tracking import PipelineTracker
+cfg = load_config(sys.argv[1], [f"data.root={sys.argv[2]}", f"run.root={sys.argv[3]}", "mlflow.enabled=true",
+                                "mlflow.system_metrics=true", "mlflow.system_metrics_interval=1"])
+tracker = PipelineTracker.from_config(cfg)   # creates the SQLite store: MLflow's "Creating initial tables"
+tracker.start()                              # dataset inputs: MLflow's "interpreted in multiple ways" warning
+rid = tracker.stage_run("extract")           # system metrics: MLflow's "Started monitoring" lines
+tracker.end_stage(rid, {})
+tracker.finish(None)
+logging.getLogger("transfgu").info("done")
+"""
+
+
+def test_a_healthy_run_prints_only_our_lines(camvid, tmp_path):
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO / "conf" / "tiny.yaml"), str(camvid),
+                        str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    foreign = [ln for ln in lines if not OUR_LINE.match(ln)]
+    assert not foreign, "lines in another format or bare library output:\n" + "\n".join(foreign)
+    text = "\n".join(lines)
+    for noise in ("Creating initial MLflow database", "Updating database tables", "UserWarning",
+                  "monitoring system metrics", "Skip logging GPU metrics", "Token authentication is enabled",
+                  " ERROR "):
+        assert noise not in text, noise
+    assert "a Ray warning the user should see" in text  # quieted, not muted
+    assert "RANDOM" not in text  # building a random backbone is not a warning of its own (the run warns once)
+    assert text.rstrip().endswith("transfgu: done")
+
+
+def test_the_run_warns_once_about_a_random_backbone_naming_the_real_key(tiny_run_dir):
+    log = (tiny_run_dir / "pipeline.log").read_text()
+    warnings = [ln for ln in log.splitlines() if "WARNING" in ln and re.search("random", ln, re.IGNORECASE)]
+    assert len(warnings) == 1, warnings
+    assert "backbone.weights" in warnings[0] and "model.weights" not in log
+
+
+def test_progress_bar_on_a_terminal_and_periodic_lines_elsewhere(caplog):
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    with Progress("evaluate", 10, stream=tty) as prog:
+        for _ in range(10):
+            prog.update(1)
+    assert "[evaluate]:" in tty.getvalue() and "/10 [" in tty.getvalue()  # tqdm's bar (redrawn at its own pace)
+    caplog.set_level("INFO", logger="transfgu")
+    plain = io.StringIO()
+    with Progress("predict", 4, stream=plain, min_interval_s=3600) as prog:
+        for _ in range(4):
+            prog.update(1)
+    assert plain.getvalue() == ""  # no bar where stderr is not a terminal
+    lines = [r.getMessage() for r in caplog.records if "[predict]" in r.getMessage()]
+    assert len(lines) == 2 and "1/4" in lines[0] and "4/4" in lines[1]  # the first and the last (and one per 10 s)
+
+
+def test_evaluation_counts_its_images():
+    from transfgu.evaluation import counted
+
+    class Fake:
+        done = 0
+
+        def update(self, n: int) -> None:
+            self.done += n
+
+    prog = Fake()
+    batches = [{"image": [0] * 3, "label": [0] * 3}, {"image": [0] * 2, "label": [0] * 2}]
+    assert list(counted(batches, prog)) == batches and prog.done == 5
+
+
+def test_prediction_cli_shows_progress_not_a_line_per_batch(tiny_run_dir, camvid, tmp_path):
+    images = sorted((camvid / "images" / "val").glob("*.jpg"))[:3]
+    r = subprocess.run([sys.executable, "-m", "transfgu.cli", "predict", str(tiny_run_dir), *map(str, images),
+                        "--out", str(tmp_path / "out"), "--batch-size", "1", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    status = [ln for ln in r.stderr.splitlines() if "[predict]" in ln]
+    assert 1 <= len(status) <= 2 and "3/3" in status[-1], r.stderr  # first and last (and one per 10 s)
+    assert all(OUR_LINE.match(ln) for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:"))
+    assert json.loads((tmp_path / "out" / "predict.json").read_text())["n_images"] == 3
