@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from transfgu.store import atomic_write_json, fix_mode, read_json_strict, umask_mode
+from transfgu.schemas import StateInfo, check_finite, read_json, validate_model_meta
+from transfgu.store import atomic_write_json, fix_mode, umask_mode
 
 MODEL_JSON = "model.json"
 STATE_JSON = "state.json"
@@ -105,8 +106,11 @@ def restore_rng(rng: dict[str, Tensor]) -> None:
 
 def load_train_state(directory: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Read a state written by :func:`save_train_state`: tensors grouped by prefix, and the JSON info."""
-    info = read_json_strict(directory / STATE_JSON)
+    info = read_json(directory / STATE_JSON, StateInfo)
     flat = load_file(str(directory / STATE_TENSORS))
+    # the weights a resumed round continues from (optimizer moments and RNG states are checked by their users)
+    check_finite(directory / STATE_TENSORS, {k: v for k, v in flat.items()
+                                             if k.split(".", 1)[0] in ("student", "teacher", "initial")})
     groups: dict[str, dict[str, Tensor]] = {}
     for key, v in flat.items():
         head, rest = key.split(".", 1)
@@ -136,7 +140,7 @@ def install_state_dir(src: Path, target: Path) -> None:
 def read_state_info(directory: Path) -> dict[str, Any] | None:
     """The JSON half of a training state (epoch, round, metrics); None when ``directory`` holds no complete state."""
     path = Path(directory) / STATE_JSON
-    return read_json_strict(path) if path.is_file() else None
+    return read_json(path, StateInfo) if path.is_file() else None
 
 
 def latest_train_state(train_dir: Path, input_hash: str | None = None) -> Path | None:
@@ -178,4 +182,4 @@ def read_model_meta(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MODEL_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint in {directory} (missing {MODEL_JSON})")
-    return read_json_strict(path)
+    return validate_model_meta(path, read_json(path))

@@ -11,7 +11,6 @@ foreground first, then background. The k-means itself is :mod:`transfgu.kmeans` 
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +103,11 @@ class ConceptBank:
     @classmethod
     def load(cls, directory: str | Path) -> ConceptBank:
         d = Path(directory)
-        meta = json.loads((d / cls.META_FILE).read_text())
+        from transfgu.schemas import ConceptsMeta, check_finite, read_json
+
+        meta = read_json(d / cls.META_FILE, ConceptsMeta)
         centroids = np.load(d / cls.CENTROIDS_FILE, allow_pickle=False)
+        check_finite(d / cls.CENTROIDS_FILE, {"centroids": centroids})
         if centroids.shape != (meta["num_concepts"], meta["dim"]):
             raise ValueError(
                 f"{d}: centroids.npy has shape {centroids.shape}, concepts.json says "

@@ -643,9 +643,85 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and says what to change."""
 
 
-def _parse_value(text: str) -> Any:
+#: Bounds on configuration text (a file or one ``key=value`` override): a real preset is a few KB, ten levels deep,
+#: with no or few YAML aliases. The bounds refuse a "billion laughs" document (aliases of aliases that expand
+#: exponentially when the config is copied, hashed or validated) and a deeply nested one (the parser recurses).
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_ALIASES = 64
+MAX_CONFIG_NODES = 100_000  # scalars, lists and mappings after expanding every alias
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses deep nesting and many aliases while composing (before anything is built)."""
+
+    def __init__(self, stream: str, source: str) -> None:
+        super().__init__(stream)
+        self._source, self._depth, self._aliases = source, 0, 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_CONFIG_ALIASES:
+                raise ConfigError(f"{self._source}: more than {MAX_CONFIG_ALIASES} YAML aliases (*name); write the "
+                                  "values out")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{self._source}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_nodes(obj: Any, source: str) -> int:
+    """Nodes of ``obj`` counting every alias target as many times as it is referenced (what a deep copy builds)."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def walk(o: Any) -> int:
+        if not isinstance(o, (dict, list)):
+            return 1
+        key = id(o)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to itself (recursive structure)")
+        active.add(key)
+        items = list(o.keys()) + list(o.values()) if isinstance(o, dict) else o
+        n = 1
+        for x in items:
+            n += walk(x)
+            if n > MAX_CONFIG_NODES:
+                raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_NODES} values (YAML aliases "
+                                  "referencing aliases?)")
+        active.discard(key)
+        memo[key] = n
+        return n
+
+    return walk(obj)
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of configuration text, bounded in size, nesting, aliases and expanded size; any problem is
+    one :class:`ConfigError` naming ``source``."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters, more than the {MAX_CONFIG_BYTES} bytes a configuration "
+                          "may hold")
+    loader = _BoundedLoader(text, source)
     try:
-        return yaml.safe_load(text)
+        data = loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    finally:
+        loader.dispose()
+    _expanded_nodes(data, source)
+    return data
+
+
+def _parse_value(text: str, key: str = "value") -> Any:
+    try:
+        return load_yaml_text(text, f"override {key!r}")
     except yaml.YAMLError:
         return text
 
@@ -667,7 +743,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node.setdefault(p, dict(fill))
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _parse_value(text, key)
     return data
 
 
@@ -706,12 +782,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes, more than the {MAX_CONFIG_BYTES} a configuration "
+                              "file may hold")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = load_yaml_text(p.read_text(encoding="utf-8"), str(p)) or {}
         except yaml.YAMLError as exc:  # a syntax error, or a tag such as !!python/object (safe_load refuses it)
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{p}: not a valid config file{where}: {getattr(exc, 'problem', None) or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not a UTF-8 text file: {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded

@@ -86,6 +86,9 @@ class Method:
     stages: tuple[Stage, ...]
     #: Preflight: ``(key, message)`` problems of the sizes the method reads, given the backbone's patch size.
     check_sizes: Callable[[Config, int], list[tuple[str, str]]] = lambda cfg, patch: []
+    #: Preflight: ``(size key, batch key, pass size, batch, full-resolution output maps)`` of every backbone pass the
+    #: method makes, for the memory estimate of :func:`transfgu.preflight.check_memory`.
+    memory_passes: Callable[[Config], list[tuple[str, str, tuple[int, int], int, int]]] = lambda cfg: []
     #: Preflight, once the data is readable: what the method asks of ``n_train`` training images.
     check_fit: Callable[[Config, int, int], list[tuple[str, str]]] = lambda cfg, n_train, patch: []
     #: One line for the report's summary (HTML, escaped by the method).

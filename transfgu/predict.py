@@ -41,6 +41,7 @@ from transfgu.model_meta import CheckpointMeta
 from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.runtime import autocast_dtype, resolve_device
+from transfgu.schemas import check_finite
 
 __all__ = [
     "UNMATCHED",
@@ -130,8 +131,10 @@ def _build_decoder(ckpt: Path, meta: dict[str, Any], d_encoder: int) -> MaskTran
         n_layers=int(dm.get("n_layers", 2)), n_heads=int(dm.get("n_heads", max(1, d_model // 64))),
         cls_emb_init=dm.get("cls_emb_init", "orthogonal"),
     )
+    state = load_file(str(path))
+    check_finite(path, state)  # an all-NaN decoder loads fine and predicts one class
     try:
-        dec.load_state_dict(load_file(str(path)))
+        dec.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the decoder described in {MODEL_JSON}: {exc}") from exc
     return dec.eval()
@@ -162,6 +165,43 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], max_elements: 
             best_val = torch.where(better, val, best_val)
             best_idx = torch.where(better, idx, best_idx)
     return best_idx
+
+
+def label_dtype(n_ids: int) -> np.dtype:
+    """The label PNG's dtype for ``n_ids`` ids: uint8 below 255 ids, else uint16 (the maximum marks unmatched)."""
+    return np.dtype(np.uint8 if n_ids < 255 else np.uint16)
+
+
+def label_image(logits: torch.Tensor, size: tuple[int, int], lut: np.ndarray,
+                max_elements: int = 1 << 22) -> np.ndarray:
+    """The label PNG's array (``lut[argmax]``, :func:`label_dtype`) at ``size`` from patch logits ``(C, h, w)``,
+    in memory bounded by ``max_elements`` upsampled values whatever ``size`` is.
+
+    Outputs of at most ``max_elements`` values are :func:`upsampled_argmax` itself (the labels ``transfgu predict``
+    gives). Larger ones are computed in bands of output rows: the bilinear interpolation (align_corners=False) is
+    separable, so the logits are interpolated along the width once (``(C, h, W)``, small) and each band along the
+    height, from the two source rows of each output row with the same weights ``src = (i + 0.5) h / H - 0.5``.
+    The band's values agree with one full interpolation to float rounding (~1e-5), so only near-ties can differ.
+    """
+    lut_t = torch.as_tensor(lut)
+    c, h, w = (int(v) for v in logits.shape)
+    big_h, big_w = int(size[0]), int(size[1])
+    if c * big_h * big_w <= max_elements:
+        return lut_t[upsampled_argmax(logits, (big_h, big_w))].numpy()
+    logits = logits.float()
+    rows_w = F.interpolate(logits[None], size=(h, big_w), mode="bilinear", align_corners=False)[0]  # (C, h, W)
+    out = np.empty((big_h, big_w), dtype=lut.dtype)
+    band = max(1, max_elements // max(1, c * big_w))
+    scale = np.float32(h) / np.float32(big_h)
+    for r0 in range(0, big_h, band):
+        i = torch.arange(r0, min(big_h, r0 + band), dtype=torch.float32)
+        src = (float(scale) * (i + 0.5) - 0.5).clamp(min=0)
+        i0 = src.long().clamp(max=h - 1)
+        i1 = (i0 + 1).clamp(max=h - 1)
+        lam = (src - i0.float())[None, :, None]
+        vals = (1 - lam) * rows_w[:, i0] + lam * rows_w[:, i1]
+        out[r0 : r0 + len(i)] = lut_t[vals.argmax(dim=0)].numpy()
+    return out
 
 
 def preprocess_image(image: np.ndarray, eval_size: tuple[int, int]) -> torch.Tensor:
@@ -251,6 +291,19 @@ class Predictor(CheckpointMeta):
             return np.stack(out) if out else np.zeros((0, 0, 0), dtype=np.int64)
         return out
 
+
+    def label_lut(self, as_classes: bool = False) -> tuple[np.ndarray, int]:
+        """``(lut, n_ids)``: cluster id -> the label PNG's value (:func:`label_image`): the cluster itself, or its
+        matched class with the dtype's maximum for unmatched clusters."""
+        if as_classes:
+            mapping = self.cluster_to_class
+            if mapping is None:
+                self._to_classes(torch.zeros(1, dtype=torch.long))  # the error message of predict(as_classes=True)
+            n_ids = len(self.class_names)
+            dt = label_dtype(n_ids)
+            return np.where(mapping < 0, np.iinfo(dt).max, mapping).astype(dt), n_ids
+        n_ids = self.n_clusters
+        return np.arange(n_ids).astype(label_dtype(n_ids)), n_ids
 
     def labels_from_logits(
         self, logits: torch.Tensor, sizes: Sequence[tuple[int, int]], as_classes: bool = False
@@ -356,9 +409,10 @@ def unique_stems(found: Sequence[tuple[_Src, str]]) -> list[tuple[_Src, str]]:
 def _label_image(label: np.ndarray, n_ids: int):
     from PIL import Image
 
-    dtype = np.uint8 if n_ids < 255 else np.uint16
+    dtype = label_dtype(n_ids)
     top = np.iinfo(dtype).max
-    arr = np.where(label < 0, top, label).astype(dtype)
+    # already the PNG's array (label_image): no copy
+    arr = label if label.dtype == dtype else np.where(label < 0, top, label).astype(dtype)
     return Image.fromarray(arr, mode="L") if dtype == np.uint8 else Image.fromarray(arr)
 
 

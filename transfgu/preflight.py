@@ -148,6 +148,85 @@ def _check_run_root(cfg: Config) -> list[tuple[str, str]]:
     return []
 
 
+#: Hard bounds on the sizes that drive memory, whatever the machine: far above the paper's settings (sides of 320 to
+#: 640, K <= 171, 2 decoder layers), low enough that no configuration asks the allocator for the impossible.
+MAX_SIDE = 8192
+MAX_K = 4096
+MAX_BATCH = 65536
+#: The embedding width of each backbone (a width is all the estimate needs; unknown names count as ViT-B).
+EMBED_DIMS = {"vit_test_tiny": 48, "vit_standin": 192, "small": 384, "vits": 384, "base": 768, "large": 1024}
+#: Bytes per token and channel live at once in one ViT block at inference (fp32): the residual stream, q/k/v, the
+#: attention output and the 4x MLP hidden layer, with slack for the allocator (~10 copies of 4 bytes).
+BYTES_PER_TOKEN_CHANNEL = 40
+#: Bytes per pixel and output channel of the full-resolution maps (upsampled logits, soft pseudo labels: fp32,
+#: with one temporary copy).
+BYTES_PER_PIXEL_CHANNEL = 8
+
+
+def _embed_dim(arch: str) -> int:
+    if arch in EMBED_DIMS:
+        return EMBED_DIMS[arch]
+    return next((d for k, d in EMBED_DIMS.items() if k in arch), 768)
+
+
+def pass_memory(size: tuple[int, int], batch: int, patch: int, dim: int, channels: int) -> int:
+    """Estimated peak bytes of one forward pass of ``batch`` images of ``size`` through the backbone with
+    ``channels`` full-resolution output maps: the fp32 input, one block's activations (flash attention keeps the
+    attention matrix out of it) and the output maps."""
+    h, w = int(size[0]), int(size[1])
+    tokens = max(1, h // patch) * max(1, w // patch)
+    return batch * (3 * h * w * 4 + BYTES_PER_TOKEN_CHANNEL * tokens * dim + BYTES_PER_PIXEL_CHANNEL * channels * h * w)
+
+
+def memory_passes(cfg: Config) -> list[tuple[str, str, tuple[int, int], int, int]]:
+    """``(size key, batch key, pass size, batch, output channels)`` of every backbone pass the run's method makes
+    (its plug-in's ``memory_passes``)."""
+    return get_method(cfg.method).memory_passes(cfg)
+
+
+def _memory_budget(cfg: Config) -> tuple[int, str]:
+    """Bytes one pass may use: the GPU's memory for a CUDA run, else the machine's physical memory."""
+    if cfg.run.device in ("cuda", "auto") and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory), "the GPU"
+    import psutil
+
+    return int(psutil.virtual_memory().total), "this machine"
+
+
+def _config_size(cfg: Config, key: str) -> tuple[int, int]:
+    section, name = key.split(".")
+    v = getattr(getattr(cfg, section), name)
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def check_memory(cfg: Config, p: int) -> list[tuple[str, str]]:
+    """Every size that drives memory, bounded outright and by an estimate of the memory it implies (before the run
+    directory exists: a 20000 x 20000 input is refused here, not by the allocator an hour in)."""
+    problems: list[tuple[str, str]] = []
+    budget, where = _memory_budget(cfg)
+    dim = _embed_dim(cfg.backbone.arch)
+    for size_key, batch_key, size, batch, channels in memory_passes(cfg):
+        shown = _config_size(cfg, size_key)
+        if max(shown) > MAX_SIDE:
+            problems.append((size_key, f"{list(shown)}: each side at most {MAX_SIDE}"))
+            continue
+        if channels > MAX_K + 1:  # the K output maps (+ background) of the method's passes
+            problems.append(("concepts.k_per_pool", f"K = {channels - 1} concepts; at most {MAX_K}"))
+            continue
+        if batch > MAX_BATCH:
+            problems.append((batch_key, f"{batch}: at most {MAX_BATCH}"))
+            continue
+        need = pass_memory(size, batch, p, dim, channels)
+        if need > budget:
+            problems.append((size_key, f"{list(shown)} with {batch_key}={batch} needs about {_gib(need)} per pass "
+                                       f"(estimate) but {where} has {_gib(budget)}; lower the size or the batch"))
+    return problems
+
+
 SERVICE_TIMEOUT_S = 5.0
 
 
@@ -216,6 +295,7 @@ def preflight(cfg: Config) -> dict[str, int]:
     method = get_method(cfg.method)
     try:
         problems += method.check_sizes(cfg, patch_size_of(cfg.backbone.arch))
+        problems += check_memory(cfg, patch_size_of(cfg.backbone.arch))
     except Exception as exc:  # noqa: BLE001 - an unbuildable backbone is reported, not raised half way
         problems.append(("backbone.arch", f"cannot determine the patch size of {cfg.backbone.arch!r}: {exc}"))
     data_problems, counts = _check_data(cfg)

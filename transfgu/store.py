@@ -601,7 +601,9 @@ class Manifest:
         path = Path(run_dir) / cls.FILE
         if not path.exists():
             return cls(run_dir)
-        data = json.loads(path.read_text(encoding="utf-8"))
+        from transfgu.schemas import ManifestFile, read_json
+
+        data = read_json(path, ManifestFile)
         return cls(run_dir, data.get("stages", {}))
 
     def to_dict(self) -> dict[str, Any]:

@@ -166,6 +166,50 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = None, exif_transpose: bo
     return np.ascontiguousarray(rgb)
 
 
+def decode_rgb_bounded(data: bytes, *, max_pixels: int, work_pixels: int, min_size: tuple[int, int],
+                       name: str = "<bytes>") -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`decode_rgb` for a server: images over ``work_pixels`` are decoded straight to a smaller size, never
+    held whole as RGB arrays. Returns the (possibly reduced) uint8 RGB image and the original ``(H, W)`` (after the
+    EXIF rotation), the size the labels are wanted at.
+
+    The reduction is by an integer factor ``f`` that keeps both sides at least ``min_size`` (the model's input
+    size, which the model resizes to anyway): JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself
+    (``Image.draft``, no full-size buffer at all); other formats are decoded, then box-reduced (``Image.reduce``)
+    before any array is made. Images of at most ``work_pixels`` are decoded exactly as :func:`decode_rgb` does.
+    """
+    import io
+
+    if not data:
+        raise DecodeError(name, "empty input (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+        out_hw = (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # rotated by 90 degrees: sides swap
+        f = 1
+        if w * h > work_pixels:
+            mh, mw = (min_size[1], min_size[0]) if orientation in (5, 6, 7, 8) else (min_size[0], min_size[1])
+            f = max(1, min(h // max(1, mh), w // max(1, mw)))
+        if f > 1 and img.format == "JPEG":
+            img.draft("RGB", (max(1, w // f), max(1, h // f)))  # DCT scaling: 1/2, 1/4 or 1/8, at least this size
+            f = max(1, min(img.size[1] // max(1, (h // f)), img.size[0] // max(1, (w // f))))
+        img.load()
+        if f > 1:
+            img = img.reduce(f)
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+    except ImageTooLarge:
+        raise
+    except _DECODE_ERRORS as exc:
+        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DecodeError(name, reason or type(exc).__name__) from exc
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DecodeError(name, f"decoded to shape {rgb.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(rgb), (int(out_hw[0]), int(out_hw[1]))
+
+
 def exif_orientation(path: str | Path) -> int:
     """The EXIF orientation tag of an image file (1 = as stored)."""
     with Image.open(path) as img:

@@ -38,6 +38,8 @@ import email.policy
 import io
 import json
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,9 +59,12 @@ DOCS_PAGE = Path(__file__).with_name("serve_docs.html")
 DEFAULTS: dict[str, Any] = {
     "device": "auto", "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "min_replicas": 1, "max_replicas": 2,
     "target_ongoing_requests": 4, "model_cpus": 1.0, "api_cpus": 0.25, "api_replicas": 1, "max_body_mb": 16.0,
-    "max_pixels": 40_000_000, "tracking_uri": None,
+    "max_pixels": 40_000_000, "tracking_uri": None, "work_pixels": 4_000_000, "max_inflight_pixels": 64_000_000,
+    "max_ongoing_requests": None, "api_max_ongoing_requests": 64, "ray_address": None, "host": "127.0.0.1",
 }
 ACCEPTED_TYPES = ("image/", "application/octet-stream", "multipart/form-data")
+#: Above this many output pixels a model replica gives freed heap back to the OS after the batch.
+LARGE_PIXELS = 4_000_000
 
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
@@ -88,16 +93,27 @@ class SegmentationModel:
                 "method": p.meta.get("method", "transfgu"), "model": self.name}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+    async def predict_batch(self, items: list[tuple[np.ndarray, tuple[int, int], bool]]) -> list[np.ndarray]:
         import torch
 
-        x = torch.stack([self.predictor.preprocess(img) for img, _ in items])
-        logits = self.predictor.logits(x)
-        return [self.predictor.labels_from_logits(lg[None], [img.shape[:2]], as_classes)[0]
-                for (img, as_classes), lg in zip(items, logits)]
+        from transfgu.predict import label_image
 
-    async def __call__(self, image: np.ndarray, as_classes: bool = False) -> np.ndarray:
-        return await self.predict_batch((image, as_classes))
+        x = torch.stack([self.predictor.preprocess(img) for img, _, _ in items])
+        logits = self.predictor.logits(x)
+        del x
+        # The label PNG's array (uint8/uint16) at the original size, in row bands: a 6000 x 6000 request costs its
+        # 36 MB of labels here, not gigabytes of upsampled float logits and int64 ids.
+        out = [label_image(lg, size, self.predictor.label_lut(as_classes)[0])
+               for (_, size, as_classes), lg in zip(items, logits)]
+        del logits
+        if sum(int(size[0]) * int(size[1]) for _, size, _ in items) > LARGE_PIXELS:
+            _release_memory()  # the bands' temporaries: back to the OS, not kept in glibc's arenas
+        return out
+
+    async def __call__(self, image: np.ndarray, as_classes: bool = False,
+                       size: tuple[int, int] | None = None) -> np.ndarray:
+        """Label PNG array (:func:`transfgu.predict.label_image`) of ``image`` at ``size`` (default: its own)."""
+        return await self.predict_batch((image, tuple(size or image.shape[:2]), as_classes))
 
 
 class BadRequest(Exception):
@@ -217,13 +233,69 @@ def _flag(value: str | None, name: str) -> bool:
 
 
 def _overlay_jpeg(image: np.ndarray, labels: np.ndarray, n_ids: int) -> bytes:
+    """The colour overlay at the decoded image's size (labels sampled to it when the image was decoded reduced)."""
     from PIL import Image
 
     from transfgu.viz import overlay, palette
 
+    h, w = image.shape[:2]
+    if labels.shape != (h, w):
+        rows = np.arange(h) * labels.shape[0] // h
+        cols = np.arange(w) * labels.shape[1] // w
+        labels = labels[rows[:, None], cols[None, :]]
+    top = np.iinfo(labels.dtype).max
+    lab = np.where(labels == top, -1, labels.astype(np.int64))
     buf = io.BytesIO()
-    Image.fromarray(overlay(image, labels, palette(n_ids))).save(buf, format="JPEG", quality=90)
+    Image.fromarray(overlay(image, lab, palette(n_ids))).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def _histogram(labels: np.ndarray, n_ids: int, rows: int = 256) -> tuple[np.ndarray, int]:
+    """Pixels per id of a label PNG array and the unmatched count (the dtype's maximum), a band of rows at a time
+    (``np.bincount`` of the whole map would copy it to int64: 8 bytes a pixel)."""
+    top = int(np.iinfo(labels.dtype).max)
+    counts = np.zeros(top + 1, dtype=np.int64)
+    for r0 in range(0, labels.shape[0], rows):
+        counts += np.bincount(labels[r0 : r0 + rows].ravel(), minlength=top + 1)
+    if counts[n_ids:top].any():
+        raise ValueError(f"label ids beyond the {n_ids} ids of the model")
+    return counts[:n_ids], int(counts[top])
+
+
+def _release_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them in its arenas otherwise): after a large request the
+    replica's resident memory returns to its idle figure."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PixelBudget:
+    """An asyncio semaphore counted in pixels: the large requests a replica holds at once (decoded image, label
+    map, encodings) add up to at most ``limit`` pixels; a request larger than ``limit`` runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = max(1, int(limit)), 0
+        self._cond: asyncio.Condition | None = None
+
+    async def acquire(self, pixels: int) -> int:
+        if self._cond is None:  # created on the replica's event loop
+            self._cond = asyncio.Condition()
+        n = min(max(0, int(pixels)), self.limit)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        return n
+
+    async def release(self, n: int) -> None:
+        assert self._cond is not None
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
 
 
 def _color_png(labels: np.ndarray, n_ids: int) -> bytes:
@@ -247,10 +319,13 @@ def _color_png(labels: np.ndarray, n_ids: int) -> bytes:
 class Api:
     """HTTP front: request limits and decoding here, so a bad request never costs a model replica anything."""
 
-    def __init__(self, model: DeploymentHandle, max_body_mb: float = 16.0, max_pixels: int = 40_000_000) -> None:
+    def __init__(self, model: DeploymentHandle, max_body_mb: float = 16.0, max_pixels: int = 40_000_000,
+                 work_pixels: int = 4_000_000, max_inflight_pixels: int = 64_000_000) -> None:
         self.model = model
         self.max_bytes = int(float(max_body_mb) * 1024 * 1024)
         self.max_pixels = int(max_pixels)
+        self.work_pixels = int(work_pixels)
+        self.budget = PixelBudget(max_inflight_pixels)
         self._info: dict[str, Any] | None = None
 
     async def _model_info(self) -> dict[str, Any]:
@@ -304,11 +379,22 @@ class Api:
             raise BadRequest(400, "empty body: send an image file (PNG, JPEG, ...) as the request body")
         return body
 
-    def _decode(self, body: bytes) -> np.ndarray:
-        from transfgu.data.io import DecodeError, ImageTooLarge, decode_rgb
+    def _header_pixels(self, body: bytes) -> int:
+        """Pixels the image's header announces (0 when it has none: the decoder then refuses it)."""
+        from PIL import Image
 
         try:
-            return decode_rgb(body, max_pixels=self.max_pixels, name="request body")
+            with Image.open(io.BytesIO(body)) as img:
+                return int(img.size[0]) * int(img.size[1])
+        except Exception:  # noqa: BLE001 - unreadable: _decode says why
+            return 0
+
+    def _decode(self, body: bytes, min_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+        from transfgu.data.io import DecodeError, ImageTooLarge, decode_rgb_bounded
+
+        try:
+            return decode_rgb_bounded(body, max_pixels=self.max_pixels, work_pixels=self.work_pixels,
+                                      min_size=min_size, name="request body")
         except ImageTooLarge as exc:
             raise BadRequest(413, f"image too large: {exc.reason}") from None
         except DecodeError as exc:
@@ -316,8 +402,7 @@ class Api:
 
     @api.post("/predict", summary="label an image", openapi_extra=PREDICT_OPENAPI)
     async def predict(self, request: Request) -> Response:
-        from transfgu.predict import encode_label_png, label_histogram
-
+        held = 0
         try:
             fmt = request.query_params.get("format", "json")
             if fmt not in ("json", "png"):
@@ -328,17 +413,37 @@ class Api:
             ctype = request.headers.get("content-type", "")
             if ctype.split(";")[0].strip().lower() == "multipart/form-data":
                 body = form_file(body, ctype)
-            image = await asyncio.to_thread(self._decode, body)
             info = await self._model_info()
             if as_classes and not info["has_classes"]:
                 raise BadRequest(422, "classes=true needs a model with a cluster -> class matching (an evaluated "
                                  "run); ask for clusters instead")
+            # Large images wait their turn here, before anything is decoded (decode, labels and encodings of the
+            # requests in flight add up to at most max_inflight_pixels).
+            pixels = self._header_pixels(body)
+            if pixels > self.work_pixels:
+                held = await self.budget.acquire(pixels)
+            try:
+                return await self._predict(body, fmt, as_classes, want_overlay, info)
+            finally:
+                del body
+                if held:
+                    await self.budget.release(held)
+                    await asyncio.to_thread(_release_memory)
         except BadRequest as exc:
             return _error(exc.status, exc.message)
-        labels = await self.model.remote(image, as_classes)
+
+    async def _predict(self, body: bytes, fmt: str, as_classes: bool, want_overlay: bool,
+                       info: dict[str, Any]) -> Response:
+        from transfgu.predict import encode_label_png
+
+        image, size = await asyncio.to_thread(self._decode, body, tuple(info["eval_size"]))
+        # The label PNG's array at the original size (uint8, or uint16 beyond 254 ids; the maximum = unmatched).
+        labels = await self.model.remote(image, as_classes, size)
+        if not want_overlay:
+            del image
         names = info["class_names"] if as_classes else [f"cluster {i}" for i in range(info["n_clusters"])]
         n_ids = len(names)
-        counts, unmatched = label_histogram(labels, n_ids)
+        counts, unmatched = await asyncio.to_thread(_histogram, labels, n_ids)
         total = int(labels.size)
         areas = [{"id": i, "name": names[i], "pixels": int(c), "fraction": round(int(c) / total, 6)}
                  for i, c in enumerate(counts) if c]
@@ -376,13 +481,53 @@ def build_app(args: Mapping[str, Any]) -> Any:
     opt = {**DEFAULTS, **{k: v for k, v in args.items() if k != "model"}}
     # Resolved (downloaded from MLflow if need be) once here, where `serve run` runs; replicas get a local path.
     ckpt = resolve_model_dir(str(args["model"]), tracking_uri=opt["tracking_uri"])
+    # Validated here, where `serve run` runs, so a bad checkpoint is one line and not a replica crash loop.
+    from transfgu.checkpoint import read_model_meta
+    from transfgu.predict import find_checkpoint
+
+    read_model_meta(find_checkpoint(ckpt))
+    _init_ray(opt)
+    model_ongoing = opt["max_ongoing_requests"]
     model = SegmentationModel.options(
         ray_actor_options={"num_cpus": float(opt["model_cpus"]),
                            **({"num_gpus": 1} if str(opt["device"]).startswith("cuda") else {})},
         autoscaling_config={"min_replicas": int(opt["min_replicas"]), "max_replicas": int(opt["max_replicas"]),
                             "target_ongoing_requests": float(opt["target_ongoing_requests"])},
-        max_ongoing_requests=max(2 * int(opt["max_batch_size"]), 8),
+        max_ongoing_requests=int(model_ongoing) if model_ongoing else max(2 * int(opt["max_batch_size"]), 8),
     ).bind(str(ckpt.resolve()), str(opt["device"]), int(opt["max_batch_size"]), float(opt["batch_wait_timeout_s"]),
            float(opt["model_cpus"]))
-    return Api.options(num_replicas=int(opt["api_replicas"]), ray_actor_options={"num_cpus": float(opt["api_cpus"])}
-                       ).bind(model, float(opt["max_body_mb"]), int(opt["max_pixels"]))
+    return Api.options(num_replicas=int(opt["api_replicas"]), ray_actor_options={"num_cpus": float(opt["api_cpus"])},
+                       max_ongoing_requests=int(opt["api_max_ongoing_requests"]),
+                       ).bind(model, float(opt["max_body_mb"]), int(opt["max_pixels"]), int(opt["work_pixels"]),
+                              int(opt["max_inflight_pixels"]))
+
+
+def _address_given_to_serve_run() -> bool:
+    return any(a in ("--address", "-a") or a.startswith("--address=") for a in sys.argv[1:])
+
+
+def _init_ray(opt: Mapping[str, Any]) -> None:
+    """Start the Ray that ``serve run`` would start, but with every Ray process (GCS, raylet, workers, replicas)
+    bound to ``host`` (127.0.0.1 unless told otherwise), or join ``ray_address`` / ``RAY_ADDRESS`` /
+    ``serve run --address``. ``serve run`` builds the application before it calls ``ray.init``, and keeps a Ray that
+    is already initialised."""
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or _address_given_to_serve_run():
+        return
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    if opt.get("ray_address"):
+        ray.init(address=str(opt["ray_address"]), namespace=SERVE_NAMESPACE)
+        return
+    host = str(opt.get("host") or "127.0.0.1")
+    if host in ("127.0.0.1", "localhost"):
+        # Ray otherwise swaps 127.0.0.1 for the machine's outward address (transfgu.distributed.cluster.init_ray).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        try:
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
+        except (ImportError, AttributeError):
+            pass
+    ray.init(address="local", namespace=SERVE_NAMESPACE, _node_ip_address=host, include_dashboard=False)

@@ -103,7 +103,10 @@ class LeopartModel:
 
     @classmethod
     def load_arrays(cls, path: str | Path, n_pca: int = 0) -> LeopartModel:
-        t = load_file(str(path))
+        return cls.from_arrays(load_file(str(path)), n_pca)
+
+    @classmethod
+    def from_arrays(cls, t: dict[str, np.ndarray], n_pca: int = 0) -> LeopartModel:
         pca = PCA(t["pca_mean"], t["pca_std"], t["pca_components"], t["pca_eigenvalues"], n_pca)
         return cls(pca, t["cbfe_centroids"], t["cbfe_foreground"].astype(bool), t.get("cd_centroids"),
                    t.get("cluster_to_segment"))
@@ -186,9 +189,12 @@ def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backb
 def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str | None = None,
                    amp_dtype: Any = None, batch_size: int = 8) -> LeopartPredictor:
     from transfgu.predict import _build_backbone
+    from transfgu.schemas import check_leopart_arrays
 
+    arrays = load_file(str(ckpt / ARRAYS_FILE))
+    check_leopart_arrays(ckpt / ARRAYS_FILE, arrays, meta, ckpt / "model.json")
     backbone = _build_backbone(ckpt, meta, weights).to(device).eval()
-    model = LeopartModel.load_arrays(ckpt / ARRAYS_FILE)
+    model = LeopartModel.from_arrays(arrays)
     if model.cluster_to_segment is None:
         raise ValueError(f"{ckpt} holds no community map (the communities stage did not finish)")
     if not meta["backbone"].get("pretrained", False):

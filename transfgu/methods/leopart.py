@@ -72,6 +72,10 @@ def check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
     return size_problems("leopart.input_size", cfg.leopart.input_size, p, cfg.backbone.arch)
 
 
+def memory_passes(cfg: Config) -> list[tuple[str, str, tuple[int, int], int, int]]:
+    return [("leopart.input_size", "leopart.batch_size", tuple(cfg.leopart.input_size), cfg.leopart.batch_size, 1)]
+
+
 def summary(cfg: Config) -> str:
     return f"method <b>leopart</b> (CBFE + community detection), protocol {html.escape(cfg.leopart.protocol)}"
 
@@ -106,6 +110,7 @@ METHOD = Method(
         Stage("evaluate", lp.run_evaluate, outputs=(Output("eval", stamp="metrics.json"),), inputs=_evaluate_inputs),
     ),
     check_sizes=check_sizes,
+    memory_passes=memory_passes,
     summary=summary,
     report_sections=report_sections,
 )

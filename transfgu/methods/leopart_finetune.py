@@ -33,6 +33,12 @@ def check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
     return out
 
 
+def memory_passes(cfg: Config) -> list[tuple[str, str, tuple[int, int], int, int]]:
+    f = cfg.finetune
+    return [("finetune.global_size", "finetune.batch_size", (f.global_size, f.global_size), f.batch_size * f.n_global,
+             1)]
+
+
 METHOD = Method(
     name="leopart_finetune",
     stages=(
@@ -40,4 +46,5 @@ METHOD = Method(
               on={"ray": lambda ctx, ex: ray_finetune.run_finetune_ray(ctx)}, inputs=_inputs, epochs=True),
     ),
     check_sizes=check_sizes,
+    memory_passes=memory_passes,
 )

@@ -53,6 +53,20 @@ def _summary(cfg: Config) -> str:
             f"variant {html.escape(cfg.train.variant)}")
 
 
+def memory_passes(cfg: Config) -> list[tuple[str, str, tuple[int, int], int, int]]:
+    """The backbone passes of extract (whole image, crops), pseudo labels, training and evaluation."""
+    k = cfg.concepts.k + 1
+    return [
+        ("crops.input_size", "crops.batch_size", tuple(cfg.crops.input_size), 1, 1),
+        ("crops.crop_size", "crops.batch_size", (cfg.crops.crop_size,) * 2, cfg.crops.batch_size, 1),
+        ("pseudo.input_size", "pseudo.batch_size", tuple(cfg.pseudo.input_size), cfg.pseudo.batch_size, k),
+        # training crops are half the train size; the decoder's K maps stay at patch resolution
+        ("train.train_size", "train.batch_size", (cfg.train.train_size[0] // 2, cfg.train.train_size[1] // 2),
+         cfg.train.batch_size, 1),
+        ("eval.eval_size", "eval.batch_size", tuple(cfg.eval.eval_size), cfg.eval.batch_size, k),
+    ]
+
+
 def check_sizes(cfg: Config, p: int) -> list[tuple[str, str]]:
     """The crop, pseudo-label and training sizes against the patch size ``p``, and the sliding-window layout."""
     arch = cfg.backbone.arch
@@ -113,6 +127,7 @@ METHOD = Method(
               inputs=lambda d: {"eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]}),
     ),
     check_sizes=check_sizes,
+    memory_passes=memory_passes,
     check_fit=check_concepts_fit,
     summary=_summary,
     mlflow_model=True,

@@ -436,7 +436,14 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise WeightsError(f"{p}: cannot read as a weights-only torch checkpoint ({exc})") from exc
-    return _unwrap_state_dict(obj, str(p))
+    sd = _unwrap_state_dict(obj, str(p))
+    from transfgu.schemas import FileSchemaError, check_finite
+
+    try:
+        check_finite(p, sd)
+    except FileSchemaError as exc:  # a WeightsError, as every other problem of a weights file
+        raise WeightsError(str(exc)) from None
+    return sd
 
 
 def convert_state_dict(vit: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
