@@ -183,7 +183,7 @@ def test_report_shows_foreground_masks_galleries_and_graph(run, tmp_path):
     page = (out / "index.html").read_text()
     for title in ("Leopart: foreground masks", "Leopart: community and cluster galleries",
                   "Leopart: community graph"):
-        assert f"<h2>{title}</h2>" in page
+        assert f">{title}</h2>" in page and "<a href='#" in page  # a heading with its table-of-contents entry
     assert "Concept galleries" not in page and "CAM panels" not in page  # TransFGU's sections are not drawn
     assert "linear probe (trained with train labels" in page and "fixed values (no labels)" in page
     comm = json.loads((cfg.run_dir / "communities" / "communities.json").read_text())
@@ -223,7 +223,7 @@ def test_report_shows_foreground_masks_galleries_and_graph(run, tmp_path):
     shutil.copytree(cfg.run_dir, part)
     shutil.rmtree(part / "segments")
     page2 = write_report(part).read_text()
-    assert "No segments yet" in page2 and "<h2>Leopart: foreground masks</h2>" in page2
+    assert "No segments yet" in page2 and ">Leopart: foreground masks</h2>" in page2
 
 
 def test_bad_settings_are_rejected_clearly():

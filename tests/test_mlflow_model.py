@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from chromium import browser as _browser_fixture  # noqa: F401  (the `browser` fixture)
 from conftest import require_shared_data, tiny_config
 
 from transfgu.data.io import load_rgb
@@ -227,74 +228,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _DevTools:
-    """A minimal Chrome DevTools Protocol client (flat sessions over the browser's websocket)."""
-
-    def __init__(self, ws_url: str) -> None:
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=None, open_timeout=60)
-        self.next_id = 0
-
-    def call(self, method: str, session: str | None = None, timeout: float = 60, **params):
-        import time
-
-        self.next_id += 1
-        msg = {"id": self.next_id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        self.ws.send(json.dumps(msg))
-        deadline = time.time() + timeout
-        while True:
-            reply = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.time())))
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply["result"]
-
-    def evaluate(self, session: str, expr: str):
-        return self.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
-
-
-@pytest.fixture()
-def chromium(tmp_path):
-    import os
-    import shutil
-    import subprocess
-    import time
-
-    exe = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("chromium is not installed")
-    proc = subprocess.Popen(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0", "--window-size=1600,900", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    ws_url, deadline = None, time.time() + 60
-    while time.time() < deadline and ws_url is None:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        if "DevTools listening on" in line:
-            ws_url = line.split("DevTools listening on", 1)[1].strip()
-    if ws_url is None:
-        proc.kill()
-        pytest.fail("chromium did not start its DevTools endpoint")
-    tools = _DevTools(ws_url)
-    yield tools
-    tools.ws.close()
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture()
 def mlflow_ui(tracked, capsys):
     """``mlflow ui`` started as the run's printed outputs say (on a free port), and the URL they print."""
@@ -343,7 +276,7 @@ def mlflow_ui(tracked, capsys):
 
 
 @pytest.mark.slow
-def test_mlflow_ui_opens_the_experiment_on_its_training_runs(tracked, mlflow_ui, chromium, tmp_path):
+def test_mlflow_ui_opens_the_experiment_on_its_training_runs(tracked, mlflow_ui, browser, tmp_path):
     """The link the run prints opens the MLflow UI on the experiment's runs (with the pipeline run listed), not on
     the GenAI traces overview that MLflow 3 shows by default."""
     import io
@@ -352,14 +285,14 @@ def test_mlflow_ui_opens_the_experiment_on_its_training_runs(tracked, mlflow_ui,
 
     from PIL import Image
 
-    target = chromium.call("Target.createTarget", url=mlflow_ui)["targetId"]
-    session = chromium.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    target = browser.call("Target.createTarget", url=mlflow_ui)["targetId"]
+    session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
     run_name = tracked["parent"].info.run_name
     deadline = time.time() + 240
     text = ""
     while time.time() < deadline:
-        href = chromium.evaluate(session, "location.href") or ""
-        text = chromium.evaluate(session, "document.body ? document.body.innerText : ''") or ""
+        href = browser.evaluate(session, "location.href") or ""
+        text = browser.evaluate(session, "document.body ? document.body.innerText : ''") or ""
         if run_name in text and "matching run" in text:
             break
         time.sleep(0.5)
@@ -368,7 +301,7 @@ def test_mlflow_ui_opens_the_experiment_on_its_training_runs(tracked, mlflow_ui,
     assert f"/#/experiments/{exp_id}/runs" in href and "workflowType=machine_learning" in href, href
     assert "Token Usage" not in text and "Traces" in text  # the traces tab exists, its overview is not shown
     time.sleep(1.0)  # let the table settle for the picture
-    shot = base64.b64decode(chromium.call("Page.captureScreenshot", session, format="png")["data"])
+    shot = base64.b64decode(browser.call("Page.captureScreenshot", session, format="png")["data"])
     page = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
     assert page.shape[0] > 500 and len(np.unique(page.reshape(-1, 3), axis=0)) > 50  # a rendered page, not blank
     (tmp_path / "mlflow_experiment.png").write_bytes(shot)

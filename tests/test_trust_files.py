@@ -165,7 +165,7 @@ def test_manifest_is_validated(tmp_path):
 def _leopart_arrays(k: int = 5, kc: int = 4, d: int = 8, p: int = 3) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {"pca_mean": rng.normal(size=d).astype(np.float32), "pca_std": np.ones(d, np.float32),
-            "pca_components": rng.normal(size=(d, p)).astype(np.float32),
+            "pca_components": rng.normal(size=(p, d)).astype(np.float32),
             "pca_eigenvalues": np.ones(p, np.float32), "cbfe_centroids": rng.normal(size=(k, p)).astype(np.float32),
             "cbfe_foreground": np.array([1, 0, 1, 0, 1], np.uint8)[:k], "cd_centroids":
             rng.normal(size=(kc, p)).astype(np.float32), "cluster_to_segment": np.array([1, 1, 2, 3, 0])[: kc + 1]}

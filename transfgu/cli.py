@@ -106,8 +106,10 @@ def refusal_types() -> tuple[type[BaseException], ...]:
     from transfgu.integrity import IntegrityError
     from transfgu.models.backbone import WeightsError
     from transfgu.paths import PathEscapeError
+    from transfgu.schemas import FileSchemaError
 
-    return ConfigError, DatasetError, ErrorBudgetExceeded, IntegrityError, PathEscapeError, WeightsError
+    return (ConfigError, DatasetError, ErrorBudgetExceeded, FileSchemaError, IntegrityError, PathEscapeError,
+            WeightsError)
 
 
 def refuse(exc: BaseException, verbose: bool = False) -> int:

@@ -790,9 +790,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError as exc:  # a syntax error, or a tag such as !!python/object (safe_load refuses it)
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}: not a valid config file{where}: {getattr(exc, 'problem', None) or exc}") from None
+            raise ConfigError(f"{p}: not a readable YAML file{where}: {getattr(exc, 'problem', None) or exc}") from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"{p}: not a UTF-8 text file: {' '.join(str(exc).split())}") from None
+            raise ConfigError(f"{p}: not a readable YAML file (not UTF-8 text): {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded

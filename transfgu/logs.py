@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -62,6 +64,25 @@ def setup_logging(
             fh = logging.FileHandler(path)
             fh.setFormatter(logging.Formatter(_FORMAT))
             root.addHandler(fh)
+
+
+@contextlib.contextmanager
+def run_log_file(path: Path) -> Iterator[None]:
+    """The run's full log in ``path`` for the duration of one run: the handler is removed afterwards, so a second
+    run in the same process (a test session, a notebook, a Tune trial's driver) does not write into this file."""
+    root = logging.getLogger()
+    path = Path(path).resolve()
+    if any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
+        yield  # an outer caller holds it
+        return
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(fh)
+    try:
+        yield
+    finally:
+        root.removeHandler(fh)
+        fh.close()
 
 
 class _DropMessages(logging.Filter):

@@ -21,8 +21,9 @@ from typing import Any
 from transfgu import integrity
 from transfgu.config import Config, save_config
 from transfgu.context import RunContext
+from transfgu.layout import RunLayout
 from transfgu.local import LocalExecutor
-from transfgu.logs import setup_logging
+from transfgu.logs import run_log_file, setup_logging
 from transfgu.method import Executor, Stage, StageFn
 from transfgu.methods import get_method, run_context, stage_hashes
 from transfgu.preflight import preflight
@@ -55,7 +56,7 @@ def run_pipeline(
     sweep). ``checked=True``: the caller already ran :func:`transfgu.preflight.preflight`.
     """
     images = None if checked else preflight(cfg)  # fail before any stage writes anything
-    with run_lock(cfg.run_dir):  # one run per run directory, taken before the first write
+    with run_lock(cfg.run_dir), run_log_file(RunLayout(cfg.run_dir).log):  # one run per directory, its own log
         return _run_locked(cfg, only, force, runners, kind, tracking_parent, executor, images)
 
 
@@ -64,7 +65,7 @@ def _run_locked(cfg: Config, only: Sequence[str] | None, force: Sequence[str],
                 executor: Executor | None, images: Any) -> dict[str, Any]:
     method = get_method(cfg.method)
     ctx = run_context(cfg)
-    setup_logging(ctx.layout.log)
+    setup_logging()
     if images is not None:
         log.info("preflight: images per split %s", images)
     save_config(cfg, ctx.layout.config)

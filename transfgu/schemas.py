@@ -249,7 +249,7 @@ def check_leopart_arrays(path: str | Path, arrays: Mapping[str, np.ndarray], met
     comp = arrays["pca_components"]
     if comp.ndim != 2:
         raise FileSchemaError(path, "pca_components", f"expected 2 dimensions, got shape {comp.shape}")
-    d, p = int(comp.shape[0]), int(comp.shape[1])
+    p, d = int(comp.shape[0]), int(comp.shape[1])  # (output dims, input dims): y = ((x - mean) / std) @ comp.T
     for k in ("pca_mean", "pca_std"):
         if arrays[k].shape != (d,):
             raise FileSchemaError(path, k, f"shape {arrays[k].shape}, expected ({d},) (pca_components is {comp.shape})")
