@@ -186,10 +186,14 @@ def requirements() -> list[str]:
 def _staged_code(tmp: Path) -> Path:
     """A clean copy of the ``transfgu`` package (no caches) to carry as the model's code path."""
     import transfgu
+    from transfgu.store import umask_mode
 
     dst = tmp / "code" / "transfgu"
-    shutil.copytree(Path(transfgu.__file__).resolve().parent, dst,
+    # copyfile, not copy2: the copies get the process umask's modes, not the checkout's (MLflow keeps them)
+    shutil.copytree(Path(transfgu.__file__).resolve().parent, dst, copy_function=shutil.copyfile,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    for d in [dst, *(p for p in dst.rglob("*") if p.is_dir())]:
+        os.chmod(d, umask_mode(directory=True))  # copytree copies the folders' modes
     return dst
 
 
@@ -380,7 +384,9 @@ def write_model_card(run_dir: str | Path) -> Path | None:
     if prior != "pretrained":
         lines.append("- Not the method's model: see the backbone prior above.")
     out = layout.model / MODEL_CARD
-    out.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if not out.is_file() or out.read_text(encoding="utf-8", errors="replace") != text:  # a re-run leaves it as is
+        out.write_text(text, encoding="utf-8")
     return out
 
 
