@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,17 @@ def local_serve(opts: dict[str, str], num_cpus: int, num_gpus: int | None, objec
         ray.shutdown()
 
 
+def run_clients(client: Callable[[], None], concurrency: int) -> float:
+    """Run ``client`` in ``concurrency`` threads at once; the wall seconds until the last one returned."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def _loop(port: int, body: bytes, concurrency: int, max_requests: int, max_seconds: float) -> dict[str, Any]:
     lat: list[float] = []
     errors: list[str] = []
@@ -100,13 +111,7 @@ def _loop(port: int, body: bytes, concurrency: int, max_requests: int, max_secon
                     errors.append(str(r.status))
         conn.close()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(worker, concurrency)
     lat.sort()
 
     def pct(q: float) -> float | None:

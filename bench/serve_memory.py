@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import REPO, write_result
-from bench.serve_load import _tiny_model, local_serve
+from bench.serve_load import _tiny_model, local_serve, run_clients
 
 
 def synthetic_png(side: int) -> bytes:
@@ -129,13 +129,7 @@ def _measure(port: int, body: bytes, small: bytes, concurrency: int, settle: flo
         with lock:
             results.append(r)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(one, concurrency)
     time.sleep(settle)
     stop.set()
     sampler.join()

@@ -70,8 +70,8 @@ def augment_pair(logits: torch.Tensor, labels: torch.Tensor, g: torch.Generator)
 
 
 def train_probe_epoch(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
-                    optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
-                    augment: bool = False) -> float:
+                      optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
+                      augment: bool = False) -> float:
     """One pass over the shuffled training images; pixel cross-entropy (label -1 ignored). Returns the mean loss.
     ``augment``: :func:`augment_pair` on every image (drawn with ``generator``)."""
     head.train()
@@ -123,7 +123,7 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, grid: tuple[int, i
 
 @torch.no_grad()
 def evaluate_probe(head: nn.Linear, feats: np.ndarray, labels: Sequence[np.ndarray], grid: tuple[int, int],
-             class_names: Sequence[str], batch_size: int = 32) -> dict[str, Any]:
+                   class_names: Sequence[str], batch_size: int = 32) -> dict[str, Any]:
     """mIoU and pixel accuracy of the head's class maps against ``labels`` (each ``(H, W)``, -1 = ignore)."""
     head.eval()
     n = len(class_names)
