@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from transfgu.layout import RunLayout
+from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.schemas import StateInfo, check_finite, read_json, validate_model_meta
 from transfgu.store import atomic_write_json, fix_mode, umask_mode
 
@@ -183,3 +185,51 @@ def read_model_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint in {directory} (missing {MODEL_JSON})")
     return validate_model_meta(path, read_json(path))
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint directory or one of the files it needs is missing or does not match."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The model directory for ``path``: a ``model/`` checkpoint itself, or a run directory containing one."""
+    p = Path(path)
+    if (p / MODEL_JSON).is_file():
+        return p
+    if (RunLayout(p).model / MODEL_JSON).is_file():
+        return RunLayout(p).model
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p} does not exist")
+    raise CheckpointError(
+        f"no model checkpoint in {p}: expected {p / MODEL_JSON} or {p / 'model' / MODEL_JSON} "
+        "(has the run's train stage finished?)"
+    )
+
+
+def load_backbone(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
+    """The checkpoint's backbone: the stored random one, else ``weights`` or the source named in ``model.json``."""
+    bb = _backbone_weights(ckpt, meta, weights)
+    bb.pos_embed_mode = meta["backbone"].get("pos_embed", "timm")  # DINO's interpolation under protocol: paper
+    return bb
+
+
+def _backbone_weights(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
+    arch = meta["backbone"]["arch"]
+    stored = ckpt / meta.get("backbone_file", BACKBONE_FILE)
+    if weights is None and stored.is_file():
+        bb = build_backbone(arch, str(stored))
+        bb.pretrained = bool(meta["backbone"].get("pretrained", False))
+        bb.weights = str(meta["backbone"].get("weights", "none"))
+        return bb
+    source = str(weights if weights is not None else meta["backbone"].get("weights", "none"))
+    if source == "none":
+        raise CheckpointError(
+            f"{ckpt}: the model was trained on a random backbone but {stored.name} is missing from the "
+            "checkpoint, so its backbone cannot be rebuilt"
+        )
+    if source not in ("timm",) and not source.startswith("hub:") and not Path(source).is_file():
+        raise CheckpointError(
+            f"{ckpt}: backbone weights file {source!r} named in {MODEL_JSON} was not found; copy it there or "
+            "pass weights=<path> (CLI: --weights PATH)"
+        )
+    return build_backbone(arch, source)

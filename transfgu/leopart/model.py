@@ -188,12 +188,12 @@ def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backb
 
 def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str | None = None,
                    amp_dtype: Any = None, batch_size: int = 8) -> LeopartPredictor:
-    from transfgu.predict import _build_backbone
+    from transfgu.checkpoint import load_backbone
     from transfgu.schemas import check_leopart_arrays
 
     arrays = load_file(str(ckpt / ARRAYS_FILE))
     check_leopart_arrays(ckpt / ARRAYS_FILE, arrays, meta, ckpt / "model.json")
-    backbone = _build_backbone(ckpt, meta, weights).to(device).eval()
+    backbone = load_backbone(ckpt, meta, weights).to(device).eval()
     model = LeopartModel.from_arrays(arrays)
     if model.cluster_to_segment is None:
         raise ValueError(f"{ckpt} holds no community map (the communities stage did not finish)")
