@@ -21,7 +21,7 @@ from torch import Tensor
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.schemas import StateInfo, check_finite, read_json, validate_model_meta
-from transfgu.store import atomic_write_json, fix_mode, umask_mode
+from transfgu.store.atomic import atomic_write_json, fix_mode, umask_mode
 
 MODEL_JSON = "model.json"
 STATE_JSON = "state.json"

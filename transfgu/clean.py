@@ -29,7 +29,7 @@ from pathlib import Path
 from transfgu.cli_args import HelpFormatter
 from transfgu.integrity import STALE_DIR, STALE_LEDGER, require_run_dir, stale_ledger
 from transfgu.paths import PathEscapeError, check_name, is_inside, require_inside
-from transfgu.store import atomic_write_text
+from transfgu.store.atomic import atomic_write_text
 
 DESCRIPTION = """\
 List, then (with --yes) delete, the outputs a run has set aside under RUN_DIR/_stale/.

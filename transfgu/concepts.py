@@ -20,7 +20,7 @@ import numpy as np
 
 from transfgu.kmeans import KMeansResult, kmeans
 from transfgu.kmeans.minibatch import minibatch_kmeans
-from transfgu.store import atomic_write_bytes, atomic_write_json
+from transfgu.store.atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "ConceptBank",

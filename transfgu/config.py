@@ -814,7 +814,7 @@ METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from transfgu.store import atomic_write_text
+    from transfgu.store.atomic import atomic_write_text
 
     atomic_write_text(Path(path), cfg.to_yaml())
 

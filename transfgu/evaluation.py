@@ -20,7 +20,7 @@ from transfgu.engine.loop import evaluate
 from transfgu.errors import ErrorLog, check_error_budget
 from transfgu.logs import Progress
 from transfgu.models.backbone import DinoViT
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 
 
 def has_labelled_val(cfg: Config) -> bool:

@@ -172,7 +172,7 @@ def import_reference_decoder(
     if evaluate:
         from transfgu.evaluation import evaluate_decoder, write_eval
         from transfgu.runtime import autocast_dtype, resolve_device
-        from transfgu.store import atomic_write_json
+        from transfgu.store.atomic import atomic_write_json
 
         device = resolve_device(cfg.run.device)
         amp = autocast_dtype(cfg.backbone.precision, device)

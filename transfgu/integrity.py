@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 from transfgu.layout import RunLayout
 from transfgu.paths import PathEscapeError, is_inside, require_inside
-from transfgu.store import atomic_write_json, list_parquet_files, strict_jsonable
+from transfgu.store.atomic import atomic_write_json, strict_jsonable
+from transfgu.store.formats import list_parquet_files
 
 log = logging.getLogger(__name__)
 

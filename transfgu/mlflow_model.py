@@ -186,7 +186,7 @@ def requirements() -> list[str]:
 def _staged_code(tmp: Path) -> Path:
     """A clean copy of the ``transfgu`` package (no caches) to carry as the model's code path."""
     import transfgu
-    from transfgu.store import umask_mode
+    from transfgu.store.atomic import umask_mode
 
     dst = tmp / "code" / "transfgu"
     # copyfile, not copy2: the copies get the process umask's modes, not the checkout's (MLflow keeps them)

@@ -47,7 +47,7 @@ from transfgu.engine import targets as engine_targets
 from transfgu.kmeans import assign
 from transfgu.metrics import RunningConfusion, matched_confusion
 from transfgu.models.backbone import normalize
-from transfgu.store import read_features, read_label_bank
+from transfgu.store.formats import read_features, read_label_bank
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from transfgu import viz
 from transfgu.cli_args import report_parser
 from transfgu.layout import RunLayout
 from transfgu.methods import get_method
-from transfgu.store import atomic_write_json
+from transfgu.store.atomic import atomic_write_json
 
 __all__ = ["ReportOptions", "main", "nearest_crops", "write_report"]
 
@@ -303,7 +303,7 @@ def nearest_crops(
 
     Args:
         shards: iterable of ``(path, meta table with image_id/box/pool, cls (m, D))`` (see
-            :func:`transfgu.store.iter_feature_shards`).
+            :func:`transfgu.store.formats.iter_feature_shards`).
         centroids: ``(K, D)``; ``pools[k]`` is the pool of concept k: it is compared with that pool's crops only.
         max_rows: stop after the shard that reaches this many crops.
         max_per_image: at most this many crops of one image per concept (overlapping windows of one photo
@@ -357,7 +357,7 @@ def nearest_crops(
 def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None, opt: ReportOptions) -> Section:
     from transfgu.concepts import ConceptBank
     from transfgu.data.io import resize_image
-    from transfgu.store import iter_feature_shards, list_parquet_files
+    from transfgu.store.formats import iter_feature_shards, list_parquet_files
 
     sec = Section("Concept galleries")
     if not (RunLayout(run_dir).concepts / ConceptBank.META_FILE).is_file():
@@ -431,7 +431,7 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
     import pyarrow.parquet as pq
 
     from transfgu.concepts import ConceptBank
-    from transfgu.store import list_parquet_files, read_label_bank
+    from transfgu.store.formats import list_parquet_files, read_label_bank
 
     sec = Section("CAM panels (pseudo-label bank)")
     files = list_parquet_files(RunLayout(run_dir).label_bank) if RunLayout(run_dir).label_bank.is_dir() else []

@@ -48,13 +48,8 @@ from transfgu.pseudo_labels import concept_map_parts
 from transfgu.runtime import pseudo_autocast_dtype
 from transfgu.selection import select_student
 from transfgu.sharded import SHARD_IMAGES, ShardedStage, training_images
-from transfgu.store import (
-    LabelMaps,
-    features_table,
-    label_bank_image_ids,
-    label_bank_table,
-    to_jsonable,
-)
+from transfgu.store.atomic import to_jsonable
+from transfgu.store.formats import LabelMaps, features_table, label_bank_image_ids, label_bank_table
 from transfgu.throughput.tensors import prepare_images, to_device
 from transfgu.training import load_latest_student, load_model_decoder, write_model
 
@@ -258,7 +253,7 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
 def add_stage_quality(ctx: RunContext) -> None:
     """Concept, pseudo-label and per-round quality (:mod:`transfgu.quality`) into ``eval/metrics.json``."""
     from transfgu.quality import stage_quality
-    from transfgu.store import atomic_write_json
+    from transfgu.store.atomic import atomic_write_json
     from transfgu.training import build_decoder
 
     cfg = ctx.cfg

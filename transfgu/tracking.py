@@ -253,7 +253,7 @@ def _param_value(v: Any) -> str:
 
 def run_tags(cfg: Config, kind: str) -> dict[str, str]:
     """Tags every run of a pipeline carries (ecosystem_notes.md §4.2)."""
-    from transfgu.store import config_hash
+    from transfgu.store.manifest import config_hash
 
     tags = {
         "kind": kind,

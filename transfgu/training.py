@@ -40,7 +40,7 @@ from transfgu.losses import BootstrapSchedule, LossWeights
 from transfgu.models.backbone import DinoViT
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.selection import ValHistory, validate_epoch
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from transfgu.distributed.fit import RayLoop, WorkerContext, fit_on_ray
 from transfgu.errors import CollectedErrors, ErrorLog
 from transfgu.leopart import finetune_train as ftt
 from transfgu.runtime import load_run_backbone
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from transfgu.cli_args import predict_ray_parser as build_parser
 from transfgu.predict import IMAGE_EXTENSIONS, collect_inputs, unique_stems
-from transfgu.store import list_parquet_files, write_parquet_atomic
+from transfgu.store.formats import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from transfgu.layout import round_name
 from transfgu.runtime import autocast_dtype
 from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import finish_train
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 from transfgu.training import build_decoder, round_segments, train_rounds
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from transfgu.method import Executor, StageFn
 from transfgu.methods import get_method
 from transfgu.paths import check_name, default_storage
 from transfgu.pipeline import run_pipeline
-from transfgu.store import atomic_write_json, to_jsonable
+from transfgu.store.atomic import atomic_write_json, to_jsonable
 from transfgu.tracking import Tracker, config_params, resolve_tracking_uri, run_tags
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ from transfgu.models.backbone import (
     DinoViT,
     normalize,
 )
-from transfgu.store import atomic_write_json, fix_mode
+from transfgu.store.atomic import atomic_write_json, fix_mode
 
 log = logging.getLogger("transfgu")
 

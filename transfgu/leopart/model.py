@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from transfgu.kmeans import nearest
 from transfgu.leopart.pca import PCA
 from transfgu.model_meta import CheckpointMeta
-from transfgu.store import fix_mode
+from transfgu.store.atomic import fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class LeopartPredictor(CheckpointMeta):
 def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backbone: Any = None) -> None:
     """``leopart.safetensors`` + ``model.json`` (+ the backbone when it is random, as TransFGU's checkpoint)."""
     from transfgu.checkpoint import BACKBONE_FILE, _save_tensors
-    from transfgu.store import atomic_write_json
+    from transfgu.store.atomic import atomic_write_json
 
     directory.mkdir(parents=True, exist_ok=True)
     model.save_arrays(directory / ARRAYS_FILE)

@@ -65,7 +65,8 @@ from transfgu.method import Executor, StageInfo
 from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores
 from transfgu.models.backbone import DinoViT
 from transfgu.sharded import ShardedStage
-from transfgu.store import atomic_write_json, fix_mode, list_parquet_files, write_parquet_atomic
+from transfgu.store.atomic import atomic_write_json, fix_mode
+from transfgu.store.formats import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger("transfgu")
 

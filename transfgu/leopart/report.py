@@ -24,7 +24,7 @@ from transfgu.leopart.dense import read_dense
 from transfgu.leopart.foreground import attention_mask
 from transfgu.leopart.pipeline import dense_files, load_model, mask_kwargs
 from transfgu.report import Section, _table
-from transfgu.store import list_parquet_files
+from transfgu.store.formats import list_parquet_files
 
 
 def _image_at(records: dict[str, Any], image_id: str, size: tuple[int, int]) -> np.ndarray | None:

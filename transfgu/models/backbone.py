@@ -529,7 +529,7 @@ def save_backbone_weights(model: DinoViT, path: str | os.PathLike[str]) -> None:
     """Save the backbone weights as safetensors in timm's key layout (reloadable with ``weights=<path>``)."""
     from safetensors.torch import save_file
 
-    from transfgu.store import fix_mode
+    from transfgu.store.atomic import fix_mode
 
     sd = {k: v.detach().contiguous().cpu() for k, v in model.vit.state_dict().items()}
     tmp = Path(str(path) + ".tmp")

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from transfgu.config import load_config
     from transfgu.pipeline import run_pipeline
-    from transfgu.store import fix_mode
+    from transfgu.store.atomic import fix_mode
     from transfgu.tools.quality_table import quality_config, stage_numbers
 
     torch.set_num_threads(a.threads)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transfgu.models.backbone import PRIOR_METADATA_KEY, PRIOR_STANDIN, _create_vit, normalize
-from transfgu.store import fix_mode
+from transfgu.store.atomic import fix_mode
 
 log = logging.getLogger(__name__)
 
