@@ -391,7 +391,7 @@ def test_undefined_scores_are_written_as_null_with_a_reason(tmp_path):
     Manifest(tmp_path).mark_done("evaluate", rows=1, mIoU=float("nan"))
     assert _strict_json(tmp_path / "_manifest.json")["stages"]["evaluate"]["extra"]["mIoU"] is None
     # and JSON read back from a checkpoint refuses them, naming the file
-    from transfgu.checkpoint import read_model_meta
+    from transfgu.model_meta import read_model_meta
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.json").write_text('{"decoder": {"n_classes": 4}, "lr": NaN}')

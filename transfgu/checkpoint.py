@@ -18,12 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from transfgu.layout import RunLayout
+from transfgu.model_meta import MODEL_JSON, CheckpointError, read_model_meta
 from transfgu.models.backbone import DinoViT, build_backbone
-from transfgu.schemas import StateInfo, check_finite, read_json, validate_model_meta
+from transfgu.schemas import StateInfo, check_finite, read_json
 from transfgu.store.atomic import atomic_write_json, fix_mode, umask_mode
 
-MODEL_JSON = "model.json"
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 DECODER_FILE = "decoder.safetensors"
@@ -178,32 +177,6 @@ def save_model(directory: Path, decoder: torch.nn.Module, meta: dict[str, Any], 
         _save_tensors(backbone.vit.state_dict(), directory / BACKBONE_FILE)
         meta = {**meta, "backbone_file": BACKBONE_FILE}
     atomic_write_json(directory / MODEL_JSON, meta)
-
-
-def read_model_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MODEL_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"no model checkpoint in {directory} (missing {MODEL_JSON})")
-    return validate_model_meta(path, read_json(path))
-
-
-class CheckpointError(FileNotFoundError):
-    """A checkpoint directory or one of the files it needs is missing or does not match."""
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The model directory for ``path``: a ``model/`` checkpoint itself, or a run directory containing one."""
-    p = Path(path)
-    if (p / MODEL_JSON).is_file():
-        return p
-    if (RunLayout(p).model / MODEL_JSON).is_file():
-        return RunLayout(p).model
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} does not exist")
-    raise CheckpointError(
-        f"no model checkpoint in {p}: expected {p / MODEL_JSON} or {p / 'model' / MODEL_JSON} "
-        "(has the run's train stage finished?)"
-    )
 
 
 def load_backbone(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:

@@ -200,7 +200,7 @@ def _staged_code(tmp: Path) -> Path:
 def _flavor_kwargs(checkpoint: Path, tmp: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from transfgu.checkpoint import read_model_meta
+    from transfgu.model_meta import read_model_meta
 
     meta = read_model_meta(checkpoint)
     return {
@@ -329,9 +329,9 @@ def write_model_card(run_dir: str | Path) -> Path | None:
     """``model/MODEL_CARD.md`` of a finished run: what the model is for, the data it saw, its backbone prior, its
     evaluation metrics and its limitations, from the run's own records (config, model.json, eval/metrics.json,
     manifest). None when the run has no model yet."""
-    from transfgu.checkpoint import read_model_meta
     from transfgu.config import load_config
     from transfgu.layout import RunLayout
+    from transfgu.model_meta import read_model_meta
 
     layout = RunLayout(Path(run_dir))
     if not (layout.model / "model.json").is_file():

@@ -28,14 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transfgu.checkpoint import (
-    DECODER_FILE,
-    MODEL_JSON,
-    CheckpointError,
-    find_checkpoint,
-    load_backbone,
-    read_model_meta,
-)
+from transfgu.checkpoint import DECODER_FILE, load_backbone
 from transfgu.cli_args import predict_parser as build_parser
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_model_input
@@ -43,7 +36,7 @@ from transfgu.engine.step import predict_logits
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
 from transfgu.logs import Progress
-from transfgu.model_meta import CheckpointMeta
+from transfgu.model_meta import MODEL_JSON, CheckpointError, CheckpointMeta, find_checkpoint, read_model_meta
 from transfgu.models.backbone import DinoViT
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.runtime import autocast_dtype, resolve_device

@@ -795,7 +795,7 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     for name in report_files(out):  # only the files an earlier report wrote, never a user's
         (out / name).unlink(missing_ok=True)
     foreign = {p.name for p in out.glob("*.png")}
-    from transfgu.checkpoint import MODEL_JSON  # torch: only when a report is written
+    from transfgu.model_meta import MODEL_JSON
 
     meta = _read_json(RunLayout(run_dir).model / MODEL_JSON)
     metrics = _read_json(RunLayout(run_dir).metrics)

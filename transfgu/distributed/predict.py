@@ -253,9 +253,9 @@ def predict_ray(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from transfgu.checkpoint import read_model_meta
     from transfgu.errors import ErrorLog
     from transfgu.integrity import PREDICT_MARKER, check_predict_output
+    from transfgu.model_meta import read_model_meta
     from transfgu.predict import find_checkpoint
 
     ckpt = find_checkpoint(checkpoint).resolve()

@@ -482,7 +482,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
     # Resolved (downloaded from MLflow if need be) once here, where `serve run` runs; replicas get a local path.
     ckpt = resolve_model_dir(str(args["model"]), tracking_uri=opt["tracking_uri"])
     # Validated here, where `serve run` runs, so a bad checkpoint is one line and not a replica crash loop.
-    from transfgu.checkpoint import read_model_meta
+    from transfgu.model_meta import read_model_meta
     from transfgu.predict import find_checkpoint
 
     read_model_meta(find_checkpoint(ckpt))
