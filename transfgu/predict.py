@@ -35,12 +35,14 @@ from transfgu.data.transforms import to_model_input
 from transfgu.engine.step import predict_logits
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
-from transfgu.logs import Progress
+from transfgu.leopart.model import load_predictor
+from transfgu.logs import Progress, setup_logging
 from transfgu.model_meta import MODEL_JSON, CheckpointError, CheckpointMeta, find_checkpoint, read_model_meta
 from transfgu.models.backbone import DinoViT
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.runtime import autocast_dtype, resolve_device
 from transfgu.schemas import check_finite
+from transfgu.viz import overlay, palette
 
 __all__ = [
     "UNMATCHED",
@@ -289,7 +291,6 @@ def load(
     meta = read_model_meta(ckpt)
     dev = resolve_device("auto" if device is None else str(device))
     if str(meta.get("format", "")).startswith("leopart-model"):  # a CBFE + CD checkpoint (transfgu.leopart)
-        from transfgu.leopart.model import load_predictor
 
         return load_predictor(ckpt, meta, dev, weights, autocast_dtype(precision, dev), batch_size)  # type: ignore
     backbone = load_backbone(ckpt, meta, weights).to(dev).eval()
@@ -433,8 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(importlib.import_module("transfgu.distributed.predict").main(argv))
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        from transfgu.logs import setup_logging
-
         setup_logging()  # the console format of every transfgu command
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
@@ -463,8 +462,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = ErrorLog(err_path)
     n_ids = len(predictor.class_names) if args.classes else predictor.n_clusters
     if args.overlay:
-        from transfgu.viz import overlay, palette
-
         colours = palette(n_ids)
     done = 0
     prog = Progress("predict", len(items))  # a bar on a terminal, a line every 10 s elsewhere

@@ -32,6 +32,8 @@ from typing import Any
 
 from transfgu.config import Config
 from transfgu.layout import RunLayout
+from transfgu.mlflow_model import default_registered_name, log_model
+from transfgu.store.manifest import config_hash
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +255,6 @@ def _param_value(v: Any) -> str:
 
 def run_tags(cfg: Config, kind: str) -> dict[str, str]:
     """Tags every run of a pipeline carries (ecosystem_notes.md §4.2)."""
-    from transfgu.store.manifest import config_hash
-
     tags = {
         "kind": kind,
         "pretrained": str(cfg.backbone.source.pretrained).lower(),
@@ -363,8 +363,6 @@ class PipelineTracker:
     def registered_name(self) -> str | None:
         """The registry name of the run's model: ``mlflow.registered_model``, by default ``<method>-<run.name>``;
         None for ``""`` and for a sweep's trials (the sweep registers its best trial's model)."""
-        from transfgu.mlflow_model import default_registered_name
-
         name = self.cfg.mlflow.registered_model
         if name is None:
             return None if self.kind == "trial" else default_registered_name(self.cfg.method, self.cfg.run.name)
@@ -455,8 +453,6 @@ class PipelineTracker:
             # data set
             if (status == "FINISHED" and self.cfg.mlflow.log_model and self.log_model
                     and (model_dir / "model.json").is_file()):
-                from transfgu.mlflow_model import log_model
-
                 info = _best_effort("the model", log_model, self.tracker.tracking_uri, self.run_id, model_dir,
                                     self.registered_name())
                 model_id = getattr(info, "model_id", None)

@@ -20,7 +20,8 @@ from safetensors.numpy import load_file, save_file
 from transfgu.kmeans import nearest
 from transfgu.leopart.pca import PCA
 from transfgu.model_meta import CheckpointMeta
-from transfgu.store.atomic import fix_mode
+from transfgu.schemas import check_leopart_arrays
+from transfgu.store.atomic import atomic_write_json, fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,6 @@ class LeopartPredictor(CheckpointMeta):
 def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backbone: Any = None) -> None:
     """``leopart.safetensors`` + ``model.json`` (+ the backbone when it is random, as TransFGU's checkpoint)."""
     from transfgu.checkpoint import BACKBONE_FILE, _save_tensors
-    from transfgu.store.atomic import atomic_write_json
 
     directory.mkdir(parents=True, exist_ok=True)
     model.save_arrays(directory / ARRAYS_FILE)
@@ -189,7 +189,6 @@ def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backb
 def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str | None = None,
                    amp_dtype: Any = None, batch_size: int = 8) -> LeopartPredictor:
     from transfgu.checkpoint import load_backbone
-    from transfgu.schemas import check_leopart_arrays
 
     arrays = load_file(str(ckpt / ARRAYS_FILE))
     check_leopart_arrays(ckpt / ARRAYS_FILE, arrays, meta, ckpt / "model.json")

@@ -59,11 +59,12 @@ from transfgu.leopart.dense import dense_features, dense_table, read_dense
 from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
 from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
 from transfgu.leopart.probe import evaluate, train_linear_probe
+from transfgu.leopart.scoring import leopart_scores, seed_summary
 from transfgu.leopart.shards import DenseShards
 from transfgu.leopart.viz import community_graph_png
 from transfgu.method import Executor, StageInfo
 from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores
-from transfgu.models.backbone import DinoViT
+from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.sharded import ShardedStage
 from transfgu.store.atomic import atomic_write_json, fix_mode
 from transfgu.store.formats import list_parquet_files, write_parquet_atomic
@@ -142,8 +143,6 @@ _ATTENTION_BACKBONES: dict[tuple[str, str, str], Any] = {}
 
 def attention_backbone(arch: str, weights: str, device: Any) -> Any:
     """The ViT of ``leopart.cbfe_attention: weights``, built once per process (a dense worker keeps it)."""
-    from transfgu.models.backbone import build_backbone
-
     key = (arch, weights, str(device))
     if key not in _ATTENTION_BACKBONES:
         _ATTENTION_BACKBONES[key] = build_backbone(arch, weights).to(device)
@@ -417,8 +416,6 @@ def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmat
                    match: str = "pixels") -> dict[str, Any]:
     """Hungarian scores of a ``(classes, segments)`` confusion on ``match`` (``leopart.match``: pixels | iou),
     unmatched segments per ``leopart.unmatched`` (:func:`transfgu.leopart.scoring.leopart_scores`)."""
-    from transfgu.leopart.scoring import leopart_scores
-
     return leopart_scores(conf, names, bg, match, unmatched_rule(unmatched, bg))
 
 
@@ -656,9 +653,6 @@ def infomap_seed_scores(run_dir: Path, cfg: Config, gt: dict[str, np.ndarray], n
     """Val scores of every Infomap run of the communities stage (``leopart.infomap_runs`` seeds) and their mean +-
     std (:func:`transfgu.leopart.scoring.seed_summary`). The val cluster confusion is counted once; a run's segment
     confusion is its columns summed by that run's communities."""
-    from transfgu.leopart.scoring import seed_summary
-    from transfgu.metrics import RunningConfusion
-
     lp = cfg.leopart
     t = load_file(str(run_dir / "communities" / "communities.safetensors"))
     runs = t["cluster_to_segment_runs"] if "cluster_to_segment_runs" in t else t["cluster_to_segment"][None]
@@ -723,9 +717,6 @@ def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], nam
     ``overcluster_spherical``), val patches assigned, clusters mapped to classes many-to-one by majority overlap
     (WITH labels), mIoU at ``leopart.eval_size``; averaged over ``overcluster_seeds`` seeds (the authors: fitted on
     val, Euclidean, 5 seeds)."""
-    from transfgu.leopart.scoring import seed_summary
-    from transfgu.metrics import RunningConfusion
-
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     pca = load_checked_pca(ctx)
     seeds = [lp.seed + r for r in range(lp.overcluster_seeds)]

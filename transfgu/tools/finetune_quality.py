@@ -21,6 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transfgu.config import load_config
+from transfgu.leopart.finetune_train import backbone_from_state, latest_state
+from transfgu.methods import stage_hashes
+from transfgu.pipeline import run_pipeline
+from transfgu.store.atomic import fix_mode
+from transfgu.tools.quality_table import quality_config, stage_numbers
+
 
 def leopart_overrides(root: str | Path, run_root: str | Path, name: str, weights: str) -> dict[str, str]:
     """A small CBFE + CD run on CamVid-sized street scenes with the ``vit_standin`` backbone (64 train, 24 val)."""
@@ -70,11 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from transfgu.config import load_config
-    from transfgu.pipeline import run_pipeline
-    from transfgu.store.atomic import fix_mode
-    from transfgu.tools.quality_table import quality_config, stage_numbers
-
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
     cfg = load_config(a.config, [*a.overrides, f"run.root={out}"])
@@ -89,9 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.student:  # the student of the last epoch (the exported backbone is finetune.export's choice)
         from safetensors import safe_open
         from safetensors.torch import save_file
-
-        from transfgu.leopart.finetune_train import backbone_from_state, latest_state
-        from transfgu.methods import stage_hashes
 
         state = latest_state(cfg.run_dir / "finetune", stage_hashes(cfg)["finetune"])
         if state is None:

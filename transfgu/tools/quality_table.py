@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transfgu.config import load_config
+from transfgu.pipeline import run_pipeline
+
 #: Classes per stand-in set (K = number of classes, one pool of all windows, as the CamVid demo).
 N_CLASSES = {"camvid": 11, "msrc_v2": 21, "weizmann_horse": 2}
 
@@ -61,8 +64,6 @@ def quality_overrides(dataset: str, root: str | Path, run_root: str | Path, name
 
 
 def quality_config(dataset: str, root: str | Path, run_root: str | Path, name: str, weights: str, **over: str):
-    from transfgu.config import load_config
-
     ov = quality_overrides(dataset, root, run_root, name, weights, **over)
     return load_config(None, [f"{k}={v}" for k, v in ov.items()])
 
@@ -119,8 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     import torch
-
-    from transfgu.pipeline import run_pipeline
 
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
