@@ -155,7 +155,7 @@ def print_outputs(cfg: Config) -> None:
 
     layout = RunLayout(Path(cfg.run_dir).resolve())
     print(f"run directory:  {layout.root}")
-    for label, path in (("metrics:", layout.metrics), ("report:", layout.report / "index.html"),
+    for label, path in (("metrics:", layout.metrics), ("report:", layout.report_index),
                         ("model:", layout.model), ("manifest:", layout.manifest)):
         if path.exists():
             print(f"{label:15} {path}")

@@ -383,7 +383,8 @@ def is_run_dir(path: Path) -> bool:
     """True for a directory a pipeline run created (it holds one of :data:`RUN_MARKERS`) or that
     ``transfgu report`` already wrote into (``report/_report.json``)."""
     p = Path(path)
-    return p.is_dir() and (any((p / m).is_file() for m in RUN_MARKERS) or (p / "report" / REPORT_MARKER).is_file())
+    return p.is_dir() and (any((p / m).is_file() for m in RUN_MARKERS)
+                           or (RunLayout(p).report / REPORT_MARKER).is_file())
 
 
 def report_files(report_dir: Path) -> list[str]:

@@ -328,7 +328,7 @@ def write_model_card(run_dir: str | Path) -> Path | None:
     evaluation metrics and its limitations, from the run's own records (config, model.json, eval/metrics.json,
     manifest). None when the run has no model yet."""
     layout = RunLayout(Path(run_dir))
-    if not (layout.model / "model.json").is_file():
+    if not layout.model_json.is_file():
         return None
     meta = read_model_meta(layout.model)
     cfg = load_config(layout.config) if layout.config.is_file() else None

@@ -255,7 +255,7 @@ def _val_history_section(run_dir: Path) -> Section:
 
 def _finetune_section(run_dir: Path) -> Section:
     """Leopart dense fine-tuning: the per-epoch history and the attention / cluster maps before and after."""
-    info = _read_json(run_dir / "finetune" / "finetune.json") or {}
+    info = _read_json(RunLayout(run_dir).finetune_json) or {}
     sec = Section("Dense fine-tuning")
     src = info.get("source") or {}
     rows = [(str(h["epoch"] + 1), f"{h['loss']:.4f}", f"{h['usage_entropy']:.3f}", f"{h['momentum']:.6f}")
@@ -265,7 +265,7 @@ def _finetune_section(run_dir: Path) -> Section:
                 f"output: finetune/{html.escape(str(info.get('backbone_file')))}"
                 f" ({html.escape(str(info.get('exported')))})</p>"
                 + _table(["epoch", "loss", "cluster-usage entropy", "EMA momentum"], rows))
-    pic = run_dir / "finetune" / "before_after.png"
+    pic = RunLayout(run_dir).finetune_pictures
     if pic.is_file():
         sec.images.append((pic, "last-block CLS attention and 8-cluster maps of the patch tokens, source backbone "
                                 "(before) vs fine-tuned backbone (after)"))
@@ -797,7 +797,7 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     ]
     if cfg is not None:  # the method's own pictures (Leopart's instead of TransFGU's concepts and CAMs)
         builders = get_method(cfg.method).report_sections(builders, run_dir, out, cfg, metrics, opt)
-    if (run_dir / "finetune" / "finetune.json").is_file():  # method: leopart_finetune: no segmentation to show
+    if RunLayout(run_dir).finetune_json.is_file():  # method: leopart_finetune: no segmentation to show
         builders = [("Dense fine-tuning", lambda: _finetune_section(run_dir)), *builders[-3:]]
     sections = []
     for title, build in builders:

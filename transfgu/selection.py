@@ -26,11 +26,11 @@ from transfgu.config import Config, n_output_channels
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 from transfgu.engine.loop import evaluate
 from transfgu.evaluation import has_labelled_val
+from transfgu.layout import VAL_HISTORY
 from transfgu.store.atomic import atomic_write_json, atomic_write_text, fix_mode
 
 log = logging.getLogger(__name__)
 
-VAL_HISTORY = "val_history.jsonl"
 BEST_DIR = "best"
 SELECTION_WARNING = (
     "MODEL SELECTED ON VALIDATION LABELS: train.select=best_val kept the epoch with the highest validation "

@@ -238,7 +238,7 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
         return {"rows": 0, "skipped": "no labels"}
     dec = load_model_decoder(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device, ctx.hashes["train"])
     scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
-    meta = json.loads((ctx.layout.model / "model.json").read_text())
+    meta = json.loads(ctx.layout.model_json.read_text())
     selection = {k: v for k, v in meta.items() if k.startswith("select")}
     write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=n_images, selection=selection,
                input_hash=ctx.hashes["evaluate"])

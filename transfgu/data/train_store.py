@@ -44,13 +44,14 @@ import torch
 
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_uint8_chw
+from transfgu.layout import TRAIN_INPUT_DIR
 from transfgu.store.atomic import atomic_open, atomic_write_json
 from transfgu.store.formats import LabelMaps, list_parquet_files, read_label_bank
 from transfgu.store.manifest import config_hash
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = "_train_input"
+STORE_DIR = TRAIN_INPUT_DIR  # the name RunLayout.train_input has
 PACKED_FORMAT = "transfgu.packed_label_bank/1"
 IMAGES_FORMAT = "transfgu.train_images/1"
 _HEADER = struct.Struct("<5i")  # K, h, w, n_bonus, bytes of the uncompressed payload

@@ -102,7 +102,7 @@ def cached_stage(stage: str, runner: StageFn, cache_root: Path) -> StageFn:
             if link.is_symlink():
                 link.unlink()
             link.symlink_to(shared.output(stage).resolve(), target_is_directory=True)
-        done = shared.root / "_done.json"
+        done = shared.cache_done
         with file_lock(cache_root / f".{key}.lock"):
             if done.is_file():
                 info = json.loads(done.read_text())

@@ -554,7 +554,7 @@ def run_finetune(ctx: RunContext) -> dict[str, Any]:
     images, _ = decode_training_images(cfg, ctx.errors)
 
     backbone = load_run_backbone(cfg.backbone, ctx.layout, cfg.run.seed).to(ctx.device)
-    out = ctx.run_dir / "finetune"
+    out = ctx.layout.finetune
     finetune(cfg, backbone, images, out, ctx.hashes["finetune"], ctx.device, on_epoch=ctx.on_epoch,
              source=source_record(cfg))
     return finish_info(out)

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from transfgu.kmeans import nearest
 from transfgu.leopart.pca import PCA
-from transfgu.model_meta import CheckpointMeta
+from transfgu.model_meta import MODEL_JSON, CheckpointMeta
 from transfgu.schemas import check_leopart_arrays
 from transfgu.store.atomic import atomic_write_json, fix_mode
 
@@ -183,7 +183,7 @@ def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backb
     if backbone is not None and not getattr(backbone, "pretrained", True):
         _save_tensors(backbone.vit.state_dict(), directory / BACKBONE_FILE)
         meta = {**meta, "backbone_file": BACKBONE_FILE}
-    atomic_write_json(directory / "model.json", {**meta, "format": MODEL_FORMAT})
+    atomic_write_json(directory / MODEL_JSON, {**meta, "format": MODEL_FORMAT})
 
 
 def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str | None = None,
@@ -191,7 +191,7 @@ def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str |
     from transfgu.checkpoint import load_backbone
 
     arrays = load_file(str(ckpt / ARRAYS_FILE))
-    check_leopart_arrays(ckpt / ARRAYS_FILE, arrays, meta, ckpt / "model.json")
+    check_leopart_arrays(ckpt / ARRAYS_FILE, arrays, meta, ckpt / MODEL_JSON)
     backbone = load_backbone(ckpt, meta, weights).to(device).eval()
     model = LeopartModel.from_arrays(arrays)
     if model.cluster_to_segment is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transfgu.config import load_config
+from transfgu.layout import RunLayout
 from transfgu.leopart.finetune_train import backbone_from_state, latest_state
 from transfgu.methods import stage_hashes
 from transfgu.pipeline import run_pipeline
@@ -84,15 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{a.config} is not a method: leopart_finetune preset")
     t0 = time.time()
     run_pipeline(cfg)
-    ft_info = json.loads((cfg.run_dir / "finetune" / "finetune.json").read_text())
+    ft_info = json.loads(RunLayout(cfg.run_dir).finetune_json.read_text())
     timing: dict[str, Any] = {"finetune_s": round(time.time() - t0, 1)}
     print(f"finetune: {timing['finetune_s']}s losses {[h['loss'] for h in ft_info['history']]}", flush=True)
-    backbones = {"before": cfg.backbone.weights, "after": str(cfg.run_dir / "finetune" / "backbone.safetensors")}
+    backbones = {"before": cfg.backbone.weights, "after": str(RunLayout(cfg.run_dir).finetune_backbone)}
     if a.student:  # the student of the last epoch (the exported backbone is finetune.export's choice)
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        state = latest_state(cfg.run_dir / "finetune", stage_hashes(cfg)["finetune"])
+        state = latest_state(RunLayout(cfg.run_dir).finetune, stage_hashes(cfg)["finetune"])
         if state is None:
             raise SystemExit("no epoch state of this fine-tuning run to take the student from")
         with safe_open(backbones["after"], framework="pt") as fh:
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             **{"mlflow.enabled": "false", "run.report": "false"})
         t0 = time.time()
         run_pipeline(qc)
-        m = json.loads((qc.run_dir / "eval" / "metrics.json").read_text())
+        m = json.loads(RunLayout(qc.run_dir).metrics.read_text())
         results[label] = stage_numbers(m)
         timing[f"{label}_s"] = round(time.time() - t0, 1)
         print(f"{label} ({weights}): {timing[f'{label}_s']}s {results[label]}", flush=True)
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     leopart_overrides(cfg.data.root, out, f"leopart_{tag}", weights).items()])
             t0 = time.time()
             run_pipeline(lc)
-            results[label].update(leopart_numbers(json.loads((lc.run_dir / "eval" / "metrics.json").read_text())))
+            results[label].update(leopart_numbers(json.loads(RunLayout(lc.run_dir).metrics.read_text())))
             timing[f"leopart_{label}_s"] = round(time.time() - t0, 1)
             print(f"leopart {label}: {timing[f'leopart_{label}_s']}s", flush=True)
     (out / "finetune_quality.json").write_text(json.dumps(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from transfgu.config import load_config
+from transfgu.layout import RunLayout
 from transfgu.pipeline import run_pipeline
 
 #: Classes per stand-in set (K = number of classes, one pool of all windows, as the CamVid demo).
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = quality_config(name, root, out, f"{name}_{prior}", weights)
             t0 = time.time()
             run_pipeline(cfg)
-            m = json.loads((cfg.run_dir / "eval" / "metrics.json").read_text())
+            m = json.loads(RunLayout(cfg.run_dir).metrics.read_text())
             results[name][prior] = stage_numbers(m)
             print(f"{name} {prior}: {time.time() - t0:.0f}s {results[name][prior]}", flush=True)
     (out / "quality_table.json").write_text(json.dumps(results, indent=2))
