@@ -89,7 +89,7 @@ def write_shards(x: np.ndarray, directory: Path, n_shards: int, pool: str = "all
     """Write ``x`` as ``n_shards`` features Parquet files in the pipeline's schema (DESIGN.md §3)."""
     import pyarrow as pa
 
-    from transfgu.store import features_schema, write_parquet_atomic
+    from transfgu.store.formats import features_schema, write_parquet_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     d = x.shape[1]

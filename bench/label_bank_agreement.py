@@ -2,7 +2,7 @@
 
 Runs the label-bank stage code (``transfgu.stages.build_label_maps`` with a preset's ``pseudo`` settings, default
 precision unless ``--precision`` says otherwise) on real images, writes the Parquet bank, reads it back with
-``transfgu.store.read_label_bank`` and compares, at every position, the argmax over concepts and the per-concept gate
+``store.formats.read_label_bank`` and compares, at every position, the argmax over concepts and the per-concept gate
 with the float32 definition (``concept_map_parts`` with autocast off and TF32 off) computed on the same device.
 For context it also scores the old float16 storage and the bf16 opt-in (``pseudo.precision=bf16``) the same way,
 and, with ``--naive N``, the reference's K-full-backward oracle on the first N images.
@@ -69,7 +69,7 @@ def _alt_tables(ids: list[str], lms: list[Any], maps: np.ndarray) -> dict[str, A
     """Alternative encodings of the same maps (advice only; not what the pipeline writes)."""
     import pyarrow as pa
 
-    from transfgu.store import label_bank_table
+    from transfgu.store.formats import label_bank_table
 
     t = label_bank_table(ids, lms)
     bool_gate = pa.array([m.gate.reshape(-1).tolist() for m in lms], type=pa.large_list(pa.bool_()))
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_map_parts, naive_concept_maps
     from transfgu.stages import build_label_maps
-    from transfgu.store import label_bank_table, read_label_bank, write_parquet_atomic
+    from transfgu.store.formats import label_bank_table, read_label_bank, write_parquet_atomic
 
     device = torch.device(a.device)
     files = sorted(p for p in a.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: a.n]

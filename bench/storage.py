@@ -45,7 +45,7 @@ def load_images(n: int, size: int) -> tuple[list[np.ndarray], str]:
 
 
 def _parquet_size(table: Any, path: Path, **kwargs: Any) -> int:
-    from transfgu.store import write_parquet_atomic
+    from transfgu.store.formats import write_parquet_atomic
 
     write_parquet_atomic(table, path, **kwargs)
     return path.stat().st_size
@@ -71,7 +71,7 @@ H200_EXTRACT_CROPS_PER_S = 2881.0
 
 
 def zstd_levels(table: Any, n_images: int, budget_s_per_image: float, repeats: int = 5) -> dict[str, Any]:
-    """Encode ``table`` with the pipeline's writer options (:func:`transfgu.store.parquet_options`: its encodings)
+    """Encode ``table`` with the pipeline's writer options (:func:`store.formats.parquet_options`: its encodings)
     at each of :data:`ZSTD_LEVELS` into memory (the file system's fsync is the same for every level): fastest write
     seconds per image of ``repeats`` (one thread, as the writer thread; the minimum, as the machine is shared),
     bytes per image, and the level chosen:
@@ -82,7 +82,7 @@ def zstd_levels(table: Any, n_images: int, budget_s_per_image: float, repeats: i
 
     import pyarrow.parquet as pq
 
-    from transfgu.store import parquet_options
+    from transfgu.store.formats import parquet_options
 
     out: dict[str, Any] = {}
     for level in ZSTD_LEVELS:
@@ -118,7 +118,7 @@ def writer_threads(table: Any, n_images: int, threads: Sequence[int] | None = No
     import os
     import time
 
-    from transfgu.store import write_parquet_atomic
+    from transfgu.store.formats import write_parquet_atomic
     from transfgu.throughput.prefetch import BackgroundWriter, default_writer_threads
 
     cpus = len(os.sched_getaffinity(0))
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transfgu.data.transforms import to_model_input
     from transfgu.models.backbone import build_backbone
     from transfgu.pseudo_labels import concept_map_parts
-    from transfgu.store import LabelMaps, features_table, label_bank_table
+    from transfgu.store.formats import LabelMaps, features_table, label_bank_table
 
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--arch", default=None, help="backbone (default vit_small_patch8; quick: vit_test_tiny)")

@@ -57,7 +57,7 @@ def _peak(who: int = resource.RUSAGE_SELF) -> float:
 
 # -- data ------------------------------------------------------------------------------------------------------------
 def _write_bank(bank: Path, n: int, k: int, h: int, w: int, per_file: int = 2000) -> None:
-    from transfgu.store import LabelMaps, label_bank_table, write_parquet_atomic
+    from transfgu.store.formats import LabelMaps, label_bank_table, write_parquet_atomic
 
     rng = np.random.default_rng(0)
     for j in range(0, n, per_file):
@@ -73,7 +73,7 @@ def _write_bank(bank: Path, n: int, k: int, h: int, w: int, per_file: int = 2000
 
 
 def _write_features(out: Path, n: int, d: int, files: int) -> None:
-    from transfgu.store import features_table, write_parquet_atomic
+    from transfgu.store.formats import features_table, write_parquet_atomic
 
     rng = np.random.default_rng(1)
     for i, idx in enumerate(np.array_split(np.arange(n), files)):
@@ -114,7 +114,7 @@ def child_loader(a: dict[str, Any]) -> dict[str, Any]:
         images = ts.open_image_store(Path(a["bank"]), _paths(a["png"], n), size, "bench")
         ds: Any = ts.StreamingBankDataset(bank.rows_of(ids), _paths(a["png"], n), bank, size, images=images)
     else:
-        from transfgu.store import read_label_bank
+        from transfgu.store.formats import read_label_bank
 
         records = [SimpleNamespace(image_id=i, image_path=a["png"]) for i in ids]
         ds = BankDataset(records, read_label_bank(Path(a["bank"]), dense=False), size)
@@ -141,7 +141,7 @@ def child_loader(a: dict[str, Any]) -> dict[str, Any]:
 
 def child_kmeans(a: dict[str, Any]) -> dict[str, Any]:
     from transfgu.distributed.kmeans import ShardHolder
-    from transfgu.store import list_parquet_files, read_features
+    from transfgu.store.formats import list_parquet_files, read_features
 
     files = [str(p) for p in list_parquet_files(Path(a["features"]))]
     k = a["k"]
@@ -175,7 +175,7 @@ def child_rowgroups(a: dict[str, Any]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from transfgu.ddp import epoch_order
-    from transfgu.store import list_parquet_files, write_parquet_atomic
+    from transfgu.store.formats import list_parquet_files, write_parquet_atomic
 
     src = list_parquet_files(Path(a["bank"]))
     out = Path(a["bank"]).parent / f"rowgroups{a['n']}"

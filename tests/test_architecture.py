@@ -111,3 +111,101 @@ def test_run_command_has_one_ray_flag():
     args = run_parser("transfgu run", None).parse_args(["--ray", "--verbose", "train.epochs=1"])
     assert args.ray and args.verbose and args.overrides == ["train.epochs=1"]
     assert not run_parser("transfgu run", None).parse_args([]).ray
+
+
+#: Imports of the package's own modules inside functions: only for optional heavy dependencies (MLflow's pyfunc,
+#: the Serve ingress that must not load torch), torch-free modules (the config, the CLI before its arguments are
+#: parsed, Leopart's shard-actor modules) and nothing else (docs/architecture.md, "Import rules").
+MAX_DEFERRED_IMPORTS = 40
+
+
+def _package_import_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """Edges module -> package modules it imports (at module level or inside a function: a deferred import still
+    ties the two modules together), and the deferred ones as ``file:line``."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name_of(p): p for p in PKG.rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in files}
+    deferred = []
+    for mod, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        in_function = {id(sub) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for sub in ast.walk(fn)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base_parts = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+                    base = ".".join(base_parts[:len(base_parts) - node.level + 1] + [node.module or ""]).strip(".")
+                else:
+                    base = node.module or ""
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            hit = False
+            for t in targets:
+                while t and t not in files:
+                    t = t.rpartition(".")[0]
+                if t and t != mod and t != PKG.name:
+                    edges[mod].add(t)
+                    hit = True
+            if hit and id(node) in in_function:
+                deferred.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    return edges, deferred
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_has_no_cycle_and_few_deferred_imports():
+    edges, deferred = _package_import_graph()
+    assert len(edges) > 50 and sum(map(len, edges.values())) > 300  # the walk saw the package
+    assert _cycles(edges) == []
+    assert len(deferred) <= MAX_DEFERRED_IMPORTS, "\n".join(deferred)
+
+
+def test_leopart_entries_come_from_the_layout(tmp_path):
+    lay = RunLayout(tmp_path)
+    assert lay.dense_split("val") == tmp_path / "dense" / "val" and lay.pca_json == tmp_path / "pca" / "pca.json"
+    assert lay.cbfe_arrays.parent == lay.cbfe and lay.communities_json.parent == lay.communities
+    assert lay.segments_split("train").parent == lay.segments == tmp_path / "segments"
+    assert lay.finetune_json == tmp_path / "finetune" / "finetune.json"
+    assert lay.train_input.parent == lay.label_bank and lay.train_input.name.startswith("_")  # bank readers skip it
+    assert lay.model_json == tmp_path / "model" / "model.json" and lay.report_index.parent == lay.report

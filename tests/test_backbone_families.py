@@ -194,7 +194,7 @@ def test_label_bank_reads_back_bit_identical(arch, tmp_path):
     from transfgu.data.io import load_rgb
     from transfgu.data.transforms import to_model_input
     from transfgu.stages import build_label_maps
-    from transfgu.store import label_bank_table, read_label_bank, write_parquet_atomic
+    from transfgu.store.formats import label_bank_table, read_label_bank, write_parquet_atomic
 
     torch.manual_seed(0)
     bb = build_backbone(arch, "none")

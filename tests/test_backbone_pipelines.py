@@ -49,7 +49,7 @@ def test_transfgu_end_to_end_then_predict_export_and_mlflow_model(arch, tmp_path
     from transfgu.mlflow_model import load_pyfunc, save_mlflow_model
     from transfgu.pipeline import run_pipeline
     from transfgu.predict import load
-    from transfgu.store import read_label_bank
+    from transfgu.store.formats import read_label_bank
 
     torch.set_num_threads(2)
     cfg = transfgu_config(arch, tmp_path / "runs", "tf")
@@ -157,7 +157,7 @@ def test_ray_runs_equal_the_one_process_runs(arch, local_ray, tmp_path):
     from transfgu.distributed.pipeline import run_pipeline_ray
     from transfgu.leopart.pipeline import read_segments
     from transfgu.pipeline import run_pipeline
-    from transfgu.store import read_features, read_label_bank
+    from transfgu.store.formats import read_features, read_label_bank
 
     torch.set_num_threads(2)
     one = transfgu_config(arch, tmp_path / "one", "tf")

@@ -61,7 +61,7 @@ def _cfg(root: Path, run_root: Path, **over: str):
 def test_curated_preset_passes_preflight_and_uses_full_train_for_the_bank(coco_tree, tmp_path):
     from transfgu.pipeline import run_pipeline
     from transfgu.preflight import preflight
-    from transfgu.store import Manifest
+    from transfgu.store.manifest import Manifest
 
     torch.set_num_threads(2)
     cfg = _cfg(coco_tree, tmp_path)

@@ -106,7 +106,7 @@ def test_cuda_label_bank_keeps_every_float32_decision(tmp_path):
     from transfgu.config import load_config
     from transfgu.pseudo_labels import concept_map_parts
     from transfgu.stages import build_label_maps
-    from transfgu.store import label_bank_table, read_label_bank, write_parquet_atomic
+    from transfgu.store.formats import label_bank_table, read_label_bank, write_parquet_atomic
 
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True  # a caller that enabled TF32 must not change the bank

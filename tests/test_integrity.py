@@ -22,7 +22,7 @@ import pytest
 from conftest import require_shared_data, tiny_config
 
 from transfgu import integrity
-from transfgu.store import features_table, list_parquet_files, read_features, read_label_bank
+from transfgu.store.formats import features_table, list_parquet_files, read_features, read_label_bank
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_cli_refuses_an_infinite_learning_rate_before_creating_anything(tmp_path
 
 def test_undefined_scores_are_written_as_null_with_a_reason(tmp_path):
     from transfgu.evaluate_stage import write_eval
-    from transfgu.store import Manifest
+    from transfgu.store.manifest import Manifest
 
     scores = {"mIoU": float("nan"), "pixel_accuracy": float("nan"), "per_class_iou": {"road": float("nan")},
               "mapping": [0, 1], "confusion": np.zeros((2, 2))}
@@ -391,7 +391,7 @@ def test_undefined_scores_are_written_as_null_with_a_reason(tmp_path):
     Manifest(tmp_path).mark_done("evaluate", rows=1, mIoU=float("nan"))
     assert _strict_json(tmp_path / "_manifest.json")["stages"]["evaluate"]["extra"]["mIoU"] is None
     # and JSON read back from a checkpoint refuses them, naming the file
-    from transfgu.checkpoint import read_model_meta
+    from transfgu.model_meta import read_model_meta
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.json").write_text('{"decoder": {"n_classes": 4}, "lr": NaN}')

@@ -121,7 +121,7 @@ def test_leopart_kmeans_settings_are_explicit_and_hashed_only_when_set():
     from transfgu.config import load_config
     from transfgu.leopart.pipeline import kmeans_options
     from transfgu.methods import stage_hashes
-    from transfgu.store import config_hash
+    from transfgu.store.manifest import config_hash
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "leopart_horse.yaml"
     default = load_config(conf)

@@ -23,7 +23,7 @@ from transfgu.data.transforms import to_model_input
 from transfgu.models.backbone import build_backbone
 from transfgu.pseudo_labels import concept_map_parts, naive_concept_maps
 from transfgu.stages import build_label_maps
-from transfgu.store import LabelMaps, label_bank_table, read_label_bank, write_parquet_atomic
+from transfgu.store.formats import LabelMaps, label_bank_table, read_label_bank, write_parquet_atomic
 
 SIZE = (64, 80)  # small input, ViT-S/8 shape: an 8 x 10 token grid
 

@@ -18,7 +18,7 @@ from test_leopart import leopart_config
 
 def _dense_by_image(run: Path, split: str) -> dict[str, np.ndarray]:
     from transfgu.leopart.dense import read_dense
-    from transfgu.store import list_parquet_files
+    from transfgu.store.formats import list_parquet_files
 
     return {im.image_id: im.feats for f in list_parquet_files(run / "dense" / split) for im in read_dense(f)}
 

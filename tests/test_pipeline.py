@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from transfgu.pipeline import run_pipeline
 from transfgu.stages import STAGES
-from transfgu.store import Manifest
+from transfgu.store.manifest import Manifest
 
 
 def test_run_directory_has_every_file(tiny_run_dir):

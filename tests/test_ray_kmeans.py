@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transfgu.kmeans import kmeans
-from transfgu.store import features_table, read_features, write_parquet_atomic
+from transfgu.store.formats import features_table, read_features, write_parquet_atomic
 
 ray = pytest.importorskip("ray")
 

@@ -75,7 +75,8 @@ def test_cluster_has_three_nodes(cluster):
 def test_full_pipeline_matches_one_process_and_resumes(cluster, tiny_run_dir, tmp_path, capfd):
     from transfgu.concepts import ConceptBank
     from transfgu.distributed.pipeline import run_pipeline_ray
-    from transfgu.store import Manifest, read_features, read_label_bank
+    from transfgu.store.formats import read_features, read_label_bank
+    from transfgu.store.manifest import Manifest
 
     cfg = tiny_config(tmp_path / "runs", **RAY_OVERRIDES, **{"mlflow.enabled": "true"})
     with warnings.catch_warnings(record=True) as caught:
@@ -128,7 +129,7 @@ def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
     from transfgu.distributed.pipeline import prepare_run_dir
     from transfgu.methods import run_context
     from transfgu.stages import ExtractStage
-    from transfgu.store import read_features
+    from transfgu.store.formats import read_features
 
     src = require_shared_data("camvid")
     root = tmp_path / "camvid"

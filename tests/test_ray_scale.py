@@ -10,7 +10,7 @@ from conftest import tiny_config
 from test_ray_kmeans import ATOL, _blobs, _write_shards
 
 from transfgu.kmeans import kmeans, lloyd_step_stats
-from transfgu.store import read_features
+from transfgu.store.formats import read_features
 
 ray = pytest.importorskip("ray")
 
@@ -124,7 +124,7 @@ def test_driver_takes_the_final_model_from_result_checkpoint(tmp_path):
     from transfgu.engine.step import make_optimizer
     from transfgu.integrity import IntegrityError, stamp_table
     from transfgu.methods import run_context
-    from transfgu.store import LabelMaps, label_bank_table, write_parquet_atomic
+    from transfgu.store.formats import LabelMaps, label_bank_table, write_parquet_atomic
     from transfgu.training import build_decoder
 
     ctx = run_context(tiny_config(tmp_path))

@@ -47,7 +47,7 @@ def reference(tmp_path_factory):
 
 
 def _check_features(got_dir, ref_dir) -> None:
-    from transfgu.store import read_features
+    from transfgu.store.formats import read_features
 
     (ma, fa), (mb, fb) = read_features(ref_dir / "features"), read_features(got_dir / "features")
     assert len(fa) > 0 and ma.equals(mb)  # same crops (ids, boxes, pools), same order
@@ -94,7 +94,7 @@ def test_ray_sharded_stages_equal_one_process(ray_local, reference, tmp_path):
     from transfgu.distributed.shards import run_sharded_stage
     from transfgu.methods import run_context
     from transfgu.stages import ExtractStage, LabelBankStage
-    from transfgu.store import read_label_bank
+    from transfgu.store.formats import read_label_bank
 
     cfg = tiny_config(tmp_path, "t", **OVERRIDES)
     prepare_run_dir(cfg)

@@ -163,7 +163,7 @@ def test_stopped_trials_runs_end_killed_with_the_reason(tmp_path):
 def test_train_ddp_two_workers(ray_local, tiny_run_dir, tmp_path):
     """Two Ray Train workers (gloo DDP, half a CPU each) train from the one-process label bank."""
     from transfgu.distributed.pipeline import run_pipeline_ray
-    from transfgu.store import Manifest
+    from transfgu.store.manifest import Manifest
 
     cfg = tiny_config(tmp_path / "runs", **{
         "ray.num_workers": "2", "ray.cpus_per_worker": "0.5", "ray.fit_per_round": "false", "run.report": "false",

@@ -21,7 +21,7 @@ from transfgu.cli import run_main
 from transfgu.config import ConfigError, load_config
 from transfgu.pipeline import run_pipeline
 from transfgu.preflight import PreflightError, patch_size_of, preflight
-from transfgu.store import Manifest
+from transfgu.store.manifest import Manifest
 
 torch.set_num_threads(2)
 

@@ -30,10 +30,11 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from transfgu import store
 from transfgu.pipeline import run_pipeline
 from transfgu.stages import STAGES
-from transfgu.store import Manifest, list_parquet_files, read_features
+from transfgu.store import atomic, formats
+from transfgu.store.formats import list_parquet_files, read_features
+from transfgu.store.manifest import Manifest
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
@@ -157,19 +158,19 @@ def test_driver_killed_twice_resumes_and_matches_an_uninterrupted_run(tiny_run_d
 def test_write_failing_half_way_leaves_nothing_and_the_rerun_completes(tmp_path, monkeypatch):
     """``pq.write_table`` dies after writing part of the shard (disk full): no file, no temp, stage failed."""
     cfg = tiny_config(tmp_path, "diskfull", **{"data.max_train_images": "3"})
-    real = store.pq.write_table
+    real = formats.pq.write_table
 
     def dies(table, where, **kw):
         where.write(b"PAR1" + b"\0" * 4096)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store.pq, "write_table", dies)
+    monkeypatch.setattr(formats.pq, "write_table", dies)
     with pytest.raises(OSError, match="No space left"):
         run_pipeline(cfg, only=["extract"])
     assert sorted(p.name for p in (cfg.run_dir / "features").iterdir()) == []
     rec = Manifest.load(cfg.run_dir).stage("extract")
     assert rec["status"] == "failed" and "No space left" in rec["error"]
-    monkeypatch.setattr(store.pq, "write_table", real)
+    monkeypatch.setattr(formats.pq, "write_table", real)
     run_pipeline(cfg, only=["extract"])
     assert Manifest.load(cfg.run_dir).stage("extract")["status"] == "done"
     assert len(set(read_features(cfg.run_dir / "features")[0]["image_id"].to_pylist())) == 3
@@ -205,7 +206,7 @@ def test_manifest_save_failing_keeps_the_previous_manifest(tmp_path, monkeypatch
     def boom(src, dst):
         raise OSError("power cut")
 
-    monkeypatch.setattr(store.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="power cut"):
         Manifest.load(tmp_path).mark_done("concepts", rows=3, input_hash="h2")
     assert (tmp_path / Manifest.FILE).read_text() == before

@@ -23,7 +23,7 @@ from PIL import Image
 from transfgu.data.io import load_rgb
 from transfgu.errors import ErrorBudgetExceeded
 from transfgu.pipeline import run_pipeline
-from transfgu.store import read_features, read_label_bank
+from transfgu.store.formats import read_features, read_label_bank
 
 torch.set_num_threads(2)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transfgu.checkpoint import load_train_state
 from transfgu.pipeline import run_pipeline
 from transfgu.selection import SELECTION_WARNING, Validator
-from transfgu.store import Manifest
+from transfgu.store.manifest import Manifest
 
 
 def _copy(tiny_run_dir, tmp_path, name):

@@ -12,15 +12,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from transfgu import store
 from transfgu.crops import CropRecords
-from transfgu.store import (
-    Manifest,
-    atomic_open,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    config_hash,
+from transfgu.store import formats
+from transfgu.store.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text
+from transfgu.store.formats import (
     features_table,
     iter_feature_shards,
     label_bank_table,
@@ -28,6 +23,7 @@ from transfgu.store import (
     read_label_bank,
     write_parquet_atomic,
 )
+from transfgu.store.manifest import Manifest, config_hash
 
 D = 12
 
@@ -81,7 +77,7 @@ def test_features_round_trip_with_plain_pyarrow(tmp_path):
 
     # chunked and sliced columns (what filters and concatenation produce) convert correctly
     sliced = pa.chunked_array([t["cls"].chunk(0).slice(1, 3), t["cls"].chunk(0).slice(6, 2)])
-    assert np.array_equal(store.fixed_list_to_numpy(sliced), want_cls[[1, 2, 3, 6, 7]])
+    assert np.array_equal(formats.fixed_list_to_numpy(sliced), want_cls[[1, 2, 3, 6, 7]])
 
     meta, cls = read_features(path)
     assert meta.column_names == ["image_id", "split", "crop_index", "scale", "box", "pool"]
@@ -204,7 +200,7 @@ def test_parquet_write_failing_half_way_leaves_no_file(tmp_path, monkeypatch):
         where.write(b"PAR1" + b"\0" * 100)  # some bytes reach the temporary file, then the writer dies
         raise OSError("disk gone")
 
-    monkeypatch.setattr(store.pq, "write_table", broken_write)
+    monkeypatch.setattr(formats.pq, "write_table", broken_write)
     with pytest.raises(OSError, match="disk gone"):
         write_parquet_atomic(table, path)
     assert _visible(path.parent) == []  # neither the final name nor a temporary file
@@ -212,7 +208,7 @@ def test_parquet_write_failing_half_way_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_parquet_atomic(table, path)
     before = path.read_bytes()
-    monkeypatch.setattr(store.pq, "write_table", broken_write)
+    monkeypatch.setattr(formats.pq, "write_table", broken_write)
     with pytest.raises(OSError):
         write_parquet_atomic(features_table(["b"], "train", [_records(9, 1)]), path)
     assert path.read_bytes() == before  # the old complete file survives a failed overwrite

@@ -25,7 +25,7 @@ from transfgu.data.loaders import BankDataset, make_train_loader, split_records
 from transfgu.ddp import step_loader
 from transfgu.integrity import stamp_table
 from transfgu.methods import stage_hashes
-from transfgu.store import LabelMaps, label_bank_table, read_label_bank, write_parquet_atomic
+from transfgu.store.formats import LabelMaps, label_bank_table, read_label_bank, write_parquet_atomic
 
 
 def _maps(rng: np.random.Generator, k: int = 5, h: int = 8, w: int = 10) -> LabelMaps:

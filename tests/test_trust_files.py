@@ -149,7 +149,7 @@ def test_concepts_json_sizes_must_agree(tiny_run_dir, tmp_path):
 
 
 def test_manifest_is_validated(tmp_path):
-    from transfgu.store import Manifest
+    from transfgu.store.manifest import Manifest
 
     m = Manifest(tmp_path)
     m.mark_running("extract", input_hash="abc")

@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from transfgu.schemas import StateInfo, check_finite, read_json, validate_model_meta
-from transfgu.store import atomic_write_json, fix_mode, umask_mode
+from transfgu.model_meta import MODEL_JSON, CheckpointError, read_model_meta
+from transfgu.models.backbone import DinoViT, build_backbone
+from transfgu.schemas import StateInfo, check_finite, read_json
+from transfgu.store.atomic import atomic_write_json, fix_mode, umask_mode
 
-MODEL_JSON = "model.json"
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 DECODER_FILE = "decoder.safetensors"
@@ -178,8 +179,30 @@ def save_model(directory: Path, decoder: torch.nn.Module, meta: dict[str, Any], 
     atomic_write_json(directory / MODEL_JSON, meta)
 
 
-def read_model_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MODEL_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"no model checkpoint in {directory} (missing {MODEL_JSON})")
-    return validate_model_meta(path, read_json(path))
+def load_backbone(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
+    """The checkpoint's backbone: the stored random one, else ``weights`` or the source named in ``model.json``."""
+    bb = _backbone_weights(ckpt, meta, weights)
+    bb.pos_embed_mode = meta["backbone"].get("pos_embed", "timm")  # DINO's interpolation under protocol: paper
+    return bb
+
+
+def _backbone_weights(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
+    arch = meta["backbone"]["arch"]
+    stored = ckpt / meta.get("backbone_file", BACKBONE_FILE)
+    if weights is None and stored.is_file():
+        bb = build_backbone(arch, str(stored))
+        bb.pretrained = bool(meta["backbone"].get("pretrained", False))
+        bb.weights = str(meta["backbone"].get("weights", "none"))
+        return bb
+    source = str(weights if weights is not None else meta["backbone"].get("weights", "none"))
+    if source == "none":
+        raise CheckpointError(
+            f"{ckpt}: the model was trained on a random backbone but {stored.name} is missing from the "
+            "checkpoint, so its backbone cannot be rebuilt"
+        )
+    if source not in ("timm",) and not source.startswith("hub:") and not Path(source).is_file():
+        raise CheckpointError(
+            f"{ckpt}: backbone weights file {source!r} named in {MODEL_JSON} was not found; copy it there or "
+            "pass weights=<path> (CLI: --weights PATH)"
+        )
+    return build_backbone(arch, source)

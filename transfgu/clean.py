@@ -28,8 +28,9 @@ from pathlib import Path
 
 from transfgu.cli_args import HelpFormatter
 from transfgu.integrity import STALE_DIR, STALE_LEDGER, require_run_dir, stale_ledger
+from transfgu.layout import RunLayout
 from transfgu.paths import PathEscapeError, check_name, is_inside, require_inside
-from transfgu.store import atomic_write_text
+from transfgu.store.atomic import atomic_write_text
 
 DESCRIPTION = """\
 List, then (with --yes) delete, the outputs a run has set aside under RUN_DIR/_stale/.
@@ -108,9 +109,7 @@ def stale_entries(run_dir: Path, stages: Sequence[str] = (), older_than_days: fl
 def train_input_entries(run_dir: Path) -> list[StaleEntry]:
     """The training-input caches of a run, one entry per store (``bank-<key12>`` or ``images-<key12>``: its data,
     index and stamp files), oldest first. Half-written temporary files of a killed build are listed too."""
-    from transfgu.data.train_store import STORE_DIR
-
-    root = Path(run_dir) / "label_bank" / STORE_DIR
+    root = RunLayout(run_dir).train_input
     if not root.is_dir() or root.is_symlink() or not is_inside(root, run_dir):  # a linked label_bank/ too
         return []
     groups: dict[str, list[Path]] = {}
@@ -124,9 +123,7 @@ def train_input_entries(run_dir: Path) -> list[StaleEntry]:
 
 def remove_train_input(run_dir: Path, entries: Sequence[StaleEntry]) -> int:
     """Delete the files of ``entries`` (from :func:`train_input_entries`); returns the bytes freed."""
-    from transfgu.data.train_store import STORE_DIR
-
-    root = require_inside(Path(run_dir) / "label_bank" / STORE_DIR, run_dir, "the training-input caches").resolve()
+    root = require_inside(RunLayout(run_dir).train_input, run_dir, "the training-input caches").resolve()
     freed = 0
     for e in entries:
         if e.path.parent.resolve() != root:

@@ -17,12 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from transfgu import __version__
+from transfgu import __version__, cli_args
 from transfgu.cli_args import HelpFormatter
 from transfgu.config import Config, ConfigError, load_config
 from transfgu.layout import RunLayout
 from transfgu.logs import setup_logging
-from transfgu.tracking import resolve_tracking_uri, ui_lines
 
 SUBCOMMANDS = {
     "run": ("transfgu.cli", "run_main", "run every stage of the method (--ray: on a Ray cluster)"),
@@ -38,6 +37,10 @@ SUBCOMMANDS = {
 #: arguments are checked, and ``--help`` answered, before that import.
 FAST_PARSERS = {"predict": "predict_parser", "export": "export_parser", "import-decoder": "import_decoder_parser",
                 "evaluate": "evaluate_parser", "report": "report_parser"}
+
+#: The pipeline entry of each executor (``--ray`` or not), imported once the arguments are parsed and the config
+#: loaded, as the subcommands are.
+EXECUTORS = {False: ("transfgu.pipeline", "run_pipeline"), True: ("transfgu.distributed.pipeline", "run_pipeline_ray")}
 
 
 def run_parser(prog: str, description: str | None, ray_flag: bool = True) -> argparse.ArgumentParser:
@@ -127,14 +130,8 @@ def execute(cfg: Config, ray: bool, only: Sequence[str] | None = None, force: Se
     """Run the pipeline with the chosen executor, then print a short summary; 2 (one line on stderr) when the run
     is refused: by preflight before any work, or by a stage that finds its inputs unusable."""
     try:
-        if ray:
-            from transfgu.distributed.pipeline import run_pipeline_ray
-
-            manifest: dict[str, Any] = run_pipeline_ray(cfg, only=only, force=force)
-        else:
-            from transfgu.pipeline import run_pipeline
-
-            manifest = run_pipeline(cfg, only=only, force=force)
+        module, func = EXECUTORS[bool(ray)]
+        manifest: dict[str, Any] = getattr(importlib.import_module(module), func)(cfg, only=only, force=force)
     except refusal_types() as exc:  # preflight (data, weights, device, window layout), the run lock, integrity
         return refuse(exc, verbose)
     for name, rec in manifest["stages"].items():
@@ -154,9 +151,11 @@ def run_main(argv: Sequence[str] | None = None) -> int:
 
 def print_outputs(cfg: Config) -> None:
     """Where the run's metrics, report, model, manifest and MLflow store are."""
+    from transfgu.tracking import resolve_tracking_uri, ui_lines  # after the run: keeps `transfgu --help` light
+
     layout = RunLayout(Path(cfg.run_dir).resolve())
     print(f"run directory:  {layout.root}")
-    for label, path in (("metrics:", layout.metrics), ("report:", layout.report / "index.html"),
+    for label, path in (("metrics:", layout.metrics), ("report:", layout.report_index),
                         ("model:", layout.model), ("manifest:", layout.manifest)):
         if path.exists():
             print(f"{label:15} {path}")
@@ -184,8 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module, func, _ = SUBCOMMANDS[name]
     if name in FAST_PARSERS:  # --help and bad arguments answered before the module (and torch) is imported
-        from transfgu import cli_args
-
         builder = "predict_ray_parser" if name == "predict" and "--ray" in rest else FAST_PARSERS[name]
         getattr(cli_args, builder)().parse_args(rest)
     return int(getattr(importlib.import_module(module), func)(rest) or 0)

@@ -20,7 +20,8 @@ import numpy as np
 
 from transfgu.kmeans import KMeansResult, kmeans
 from transfgu.kmeans.minibatch import minibatch_kmeans
-from transfgu.store import atomic_write_bytes, atomic_write_json
+from transfgu.schemas import ConceptsMeta, check_finite, read_json
+from transfgu.store.atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "ConceptBank",
@@ -103,7 +104,6 @@ class ConceptBank:
     @classmethod
     def load(cls, directory: str | Path) -> ConceptBank:
         d = Path(directory)
-        from transfgu.schemas import ConceptsMeta, check_finite, read_json
 
         meta = read_json(d / cls.META_FILE, ConceptsMeta)
         centroids = np.load(d / cls.CENTROIDS_FILE, allow_pickle=False)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from transfgu.models.source import BackboneSource, parse_source
 from transfgu.paths import check_name
+from transfgu.store.atomic import atomic_write_text
 
 
 class _Base(BaseModel):
@@ -814,8 +815,6 @@ METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from transfgu.store import atomic_write_text
-
     atomic_write_text(Path(path), cfg.to_yaml())
 
 

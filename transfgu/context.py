@@ -16,7 +16,7 @@ from transfgu.errors import ErrorLog
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.runtime import autocast_dtype, configure_inputs, load_run_backbone, resolve_device
-from transfgu.store import Manifest
+from transfgu.store.manifest import Manifest
 from transfgu.throughput.compile import compile_forward
 from transfgu.tracking import PipelineTracker
 

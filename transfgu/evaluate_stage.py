@@ -18,9 +18,10 @@ from transfgu.config import Config, n_output_channels
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 from transfgu.engine.loop import evaluate
 from transfgu.errors import ErrorLog, check_error_budget
+from transfgu.integrity import write_json_strict
 from transfgu.logs import Progress
 from transfgu.models.backbone import DinoViT
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 
 
 def has_labelled_val(cfg: Config) -> bool:
@@ -69,8 +70,6 @@ def write_eval(
 
     metrics.json is strict JSON: an undefined score (no labelled pixel) is ``null`` with a ``null_reasons`` entry.
     """
-    from transfgu.integrity import write_json_strict
-
     eval_dir.mkdir(parents=True, exist_ok=True)
     conf = np.asarray(scores.get("confusion", scores.get("conf", [])))
     metrics = {

@@ -37,9 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from transfgu.checkpoint import save_model
 from transfgu.cli_args import import_decoder_parser
 from transfgu.config import Config, ConfigError, load_config
+from transfgu.evaluate_stage import evaluate_decoder, write_eval
+from transfgu.models.backbone import build_backbone
 from transfgu.models.decoder import MaskTransformerDecoder
+from transfgu.runtime import autocast_dtype, resolve_device
+from transfgu.store.atomic import atomic_write_json
+from transfgu.training import decoder_model_meta, n_output_channels
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +149,6 @@ def import_reference_decoder(
     the preset's labelled validation split and ``metrics.json`` is written next to the checkpoint (``out_dir/eval``).
     Returns the model metadata written.
     """
-    from transfgu.checkpoint import save_model
-    from transfgu.models.backbone import build_backbone
-    from transfgu.training import decoder_model_meta, n_output_channels
-
     dec, shape = load_reference_decoder(path)
     want = n_output_channels(cfg)
     if shape["n_cls"] != want:
@@ -170,10 +172,6 @@ def import_reference_decoder(
     out = Path(out_dir)
     save_model(out, dec, meta, backbone=backbone)
     if evaluate:
-        from transfgu.evaluate_stage import evaluate_decoder, write_eval
-        from transfgu.runtime import autocast_dtype, resolve_device
-        from transfgu.store import atomic_write_json
-
         device = resolve_device(cfg.run.device)
         amp = autocast_dtype(cfg.backbone.precision, device)
         scores, names, n = evaluate_decoder(cfg, backbone.to(device), dec.to(device), device, amp)

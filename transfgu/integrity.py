@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 from transfgu.layout import RunLayout
 from transfgu.paths import PathEscapeError, is_inside, require_inside
-from transfgu.store import atomic_write_json, list_parquet_files, strict_jsonable
+from transfgu.store.atomic import atomic_write_json, strict_jsonable
+from transfgu.store.formats import list_parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +383,8 @@ def is_run_dir(path: Path) -> bool:
     """True for a directory a pipeline run created (it holds one of :data:`RUN_MARKERS`) or that
     ``transfgu report`` already wrote into (``report/_report.json``)."""
     p = Path(path)
-    return p.is_dir() and (any((p / m).is_file() for m in RUN_MARKERS) or (p / "report" / REPORT_MARKER).is_file())
+    return p.is_dir() and (any((p / m).is_file() for m in RUN_MARKERS)
+                           or (RunLayout(p).report / REPORT_MARKER).is_file())
 
 
 def report_files(report_dir: Path) -> list[str]:

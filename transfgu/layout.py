@@ -11,10 +11,18 @@ A run directory holds one run of the method; each stage writes only its own entr
       features/part-*.parquet       extract: crop boxes + CLS features
       concepts/                     concepts: centroids.npy + concepts.json
       label_bank/part-*.parquet     label_bank: per-image concept maps
+      label_bank/_train_input/      train: the training-input caches built from the bank (data/train_store.py)
       train/round_<r>/              train: training state of bootstrapping round r (checkpoint.py)
       model/                        train: decoder + model.json (+ a random backbone) for `transfgu predict`
       eval/                         evaluate: metrics.json, per_class_iou.csv, confusion.csv
       report/                       report: index.html
+    Leopart (method: leopart) and its dense fine-tuning (method: leopart_finetune):
+      dense/<split>/part-*.parquet  dense: patch features of each split
+      pca/                          pca: pca.json (+ arrays)
+      cbfe/                         cbfe: cbfe.safetensors + cbfe.json
+      communities/                  communities: communities.safetensors + communities.json, graph.png
+      segments/<split>/, segments/segments.json   segments: per-image segment maps
+      finetune/                     finetune: backbone.safetensors, finetune.json, before_after.png
       ray_results/                  Ray Train's own checkpoints (Ray executor, unless ray.storage_path is set)
       _stale/<stage>/<hash12>/      outputs of other inputs, moved aside and never read (transfgu.integrity)
       _stale/_set_aside.jsonl       what was moved there: the only entries `transfgu clean` deletes
@@ -31,6 +39,10 @@ from pathlib import Path
 #: Stage -> its output entry in the run directory (the Tune cache shares these between trials).
 STAGE_OUTPUTS = {"extract": "features", "concepts": "concepts", "label_bank": "label_bank", "train": "train",
                  "evaluate": "eval"}
+#: The training-input caches inside ``label_bank/`` (the leading ``_`` keeps every bank reader away from them).
+TRAIN_INPUT_DIR = "_train_input"
+#: One JSON line per validated epoch (train.select=best_val / train.validate_every; transfgu.selection).
+VAL_HISTORY = "val_history.jsonl"
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,107 @@ class RunLayout:
     @property
     def ray_results(self) -> Path:
         return self.root / "ray_results"
+
+    # files inside the stage outputs
+    @property
+    def train_input(self) -> Path:
+        return self.label_bank / TRAIN_INPUT_DIR
+
+    @property
+    def model_json(self) -> Path:
+        return self.model / "model.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.model / "MODEL_CARD.md"
+
+    @property
+    def val_history(self) -> Path:
+        return self.train / VAL_HISTORY
+
+    @property
+    def report_index(self) -> Path:
+        return self.report / "index.html"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.report / "confusion.png"
+
+    @property
+    def cache_done(self) -> Path:
+        """The record of a finished stage in a shared Tune cache entry (transfgu.distributed.tune)."""
+        return self.root / "_done.json"
+
+    # Leopart's stage outputs
+    @property
+    def dense(self) -> Path:
+        return self.root / "dense"
+
+    def dense_split(self, split: str) -> Path:
+        return self.dense / split
+
+    @property
+    def pca(self) -> Path:
+        return self.root / "pca"
+
+    @property
+    def pca_json(self) -> Path:
+        return self.pca / "pca.json"
+
+    @property
+    def cbfe(self) -> Path:
+        return self.root / "cbfe"
+
+    @property
+    def cbfe_arrays(self) -> Path:
+        return self.cbfe / "cbfe.safetensors"
+
+    @property
+    def cbfe_json(self) -> Path:
+        return self.cbfe / "cbfe.json"
+
+    @property
+    def communities(self) -> Path:
+        return self.root / "communities"
+
+    @property
+    def communities_arrays(self) -> Path:
+        return self.communities / "communities.safetensors"
+
+    @property
+    def communities_json(self) -> Path:
+        return self.communities / "communities.json"
+
+    @property
+    def community_graph(self) -> Path:
+        return self.communities / "graph.png"
+
+    @property
+    def segments(self) -> Path:
+        return self.root / "segments"
+
+    def segments_split(self, split: str) -> Path:
+        return self.segments / split
+
+    @property
+    def segments_json(self) -> Path:
+        return self.segments / "segments.json"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
+
+    @property
+    def finetune_json(self) -> Path:
+        return self.finetune / "finetune.json"
+
+    @property
+    def finetune_backbone(self) -> Path:
+        return self.finetune / "backbone.safetensors"
+
+    @property
+    def finetune_pictures(self) -> Path:
+        return self.finetune / "before_after.png"
 
     def stale(self, stage: str, tag: str) -> Path:
         """Where outputs of ``stage`` computed from other inputs are moved: ``_stale/<stage>/<tag>``."""

@@ -22,7 +22,7 @@ from transfgu.method import StageInfo
 from transfgu.selection import Validator, validation_wanted
 from transfgu.sharded import SHARD_IMAGES, ShardedStage
 from transfgu.stages import ExtractStage, LabelBankStage, concept_pools, finish_concepts, finish_train
-from transfgu.store import read_features, write_parquet_atomic
+from transfgu.store.formats import read_features, write_parquet_atomic
 from transfgu.throughput.prefetch import PrefetchLoader, default_writer_threads, overlapped
 from transfgu.training import train_rounds
 

@@ -25,7 +25,7 @@ from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.integrity import Output
 from transfgu.sharded import ShardedStage
-from transfgu.store import config_hash
+from transfgu.store.manifest import config_hash
 
 #: What a stage returns: its manifest info (counts, scores, seconds are added by the pipeline).
 StageInfo = dict[str, Any]

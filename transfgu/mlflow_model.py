@@ -39,6 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from transfgu.config import load_config
+from transfgu.layout import RunLayout
+from transfgu.model_meta import CheckpointError, find_checkpoint, read_model_meta
+from transfgu.store.atomic import umask_mode
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = "transfgu_model"
@@ -186,7 +191,6 @@ def requirements() -> list[str]:
 def _staged_code(tmp: Path) -> Path:
     """A clean copy of the ``transfgu`` package (no caches) to carry as the model's code path."""
     import transfgu
-    from transfgu.store import umask_mode
 
     dst = tmp / "code" / "transfgu"
     # copyfile, not copy2: the copies get the process umask's modes, not the checkout's (MLflow keeps them)
@@ -199,8 +203,6 @@ def _staged_code(tmp: Path) -> Path:
 
 def _flavor_kwargs(checkpoint: Path, tmp: Path) -> dict[str, Any]:
     import pandas as pd
-
-    from transfgu.checkpoint import read_model_meta
 
     meta = read_model_meta(checkpoint)
     return {
@@ -225,8 +227,6 @@ def _staged_checkpoint(checkpoint: Path, tmp: Path) -> Path:
 def save_mlflow_model(checkpoint_dir: str | Path, path: str | Path) -> Path:
     """Write the MLflow model of a checkpoint to ``path`` (no tracking server involved)."""
     import mlflow.pyfunc
-
-    from transfgu.predict import find_checkpoint
 
     ckpt = find_checkpoint(checkpoint_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,8 +266,6 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str | Path, regist
     import mlflow.pyfunc
     from mlflow import MlflowClient
     from mlflow.models import Model
-
-    from transfgu.predict import find_checkpoint
 
     ckpt = find_checkpoint(checkpoint_dir)
     client = MlflowClient(tracking_uri)
@@ -329,12 +327,8 @@ def write_model_card(run_dir: str | Path) -> Path | None:
     """``model/MODEL_CARD.md`` of a finished run: what the model is for, the data it saw, its backbone prior, its
     evaluation metrics and its limitations, from the run's own records (config, model.json, eval/metrics.json,
     manifest). None when the run has no model yet."""
-    from transfgu.checkpoint import read_model_meta
-    from transfgu.config import load_config
-    from transfgu.layout import RunLayout
-
     layout = RunLayout(Path(run_dir))
-    if not (layout.model / "model.json").is_file():
+    if not layout.model_json.is_file():
         return None
     meta = read_model_meta(layout.model)
     cfg = load_config(layout.config) if layout.config.is_file() else None
@@ -393,8 +387,6 @@ def write_model_card(run_dir: str | Path) -> Path | None:
 def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """A local checkpoint directory for a run directory, a ``model/`` folder, a saved MLflow model folder, or an
     MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``m-<id>``)."""
-    from transfgu.predict import find_checkpoint
-
     s = str(uri)
     if "://" not in s and not s.startswith(("runs:", "models:")):
         p = Path(s)
@@ -411,8 +403,6 @@ def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None, dst: str
 def _data_dir(model_dir: Path) -> Path:
     """The checkpoint inside a saved MLflow model: the pyfunc flavor's ``data`` entry of its MLmodel file."""
     import yaml
-
-    from transfgu.predict import CheckpointError, find_checkpoint
 
     mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():

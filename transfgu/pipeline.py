@@ -13,6 +13,7 @@ stages, finished Parquet shards are kept as well.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,9 @@ from transfgu.local import LocalExecutor
 from transfgu.logs import run_log_file, setup_logging
 from transfgu.method import Executor, Stage, StageFn
 from transfgu.methods import get_method, run_context, stage_hashes
+from transfgu.mlflow_model import write_model_card
 from transfgu.preflight import preflight
+from transfgu.report import write_report
 from transfgu.runlock import run_lock
 from transfgu.runtime import seed_everything
 from transfgu.tracking import PipelineTracker
@@ -93,12 +96,8 @@ def _run_locked(cfg: Config, only: Sequence[str] | None, force: Sequence[str],
             _run_stage(ctx, stage, run, ex, force=stage.name in force)
         _write_model_card(ctx)
         if cfg.run.report and (only is None or "report" in only):
-            try:
-                from transfgu.report import write_report  # optional: matplotlib may be missing
-
+            with contextlib.suppress(ImportError):  # optional: matplotlib (imported when drawing) may be missing
                 write_report(ctx.run_dir)
-            except ImportError:
-                pass
     except BaseException as exc:
         tracker.finish(ctx.run_dir, status=_run_status(exc))
         raise
@@ -149,7 +148,6 @@ def _write_model_card(ctx: RunContext) -> None:
     failed run."""
     if not get_method(ctx.cfg.method).mlflow_model:  # the card describes the model logged to MLflow (TransFGU's)
         return
-    from transfgu.mlflow_model import write_model_card
 
     try:
         write_model_card(ctx.run_dir)

@@ -28,20 +28,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transfgu.checkpoint import BACKBONE_FILE, DECODER_FILE, MODEL_JSON, read_model_meta
+from transfgu.checkpoint import DECODER_FILE, load_backbone
 from transfgu.cli_args import predict_parser as build_parser
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_model_input
 from transfgu.engine.step import predict_logits
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
-from transfgu.layout import RunLayout
-from transfgu.logs import Progress
-from transfgu.model_meta import CheckpointMeta
-from transfgu.models.backbone import DinoViT, build_backbone
+from transfgu.leopart.model import load_predictor
+from transfgu.logs import Progress, setup_logging
+from transfgu.model_meta import MODEL_JSON, CheckpointError, CheckpointMeta, find_checkpoint, read_model_meta
+from transfgu.models.backbone import DinoViT
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.runtime import autocast_dtype, resolve_device
 from transfgu.schemas import check_finite
+from transfgu.viz import overlay, palette
 
 __all__ = [
     "UNMATCHED",
@@ -64,53 +65,6 @@ _Src = TypeVar("_Src", Path, str)
 #: Class id of pixels whose cluster has no matched class (``as_classes=True`` with over-clustering).
 UNMATCHED = -1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class CheckpointError(FileNotFoundError):
-    """A checkpoint directory or one of the files it needs is missing or does not match."""
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The model directory for ``path``: a ``model/`` checkpoint itself, or a run directory containing one."""
-    p = Path(path)
-    if (p / MODEL_JSON).is_file():
-        return p
-    if (RunLayout(p).model / MODEL_JSON).is_file():
-        return RunLayout(p).model
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} does not exist")
-    raise CheckpointError(
-        f"no model checkpoint in {p}: expected {p / MODEL_JSON} or {p / 'model' / MODEL_JSON} "
-        "(has the run's train stage finished?)"
-    )
-
-
-def _build_backbone(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
-    bb = _build_backbone_weights(ckpt, meta, weights)
-    bb.pos_embed_mode = meta["backbone"].get("pos_embed", "timm")  # DINO's interpolation under protocol: paper
-    return bb
-
-
-def _build_backbone_weights(ckpt: Path, meta: dict[str, Any], weights: str | None) -> DinoViT:
-    arch = meta["backbone"]["arch"]
-    stored = ckpt / meta.get("backbone_file", BACKBONE_FILE)
-    if weights is None and stored.is_file():
-        bb = build_backbone(arch, str(stored))
-        bb.pretrained = bool(meta["backbone"].get("pretrained", False))
-        bb.weights = str(meta["backbone"].get("weights", "none"))
-        return bb
-    source = str(weights if weights is not None else meta["backbone"].get("weights", "none"))
-    if source == "none":
-        raise CheckpointError(
-            f"{ckpt}: the model was trained on a random backbone but {stored.name} is missing from the "
-            "checkpoint, so its backbone cannot be rebuilt"
-        )
-    if source not in ("timm",) and not source.startswith("hub:") and not Path(source).is_file():
-        raise CheckpointError(
-            f"{ckpt}: backbone weights file {source!r} named in {MODEL_JSON} was not found; copy it there or "
-            "pass weights=<path> (CLI: --weights PATH)"
-        )
-    return build_backbone(arch, source)
 
 
 def _build_decoder(ckpt: Path, meta: dict[str, Any], d_encoder: int) -> MaskTransformerDecoder:
@@ -337,10 +291,9 @@ def load(
     meta = read_model_meta(ckpt)
     dev = resolve_device("auto" if device is None else str(device))
     if str(meta.get("format", "")).startswith("leopart-model"):  # a CBFE + CD checkpoint (transfgu.leopart)
-        from transfgu.leopart.model import load_predictor
 
         return load_predictor(ckpt, meta, dev, weights, autocast_dtype(precision, dev), batch_size)  # type: ignore
-    backbone = _build_backbone(ckpt, meta, weights).to(dev).eval()
+    backbone = load_backbone(ckpt, meta, weights).to(dev).eval()
     decoder = _build_decoder(ckpt, meta, backbone.embed_dim).to(dev)
     if not meta["backbone"].get("pretrained", False):
         log.info("checkpoint %s uses a RANDOM backbone: its predictions are not the method's", ckpt)
@@ -481,8 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(importlib.import_module("transfgu.distributed.predict").main(argv))
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        from transfgu.logs import setup_logging
-
         setup_logging()  # the console format of every transfgu command
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
@@ -511,8 +462,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = ErrorLog(err_path)
     n_ids = len(predictor.class_names) if args.classes else predictor.n_clusters
     if args.overlay:
-        from transfgu.viz import overlay, palette
-
         colours = palette(n_ids)
     done = 0
     prog = Progress("predict", len(items))  # a bar on a terminal, a line every 10 s elsewhere

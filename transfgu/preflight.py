@@ -19,7 +19,8 @@ import torch
 from transfgu.config import Config, ConfigError
 from transfgu.data.datasets import DatasetError, dataset_spec, list_records
 from transfgu.methods import get_method
-from transfgu.models.backbone import ARCHS
+from transfgu.models.backbone import ARCHS, WeightsError, build_backbone
+from transfgu.models.backbone import patch_size_of as model_patch_size
 
 __all__ = ["PreflightError", "patch_size_of", "preflight"]
 
@@ -37,9 +38,7 @@ def patch_size_of(arch: str) -> int:
     m = re.search(r"patch(\d+)", ARCHS.get(arch, "") or arch)
     if m:
         return int(m.group(1))
-    from transfgu.models.backbone import patch_size_of as model_patch_size  # unknown naming: ask the model itself
-
-    return model_patch_size(arch)
+    return model_patch_size(arch)  # unknown naming: ask the model itself
 
 
 def _multiple(size: tuple[int, int], step: int) -> list[int]:
@@ -123,8 +122,6 @@ def _check_weights(cfg: Config) -> list[tuple[str, str]]:
         return [("backbone.weights", f"{p} is empty")]
     # Read it now (weights-only) and match it to the architecture: a file that is not a checkpoint of this ViT
     # must be refused before the run directory exists, not by the first stage that builds the backbone.
-    from transfgu.models.backbone import WeightsError, build_backbone
-
     try:
         build_backbone(cfg.backbone.arch, str(p))
     except WeightsError as exc:

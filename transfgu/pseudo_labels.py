@@ -28,7 +28,7 @@ Precision: the class decision among concepts that pass the gate hinges on the bo
 disabled on CUDA for the duration of the pass (:func:`strict_fp32`). bf16 autocast of blocks 1..L-1 is an opt-in
 (``pseudo.precision=bf16``) whose agreement with float32 is measured by ``bench/label_bank_agreement.py``.
 :func:`concept_map_parts` returns the three pieces of eq. 7 (shared ``a_hat``, per-concept gate, kept bonus), which
-the label bank stores losslessly (:class:`transfgu.store.LabelMaps`).
+the label bank stores losslessly (:class:`transfgu.store.formats.LabelMaps`).
 """
 
 from __future__ import annotations

@@ -45,9 +45,10 @@ from transfgu.data.loaders import dataset_classes, split_records
 from transfgu.data.transforms import to_uint8_chw
 from transfgu.engine import targets as engine_targets
 from transfgu.kmeans import assign
+from transfgu.layout import RunLayout
 from transfgu.metrics import RunningConfusion, matched_confusion
 from transfgu.models.backbone import normalize
-from transfgu.store import read_features, read_label_bank
+from transfgu.store.formats import read_features, read_label_bank
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,11 @@ def concept_quality(run_dir: Path, cfg: Any, gt: dict[str, np.ndarray] | None = 
     """Purity and NMI of the training crops' concept assignments against their majority GT class."""
     if gt is None or n_classes is None:
         gt, n_classes, _ = _labels(cfg, cfg.data.train_split)
-    bank = ConceptBank.load(Path(run_dir) / "concepts")
+    bank = ConceptBank.load(RunLayout(run_dir).concepts)
     size = tuple(cfg.crops.input_size)
     classes, clusters = [], []
     for pool in bank.k_per_pool:
-        meta, cls = read_features(Path(run_dir) / "features", columns=["image_id", "box"], pools=[pool])
+        meta, cls = read_features(RunLayout(run_dir).features, columns=["image_id", "box"], pools=[pool])
         if len(cls) == 0:
             continue
         sl = bank.pool_slice(pool)
@@ -255,7 +256,7 @@ def pseudo_label_quality(run_dir: Path, cfg: Any, gt: dict[str, np.ndarray] | No
     ids = sorted(gt)
     if not ids:
         return {"skipped": "no labelled training image"}
-    bank = read_label_bank(Path(run_dir) / "label_bank")
+    bank = read_label_bank(RunLayout(run_dir).label_bank)
     ids = [i for i in ids if i in bank]
     if not ids:
         return {"skipped": "no labelled image in the label bank"}
@@ -349,8 +350,8 @@ def target_quality(
     """
     if gt is None or n_classes is None:
         gt, n_classes, names = _labels(cfg, cfg.data.train_split)
-    rounds = sorted(p for p in (Path(run_dir) / "train").glob("round_*") if (p / "state.json").is_file())
-    bank = read_label_bank(Path(run_dir) / "label_bank")
+    rounds = sorted(p for p in RunLayout(run_dir).train.glob("round_*") if (p / "state.json").is_file())
+    bank = read_label_bank(RunLayout(run_dir).label_bank)
     records = [r for r in split_records(cfg, cfg.data.train_split) if r.image_id in gt and r.image_id in bank]
     records = records[:max_images]
     size, variant = tuple(cfg.pseudo.input_size), cfg.train.variant
@@ -425,7 +426,7 @@ def stage_quality(
          else {"skipped": "no labels"}),
     ]
     if make_decoder is not None and score is not None:
-        jobs.append(("rounds", lambda: round_quality(run_dir / "train", make_decoder, score)))
+        jobs.append(("rounds", lambda: round_quality(RunLayout(run_dir).train, make_decoder, score)))
     if make_decoder is not None and backbone is not None and gt:
         jobs.append(("targets", lambda: target_quality(
             run_dir, cfg, backbone, make_decoder, device, gt, n_classes, names,

@@ -35,9 +35,23 @@ import numpy as np
 
 from transfgu import viz
 from transfgu.cli_args import report_parser
+from transfgu.concepts import ConceptBank
+from transfgu.config import METHOD_SECTIONS, Config
+from transfgu.data.datasets import dataset_spec, list_records, load_sample
+from transfgu.data.io import load_rgb, resize_image, resize_label
+from transfgu.integrity import REPORT_MARKER, report_files, require_run_dir
 from transfgu.layout import RunLayout
+from transfgu.logs import setup_logging
 from transfgu.methods import get_method
-from transfgu.store import atomic_write_json
+from transfgu.metrics import matched_confusion
+from transfgu.model_meta import MODEL_JSON
+from transfgu.paths import PathEscapeError, is_inside, require_inside
+from transfgu.predict import load
+from transfgu.quality import funnel_rows
+from transfgu.selection import BEST_DIR, VAL_HISTORY
+from transfgu.store.atomic import atomic_write_json
+from transfgu.store.formats import iter_feature_shards, list_parquet_files, read_label_bank
+from transfgu.tracking import resolve_tracking_uri
 
 __all__ = ["ReportOptions", "main", "nearest_crops", "write_report"]
 
@@ -83,8 +97,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _validate_lenient(data: dict[str, Any]):
     """Validate a config dict, dropping keys this version no longer knows (a report of an older run must work)."""
     from pydantic import ValidationError
-
-    from transfgu.config import Config
 
     data = json.loads(json.dumps(data, default=str))
     for _ in range(50):
@@ -132,21 +144,15 @@ def _pretrained(meta: dict[str, Any] | None, metrics: dict[str, Any] | None, cfg
 
 
 def _records_by_id(cfg: Any, split: str) -> dict[str, Any]:
-    from transfgu.data.datasets import list_records
-
     return {r.image_id: r for r in list_records(cfg.data.name, cfg.data.root, split, **dict(cfg.data.options))}
 
 
 def _rgb(path: Path) -> np.ndarray:
     """A writable decoded image (PIL-backed arrays are read-only and torch warns about them)."""
-    from transfgu.data.io import load_rgb
-
     return np.array(load_rgb(path))
 
 
 def _resize_to_width(img: np.ndarray, width: int, mode: str = "bilinear") -> np.ndarray:
-    from transfgu.data.io import resize_image, resize_label
-
     h, w = img.shape[:2]
     if w <= width:
         return img
@@ -172,8 +178,6 @@ def _channel_names(meta: dict[str, Any] | None, n_concepts: int, pools: Sequence
 
 # -- sections --------------------------------------------------------------------------------------------------------
 def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metrics: dict[str, Any] | None) -> Section:
-    from transfgu.metrics import matched_confusion
-
     sec = Section("Metrics")
     if metrics is None:
         sec.note = "No evaluation yet (eval/metrics.json is missing): run the evaluate stage to get metrics."
@@ -218,8 +222,6 @@ def _metrics_section(run_dir: Path, out: Path, meta: dict[str, Any] | None, metr
 
 def _funnel_section(metrics: dict[str, Any] | None) -> Section:
     """concepts -> pseudo labels -> round 1 ... -> final, from ``metrics["stages"]`` (transfgu.quality)."""
-    from transfgu.quality import funnel_rows
-
     sec = Section("Quality at every stage")
     rows = funnel_rows(metrics or {})
     if not metrics or not metrics.get("stages"):
@@ -235,8 +237,6 @@ def _funnel_section(metrics: dict[str, Any] | None) -> Section:
 
 def _val_history_section(run_dir: Path) -> Section:
     """Per-epoch validation scores (train.select=best_val or train.validate_every), issue 12 item 3."""
-    from transfgu.selection import BEST_DIR, VAL_HISTORY
-
     sec = Section("Validation history")
     path = RunLayout(run_dir).train / VAL_HISTORY
     if not path.is_file():
@@ -255,7 +255,7 @@ def _val_history_section(run_dir: Path) -> Section:
 
 def _finetune_section(run_dir: Path) -> Section:
     """Leopart dense fine-tuning: the per-epoch history and the attention / cluster maps before and after."""
-    info = _read_json(run_dir / "finetune" / "finetune.json") or {}
+    info = _read_json(RunLayout(run_dir).finetune_json) or {}
     sec = Section("Dense fine-tuning")
     src = info.get("source") or {}
     rows = [(str(h["epoch"] + 1), f"{h['loss']:.4f}", f"{h['usage_entropy']:.3f}", f"{h['momentum']:.6f}")
@@ -265,7 +265,7 @@ def _finetune_section(run_dir: Path) -> Section:
                 f"output: finetune/{html.escape(str(info.get('backbone_file')))}"
                 f" ({html.escape(str(info.get('exported')))})</p>"
                 + _table(["epoch", "loss", "cluster-usage entropy", "EMA momentum"], rows))
-    pic = run_dir / "finetune" / "before_after.png"
+    pic = RunLayout(run_dir).finetune_pictures
     if pic.is_file():
         sec.images.append((pic, "last-block CLS attention and 8-cluster maps of the patch tokens, source backbone "
                                 "(before) vs fine-tuned backbone (after)"))
@@ -303,7 +303,7 @@ def nearest_crops(
 
     Args:
         shards: iterable of ``(path, meta table with image_id/box/pool, cls (m, D))`` (see
-            :func:`transfgu.store.iter_feature_shards`).
+            :func:`transfgu.store.formats.iter_feature_shards`).
         centroids: ``(K, D)``; ``pools[k]`` is the pool of concept k: it is compared with that pool's crops only.
         max_rows: stop after the shard that reaches this many crops.
         max_per_image: at most this many crops of one image per concept (overlapping windows of one photo
@@ -355,10 +355,6 @@ def nearest_crops(
 
 
 def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None, opt: ReportOptions) -> Section:
-    from transfgu.concepts import ConceptBank
-    from transfgu.data.io import resize_image
-    from transfgu.store import iter_feature_shards, list_parquet_files
-
     sec = Section("Concept galleries")
     if not (RunLayout(run_dir).concepts / ConceptBank.META_FILE).is_file():
         sec.note = "No concepts yet (concepts/ is missing): run the concepts stage."
@@ -430,9 +426,6 @@ def _gallery_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | 
 def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None, opt: ReportOptions) -> Section:
     import pyarrow.parquet as pq
 
-    from transfgu.concepts import ConceptBank
-    from transfgu.store import list_parquet_files, read_label_bank
-
     sec = Section("CAM panels (pseudo-label bank)")
     files = list_parquet_files(RunLayout(run_dir).label_bank) if RunLayout(run_dir).label_bank.is_dir() else []
     if not files:
@@ -477,10 +470,6 @@ def _cam_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None
 
 def _prediction_section(run_dir: Path, out: Path, cfg: Any, meta: dict[str, Any] | None,
                         opt: ReportOptions) -> Section:
-    from transfgu.data.datasets import dataset_spec, list_records, load_sample
-    from transfgu.data.io import resize_label
-    from transfgu.predict import load
-
     sec = Section("Predictions vs ground truth")
     if meta is None:
         sec.note = "No trained model yet (model/model.json is missing): run the train stage."
@@ -604,8 +593,6 @@ def _errors_section(run_dir: Path) -> Section:
 def _config_section(cfg: Any, run_dir: Path) -> Section:
     import yaml
 
-    from transfgu.config import METHOD_SECTIONS
-
     sec = Section("Configuration")
     path = RunLayout(run_dir).config
     data: Any = None
@@ -639,7 +626,6 @@ def mlflow_run_link(cfg: Any) -> tuple[str, str] | None:
     """
     if cfg is None or not cfg.mlflow.enabled:
         return None
-    from transfgu.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg)
     local = uri.startswith("sqlite:///")
@@ -783,8 +769,6 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     Sections whose inputs are missing, or that fail, are replaced by a note naming the reason.
     """
     opt = options or ReportOptions()
-    from transfgu.integrity import REPORT_MARKER, report_files, require_run_dir
-    from transfgu.paths import PathEscapeError, is_inside, require_inside
 
     run_dir = require_run_dir(Path(run_dir), "transfgu report")
     out = require_inside(RunLayout(run_dir).report, run_dir, "the report folder")
@@ -795,7 +779,6 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     for name in report_files(out):  # only the files an earlier report wrote, never a user's
         (out / name).unlink(missing_ok=True)
     foreign = {p.name for p in out.glob("*.png")}
-    from transfgu.checkpoint import MODEL_JSON  # torch: only when a report is written
 
     meta = _read_json(RunLayout(run_dir).model / MODEL_JSON)
     metrics = _read_json(RunLayout(run_dir).metrics)
@@ -814,7 +797,7 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
     ]
     if cfg is not None:  # the method's own pictures (Leopart's instead of TransFGU's concepts and CAMs)
         builders = get_method(cfg.method).report_sections(builders, run_dir, out, cfg, metrics, opt)
-    if (run_dir / "finetune" / "finetune.json").is_file():  # method: leopart_finetune: no segmentation to show
+    if RunLayout(run_dir).finetune_json.is_file():  # method: leopart_finetune: no segmentation to show
         builders = [("Dense fine-tuning", lambda: _finetune_section(run_dir)), *builders[-3:]]
     sections = []
     for title, build in builders:
@@ -838,8 +821,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = report_parser()
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
-        from transfgu.logs import setup_logging
-
         setup_logging()  # the console format of every transfgu command
     opt = ReportOptions(n_per_concept=args.per_concept, n_cam_images=args.cam_images,
                         n_pred_images=args.pred_images, n_pred_candidates=args.pred_candidates, device=args.device)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from transfgu.config import BackboneConfig, Config, PseudoLabelConfig
+from transfgu.data.io import set_max_image_pixels
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT, build_backbone, save_backbone_weights
 
@@ -17,8 +18,6 @@ log = logging.getLogger(__name__)
 
 def configure_inputs(cfg: Config) -> None:
     """Per-process input limits from the config (every process that decodes images calls this)."""
-    from transfgu.data.io import set_max_image_pixels
-
     set_max_image_pixels(cfg.data.max_image_pixels)
 
 

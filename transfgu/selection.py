@@ -23,12 +23,14 @@ from typing import Any
 import torch
 
 from transfgu.config import Config, n_output_channels
+from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
+from transfgu.engine.loop import evaluate
 from transfgu.evaluate_stage import has_labelled_val
-from transfgu.store import atomic_write_json, atomic_write_text, fix_mode
+from transfgu.layout import VAL_HISTORY
+from transfgu.store.atomic import atomic_write_json, atomic_write_text, fix_mode
 
 log = logging.getLogger(__name__)
 
-VAL_HISTORY = "val_history.jsonl"
 BEST_DIR = "best"
 SELECTION_WARNING = (
     "MODEL SELECTED ON VALIDATION LABELS: train.select=best_val kept the epoch with the highest validation "
@@ -57,8 +59,6 @@ class Validator:
     """Scores a decoder on the validation split; the images are decoded once, when the validator is built."""
 
     def __init__(self, cfg: Config, backbone: torch.nn.Module, device: torch.device, amp: torch.dtype | None) -> None:
-        from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
-
         self.cfg, self.backbone, self.device, self.amp = cfg, backbone, device, amp
         names, ignore, label_map = dataset_classes(cfg)
         self.names = names
@@ -77,8 +77,6 @@ class Validator:
         return {"mIoU": float(scores["mIoU"]), "pixel_accuracy": float(scores["pixel_accuracy"])}
 
     def _evaluate(self, decoder: torch.nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-        from transfgu.engine.loop import evaluate
-
         return evaluate(
             decoder, self.backbone, loader, n_clusters=n_output_channels(self.cfg), n_classes=len(self.names),
             device=self.device, eval_hw=tuple(self.cfg.eval.eval_size), ignore_index=-1, class_names=self.names,

@@ -45,18 +45,14 @@ from transfgu.kmeans import KMeansResult
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
 from transfgu.pseudo_labels import concept_map_parts
+from transfgu.quality import stage_quality
 from transfgu.runtime import pseudo_autocast_dtype
 from transfgu.selection import select_student
 from transfgu.sharded import SHARD_IMAGES, ShardedStage, training_images
-from transfgu.store import (
-    LabelMaps,
-    features_table,
-    label_bank_image_ids,
-    label_bank_table,
-    to_jsonable,
-)
+from transfgu.store.atomic import atomic_write_json, to_jsonable
+from transfgu.store.formats import LabelMaps, features_table, label_bank_image_ids, label_bank_table
 from transfgu.throughput.tensors import prepare_images, to_device
-from transfgu.training import load_latest_student, load_model_decoder, write_model
+from transfgu.training import build_decoder, load_latest_student, load_model_decoder, write_model
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +238,7 @@ def evaluate_model(ctx: RunContext) -> dict[str, Any]:
         return {"rows": 0, "skipped": "no labels"}
     dec = load_model_decoder(cfg, ctx.layout, ctx.backbone.embed_dim, ctx.device, ctx.hashes["train"])
     scores, names, n_images = evaluate_decoder(cfg, ctx.backbone, dec, ctx.device, ctx.amp, errors=ctx.errors)
-    meta = json.loads((ctx.layout.model / "model.json").read_text())
+    meta = json.loads(ctx.layout.model_json.read_text())
     selection = {k: v for k, v in meta.items() if k.startswith("select")}
     write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=n_images, selection=selection,
                input_hash=ctx.hashes["evaluate"])
@@ -257,10 +253,6 @@ def evaluate_model(ctx: RunContext) -> dict[str, Any]:
 
 def add_stage_quality(ctx: RunContext) -> None:
     """Concept, pseudo-label and per-round quality (:mod:`transfgu.quality`) into ``eval/metrics.json``."""
-    from transfgu.quality import stage_quality
-    from transfgu.store import atomic_write_json
-    from transfgu.training import build_decoder
-
     cfg = ctx.cfg
 
     def score(dec: torch.nn.Module) -> dict[str, Any]:

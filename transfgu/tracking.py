@@ -31,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from transfgu.config import Config
+from transfgu.data.loaders import split_records
 from transfgu.layout import RunLayout
+from transfgu.mlflow_model import default_registered_name, log_model
+from transfgu.quality import mlflow_metrics
+from transfgu.store.manifest import config_hash
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +257,6 @@ def _param_value(v: Any) -> str:
 
 def run_tags(cfg: Config, kind: str) -> dict[str, str]:
     """Tags every run of a pipeline carries (ecosystem_notes.md §4.2)."""
-    from transfgu.store import config_hash
-
     tags = {
         "kind": kind,
         "pretrained": str(cfg.backbone.source.pretrained).lower(),
@@ -363,8 +365,6 @@ class PipelineTracker:
     def registered_name(self) -> str | None:
         """The registry name of the run's model: ``mlflow.registered_model``, by default ``<method>-<run.name>``;
         None for ``""`` and for a sweep's trials (the sweep registers its best trial's model)."""
-        from transfgu.mlflow_model import default_registered_name
-
         name = self.cfg.mlflow.registered_model
         if name is None:
             return None if self.kind == "trial" else default_registered_name(self.cfg.method, self.cfg.run.name)
@@ -448,15 +448,13 @@ class PipelineTracker:
         if self.tracker is None or self.run_id is None:
             return
         if run_dir is not None:
-            model_dir = Path(run_dir) / "model"
+            model_dir = RunLayout(run_dir).model
             model_id = None
             # the MLflow pyfunc wraps the checkpoints of the methods that say so (TransFGU's; a Leopart model is
             # served by transfgu predict); logged before the run's metrics, which are then linked to it with their
             # data set
             if (status == "FINISHED" and self.cfg.mlflow.log_model and self.log_model
-                    and (model_dir / "model.json").is_file()):
-                from transfgu.mlflow_model import log_model
-
+                    and RunLayout(run_dir).model_json.is_file()):
                 info = _best_effort("the model", log_model, self.tracker.tracking_uri, self.run_id, model_dir,
                                     self.registered_name())
                 model_id = getattr(info, "model_id", None)
@@ -510,8 +508,6 @@ def dataset_digest(image_ids: list[str]) -> str:
 
 def _split_dataset(cfg: Config, split: str) -> tuple[str, str, int]:
     """``(name, digest, images)`` of a split as MLflow records it."""
-    from transfgu.data.loaders import split_records  # torch: only when MLflow logs the data sets
-
     records = split_records(cfg, split)
     return f"{cfg.data.name}/{split}", dataset_digest([r.image_id for r in records]), len(records)
 
@@ -562,7 +558,7 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path, model_id: st
 
     layout = RunLayout(run_dir)
     tracker.log_artifact(run_id, layout.config, "config")
-    tracker.log_artifact(run_id, layout.model / "MODEL_CARD.md", "model_card")
+    tracker.log_artifact(run_id, layout.model_card, "model_card")
     ev = layout.eval
     metrics_path = layout.metrics
     if metrics_path.is_file():
@@ -575,7 +571,6 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path, model_id: st
                  for k, v in scores.items() if isinstance(v, (int, float)) and math.isfinite(float(v))]
         if items:
             tracker.client.log_batch(run_id, metrics=items)
-        from transfgu.quality import mlflow_metrics
 
         flat, per_round = mlflow_metrics(m)  # the stage-quality funnel: concepts, pseudo labels, rounds
         tracker.log_metrics(run_id, flat)
@@ -585,12 +580,12 @@ def log_run_artifacts(tracker: Tracker, run_id: str, run_dir: Path, model_id: st
             tracker.set_tags(run_id, {"prior": m["prior"]})
         for name in ("metrics.json", "per_class_iou.csv", "confusion.csv"):
             tracker.log_artifact(run_id, ev / name, "eval")
-        png = layout.report / "confusion.png"
+        png = layout.confusion_png
         if not png.is_file() and (ev / "confusion.csv").is_file():
             png = confusion_png(ev / "confusion.csv", ev / "confusion.png")
         if png is not None and png.is_file():
             tracker.log_artifact(run_id, png, "eval")
-    val_history = layout.train / "val_history.jsonl"  # train.select=best_val / train.validate_every
+    val_history = layout.val_history  # train.select=best_val / train.validate_every
     if val_history.is_file():
         tracker.log_artifact(run_id, val_history, "train")
     report = layout.report

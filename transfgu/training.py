@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from transfgu import integrity
 from transfgu.checkpoint import (
     DECODER_FILE,
     MODEL_JSON,
@@ -40,7 +41,7 @@ from transfgu.losses import BootstrapSchedule, LossWeights
 from transfgu.models.backbone import DinoViT
 from transfgu.models.decoder import MaskTransformerDecoder
 from transfgu.selection import ValHistory, validate_epoch
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,6 @@ def load_model_decoder(cfg: Config, layout: RunLayout, d_encoder: int, device: t
                        input_hash: str | None = None) -> nn.Module:
     """The trained decoder of ``model/`` in eval mode; with ``input_hash``, only a model trained under that hash,
     and never one with non-finite weights."""
-    from transfgu import integrity
-
     if input_hash is not None:
         integrity.check_json_stamp(layout.model / MODEL_JSON, input_hash, "the model", "re-run with --force train")
     dec = build_decoder(cfg, d_encoder).to(device)
@@ -220,8 +219,6 @@ def load_latest_student(cfg: Config, layout: RunLayout, d_encoder: int, device: 
     ``input_hash`` it must record that hash.
     """
     if state_dir is not None:
-        from transfgu import integrity
-
         if input_hash is not None:
             integrity.check_json_stamp(Path(state_dir) / "state.json", input_hash, "the final training checkpoint",
                                        "re-run with --force train")

@@ -28,7 +28,7 @@ from transfgu.data.train_store import (
 from transfgu.data.transforms import to_label_tensor, to_uint8_chw
 from transfgu.ddp import step_loader
 from transfgu.errors import ErrorLog, failed_file
-from transfgu.store import LabelMaps
+from transfgu.store.formats import LabelMaps
 
 
 def split_records(cfg: Config, split: str, subset: bool = True) -> list[ImageRecord]:

@@ -8,11 +8,11 @@ of exactly one record's bytes at an offset from a small index. Nothing is memory
 in a process's RSS), and nothing but the index (8 bytes a row) stays in memory, so a training process holds the
 same memory at 20k and at 80k images and reads bytes in proportion to its batch (bench/train_input.py).
 
-* **Packed label bank** ``bank-<key12>.rows``: the compact rows of the bank (:class:`transfgu.store.LabelMaps`,
+* **Packed label bank** ``bank-<key12>.rows``: the compact rows of the bank (:class:`transfgu.store.formats.LabelMaps`,
   lossless) one after another, each a small header and a zstd-compressed payload (``a_hat``, the gate bits, the
   kept-bonus positions as deltas and their values; :func:`encode_record`), so a row costs about what it costs in
   the Parquet bank. :meth:`PackedLabelBank.row` returns the same ``LabelMaps``
-  as :func:`transfgu.store.read_label_bank` (``dense()`` bit-identical, tested).
+  as :func:`transfgu.store.formats.read_label_bank` (``dense()`` bit-identical, tested).
 * **Image store** ``images-<key12>.u8`` (``train.image_store``): every training image resized to the train size
   as ``3 x H x W`` uint8 (:func:`transfgu.data.transforms.to_uint8_chw`, the very bytes training used to decode),
   row ``i`` at ``i * 3HW``; written once, so epochs do not decode JPEGs again.
@@ -44,18 +44,14 @@ import torch
 
 from transfgu.data.io import load_rgb
 from transfgu.data.transforms import to_uint8_chw
-from transfgu.store import (
-    LabelMaps,
-    atomic_open,
-    atomic_write_json,
-    config_hash,
-    list_parquet_files,
-    read_label_bank,
-)
+from transfgu.layout import TRAIN_INPUT_DIR
+from transfgu.store.atomic import atomic_open, atomic_write_json
+from transfgu.store.formats import LabelMaps, list_parquet_files, read_label_bank
+from transfgu.store.manifest import config_hash
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = "_train_input"
+STORE_DIR = TRAIN_INPUT_DIR  # the name RunLayout.train_input has
 PACKED_FORMAT = "transfgu.packed_label_bank/1"
 IMAGES_FORMAT = "transfgu.train_images/1"
 _HEADER = struct.Struct("<5i")  # K, h, w, n_bonus, bytes of the uncompressed payload

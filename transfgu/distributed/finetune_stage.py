@@ -26,13 +26,13 @@ from transfgu.distributed.fit import RayLoop, WorkerContext, fit_on_ray
 from transfgu.errors import CollectedErrors, ErrorLog
 from transfgu.leopart import finetune_stage as ftt
 from transfgu.runtime import load_run_backbone
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 
 log = logging.getLogger(__name__)
 
 
 def _out(w: WorkerContext) -> Path:
-    return w.layout.root / "finetune"
+    return w.layout.finetune
 
 
 def _finetune_body(w: WorkerContext) -> None:
@@ -66,7 +66,7 @@ FINETUNE_LOOP = RayLoop("finetune", _finetune_body, _finetune_latest_epoch, _fin
 def run_finetune_ray(ctx: RunContext) -> dict[str, Any]:
     """The Ray executor of the finetune stage: one TorchTrainer fit over every epoch (:func:`fit_on_ray`)."""
     cfg = ctx.cfg
-    out = ctx.run_dir / "finetune"
+    out = ctx.layout.finetune
     h = ctx.hashes["finetune"]
     done = (out / ftt.INFO_FILE).is_file() and (out / ftt.BACKBONE_OUT).is_file()
     latest = ftt.latest_state(out, h)

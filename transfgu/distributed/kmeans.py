@@ -11,7 +11,7 @@ Memory grows with the cluster, not the data: a holder keeps ``1 / num_tasks`` of
 
 The driver reproduces ``faiss.Kmeans.train`` as :func:`transfgu.kmeans.kmeans` configures it (``nredo = 1``, no
 subsampling, faiss's sample initialisation in the pool's row order: shards in file-name order, rows in file order, the
-order :func:`transfgu.store.read_features` concatenates them; faiss's empty-cluster split), then, as the one-process
+order :func:`store.formats.read_features` concatenates them; faiss's empty-cluster split), then, as the one-process
 path does after faiss, one more assignment and the plain means of the members (``means_step``). Sums are float64
 where faiss uses float32, so centroids agree to about 1e-6 relative, and an assignment can only differ for a point
 equidistant to two centroids within that precision.
@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from transfgu import integrity
 from transfgu.context import RunContext
 from transfgu.distributed.cluster import cluster_has_gpus, task_resources
 from transfgu.distributed.executor import start_holders
 from transfgu.kmeans import KMeansResult, Stats, lloyd_kmeans, shard_stats
+from transfgu.local import run_concepts
 from transfgu.stages import concept_pools, finish_concepts
-from transfgu.store import iter_feature_shards, list_parquet_files
+from transfgu.store.formats import iter_feature_shards, list_parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +129,10 @@ def distributed_kmeans(
 def run_concepts_ray(ctx: RunContext) -> dict[str, Any]:
     """The Ray executor of the concepts stage: the same concept bank as the one-process faiss k-means, computed by
     Ray tasks over the feature shards, then the stage's own assembly (:func:`transfgu.stages.finish_concepts`)."""
-    from transfgu import integrity
-
     cfg = ctx.cfg
     integrity.require_stamped(ctx.layout.features, "extract", ctx.hashes["extract"])
     if cfg.concepts.algorithm == "minibatch_kmeans":
         # sklearn's MiniBatchKMeans (protocol: paper, Cityscapes/LIP) is one process: run it on the driver.
-        from transfgu.local import run_concepts
-
         return run_concepts(ctx)
     files = list_parquet_files(ctx.layout.features)
     gpu = cluster_has_gpus(cfg)

@@ -42,8 +42,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transfgu.cli_args import predict_ray_parser as build_parser
-from transfgu.predict import IMAGE_EXTENSIONS, collect_inputs, unique_stems
-from transfgu.store import list_parquet_files, write_parquet_atomic
+from transfgu.config import Config
+from transfgu.data.io import decode_rgb
+from transfgu.distributed.cluster import init_ray
+from transfgu.errors import ErrorLog
+from transfgu.integrity import PREDICT_MARKER, check_predict_output
+from transfgu.logs import setup_logging
+from transfgu.mlflow_model import resolve_model_dir
+from transfgu.model_meta import find_checkpoint, read_model_meta
+from transfgu.predict import (
+    IMAGE_EXTENSIONS,
+    collect_inputs,
+    label_histogram,
+    load,
+    preprocess_image,
+    save_label_png,
+    unique_stems,
+)
+from transfgu.store.formats import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +169,6 @@ def read_ledger(out_dir: str | Path) -> pa.Table:
 # -- the two operators ---------------------------------------------------------------------------------------------
 def decode_batch(batch: dict[str, np.ndarray], eval_size: tuple[int, int], max_pixels: int) -> dict[str, np.ndarray]:
     """CPU task: read + decode + preprocess. Failures become rows with ``error`` set (never an exception)."""
-    from transfgu.data.io import decode_rgb
-    from transfgu.predict import preprocess_image
-
     n = len(batch["stem"])
     x = np.zeros((n, 3, *eval_size), dtype=np.float32)
     hw = np.zeros((n, 2), dtype=np.int32)
@@ -177,8 +190,6 @@ class PredictActor:
                  num_cpus: float, precision: str = "auto") -> None:
         import torch
 
-        from transfgu.predict import load
-
         torch.set_num_threads(max(1, int(num_cpus)))
         self.predictor = load(checkpoint, device=device, precision=precision)
         self.out_dir = Path(out_dir)
@@ -190,8 +201,6 @@ class PredictActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-
-        from transfgu.predict import label_histogram, save_label_png
 
         stems = [str(s) for s in batch["stem"]]
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
@@ -252,11 +261,6 @@ def predict_ray(
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
-
-    from transfgu.checkpoint import read_model_meta
-    from transfgu.errors import ErrorLog
-    from transfgu.integrity import PREDICT_MARKER, check_predict_output
-    from transfgu.predict import find_checkpoint
 
     ckpt = find_checkpoint(checkpoint).resolve()
     meta = read_model_meta(ckpt)
@@ -362,8 +366,6 @@ def summary_line(res: Mapping[str, Any], out: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
-        from transfgu.logs import setup_logging
-
         setup_logging()  # the console format of every transfgu command
     formats = {f.strip() for f in args.format.split(",") if f.strip()}
     if not formats <= {"png", "parquet"} or not formats:
@@ -380,9 +382,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         print("error: --actors takes MIN,MAX with 1 <= MIN <= MAX, and --batch-size must be >= 1", file=sys.stderr)
         return 2
-    from transfgu.config import Config
-    from transfgu.distributed.cluster import init_ray
-    from transfgu.mlflow_model import resolve_model_dir
 
     try:
         ckpt = resolve_model_dir(args.checkpoint, tracking_uri=args.tracking_uri)

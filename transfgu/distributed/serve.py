@@ -52,6 +52,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from transfgu.mlflow_model import resolve_model_dir
+from transfgu.model_meta import find_checkpoint, read_model_meta
+from transfgu.viz import colorize, overlay, palette
+
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -236,8 +240,6 @@ def _overlay_jpeg(image: np.ndarray, labels: np.ndarray, n_ids: int) -> bytes:
     """The colour overlay at the decoded image's size (labels sampled to it when the image was decoded reduced)."""
     from PIL import Image
 
-    from transfgu.viz import overlay, palette
-
     h, w = image.shape[:2]
     if labels.shape != (h, w):
         rows = np.arange(h) * labels.shape[0] // h
@@ -302,8 +304,6 @@ def _color_png(labels: np.ndarray, n_ids: int) -> bytes:
     """The colour-coded labels as RGBA (transparent where the id has no colour): the page lays it over the photo at
     the opacity the user picks; at 0.5 that is :func:`transfgu.viz.overlay`."""
     from PIL import Image
-
-    from transfgu.viz import colorize, palette
 
     ok = (labels >= 0) & (labels < n_ids)
     rgba = np.dstack([colorize(np.where(ok, labels, 0), palette(n_ids)), np.where(ok, 255, 0).astype(np.uint8)])
@@ -458,8 +458,6 @@ class Api:
             "label_png": base64.b64encode(png).decode("ascii"), "pretrained": info["pretrained"],
         }
         if want_overlay:
-            from transfgu.viz import palette
-
             jpeg = await asyncio.to_thread(_overlay_jpeg, image, labels, n_ids)
             out["overlay_jpeg"] = base64.b64encode(jpeg).decode("ascii")
             out["palette"] = ["#" + "".join(f"{int(v):02x}" for v in c) for c in palette(n_ids)]
@@ -469,8 +467,6 @@ class Api:
 
 def build_app(args: Mapping[str, Any]) -> Any:
     """The application for ``serve run transfgu.serve:app model=... [key=value ...]`` (keys: ``DEFAULTS``)."""
-    from transfgu.mlflow_model import resolve_model_dir
-
     args = dict(args)
     if not args.get("model"):
         raise ValueError("give the model: serve run transfgu.serve:app model=<run dir | model dir | runs:/<id>/model "
@@ -482,9 +478,6 @@ def build_app(args: Mapping[str, Any]) -> Any:
     # Resolved (downloaded from MLflow if need be) once here, where `serve run` runs; replicas get a local path.
     ckpt = resolve_model_dir(str(args["model"]), tracking_uri=opt["tracking_uri"])
     # Validated here, where `serve run` runs, so a bad checkpoint is one line and not a replica crash loop.
-    from transfgu.checkpoint import read_model_meta
-    from transfgu.predict import find_checkpoint
-
     read_model_meta(find_checkpoint(ckpt))
     _init_ray(opt)
     model_ongoing = opt["max_ongoing_requests"]

@@ -50,7 +50,7 @@ from transfgu.layout import RunLayout
 from transfgu.logs import Progress, setup_logging
 from transfgu.runtime import autocast_dtype, configure_inputs
 from transfgu.stages import SHARD_IMAGES, SHARDED_STAGES, ShardedStage
-from transfgu.store import write_parquet_atomic
+from transfgu.store.formats import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 

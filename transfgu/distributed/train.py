@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from transfgu import integrity
 from transfgu.checkpoint import last_trained_epoch, load_train_state
 from transfgu.context import RunContext, run_backbone
 from transfgu.data.loaders import make_train_loader, prepare_train_input
@@ -40,7 +41,7 @@ from transfgu.layout import round_name
 from transfgu.runtime import autocast_dtype
 from transfgu.selection import Validator, validation_wanted
 from transfgu.stages import finish_train
-from transfgu.store import to_jsonable
+from transfgu.store.atomic import to_jsonable
 from transfgu.training import build_decoder, round_segments, train_rounds
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,6 @@ def run_train_ray(ctx: RunContext, tune: bool = False) -> dict[str, Any]:
     segments = round_segments(cfg)
     if not cfg.ray.fit_per_round:
         segments = [(segments[0][0], 0, cfg.train.epochs)]
-    from transfgu import integrity
 
     integrity.require_stamped(ctx.layout.label_bank, "label_bank", ctx.hashes["label_bank"])
     # written once here, only opened by the workers

@@ -39,9 +39,10 @@ from transfgu.layout import RunLayout
 from transfgu.logs import setup_logging
 from transfgu.method import Executor, StageFn
 from transfgu.methods import get_method
+from transfgu.mlflow_model import default_registered_name, register_logged_model
 from transfgu.paths import check_name, default_storage
 from transfgu.pipeline import run_pipeline
-from transfgu.store import atomic_write_json, to_jsonable
+from transfgu.store.atomic import atomic_write_json, to_jsonable
 from transfgu.tracking import Tracker, config_params, resolve_tracking_uri, run_tags
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def cached_stage(stage: str, runner: StageFn, cache_root: Path) -> StageFn:
             if link.is_symlink():
                 link.unlink()
             link.symlink_to(shared.output(stage).resolve(), target_is_directory=True)
-        done = shared.root / "_done.json"
+        done = shared.cache_done
         with file_lock(cache_root / f".{key}.lock"):
             if done.is_file():
                 info = json.loads(done.read_text())
@@ -257,8 +258,6 @@ def run_sweep(
         tracker.log_metrics(parent, {f"best_{metric}": best_metric})
         tracker.log_dict(parent, {"params": to_jsonable(best_params), metric: best_metric}, "sweep/best.json")
         if best_dir is not None and cfg.mlflow.log_model and cfg.mlflow.registered_model != "":
-            from transfgu.mlflow_model import default_registered_name
-
             registered = _register_trial_model(tracker, parent, Path(best_dir).name,
                                                cfg.mlflow.registered_model or default_registered_name(cfg.method, name))
         tracker.end_run(parent, "FINISHED")
@@ -364,8 +363,6 @@ def _register_trial_model(tracker: Tracker, sweep_run_id: str, trial: str, regis
     if not models:
         return None
     try:
-        from transfgu.mlflow_model import register_logged_model
-
         return register_logged_model(tracker.tracking_uri, models[0].model_id, registered)
     except Exception as exc:  # the sweep's results stand without a registry entry
         log.warning("[mlflow] could not register the best trial's model: %s: %s", type(exc).__name__, exc)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfgu.ddp import all_reduce_max, all_reduce_sum
+
 
 # -- Sinkhorn-Knopp -------------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -62,8 +64,6 @@ def sinkhorn_knopp(
     Returns:
         ``(N, K)`` assignments of ``scores``' samples.
     """
-    from transfgu.ddp import all_reduce_max, all_reduce_sum
-
     def red_sum(t: Tensor) -> Tensor:
         return all_reduce_sum(t) if distributed else t
 

@@ -35,11 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfgu import integrity
 from transfgu.checkpoint import load_optimizer, load_train_state, read_state_info, restore_rng, save_train_state
 from transfgu.config import Config
 from transfgu.context import RunContext
+from transfgu.data.loaders import split_records
 from transfgu.ddp import all_reduce_sum, batch_piece, step_generator, step_loader, step_seed, world_info
+from transfgu.errors import check_error_budget, decode_images
+from transfgu.layout import RunLayout
 from transfgu.leopart import finetune_parts as ft
+from transfgu.leopart.viz import finetune_pictures_png
 from transfgu.models.backbone import (
     PRIOR_FINETUNED_RANDOM,
     PRIOR_METADATA_KEY,
@@ -48,7 +53,8 @@ from transfgu.models.backbone import (
     DinoViT,
     normalize,
 )
-from transfgu.store import atomic_write_json, fix_mode
+from transfgu.runtime import load_run_backbone
+from transfgu.store.atomic import atomic_write_json, fix_mode
 
 log = logging.getLogger("transfgu")
 
@@ -78,9 +84,6 @@ def decode_training_images(cfg: Config, errors: Any) -> tuple[list[np.ndarray], 
     """The training split's images, decoded once and shrunk to ``finetune.max_side``; unreadable ones are recorded
     (``errors.jsonl``) and skipped within ``run.error_budget``."""
     from PIL import Image
-
-    from transfgu.data.loaders import split_records
-    from transfgu.errors import check_error_budget, decode_images
 
     records = split_records(cfg, cfg.data.train_split)
     images, ids = [], []
@@ -387,8 +390,6 @@ def _prune(out: Path, input_hash: str, keep: int = 2) -> None:
 def set_aside_other_settings(out: Path, input_hash: str) -> list[Path]:
     """Move epoch states and outputs written under another input hash to ``<run>/_stale/finetune/<hash12>/``
     (never deleted, never resumed from, never read as this run's result)."""
-    from transfgu import integrity
-
     moved = []
     for p in sorted(out.glob("epoch_*")):
         info = read_state_info(p)
@@ -520,10 +521,6 @@ def write_pictures(cfg: Config, images: Sequence[np.ndarray], out: Path, after: 
     """``<run>/finetune/before_after.png``: attention and cluster maps of ``n`` training images spread over the split
     (consecutive frames of a video look alike) with the source backbone and the fine-tuned one (best effort: a
     picture never fails the stage)."""
-    from transfgu.layout import RunLayout
-    from transfgu.leopart.viz import finetune_pictures_png
-    from transfgu.runtime import load_run_backbone
-
     try:
         before = load_run_backbone(cfg.backbone, RunLayout(out.parent), cfg.run.seed)
         after_cpu = copy.deepcopy(after).cpu()
@@ -555,10 +552,9 @@ def run_finetune(ctx: RunContext) -> dict[str, Any]:
     """The stage in this process (``ctx.on_epoch`` logs each epoch to MLflow)."""
     cfg = ctx.cfg
     images, _ = decode_training_images(cfg, ctx.errors)
-    from transfgu.runtime import load_run_backbone
 
     backbone = load_run_backbone(cfg.backbone, ctx.layout, cfg.run.seed).to(ctx.device)
-    out = ctx.run_dir / "finetune"
+    out = ctx.layout.finetune
     finetune(cfg, backbone, images, out, ctx.hashes["finetune"], ctx.device, on_epoch=ctx.on_epoch,
              source=source_record(cfg))
     return finish_info(out)

@@ -19,8 +19,9 @@ from safetensors.numpy import load_file, save_file
 
 from transfgu.kmeans import nearest
 from transfgu.leopart.pca import PCA
-from transfgu.model_meta import CheckpointMeta
-from transfgu.store import fix_mode
+from transfgu.model_meta import MODEL_JSON, CheckpointMeta
+from transfgu.schemas import check_leopart_arrays
+from transfgu.store.atomic import atomic_write_json, fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -176,24 +177,22 @@ class LeopartPredictor(CheckpointMeta):
 def save_leopart_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backbone: Any = None) -> None:
     """``leopart.safetensors`` + ``model.json`` (+ the backbone when it is random, as TransFGU's checkpoint)."""
     from transfgu.checkpoint import BACKBONE_FILE, _save_tensors
-    from transfgu.store import atomic_write_json
 
     directory.mkdir(parents=True, exist_ok=True)
     model.save_arrays(directory / ARRAYS_FILE)
     if backbone is not None and not getattr(backbone, "pretrained", True):
         _save_tensors(backbone.vit.state_dict(), directory / BACKBONE_FILE)
         meta = {**meta, "backbone_file": BACKBONE_FILE}
-    atomic_write_json(directory / "model.json", {**meta, "format": MODEL_FORMAT})
+    atomic_write_json(directory / MODEL_JSON, {**meta, "format": MODEL_FORMAT})
 
 
 def load_predictor(ckpt: Path, meta: dict[str, Any], device: Any, weights: str | None = None,
                    amp_dtype: Any = None, batch_size: int = 8) -> LeopartPredictor:
-    from transfgu.predict import _build_backbone
-    from transfgu.schemas import check_leopart_arrays
+    from transfgu.checkpoint import load_backbone
 
     arrays = load_file(str(ckpt / ARRAYS_FILE))
-    check_leopart_arrays(ckpt / ARRAYS_FILE, arrays, meta, ckpt / "model.json")
-    backbone = _build_backbone(ckpt, meta, weights).to(device).eval()
+    check_leopart_arrays(ckpt / ARRAYS_FILE, arrays, meta, ckpt / MODEL_JSON)
+    backbone = load_backbone(ckpt, meta, weights).to(device).eval()
     model = LeopartModel.from_arrays(arrays)
     if model.cluster_to_segment is None:
         raise ValueError(f"{ckpt} holds no community map (the communities stage did not finish)")

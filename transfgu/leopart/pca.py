@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from transfgu.store import atomic_write_json, fix_mode
+from transfgu.store.atomic import atomic_write_json, fix_mode
 
 PCA_FILE = "pca.safetensors"
 

@@ -59,13 +59,15 @@ from transfgu.leopart.dense import dense_features, dense_table, read_dense
 from transfgu.leopart.model import LeopartModel, save_leopart_model, upsample_labels
 from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_moments
 from transfgu.leopart.probe import evaluate_probe, train_linear_probe
+from transfgu.leopart.scoring import leopart_scores, seed_summary
 from transfgu.leopart.shards import DenseShards
 from transfgu.leopart.viz import community_graph_png
 from transfgu.method import Executor, StageInfo
 from transfgu.metrics import RunningConfusion, hungarian_match, mapped_scores
-from transfgu.models.backbone import DinoViT
+from transfgu.models.backbone import DinoViT, build_backbone
 from transfgu.sharded import ShardedStage
-from transfgu.store import atomic_write_json, fix_mode, list_parquet_files, write_parquet_atomic
+from transfgu.store.atomic import atomic_write_json, fix_mode
+from transfgu.store.formats import list_parquet_files, write_parquet_atomic
 
 log = logging.getLogger("transfgu")
 
@@ -141,8 +143,6 @@ _ATTENTION_BACKBONES: dict[tuple[str, str, str], Any] = {}
 
 def attention_backbone(arch: str, weights: str, device: Any) -> Any:
     """The ViT of ``leopart.cbfe_attention: weights``, built once per process (a dense worker keeps it)."""
-    from transfgu.models.backbone import build_backbone
-
     key = (arch, weights, str(device))
     if key not in _ATTENTION_BACKBONES:
         _ATTENTION_BACKBONES[key] = build_backbone(arch, weights).to(device)
@@ -178,7 +178,7 @@ class DenseStage(ShardedStage):
 
     @classmethod
     def output(cls, layout: RunLayout) -> Path:
-        return layout.root / "dense" / cls.split
+        return layout.dense_split(cls.split)
 
     @classmethod
     def records(cls, cfg: Config) -> list[ImageRecord]:
@@ -197,7 +197,7 @@ def dense_stage(split: str) -> type[DenseStage]:
 # -- stages --------------------------------------------------------------------------------------------------------
 def dense_files(run_dir: Path, split: str, input_hash: str | None = None) -> list[Path]:
     """The dense files of ``split``; with ``input_hash``, after checking that the current dense stage wrote them."""
-    d = run_dir / "dense" / split
+    d = RunLayout(run_dir).dense_split(split)
     files = list_parquet_files(d) if d.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no dense features under {d}; run the dense stage first")
@@ -224,17 +224,17 @@ def run_pca(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg = ctx.cfg
     parts = ex.map_files(file_moments, fit_files(cfg, ctx.run_dir, ctx.hashes["dense"]))
     pca = fit_pca(reduce_moments(parts), cfg.leopart.pca_dim)
-    pca.save(ctx.run_dir / "pca")
-    integrity.stamp_json(ctx.run_dir / "pca" / "pca.json", ctx.hashes["pca"])
+    pca.save(ctx.layout.pca)
+    integrity.stamp_json(ctx.layout.pca_json, ctx.hashes["pca"])
     kept = float(pca.eigenvalues.sum() / pca.mean.shape[0])  # standardised: the total variance is d
     return {"rows": pca.n, "dim": pca.dim, "variance_kept": round(kept, 4)}
 
 
 def load_checked_pca(ctx: RunContext) -> PCA:
     """The PCA, after checking that the current pca stage wrote it."""
-    integrity.check_json_stamp(ctx.run_dir / "pca" / "pca.json", ctx.hashes["pca"], "the PCA",
+    integrity.check_json_stamp(ctx.layout.pca_json, ctx.hashes["pca"], "the PCA",
                                "re-run with --force pca")
-    return PCA.load(ctx.run_dir / "pca")
+    return PCA.load(ctx.layout.pca)
 
 
 def load_checked_model(ctx: RunContext, upto: str) -> LeopartModel:
@@ -246,14 +246,14 @@ def load_checked_model(ctx: RunContext, upto: str) -> LeopartModel:
 
 def load_model(run_dir: Path, upto: str) -> LeopartModel:
     """The model as far as ``upto`` (``cbfe`` or ``communities``) has fitted it."""
-    pca = PCA.load(run_dir / "pca")
-    c = load_file(str(run_dir / "cbfe" / "cbfe.safetensors"))
+    pca = PCA.load(RunLayout(run_dir).pca)
+    c = load_file(str(RunLayout(run_dir).cbfe_arrays))
     model = LeopartModel(pca, c["centroids"], c["foreground"].astype(bool))
     if "foreground_val" in c:  # val's own CBFE flags (leopart.val_precision: val)
-        val_split = json.loads((run_dir / "cbfe" / "cbfe.json").read_text())["val_split"]
-        model.foreground_by_dir[str(run_dir / "dense" / val_split)] = c["foreground_val"].astype(bool)
+        val_split = json.loads(RunLayout(run_dir).cbfe_json.read_text())["val_split"]
+        model.foreground_by_dir[str(RunLayout(run_dir).dense_split(val_split))] = c["foreground_val"].astype(bool)
     if upto == "communities":
-        t = load_file(str(run_dir / "communities" / "communities.safetensors"))
+        t = load_file(str(RunLayout(run_dir).communities_arrays))
         model.cd_centroids = t["centroids"]
         model.cluster_to_segment = t["cluster_to_segment"]
     return model
@@ -318,7 +318,7 @@ def run_cbfe(ctx: RunContext, ex: Executor) -> StageInfo:
         fg = cbfe_mod.foreground_clusters(precision, threshold)
     finally:
         ex.release(shards)
-    out = ctx.run_dir / "cbfe"
+    out = ctx.layout.cbfe
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "cbfe.safetensors.tmp"
     arrays = {"centroids": fit.centroids, "precision": precision, "foreground": fg.astype(np.uint8)}
@@ -416,8 +416,6 @@ def segment_scores(conf: np.ndarray, names: Sequence[str], bg: int | None, unmat
                    match: str = "pixels") -> dict[str, Any]:
     """Hungarian scores of a ``(classes, segments)`` confusion on ``match`` (``leopart.match``: pixels | iou),
     unmatched segments per ``leopart.unmatched`` (:func:`transfgu.leopart.scoring.leopart_scores`)."""
-    from transfgu.leopart.scoring import leopart_scores
-
     return leopart_scores(conf, names, bg, match, unmatched_rule(unmatched, bg))
 
 
@@ -511,7 +509,7 @@ def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
         runs.append(community_map(n, c_r.modules, bg_node=k))
         run_info.append({"seed": lp.seed + r, "codelength": c_r.codelength, "num_modules": c_r.num_modules,
                          "n_segments": int(runs[-1].max()) + 1})
-    out = ctx.run_dir / "communities"
+    out = ctx.layout.communities
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "communities.safetensors.tmp"
     save_file({"centroids": fit.centroids, "cooccurrence": m, "cluster_to_segment": model.cluster_to_segment,
@@ -528,7 +526,7 @@ def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
             "cooc_angles": lp.cooc_angles, "cooc_presence": lp.cooc_presence, "input_hash": ctx.hashes["communities"]}
     atomic_write_json(out / "communities.json", meta)
     community_graph_png(edges, model.cluster_to_segment, k, out / "graph.png")
-    save_leopart_model(ctx.run_dir / "model", model, leopart_model_meta(cfg, ctx.pretrained, ctx.hashes["communities"]),
+    save_leopart_model(ctx.layout.model, model, leopart_model_meta(cfg, ctx.pretrained, ctx.hashes["communities"]),
                backbone=ctx.backbone)
     log.info("[communities] %d edges, %d Infomap modules, %d segments (codelength %.4f)", len(edges),
              comm.num_modules, model.n_segments, comm.codelength)
@@ -561,7 +559,7 @@ def run_segments(ctx: RunContext, ex: Executor) -> StageInfo:
         ex.release(shards)
     rows = 0
     for (split, f), s, c in zip(files, segs, cls):
-        out = ctx.run_dir / "segments" / split
+        out = ctx.layout.segments_split(split)
         out.mkdir(parents=True, exist_ok=True)
         # stamped as the dense shard it maps: same ids (decode failures included), the segments hash
         dense = integrity.read_stamp(Path(f))
@@ -570,9 +568,9 @@ def run_segments(ctx: RunContext, ex: Executor) -> StageInfo:
         rows += len(s)
     for split in splits(cfg):
         ids = [r.image_id for r in split_records(cfg, split)]
-        integrity.verify_shards(ctx.run_dir / "segments" / split, "segments", h, ids)
+        integrity.verify_shards(ctx.layout.segments_split(split), "segments", h, ids)
     # written last: the stage's stamp (an interrupted stage leaves none, and its files are set aside on re-run)
-    atomic_write_json(ctx.run_dir / "segments" / "segments.json",
+    atomic_write_json(ctx.layout.segments_json,
                       {"rows": rows, "segments": model.n_segments, "input_hash": h})
     return {"rows": rows, "segments": model.n_segments}
 
@@ -580,7 +578,7 @@ def run_segments(ctx: RunContext, ex: Executor) -> StageInfo:
 def read_segments(run_dir: Path, split: str, column: str = "segments") -> dict[str, np.ndarray]:
     """Segment maps ``(h, w)`` of a split by image id (``column="clusters"``: the foreground-cluster maps)."""
     out: dict[str, np.ndarray] = {}
-    for f in list_parquet_files(run_dir / "segments" / split):
+    for f in list_parquet_files(RunLayout(run_dir).segments_split(split)):
         t = pq.read_table(f)
         for i, h, w, s in zip(t["image_id"].to_pylist(), t["h"].to_pylist(), t["w"].to_pylist(),
                               t[column].to_pylist()):
@@ -606,7 +604,7 @@ def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
         return {"rows": 0, "skipped": "no labels"}
     names, bg = _fg_classes(cfg)
     gt = _gt_at(cfg, cfg.data.val_split, ctx.errors, "evaluate")
-    integrity.check_json_stamp(ctx.run_dir / "segments" / "segments.json", ctx.hashes["segments"], "the segments",
+    integrity.check_json_stamp(ctx.layout.segments_json, ctx.hashes["segments"], "the segments",
                                "re-run with --force segments")
     segs = read_segments(ctx.run_dir, cfg.data.val_split)
     model = load_checked_model(ctx, "communities")
@@ -616,11 +614,11 @@ def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
         conf.update(gt[i], upsample_labels(segs[i], gt[i].shape))
     scores = segment_scores(conf.conf, names, bg, lp.unmatched, lp.match)
     scores["confusion"] = conf.conf
-    metrics = write_eval(ctx.run_dir / "eval", scores, names, pretrained=ctx.pretrained, n_images=len(ids))
+    metrics = write_eval(ctx.layout.eval, scores, names, pretrained=ctx.pretrained, n_images=len(ids))
     seeds = infomap_seed_scores(ctx.run_dir, cfg, gt, names, bg)
     over = overclustering(ctx, ex, gt, names) if lp.overcluster_k else {}
     probe = linear_probe(ctx, names) if lp.linear_probe.enabled else None
-    comm_meta = json.loads((ctx.run_dir / "communities" / "communities.json").read_text())
+    comm_meta = json.loads(ctx.layout.communities_json.read_text())
     sel = comm_meta.get("selection") or {}
     metrics.update({
         "method": "leopart", "protocol": lp.protocol, "labels_used_for_fitting": lp.protocol == "paper",
@@ -637,8 +635,8 @@ def run_evaluate(ctx: RunContext, ex: Executor) -> StageInfo:
                 "labels (many-to-one, precision-based), as Leopart reports it",
         "input_hash": ctx.hashes["evaluate"],
     })
-    atomic_write_json(ctx.run_dir / "eval" / "metrics.json", metrics)
-    meta_path = ctx.run_dir / "model" / "model.json"
+    atomic_write_json(ctx.layout.metrics, metrics)
+    meta_path = ctx.layout.model_json
     meta = json.loads(meta_path.read_text())
     meta["cluster_to_class"] = [int(x) for x in scores["mapping"]]
     atomic_write_json(meta_path, meta)
@@ -655,13 +653,10 @@ def infomap_seed_scores(run_dir: Path, cfg: Config, gt: dict[str, np.ndarray], n
     """Val scores of every Infomap run of the communities stage (``leopart.infomap_runs`` seeds) and their mean +-
     std (:func:`transfgu.leopart.scoring.seed_summary`). The val cluster confusion is counted once; a run's segment
     confusion is its columns summed by that run's communities."""
-    from transfgu.leopart.scoring import seed_summary
-    from transfgu.metrics import RunningConfusion
-
     lp = cfg.leopart
-    t = load_file(str(run_dir / "communities" / "communities.safetensors"))
+    t = load_file(str(RunLayout(run_dir).communities_arrays))
     runs = t["cluster_to_segment_runs"] if "cluster_to_segment_runs" in t else t["cluster_to_segment"][None]
-    info = json.loads((run_dir / "communities" / "communities.json").read_text()).get("infomap_runs") or []
+    info = json.loads(RunLayout(run_dir).communities_json.read_text()).get("infomap_runs") or []
     seeds = [int(r["seed"]) for r in info] if len(info) == len(runs) else [lp.seed + r for r in range(len(runs))]
     clusters = read_segments(run_dir, cfg.data.val_split, "clusters")
     conf = RunningConfusion(len(names), runs.shape[1], ignore_index=None)
@@ -722,9 +717,6 @@ def overclustering(ctx: RunContext, ex: Executor, gt: dict[str, np.ndarray], nam
     ``overcluster_spherical``), val patches assigned, clusters mapped to classes many-to-one by majority overlap
     (WITH labels), mIoU at ``leopart.eval_size``; averaged over ``overcluster_seeds`` seeds (the authors: fitted on
     val, Euclidean, 5 seeds)."""
-    from transfgu.leopart.scoring import seed_summary
-    from transfgu.metrics import RunningConfusion
-
     cfg, lp = ctx.cfg, ctx.cfg.leopart
     pca = load_checked_pca(ctx)
     seeds = [lp.seed + r for r in range(lp.overcluster_seeds)]

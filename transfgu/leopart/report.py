@@ -19,12 +19,13 @@ import numpy as np
 from transfgu import viz
 from transfgu.data.datasets import list_records
 from transfgu.data.io import load_rgb, resize_image
+from transfgu.layout import RunLayout
 from transfgu.leopart import viz as lviz
 from transfgu.leopart.dense import read_dense
 from transfgu.leopart.foreground import attention_mask
 from transfgu.leopart.pipeline import dense_files, load_model, mask_kwargs
 from transfgu.report import Section, _table
-from transfgu.store import list_parquet_files
+from transfgu.store.formats import list_parquet_files
 
 
 def _image_at(records: dict[str, Any], image_id: str, size: tuple[int, int]) -> np.ndarray | None:
@@ -55,11 +56,11 @@ def foreground_section(run_dir: Path, out: Path, cfg: Any, n_images: int) -> Any
     if cfg is None:
         sec.note = "The run's config is missing, so the images cannot be found."
         return sec
-    files = dense_files(run_dir, cfg.data.train_split) if (run_dir / "dense").is_dir() else []
-    if not files or not (run_dir / "cbfe" / "cbfe.safetensors").is_file():
+    files = dense_files(run_dir, cfg.data.train_split) if RunLayout(run_dir).dense.is_dir() else []
+    if not files or not RunLayout(run_dir).cbfe_arrays.is_file():
         sec.note = "No CBFE yet (dense/ or cbfe/ is missing): run the dense, pca and cbfe stages."
         return sec
-    has_comm = (run_dir / "communities" / "communities.safetensors").is_file()
+    has_comm = RunLayout(run_dir).communities_arrays.is_file()
     model = load_model(run_dir, "communities" if has_comm else "cbfe")
     try:
         records = _records(cfg, cfg.data.train_split)
@@ -84,7 +85,7 @@ def foreground_section(run_dir: Path, out: Path, cfg: Any, n_images: int) -> Any
         return sec
     fig = lviz.foreground_panel(rows, model.n_segments if has_comm else None)
     sec.images.append((viz.save_figure(fig, out / "leopart_foreground.png", dpi=80), ""))
-    info = json.loads((run_dir / "cbfe" / "cbfe.json").read_text())
+    info = json.loads(RunLayout(run_dir).cbfe_json.read_text())
     lab = "chosen WITH THE TRAINING LABELS (protocol: paper)" if info.get("labels_used") else "fixed (no labels)"
     sec.html = (
         f"<p>The first {len(rows)} training images at the ViT's input size. The noisy mask keeps the patches holding "
@@ -106,7 +107,7 @@ def gallery_section(run_dir: Path, out: Path, cfg: Any, n_per_row: int, thumb: i
     if cfg is None:
         sec.note = "The run's config is missing, so the images cannot be found."
         return sec
-    seg_dir = run_dir / "segments" / cfg.data.train_split
+    seg_dir = RunLayout(run_dir).segments_split(cfg.data.train_split)
     files = list_parquet_files(seg_dir) if seg_dir.is_dir() else []
     if not files:
         sec.note = "No segments yet (segments/ is missing): run the segments stage."
@@ -123,11 +124,11 @@ def gallery_section(run_dir: Path, out: Path, cfg: Any, n_per_row: int, thumb: i
     except Exception as exc:
         sec.note = f"The training images are not readable here ({exc}); galleries skipped."
         return sec
-    comm = json.loads((run_dir / "communities" / "communities.json").read_text())
+    comm = json.loads(RunLayout(run_dir).communities_json.read_text())
     k = int(comm["k"])
     from safetensors.numpy import load_file
 
-    c2s = load_file(str(run_dir / "communities" / "communities.safetensors"))["cluster_to_segment"]
+    c2s = load_file(str(RunLayout(run_dir).communities_arrays))["cluster_to_segment"]
     size = tuple(cfg.leopart.input_size)
     cache: dict[str, np.ndarray | None] = {}
 
@@ -176,8 +177,8 @@ def graph_section(run_dir: Path, out: Path, metrics: dict[str, Any] | None) -> A
     use labels (overclustering, linear probe)."""
 
     sec = Section("Leopart: community graph")
-    src = run_dir / "communities" / "graph.png"
-    meta_path = run_dir / "communities" / "communities.json"
+    src = RunLayout(run_dir).community_graph
+    meta_path = RunLayout(run_dir).communities_json
     if not src.is_file() or not meta_path.is_file():
         sec.note = "No communities yet (communities/ is missing): run the communities stage."
         return sec

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from transfgu.viz import _plt, draw_panel, overlay, palette
+
 
 def community_graph_png(
     edges: Sequence[tuple[int, int, float]], cluster_to_segment: np.ndarray, bg_node: int, path: str | Path,
@@ -20,8 +22,6 @@ def community_graph_png(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from transfgu.viz import palette
 
     seg = np.asarray(cluster_to_segment)
     n = seg.shape[0]
@@ -76,7 +76,6 @@ def finetune_pictures_png(images: Sequence[np.ndarray], backbones: dict[str, obj
     import torch.nn.functional as F
 
     from transfgu.models.backbone import normalize
-    from transfgu.viz import palette
 
     x = torch.stack([F.interpolate(torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float(), size=(size, size),
                                    mode="bilinear", align_corners=False)[0] for im in images])
@@ -114,8 +113,6 @@ def foreground_panel(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarra
     ``rows``: ``(caption, image (H, W, 3) uint8, attention (H, W) float, mask (H, W) bool, foreground (H, W) bool,
     segments (H, W) int or None)``, every map already at the image's size. Masks are drawn over the photo in red.
     """
-    from transfgu.viz import _plt, draw_panel, overlay, palette
-
     plt = _plt()
     n = len(rows)
     aspect = rows[0][1].shape[0] / rows[0][1].shape[1] if rows else 1.0

@@ -62,6 +62,8 @@ from transfgu.models.source import (  # noqa: F401 -- re-exported: the priors ar
     parse_source,
     weights_prior,
 )
+from transfgu.schemas import FileSchemaError, check_finite
+from transfgu.store.atomic import fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +439,6 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         except Exception as exc:
             raise WeightsError(f"{p}: cannot read as a weights-only torch checkpoint ({exc})") from exc
     sd = _unwrap_state_dict(obj, str(p))
-    from transfgu.schemas import FileSchemaError, check_finite
 
     try:
         check_finite(p, sd)
@@ -528,8 +529,6 @@ def build_backbone(arch: str = "vit_small_patch8", weights: str = "none", pos_em
 def save_backbone_weights(model: DinoViT, path: str | os.PathLike[str]) -> None:
     """Save the backbone weights as safetensors in timm's key layout (reloadable with ``weights=<path>``)."""
     from safetensors.torch import save_file
-
-    from transfgu.store import fix_mode
 
     sd = {k: v.detach().contiguous().cpu() for k, v in model.vit.state_dict().items()}
     tmp = Path(str(path) + ".tmp")

@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor
 
+from transfgu.models.backbone import ViTFeatures
+
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
@@ -57,8 +59,6 @@ def compile_forward(
     compiled function raises (no C++ compiler, an unsupported op, an old torch), the eager forward is used from
     then on and one warning says why: outputs never depend on whether compilation worked.
     """
-    from transfgu.models.backbone import ViTFeatures
-
     mode = mode or compile_mode_from_env()
     backend = backend or compile_backend_from_env()
     if mode == "off" or getattr(backbone, "_transfgu_compiled", False):

@@ -21,6 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transfgu.config import load_config
+from transfgu.layout import RunLayout
+from transfgu.leopart.finetune_stage import backbone_from_state, latest_state
+from transfgu.methods import stage_hashes
+from transfgu.pipeline import run_pipeline
+from transfgu.store.atomic import fix_mode
+from transfgu.tools.quality_table import quality_config, stage_numbers
+
 
 def leopart_overrides(root: str | Path, run_root: str | Path, name: str, weights: str) -> dict[str, str]:
     """A small CBFE + CD run on CamVid-sized street scenes with the ``vit_standin`` backbone (64 train, 24 val)."""
@@ -70,11 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from transfgu.config import load_config
-    from transfgu.pipeline import run_pipeline
-    from transfgu.store import fix_mode
-    from transfgu.tools.quality_table import quality_config, stage_numbers
-
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
     cfg = load_config(a.config, [*a.overrides, f"run.root={out}"])
@@ -82,18 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{a.config} is not a method: leopart_finetune preset")
     t0 = time.time()
     run_pipeline(cfg)
-    ft_info = json.loads((cfg.run_dir / "finetune" / "finetune.json").read_text())
+    ft_info = json.loads(RunLayout(cfg.run_dir).finetune_json.read_text())
     timing: dict[str, Any] = {"finetune_s": round(time.time() - t0, 1)}
     print(f"finetune: {timing['finetune_s']}s losses {[h['loss'] for h in ft_info['history']]}", flush=True)
-    backbones = {"before": cfg.backbone.weights, "after": str(cfg.run_dir / "finetune" / "backbone.safetensors")}
+    backbones = {"before": cfg.backbone.weights, "after": str(RunLayout(cfg.run_dir).finetune_backbone)}
     if a.student:  # the student of the last epoch (the exported backbone is finetune.export's choice)
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        from transfgu.leopart.finetune_stage import backbone_from_state, latest_state
-        from transfgu.methods import stage_hashes
-
-        state = latest_state(cfg.run_dir / "finetune", stage_hashes(cfg)["finetune"])
+        state = latest_state(RunLayout(cfg.run_dir).finetune, stage_hashes(cfg)["finetune"])
         if state is None:
             raise SystemExit("no epoch state of this fine-tuning run to take the student from")
         with safe_open(backbones["after"], framework="pt") as fh:
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             **{"mlflow.enabled": "false", "run.report": "false"})
         t0 = time.time()
         run_pipeline(qc)
-        m = json.loads((qc.run_dir / "eval" / "metrics.json").read_text())
+        m = json.loads(RunLayout(qc.run_dir).metrics.read_text())
         results[label] = stage_numbers(m)
         timing[f"{label}_s"] = round(time.time() - t0, 1)
         print(f"{label} ({weights}): {timing[f'{label}_s']}s {results[label]}", flush=True)
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     leopart_overrides(cfg.data.root, out, f"leopart_{tag}", weights).items()])
             t0 = time.time()
             run_pipeline(lc)
-            results[label].update(leopart_numbers(json.loads((lc.run_dir / "eval" / "metrics.json").read_text())))
+            results[label].update(leopart_numbers(json.loads(RunLayout(lc.run_dir).metrics.read_text())))
             timing[f"leopart_{label}_s"] = round(time.time() - t0, 1)
             print(f"leopart {label}: {timing[f'leopart_{label}_s']}s", flush=True)
     (out / "finetune_quality.json").write_text(json.dumps(

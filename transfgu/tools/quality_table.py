@@ -19,6 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transfgu.config import load_config
+from transfgu.layout import RunLayout
+from transfgu.pipeline import run_pipeline
+
 #: Classes per stand-in set (K = number of classes, one pool of all windows, as the CamVid demo).
 N_CLASSES = {"camvid": 11, "msrc_v2": 21, "weizmann_horse": 2}
 
@@ -61,8 +65,6 @@ def quality_overrides(dataset: str, root: str | Path, run_root: str | Path, name
 
 
 def quality_config(dataset: str, root: str | Path, run_root: str | Path, name: str, weights: str, **over: str):
-    from transfgu.config import load_config
-
     ov = quality_overrides(dataset, root, run_root, name, weights, **over)
     return load_config(None, [f"{k}={v}" for k, v in ov.items()])
 
@@ -120,8 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from transfgu.pipeline import run_pipeline
-
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
     results: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = quality_config(name, root, out, f"{name}_{prior}", weights)
             t0 = time.time()
             run_pipeline(cfg)
-            m = json.loads((cfg.run_dir / "eval" / "metrics.json").read_text())
+            m = json.loads(RunLayout(cfg.run_dir).metrics.read_text())
             results[name][prior] = stage_numbers(m)
             print(f"{name} {prior}: {time.time() - t0:.0f}s {results[name][prior]}", flush=True)
     (out / "quality_table.json").write_text(json.dumps(results, indent=2))

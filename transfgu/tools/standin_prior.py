@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfgu.data.datasets import dataset_spec, list_records, load_sample
 from transfgu.models.backbone import PRIOR_METADATA_KEY, PRIOR_STANDIN, _create_vit, normalize
-from transfgu.store import fix_mode
+from transfgu.store.atomic import fix_mode
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ def load_split(dataset: str, root: str | Path, split: str, size: tuple[int, int]
 
     Returns ``(images, labels, n_classes, n_skipped)``; images without a readable label are skipped.
     """
-    from transfgu.data.datasets import dataset_spec, list_records, load_sample
-
     spec = dataset_spec(dataset, root, **options)
     records = list(list_records(dataset, root, split, **options))
     if max_images:

@@ -1,4 +1,4 @@
-"""On-disk contracts of a pipeline run (DESIGN.md §3): Parquet tables, atomic writes and the run manifest.
+"""The Parquet formats of a pipeline run (DESIGN.md §3): the crop features and the label bank.
 
 Every file is readable with plain ``pyarrow.parquet`` or ``json``; nothing is pickled.
 
@@ -28,178 +28,29 @@ the kept-bonus positions as float32 reconstructs the float32 maps **bit for bit*
 every argmax and gate decision of the definition survives storage, for a fraction of the reference's float32
 pickles (BENCHMARKS.md, "Label bank format"). The previous format (``transfgu.label_bank/1``, dense float16) kept
 only 9-43 % of the argmax decisions; it is still read (as float32, with a warning) so old runs stay inspectable.
-
-Files are written to a hidden temporary name in the target directory, fsync'ed and renamed with
-``os.replace``, so a reader (or a resumed stage) sees either the old complete file or the new complete file,
-never a torn one. Readers of a directory ignore names starting with ``.`` or ``_`` (the same rule as
-``pyarrow.dataset``).
-
-The run manifest ``<run>/_manifest.json`` records per stage its status, row counts, the hash of its inputs,
-outputs, timestamps and free-form extras. It is meant to have a single writer (the driver process); every
-update re-reads the file and rewrites it atomically.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import hashlib
-import json
 import logging
-import math
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-__all__ = [
-    "FEATURES_FORMAT",
-    "LABEL_BANK_FORMAT",
-    "LABEL_BANK_SCHEMA",
-    "LabelMaps",
-    "Manifest",
-    "atomic_open",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "config_hash",
-    "features_schema",
-    "features_table",
-    "iter_feature_shards",
-    "label_bank_table",
-    "list_parquet_files",
-    "read_features",
-    "read_label_bank",
-    "write_parquet_atomic",
-]
+from transfgu.store.atomic import PathLike, atomic_open
 
-PathLike = str | os.PathLike
 _log = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "transfgu.features/1"
 LABEL_BANK_FORMAT = "transfgu.label_bank/2"
 LABEL_BANK_FORMAT_V1 = "transfgu.label_bank/1"
 FEATURE_META_COLUMNS = ("image_id", "split", "crop_index", "scale", "box", "pool")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Atomic writes
-# ----------------------------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which would give
-    files created meanwhile by other threads the wrong mode)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # no /proc (not Linux): read it by setting it, at once restored
-    os.umask(mask)
-    return mask
-
-
-def umask_mode(directory: bool = False) -> int:
-    """The mode a plain ``open()`` (``mkdir``) would give a new file (directory): 0666 (0777) less the umask."""
-    return (0o777 if directory else 0o666) & ~current_umask()
-
-
-def fix_mode(path: PathLike) -> None:
-    """Give ``path`` the umask's mode: safetensors (like ``mkstemp``) creates its files 0600 whatever the umask."""
-    os.chmod(path, umask_mode())
-
-
-@contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on clean exit fsync it and rename it to ``path``.
-
-    If the block raises, the temporary file is removed and ``path`` is untouched (absent, or its old content).
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    tmp = Path(tmp_name)
-    try:
-        # mkstemp creates 0600; the file must get the mode any other file of the run gets (readable by the group
-        # or others under umask 022: a run directory on shared storage, an MLflow server running as another user)
-        os.fchmod(fd, umask_mode())
-        with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(final.parent)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
-    with atomic_open(path, "w", encoding=encoding) as f:
-        f.write(text)
-
-
-def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
-    """Strict JSON: a non-finite float is written as ``null`` (bare ``NaN``/``Infinity`` are not JSON and most
-    parsers reject them); callers that want the reason recorded use ``integrity.write_json_strict``."""
-    text = json.dumps(strict_jsonable(obj), indent=indent, default=_json_default, allow_nan=False)
-    atomic_write_text(path, text + "\n")
-
-
-def strict_jsonable(obj: Any, path: str = "", reasons: dict[str, str] | None = None) -> Any:
-    """``obj`` with every non-finite float (numpy scalars included) replaced by ``None``; the JSON path of each
-    replaced value goes to ``reasons`` when given."""
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        if reasons is not None:
-            reasons[path or "$"] = f"not finite ({obj})"
-        return None
-    if isinstance(obj, Mapping):
-        return {k: strict_jsonable(v, f"{path}.{k}" if path else str(k), reasons) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_jsonable(v, f"{path}[{i}]", reasons) for i, v in enumerate(obj)]
-    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
-        return strict_jsonable(obj.tolist(), path, reasons)
-    return obj
-
-
-def read_json_strict(path: PathLike) -> Any:
-    """``json.loads`` of a file that refuses bare ``NaN``/``Infinity`` (not JSON), naming the file."""
-
-    def refuse(token: str) -> Any:
-        raise ValueError(f"{path}: non-finite number {token} (not valid JSON)")
-
-    return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=refuse)
-
 
 #: zstd levels, chosen by measurement (``python -m bench.storage``; BENCHMARKS.md §8, "zstd level"): the smallest
 #: file whose write on one thread keeps up with the H200 rate of the stage's model. The label bank: level 1 (the
@@ -233,26 +84,6 @@ def write_parquet_atomic(table: pa.Table, path: PathLike, compression: str = "zs
     :func:`parquet_options` (the label bank's encodings, the measured zstd level)."""
     with atomic_open(path, "wb") as f:
         pq.write_table(table, f, **parquet_options(table, compression, **kwargs))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
-def config_hash(obj: Mapping[str, Any]) -> str:
-    """sha256 hex digest of the canonical JSON of ``obj`` (sorted keys, no whitespace, UTF-8)."""
-    text = json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,119 +398,6 @@ def read_label_bank(
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run manifest
-# ----------------------------------------------------------------------------------------------------------
-STATUSES = ("running", "done", "failed")
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class Manifest:
-    """``<run>/_manifest.json``: per-stage status, row counts, input hash, outputs, timestamps and extras.
-
-    A stage is skipped on resume when ``is_done(stage, input_hash)``: it finished and was computed from the
-    same inputs. Every ``mark_*`` call re-reads the file (so sequential writers from different processes do
-    not drop each other's stages) and rewrites it atomically.
-    """
-
-    FILE = "_manifest.json"
-
-    def __init__(self, run_dir: PathLike, stages: dict[str, dict[str, Any]] | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.stages: dict[str, dict[str, Any]] = dict(stages or {})
-
-    @property
-    def path(self) -> Path:
-        return self.run_dir / self.FILE
-
-    @classmethod
-    def load(cls, run_dir: PathLike) -> Manifest:
-        """The run's manifest, or an empty one when the file does not exist yet."""
-        path = Path(run_dir) / cls.FILE
-        if not path.exists():
-            return cls(run_dir)
-        from transfgu.schemas import ManifestFile, read_json
-
-        data = read_json(path, ManifestFile)
-        return cls(run_dir, data.get("stages", {}))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": "transfgu.manifest/1", "updated_at": _now(), "stages": self.stages}
-
-    def save(self) -> None:
-        atomic_write_json(self.path, self.to_dict())
-
-    def stage(self, name: str) -> dict[str, Any] | None:
-        return self.stages.get(name)
-
-    def _refresh(self) -> None:
-        # Merge what other processes wrote meanwhile; the file wins for stages present in both.
-        if self.path.exists():
-            self.stages = {**self.stages, **Manifest.load(self.run_dir).stages}
-
-    def _update(self, name: str, status: str, **fields: Any) -> dict[str, Any]:
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-        rec = dict(self.stages.get(name, {}))
-        rec["status"] = status
-        rec.update(fields)
-        self.stages[name] = rec
-        self.save()
-        return rec
-
-    def mark_running(self, stage: str, input_hash: str | None = None, **info: Any) -> dict[str, Any]:
-        self._refresh()
-        prev = self.stages.get(stage, {})
-        return self._update(
-            stage,
-            "running",
-            input_hash=input_hash,
-            started_at=_now(),
-            finished_at=None,
-            error=None,
-            extra={**prev.get("extra", {}), **info},
-        )
-
-    def mark_done(
-        self,
-        stage: str,
-        rows: int | Mapping[str, int] | None = None,
-        input_hash: str | None = None,
-        outputs: Sequence[str] | None = None,
-        **info: Any,
-    ) -> dict[str, Any]:
-        """Record a finished stage; ``rows`` is a count or ``{output: count}``, ``info`` goes to ``extra``."""
-        self._refresh()
-        prev = self.stages.get(stage, {})
-        return self._update(
-            stage,
-            "done",
-            rows=dict(rows) if isinstance(rows, Mapping) else rows,
-            input_hash=input_hash if input_hash is not None else prev.get("input_hash"),
-            outputs=[str(o) for o in outputs] if outputs is not None else prev.get("outputs", []),
-            started_at=prev.get("started_at"),
-            finished_at=_now(),
-            error=None,
-            extra={**prev.get("extra", {}), **info},
-        )
-
-    def mark_failed(self, stage: str, error: str, **info: Any) -> dict[str, Any]:
-        self._refresh()
-        prev = self.stages.get(stage, {})
-        return self._update(
-            stage, "failed", error=str(error), finished_at=_now(), extra={**prev.get("extra", {}), **info}
-        )
-
-    def is_done(self, stage: str, input_hash: str | None = None) -> bool:
-        """True when ``stage`` finished and, if ``input_hash`` is given, was computed from those inputs."""
-        rec = self.stages.get(stage)
-        if rec is None or rec.get("status") != "done":
-            return False
-        return input_hash is None or rec.get("input_hash") == input_hash
-
 
 def label_bank_image_ids(path_or_dir: PathLike) -> set[str]:
     """The image ids a label bank holds, without reading its maps."""
@@ -693,7 +411,3 @@ def parquet_rows(path_or_dir: PathLike) -> int:
     """Rows of a Parquet file or a directory of shards, from the footers alone."""
     return int(sum(pq.ParquetFile(p).metadata.num_rows for p in list_parquet_files(path_or_dir)))
 
-
-def to_jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON data: numpy/torch scalars become Python numbers, anything else unknown a string."""
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
