@@ -84,9 +84,11 @@ def _validate_lenient(data: dict[str, Any]):
     """Validate a config dict, dropping keys this version no longer knows (a report of an older run must work)."""
     from pydantic import ValidationError
 
-    from transfgu.config import Config
+    from transfgu.config import Config, drop_foreign_sections
 
     data = json.loads(json.dumps(data, default=str))
+    if isinstance(data, dict):  # a config.yaml of an older version holds every method's sections
+        data, _ = drop_foreign_sections(data)
     for _ in range(50):
         try:
             return Config.model_validate(data)
