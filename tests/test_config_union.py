@@ -133,7 +133,7 @@ def test_a_run_directory_config_of_an_older_version_is_read_back(tmp_path):
               "finetune": {"epochs": 50}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(legacy))
-    with pytest.raises(ConfigError, match="`protocol` is a TransFGU setting"):
+    with pytest.raises(ConfigError, match=r"config.yaml: `\w+` is a TransFGU (section|setting)"):
         load_config(path)
     assert load_config(path, drop_other_methods=True) == cfg
     assert _validate_lenient(legacy) == cfg

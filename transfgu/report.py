@@ -84,14 +84,16 @@ def _validate_lenient(data: dict[str, Any]):
     """Validate a config dict, dropping keys this version no longer knows (a report of an older run must work)."""
     from pydantic import ValidationError
 
-    from transfgu.config import Config, drop_foreign_sections
+    from transfgu.config import DEFAULT_METHOD, config_class, drop_foreign_sections
 
     data = json.loads(json.dumps(data, default=str))
-    if isinstance(data, dict):  # a config.yaml of an older version holds every method's sections
-        data, _ = drop_foreign_sections(data)
+    if not isinstance(data, dict):
+        raise TypeError(f"a configuration is a mapping, not {type(data).__name__}")
+    data, _ = drop_foreign_sections(data)  # a config.yaml of an older version holds every method's sections
+    cls = config_class(data.get("method", DEFAULT_METHOD))  # its class: error locations without the union's tag
     for _ in range(50):
         try:
-            return Config.model_validate(data)
+            return cls.model_validate(data)
         except ValidationError as exc:
             extra = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
             if not extra:
@@ -102,7 +104,7 @@ def _validate_lenient(data: dict[str, Any]):
                     node = node[key]
                 node.pop(loc[-1], None)
                 log.warning("report: ignoring config key %s unknown to this version", ".".join(map(str, loc)))
-    return Config.model_validate(data)
+    return cls.model_validate(data)
 
 
 def _load_config(run_dir: Path, meta: dict[str, Any] | None):
