@@ -197,3 +197,16 @@ def test_stage_hashes_of_the_presets_are_unchanged(preset):
         up = _sha({**({"up": up} if up is not None else {}), **stage.inputs(full)})
         chained[stage.name] = up
     assert chained == h
+
+
+def test_the_command_line_refuses_a_key_of_another_method_in_one_line(tmp_path, capsys):
+    from transfgu.cli import run_main
+
+    root = tmp_path / "runs"
+    assert run_main(["--config", str(CONF / "tiny.yaml"), f"run.root={root}", "leopart.k_cbfe=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "override 'leopart.k_cbfe=3': `leopart` is a Leopart section" in err
+    assert run_main(["--config", str(CONF / "leopart_msrc.yaml"), f"run.root={root}", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`train` is a TransFGU section" in err and "method leopart reads" in err
+    assert not root.exists()
