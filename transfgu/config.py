@@ -572,7 +572,7 @@ class Config(_Base):
     title: ClassVar[str] = "shared"
 
     @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Config:  # type: ignore[override]
         """On :class:`Config` itself: the configuration of ``obj``'s method (validated as :data:`AnyConfig`)."""
         if cls is Config:
             return _ANY_CONFIG.validate_python(obj, **kwargs)
