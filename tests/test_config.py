@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from transfgu.config import Config, ConfigError, load_config
+from transfgu.config import METHOD_CONFIGS, ConfigError, TransfguMethodConfig, load_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -14,7 +14,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONF.glob("*.yaml")))
 def test_every_preset_validates(preset):
     cfg = load_config(CONF / preset)
-    assert cfg.concepts.k >= 1
+    assert type(cfg) is METHOD_CONFIGS[cfg.method]
+    assert cfg.method != "transfgu" or cfg.concepts.k >= 1
 
 
 def test_paper_presets_carry_the_paper_settings():
@@ -75,4 +76,5 @@ def test_yaml_round_trip_and_flat_view(tmp_path):
     assert load_config(path) == cfg
     flat = cfg.flat()
     assert flat["train.lr"] == cfg.train.lr and flat["concepts.k_per_pool.all"] == 19
-    assert Config().train.w_unc == 0.3 and Config().train.w_div == 1.0  # eq. 16 weights of the reference
+    default = TransfguMethodConfig()
+    assert default.train.w_unc == 0.3 and default.train.w_div == 1.0  # eq. 16 weights of the reference

@@ -42,6 +42,44 @@ def test_the_core_imports_no_method_and_never_branches_on_it(module):
     assert ".method ==" not in path.read_text(encoding="utf-8")
 
 
+def _method_comparisons(path: Path) -> list[str]:
+    """Comparisons of a method's name with anything named ``method`` (``cfg.method == "leopart"``, ``self.method !=
+    'transfgu'``, ``method in ("leopart", ...)``, ``"leopart" == m.method``...)."""
+    def named_method(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and "method" in node.id) or \
+            (isinstance(node, ast.Attribute) and "method" in node.attr)
+
+    def names(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [x for e in node.elts for x in names(e)]
+        return []
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(map(named_method, operands)) and [n for o in operands for n in names(o) if n in REGISTRY]:
+                out.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+@pytest.mark.parametrize("module", (*CORE, "config"))
+def test_the_core_compares_no_method_name(module):
+    assert _method_comparisons(PKG / f"{module}.py") == []
+
+
+def test_the_method_comparison_check_catches_each_form(tmp_path):
+    forms = ['cfg.method == "leopart"', "self.method != 'transfgu'", 'method == "leopart_finetune"',
+             '"leopart" == c.method', 'cfg.method in ("leopart", "x")']
+    for form in forms:
+        (tmp_path / "m.py").write_text(f"x = {form}\n")
+        assert _method_comparisons(tmp_path / "m.py"), form
+    (tmp_path / "m.py").write_text('x = cfg.method == other\ny = name == "leopart"\n')
+    assert _method_comparisons(tmp_path / "m.py") == []
+
+
 def test_no_untyped_context_executor_or_loader_in_the_package():
     offenders = [f"{p.relative_to(PKG)}: {a.arg}" for p in PKG.rglob("*.py")
                  for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))

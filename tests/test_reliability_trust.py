@@ -48,7 +48,8 @@ def test_unknown_stage_names_are_refused_with_the_valid_ones(tmp_path: Path, fla
     assert len(err.strip().splitlines()) == 1
     assert not root.exists()
     # the valid names are the run's method's: Leopart has no "extract"
-    assert run_main(_tiny_args(root, "method=leopart", flag, "extract")) == 2
+    leopart = ["--config", str(REPO / "conf" / "leopart_msrc.yaml"), f"run.root={root}"]
+    assert run_main([*leopart, flag, "extract"]) == 2
     assert "dense" in capsys.readouterr().err and not root.exists()
 
 

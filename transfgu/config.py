@@ -11,10 +11,20 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from transfgu.models.source import BackboneSource, parse_source
 from transfgu.paths import check_name
@@ -537,32 +547,112 @@ def paper_protocol(data_name: str) -> dict[str, Any]:
     return out
 
 
+#: The method of a configuration that names none (every TransFGU preset).
+DEFAULT_METHOD = "transfgu"
+
+
 class Config(_Base):
-    """The whole resolved configuration of one pipeline run.
+    """The sections every method reads. A run's configuration is one of the subclasses, chosen by ``method``.
+
+    The configuration is a union discriminated on ``method`` (:data:`AnyConfig`): :class:`TransfguMethodConfig`,
+    :class:`LeopartMethodConfig` or :class:`LeopartFinetuneMethodConfig`, each the shared sections here plus its own
+    method's. A Leopart run has no ``train`` section and a TransFGU run no ``leopart`` one, so ``config.yaml``, the
+    MLflow params and the report show the run's method only, and a section of another method is refused with one line
+    naming it (:func:`foreign_key_message`). :func:`load_config` and ``Config.model_validate`` return the subclass.
+    """
+
+    method: str = Field(DEFAULT_METHOD, description="transfgu = the TransFGU stages; leopart = Leopart CBFE + "
+                        "community detection; leopart_finetune = Leopart's dense fine-tuning of the backbone")
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    #: The method as the papers name it, for messages.
+    title: ClassVar[str] = "shared"
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Config:  # type: ignore[override]
+        """On :class:`Config` itself: the configuration of ``obj``'s method (validated as :data:`AnyConfig`)."""
+        if cls is Config:
+            return _ANY_CONFIG.validate_python(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_sections_only(cls, data: Any) -> Any:
+        if cls is Config:
+            raise ValueError("Config holds only the shared sections: build a run's configuration with load_config or "
+                             "Config.model_validate (the class of its method)")
+        if isinstance(data, dict):
+            for key in data:
+                msg = foreign_key_message(cls, str(key))
+                if msg:
+                    raise ValueError(msg)
+        return data
+
+    @model_validator(mode="after")
+    def _paper_backbone(self) -> Config:
+        """Both papers used DINO v1 ViTs: a paper protocol on another backbone is allowed, and said."""
+        from transfgu.models.backbone import PAPER_ARCHS, TEST_ARCHS
+
+        arch = self.backbone.arch
+        if self.follows_paper and arch not in PAPER_ARCHS + TEST_ARCHS:
+            logging.getLogger("transfgu").warning(
+                "protocol=paper reproduces the papers, which used DINO v1 backbones (%s); backbone.arch=%s is not "
+                "one of them, so the numbers are not comparable with the papers'", ", ".join(PAPER_ARCHS), arch)
+        return self
+
+    @property
+    def follows_paper(self) -> bool:
+        """The run reproduces its paper's protocol (each method's config says what that means for it)."""
+        return False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.root / self.run.name
+
+    def method_dump(self) -> dict[str, Any]:
+        """The config as plain data: the shared sections and the run's method's (what ``config.yaml``, the MLflow
+        params and the report show). Reading it back gives the same config."""
+        return json.loads(self.model_dump_json())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.method_dump(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (MLflow params, Tune spaces)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict) and obj:
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.method_dump())
+        return out
+
+
+class TransfguMethodConfig(Config):
+    """A TransFGU run (``method: transfgu``, the default): crops, concepts, pseudo labels, training, evaluation.
 
     ``protocol: paper`` sets every reference behaviour of :func:`paper_protocol` at once (docs/fidelity.md); a key
     that the configuration sets explicitly to another value is an error, so a run never mixes the two silently.
     """
 
+    title: ClassVar[str] = "TransFGU"
+    method: Literal["transfgu"] = Field("transfgu", description="the TransFGU stages")
     protocol: Literal["default", "paper"] = Field(
         "default", description="paper = the authors' behaviour everywhere (see docs/fidelity.md), default = fixes on"
     )
-    data: DataConfig = Field(default_factory=DataConfig)
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     crops: CropConfig = Field(default_factory=CropConfig)
     concepts: ConceptConfig = Field(default_factory=ConceptConfig)
     pseudo: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    method: Literal["transfgu", "leopart", "leopart_finetune"] = Field(
-        "transfgu", description="transfgu = the TransFGU stages; leopart = Leopart CBFE + community detection; "
-        "leopart_finetune = Leopart's dense fine-tuning of the backbone"
-    )
-    leopart: LeopartConfig = Field(default_factory=LeopartConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -585,7 +675,7 @@ class Config(_Base):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> Config:
+    def _consistent(self) -> TransfguMethodConfig:
         pools = set(self.concepts.k_per_pool)
         sel = self.crops.selection
         allowed = {"fg_bg": {"fg", "bg"}, "fg": {"fg"}, "all": {"all"}}[sel]
@@ -598,46 +688,89 @@ class Config(_Base):
             )
         return self
 
-    @model_validator(mode="after")
-    def _paper_backbone(self) -> Config:
-        """Both papers used DINO v1 ViTs: a paper protocol on another backbone is allowed, and said."""
-        from transfgu.models.backbone import PAPER_ARCHS, TEST_ARCHS
+    @property
+    def follows_paper(self) -> bool:
+        return self.protocol == "paper"
 
-        arch = self.backbone.arch
-        paper = self.protocol == "paper" or (self.method == "leopart" and self.leopart.protocol == "paper")
-        if paper and arch not in PAPER_ARCHS + TEST_ARCHS:
-            logging.getLogger("transfgu").warning(
-                "protocol=paper reproduces the papers, which used DINO v1 backbones (%s); backbone.arch=%s is not "
-                "one of them, so the numbers are not comparable with the papers'", ", ".join(PAPER_ARCHS), arch)
-        return self
+
+class LeopartMethodConfig(Config):
+    """A Leopart run (``method: leopart``): CBFE + community detection, every setting in ``leopart``."""
+
+    title: ClassVar[str] = "Leopart"
+    method: Literal["leopart"] = Field("leopart", description="Leopart CBFE + community detection")
+    leopart: LeopartConfig = Field(default_factory=LeopartConfig)
 
     @property
-    def run_dir(self) -> Path:
-        return self.run.root / self.run.name
+    def follows_paper(self) -> bool:
+        return self.leopart.protocol == "paper"
 
-    def method_dump(self) -> dict[str, Any]:
-        """The config as plain data without the sections of the other methods (:data:`METHOD_SECTIONS`): what a run
-        shows (``config.yaml``, MLflow params, the report). Reading it back gives the same config: the sections
-        left out are only read by the other methods."""
-        other = {s for m, secs in METHOD_SECTIONS.items() if m != self.method for s in secs}
-        return {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in other}
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.method_dump(), sort_keys=False)
+class LeopartFinetuneMethodConfig(Config):
+    """A Leopart dense fine-tuning run (``method: leopart_finetune``): every setting in ``finetune``."""
 
-    def flat(self) -> dict[str, Any]:
-        """Dotted-key view (MLflow params, Tune spaces)."""
-        out: dict[str, Any] = {}
+    title: ClassVar[str] = "Leopart fine-tuning"
+    method: Literal["leopart_finetune"] = Field("leopart_finetune",
+                                                description="Leopart's dense fine-tuning of the backbone")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
-        def walk(prefix: str, obj: Any) -> None:
-            if isinstance(obj, dict) and obj:
-                for k, v in obj.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
-            else:
-                out[prefix] = obj
 
-        walk("", self.method_dump())
-        return out
+#: ``method`` -> its configuration class (the methods themselves are in :mod:`transfgu.methods`; each ``Method``
+#: names its class here).
+METHOD_CONFIGS: dict[str, type[Config]] = {
+    c.model_fields["method"].default: c
+    for c in (TransfguMethodConfig, LeopartMethodConfig, LeopartFinetuneMethodConfig)
+}
+
+#: The config keys only one method reads (the others, :class:`Config`'s fields, are shared).
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    name: tuple(k for k in cls.model_fields if k not in Config.model_fields) for name, cls in METHOD_CONFIGS.items()
+}
+
+
+def _method_tag(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("method", DEFAULT_METHOD)
+    return getattr(value, "method", None)
+
+
+#: A run's configuration: the union of the method configurations, discriminated on ``method`` (default transfgu).
+AnyConfig = Annotated[
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in METHOD_CONFIGS.items())],  # noqa: UP007
+    Discriminator(_method_tag),
+]
+_ANY_CONFIG: TypeAdapter[Config] = TypeAdapter(AnyConfig)
+
+
+def config_class(method: Any) -> type[Config]:
+    """The configuration class of ``method``; a :class:`ConfigError` naming the known methods otherwise."""
+    if not isinstance(method, str) or method not in METHOD_CONFIGS:
+        raise ConfigError(f"method: unknown method {method!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}")
+    return METHOD_CONFIGS[method]
+
+
+def foreign_key_message(cls: type[Config], key: str) -> str | None:
+    """One line saying that top-level ``key`` belongs to another method than ``cls``'s (None if it does not)."""
+    if key in cls.model_fields:
+        return None
+    for name, other in METHOD_CONFIGS.items():
+        if other is not cls and key in other.model_fields:
+            ann = other.model_fields[key].annotation
+            kind = "section" if isinstance(ann, type) and issubclass(ann, BaseModel) else "setting"
+            mine = cls.model_fields["method"].default
+            return (f"`{key}` is a {other.title} {kind} (method {name}); method {mine} reads "
+                    f"{', '.join(k for k in cls.model_fields if k != 'method')}: remove `{key}` or set method: {name}")
+    return None
+
+
+def drop_foreign_sections(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` without the top-level keys of other methods than its own, and those keys: a ``config.yaml`` written
+    by an older version holds every method's sections (reading a run directory back; a config given to a run is
+    refused instead)."""
+    cls = METHOD_CONFIGS.get(str(data.get("method", DEFAULT_METHOD)))
+    if cls is None:
+        return data, []
+    dropped = [k for k in data if foreign_key_message(cls, str(k))]
+    return {k: v for k, v in data.items() if k not in dropped}, dropped
 
 
 class ConfigError(ValueError):
@@ -727,16 +860,29 @@ def _parse_value(text: str, key: str = "value") -> Any:
         return text
 
 
+def _method_of(data: dict[str, Any], overrides: Sequence[str]) -> str:
+    """The method the configuration ends up with: the last ``method=`` override, else the file's, else the default."""
+    method = data.get("method", DEFAULT_METHOD)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if sep and key.strip() == "method":
+            method = _parse_value(text, key)
+    return config_class(method).model_fields["method"].default
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, checking keys against the model."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, checking keys against the model of
+    the method the configuration ends up with (a key of another method is refused, :func:`foreign_key_message`)."""
+    cls = config_class(_method_of(data, overrides))
+    base_defaults: Any = json.loads(cls().model_dump_json())
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
-        depth = _check_key(parts, key)
+        depth = _check_key(parts, key, cls, f"override {item!r}")
         node = data
-        defaults: Any = json.loads(Config().model_dump_json())
+        defaults = base_defaults
         for i, p in enumerate(parts[:-1]):
             defaults = defaults.get(p, {}) if isinstance(defaults, dict) else {}
             # Entering a free-form dict (e.g. concepts.k_per_pool): start from its default, not from empty.
@@ -748,9 +894,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def _check_key(parts: list[str], key: str) -> int:
+def _check_key(parts: list[str], key: str, cls: type[Config], source: str) -> int:
     """Check the model part of a dotted key; returns how many leading parts are model fields."""
-    model: Any = Config
+    foreign = foreign_key_message(cls, str(parts[0]))
+    if foreign:
+        raise ConfigError(f"{source}: {foreign}")
+    model: Any = cls
     for i, p in enumerate(parts):
         fields = getattr(model, "model_fields", None)
         if fields is None:
@@ -776,8 +925,12 @@ def _format_error(exc: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(parts)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Load a YAML preset (or the defaults when ``path`` is None), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                drop_other_methods: bool = False) -> Config:
+    """Load a YAML preset (or the defaults when ``path`` is None), apply overrides, validate: the configuration class
+    of its ``method`` (:data:`METHOD_CONFIGS`). A key of another method is refused with one line naming it, unless
+    ``drop_other_methods`` (reading back a run directory's ``config.yaml`` of an older version, which held every
+    method's sections)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -797,21 +950,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
         data = loaded
-        for key in data:
-            _check_key([key], key)
+        if drop_other_methods:
+            data, dropped = drop_foreign_sections(data)
+            if dropped:
+                logging.getLogger("transfgu").info("%s: sections of other methods left out: %s", p, ", ".join(dropped))
+    cls = config_class(_method_of(data, overrides))
+    for key in data:
+        _check_key([key], key, cls, str(path) if path is not None else "config")
     data = apply_overrides(data, overrides)
     try:
-        return Config.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
-
-
-#: The config sections only one method reads (the others are shared: data, backbone, run, mlflow, ray, serve, ...).
-METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
-    "transfgu": ("crops", "concepts", "pseudo", "train", "eval"),
-    "leopart": ("leopart",),
-    "leopart_finetune": ("finetune",),
-}
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -84,6 +84,9 @@ class Method:
 
     name: str
     stages: tuple[Stage, ...]
+    #: The method's configuration class (:data:`transfgu.config.METHOD_CONFIGS`): the shared sections and its own.
+    #: What "the paper's protocol" means for the method is its :attr:`~transfgu.config.Config.follows_paper`.
+    config: type[Config] = Config
     #: Preflight: ``(key, message)`` problems of the sizes the method reads, given the backbone's patch size.
     check_sizes: Callable[[Config, int], list[tuple[str, str]]] = lambda cfg, patch: []
     #: Preflight: ``(size key, batch key, pass size, batch, full-resolution output maps)`` of every backbone pass the

@@ -331,7 +331,7 @@ def write_model_card(run_dir: str | Path) -> Path | None:
     if not layout.model_json.is_file():
         return None
     meta = read_model_meta(layout.model)
-    cfg = load_config(layout.config) if layout.config.is_file() else None
+    cfg = load_config(layout.config, drop_other_methods=True) if layout.config.is_file() else None
     metrics = json.loads(layout.metrics.read_text()) if layout.metrics.is_file() else {}
     manifest = json.loads(layout.manifest.read_text()) if layout.manifest.is_file() else {}
     stages = manifest.get("stages", {})

@@ -36,7 +36,7 @@ import numpy as np
 from transfgu import viz
 from transfgu.cli_args import report_parser
 from transfgu.concepts import ConceptBank
-from transfgu.config import METHOD_SECTIONS, Config
+from transfgu.config import DEFAULT_METHOD, METHOD_SECTIONS, config_class, drop_foreign_sections
 from transfgu.data.datasets import dataset_spec, list_records, load_sample
 from transfgu.data.io import load_rgb, resize_image, resize_label
 from transfgu.integrity import REPORT_MARKER, report_files, require_run_dir
@@ -99,9 +99,13 @@ def _validate_lenient(data: dict[str, Any]):
     from pydantic import ValidationError
 
     data = json.loads(json.dumps(data, default=str))
+    if not isinstance(data, dict):
+        raise TypeError(f"a configuration is a mapping, not {type(data).__name__}")
+    data, _ = drop_foreign_sections(data)  # a config.yaml of an older version holds every method's sections
+    cls = config_class(data.get("method", DEFAULT_METHOD))  # its class: error locations without the union's tag
     for _ in range(50):
         try:
-            return Config.model_validate(data)
+            return cls.model_validate(data)
         except ValidationError as exc:
             extra = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
             if not extra:
@@ -112,7 +116,7 @@ def _validate_lenient(data: dict[str, Any]):
                     node = node[key]
                 node.pop(loc[-1], None)
                 log.warning("report: ignoring config key %s unknown to this version", ".".join(map(str, loc)))
-    return Config.model_validate(data)
+    return cls.model_validate(data)
 
 
 def _load_config(run_dir: Path, meta: dict[str, Any] | None):

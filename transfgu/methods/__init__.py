@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import cache
 from importlib import import_module
 
-from transfgu.config import Config
+from transfgu.config import METHOD_CONFIGS, Config
 from transfgu.context import RunContext
 from transfgu.method import Method
 
@@ -31,6 +31,9 @@ def get_method(name: str) -> Method:
     method = import_module(REGISTRY[name]).METHOD
     if not isinstance(method, Method) or method.name != name:
         raise TypeError(f"{REGISTRY[name]}.METHOD is not the Method {name!r}")
+    if METHOD_CONFIGS.get(name) is not method.config:
+        raise TypeError(f"{REGISTRY[name]}.METHOD.config is not the configuration class of method {name!r} "
+                        "(transfgu.config.METHOD_CONFIGS)")
     return method
 
 

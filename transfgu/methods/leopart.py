@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transfgu.config import Config
+from transfgu.config import Config, LeopartMethodConfig
 from transfgu.integrity import Output
 from transfgu.leopart import pipeline as lp
 from transfgu.leopart import report as lrep
@@ -96,6 +96,7 @@ def report_sections(builders: list[tuple[str, Callable[[], Any]]], run_dir: Path
 
 METHOD = Method(
     name="leopart",
+    config=LeopartMethodConfig,
     stages=(
         Stage("dense", lp.run_dense, outputs=(Output("dense", "shards"),),
               inputs=_dense_inputs),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transfgu.config import Config
+from transfgu.config import Config, LeopartFinetuneMethodConfig
 from transfgu.distributed import finetune_stage as ray_finetune
 from transfgu.leopart import finetune_stage as ftt
 from transfgu.method import Method, Stage
@@ -41,6 +41,7 @@ def memory_passes(cfg: Config) -> list[tuple[str, str, tuple[int, int], int, int
 
 METHOD = Method(
     name="leopart_finetune",
+    config=LeopartFinetuneMethodConfig,
     stages=(
         Stage("finetune", lambda ctx, ex: ftt.run_finetune(ctx),
               on={"ray": lambda ctx, ex: ray_finetune.run_finetune_ray(ctx)}, inputs=_inputs, epochs=True),

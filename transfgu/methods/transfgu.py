@@ -11,7 +11,7 @@ import html
 from typing import Any
 
 from transfgu import local, stages
-from transfgu.config import Config
+from transfgu.config import Config, TransfguMethodConfig
 from transfgu.context import RunContext
 from transfgu.crops import window_layout
 from transfgu.data.datasets import SUBSET_OPTIONS
@@ -109,6 +109,7 @@ def check_concepts_fit(cfg: Config, n_train: int, p: int) -> list[tuple[str, str
 
 METHOD = Method(
     name="transfgu",
+    config=TransfguMethodConfig,
     stages=(
         Stage("extract", _run_extract, outputs=(Output("features", "shards"),),
               inputs=lambda d: {"data": _data(d), "backbone": d["backbone"], "crops": d["crops"],
