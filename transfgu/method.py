@@ -84,6 +84,8 @@ class Method:
 
     name: str
     stages: tuple[Stage, ...]
+    #: The method's name as its paper writes it (the report's title); ``name`` when empty.
+    title: str = ""
     #: Preflight: ``(key, message)`` problems of the sizes the method reads, given the backbone's patch size.
     check_sizes: Callable[[Config, int], list[tuple[str, str]]] = lambda cfg, patch: []
     #: Preflight: ``(size key, batch key, pass size, batch, full-resolution output maps)`` of every backbone pass the
@@ -98,6 +100,10 @@ class Method:
     report_sections: Callable[..., list[tuple[str, Callable[[], Any]]]] = lambda builders, *_: builders
     #: The MLflow pyfunc wraps this method's ``model/`` (TransFGU's decoder).
     mlflow_model: bool = False
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.name
 
     @property
     def stage_names(self) -> tuple[str, ...]:

@@ -109,6 +109,7 @@ def check_concepts_fit(cfg: Config, n_train: int, p: int) -> list[tuple[str, str
 
 METHOD = Method(
     name="transfgu",
+    title="TransFGU",
     stages=(
         Stage("extract", run_extract, outputs=(Output("features", "shards"),),
               inputs=lambda d: {"data": _data(d), "backbone": d["backbone"], "crops": d["crops"],
