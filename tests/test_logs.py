@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from transfgu.logs import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +111,87 @@ def test_prediction_cli_shows_progress_not_a_line_per_batch(tiny_run_dir, camvid
     assert 1 <= len(status) <= 2 and "3/3" in status[-1], r.stderr  # first and last (and one per 10 s)
     assert all(OUR_LINE.match(ln) for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:"))
     assert json.loads((tmp_path / "out" / "predict.json").read_text())["n_images"] == 3
+
+
+def test_the_ray_stage_status_line_keeps_coming_while_no_result_does(caplog):
+    import time
+
+    caplog.set_level("INFO", logger="transfgu")
+    with Progress("extract", 6, stream=io.StringIO(), min_interval_s=0.2, heartbeat=True) as prog:
+        time.sleep(0.75)  # one shard still running: nothing comes back, the job log still hears from the stage
+        prog.update(6)
+    lines = [r.getMessage() for r in caplog.records if "[extract]" in r.getMessage()]
+    assert len(lines) >= 3 and all("0/6" in ln for ln in lines[:-1]) and "6/6" in lines[-1], lines
+
+
+# -- a real Ray run of a per-image stage (its own process: Ray's core logs some lines once per process) -------------
+#: Ray's C++ core logs ``[2026-01-01 12:00:00,000 E 123 123] core_worker.cc:...`` at ERROR level.
+RAY_CORE_ERROR = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]")
+#: Ray Data's progress bar (tqdm): "Running Dataset: ...", "... row/s]", "100%|...|".
+RAY_DATA_BAR = re.compile(r"Running Dataset|row/s\]|\d%\|")
+
+
+def _ray_extract_argv(camvid: Path, tmp_path: Path) -> list[str]:
+    return [sys.executable, "-m", "transfgu.cli", "run", "--ray", "--config", str(REPO / "conf" / "tiny.yaml"),
+            "--only", "extract", f"data.root={camvid}", f"run.root={tmp_path / 'runs'}", "ray.num_cpus=2"]
+
+
+def _no_error_line(text: str) -> None:
+    errors = [ln for ln in text.splitlines() if RAY_CORE_ERROR.match(ln.strip()) or " ERROR " in ln]
+    assert not errors, "a healthy run printed ERROR lines:\n" + "\n".join(errors)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_healthy_ray_run_in_a_job_log_prints_no_error_no_bar_and_status_lines(camvid, tmp_path):
+    r = subprocess.run(_ray_extract_argv(camvid, tmp_path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    _no_error_line(text)  # e.g. Ray core's "constructor arguments in the object store and max_restarts > 0"
+    assert not RAY_DATA_BAR.search(text), text  # no bar redraws in a log file
+    assert "Progress bars disabled" not in text
+    assert re.search(r"INFO transfgu: \[extract\] 6/6 \(100\.0%\)", text), text  # the stage's status line
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_ray_run_on_a_terminal_shows_ray_datas_progress_bar(camvid, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    # A terminal of 40 rows x 120 columns: tqdm draws nothing on a terminal of width 0 (a bare pty's size).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(_ray_extract_argv(camvid, tmp_path), stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+                            env={k: v for k, v in os.environ.items() if k != "TRANSFGU_NO_BAR"})
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read while it runs: a full pty buffer would block the run
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end has exited
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=900)
+    finally:
+        proc.kill()
+        reader.join(timeout=30)
+        os.close(master)
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r", "\n")
+    assert rc == 0, text[-3000:]
+    assert RAY_DATA_BAR.search(text), text  # Ray Data's own bar
+    _no_error_line(text)
+    status = [ln for ln in text.splitlines() if "INFO transfgu: [extract] " in ln and "/6 (" in ln]
+    assert len(status) == 1 and "6/6" in status[0], status  # under the bar, only the final count is logged

@@ -54,6 +54,7 @@ def test_full_report_of_a_finished_run(tiny_run_dir, tmp_path):
     assert "class='note'" not in page  # every section was drawn
     assert "vit_test_tiny" in page and "k_per_pool" in page  # the config is shown
     assert "<details>" in page and "leopart:" not in page and "finetune:" not in page  # collapsed, this method only
+    assert "<title>TransFGU report: run</title>" in page and "<h1>TransFGU run <code>run</code></h1>" in page
     for title in ("Metrics", "Predictions vs ground truth", "Configuration"):  # a table of contents
         anchor = "sec-" + re.sub(r"[^a-z0-9]", "-", title.lower()).strip("-")
         assert f"href='#{anchor}'" in page and f"id='{anchor}'" in page
@@ -88,6 +89,22 @@ def test_report_of_a_pretrained_run_says_so(tiny_run_dir, tmp_path):
     page = write_report(run, ReportOptions(n_pred_images=1, device="cpu")).read_text()
     assert "Pretrained backbone:" in page and "dino_deitsmall8_pretrain.pth" in page
     assert "RANDOM BACKBONE" not in page
+
+
+def test_report_title_names_the_runs_method(tiny_run_dir, tmp_path):
+    from transfgu.methods import REGISTRY, get_method
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run, ignore=shutil.ignore_patterns("features", "label_bank", "model", "eval"))
+    config = (run / "config.yaml").read_text()
+    assert "method: transfgu\n" in config
+    (run / "config.yaml").write_text(config.replace("method: transfgu\n", "method: leopart\n"))
+    page = write_report(run, SMALL).read_text()
+    assert "<title>Leopart report: run</title>" in page and "<h1>Leopart run <code>run</code></h1>" in page
+    assert "TransFGU" not in page.split("</h1>")[0]
+    # every registered method has a title of its own
+    titles = [get_method(m).display_name for m in REGISTRY]
+    assert len(set(titles)) == len(titles) and all(t != m for t, m in zip(titles, REGISTRY)), titles
 
 
 def test_report_reads_configs_with_keys_of_older_versions(tiny_run_dir, tmp_path):

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -160,13 +161,18 @@ class Progress:
     """
 
     def __init__(self, stage: str, total: int, unit: str = "img", stream: IO[str] | None = None,
-                 min_interval_s: float = 10.0, bar: bool | None = None) -> None:
+                 min_interval_s: float = 10.0, bar: bool | None = None, heartbeat: bool = False) -> None:
+        """``heartbeat``: without a bar, also log the status line every ``min_interval_s`` while no work comes back
+        (a Ray stage whose results arrive in a few large pieces), so a job log shows the stage is alive."""
         self.stage, self.total, self.unit = stage, int(total), unit
         self.done = 0
         self.start = time.time()
         self.min_interval_s = min_interval_s
         self._last_line = 0.0
         self._logged = -1  # the count of the last logged line
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
         stream = stream if stream is not None else sys.stderr
         if bar is None:
             bar = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TRANSFGU_NO_BAR") is None
@@ -178,6 +184,17 @@ class Progress:
                 return
             self._bar = tqdm(total=self.total, desc=f"[{stage}]", unit=unit, file=stream, leave=False,
                              dynamic_ncols=True)
+        if self._bar is None and heartbeat and math.isfinite(min_interval_s):
+            self._last_line = self.start
+            self._ticker = threading.Thread(target=self._tick, name=f"progress-{stage}", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.min_interval_s / 4):
+            with self._lock:
+                if time.time() - self._last_line >= self.min_interval_s:
+                    self._last_line = time.time()
+                    self._line()
 
     def update(self, n: int, extra: str = "") -> None:
         self.done += n
@@ -186,11 +203,12 @@ class Progress:
             if extra:
                 self._bar.set_postfix_str(extra, refresh=False)
             return
-        now = time.time()
-        if self.done < self.total and now - self._last_line < self.min_interval_s:
-            return
-        self._last_line = now
-        self._line(extra)
+        with self._lock:
+            now = time.time()
+            if self.done < self.total and now - self._last_line < self.min_interval_s:
+                return
+            self._last_line = now
+            self._line(extra)
 
     def _line(self, extra: str = "") -> None:
         self._logged = self.done
@@ -202,6 +220,10 @@ class Progress:
 
     def close(self) -> None:
         """End the bar; the final count always reaches the log (and so ``pipeline.log``)."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

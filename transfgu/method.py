@@ -87,6 +87,8 @@ class Method:
     #: The method's configuration class (:data:`transfgu.config.METHOD_CONFIGS`): the shared sections and its own.
     #: What "the paper's protocol" means for the method is its :attr:`~transfgu.config.Config.follows_paper`.
     config: type[Config] = Config
+    #: The method's name as its paper writes it (the report's title); ``name`` when empty.
+    title: str = ""
     #: Preflight: ``(key, message)`` problems of the sizes the method reads, given the backbone's patch size.
     check_sizes: Callable[[Config, int], list[tuple[str, str]]] = lambda cfg, patch: []
     #: Preflight: ``(size key, batch key, pass size, batch, full-resolution output maps)`` of every backbone pass the
@@ -101,6 +103,10 @@ class Method:
     report_sections: Callable[..., list[tuple[str, Callable[[], Any]]]] = lambda builders, *_: builders
     #: The MLflow pyfunc wraps this method's ``model/`` (TransFGU's decoder).
     mlflow_model: bool = False
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.name
 
     @property
     def stage_names(self) -> tuple[str, ...]:

@@ -731,12 +731,14 @@ def _anchor(title: str) -> str:
     return "sec-" + "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
 
 
-def _render(run_dir: Path, sections: Sequence[Section], banner: str, summary: str, links: str = "") -> str:
+def _render(run_dir: Path, sections: Sequence[Section], banner: str, summary: str, links: str = "",
+            method: str = "transfgu") -> str:
+    """The page; ``method``: the run's method as people write it (:attr:`transfgu.method.Method.display_name`)."""
     toc = "".join(f"<li><a href='#{_anchor(sec.title)}'>{html.escape(sec.title)}</a></li>" for sec in sections)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>TransFGU report: {html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>TransFGU run <code>{html.escape(run_dir.name)}</code></h1>",
+        f"<title>{html.escape(method)} report: {html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(method)} run <code>{html.escape(run_dir.name)}</code></h1>",
         f"<div class='meta'>{html.escape(str(run_dir.resolve()))} &middot; report written "
         f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</div>",
         banner,
@@ -810,7 +812,8 @@ def write_report(run_dir: str | Path, options: ReportOptions | None = None) -> P
         except Exception as exc:  # one broken section must not cost the user the rest of the report
             log.exception("report section %r failed", title)
             sections.append(Section(title, note=f"This section could not be drawn: {type(exc).__name__}: {exc}"))
-    page = _render(run_dir, sections, _banner(pretrained, meta, cfg), _summary(metrics, meta, cfg), _mlflow_html(cfg))
+    page = _render(run_dir, sections, _banner(pretrained, meta, cfg), _summary(metrics, meta, cfg), _mlflow_html(cfg),
+                   get_method(cfg.method).display_name if cfg is not None else "transfgu")
     path = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")

@@ -10,17 +10,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from transfgu.config import Config
 from transfgu.logs import quiet_libraries, verbose_requested
 
 if TYPE_CHECKING:  # Ray is imported where it is used, so importing this module stays cheap
-    from ray.data import DataContext
+    from ray.data import DataContext, Dataset
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def init_ray(cfg: Config, **kwargs: Any) -> None:
@@ -227,10 +228,68 @@ def worker_config(cfg: Config) -> dict[str, Any]:
     return d
 
 
-def configure_data_context(ctx: DataContext) -> None:
-    """Ray Data settings of this project: its own progress bars on a terminal (off in job logs, where each redraw
-    would be a line), and no per-operator progress bars (one bar per stage is enough)."""
-    ctx.enable_progress_bars = sys.stderr.isatty() and not os.environ.get("TRANSFGU_NO_BAR")
+#: Ray remote args of every Ray Data actor pool of the package: Ray does not restart a pool actor that died. Ray Data
+#: starts pool actors with ``max_restarts=-1`` by default, and Ray's core then logs an ERROR line on every run ("has
+#: constructor arguments in the object store and max_restarts > 0": Ray Data always ships the pool's function as an
+#: object reference). The restart is not needed: every pool of the package writes its results as files named before
+#: the pool starts, so after a lost actor the driver plans again from the files on disk and sends only the missing
+#: work to a fresh pool (:func:`run_pool_with_retries`).
+POOL_ACTOR_ARGS: dict[str, Any] = {"max_restarts": 0}
+#: How many times a pool runs in all when its actors die (each time with only the work no written file covers).
+POOL_ATTEMPTS = 3
+
+
+def map_on_pool(ds: Dataset, fn: type, **kwargs: Any) -> Dataset:
+    """``ds.map_batches(fn, **kwargs)`` on an actor pool whose actors Ray does not restart (:data:`POOL_ACTOR_ARGS`).
+
+    ``max_restarts`` reaches the pool only through ``map_batches``' free remote args, which Ray (2.60) reports as
+    deprecated for the parameters it names; it names none for restarts yet, so that one warning is not shown.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, **POOL_ACTOR_ARGS)
+
+
+def actor_died(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says a Ray actor process died or became unreachable."""
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (RayActorError, WorkerCrashedError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def run_pool_with_retries(name: str, attempt: Callable[[], T], attempts: int = POOL_ATTEMPTS) -> T:
+    """Run ``attempt`` (plan the missing work from the files on disk, run it on a Ray Data actor pool) until it
+    returns; after an actor death (:func:`actor_died`) it is called again, at most ``attempts`` times in all."""
+    for n in range(1, attempts + 1):
+        try:
+            return attempt()
+        except Exception as e:
+            if n == attempts or not actor_died(e):
+                raise
+            log.warning("[%s] an actor of the pool died (%s); the written files are kept, the rest runs again "
+                        "(attempt %d of %d)", name, type(e).__name__, n + 1, attempts)
+    raise AssertionError("unreachable")
+
+
+def configure_data_context(ctx: DataContext) -> bool:
+    """Ray Data settings of this project; returns whether Ray Data draws its progress bar.
+
+    Its own bar on a terminal (Ray Data draws it only when stdout is one; it goes to stderr), none in job logs
+    (where each redraw would be a line: the stage logs a status line instead), and no per-operator bars (one bar
+    per stage is enough). ``TRANSFGU_NO_BAR`` turns the bars off on a terminal too.
+    """
+    bars = sys.stdout.isatty() and sys.stderr.isatty() and not os.environ.get("TRANSFGU_NO_BAR")
+    ctx.enable_progress_bars = bars
     if hasattr(ctx, "enable_operator_progress_bars"):
         ctx.enable_operator_progress_bars = False
     quiet_libraries()  # Ray Data sets up its console logger when imported
+    return bars

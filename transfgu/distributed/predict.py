@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from transfgu.cli_args import predict_ray_parser as build_parser
 from transfgu.config import Config
 from transfgu.data.io import decode_rgb
-from transfgu.distributed.cluster import init_ray
+from transfgu.distributed.cluster import init_ray, map_on_pool, run_pool_with_retries
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
 from transfgu.logs import setup_logging
@@ -287,28 +287,43 @@ def predict_ray(
     t0 = time.time()
     if todo:
         DataContext.get_current().enable_progress_bars = False
-        # Blocks of one batch each: the batch a ledger file holds is fixed before anything runs.
-        tables = [pa.table({"stem": [s for _, s in todo[i:i + batch_size]],
-                            "source": [src for src, _ in todo[i:i + batch_size]]})
-                  for i in range(0, len(todo), batch_size)]
         lo, hi = actors
-        hi = max(1, min(hi, len(tables)))
         res: dict[str, float] = {"num_gpus": 1, "num_cpus": min(1.0, cpus_per_actor)} if gpu else {
             "num_cpus": cpus_per_actor}
-        ds = ray.data.from_arrow(tables)
-        ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
-                            fn_kwargs={"eval_size": eval_size, "max_pixels": max_pixels})
-        ds = ds.map_batches(
-            actor_cls, batch_size=batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=max(1, min(lo, hi)), max_size=hi),
-            fn_constructor_kwargs={"checkpoint": str(ckpt), "out_dir": str(out), "as_classes": as_classes,
-                                   "write_png": write_png, "device": "cuda" if gpu else "cpu",
-                                   "num_cpus": res["num_cpus"], "precision": precision},
-            **res,
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for k in SUMMARY_COLUMNS:
-                summary[k].append(batch[k])
+
+        def attempt() -> None:
+            # What to send is planned from the ledger on disk: after an actor died, only the images no ledger file
+            # holds go to a new pool (a pool actor is not restarted by Ray: cluster.map_on_pool).
+            ledger = done_stems(out)
+            sent = {str(s) for part in summary["stem"] for s in part}
+            lost = {s for _, s in todo if ledger.get(s) and s not in sent}
+            if lost:  # written by an actor that died before reporting them: their rows come from the ledger
+                for k, v in _ledger_summary(out, lost).items():
+                    summary[k].append(v)
+            left = [(src, stem) for src, stem in todo if not ledger.get(stem)]
+            if not left:
+                return
+            # Blocks of one batch each: the batch a ledger file holds is fixed before anything runs.
+            tables = [pa.table({"stem": [s for _, s in left[i:i + batch_size]],
+                                "source": [src for src, _ in left[i:i + batch_size]]})
+                      for i in range(0, len(left), batch_size)]
+            n_actors = max(1, min(hi, len(tables)))
+            ds = ray.data.from_arrow(tables)
+            ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus,
+                                fn_kwargs={"eval_size": eval_size, "max_pixels": max_pixels})
+            ds = map_on_pool(
+                ds, actor_cls, batch_size=batch_size, batch_format="numpy",
+                compute=ActorPoolStrategy(min_size=max(1, min(lo, n_actors)), max_size=n_actors),
+                fn_constructor_kwargs={"checkpoint": str(ckpt), "out_dir": str(out), "as_classes": as_classes,
+                                       "write_png": write_png, "device": "cuda" if gpu else "cpu",
+                                       "num_cpus": res["num_cpus"], "precision": precision},
+                **res,
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for k in SUMMARY_COLUMNS:
+                    summary[k].append(batch[k])
+
+        run_pool_with_retries("predict", attempt)
     got = {k: np.concatenate(v) if v else np.zeros(0, dtype=object) for k, v in summary.items()}
     _check_exactly_once(out, [s for _, s in items], [s for _, s in todo], got)
     (out / "errors.jsonl").unlink(missing_ok=True)  # this run's errors only (the ledger keeps every run's)
@@ -336,6 +351,20 @@ def predict_ray(
     }
     (out / "predict.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def _ledger_summary(out: Path, stems: set[str]) -> dict[str, np.ndarray]:
+    """The summary rows (as the actors return them) of ``stems``, read back from the ledger files."""
+    rows: dict[str, list[Any]] = {k: [] for k in SUMMARY_COLUMNS}
+    for path in list_parquet_files(out / LEDGER_DIR):
+        for r in pq.read_table(path, columns=["stem", "error"]).to_pylist():
+            if r["stem"] in stems:
+                rows["stem"].append(r["stem"])
+                rows["ok"].append(r["error"] is None)
+                rows["error"].append(r["error"] or "")
+                rows["file"].append(path.name)
+    return {"stem": np.asarray(rows["stem"], dtype=object), "ok": np.asarray(rows["ok"], dtype=bool),
+            "error": np.asarray(rows["error"], dtype=object), "file": np.asarray(rows["file"], dtype=object)}
 
 
 def _check_exactly_once(out: Path, all_stems: Sequence[str], todo: Sequence[str], got: dict[str, np.ndarray]) -> None:

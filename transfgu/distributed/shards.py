@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,8 @@ from transfgu.data.datasets import ImageRecord
 from transfgu.distributed.cluster import (
     actor_pool_bounds,
     configure_data_context,
+    map_on_pool,
+    run_pool_with_retries,
     task_resources,
     torch_threads,
     worker_config,
@@ -235,8 +238,18 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
     """The Ray executor of a per-image stage: the records that no finished shard covers go through an actor pool;
     then the stage's own checks (:meth:`~transfgu.stages.ShardedStage.finish`).
 
-    Returns the stage's manifest info plus ``new_images``: the images sent to the actors by this call.
+    A pool actor that dies is not restarted by Ray (``cluster.map_on_pool``): the shards written so far are
+    kept and the shards no file covers go to a new pool (``cluster.run_pool_with_retries``), as on a re-run.
+
+    Returns the stage's manifest info plus ``new_images``: the images the actors reported back by this call (one
+    whose shard was written by an actor that died before reporting counts as kept).
     """
+    received = [0]  # images reported back, over the attempts
+    return run_pool_with_retries(stage_cls.name, lambda: _run_sharded_once(ctx, stage_cls, received))
+
+
+def _run_sharded_once(ctx: RunContext, stage_cls: type[ShardedStage], received: list[int]) -> dict[str, Any]:
+    """One attempt of :func:`run_sharded_stage`: plan from the files on disk, run the pool, check."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -252,12 +265,12 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
     todo = plan.todo
     kept = len(records) - len(todo)
     if not todo:
-        return {**stage_cls.finish(ctx, ids), "new_images": 0}
+        return {**stage_cls.finish(ctx, ids), "new_images": received[0]}
     res = task_resources(cfg)
     gpu = "num_gpus" in res
     lo, hi = actor_pool_bounds(cfg.ray.extract_actors, res, ray.cluster_resources(), len(plan.groups))
     kwargs = actor_kwargs(ctx, stage_cls, res["num_cpus"], gpu)
-    configure_data_context(DataContext.get_current())
+    ray_bar = configure_data_context(DataContext.get_current())  # Ray Data's bar on a terminal
     if decode_stage_wanted(cfg, gpu):
         # Decode + resize in CPU tasks ahead of the actors (as predict_ray does), one shard per row and per call.
         ds = ray.data.from_arrow(shard_specs(records, plan))
@@ -270,7 +283,8 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
         batch_size = SHARD_IMAGES
     log.info("[%s] %d shards on %d-%d actors (%s), decode %s", stage, len(plan.groups), lo, hi, res,
              "in CPU tasks" if batch_size == 1 else "in the actors")
-    ds = ds.map_batches(
+    ds = map_on_pool(
+        ds,
         StageActor,
         batch_size=batch_size,
         batch_format="numpy",
@@ -282,13 +296,17 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
     parts: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_COLUMNS}
     t0 = time.time()
     n_seen = 0
-    with Progress(stage, len(records), bar=False) as prog:
+    # Under Ray Data's bar only the final count is logged; elsewhere a status line every 10 s, also while a shard
+    # is still running.
+    with Progress(stage, len(records), bar=False, min_interval_s=math.inf if ray_bar else 10.0,
+                  heartbeat=not ray_bar) as prog:
         if kept:
             prog.update(kept, "(kept)")
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in SUMMARY_COLUMNS:
                 parts[k].append(batch[k])
             n_seen += len(batch["index"])
+            received[0] += int(batch["ok"].sum())
             prog.update(len(batch["index"]), f"rows={int(sum(int(r.sum()) for r in parts['rows']))}")
     summary = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     log.debug("[%s] %d images through the actor pool in %.1fs", stage, n_seen, time.time() - t0)
@@ -298,7 +316,7 @@ def run_sharded_stage(ctx: RunContext, stage_cls: type[ShardedStage]) -> dict[st
     ):
         if not ok:
             ctx.errors.record(p, stage, str(reason))
-    return {**stage_cls.finish(ctx, ids), "new_images": int(summary["ok"].sum())}
+    return {**stage_cls.finish(ctx, ids), "new_images": received[0]}
 
 
 def _check_counts(stage: str, todo: Sequence[int], summary: dict[str, np.ndarray], out_dir: Path) -> None:

@@ -97,6 +97,7 @@ def report_sections(builders: list[tuple[str, Callable[[], Any]]], run_dir: Path
 METHOD = Method(
     name="leopart",
     config=LeopartMethodConfig,
+    title="Leopart",
     stages=(
         Stage("dense", lp.run_dense, outputs=(Output("dense", "shards"),),
               inputs=_dense_inputs),

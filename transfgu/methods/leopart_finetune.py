@@ -42,6 +42,7 @@ def memory_passes(cfg: Config) -> list[tuple[str, str, tuple[int, int], int, int
 METHOD = Method(
     name="leopart_finetune",
     config=LeopartFinetuneMethodConfig,
+    title="Leopart dense fine-tuning",
     stages=(
         Stage("finetune", lambda ctx, ex: ftt.run_finetune(ctx),
               on={"ray": lambda ctx, ex: ray_finetune.run_finetune_ray(ctx)}, inputs=_inputs, epochs=True),

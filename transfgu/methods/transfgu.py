@@ -110,6 +110,7 @@ def check_concepts_fit(cfg: Config, n_train: int, p: int) -> list[tuple[str, str
 METHOD = Method(
     name="transfgu",
     config=TransfguMethodConfig,
+    title="TransFGU",
     stages=(
         Stage("extract", _run_extract, outputs=(Output("features", "shards"),),
               inputs=lambda d: {"data": _data(d), "backbone": d["backbone"], "crops": d["crops"],
