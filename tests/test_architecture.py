@@ -9,12 +9,13 @@ import logging
 from pathlib import Path
 
 import pytest
+from helpers.data import REPO
 
 from transfgu.layout import STAGE_OUTPUTS, RunLayout, round_name, shard_file
 from transfgu.logs import Progress
 from transfgu.models.source import parse_source
 
-PKG = Path(__file__).resolve().parents[1] / "transfgu"
+PKG = REPO / "transfgu"
 
 
 def test_run_layout_names_every_stage_output(tmp_path):

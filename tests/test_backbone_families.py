@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_shared_data
+from helpers.data import concepts_near_cls as _concepts
+from helpers.data import require_shared_data
 
 from transfgu.models.backbone import (
     WeightsError,
@@ -143,15 +144,6 @@ def test_a_planted_high_norm_register_changes_no_map(arch):
     for (_, att_a, g), (_, att_b, _) in zip(a, b):
         assert np.array_equal(att_a, att_b)  # Leopart's attention map and its noisy foreground mask
         assert np.array_equal(attention_mask(att_a, g), attention_mask(att_b, g))
-
-
-def _concepts(bb, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Concepts near the images' own CLS tokens, so the objectives have gradients of both signs."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        cls = bb(x).cls
-    base = cls[torch.arange(k) % cls.shape[0]]
-    return base + 0.5 * base.std() * torch.randn(base.shape, generator=g)
 
 
 def _brute_force_maps(bb, x: torch.Tensor, c: torch.Tensor, grad_scale: float, mass: float = 0.8) -> torch.Tensor:
@@ -348,7 +340,7 @@ NEW_PRESETS = ["demo_camvid", "coco_stuff27", "pascal_voc", "leopart_pvoc"]
 @pytest.mark.parametrize("family", ["dinov2_reg", "dinov3"])
 @pytest.mark.parametrize("base", NEW_PRESETS)
 def test_presets_fit_their_patch_size_and_keep_the_base_setting(base, family):
-    from conftest import REPO
+    from helpers.data import REPO
 
     from transfgu.config import load_config
     from transfgu.methods import get_method

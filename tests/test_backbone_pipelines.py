@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import require_shared_data, tiny_config
+from helpers.configs import tiny_config
+from helpers.data import require_shared_data
 
 FAMILIES = ["vit_test_tiny_reg4", "vit_test_tiny_dinov3"]
 
@@ -33,7 +34,7 @@ def transfgu_config(arch: str, root, name: str, **over: str):
 
 
 def leopart_family_config(arch: str, root, name: str, **over: str):
-    from test_leopart import leopart_config
+    from helpers.configs import leopart_config
 
     side = 8 * (14 if "reg4" in arch else 16)  # the 8 x 8 patch grid of the tiny Leopart test
     return leopart_config(root, name, **{"backbone.arch": arch, "leopart.input_size": f"[{side}, {side}]", **over})
@@ -108,7 +109,7 @@ def test_leopart_end_to_end(arch, tmp_path):
 @pytest.mark.slow  # about 30 s per family on the loaded 2-core VM
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_leopart_finetuning_and_its_weights_load_back(arch, tmp_path):
-    from test_leopart_finetune import finetune_config
+    from helpers.configs import finetune_config
 
     from transfgu.models.backbone import build_backbone
     from transfgu.pipeline import run_pipeline
@@ -134,16 +135,6 @@ def test_leopart_finetuning_and_its_weights_load_back(arch, tmp_path):
 
 
 # -- on Ray ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    # address="local": a private Ray, never one that another process on this machine happens to run
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 RAY = {"ray.cpus_per_actor": "0.5", "ray.cpus_per_worker": "0.5", "ray.extract_actors": "[1, 2]",
        "ray.kmeans_shards": "2", "ray.num_workers": "1", "ray.fit_per_round": "false"}
 
@@ -152,7 +143,7 @@ RAY = {"ray.cpus_per_actor": "0.5", "ray.cpus_per_worker": "0.5", "ray.extract_a
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_ray_runs_equal_the_one_process_runs(arch, local_ray, tmp_path):
+def test_ray_runs_equal_the_one_process_runs(arch, ray_local, tmp_path):
     from transfgu.concepts import ConceptBank
     from transfgu.distributed.pipeline import run_pipeline_ray
     from transfgu.leopart.pipeline import read_segments

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_shared_data
+from helpers.data import require_shared_data
 
 BENCH_KEYS = {"bench", "quick", "command", "machine", "config", "results", "comparisons", "notes", "wall_s"}
 MACHINE_KEYS = {
@@ -173,7 +173,7 @@ def test_end_to_end_bench(tmp_path):
 
 def test_end_to_end_quick_config_is_the_tests_tiny_config(tmp_path):
     require_shared_data("camvid")
-    from conftest import tiny_config
+    from helpers.configs import tiny_config
 
     from bench.end_to_end import build_config
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.data import REPO
 
 from transfgu import __version__
 from transfgu.cli import SUBCOMMANDS
@@ -91,16 +92,14 @@ def test_fast_parsers_keep_the_library_constants():
 
 
 def test_readme_cites_no_internal_notes():
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     assert not re.search(r"issue\s+\d+|reference_method|field_anchors", text, re.IGNORECASE)
 
 
 def test_readme_cluster_example_is_scoped_to_its_own_head():
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
     cluster = next(b for b in blocks if "ray start --head" in b and "ray job submit" in b)
     commands = [ln.split("#")[0].strip() for ln in cluster.splitlines()]

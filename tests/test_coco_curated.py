@@ -10,12 +10,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import require_shared_data
+from helpers.data import REPO, require_shared_data
 
 from transfgu.config import load_config
 from transfgu.data.datasets import DatasetError, list_records
 
-PRESET = Path(__file__).resolve().parents[1] / "conf" / "coco_stuff27_curated.yaml"
+PRESET = REPO / "conf" / "coco_stuff27_curated.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import faiss
 import numpy as np
 import pytest
-from conftest import require_shared_data
+from helpers.data import require_shared_data
 from PIL import Image
 
 from transfgu.concepts import ConceptBank, fit_concepts

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers.data import REPO
 
 from transfgu.config import Config, ConfigError, load_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = REPO / "conf"
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONF.glob("*.yaml")))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_shared_data
+from helpers.data import require_shared_data
 from PIL import Image
 
 from transfgu.crops import (

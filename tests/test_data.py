@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_shared_data
+from helpers.data import REPO, require_shared_data
 from PIL import Image
 
 from transfgu.data import (
@@ -34,8 +34,8 @@ from transfgu.data import (
 
 torch.set_num_threads(1)
 
-SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "docs" / "coco_stuff_labels.csv"
-PACKAGE_CSV = Path(__file__).resolve().parents[1] / "transfgu" / "data" / "coco_stuff_labels.csv"
+SHARED_CSV = REPO.parent / "shared" / "docs" / "coco_stuff_labels.csv"
+PACKAGE_CSV = REPO / "transfgu" / "data" / "coco_stuff_labels.csv"
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

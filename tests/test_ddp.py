@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_shared_data
+from helpers.data import require_shared_data
+from helpers.ddp import run_ranks
 from PIL import Image
 
 from transfgu.ddp import EpochRows, GlobalBatchSampler, epoch_order, global_split, step_loader, step_seed
@@ -126,33 +125,6 @@ def _train(rank: int, world: int, out: str, opts: dict) -> None:
         engine_step.shared_loss = real_share
         if world > 1:
             dist.destroy_process_group()
-
-
-def run_ranks(target, tmp: Path, world: int, opts: dict, timeout: float = 240.0) -> None:
-    """Spawn ``world`` ranks of ``target(rank, world, out, opts)`` (e.g. :func:`_train`) with one thread each; a rank
-    still running after ``timeout`` s fails the test (a collective without its partner)."""
-    opts = {**opts, "init": str(tmp / "pg_init")}
-    ctx = mp.get_context("spawn")
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        procs = [ctx.Process(target=target, args=(r, world, str(tmp), opts)) for r in range(world)]
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
-    for p in procs:
-        p.join(timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} did not finish within {timeout}s (a collective without its partner?)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
 def _load(tmp: Path, rank: int) -> tuple[dict, dict]:

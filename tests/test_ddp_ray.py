@@ -13,12 +13,12 @@ batches of 4 give worker pieces of 2 + 2 and then 1 + a placeholder (weight 0).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
+from helpers.ray import multi_node_cluster, worker_env
 
 ray = pytest.importorskip("ray")
 
@@ -43,7 +43,6 @@ def _history(run_dir) -> list[dict]:
 
 
 def test_two_ray_train_workers_on_two_nodes_equal_one_process(tmp_path):
-    from ray.cluster_utils import Cluster
     from safetensors.torch import load_file
 
     from transfgu.data.train_store import STORE_DIR
@@ -55,26 +54,15 @@ def test_two_ray_train_workers_on_two_nodes_equal_one_process(tmp_path):
     one = tiny_config(tmp_path / "runs", name="one", **TRAIN)
     run_pipeline(one, only=["extract", "concepts", "label_bank", "train"])
     assert (one.run_dir / "label_bank" / STORE_DIR).is_dir()  # the one-process run streams too
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {"OMP_NUM_THREADS": "1", **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
-    cluster.wait_for_nodes()
-    two = tiny_config(tmp_path / "runs", name="two", **TRAIN, **{"ray.address": cluster.address,
-                                                                   "ray.storage_path": str(tmp_path / "storage")})
-    shutil.copytree(one.run_dir, two.run_dir,
-                    ignore=shutil.ignore_patterns("train", "model", "pipeline.log", STORE_DIR))
-    init_ray(two, runtime_env={"env_vars": env})
-    try:
+    with multi_node_cluster(0, [1, 1], connect=False) as cluster:
+        two = tiny_config(tmp_path / "runs", name="two", **TRAIN, **{"ray.address": cluster.address,
+                                                                       "ray.storage_path": str(tmp_path / "storage")})
+        shutil.copytree(one.run_dir, two.run_dir,
+                        ignore=shutil.ignore_patterns("train", "model", "pipeline.log", STORE_DIR))
+        init_ray(two, runtime_env={"env_vars": worker_env()})
         # one CPU on each of two nodes and one CPU per Train worker: the two workers cannot share a node
         assert sorted(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]) == [0, 1, 1]
         manifest = run_pipeline_ray(two, only=["train"], force=["train"])
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     assert any(p.suffix == ".u8" for p in (two.run_dir / "label_bank" / STORE_DIR).iterdir())
     train = manifest["stages"]["train"]
     assert train["status"] == "done" and train.get("extra", train).get("workers") == 2, train

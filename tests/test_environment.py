@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from helpers.data import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements" / "lock.txt"
 LOCK_GPU = REPO / "requirements" / "lock-gpu.txt"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")

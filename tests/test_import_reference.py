@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
 
 from transfgu.import_reference import ReferenceCheckpointError, import_reference_decoder, main
 from transfgu.models.decoder import MaskTransformerDecoder

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import require_shared_data, tiny_config
+from helpers.configs import tiny_config
+from helpers.data import require_shared_data
 
 from transfgu import integrity
 from transfgu.store import features_table, list_parquet_files, read_features, read_label_bank
@@ -482,18 +483,14 @@ def test_readers_refuse_artifacts_of_other_inputs(tmp_path, tiny_run_dir):
 # -- the Ray executor follows the same rules -------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_rerun_with_changed_crops_and_grown_list_equals_a_fresh_run(tmp_path, tiny_run_dir):
-    ray = pytest.importorskip("ray")
+def test_ray_rerun_with_changed_crops_and_grown_list_equals_a_fresh_run(tmp_path, tiny_run_dir, ray_local):
     from transfgu.distributed.pipeline import run_pipeline_ray
     from transfgu.pipeline import run_pipeline
 
     over = {"crops.betas": "[0.5, 0.4]", "pseudo.grad_scale": "0.25", "data.max_train_images": "8",
             "ray.cpus_per_actor": "0.5", "ray.extract_actors": "[1, 1]", "ray.kmeans_shards": "2", "ray.num_cpus": "2"}
     run = _copy_run(tiny_run_dir, tmp_path / "runs")
-    try:
-        manifest = run_pipeline_ray(tiny_config(tmp_path / "runs", **over), only=["extract", "concepts", "label_bank"])
-    finally:
-        ray.shutdown()
+    manifest = run_pipeline_ray(tiny_config(tmp_path / "runs", **over), only=["extract", "concepts", "label_bank"])
     fresh_cfg = tiny_config(tmp_path / "fresh", **over)
     run_pipeline(fresh_cfg, only=["extract", "concepts", "label_bank"])
     _assert_same_features(run, fresh_cfg.run_dir)

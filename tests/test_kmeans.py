@@ -5,6 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+from helpers.data import REPO
 
 from transfgu.kmeans import ArrayShards, KMeansResult, kmeans, l2_normalize, lloyd_kmeans
 
@@ -116,14 +117,13 @@ def test_bad_options_fail_with_a_message():
 
 
 def test_leopart_kmeans_settings_are_explicit_and_hashed_only_when_set():
-    from pathlib import Path
 
     from transfgu.config import load_config
     from transfgu.leopart.pipeline import kmeans_options
     from transfgu.methods import stage_hashes
     from transfgu.store import config_hash
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "leopart_horse.yaml"
+    conf = REPO / "conf" / "leopart_horse.yaml"
     default = load_config(conf)
     assert kmeans_options(default.leopart) == {"normalize": True, "max_points_per_centroid": None}
     paper = load_config(conf, ["leopart.kmeans_points=raw", "leopart.kmeans_max_points_per_centroid=256",

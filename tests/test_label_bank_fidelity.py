@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import require_shared_data
+from helpers.data import require_shared_data
 
 from transfgu.config import load_config
 from transfgu.data.io import load_rgb

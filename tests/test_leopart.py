@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_shared_data
+from helpers.configs import leopart_config
+from helpers.data import REPO, require_shared_data
 
 from transfgu.leopart import cbfe
 from transfgu.leopart.communities import (
@@ -23,8 +24,6 @@ from transfgu.leopart.communities import (
     glcm_offsets,
     network_edges,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 # -- brute-force oracles -------------------------------------------------------------------------------------------
@@ -283,23 +282,6 @@ def test_model_segmentation_matches_per_patch_brute_force():
 
 
 # -- the stages end to end on real images --------------------------------------------------------------------------
-def leopart_config(run_root: Path, name: str = "lp", **over: str):
-    """conf/leopart_horse.yaml shrunk for tests: a tiny random ViT on a few real Weizmann-horse images."""
-    from transfgu.config import load_config
-
-    horse = require_shared_data("weizmann_horse")
-    overrides = {
-        "data.root": str(horse), "data.max_train_images": "12", "data.max_val_images": "8",
-        "backbone.arch": "vit_test_tiny", "leopart.input_size": "[64, 64]", "leopart.pca_dim": "16",
-        "leopart.k_cbfe": "12", "leopart.cbfe_niter": "10", "leopart.cbfe_nredo": "2", "leopart.k_community": "8",
-        "leopart.community_niter": "10", "leopart.cooc_size": "[32, 32]", "leopart.edge_threshold": "0.02",
-        "leopart.overcluster_k": "[5, 10]", "leopart.eval_size": "[32, 32]",
-        "run.root": str(run_root), "run.name": name, "mlflow.enabled": "false", "run.report": "false",
-    }
-    overrides.update(over)
-    return load_config(REPO / "conf" / "leopart_horse.yaml", [f"{k}={v}" for k, v in overrides.items()])
-
-
 @pytest.fixture(scope="module")
 def lp_run(tmp_path_factory):
     from transfgu.pipeline import run_pipeline

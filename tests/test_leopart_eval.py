@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_leopart import leopart_config
+from helpers.configs import leopart_config
 
 from transfgu.leopart import probe
 from transfgu.leopart import viz as lviz
@@ -227,7 +227,7 @@ def test_report_shows_foreground_masks_galleries_and_graph(run, tmp_path):
 
 
 def test_bad_settings_are_rejected_clearly():
-    from test_leopart import REPO
+    from helpers.data import REPO
 
     from transfgu.config import ConfigError, load_config
 

@@ -7,28 +7,14 @@ import math
 
 import pytest
 import torch
+from helpers.configs import FINETUNE_LEARN as LEARN
+from helpers.configs import finetune_config
+from helpers.oracles import naive_sinkhorn
 
 from transfgu.leopart import finetune as ft
 
 
 # -- Sinkhorn-Knopp ---------------------------------------------------------------------------------------------------
-def naive_sinkhorn(scores: list[list[float]], eps: float, n_iters: int) -> list[list[float]]:
-    """Element by element, in float64: the textbook alternate row/column scaling of exp(S / eps)^T."""
-    n, k = len(scores), len(scores[0])
-    q = [[math.exp(scores[i][c] / eps) for i in range(n)] for c in range(k)]  # (K, N)
-    total = sum(sum(r) for r in q)
-    q = [[v / total for v in r] for r in q]
-    for _ in range(n_iters):
-        for c in range(k):
-            s = sum(q[c])
-            q[c] = [v / s / k for v in q[c]]
-        for i in range(n):
-            s = sum(q[c][i] for c in range(k))
-            for c in range(k):
-                q[c][i] = q[c][i] / s / n
-    return [[q[c][i] * n for c in range(k)] for i in range(n)]
-
-
 def test_sinkhorn_matches_naive_loop_and_marginals():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(13, 5, generator=g) * 0.3
@@ -172,23 +158,6 @@ def test_usage_entropy():
 
 
 # -- the stage on real images -----------------------------------------------------------------------------------------
-def finetune_config(run_root, name: str = "ft", **over: str):
-    """conf/leopart_finetune_tiny.yaml on the shared CamVid images (tiny random ViT, 6 images)."""
-    from conftest import REPO, require_shared_data
-
-    from transfgu.config import load_config
-
-    camvid = require_shared_data("camvid")
-    overrides = {"data.root": str(camvid), "run.root": str(run_root), "run.name": name, "run.report": "false",
-                 **over}
-    return load_config(REPO / "conf" / "leopart_finetune_tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
-
-
-# 6 epochs of 1 step (batch 6): the first epoch runs without the queue (it fills in that step), so the loss is
-# compared from the second epoch on.
-LEARN = {"finetune.epochs": "6", "finetune.batch_size": "6", "finetune.lr_head": "3e-3"}
-
-
 @pytest.fixture(scope="module")
 def ft_run(tmp_path_factory):
     from transfgu.pipeline import run_pipeline
@@ -263,8 +232,7 @@ def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
 
     assert meta[PRIOR_METADATA_KEY] == PRIOR_FINETUNED_RANDOM == weights_prior(path)
     # TransFGU's extract and Leopart's dense + CBFE + communities accept it as backbone.weights
-    from conftest import tiny_config
-    from test_leopart import leopart_config
+    from helpers.configs import leopart_config, tiny_config
 
     tf = tiny_config(tmp_path / "tf", "tf", **{"backbone.weights": str(path), "data.max_train_images": "2"})
     assert tf.backbone.source.prior == PRIOR_FINETUNED_RANDOM and not tf.backbone.source.pretrained
@@ -358,7 +326,7 @@ def test_without_learning_the_loss_does_not_decrease(tmp_path):
 
 
 def test_folder_preset_is_the_appendix_recipe():
-    from conftest import REPO
+    from helpers.data import REPO
 
     from transfgu.config import load_config
 

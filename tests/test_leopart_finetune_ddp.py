@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ddp import run_ranks
-from test_leopart_finetune import finetune_config, naive_sinkhorn
+from helpers.configs import finetune_config
+from helpers.ddp import run_ranks
+from helpers.oracles import naive_sinkhorn
 
 from transfgu.leopart import finetune as ft
 

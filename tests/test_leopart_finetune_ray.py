@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from test_leopart_finetune import LEARN, finetune_config
+from helpers.configs import FINETUNE_LEARN as LEARN
+from helpers.configs import finetune_config
+from helpers.ray import faulty_local_ray, fire_once, patch_on_import
 
 ray = pytest.importorskip("ray")
 cloudpickle = pytest.importorskip("ray.cloudpickle")
@@ -29,28 +30,15 @@ EPOCHS = {**LEARN, "finetune.epochs": "4"}
 
 def fault_hook() -> None:
     """Runs in every Ray worker process; wraps the fine-tuning module when (and if) the worker imports it."""
-    import importlib.abc
-    import importlib.util
     import json
-    import os
     import signal
-    import sys
     from pathlib import Path
 
     control = Path(os.environ["TRANSFGU_FAULTS"])
     name = "transfgu.leopart.finetune_train"
 
     def armed() -> bool:
-        spec = json.loads(control.read_text()) if control.is_file() else {}
-        if spec.get("point") != "finetune_after_epoch1":
-            return False
-        try:
-            fd = os.open(spec["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return True
+        return fire_once(control, "finetune_after_epoch1")
 
     def patch(mod) -> None:
         real_save, real_load = mod.save_train_state, mod.load_train_state
@@ -69,45 +57,14 @@ def fault_hook() -> None:
 
         mod.save_train_state, mod.load_train_state = save_train_state, load_train_state
 
-    class PatchOnImport(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path, target=None):
-            if fullname != name:
-                return None
-            sys.meta_path.remove(self)
-            try:
-                spec = importlib.util.find_spec(fullname)
-            finally:
-                sys.meta_path.insert(0, self)
-            real_exec = spec.loader.exec_module
-
-            def exec_module(module):
-                real_exec(module)
-                patch(module)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    if name in sys.modules:
-        patch(sys.modules[name])
-    sys.meta_path.insert(0, PatchOnImport())
+    patch_on_import({name: patch})
 
 
 @pytest.fixture(scope="module")
 def faulty_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    control = Path(tempfile.mkdtemp(prefix="transfgu_ft_faults_")) / "control.json"
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(
-        address="local", num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": fault_hook,
-                     "env_vars": {"TRANSFGU_FAULTS": str(control), "OMP_NUM_THREADS": "1",
-                                  **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}},
-    )
-    yield control
-    ray.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    """A local Ray of this module's own whose workers run ``fault_hook``; yields the fault control file."""
+    with faulty_local_ray(fault_hook, sys.modules[__name__]) as control:
+        yield control
 
 
 def test_killed_finetune_worker_resumes_from_its_last_epoch(faulty_ray, tmp_path):

@@ -166,7 +166,7 @@ PAPER = {"leopart.protocol": "paper", "leopart.paper_grid.k_community": "[8]",
 
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):
-    from test_leopart import leopart_config
+    from helpers.configs import leopart_config
 
     from transfgu.pipeline import run_pipeline
 

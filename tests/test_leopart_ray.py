@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from test_leopart import leopart_config
+from helpers.configs import leopart_config
 
 ray = pytest.importorskip("ray")
 
@@ -19,16 +19,7 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    # address="local": a private Ray, never one that another process on this machine happens to run
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-def test_ray_run_gives_the_one_process_maps(local_ray, tmp_path):
+def test_ray_run_gives_the_one_process_maps(ray_local, tmp_path):
     from transfgu.distributed.pipeline import run_pipeline_ray
     from transfgu.leopart.pipeline import read_segments
     from transfgu.pipeline import run_pipeline
@@ -66,10 +57,10 @@ def test_ray_run_gives_the_one_process_maps(local_ray, tmp_path):
     assert c1["selection"] == c2["selection"]
 
 
-def test_ray_run_of_the_msrc_preset_under_the_paper_protocol(local_ray, tmp_path):
+def test_ray_run_of_the_msrc_preset_under_the_paper_protocol(ray_local, tmp_path):
     """conf/leopart_msrc.yaml (21 classes, no background class: a fixed CBFE threshold and unmatched segments as
     errors) under ``protocol: paper``, shrunk like the horse run: Ray writes the one-process files."""
-    from conftest import REPO, require_shared_data
+    from helpers.data import REPO, require_shared_data
 
     from transfgu.config import load_config
     from transfgu.distributed.pipeline import run_pipeline_ray

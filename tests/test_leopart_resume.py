@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_leopart import leopart_config
+from helpers.configs import leopart_config
 
 
 def _dense_by_image(run: Path, split: str) -> dict[str, np.ndarray]:
@@ -134,40 +134,33 @@ def _identity(run: Path) -> dict[Path, tuple[int, int]]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_run_resumes_in_the_other_executor_and_reruns_on_ray_equal_fresh_runs(base_run, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_a_run_resumes_in_the_other_executor_and_reruns_on_ray_equal_fresh_runs(base_run, tmp_path, ray_local):
     from transfgu.distributed.pipeline import run_pipeline_ray
     from transfgu.pipeline import run_pipeline
 
     over = {"ray.cpus_per_actor": "0.5", "ray.extract_actors": "[1, 1]", "ray.kmeans_shards": "1"}
-    # address="local": a private Ray, never one that another process on this machine happens to run
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
-             _node_ip_address="127.0.0.1")
-    try:
-        # started in one process, stopped during the dense stage, resumed on Ray: the training shard is kept
-        cfg = leopart_config(tmp_path, "one_then_ray", **over)
-        run_pipeline(cfg, only=["dense"])
-        _interrupt_dense(cfg.run_dir)
-        kept = _identity(cfg.run_dir)
-        manifest = run_pipeline_ray(cfg, only=["dense", "pca"])
-        assert _identity(cfg.run_dir) == kept and not (cfg.run_dir / "_stale").exists()
-        assert manifest["stages"]["dense"]["extra"]["val_images"] == 8
-        _assert_same_run(cfg.run_dir, base_run.run_dir, upto="pca")
+    # started in one process, stopped during the dense stage, resumed on Ray: the training shard is kept
+    cfg = leopart_config(tmp_path, "one_then_ray", **over)
+    run_pipeline(cfg, only=["dense"])
+    _interrupt_dense(cfg.run_dir)
+    kept = _identity(cfg.run_dir)
+    manifest = run_pipeline_ray(cfg, only=["dense", "pca"])
+    assert _identity(cfg.run_dir) == kept and not (cfg.run_dir / "_stale").exists()
+    assert manifest["stages"]["dense"]["extra"]["val_images"] == 8
+    _assert_same_run(cfg.run_dir, base_run.run_dir, upto="pca")
 
-        # a re-run on Ray with another image list equals a fresh one-process run with it
-        grown = leopart_config(tmp_path, "one_then_ray", **over, **{"data.max_train_images": "10"})
-        run_pipeline_ray(grown, only=["dense", "pca"])
-        fresh = leopart_config(tmp_path / "fresh", "ten", **over, **{"data.max_train_images": "10"})
-        run_pipeline(fresh, only=["dense", "pca"])
-        _assert_same_run(grown.run_dir, fresh.run_dir, upto="pca")
+    # a re-run on Ray with another image list equals a fresh one-process run with it
+    grown = leopart_config(tmp_path, "one_then_ray", **over, **{"data.max_train_images": "10"})
+    run_pipeline_ray(grown, only=["dense", "pca"])
+    fresh = leopart_config(tmp_path / "fresh", "ten", **over, **{"data.max_train_images": "10"})
+    run_pipeline(fresh, only=["dense", "pca"])
+    _assert_same_run(grown.run_dir, fresh.run_dir, upto="pca")
 
-        # started on Ray, stopped during the dense stage, resumed in one process: the training shard is kept
-        cfg = leopart_config(tmp_path, "ray_then_one", **over)
-        run_pipeline_ray(cfg, only=["dense"])
-        _interrupt_dense(cfg.run_dir)
-        kept = _identity(cfg.run_dir)
-        run_pipeline(cfg)
-        assert _identity(cfg.run_dir) == kept and not (cfg.run_dir / "_stale").exists()
-        _assert_same_run(cfg.run_dir, base_run.run_dir)
-    finally:
-        ray.shutdown()
+    # started on Ray, stopped during the dense stage, resumed in one process: the training shard is kept
+    cfg = leopart_config(tmp_path, "ray_then_one", **over)
+    run_pipeline_ray(cfg, only=["dense"])
+    _interrupt_dense(cfg.run_dir)
+    kept = _identity(cfg.run_dir)
+    run_pipeline(cfg)
+    assert _identity(cfg.run_dir) == kept and not (cfg.run_dir / "_stale").exists()
+    _assert_same_run(cfg.run_dir, base_run.run_dir)

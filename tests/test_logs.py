@@ -9,11 +9,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
+
+from helpers.data import REPO
 
 from transfgu.logs import Progress
 
-REPO = Path(__file__).resolve().parents[1]
 OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
 
 SCRIPT = r"""

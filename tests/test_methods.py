@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers.data import REPO
 
 from transfgu.config import Config, load_config
 from transfgu.methods import REGISTRY, get_method, stage_hashes
 
-PKG = Path(__file__).resolve().parents[1] / "transfgu"
+PKG = REPO / "transfgu"
 #: The core: knows no method (docs/architecture.md, "A method is a plug-in").
 CORE = ("pipeline", "context", "layout", "integrity", "tracking", "report", "preflight", "method", "sharded",
         "local", "distributed/pipeline", "distributed/executor")

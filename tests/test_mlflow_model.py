@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from chromium import browser as _browser_fixture  # noqa: F401  (the `browser` fixture)
-from conftest import require_shared_data, tiny_config
+from helpers.configs import tiny_config
+from helpers.data import REPO, require_shared_data
 
 from transfgu.data.io import load_rgb
 from transfgu.mlflow_model import decode_label_png, resolve_model_dir, save_model
@@ -115,7 +115,7 @@ def test_requirements_install_where_the_model_is_served(tracked, tmp_path):
                               dst=tmp_path / "dl")
     model_root = local.parents[1]
     reqs = [r for r in (model_root / "requirements.txt").read_text().split() if not r.startswith("mlflow==")]
-    lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (Path(__file__).parents[1] / "requirements" / "lock.txt")
+    lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements" / "lock.txt")
                            .read_text(), flags=re.M))
     lock = {k.lower(): v for k, v in lock.items()}
     assert sorted(r.split("==")[0] for r in reqs) == sorted(REQUIREMENTS)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from helpers.configs import tiny_config
 from safetensors.torch import load_file
 
 from transfgu.pipeline import run_pipeline

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.data import REPO
 
 from transfgu.config import ConfigError, load_config
 from transfgu.models.backbone import build_backbone, dino_interpolate_pos_embed
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = REPO / "conf"
 
 
 def test_paper_protocol_sets_every_reference_behaviour_and_default_keeps_the_fixes():

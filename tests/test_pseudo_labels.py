@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import require_shared_data
+from helpers.data import concepts_near_cls as _concepts
+from helpers.data import require_shared_data
 from PIL import Image
 
 from transfgu.models.backbone import build_backbone, normalize
@@ -16,15 +17,6 @@ def _camvid_batch(n: int, size: tuple[int, int]) -> torch.Tensor:
     paths = sorted((require_shared_data("camvid") / "images" / "train").glob("*.jpg"))[:n]
     arrs = [np.array(Image.open(p).convert("RGB").resize((size[1], size[0]), Image.BILINEAR)) for p in paths]
     return normalize(torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2))
-
-
-def _concepts(bb, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Concepts near the images' own CLS tokens, so cosine objectives have both signs of gradient."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        cls = bb(x).cls
-    base = cls[torch.arange(k) % cls.shape[0]]
-    return base + 0.5 * base.std() * torch.randn(base.shape, generator=g)
 
 
 @pytest.mark.parametrize(

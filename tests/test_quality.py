@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_shared_data
+from helpers.data import ASSETS, require_shared_data
 
 from transfgu import quality
 from transfgu.tools.quality_table import stage_numbers
 
-ASSET = Path(__file__).parent / "assets" / "standin_camvid.safetensors"
+ASSET = ASSETS / "standin_camvid.safetensors"
 
 
 # -- the metrics themselves against naive definitions ------------------------------------------------------------------

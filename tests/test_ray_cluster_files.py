@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
+from helpers.data import REPO
 
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cluster_yaml_is_valid_for_ray():

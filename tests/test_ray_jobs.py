@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import require_shared_data
+from helpers.data import REPO, require_shared_data
+from helpers.ray import ray_start_head
 
 ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 
-#: The tiny whole-method settings of conftest.tiny_config, as command-line overrides.
+#: The tiny whole-method settings of helpers.configs.tiny_config, as command-line overrides.
 TINY = [
     "data.max_train_images=6", "data.max_val_images=4", "backbone.arch=vit_test_tiny", "backbone.weights=none",
     "crops.input_size=[96,128]", "crops.betas=[0.5,0.3]", "crops.selection=all", "crops.crop_size=32",
@@ -34,71 +26,11 @@ TINY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """``ray start --head --block`` in its own process group (stopped by signalling that group only)."""
-    temp = Path(f"/tmp/rayjobs{os.getpid()}")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    extra = os.environ.get("TRANSFGU_RAY_DASHBOARD_PATH")  # a dir with the ray[default] packages, if not installed
-    if extra:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
-    probe = subprocess.run([sys.executable, "-c", "import aiohttp_cors, opencensus, prometheus_client, grpc"],
-                           env=env, capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("the Jobs API needs the dashboard: install ray[default] (or set TRANSFGU_RAY_DASHBOARD_PATH)")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-         f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         "--node-ip-address=127.0.0.1", "--object-store-memory=150000000", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    from ray.job_submission import JobSubmissionClient
-
-    # Ray >= 2.59 starts local clusters with token auth: the client sends the cluster's token (`ray get-auth-token`)
-    token = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], env=env,
-                           capture_output=True, text=True).stdout.strip()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    address = f"http://127.0.0.1:{dash}"
-    client = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            _stop_group(proc)
-            raise RuntimeError(f"ray start exited: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            client = JobSubmissionClient(address, headers=headers)
-            client.list_jobs()
-            break
-        except Exception:
-            client = None
-            time.sleep(2)
-    try:
-        if client is None:
-            raise RuntimeError("the Ray head did not come up")
+def head():
+    """A ``ray start --head`` cluster with the Jobs API (``helpers.ray.ray_start_head``): its client."""
+    with ray_start_head() as client:
         yield client
-    finally:
-        _stop_group(proc)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the processes of our ``ray start`` (its own process group) and nothing else."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    time.sleep(2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # GCS and raylet may outlive `ray start --block`
 
 
 def test_full_pipeline_as_a_ray_job(head, tmp_path):

@@ -4,54 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.data import KMEANS_ATOL as ATOL
+from helpers.data import blobs as _blobs
+from helpers.data import write_feature_shards as _write_shards
 
 from transfgu.kmeans import kmeans
-from transfgu.store import features_table, read_features, write_parquet_atomic
+from transfgu.store import read_features
 
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.ray
-
-# float64 sums here, float32 sums in faiss: centroids agree to ~1e-6 relative; 1e-4 absolute on O(1) data is ample
-# and still far below any real difference (a single point moving between clusters shifts a mean by ~1e-2).
-ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-class _Rec:
-    def __init__(self, cls: np.ndarray, pools: list[str]) -> None:
-        n = cls.shape[0]
-        self.crop_index = np.arange(n)
-        self.scale = np.full(n, 0.5, np.float32)
-        self.box = np.zeros((n, 4), np.int32)
-        self.pool = np.asarray(pools)
-        self.cls = cls
-
-
-def _write_shards(tmp_path, x: np.ndarray, pools: list[str], n_files: int) -> list:
-    """Split rows into ``n_files`` Parquet shards of the features schema (uneven sizes on purpose)."""
-    cuts = np.sort(np.random.default_rng(5).choice(np.arange(1, len(x)), n_files - 1, replace=False))
-    files = []
-    for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(x)])):
-        t = features_table([f"img{i}"], "train", [_Rec(x[a:b], pools[a:b])])
-        p = tmp_path / f"part-{i:05d}.parquet"
-        write_parquet_atomic(t, p)
-        files.append(p)
-    return files
-
-
-def _blobs(n: int, d: int, centers: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    c = rng.normal(scale=4.0, size=(centers, d))
-    return (c[rng.integers(0, centers, n)] + rng.normal(size=(n, d))).astype(np.float32)
-
 
 def _naive_lloyd(x: np.ndarray, init: np.ndarray, niter: int) -> np.ndarray:
     """Textbook Lloyd (keep a centroid whose cluster empties), then the plain means of the last assignment."""

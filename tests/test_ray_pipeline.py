@@ -9,13 +9,14 @@ image; no deprecated Ray API in the logs.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_shared_data, tiny_config
+from helpers.configs import tiny_config
+from helpers.data import camvid_subset
+from helpers.ray import multi_node_cluster
 
 ray = pytest.importorskip("ray")
 
@@ -34,19 +35,9 @@ RAY_OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 80 * 1024**2, "include_dashboard": False},
-    )
-    for _ in range(2):
-        c.add_node(num_cpus=1, object_store_memory=80 * 1024**2)
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    """A head and two worker nodes, 1 CPU each."""
+    with multi_node_cluster(1, [1, 1]) as c:
+        yield c
 
 
 #: Emitted by Ray Data's own ``DataContext()`` constructor (it assigns its deprecated fields), whatever the caller
@@ -130,17 +121,8 @@ def test_extract_counts_with_an_undecodable_image(cluster, tmp_path):
     from transfgu.stages import ExtractStage
     from transfgu.store import read_features
 
-    src = require_shared_data("camvid")
-    root = tmp_path / "camvid"
-    for sub in ("images/train", "labels/train"):
-        (root / sub).mkdir(parents=True)
-    shutil.copy(src / "classes.txt", root / "classes.txt")
-    names = sorted(p.stem for p in (src / "images" / "train").glob("*.jpg"))[:4]
-    for n in names:
-        shutil.copy(src / "images" / "train" / f"{n}.jpg", root / "images" / "train" / f"{n}.jpg")
-        shutil.copy(src / "labels" / "train" / f"{n}.png", root / "labels" / "train" / f"{n}.png")
+    root, names = camvid_subset(tmp_path / "camvid", 4, broken=1)
     bad = root / "images" / "train" / f"{names[1]}.jpg"
-    bad.write_bytes(b"not a jpeg at all")
     cfg = tiny_config(tmp_path / "runs", **RAY_OVERRIDES, **{"data.root": str(root), "run.error_budget": "0.5"})
     prepare_run_dir(cfg)
     ctx = run_context(cfg)

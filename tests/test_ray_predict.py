@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from transfgu.data.io import load_label
@@ -24,9 +23,12 @@ pytestmark = pytest.mark.ray
 class KillAfterWrite(PredictActor):
     """Dies (SIGKILL) right after writing the ledger file of its first batch, once per marker file."""
 
+    #: Set by the module's fixture; the class travels to the actors by value, with it.
+    kill_marker: str | None = None
+
     def __call__(self, batch):
         out = super().__call__(batch)
-        marker = os.environ.get("TRANSFGU_TEST_KILL_MARKER")
+        marker = self.kill_marker
         if marker:
             try:
                 fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -39,20 +41,16 @@ class KillAfterWrite(PredictActor):
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
+def local_ray(ray_local, tmp_path_factory):
+    """The shared local Ray, and the marker file of the one actor kill (it exists once an actor died)."""
     from ray import cloudpickle
 
-    if ray.is_initialized():
-        ray.shutdown()
     marker = tmp_path_factory.mktemp("kill") / "killed"
+    KillAfterWrite.kill_marker = str(marker)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor subclass travels by value
-    ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
-             _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TRANSFGU_TEST_KILL_MARKER": str(marker),
-                                       **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}})
     yield marker
-    ray.shutdown()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    KillAfterWrite.kill_marker = None
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
-from test_ray_kmeans import ATOL, _blobs, _write_shards
+from helpers.configs import tiny_config
+from helpers.data import KMEANS_ATOL as ATOL
+from helpers.data import blobs as _blobs
+from helpers.data import write_feature_shards as _write_shards
+from helpers.ray import multi_node_cluster
 
 from transfgu.kmeans import kmeans, lloyd_step_stats
 from transfgu.store import read_features
@@ -19,18 +22,9 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 80 * 1024**2, "include_dashboard": False},
-    )
-    c.add_node(num_cpus=2, object_store_memory=80 * 1024**2)
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    """A head with 1 CPU and one worker node with 2 CPUs."""
+    with multi_node_cluster(1, [2]) as c:
+        yield c
 
 
 def test_holder_reads_each_shard_once(tmp_path, monkeypatch):

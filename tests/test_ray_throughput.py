@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers.configs import tiny_config
+from helpers.data import camvid_subset
+from helpers.ray import local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -22,11 +24,10 @@ OVERRIDES = {"ray.cpus_per_actor": "0.5", "ray.extract_actors": "[1, 1]", "data.
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": WORKER_ENV})  # fmt: skip
-    yield
-    ray.shutdown()
+def compiling_ray():
+    """A local Ray of this module's own: its workers compile (a job-level environment, fixed when Ray starts)."""
+    with local_ray(object_store_memory=100 * 1024**2, runtime_env={"env_vars": WORKER_ENV}):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def _check_features(got_dir, ref_dir) -> None:
     np.testing.assert_allclose(fb, fa, rtol=1e-5, atol=1e-5)
 
 
-def test_stage_actor_compiles_and_keeps_the_model_to_one_call(ray_local, reference, tmp_path):
+def test_stage_actor_compiles_and_keeps_the_model_to_one_call(compiling_ray, reference, tmp_path):
     """A StageActor built with the executor's own arguments: compiled backbone (no fallback), two concurrent calls
     of which at most one is in the model at a time, and the one-process shard files."""
     from transfgu.distributed.pipeline import prepare_run_dir
@@ -86,7 +87,7 @@ def test_stage_actor_compiles_and_keeps_the_model_to_one_call(ray_local, referen
     _check_features(ctx.run_dir, reference)
 
 
-def test_ray_sharded_stages_equal_one_process(ray_local, reference, tmp_path):
+def test_ray_sharded_stages_equal_one_process(compiling_ray, reference, tmp_path):
     """Extract and label bank through the Ray Data actor pool (compiled actors, two calls per actor) == the
     one-process executor."""
     from transfgu import local
@@ -109,14 +110,12 @@ def test_ray_sharded_stages_equal_one_process(ray_local, reference, tmp_path):
         np.testing.assert_allclose(bank_b[k], bank_a[k], rtol=1e-5, atol=1e-6)
 
 
-def test_decode_stage_gives_the_one_process_shards(ray_local, tmp_path, monkeypatch):
+def test_decode_stage_gives_the_one_process_shards(compiling_ray, tmp_path, monkeypatch):
     """``ray.decode_stage=true`` (decode + resize in CPU tasks ahead of the actor pool; forced on this CPU Ray):
     the same shard files as the one-process executor (names, integrity stamps, rows, features), and an undecodable
     image is recorded as there. Two-image shards, so the pool sees several shards and a short last one."""
-    import shutil
 
     import pyarrow.parquet as pq
-    from conftest import require_shared_data
 
     from transfgu import local
     from transfgu.distributed import shards
@@ -124,17 +123,8 @@ def test_decode_stage_gives_the_one_process_shards(ray_local, tmp_path, monkeypa
     from transfgu.methods import run_context
     from transfgu.stages import ExtractStage
 
-    src = require_shared_data("camvid")
-    root = tmp_path / "camvid"
-    for sub in ("images/train", "labels/train"):
-        (root / sub).mkdir(parents=True)
-    shutil.copy(src / "classes.txt", root / "classes.txt")
-    names = sorted(p.stem for p in (src / "images" / "train").glob("*.jpg"))[:5]
-    for n in names:
-        shutil.copy(src / "images" / "train" / f"{n}.jpg", root / "images" / "train" / f"{n}.jpg")
-        shutil.copy(src / "labels" / "train" / f"{n}.png", root / "labels" / "train" / f"{n}.png")
+    root, names = camvid_subset(tmp_path / "camvid", 5, broken=2)
     bad = root / "images" / "train" / f"{names[2]}.jpg"
-    bad.write_bytes(b"not a jpeg at all")
     over = {**OVERRIDES, "data.root": str(root), "run.error_budget": "0.5", "data.max_train_images": "5"}
     monkeypatch.setattr(local, "SHARD_IMAGES", 2)
     monkeypatch.setattr(shards, "SHARD_IMAGES", 2)

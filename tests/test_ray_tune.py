@@ -7,18 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers.configs import tiny_config
+from helpers.data import REPO
 
 ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.timeout(1200)  # two sweeps (the second restores the first) on a 2-core machine
@@ -95,9 +89,9 @@ def test_two_trial_sweep_mlflow_tree_and_shared_stages(ray_local, tmp_path, caps
     # the best trial's outputs, not those of the base config's run
     import importlib.util
 
-    from conftest import TINY_CONFIG
+    from helpers.configs import TINY_CONFIG
 
-    spec = importlib.util.spec_from_file_location("tune_sweep", Path(__file__).parents[1] / "ray_jobs" /
+    spec = importlib.util.spec_from_file_location("tune_sweep", REPO / "ray_jobs" /
                                                   "tune_sweep.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
 from PIL import Image
 
 from transfgu.cli import run_main

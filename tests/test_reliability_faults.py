@@ -27,7 +27,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
+from helpers.data import REPO
 from safetensors.torch import load_file
 
 from transfgu import store
@@ -36,7 +37,6 @@ from transfgu.stages import STAGES
 from transfgu.store import Manifest, list_parquet_files, read_features
 
 torch.set_num_threads(2)
-REPO = Path(__file__).resolve().parents[1]
 
 PAUSING_CLI = textwrap.dedent(
     """

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
 from PIL import Image
 
 from transfgu.data.io import load_rgb

@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
+from helpers.ray import arm as _arm
+from helpers.ray import faulty_local_ray, fire_once, patch_on_import
 from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
@@ -54,27 +55,15 @@ def fault_hook() -> None:
     The wrappers are installed when the worker imports the module, not here, so the many Ray workers that never
     touch transfgu (Train controller, Data planner tasks) do not pay for importing torch.
     """
-    import importlib.abc
-    import importlib.util
     import json
     import os
     import signal
-    import sys
     from pathlib import Path
 
     control = Path(os.environ["TRANSFGU_FAULTS"])
 
     def armed(point: str) -> bool:
-        spec = json.loads(control.read_text()) if control.is_file() else {}
-        if spec.get("point") != point:
-            return False
-        try:
-            fd = os.open(spec["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False  # already fired once
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return True
+        return fire_once(control, point)
 
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -121,52 +110,14 @@ def fault_hook() -> None:
     patches = {"transfgu.stages": patch_stages, "transfgu.distributed.shards": patch_shards,
                "transfgu.training": patch_training}
 
-    class PatchOnImport(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name not in patches:
-                return None
-            sys.meta_path.remove(self)
-            try:
-                spec = importlib.util.find_spec(name)
-            finally:
-                sys.meta_path.insert(0, self)
-            real_exec = spec.loader.exec_module
-
-            def exec_module(module):
-                real_exec(module)
-                patches[name](module)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    for name, patch in patches.items():
-        if name in sys.modules:
-            patch(sys.modules[name])
-    sys.meta_path.insert(0, PatchOnImport())
+    patch_on_import(patches)
 
 
 @pytest.fixture(scope="module")
 def faulty_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    control = Path(tempfile.mkdtemp(prefix="transfgu_faults_")) / "control.json"
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels by value to the workers
-    ray.init(
-        address="local", num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"worker_process_setup_hook": fault_hook,
-                     "env_vars": {"TRANSFGU_FAULTS": str(control), "OMP_NUM_THREADS": "1",
-                                  **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}},
-    )
-    yield control
-    ray.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def _arm(control: Path, point: str, tmp_path: Path) -> Path:
-    marker = tmp_path / f"fired_{point}"
-    control.write_text(json.dumps({"point": point, "marker": str(marker)}))
-    return marker
+    """A local Ray of this module's own whose workers run ``fault_hook``; yields the fault control file."""
+    with faulty_local_ray(fault_hook, sys.modules[__name__]) as control:
+        yield control
 
 
 def _rows_per_image(features_dir: Path) -> dict[str, int]:

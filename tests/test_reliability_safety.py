@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import tiny_config
+from helpers.configs import tiny_config
+from helpers.data import REPO
 from PIL import Image
 from safetensors import safe_open
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("transfgu", "ray_jobs")
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib", ".bin", ".pt2"}
 

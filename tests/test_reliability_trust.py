@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_CONFIG, require_shared_data
+from helpers.configs import TINY_CONFIG
+from helpers.data import REPO, require_shared_data
 
 from transfgu.cli import parse_run_args, run_main
 

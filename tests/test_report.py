@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from chromium import browser as _browser_fixture  # noqa: F401  (the `browser` fixture)
 from PIL import Image
 
 from transfgu import viz
@@ -241,7 +240,7 @@ def test_report_links_its_mlflow_run(tiny_run_dir, tmp_path):
 def test_report_page_in_chromium(tiny_run_dir, tmp_path, browser):
     import os
 
-    from chromium import element_screenshot, open_page
+    from helpers.chromium import element_screenshot, open_page
 
     run = _ranked_run(tiny_run_dir, tmp_path)
     path = write_report(run, ReportOptions(n_pred_images=4, device="cpu", n_cam_images=1, n_per_concept=2))

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
 from safetensors.torch import load_file
 
 from transfgu.checkpoint import load_train_state

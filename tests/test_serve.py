@@ -12,17 +12,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from chromium import browser as _browser_fixture  # noqa: F401  (the `browser` fixture)
+from helpers.ray import http_request as _request
+from helpers.ray import serve_endpoint
 from PIL import Image
 
 from transfgu.data.io import load_rgb
@@ -35,49 +33,11 @@ MAX_BODY_MB = 1.0
 MAX_PIXELS = 1_000_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(url: str, data: bytes | None = None, ctype: str | None = None, timeout: float = 120):
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if ctype:
-        req.add_header("Content-Type", ctype)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
 @pytest.fixture(scope="module")
-def endpoint(tiny_run_dir):
-    from transfgu.serve import app
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
-             _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                       **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app({"model": str(tiny_run_dir), "device": "cpu", "model_cpus": "0.5", "api_cpus": "0.25",
-                   "max_replicas": "2", "max_body_mb": str(MAX_BODY_MB), "max_pixels": str(MAX_PIXELS)}),
-              name="transfgu", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        status, _, _ = _request(base + "/healthz", timeout=30)
-        if status == 200 or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert status == 200
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+def endpoint(ray_local, tiny_run_dir):
+    with serve_endpoint(tiny_run_dir, {"model_cpus": "0.5", "api_cpus": "0.25", "max_replicas": "2",
+                                       "max_body_mb": str(MAX_BODY_MB), "max_pixels": str(MAX_PIXELS)}) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from helpers.configs import tiny_config
 from torch import nn
 
 from transfgu import errors, integrity, local, stages

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config
+from helpers.configs import tiny_config
 
 from transfgu.tracking import resolve_tracking_uri
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers.configs import tiny_config
 from PIL import Image
 
 from transfgu.data import train_store as ts

@@ -4,10 +4,10 @@ configuration text (files and ``key=value`` overrides) is bounded in size, nesti
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG, require_shared_data, tiny_config
+from helpers.configs import TINY_CONFIG, tiny_config
+from helpers.data import REPO, require_shared_data
 
 from transfgu.config import ConfigError, load_config
 from transfgu.preflight import PreflightError, preflight
@@ -49,7 +49,7 @@ def test_memory_estimate_is_the_sum_of_its_parts():
     assert pass_memory((h, w), b, p, d, c) == b * (12 * h * w + 40 * (h // p) * (w // p) * d + 8 * c * h * w)
 
 
-@pytest.mark.parametrize("preset", sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.yaml")),
+@pytest.mark.parametrize("preset", sorted((REPO / "conf").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_preset_is_within_the_bounds(preset):
     from transfgu.preflight import check_memory, patch_size_of

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+from functools import partial
 
 import numpy as np
 import pytest
+from helpers.ray import http_request, serve_endpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,15 +27,8 @@ pytestmark = pytest.mark.ray
 WORK_PIXELS = 4_000_000  # the default of work_pixels
 
 
-def _request(url: str, data: bytes | None = None, ctype: str | None = None, timeout: float = 300):
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if ctype:
-        req.add_header("Content-Type", ctype)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+#: Requests wait longer here: the large images of this module take minutes on the loaded 2-core VM.
+_request = partial(http_request, timeout=300)
 
 
 def _png(h: int, w: int) -> bytes:
@@ -47,32 +40,11 @@ def _png(h: int, w: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def endpoint(tiny_run_dir):
-    from bench.serve_load import _free_port
-    from transfgu.serve import app
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False,
-             _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                       **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app({"model": str(tiny_run_dir), "device": "cpu", "model_cpus": "0.5", "api_cpus": "0.25",
-                   "max_replicas": "1", "max_body_mb": "2"}),  # the defaults of the memory bounds
-              name="transfgu", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        status, _, _ = _request(base + "/healthz", timeout=30)
-        if status == 200 or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert status == 200
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+def endpoint(ray_local, tiny_run_dir):
+    with serve_endpoint(tiny_run_dir, {"model_cpus": "0.5", "api_cpus": "0.25", "max_replicas": "1",
+                                       "max_body_mb": "2"},  # the defaults of the memory bounds
+                        ready_s=180) as base:
+        yield base
 
 
 def test_large_image_is_labelled_at_full_size_from_the_reduced_decode(endpoint, tiny_run_dir):
