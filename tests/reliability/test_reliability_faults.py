@@ -9,7 +9,7 @@
 The kill points are made deterministic by a wrapper that pauses the real CLI right after the event (a label-bank
 batch about to be computed, a round checkpoint written) and tells the test through a marker file; the process is
 then killed with SIGKILL, which no handler can intercept. The Ray faults (actor and Train worker killed) are in
-``tests/test_reliability_ray.py``.
+``tests/ray/test_reliability_ray.py``.
 """
 
 from __future__ import annotations

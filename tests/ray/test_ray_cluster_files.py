@@ -1,4 +1,4 @@
-"""cluster.yaml passes Ray's own autoscaler schema check (the image's pins: tests/test_environment.py)."""
+"""cluster.yaml passes Ray's own autoscaler schema check (the image's pins: tests/unit/test_environment.py)."""
 
 from __future__ import annotations
 

@@ -419,7 +419,7 @@ def test_foreground_queue_pushes_equal_a_brute_force_pick():
     pick = torch.randperm(len(rows), generator=step_generator(0, 0, 0, 19))[:4]
     assert q.filled == 4
     torch.testing.assert_close(q.data[:4], torch.stack([rows[int(r)] for r in pick]))
-    # without a mask every patch is a candidate (the ranks' pieces: tests/test_leopart_finetune_ddp.py)
+    # without a mask every patch is a candidate (the ranks' pieces: tests/stages/test_leopart_finetune_ddp.py)
     q_all = ft.EmbeddingQueue(50, 2)
     ftt._push_global(q_all, z, None, 0, 3, 4, step_generator(0, 0, 0, 19))
     pick = torch.randperm(15, generator=step_generator(0, 0, 0, 19))[:4]

@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of the readers of untrusted input: the config loader (files and overrides) and
 the model-file loaders. Whatever the input, the result is a valid object or the reader's one documented error
 (``ConfigError``, ``FileSchemaError``, ...): never another exception (a traceback), never an unbounded allocation.
-The HTTP endpoint's properties are in tests/test_trust_serve.py (they need Ray)."""
+The HTTP endpoint's properties are in tests/ray/test_trust_serve.py (they need Ray)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Leopart dense fine-tuning on Ray Train (issue 17): a worker killed mid-run resumes from its last epoch state and
 ends with the weights of an uninterrupted one-process run; two DDP workers (gloo) train and write the backbone.
 
-The fault is injected as in tests/test_reliability_ray.py: a ``worker_process_setup_hook`` wraps
+The fault is injected as in tests/ray/test_reliability_ray.py: a ``worker_process_setup_hook`` wraps
 ``finetune_train.save_train_state`` so that the Ray Train worker SIGKILLs itself once, right after epoch 1's state is
 on disk, and wraps ``load_train_state`` to record which state a (restarted) worker resumed from.
 """

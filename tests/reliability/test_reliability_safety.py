@@ -7,8 +7,8 @@
   True)``, unsafe ``yaml.load``, ``eval``/``exec``; no ``shell=True``, ``os.system`` or ``os.popen``.
 * A Ray started by the package listens on 127.0.0.1 only, with the dashboard off by default; MLflow uses a SQLite
   file (no server socket) unless the user names a tracking URI.
-* Data lists cannot point outside the data root: ``tests/test_data.py::test_voc_split_file_cannot_escape_root`` and
-  ``tests/test_data.py::test_coco_stuff_layout_and_curated_list`` (absolute paths and ``..`` rejected).
+* Data lists cannot point outside the data root: ``tests/unit/test_data.py::test_voc_split_file_cannot_escape_root`` and
+  ``tests/unit/test_data.py::test_coco_stuff_layout_and_curated_list`` (absolute paths and ``..`` rejected).
 """
 
 from __future__ import annotations

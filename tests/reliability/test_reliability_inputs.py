@@ -4,7 +4,7 @@ One shared run over a crafted CamVid-layout folder holds every bad input at once
 decoded correctly (asserted on their pixels and, for the EXIF photo, on its features), the broken ones recorded as
 (file, stage, reason) in ``<run>/errors.jsonl`` and counted in the manifest, and every good image must still reach
 the features, the label bank, training and evaluation. The pixel-level unit tests of each decoder path are in
-``tests/test_data.py``; here the point is that the pipeline survives them end to end.
+``tests/unit/test_data.py``; here the point is that the pipeline survives them end to end.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def _small_set(tmp_path: Path, camvid: Path, n: int = 4) -> Path:
 
 
 def test_error_budget_message_and_resume_after_raising_it(tmp_path, camvid):
-    """Extends tests/test_pipeline.py::test_error_budget_stops_a_run_with_too_many_bad_images: the message says
+    """Extends tests/stages/test_pipeline.py::test_error_budget_stops_a_run_with_too_many_bad_images: the message says
     what to change, the manifest records the failure, and a re-run with a larger budget keeps the finished shard
     and counts each bad file once."""
     data = _small_set(tmp_path, camvid)

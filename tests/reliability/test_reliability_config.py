@@ -1,7 +1,7 @@
 """Reliability, bad configuration and environment (issue 5 item 3): fail before any work, say what to change.
 
 Schema errors (unknown keys, wrong types, K < 1, beta outside (0, 1], bad sizes) are caught by ``load_config``;
-``tests/test_config.py::test_bad_values_fail_with_the_key_named`` covers the dotted-override forms, this file adds
+``tests/unit/test_config.py::test_bad_values_fail_with_the_key_named`` covers the dotted-override forms, this file adds
 the YAML-file and CLI forms. Everything that needs the disk, the device or the backbone's patch size is
 :func:`transfgu.preflight.preflight`'s job; its checks are tested directly here, and through ``run_pipeline``
 (no ``features/`` directory may appear), which ``run_pipeline`` calls before its first stage.

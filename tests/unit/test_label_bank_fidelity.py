@@ -97,7 +97,7 @@ def test_precision_default_is_float32_and_bf16_is_opt_in():
 @pytest.mark.slow
 def test_float32_definition_matches_the_k_backward_oracle_decisions(setting):
     """The definition the bank is compared with is the reference's (K full backward passes), decision for decision
-    (slow: K full backward passes through ViT-S/8; tests/test_pseudo_labels.py checks the values at small K)."""
+    (slow: K full backward passes through ViT-S/8; tests/unit/test_pseudo_labels.py checks the values at small K)."""
     bb, images, _, cents = setting
     k = 12
     x = torch.stack([to_model_input(im, SIZE, "nearest") for im in images[:1]])

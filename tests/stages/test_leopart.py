@@ -432,7 +432,7 @@ def test_bad_inputs_are_recorded_or_rejected_clearly(tmp_path):
     with pytest.raises(ValueError, match="leopart.k_community"):
         run_pipeline(bad)
     # (the paper protocol on a data set without a background class runs with a fixed CBFE threshold and unmatched
-    # segments as errors: tests/test_leopart_ray.py, the MSRC preset)
+    # segments as errors: tests/ray/test_leopart_ray.py, the MSRC preset)
     with pytest.raises(ConfigError, match="blur_kernel"):
         load_config(REPO / "conf" / "leopart_horse.yaml", ["leopart.blur_kernel=4"])
     with pytest.raises(ConfigError, match="leopart.kcbfe"):
