@@ -73,31 +73,39 @@ def _ray_session():
         sys.modules["helpers.ray"].stop_shared_local()
 
 
+#: Node ids of the modules still to run that use the shared local Ray (set after collection).
+_SHARED_RAY_MODULES: set[str] = set()
+
+
 @pytest.fixture(scope="module")
-def ray_local(_ray_session):
+def ray_local(request, _ray_session):
     """The session's shared local Ray (2 CPUs, 127.0.0.1 only; ``helpers.ray.start_shared_local``): every module that
     needs a plain local Ray uses this one instead of starting its own. A module that needs other settings starts a
     cluster of its own through ``helpers.ray`` (which stops this one; it starts again at its next use). Each module
-    leaves the cluster as it found it: no Serve application survives the module."""
+    leaves the cluster as it found it: no Serve application survives the module. After the last module that uses it,
+    it stops (the rest of the session runs without Ray's processes)."""
     pytest.importorskip("ray")
     from helpers import ray as ray_helpers
 
     ray_helpers.start_shared_local()
     yield
     ray_helpers.clean_shared_local()
+    _SHARED_RAY_MODULES.discard(request.node.nodeid)
+    if not _SHARED_RAY_MODULES:
+        ray_helpers.stop_shared_local()
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
 def pytest_collection_modifyitems(session, config, items):
     """Modules that use the shared local Ray run one after the other (at the place of the first), so that a cluster of
     some module's own in between does not stop it and make it start again. Modules stay whole; the order is otherwise
     the collection order."""
-    def uses_shared(item) -> bool:
-        return "ray_local" in getattr(item, "fixturenames", ())
-
     modules: dict = {}
     for item in items:
-        modules.setdefault(item.module if hasattr(item, "module") else item.parent, []).append(item)
-    shared = [m for m, its in modules.items() if any(uses_shared(i) for i in its)]
+        modules.setdefault(item.getparent(pytest.Module) or item.parent, []).append(item)
+    shared = [m for m, its in modules.items() if any("ray_local" in getattr(i, "fixturenames", ()) for i in its)]
+    _SHARED_RAY_MODULES.clear()
+    _SHARED_RAY_MODULES.update(m.nodeid for m in shared)
     if len(shared) < 2:
         return
     ordered = []
