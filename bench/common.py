@@ -294,10 +294,17 @@ def finish(result: dict[str, Any], args: argparse.Namespace, t_start: float) -> 
         result["notes"].append("quick mode: tiny sizes for CI; targets are only judged on full-size runs")
     print_table(result)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+        write_result(args.out, result)
         print(f"wrote {args.out}")
     return result
+
+
+def write_result(out: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's result as indented JSON to ``out`` (its folder made), or nothing when ``out`` is None."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

@@ -12,8 +12,8 @@ real CamVid image (480x360 JPEG), the response the JSON with the label PNG. Noth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
-import json
 import os
 import socket
 import statistics
@@ -21,10 +21,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, shared_data_dir
+from bench.common import REPO, shared_data_dir, write_result
 
 
 def _free_port() -> int:
@@ -40,6 +41,41 @@ def _tiny_model(root: Path) -> Path:
     cfg = build_config(True, root, "serve_bench", "cpu", ["run.report=false"])
     run_pipeline(cfg)
     return cfg.run_dir
+
+
+@contextlib.contextmanager
+def local_serve(opts: dict[str, str], num_cpus: int, num_gpus: int | None, object_store_mb: int,
+                env_vars: dict[str, str]) -> Iterator[int]:
+    """A private local Ray with the :mod:`transfgu.serve` application on 127.0.0.1; yields its port, then shuts
+    Serve and Ray down."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    from transfgu.serve import app
+
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", object_store_memory=object_store_mb * 1024**2,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", **env_vars}})
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app(opts), name="transfgu", route_prefix="/")
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_clients(client: Callable[[], None], concurrency: int) -> float:
+    """Run ``client`` in ``concurrency`` threads at once; the wall seconds until the last one returned."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def _loop(port: int, body: bytes, concurrency: int, max_requests: int, max_seconds: float) -> dict[str, Any]:
@@ -75,13 +111,7 @@ def _loop(port: int, body: bytes, concurrency: int, max_requests: int, max_secon
                     errors.append(str(r.status))
         conn.close()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(worker, concurrency)
     lat.sort()
 
     def pct(q: float) -> float | None:
@@ -104,30 +134,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu", help="model replicas' device: cpu or cuda (one GPU per replica)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray import serve
-
-    from transfgu.serve import app
-
     load_start = os.getloadavg()
     model = args.model or str(_tiny_model(Path(tempfile.mkdtemp(prefix="transfgu_bench_serve_"))))
     image = sorted((shared_data_dir() / "camvid" / "images" / "val").glob("*.jpg"))[0]
     body = image.read_bytes()
-    ray.init(address="local", num_cpus=args.num_cpus, num_gpus=None if args.device == "cuda" else 0,
-             include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=200 * 1024**2, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     opts = {"model": model, "device": args.device, "model_cpus": "0.5", "api_cpus": "0.25",
             "max_replicas": str(args.max_replicas), "max_batch_size": str(args.max_batch_size)}
-    serve.run(app(opts), name="transfgu", route_prefix="/")
-    try:
+    with local_serve(opts, args.num_cpus, None if args.device == "cuda" else 0, 200, {}) as port:
         _loop(port, body, 1, 5, 60)  # warm-up: replica start, first batch, lazy imports
         levels = [_loop(port, body, c, args.requests, args.seconds) for c in args.concurrency]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     result = {
         "bench": "serve_load",
         "command": "python -m bench.serve_load " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -142,9 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{r['concurrency']:>4} {r['requests']:>9} {r['errors']:>4} {r['requests_per_s']:>7} "
               f"{r['p50_ms']:>8} {r['p99_ms']:>8}")
     print(f"load average: start {load_start}, end {result['machine']['loadavg_end']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return result
 
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO
-from bench.serve_load import _free_port, _tiny_model
+from bench.common import REPO, write_result
+from bench.serve_load import _tiny_model, local_serve, run_clients
 
 
 def synthetic_png(side: int) -> bytes:
@@ -87,34 +87,9 @@ def rss(pids: dict[int, str]) -> dict[str, int]:
     return by
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="run dir / model dir (default: build the tiny model)")
-    p.add_argument("--side", type=int, default=6000)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--settle", type=float, default=10.0, help="seconds to wait for memory to come back")
-    p.add_argument("--num-cpus", type=int, default=2)
-    p.add_argument("--app-option", action="append", default=[], help="extra key=value of the Serve application")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray import serve
-
-    from transfgu.serve import app
-
-    model = args.model or str(_tiny_model(Path(tempfile.mkdtemp(prefix="transfgu_bench_servemem_"))))
-    body = synthetic_png(args.side)
-    small = synthetic_png(256)
-    ray.init(address="local", num_cpus=args.num_cpus, num_gpus=0, include_dashboard=False,
-             _node_ip_address="127.0.0.1", object_store_memory=300 * 1024**2,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1",
-                                       **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    opts = {"model": model, "device": "cpu", "model_cpus": "0.5", "api_cpus": "0.25", "min_replicas": "1",
-            "max_replicas": "1", **dict(o.split("=", 1) for o in args.app_option)}
-    serve.run(app(opts), name="transfgu", route_prefix="/")
+def _measure(port: int, body: bytes, small: bytes, concurrency: int, settle: float
+             ) -> tuple[dict[str, int], dict[str, int], dict[str, int], list[tuple[int, float]], float]:
+    """Replicas' RSS idle, at the peak of ``concurrency`` large requests in flight and ``settle`` s after them."""
 
     def post(data: bytes) -> tuple[int, float]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -127,48 +102,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             conn.close()
 
-    try:
-        for _ in range(3):  # warm-up: replica start, first batch, lazy imports
-            post(small)
-        post(body)  # one large request alone: the allocator's first touch is not the load's
-        time.sleep(3)
-        pids = replica_pids()
-        idle = rss(pids)
-        peak = dict(idle)
-        stop = threading.Event()
+    for _ in range(3):  # warm-up: replica start, first batch, lazy imports
+        post(small)
+    post(body)  # one large request alone: the allocator's first touch is not the load's
+    time.sleep(3)
+    pids = replica_pids()
+    idle = rss(pids)
+    peak = dict(idle)
+    stop = threading.Event()
 
-        def sample() -> None:
-            while not stop.is_set():
-                now = rss(pids)
-                if sum(now.values()) > sum(peak.values()):
-                    peak.clear()
-                    peak.update(now)
-                time.sleep(0.05)
+    def sample() -> None:
+        while not stop.is_set():
+            now = rss(pids)
+            if sum(now.values()) > sum(peak.values()):
+                peak.clear()
+                peak.update(now)
+            time.sleep(0.05)
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        results: list[tuple[int, float]] = []
-        lock = threading.Lock()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    results: list[tuple[int, float]] = []
+    lock = threading.Lock()
 
-        def one() -> None:
-            r = post(body)
-            with lock:
-                results.append(r)
+    def one() -> None:
+        r = post(body)
+        with lock:
+            results.append(r)
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=one) for _ in range(args.concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        time.sleep(args.settle)
-        stop.set()
-        sampler.join()
-        after = rss(pids)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    wall = run_clients(one, concurrency)
+    time.sleep(settle)
+    stop.set()
+    sampler.join()
+    after = rss(pids)
+    return idle, peak, after, results, wall
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="run dir / model dir (default: build the tiny model)")
+    p.add_argument("--side", type=int, default=6000)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--settle", type=float, default=10.0, help="seconds to wait for memory to come back")
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--app-option", action="append", default=[], help="extra key=value of the Serve application")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    model = args.model or str(_tiny_model(Path(tempfile.mkdtemp(prefix="transfgu_bench_servemem_"))))
+    body = synthetic_png(args.side)
+    small = synthetic_png(256)
+    opts = {"model": model, "device": "cpu", "model_cpus": "0.5", "api_cpus": "0.25", "min_replicas": "1",
+            "max_replicas": "1", **dict(o.split("=", 1) for o in args.app_option)}
+    env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    with local_serve(opts, args.num_cpus, 0, 300, env) as port:
+        idle, peak, after, results, wall = _measure(port, body, small, args.concurrency, args.settle)
     mb = 1024**2
     total = {k: round(sum(v.values()) / mb, 1) for k, v in (("idle", idle), ("peak", peak), ("after", after))}
     result = {
@@ -189,9 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(json.dumps({k: result["results"][k] for k in ("replicas_rss_mb", "added_at_peak_mb", "held_after_mb",
                                                         "statuses", "seconds")}, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return result
 
 

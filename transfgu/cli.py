@@ -26,7 +26,7 @@ from transfgu.tracking import resolve_tracking_uri, ui_lines
 
 SUBCOMMANDS = {
     "run": ("transfgu.cli", "run_main", "run every stage of the method (--ray: on a Ray cluster)"),
-    "evaluate": ("transfgu.evaluate_folders", "main", "score predicted label PNGs against ground truth"),
+    "evaluate": ("transfgu.evaluate", "main", "score predicted label PNGs against ground truth"),
     "predict": ("transfgu.predict", "main", "label new images with a trained checkpoint"),
     "report": ("transfgu.report", "main", "write the visual HTML report of a run directory"),
     "export": ("transfgu.export", "main", "export a trained model (backbone + decoder) for deployment"),

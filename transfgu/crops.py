@@ -8,7 +8,7 @@ Everything here follows reference_method.md §2-§3:
 * :func:`crop_and_resize` cuts and resizes the crops in one batched call (the reference slices and calls
   ``F.interpolate`` once per crop);
 * :func:`embed_crops` embeds crops in batches (the reference embeds COCO/VOC crops one at a time, §3);
-* :func:`extract_image_crops` / :func:`extract_crops_batch` chain them into the per-image stage function.
+* :func:`extract_crops_batch` chains them into the per-image stage function (one image: a batch of one).
 
 Conventions
 -----------
@@ -44,7 +44,6 @@ __all__ = [
     "crop_and_resize",
     "embed_crops",
     "extract_crops_batch",
-    "extract_image_crops",
     "foreground_prior",
     "select_windows",
     "window_layout",
@@ -458,31 +457,3 @@ def extract_crops_batch(
         offset += len(idx)
     return records
 
-
-def extract_image_crops(
-    backbone: torch.nn.Module,
-    image: Tensor,
-    betas: Sequence[float] = (0.5, 0.4, 0.3, 0.2),
-    mode: SelectMode = "fg_bg",
-    th_fg: float = 0.5,
-    th_bg: float = 0.8,
-    crop_size: int | None = None,
-    batch_size: int = 64,
-    autocast_dtype: torch.dtype | None = None,
-    trim_last_pixel: bool = True,
-) -> CropRecords:
-    """:func:`extract_crops_batch` for one ``(3, H, W)`` normalised image at the stage size."""
-    if image.dim() != 3:
-        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    return extract_crops_batch(
-        backbone,
-        image[None],
-        betas,
-        mode,
-        th_fg,
-        th_bg,
-        crop_size,
-        batch_size,
-        autocast_dtype,
-        trim_last_pixel,
-    )[0]

@@ -40,12 +40,12 @@ from transfgu.cli_args import export_parser
 from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from transfgu.predict import Predictor, load
 
-__all__ = ["SegmentationModel", "export_program", "export_torchscript", "load_exported", "main"]
+__all__ = ["ExportedModel", "export_program", "export_torchscript", "load_exported", "main"]
 
 EXTRA_FILE = "transfgu.json"
 
 
-class SegmentationModel(nn.Module):
+class ExportedModel(nn.Module):
     """Backbone + decoder as one module: normalised images -> labels or logits at the input size."""
 
     def __init__(
@@ -89,7 +89,7 @@ class _SizeChecked(nn.Module):
         return self.inner(x)
 
 
-def _prepare(predictor: Predictor, output: str, classes: bool) -> tuple[SegmentationModel, dict[str, Any]]:
+def _prepare(predictor: Predictor, output: str, classes: bool) -> tuple[ExportedModel, dict[str, Any]]:
     if classes and output != "labels":
         raise ValueError("classes=True needs output='labels'")
     mapping = None
@@ -104,7 +104,7 @@ def _prepare(predictor: Predictor, output: str, classes: bool) -> tuple[Segmenta
     # Copies, so exporting leaves the predictor (maybe on a GPU, maybe in use) as it was.
     backbone = copy.deepcopy(predictor.backbone).to("cpu").float().eval()
     decoder = copy.deepcopy(predictor.decoder).to("cpu").float().eval()
-    model = SegmentationModel(backbone, decoder, output, mapping).eval()
+    model = ExportedModel(backbone, decoder, output, mapping).eval()
     info = {
         "format": "transfgu-export/1",
         "input": {"shape": ["B", 3, hh, ww], "dtype": "float32", "mean": list(IMAGENET_MEAN),

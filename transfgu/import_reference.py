@@ -145,7 +145,7 @@ def import_reference_decoder(
     """
     from transfgu.checkpoint import save_model
     from transfgu.models.backbone import build_backbone
-    from transfgu.training import model_meta, n_output_channels
+    from transfgu.training import decoder_model_meta, n_output_channels
 
     dec, shape = load_reference_decoder(path)
     want = n_output_channels(cfg)
@@ -162,7 +162,7 @@ def import_reference_decoder(
             f"{backbone.embed_dim}-d"
         )
     cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": w})})
-    meta = model_meta(cfg, backbone.pretrained, backbone.embed_dim)
+    meta = decoder_model_meta(cfg, backbone.pretrained, backbone.embed_dim)
     meta["decoder"].update(d_model=shape["d_model"], n_layers=shape["n_layers"], n_heads=shape["n_heads"],
                            cls_emb_init="reference")
     meta["imported_from"] = {"file": str(Path(path).resolve()), "layout": "TransFGU authors' decoder checkpoint"}
@@ -170,7 +170,7 @@ def import_reference_decoder(
     out = Path(out_dir)
     save_model(out, dec, meta, backbone=backbone)
     if evaluate:
-        from transfgu.evaluation import evaluate_decoder, write_eval
+        from transfgu.evaluate_stage import evaluate_decoder, write_eval
         from transfgu.runtime import autocast_dtype, resolve_device
         from transfgu.store import atomic_write_json
 

@@ -222,7 +222,7 @@ def _staged_checkpoint(checkpoint: Path, tmp: Path) -> Path:
     return dst
 
 
-def save_model(checkpoint_dir: str | Path, path: str | Path) -> Path:
+def save_mlflow_model(checkpoint_dir: str | Path, path: str | Path) -> Path:
     """Write the MLflow model of a checkpoint to ``path`` (no tracking server involved)."""
     import mlflow.pyfunc
 
@@ -444,5 +444,5 @@ def decode_label_png(b64: str) -> np.ndarray:
 
 
 __all__: Sequence[str] = ("TransFGUPyfunc", "decode_label_png", "default_registered_name", "load_pyfunc", "log_model",
-                          "model_metadata", "register_logged_model", "requirements", "resolve_model_dir", "save_model",
-                          "write_model_card")
+                          "model_metadata", "register_logged_model", "requirements", "resolve_model_dir",
+                          "save_mlflow_model", "write_model_card")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -123,19 +124,20 @@ def _objective(z: Tensor, centroids: Tensor, grad_scale: float) -> Tensor:
     return grad_scale * (1.0 - F.normalize(z, dim=-1) @ F.normalize(centroids, dim=-1).T)
 
 
-def concept_maps(
-    backbone: DinoViT,
-    images: Tensor,
-    centroids: Tensor,
-    grad_scale: float = 0.125,
-    mass: float = 0.8,
-    autocast_dtype: torch.dtype | None = None,
-) -> Tensor:
+class MapOptions(TypedDict, total=False):
+    """The optional arguments of :func:`concept_map_parts` (and :func:`concept_maps`), by name."""
+
+    grad_scale: float
+    mass: float
+    autocast_dtype: torch.dtype | None
+
+
+def concept_maps(backbone: DinoViT, images: Tensor, centroids: Tensor, **options: Unpack[MapOptions]) -> Tensor:
     """Pseudo-label maps for a batch: ``(B, K, h, w)`` float32 (fast path, see module docstring).
 
     Same arguments as :func:`concept_map_parts`.
     """
-    parts, (h, w) = concept_map_parts(backbone, images, centroids, grad_scale, mass, autocast_dtype)
+    parts, (h, w) = concept_map_parts(backbone, images, centroids, **options)
     return parts.maps().reshape(images.shape[0], centroids.shape[0], h, w)
 
 

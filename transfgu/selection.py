@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from transfgu.config import Config, n_output_channels
-from transfgu.evaluation import has_labelled_val
+from transfgu.evaluate_stage import has_labelled_val
 from transfgu.store import atomic_write_json, atomic_write_text, fix_mode
 
 log = logging.getLogger(__name__)

@@ -7,15 +7,15 @@ layout, its per-item work and its checks. The executors only schedule that work:
 * the Ray executor (:mod:`transfgu.distributed`) runs the same per-item code in a Ray Data actor pool (extract,
   label bank), Ray tasks (k-means Lloyd steps, evaluation) or Ray Train workers (training).
 
-================  ==============================  =======================================  =========================
-stage             reads                           writes                                   per-item work
-================  ==============================  =======================================  =========================
-extract           images of the training split    ``features/part-*.parquet``              :class:`ExtractStage`
-concepts          ``features/``                   ``concepts/``                            :mod:`transfgu.concepts`
-label_bank        images, ``concepts/``           ``label_bank/part-*.parquet``            :class:`LabelBankStage`
-train             images, ``label_bank/``         ``train/round_*/``, ``model/``           :mod:`transfgu.training`
-evaluate          ``model/``, labelled val split  ``eval/`` (+ the mapping in model.json)  :mod:`transfgu.evaluation`
-================  ==============================  =======================================  =========================
+================  ==============================  ===================================  =============================
+stage             reads                           writes                               per-item work
+================  ==============================  ===================================  =============================
+extract           images of the training split    ``features/part-*.parquet``          :class:`ExtractStage`
+concepts          ``features/``                   ``concepts/``                        :mod:`transfgu.concepts`
+label_bank        images, ``concepts/``           ``label_bank/part-*.parquet``        :class:`LabelBankStage`
+train             images, ``label_bank/``         ``train/round_*/``, ``model/``       :mod:`transfgu.training`
+evaluate          ``model/``, labelled val split  ``eval/`` (+ mapping in model.json)  :mod:`transfgu.evaluate_stage`
+================  ==============================  ===================================  =============================
 
 Nothing in this module knows about Ray or MLflow.
 """
@@ -40,7 +40,7 @@ from transfgu.config import Config, CropConfig, PseudoLabelConfig
 from transfgu.context import RunContext
 from transfgu.crops import extract_crops_batch
 from transfgu.data.loaders import split_records
-from transfgu.evaluation import evaluate_decoder, has_labelled_val, write_eval
+from transfgu.evaluate_stage import evaluate_decoder, has_labelled_val, write_eval
 from transfgu.kmeans import KMeansResult
 from transfgu.layout import RunLayout
 from transfgu.models.backbone import DinoViT
@@ -234,7 +234,7 @@ def finish_train(ctx: RunContext, state_dir: Path | None = None) -> dict[str, An
 
 
 # -- stage 5: evaluate ---------------------------------------------------------------------------------------------
-def run_evaluate(ctx: RunContext) -> dict[str, Any]:
+def evaluate_model(ctx: RunContext) -> dict[str, Any]:
     """Score ``model/`` on the labelled validation split; write ``eval/`` and the cluster -> class mapping."""
     cfg = ctx.cfg
     if not has_labelled_val(cfg):

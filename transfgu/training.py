@@ -162,7 +162,7 @@ def latest_round_state(train_dir: Path, input_hash: str | None) -> Path | None:
     return latest_train_state(train_dir, input_hash)
 
 
-def model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
+def decoder_model_meta(cfg: Config, pretrained: bool, d_encoder: int) -> dict[str, Any]:
     """``model.json``: what prediction needs to rebuild the model (checkpoint.py owns the files)."""
     names, _, _ = dataset_classes(cfg) if cfg.data.name != "folder" else ((), 255, None)
     return {
@@ -187,7 +187,7 @@ def write_model(
 ) -> None:
     """The prediction checkpoint ``model/`` (a random backbone is stored with it) with how it was selected,
     stamped with the train hash."""
-    meta = model_meta(cfg, cfg.backbone.source.pretrained, backbone.embed_dim)
+    meta = decoder_model_meta(cfg, cfg.backbone.source.pretrained, backbone.embed_dim)
     meta.update(selection or {"selection": "last"})
     meta["input_hash"] = input_hash
     save_model(layout.model, student, meta, backbone=backbone)

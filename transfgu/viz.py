@@ -24,6 +24,7 @@ __all__ = [
     "colorize",
     "concept_gallery",
     "confusion_figure",
+    "draw_panel",
     "iou_bar_figure",
     "overlay",
     "palette",
@@ -100,6 +101,18 @@ def _legend_handles(names: Sequence[str], colours: np.ndarray) -> list[Any]:
     from matplotlib.patches import Patch
 
     return [Patch(facecolor=colours[i] / 255.0, edgecolor="black", linewidth=0.3, label=n) for i, n in enumerate(names)]
+
+
+def draw_panel(ax: Any, image: np.ndarray | None, title: str, missing: str, **imshow: Any) -> None:
+    """One panel of a figure grid: ``image`` (``imshow`` options passed on) under ``title``, no ticks; the text
+    ``missing`` in its place when ``image`` is None."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if image is None:
+        ax.text(0.5, 0.5, missing, ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.imshow(image, **imshow)
+    ax.set_title(title, fontsize=9)
 
 
 def concept_gallery(
@@ -197,14 +210,7 @@ def prediction_panel(
             (overlay(image, pred, colours), "overlay"),
         ]
         for c, (img, t) in enumerate(panels):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if img is None:
-                ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
-            else:
-                ax.imshow(img)
-            ax.set_title(t, fontsize=9)
+            draw_panel(axes[r][c], img, t, "no ground truth")
         for lab in (gt, pred):
             if lab is not None:
                 ids = np.unique(lab)

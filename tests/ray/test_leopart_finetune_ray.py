@@ -2,7 +2,7 @@
 ends with the weights of an uninterrupted one-process run; two DDP workers (gloo) train and write the backbone.
 
 The fault is injected as in tests/ray/test_reliability_ray.py: a ``worker_process_setup_hook`` wraps
-``finetune_train.save_train_state`` so that the Ray Train worker SIGKILLs itself once, right after epoch 1's state is
+``finetune_stage.save_train_state`` so that the Ray Train worker SIGKILLs itself once, right after epoch 1's state is
 on disk, and wraps ``load_train_state`` to record which state a (restarted) worker resumed from.
 """
 
@@ -35,7 +35,7 @@ def fault_hook() -> None:
     from pathlib import Path
 
     control = Path(os.environ["TRANSFGU_FAULTS"])
-    name = "transfgu.leopart.finetune_train"
+    name = "transfgu.leopart.finetune_stage"
 
     def armed() -> bool:
         return fire_once(control, "finetune_after_epoch1")
@@ -69,7 +69,7 @@ def faulty_ray():
 
 def test_killed_finetune_worker_resumes_from_its_last_epoch(faulty_ray, tmp_path):
     from transfgu.distributed.pipeline import run_pipeline_ray
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
     from transfgu.pipeline import run_pipeline
 
     torch.set_num_threads(1)

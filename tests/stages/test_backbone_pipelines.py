@@ -47,7 +47,7 @@ def test_transfgu_end_to_end_then_predict_export_and_mlflow_model(arch, tmp_path
     from transfgu.data.transforms import to_model_input
     from transfgu.engine.step import predict_logits
     from transfgu.export import export_torchscript, load_exported
-    from transfgu.mlflow_model import load_pyfunc, save_model
+    from transfgu.mlflow_model import load_pyfunc, save_mlflow_model
     from transfgu.pipeline import run_pipeline
     from transfgu.predict import load
     from transfgu.store import read_label_bank
@@ -84,7 +84,7 @@ def test_transfgu_end_to_end_then_predict_export_and_mlflow_model(arch, tmp_path
 
     from transfgu.mlflow_model import decode_label_png
 
-    model = load_pyfunc(str(save_model(run, tmp_path / "mlflow_model")))
+    model = load_pyfunc(str(save_mlflow_model(run, tmp_path / "mlflow_model")))
     out = model.predict(pd.DataFrame({"image": [v.read_bytes() for v in val]}))
     for got, want in zip(out["label_png"], labels):
         np.testing.assert_array_equal(decode_label_png(got), want)

@@ -380,7 +380,7 @@ def test_cli_refuses_an_infinite_learning_rate_before_creating_anything(tmp_path
 
 
 def test_undefined_scores_are_written_as_null_with_a_reason(tmp_path):
-    from transfgu.evaluation import write_eval
+    from transfgu.evaluate_stage import write_eval
     from transfgu.store import Manifest
 
     scores = {"mIoU": float("nan"), "pixel_accuracy": float("nan"), "per_class_iou": {"road": float("nan")},

@@ -107,7 +107,7 @@ def test_linear_probe_beats_chance_and_a_shuffled_label_probe(run):
     x_tr, y_tr, _ = _probe_data(cfg, "train", (32, 32))
     kw = {"epochs": 20, "lr_drop_epoch": 16, "batch_size": 4, "seed": cfg.leopart.seed}
     head, _ = probe.train_linear_probe(x_tr, np.stack(y_tr), grid, 2, **kw)
-    assert probe.evaluate(head, x_val, y_val, grid, names)["mIoU"] == pytest.approx(lp["mIoU"])
+    assert probe.evaluate_probe(head, x_val, y_val, grid, names)["mIoU"] == pytest.approx(lp["mIoU"])
     # chance: the best constant prediction (every pixel the majority class)
     from transfgu.metrics import confusion_matrix
 
@@ -119,7 +119,7 @@ def test_linear_probe_beats_chance_and_a_shuffled_label_probe(run):
     rng = np.random.default_rng(0)
     shuffled = np.stack([rng.permutation(y.ravel()).reshape(y.shape) for y in y_tr])
     bad_head, _ = probe.train_linear_probe(x_tr, shuffled, grid, 2, **kw)
-    broken = probe.evaluate(bad_head, x_val, y_val, grid, names)["mIoU"]
+    broken = probe.evaluate_probe(bad_head, x_val, y_val, grid, names)["mIoU"]
     assert lp["mIoU"] > chance + 0.08, (lp["mIoU"], chance)
     assert lp["mIoU"] > broken + 0.08, (lp["mIoU"], broken)
 

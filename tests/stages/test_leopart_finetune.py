@@ -11,7 +11,7 @@ from helpers.configs import FINETUNE_LEARN as LEARN
 from helpers.configs import finetune_config
 from helpers.oracles import naive_sinkhorn
 
-from transfgu.leopart import finetune as ft
+from transfgu.leopart import finetune_parts as ft
 
 
 # -- Sinkhorn-Knopp ---------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_crop_boxes_intersect_every_global_crop():
                        min_intersection=0.01)
     g = torch.Generator().manual_seed(3)
     for _ in range(30):
-        b = ft.sample_crop_boxes(360, 480, spec, g)
+        b = ft.sample_multicrop_boxes(360, 480, spec, g)
         assert b.shape == (6, 4)
         assert (b[:, 0] >= 0).all() and (b[:, 2] <= 480).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= 360).all()
         for i, j in ft.crop_pairs(2, 6):
@@ -144,7 +144,7 @@ def test_cluster_loss_lowest_when_student_predicts_aligned_teacher():
 
 
 def test_a_finetuned_backbone_is_pretrained_only_when_its_source_was():
-    from transfgu.leopart.finetune_train import finetuned_prior
+    from transfgu.leopart.finetune_stage import finetuned_prior
     from transfgu.models.backbone import PRIOR_FINETUNED_RANDOM, PRIOR_PRETRAINED, PRIOR_RANDOM, PRIOR_STANDIN
 
     assert finetuned_prior(PRIOR_RANDOM) == finetuned_prior(PRIOR_FINETUNED_RANDOM) == PRIOR_FINETUNED_RANDOM
@@ -206,7 +206,7 @@ def test_short_run_on_camvid_loss_decreases_and_is_tracked(ft_run):
 def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
     from safetensors import safe_open
 
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
     from transfgu.models.backbone import build_backbone
     from transfgu.pipeline import run_pipeline
 
@@ -247,7 +247,7 @@ def test_checkpoint_loads_back_as_a_backbone_everywhere(ft_run, tmp_path):
 def test_interrupted_run_resumes_from_last_epoch_with_the_same_weights(ft_run, tmp_path):
     import shutil
 
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
     from transfgu.pipeline import run_pipeline
 
     torch.set_num_threads(1)
@@ -386,7 +386,7 @@ def test_masked_loss_equals_a_cell_by_cell_brute_force():
     g = torch.Generator().manual_seed(5)
     b, k, n_global = 2, 6, 2
     spec = ft.CropSpec(n_global=2, n_local=1, min_intersection=0.05, global_overlap=0.02)
-    boxes = torch.stack([ft.sample_crop_boxes(60, 80, spec, g) for _ in range(b)])
+    boxes = torch.stack([ft.sample_multicrop_boxes(60, 80, spec, g) for _ in range(b)])
     preds = [torch.randn(b, k, 4, 4, generator=g), torch.randn(b, k, 4, 4, generator=g),
              torch.randn(b, k, 2, 2, generator=g)]
     targets = [torch.softmax(torch.randn(b, k, 4, 4, generator=g), 1) for _ in range(2)]
@@ -406,7 +406,7 @@ def test_masked_loss_equals_a_cell_by_cell_brute_force():
 
 def test_foreground_queue_pushes_equal_a_brute_force_pick():
     from transfgu.ddp import step_generator
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
 
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 5, 2, generator=g)  # 3 images, 5 patches, dim 2
@@ -427,7 +427,7 @@ def test_foreground_queue_pushes_equal_a_brute_force_pick():
 
 
 def test_sinkhorn_runs_per_global_crop_with_its_own_queue():
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
 
     g = torch.Generator().manual_seed(2)
     scores = torch.randn(2, 2, 3, 4, generator=g) * 0.5  # 2 images, 2 global crops, 3 patches, K = 4
@@ -451,7 +451,7 @@ def test_sinkhorn_runs_per_global_crop_with_its_own_queue():
 
 
 def test_adamw_decays_what_the_authors_decay():
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
     from transfgu.models.backbone import build_backbone
 
     bb = build_backbone("vit_test_tiny", weights="none").requires_grad_(True)  # built frozen
@@ -470,7 +470,7 @@ def test_adamw_decays_what_the_authors_decay():
     # (Adam with L2 would move it by ~lr: the normalised gradient of wd * p)
     cfg = finetune_config("/tmp/unused")
     student, _ = ftt.build_models(cfg, build_backbone("vit_test_tiny", weights="none"))
-    opt = ftt.make_optimizer(cfg, student)
+    opt = ftt.make_finetune_optimizer(cfg, student)
     assert isinstance(opt, torch.optim.AdamW)
     ft.set_schedules(opt, 0, 10, *cfg.finetune.weight_decay)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -485,7 +485,7 @@ def test_adamw_decays_what_the_authors_decay():
 
 
 def test_student_drop_path_rates_and_draws():
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
     from transfgu.models.backbone import build_backbone
 
     cfg = finetune_config("/tmp/unused")
@@ -511,7 +511,7 @@ def test_global_crops_overlap_by_more_than_two_percent():
     g = torch.Generator().manual_seed(11)
     h, w = 60, 80
     for _ in range(40):
-        b = ft.sample_crop_boxes(h, w, spec, g).int().tolist()
+        b = ft.sample_multicrop_boxes(h, w, spec, g).int().tolist()
         masks = []
         for x0, y0, x1, y1 in b:
             m = np.zeros((h, w), bool)
@@ -525,7 +525,7 @@ def test_global_crops_overlap_by_more_than_two_percent():
     loose = ft.CropSpec(n_global=2, n_local=0, global_scale=(0.1, 0.3), min_intersection=0.0)
     small = 0
     for _ in range(40):
-        b = ft.sample_crop_boxes(h, w, loose, g)
+        b = ft.sample_multicrop_boxes(h, w, loose, g)
         small += float(ft.box_area(ft.box_intersection(b[0], b[1]))) <= 0.02 * h * w
     assert small > 0
 

@@ -19,7 +19,7 @@ from helpers.configs import finetune_config
 from helpers.ddp import run_ranks
 from helpers.oracles import naive_sinkhorn
 
-from transfgu.leopart import finetune as ft
+from transfgu.leopart import finetune_parts as ft
 
 N_IMAGES, BATCH, EPOCHS = 4, 3, 2  # global batches of 3 (pieces 2 + 1) and 1 (rank 1: a placeholder)
 # conf/leopart_finetune_tiny.yaml made smaller still: 4 x 4 patch grids of global crops, queue full after 2 steps
@@ -99,7 +99,7 @@ def _finetune(rank: int, world: int, out: str, opts: dict) -> None:
     from safetensors.torch import save_file
 
     from transfgu.errors import CollectedErrors
-    from transfgu.leopart import finetune_train as ftt
+    from transfgu.leopart import finetune_stage as ftt
     from transfgu.models.backbone import build_backbone
 
     torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def _finetune(rank: int, world: int, out: str, opts: dict) -> None:
         torch.manual_seed(0)
         backbone = build_backbone("vit_test_tiny", weights="none")
         student, teacher = ftt.build_models(cfg, backbone)
-        opt = ftt.make_optimizer(cfg, student)  # AdamW, the authors' decay groups
+        opt = ftt.make_finetune_optimizer(cfg, student)  # AdamW, the authors' decay groups
         queue = ftt.make_queues(cfg)  # one queue per global crop
         loader = ftt.make_loader(images[:N_IMAGES], cfg, rank, world)
         model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
@@ -120,7 +120,7 @@ def _finetune(rank: int, world: int, out: str, opts: dict) -> None:
         steps: list[dict] = []
         for epoch in range(f.epochs):
             model.train()
-            ftt.train_one_epoch(model, teacher, student.head, opt, loader, queue, cfg, epoch, len(loader),
+            ftt.finetune_one_epoch(model, teacher, student.head, opt, loader, queue, cfg, epoch, len(loader),
                                 torch.device("cpu"), on_step=steps.append)
         weights = {f"student.{k}": v for k, v in student.state_dict().items()}
         weights.update({f"teacher.{k}": v for k, v in teacher.state_dict().items()})

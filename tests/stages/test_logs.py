@@ -86,7 +86,7 @@ def test_progress_bar_on_a_terminal_and_periodic_lines_elsewhere(caplog):
 
 
 def test_evaluation_counts_its_images():
-    from transfgu.evaluation import counted
+    from transfgu.evaluate_stage import counted
 
     class Fake:
         done = 0

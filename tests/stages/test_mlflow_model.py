@@ -17,7 +17,7 @@ from helpers.configs import tiny_config
 from helpers.data import REPO, require_shared_data
 
 from transfgu.data.io import load_rgb
-from transfgu.mlflow_model import decode_label_png, resolve_model_dir, save_model
+from transfgu.mlflow_model import decode_label_png, resolve_model_dir, save_mlflow_model
 from transfgu.predict import load
 from transfgu.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, resolve_tracking_uri
 
@@ -172,7 +172,7 @@ def test_serving_input_round_trip(tracked, monkeypatch):
 def test_saved_model_folder_loads_without_a_server(tiny_run_dir, tmp_path):
     import mlflow.pyfunc
 
-    path = save_model(tiny_run_dir, tmp_path / "mlmodel")
+    path = save_mlflow_model(tiny_run_dir, tmp_path / "mlmodel")
     model = mlflow.pyfunc.load_model(str(path))
     img = load_rgb(_images(1)[0])
     import io

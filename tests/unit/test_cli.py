@@ -86,7 +86,7 @@ def test_version_and_top_level_help():
 def test_fast_parsers_keep_the_library_constants():
     from transfgu import cli_args
     from transfgu.data.labelmaps import IGNORE_INDEX
-    from transfgu.evaluate_folders import RESIZE_POLICIES
+    from transfgu.evaluate import RESIZE_POLICIES
 
     assert cli_args.IGNORE_INDEX == IGNORE_INDEX and cli_args.RESIZE_POLICIES == RESIZE_POLICIES
 

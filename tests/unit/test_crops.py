@@ -14,7 +14,6 @@ from transfgu.crops import (
     crop_and_resize,
     embed_crops,
     extract_crops_batch,
-    extract_image_crops,
     foreground_prior,
     select_windows,
     window_layout,
@@ -351,9 +350,9 @@ def _naive_extract(backbone, image, betas, mode, crop_size):
     ("mode", "size", "betas"),
     [("fg_bg", 160, COCO_BETAS), ("fg", 128, SMALL_BETAS), ("all", 128, SMALL_BETAS)],
 )
-def test_extract_image_crops_equals_naive_reference(tiny_backbone, mode, size, betas):
+def test_extract_one_image_equals_naive_reference(tiny_backbone, mode, size, betas):
     image = _real_images(1, size)[0]  # 160 px: 20x20 patch grid, 142 windows, 80 px crops
-    rec = extract_image_crops(tiny_backbone, image, betas, mode, 0.5, 0.8, None, 32, None)
+    rec = extract_crops_batch(tiny_backbone, image[None], betas, mode, 0.5, 0.8, None, 32, None)[0]
     naive = _naive_extract(tiny_backbone, image, betas, mode, size // 2)
     assert len(rec) == len(naive) > 0
     assert rec.crop_index.tolist() == [r[0] for r in naive]
@@ -371,9 +370,9 @@ def test_extract_batch_equals_per_image(tiny_backbone):
     images = _real_images(3, 128)
     batch = extract_crops_batch(tiny_backbone, images, SMALL_BETAS, "fg_bg", 0.5, 0.8, 64, 50, None)
     for i, rec in enumerate(batch):
-        single = extract_image_crops(tiny_backbone, images[i], SMALL_BETAS, "fg_bg", 0.5, 0.8, 64, 7, None)
+        single = extract_crops_batch(tiny_backbone, images[i : i + 1], SMALL_BETAS, "fg_bg", 0.5, 0.8, 64, 7, None)[0]
         assert rec.crop_index.tolist() == single.crop_index.tolist()
         assert rec.pool.tolist() == single.pool.tolist()
         assert np.abs(rec.cls - single.cls).max() < 1e-5
     with pytest.raises(ValueError):
-        extract_image_crops(tiny_backbone, images[0, :, :100], COCO_BETAS, "fg_bg")
+        extract_crops_batch(tiny_backbone, images[:1, :, :100], COCO_BETAS, "fg_bg")  # not whole patches

@@ -18,17 +18,19 @@ from transfgu.data import (
     DecodeError,
     ImageRecord,
     LabelMapError,
-    cityscapes_label_map,
-    coco_stuff_label_map,
     dataset_info,
-    label_map_from_classes_file,
-    lip_label_map,
     list_records,
     load_label,
     load_rgb,
     load_sample,
     resize_image,
     resize_label,
+)
+from transfgu.data.labelmaps import (
+    cityscapes_label_map,
+    coco_stuff_label_map,
+    label_map_from_classes_file,
+    lip_label_map,
     voc_label_map,
 )
 

@@ -1,4 +1,4 @@
-"""transfgu.evaluate_folders: folder-vs-folder scoring, hand-computed and on real CamVid ground truth."""
+"""transfgu.evaluate: folder-vs-folder scoring, hand-computed and on real CamVid ground truth."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from transfgu.data import DatasetError, LabelMapError, list_records, load_label
-from transfgu.evaluate_folders import MissingPredictionsError, evaluate_folders, main
+from transfgu.evaluate import MissingPredictionsError, evaluate_folders, main
 
 CAMVID_VOID = 11
 N_CAMVID = 11

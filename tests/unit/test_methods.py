@@ -18,7 +18,7 @@ PKG = REPO / "transfgu"
 CORE = ("pipeline", "context", "layout", "integrity", "tracking", "report", "preflight", "method", "sharded",
         "local", "distributed/pipeline", "distributed/executor")
 METHOD_MODULES = ("transfgu.methods.", "transfgu.stages", "transfgu.leopart", "transfgu.training",
-                  "transfgu.evaluation", "transfgu.concepts", "transfgu.crops", "transfgu.pseudo_labels")
+                  "transfgu.evaluate_stage", "transfgu.concepts", "transfgu.crops", "transfgu.pseudo_labels")
 
 
 def _imports(path: Path) -> list[str]:

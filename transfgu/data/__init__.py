@@ -1,4 +1,5 @@
-"""Data sets, label maps and robust image decoding (see ``datasets.py`` for the on-disk layouts)."""
+"""Data sets, label maps and robust image decoding (see ``datasets.py`` for the on-disk layouts; the per-data-set
+label-map constructors are in ``labelmaps.py``)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,7 @@ from transfgu.data.datasets import (
     load_sample,
 )
 from transfgu.data.io import DecodeError, load_label, load_rgb, resize_image, resize_label
-from transfgu.data.labelmaps import (
-    IGNORE_INDEX,
-    LabelMap,
-    LabelMapError,
-    cityscapes_label_map,
-    coco_stuff_label_map,
-    label_map_from_classes_file,
-    lip_label_map,
-    voc_label_map,
-)
+from transfgu.data.labelmaps import IGNORE_INDEX, LabelMap, LabelMapError
 
 __all__ = [
     "DATASETS",
@@ -35,17 +27,12 @@ __all__ = [
     "LabelMap",
     "LabelMapError",
     "RecordList",
-    "cityscapes_label_map",
-    "coco_stuff_label_map",
     "dataset_info",
     "dataset_spec",
-    "label_map_from_classes_file",
-    "lip_label_map",
     "list_records",
     "load_label",
     "load_rgb",
     "load_sample",
     "resize_image",
     "resize_label",
-    "voc_label_map",
 ]

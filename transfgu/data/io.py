@@ -27,6 +27,7 @@ Nearest-neighbour resizing samples pixel centres (``src = floor((dst + 0.5) * in
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,12 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def _rgb_array(rgb: np.ndarray, name: str | Path) -> np.ndarray:
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DecodeError(name, f"decoded to shape {rgb.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(rgb)
+
+
 def load_rgb(path: str | Path, *, exif_transpose: bool = True) -> np.ndarray:
     """Decode an image file to ``uint8 (H, W, 3)`` RGB (see the module docstring for the conversions)."""
     img = _open_loaded(path)
@@ -131,18 +138,14 @@ def load_rgb(path: str | Path, *, exif_transpose: bool = True) -> np.ndarray:
         rgb = _to_rgb(img)
     except _DECODE_ERRORS as exc:
         raise DecodeError(path, str(exc) or type(exc).__name__) from exc
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise DecodeError(path, f"decoded to shape {rgb.shape}, expected (H, W, 3)")
-    return np.ascontiguousarray(rgb)
+    return _rgb_array(rgb, path)
 
 
-def decode_rgb(data: bytes, *, max_pixels: int | None = None, exif_transpose: bool = True,
-               name: str = "<bytes>") -> np.ndarray:
-    """:func:`load_rgb` for encoded bytes held in memory (an HTTP body, an object-store read).
-
-    ``max_pixels`` is checked against the size in the file's header, before any pixel is decoded, so a small
-    file that would inflate to a huge image (a "decompression bomb") is refused cheaply with :class:`ImageTooLarge`.
-    """
+def _decode_bytes(data: bytes, name: str, max_pixels: int | None,
+                  load: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    """The one decode path of encoded bytes: refuse empty input, refuse more than ``max_pixels`` from the header's
+    size before any pixel is decoded, ``load`` the image (decode, rotate, maybe reduce), convert it to RGB; any
+    decoder error becomes a :class:`DecodeError` naming ``name``."""
     import io
 
     if not data:
@@ -152,18 +155,28 @@ def decode_rgb(data: bytes, *, max_pixels: int | None = None, exif_transpose: bo
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
             raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-        img.load()
-        if exif_transpose:
-            img = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(img)
+        rgb = _to_rgb(load(img))
     except ImageTooLarge:
         raise
     except _DECODE_ERRORS as exc:
         reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise DecodeError(name, reason or type(exc).__name__) from exc
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise DecodeError(name, f"decoded to shape {rgb.shape}, expected (H, W, 3)")
-    return np.ascontiguousarray(rgb)
+    return _rgb_array(rgb, name)
+
+
+def decode_rgb(data: bytes, *, max_pixels: int | None = None, exif_transpose: bool = True,
+               name: str = "<bytes>") -> np.ndarray:
+    """:func:`load_rgb` for encoded bytes held in memory (an HTTP body, an object-store read).
+
+    ``max_pixels`` is checked against the size in the file's header, before any pixel is decoded, so a small
+    file that would inflate to a huge image (a "decompression bomb") is refused cheaply with :class:`ImageTooLarge`.
+    """
+
+    def load(img: Image.Image) -> Image.Image:
+        img.load()
+        return ImageOps.exif_transpose(img) if exif_transpose else img
+
+    return _decode_bytes(data, name, max_pixels, load)
 
 
 def decode_rgb_bounded(data: bytes, *, max_pixels: int, work_pixels: int, min_size: tuple[int, int],
@@ -177,17 +190,12 @@ def decode_rgb_bounded(data: bytes, *, max_pixels: int, work_pixels: int, min_si
     (``Image.draft``, no full-size buffer at all); other formats are decoded, then box-reduced (``Image.reduce``)
     before any array is made. Images of at most ``work_pixels`` are decoded exactly as :func:`decode_rgb` does.
     """
-    import io
+    out_hw = [0, 0]
 
-    if not data:
-        raise DecodeError(name, "empty input (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
+    def load(img: Image.Image) -> Image.Image:
         w, h = img.size
-        if w * h > max_pixels:
-            raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
         orientation = int(img.getexif().get(0x0112, 1) or 1)
-        out_hw = (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # rotated by 90 degrees: sides swap
+        out_hw[:] = (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # rotated by 90 degrees: sides swap
         f = 1
         if w * h > work_pixels:
             mh, mw = (min_size[1], min_size[0]) if orientation in (5, 6, 7, 8) else (min_size[0], min_size[1])
@@ -198,16 +206,10 @@ def decode_rgb_bounded(data: bytes, *, max_pixels: int, work_pixels: int, min_si
         img.load()
         if f > 1:
             img = img.reduce(f)
-        img = ImageOps.exif_transpose(img)
-        rgb = _to_rgb(img)
-    except ImageTooLarge:
-        raise
-    except _DECODE_ERRORS as exc:
-        reason = "not a recognised image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
-        raise DecodeError(name, reason or type(exc).__name__) from exc
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise DecodeError(name, f"decoded to shape {rgb.shape}, expected (H, W, 3)")
-    return np.ascontiguousarray(rgb), (int(out_hw[0]), int(out_hw[1]))
+        return ImageOps.exif_transpose(img)
+
+    rgb = _decode_bytes(data, name, max_pixels, load)
+    return rgb, (int(out_hw[0]), int(out_hw[1]))
 
 
 def exif_orientation(path: str | Path) -> int:

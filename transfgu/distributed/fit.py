@@ -1,7 +1,7 @@
 """One Ray Train wrapper for the training stages: :func:`fit_on_ray` (driver) and the worker context it builds once.
 
 The bootstrapping rounds (:mod:`transfgu.distributed.train`) and Leopart's dense fine-tuning
-(:mod:`transfgu.distributed.finetune`) differ only in their loop body. Everything around it is here, once:
+(:mod:`transfgu.distributed.finetune_stage`) differ only in their loop body. Everything around it is here, once:
 
 * the driver: ``ScalingConfig`` (``ray.num_workers`` workers with ``ray.cpus_per_worker`` CPUs and one GPU each when
   the cluster has GPUs; ``num_workers=0`` = Train's local mode), ``RunConfig`` named without a timestamp (a re-run

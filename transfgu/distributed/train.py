@@ -35,7 +35,7 @@ from transfgu.context import RunContext, run_backbone
 from transfgu.data.loaders import make_train_loader, prepare_train_input
 from transfgu.distributed.cluster import cluster_has_gpus
 from transfgu.distributed.fit import RayLoop, WorkerContext, fit_on_ray
-from transfgu.evaluation import evaluate_decoder, has_labelled_val
+from transfgu.evaluate_stage import evaluate_decoder, has_labelled_val
 from transfgu.layout import round_name
 from transfgu.runtime import autocast_dtype
 from transfgu.selection import Validator, validation_wanted

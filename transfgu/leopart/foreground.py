@@ -23,7 +23,7 @@ def gaussian_blur(a: np.ndarray, kernel: int, sigma: float) -> np.ndarray:
     return np.apply_along_axis(lambda v: np.convolve(v, g, mode="valid"), 1, p).astype(np.float32)
 
 
-def top_mass_mask(a: np.ndarray, mass: float) -> np.ndarray:
+def top_mass_mask_np(a: np.ndarray, mass: float) -> np.ndarray:
     """Boolean mask of the largest values of ``a`` that together hold ``mass`` of its total.
 
     DINO's rule: sort ascending, normalise, keep the entries whose cumulative sum exceeds ``1 - mass``.
@@ -59,5 +59,5 @@ def attention_mask(
     a = np.asarray(attn, dtype=np.float32).reshape(h, w)
     if kernel > 1 and min(h, w) > kernel // 2:  # reflect padding needs the map to be wider than the pad
         a = gaussian_blur(a, kernel, sigma)
-    m = top_mass_mask(a, mass)
+    m = top_mass_mask_np(a, mass)
     return drop_small_components(m, min_component).ravel()

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     import infomap
 
     req = json.load(sys.stdin)
@@ -28,7 +29,8 @@ def main() -> None:
     out = {"modules": {str(k): int(v) for k, v in res.modules().items()}, "codelength": float(res.codelength),
            "num_modules": int(res.num_top_modules)}
     json.dump(out, sys.stdout)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -173,7 +173,7 @@ class LeopartPredictor(CheckpointMeta):
         return result
 
 
-def save_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backbone: Any = None) -> None:
+def save_leopart_model(directory: Path, model: LeopartModel, meta: dict[str, Any], backbone: Any = None) -> None:
     """``leopart.safetensors`` + ``model.json`` (+ the backbone when it is random, as TransFGU's checkpoint)."""
     from transfgu.checkpoint import BACKBONE_FILE, _save_tensors
     from transfgu.store import atomic_write_json

@@ -41,7 +41,7 @@ class MomentStats:
         return MomentStats(self.n + other.n, self.s + other.s, self.g + other.g)
 
 
-def reduce_stats(parts: Iterable[MomentStats]) -> MomentStats:
+def reduce_moments(parts: Iterable[MomentStats]) -> MomentStats:
     """Sum in the given order (callers pass file order, so both executors add the same way)."""
     total: MomentStats | None = None
     for p in parts:

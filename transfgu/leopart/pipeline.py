@@ -43,7 +43,7 @@ from transfgu.context import RunContext
 from transfgu.data.datasets import ImageRecord
 from transfgu.data.loaders import EvalDataset, dataset_classes, split_records
 from transfgu.errors import ErrorLog, check_error_budget
-from transfgu.evaluation import has_labelled_val, write_eval
+from transfgu.evaluate_stage import has_labelled_val, write_eval
 from transfgu.kmeans import KMeansResult, lloyd_kmeans
 from transfgu.layout import RunLayout
 from transfgu.leopart import cbfe as cbfe_mod
@@ -56,9 +56,9 @@ from transfgu.leopart.communities import (
     network_edges,
 )
 from transfgu.leopart.dense import dense_features, dense_table, read_dense
-from transfgu.leopart.model import LeopartModel, save_model, upsample_labels
-from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_stats
-from transfgu.leopart.probe import evaluate, train_linear_probe
+from transfgu.leopart.model import LeopartModel, save_leopart_model, upsample_labels
+from transfgu.leopart.pca import PCA, MomentStats, fit_pca, reduce_moments
+from transfgu.leopart.probe import evaluate_probe, train_linear_probe
 from transfgu.leopart.shards import DenseShards
 from transfgu.leopart.viz import community_graph_png
 from transfgu.method import Executor, StageInfo
@@ -223,7 +223,7 @@ def run_dense(ctx: RunContext, ex: Executor) -> StageInfo:
 def run_pca(ctx: RunContext, ex: Executor) -> StageInfo:
     cfg = ctx.cfg
     parts = ex.map_files(file_moments, fit_files(cfg, ctx.run_dir, ctx.hashes["dense"]))
-    pca = fit_pca(reduce_stats(parts), cfg.leopart.pca_dim)
+    pca = fit_pca(reduce_moments(parts), cfg.leopart.pca_dim)
     pca.save(ctx.run_dir / "pca")
     integrity.stamp_json(ctx.run_dir / "pca" / "pca.json", ctx.hashes["pca"])
     kept = float(pca.eigenvalues.sum() / pca.mean.shape[0])  # standardised: the total variance is d
@@ -380,7 +380,7 @@ def _n_communities(cfg: Config) -> int | None:
     return len(names) - (1 if bg is not None else 0)
 
 
-def model_meta(cfg: Config, pretrained: bool, input_hash: str | None = None) -> dict[str, Any]:
+def leopart_model_meta(cfg: Config, pretrained: bool, input_hash: str | None = None) -> dict[str, Any]:
     names = dataset_classes(cfg)[0] if cfg.data.name != "folder" else ()
     return {
         "method": "leopart",
@@ -528,7 +528,7 @@ def run_communities(ctx: RunContext, ex: Executor) -> StageInfo:
             "cooc_angles": lp.cooc_angles, "cooc_presence": lp.cooc_presence, "input_hash": ctx.hashes["communities"]}
     atomic_write_json(out / "communities.json", meta)
     community_graph_png(edges, model.cluster_to_segment, k, out / "graph.png")
-    save_model(ctx.run_dir / "model", model, model_meta(cfg, ctx.pretrained, ctx.hashes["communities"]),
+    save_leopart_model(ctx.run_dir / "model", model, leopart_model_meta(cfg, ctx.pretrained, ctx.hashes["communities"]),
                backbone=ctx.backbone)
     log.info("[communities] %d edges, %d Infomap modules, %d segments (codelength %.4f)", len(edges),
              comm.num_modules, model.n_segments, comm.codelength)
@@ -707,7 +707,7 @@ def linear_probe(ctx: RunContext, names: Sequence[str]) -> dict[str, Any]:
                                       weight_decay=float(pc.weight_decay or 0.0), augment=bool(pc.augment))
     gt_val = _gt_at(cfg, cfg.data.val_split, ctx.errors, "evaluate", pc.eval_size)
     x_val, y_val, _ = _dense_with_labels(ctx.run_dir, cfg.data.val_split, gt_val)
-    s = evaluate(head, x_val, y_val, grid, names)
+    s = evaluate_probe(head, x_val, y_val, grid, names)
     log.info("[evaluate] linear probe (TRAINED WITH LABELS): mIoU %.4f on %d val images", s["mIoU"], len(y_val))
     return {**s, "labels_used": True, "n_train_images": int(x_train.shape[0]), "n_val_images": len(y_val),
             "train_size": list(pc.train_size), "eval_size": list(pc.eval_size), "epochs": pc.epochs, "lr": pc.lr,

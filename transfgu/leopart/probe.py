@@ -69,9 +69,9 @@ def augment_pair(logits: torch.Tensor, labels: torch.Tensor, g: torch.Generator)
     return lo, la
 
 
-def train_one_epoch(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
-                    optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
-                    augment: bool = False) -> float:
+def train_probe_epoch(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int],
+                      optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
+                      augment: bool = False) -> float:
     """One pass over the shuffled training images; pixel cross-entropy (label -1 ignored). Returns the mean loss.
     ``augment``: :func:`augment_pair` on every image (drawn with ``generator``)."""
     head.train()
@@ -116,14 +116,14 @@ def train_linear_probe(feats: np.ndarray, labels: np.ndarray, grid: tuple[int, i
     y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     losses = []
     for _ in range(epochs):
-        losses.append(train_one_epoch(head, x, y, grid, opt, batch_size, gen, augment))
+        losses.append(train_probe_epoch(head, x, y, grid, opt, batch_size, gen, augment))
         sched.step()
     return head, losses
 
 
 @torch.no_grad()
-def evaluate(head: nn.Linear, feats: np.ndarray, labels: Sequence[np.ndarray], grid: tuple[int, int],
-             class_names: Sequence[str], batch_size: int = 32) -> dict[str, Any]:
+def evaluate_probe(head: nn.Linear, feats: np.ndarray, labels: Sequence[np.ndarray], grid: tuple[int, int],
+                   class_names: Sequence[str], batch_size: int = 32) -> dict[str, Any]:
     """mIoU and pixel accuracy of the head's class maps against ``labels`` (each ``(H, W)``, -1 = ignore)."""
     head.eval()
     n = len(class_names)

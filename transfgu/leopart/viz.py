@@ -114,7 +114,7 @@ def foreground_panel(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarra
     ``rows``: ``(caption, image (H, W, 3) uint8, attention (H, W) float, mask (H, W) bool, foreground (H, W) bool,
     segments (H, W) int or None)``, every map already at the image's size. Masks are drawn over the photo in red.
     """
-    from transfgu.viz import _plt, overlay, palette
+    from transfgu.viz import _plt, draw_panel, overlay, palette
 
     plt = _plt()
     n = len(rows)
@@ -131,14 +131,7 @@ def foreground_panel(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarra
             (overlay(image, seg, seg_colours, 0.6) if seg is not None else None, "segments (communities)", {}),
         ]
         for c, (img, t, kw) in enumerate(panels):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if img is None:
-                ax.text(0.5, 0.5, "no communities yet", ha="center", va="center", transform=ax.transAxes)
-            else:
-                ax.imshow(img, **kw)
-            ax.set_title(t, fontsize=9)
+            draw_panel(axes[r][c], img, t, "no communities yet", **kw)
     fig.subplots_adjust(left=0.01, right=0.99, wspace=0.03, hspace=0.25, top=0.95 if n > 1 else 0.88, bottom=0.01)
     return fig
 

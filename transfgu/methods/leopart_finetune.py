@@ -1,7 +1,7 @@
 """Leopart's dense fine-tuning as a method: one stage, ``finetune`` (docs/leopart.md, "Dense fine-tuning").
 
-One process runs :func:`transfgu.leopart.finetune_train.run_finetune`; Ray runs the same loop in a Ray Train
-``TorchTrainer`` (:func:`transfgu.distributed.finetune.run_finetune_ray`). Its output
+One process runs :func:`transfgu.leopart.finetune_stage.run_finetune`; Ray runs the same loop in a Ray Train
+``TorchTrainer`` (:func:`transfgu.distributed.finetune_stage.run_finetune_ray`). Its output
 ``<run>/finetune/backbone.safetensors`` is a ``backbone.weights=`` file for the other methods. The stage resumes
 from its own checkpoints (stamped with its hash), so it declares no output for the pipeline to set aside.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from transfgu.config import Config
-from transfgu.distributed import finetune as ray_finetune
-from transfgu.leopart import finetune_train as ftt
+from transfgu.distributed import finetune_stage as ray_finetune
+from transfgu.leopart import finetune_stage as ftt
 from transfgu.method import Method, Stage
 
 

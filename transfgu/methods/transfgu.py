@@ -15,7 +15,7 @@ from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.crops import window_layout
 from transfgu.data.datasets import SUBSET_OPTIONS
-from transfgu.distributed import evaluate as ray_evaluate
+from transfgu.distributed import evaluate_stage as ray_evaluate
 from transfgu.distributed import kmeans as ray_kmeans
 from transfgu.distributed import train as ray_train
 from transfgu.integrity import Output
@@ -40,11 +40,11 @@ def _train_inputs(d: dict[str, Any]) -> dict[str, Any]:
     return {"train": train, "seed": d["run"]["seed"], **({"subsets": subsets} if subsets else {})}
 
 
-def run_extract(ctx: RunContext, ex: Executor) -> StageInfo:
+def _run_extract(ctx: RunContext, ex: Executor) -> StageInfo:
     return ex.run_sharded(ctx, stages.ExtractStage)
 
 
-def run_label_bank(ctx: RunContext, ex: Executor) -> StageInfo:
+def _run_label_bank(ctx: RunContext, ex: Executor) -> StageInfo:
     return ex.run_sharded(ctx, stages.LabelBankStage)
 
 
@@ -110,18 +110,18 @@ def check_concepts_fit(cfg: Config, n_train: int, p: int) -> list[tuple[str, str
 METHOD = Method(
     name="transfgu",
     stages=(
-        Stage("extract", run_extract, outputs=(Output("features", "shards"),),
+        Stage("extract", _run_extract, outputs=(Output("features", "shards"),),
               inputs=lambda d: {"data": _data(d), "backbone": d["backbone"], "crops": d["crops"],
                                 "seed": d["run"]["seed"]}),
         Stage("concepts", lambda ctx, ex: local.run_concepts(ctx),
               on={"ray": lambda ctx, ex: ray_kmeans.run_concepts_ray(ctx)},
               outputs=(Output("concepts", stamp="concepts.json"),), inputs=lambda d: {"concepts": d["concepts"]}),
-        Stage("label_bank", run_label_bank, outputs=(Output("label_bank", "shards"),),
+        Stage("label_bank", _run_label_bank, outputs=(Output("label_bank", "shards"),),
               inputs=lambda d: {"pseudo": d["pseudo"]}),
         Stage("train", lambda ctx, ex: local.run_train(ctx), on={"ray": lambda ctx, ex: ray_train.run_train_ray(ctx)},
               outputs=(Output("train", "rounds"), Output("model", stamp="model.json")), inputs=_train_inputs,
               epochs=True),
-        Stage("evaluate", lambda ctx, ex: stages.run_evaluate(ctx),
+        Stage("evaluate", lambda ctx, ex: stages.evaluate_model(ctx),
               on={"ray": lambda ctx, ex: ray_evaluate.run_evaluate_ray(ctx)},
               outputs=(Output("eval", stamp="metrics.json"),),
               inputs=lambda d: {"eval": d["eval"], "val": d["data"]["val_split"], "n": d["data"]["max_val_images"]}),

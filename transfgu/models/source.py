@@ -22,7 +22,7 @@ SourceKind = Literal["random", "timm", "hub", "file"]
 PRIOR_RANDOM = "random"
 PRIOR_PRETRAINED = "pretrained"
 PRIOR_STANDIN = "supervised stand-in"
-#: A backbone that Leopart's dense fine-tuning (transfgu.leopart.finetune_train) started from random weights: it
+#: A backbone that Leopart's dense fine-tuning (transfgu.leopart.finetune_stage) started from random weights: it
 #: learned from the user's images only, never from DINO's pretraining, so it is never recorded as ``pretrained``.
 PRIOR_FINETUNED_RANDOM = "fine-tuned from random"
 #: safetensors metadata key that marks what a weights file is (the stand-in prior, a fine-tuned random init).

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        from transfgu.leopart.finetune_train import backbone_from_state, latest_state
+        from transfgu.leopart.finetune_stage import backbone_from_state, latest_state
         from transfgu.methods import stage_hashes
 
         state = latest_state(cfg.run_dir / "finetune", stage_hashes(cfg)["finetune"])

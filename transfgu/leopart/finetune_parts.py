@@ -21,7 +21,7 @@ Knopp runs per global crop), AdamW with weight decay 0.04 -> 0.5 on every non-bi
 0.1 in the student, global crops overlapping by more than 2 %, colour jitter (0.8, 0.8, 0.8, 0.2).
 
 This module holds the pieces only (tested one by one in ``tests/stages/test_leopart_finetune.py``); the loop is in
-:mod:`transfgu.leopart.finetune_train`, the Ray Train executor in :mod:`transfgu.distributed.finetune`.
+:mod:`transfgu.leopart.finetune_stage`, the Ray Train executor in :mod:`transfgu.distributed.finetune_stage`.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def box_area(b: Tensor) -> Tensor:
     return (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
 
 
-def sample_crop_boxes(h: int, w: int, spec: CropSpec, g: torch.Generator) -> Tensor:
+def sample_multicrop_boxes(h: int, w: int, spec: CropSpec, g: torch.Generator) -> Tensor:
     """Boxes of ``n_global`` then ``n_local`` crops of an ``h x w`` image, ``(n, 4)`` in pixels.
 
     Every local crop intersects every global crop by at least ``min_intersection * h * w`` pixels (appendix A.1),

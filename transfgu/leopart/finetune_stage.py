@@ -1,5 +1,5 @@
 """The ``finetune`` stage of ``method: leopart_finetune``: Leopart's dense fine-tuning loop, defined once and run by
-either executor (this process, or Ray Train workers in :mod:`transfgu.distributed.finetune`).
+either executor (this process, or Ray Train workers in :mod:`transfgu.distributed.finetune_stage`).
 
 Outputs (``<run>/finetune/``):
 
@@ -39,7 +39,7 @@ from transfgu.checkpoint import load_optimizer, load_train_state, read_state_inf
 from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.ddp import all_reduce_sum, batch_piece, step_generator, step_loader, step_seed, world_info
-from transfgu.leopart import finetune as ft
+from transfgu.leopart import finetune_parts as ft
 from transfgu.models.backbone import (
     PRIOR_FINETUNED_RANDOM,
     PRIOR_METADATA_KEY,
@@ -118,7 +118,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         img = torch.from_numpy(np.array(self.images[i], dtype=np.uint8, copy=True)).permute(2, 0, 1)  # uint8 (3, H, W)
         h, w = img.shape[-2:]
         g = step_generator(self.seed, self.epoch, i, stream=17)
-        boxes = ft.sample_crop_boxes(h, w, self.spec, g)
+        boxes = ft.sample_multicrop_boxes(h, w, self.spec, g)
         crops = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(step_seed(self.seed, self.epoch, i, stream=18))
@@ -192,7 +192,7 @@ def build_source(cfg: Config, backbone: DinoViT) -> DinoViT | None:
     return src
 
 
-def make_optimizer(cfg: Config, student: DenseModel) -> torch.optim.Optimizer:
+def make_finetune_optimizer(cfg: Config, student: DenseModel) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, the authors' code) or Adam (L2 in the gradient) over :func:`ft.param_groups`
     (the schedule sets every group's lr and the decayed groups' weight decay each step)."""
     f = cfg.finetune
@@ -218,7 +218,7 @@ def _forward_crops(model: nn.Module, crops: Tensor) -> tuple[Tensor, Tensor, tup
     return model(crops.flatten(0, 1))
 
 
-def train_one_epoch(
+def finetune_one_epoch(
     student: nn.Module, teacher: DenseModel, head: ft.ProjectionHead, optimizer: torch.optim.Optimizer,
     loader: torch.utils.data.DataLoader[dict[str, Tensor]], queues: ft.CropQueues, cfg: Config, epoch: int,
     steps_per_epoch: int, device: torch.device,
@@ -464,7 +464,7 @@ def finetune(
     student, teacher = build_models(cfg, backbone)
     student.to(device)
     teacher.to(device)
-    optimizer = make_optimizer(cfg, student)
+    optimizer = make_finetune_optimizer(cfg, student)
     queue = make_queues(cfg)
     history: list[dict[str, float]] = []
     start = 0
@@ -484,7 +484,7 @@ def finetune(
     model = wrap(student) if wrap is not None else student
     for epoch in range(start, f.epochs):
         model.train()
-        metrics = train_one_epoch(model, teacher, student.head, optimizer, loader, queue, cfg, epoch, steps, device,
+        metrics = finetune_one_epoch(model, teacher, student.head, optimizer, loader, queue, cfg, epoch, steps, device,
                                   source=source_model)
         metrics = {"epoch": epoch, **{k: round(v, 6) for k, v in metrics.items()}}
         history.append(metrics)

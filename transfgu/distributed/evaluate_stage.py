@@ -1,4 +1,4 @@
-"""TransFGU's evaluate stage on Ray: :func:`transfgu.stages.run_evaluate` in one Ray task (on a GPU when the
+"""TransFGU's evaluate stage on Ray: :func:`transfgu.stages.evaluate_model` in one Ray task (on a GPU when the
 cluster has one)."""
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.distributed.cluster import task_resources, torch_threads, worker_config
 from transfgu.logs import setup_logging
-from transfgu.stages import run_evaluate
+from transfgu.stages import evaluate_model
 
 
 def _evaluate_task(cfg_dict: dict[str, Any], num_cpus: float, hashes: dict[str, str]) -> dict[str, Any]:
     setup_logging(worker=True)
     torch.set_num_threads(torch_threads(num_cpus))
     ctx = RunContext(Config.model_validate(cfg_dict), hashes)  # the driver's hashes (see RunContext)
-    return run_evaluate(ctx)
+    return evaluate_model(ctx)
 
 
 def run_evaluate_ray(ctx: RunContext) -> dict[str, Any]:
-    """The evaluate stage (:func:`transfgu.stages.run_evaluate`) as one Ray task (on a GPU when there is one)."""
+    """The evaluate stage (:func:`transfgu.stages.evaluate_model`) as one Ray task (on a GPU when there is one)."""
     import ray
 
     res = task_resources(ctx.cfg)

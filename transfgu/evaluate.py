@@ -268,7 +268,7 @@ def _parse_class_names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",")]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts: dict[str, Any] = {}
     if args.granularity is not None:

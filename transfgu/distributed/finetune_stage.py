@@ -1,9 +1,9 @@
-"""The ``finetune`` stage (Leopart's dense fine-tuning, :mod:`transfgu.leopart.finetune_train`) on Ray Train V2.
+"""The ``finetune`` stage (Leopart's dense fine-tuning, :mod:`transfgu.leopart.finetune_stage`) on Ray Train V2.
 
 One ``TorchTrainer.fit()`` named ``<run>-finetune-<hash>`` (no timestamp: a re-run with the same storage restores
 its checkpoint manager) through :func:`transfgu.distributed.fit.fit_on_ray`, as the bootstrapping rounds of
 :mod:`transfgu.distributed.train`; this module keeps only the loop body and where its state lives. The worker
-loop is the one-process loop, :func:`transfgu.leopart.finetune_train.finetune`; DDP comes from
+loop is the one-process loop, :func:`transfgu.leopart.finetune_stage.finetune`; DDP comes from
 ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU).
 
 Checkpoints follow the bootstrapping rules: rank 0 writes ``<run>/finetune/epoch_<e>/`` every epoch and reports that
@@ -24,7 +24,7 @@ from transfgu.checkpoint import read_state_info
 from transfgu.context import RunContext
 from transfgu.distributed.fit import RayLoop, WorkerContext, fit_on_ray
 from transfgu.errors import CollectedErrors, ErrorLog
-from transfgu.leopart import finetune_train as ftt
+from transfgu.leopart import finetune_stage as ftt
 from transfgu.runtime import load_run_backbone
 from transfgu.store import to_jsonable
 
@@ -36,7 +36,7 @@ def _out(w: WorkerContext) -> Path:
 
 
 def _finetune_body(w: WorkerContext) -> None:
-    """Every (remaining) epoch of :func:`transfgu.leopart.finetune_train.finetune`."""
+    """Every (remaining) epoch of :func:`transfgu.leopart.finetune_stage.finetune`."""
     cfg, out = w.cfg, _out(w)
     errors = ErrorLog(w.layout.errors) if w.rank == 0 else CollectedErrors()  # rank 0 records skipped images
     images, _ = ftt.decode_training_images(cfg, errors)
