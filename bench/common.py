@@ -400,5 +400,5 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def shared_data_dir() -> Path:
-    """``../shared/data`` (or ``$TRANSFGU_SHARED_DATA``), the same rule as tests/conftest.py."""
+    """``../shared/data`` (or ``$TRANSFGU_SHARED_DATA``), the same rule as tests/helpers/data.py."""
     return Path(os.environ.get("TRANSFGU_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -3,7 +3,7 @@ vectorised co-occurrence counting against a per-image loop.
 
 Runs :func:`transfgu.pipeline.run_pipeline` with ``method: leopart`` in a fresh run directory and reads the stage
 seconds the pipeline records in ``<run>/_manifest.json``. Full mode: the preset as is (random ViT-S/16 at 224 x 224,
-all 168 train + 160 val Weizmann-horse images). Quick mode: the tiny config of ``tests/test_leopart.py``.
+all 168 train + 160 val Weizmann-horse images). Quick mode: the tiny config of ``tests/stages/test_leopart.py``.
 
 The co-occurrence comparison counts the same (B, 100, 100) cluster maps (k + 1 = 150 nodes) two ways and checks
 they agree: one sparse matrix for the whole batch (:func:`transfgu.leopart.communities.cooccurrence_stats`) vs a

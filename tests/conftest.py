@@ -1,30 +1,20 @@
-"""Shared fixtures: the real images of ../shared/data and small models."""
+"""Fixtures and hooks only: the real images of ../shared/data, the tiny whole-method run, the shared local Ray and
+the headless browser. What test modules share besides fixtures is in ``tests/helpers``."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+from helpers.chromium import browser  # noqa: F401  (the `browser` fixture of the page tests)
+from helpers.configs import tiny_config
+from helpers.data import require_shared_data
 
 # Ray replaces 127.0.0.1 with the machine's outward address unless told this is a single-machine setup; tests
 # (and the Ray processes they start, which inherit the environment) must talk over loopback only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-SHARED_DATA = Path(
-    os.environ.get("TRANSFGU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-
-
-def require_shared_data(name: str = "") -> Path:
-    """Path to ``../shared/data/<name>``; fails under CI, skips elsewhere, when it is missing."""
-    path = SHARED_DATA / name if name else SHARED_DATA
-    if not path.exists():
-        msg = f"shared data not found at {path} (set TRANSFGU_SHARED_DATA)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -35,20 +25,6 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def camvid() -> Path:
     return require_shared_data("camvid")
-
-
-REPO = Path(__file__).resolve().parents[1]
-#: The tiny whole-method config of the tests and the quick benchmarks.
-TINY_CONFIG = REPO / "conf" / "tiny.yaml"
-
-
-def tiny_config(run_root: Path, name: str = "tiny", **over: str):
-    """``conf/tiny.yaml`` on the shared CamVid images: tiny random ViT, 6 training images, two epochs."""
-    from transfgu.config import load_config
-
-    camvid = require_shared_data("camvid")
-    overrides = {"data.root": str(camvid), "run.root": str(run_root), "run.name": name, **over}
-    return load_config(TINY_CONFIG, [f"{k}={v}" for k, v in overrides.items()])
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +62,65 @@ def _keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+# -- the shared local Ray ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Stops the shared local Ray at the end of the session (it starts at its first use)."""
+    yield
+    if "helpers.ray" in sys.modules:
+        sys.modules["helpers.ray"].stop_shared_local()
+
+
+#: Node ids of the modules still to run that use the shared local Ray (set after collection).
+_SHARED_RAY_MODULES: set[str] = set()
+
+
+@pytest.fixture(scope="module")
+def ray_local(request, _ray_session):
+    """The session's shared local Ray (2 CPUs, 127.0.0.1 only; ``helpers.ray.start_shared_local``): every module that
+    needs a plain local Ray uses this one instead of starting its own. A module that needs other settings starts a
+    cluster of its own through ``helpers.ray`` (which stops this one; it starts again at its next use). Each module
+    leaves the cluster as it found it: no Serve application survives the module. After the last module that uses it,
+    it stops (the rest of the session runs without Ray's processes)."""
+    pytest.importorskip("ray")
+    from helpers import ray as ray_helpers
+
+    ray_helpers.start_shared_local()
+    yield
+    ray_helpers.clean_shared_local()
+    _SHARED_RAY_MODULES.discard(request.node.nodeid)
+    if not _SHARED_RAY_MODULES:
+        ray_helpers.stop_shared_local()
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
+def pytest_collection_modifyitems(session, config, items):
+    """Modules that use the shared local Ray run one after the other (at the place of the first), so that a cluster of
+    some module's own in between does not stop it and make it start again. Modules stay whole; the order is otherwise
+    the collection order."""
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.getparent(pytest.Module) or item.parent, []).append(item)
+    shared = [m for m, its in modules.items() if any("ray_local" in getattr(i, "fixturenames", ()) for i in its)]
+    _SHARED_RAY_MODULES.clear()
+    _SHARED_RAY_MODULES.update(m.nodeid for m in shared)
+    if len(shared) < 2:
+        return
+    ordered = []
+    for m, its in modules.items():
+        if m is shared[0]:
+            for s in shared:
+                ordered.extend(modules[s])
+        elif m not in shared:
+            ordered.extend(its)
+    items[:] = ordered
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many Ray clusters the session started (the shared one should start once)."""
+    ray_helpers = sys.modules.get("helpers.ray")
+    if ray_helpers is not None and ray_helpers.STARTS:
+        started = ", ".join(f"{kind} {n}" for kind, n in ray_helpers.STARTS.items())
+        terminalreporter.write_line(f"Ray clusters started by this session: {started}")

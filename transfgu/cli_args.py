@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-#: Ground-truth value that is not scored (the label maps' ignore index; kept equal by tests/test_cli.py).
+#: Ground-truth value that is not scored (the label maps' ignore index; kept equal by tests/unit/test_cli.py).
 IGNORE_INDEX = 255
 #: How ``transfgu evaluate`` treats a prediction of another size than its ground truth.
 RESIZE_POLICIES = ("nearest-pred-to-gt", "error")

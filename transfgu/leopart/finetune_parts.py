@@ -20,7 +20,7 @@ foreground embeddings enter the queues (one queue per global crop, scored with t
 Knopp runs per global crop), AdamW with weight decay 0.04 -> 0.5 on every non-bias, non-norm parameter, drop-path
 0.1 in the student, global crops overlapping by more than 2 %, colour jitter (0.8, 0.8, 0.8, 0.2).
 
-This module holds the pieces only (tested one by one in ``tests/test_leopart_finetune.py``); the loop is in
+This module holds the pieces only (tested one by one in ``tests/stages/test_leopart_finetune.py``); the loop is in
 :mod:`transfgu.leopart.finetune_stage`, the Ray Train executor in :mod:`transfgu.distributed.finetune_stage`.
 """
 

@@ -1,7 +1,7 @@
 """Keeping the accelerator busy: compiled forward, pinned async copies, prefetch and background writes.
 
-None of this changes what a stage computes; it changes *when* the host does its part (``tests/test_throughput.py``
-checks the overlap on CPU with a fixed-latency stand-in for the model).
+None of this changes what a stage computes; it changes *when* the host does its part
+(``tests/stages/test_throughput.py`` checks the overlap on CPU with a fixed-latency stand-in for the model).
 
 ==================  ============================================================================================
 module              what
