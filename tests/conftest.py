@@ -10,6 +10,11 @@ import pytest
 # Ray replaces 127.0.0.1 with the machine's outward address unless told this is a single-machine setup; tests
 # (and the Ray processes they start, which inherit the environment) must talk over loopback only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Under pytest-xdist (`-n 2`) two test processes share the cores; OpenMP threads that spin while they wait for work
+# would burn the other worker's core. Waiting passively changes no result (the thread count, which orders float
+# reductions, stays what each test sets); it must be set before torch loads OpenMP, so here at import.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SHARED_DATA = Path(
     os.environ.get("TRANSFGU_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
