@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,15 +59,32 @@ def tiny_config(run_root: Path, name: str = "tiny", **over: str):
 
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory) -> Path:
-    """A finished one-process run of the whole method (read-only for tests: copy it before changing it)."""
+    """A finished one-process run of the whole method (read-only for tests: copy it before changing it).
+
+    Under pytest-xdist the workers share one build: the first worker that needs it makes it in the session's
+    common temp directory while the others wait on a file lock (the same run, made once instead of per worker)."""
     import torch
 
     from transfgu.pipeline import run_pipeline
 
-    torch.set_num_threads(2)
-    cfg = tiny_config(tmp_path_factory.mktemp("runs"))
-    run_pipeline(cfg)
-    return cfg.run_dir
+    def build(root: Path) -> Path:
+        torch.set_num_threads(2)
+        cfg = tiny_config(root)
+        run_pipeline(cfg)
+        return cfg.run_dir
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp("runs"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "tiny_run_dir"  # the session's directory, above each worker's
+    with FileLock(f"{shared}.lock"):
+        built = shared / "BUILT"
+        if not built.is_file():  # first worker here (or an earlier build failed half-way: build again)
+            shutil.rmtree(shared, ignore_errors=True)
+            built.parent.mkdir(parents=True)
+            built.write_text(str(build(shared / "runs")), encoding="utf-8")
+        return Path(built.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(autouse=True)
