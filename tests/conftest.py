@@ -111,6 +111,13 @@ def _keep_torch_threads():
     torch.set_num_threads(before)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist's --dist loadfile would hand out files by their number of tests (many short parametrized cases
+    # first); keep the order below instead (in the controller, which schedules, and in the workers alike)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``--dist loadfile``) hand out the long files first: files with Ray tests, then files that
     use the shared tiny run, then the rest. A worker that finishes early then picks up short files instead of idling
