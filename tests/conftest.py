@@ -4,6 +4,7 @@ the headless browser. What test modules share besides fixtures is in ``tests/hel
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from helpers.data import require_shared_data
 # Ray replaces 127.0.0.1 with the machine's outward address unless told this is a single-machine setup; tests
 # (and the Ray processes they start, which inherit the environment) must talk over loopback only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Under pytest-xdist (`-n 2`) two test processes share the cores; OpenMP threads that spin while they wait for work
+# would burn the other worker's core. Waiting passively changes no result (the thread count, which orders float
+# reductions, stays what each test sets); it must be set before torch loads OpenMP, so here at import.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
@@ -29,15 +35,32 @@ def camvid() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory) -> Path:
-    """A finished one-process run of the whole method (read-only for tests: copy it before changing it)."""
+    """A finished one-process run of the whole method (read-only for tests: copy it before changing it).
+
+    Under pytest-xdist the workers share one build: the first worker that needs it makes it in the session's
+    common temp directory while the others wait on a file lock (the same run, made once instead of per worker)."""
     import torch
 
     from transfgu.pipeline import run_pipeline
 
-    torch.set_num_threads(2)
-    cfg = tiny_config(tmp_path_factory.mktemp("runs"))
-    run_pipeline(cfg)
-    return cfg.run_dir
+    def build(root: Path) -> Path:
+        torch.set_num_threads(2)
+        cfg = tiny_config(root)
+        run_pipeline(cfg)
+        return cfg.run_dir
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp("runs"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "tiny_run_dir"  # the session's directory, above each worker's
+    with FileLock(f"{shared}.lock"):
+        built = shared / "BUILT"
+        if not built.is_file():  # first worker here (or an earlier build failed half-way: build again)
+            shutil.rmtree(shared, ignore_errors=True)
+            built.parent.mkdir(parents=True)
+            built.write_text(str(build(shared / "runs")), encoding="utf-8")
+        return Path(built.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +85,13 @@ def _keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist's --dist loadfile would hand out files by their number of tests (many short parametrized cases
+    # first); keep the order below instead (in the controller, which schedules, and in the workers alike)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 # -- the shared local Ray ------------------------------------------------------------------------------------------
@@ -99,13 +129,26 @@ def ray_local(request, _ray_session):
 def pytest_collection_modifyitems(session, config, items):
     """Modules that use the shared local Ray run one after the other (at the place of the first), so that a cluster of
     some module's own in between does not stop it and make it start again. Modules stay whole; the order is otherwise
-    the collection order."""
+    the collection order.
+
+    Under pytest-xdist (``--dist loadfile``) the long files are handed out first instead: files with Ray tests, then
+    files that use the shared tiny run, then the rest. A worker that finishes early then picks up short files instead of
+    idling while the other runs a long file at the end. Within a file the order stays as written (stable sort); each
+    worker has its own shared Ray, kept to the end of its session (a worker cannot know which modules it will get)."""
     modules: dict = {}
     for item in items:
         modules.setdefault(item.getparent(pytest.Module) or item.parent, []).append(item)
     shared = [m for m, its in modules.items() if any("ray_local" in getattr(i, "fixturenames", ()) for i in its)]
     _SHARED_RAY_MODULES.clear()
     _SHARED_RAY_MODULES.update(m.nodeid for m in shared)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank: dict[str, int] = {}
+        for item in items:
+            r = 0 if item.get_closest_marker("ray") else 1 if "tiny_run_dir" in getattr(item, "fixturenames", ()) else 2
+            key = item.nodeid.split("::")[0]
+            rank[key] = min(r, rank.get(key, 2))
+        items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+        return
     if len(shared) < 2:
         return
     ordered = []

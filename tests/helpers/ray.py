@@ -242,7 +242,9 @@ def ray_start_head(num_cpus: int = 2, object_store_memory: int = 150_000_000) ->
 
     stop()
     temp = Path(f"/tmp/rayjobs{os.getpid()}")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
+    # every port ray start would otherwise take from its fixed defaults (client server 10001, dashboard agent 52365):
+    # free ones, so another cluster on this machine (a pytest-xdist worker, another user) never collides with it
+    port, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     extra = os.environ.get("TRANSFGU_RAY_DASHBOARD_PATH")  # a dir with the ray[default] packages, if not installed
     if extra:
@@ -255,6 +257,7 @@ def ray_start_head(num_cpus: int = 2, object_store_memory: int = 150_000_000) ->
     proc = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--num-cpus", str(num_cpus),
          f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          "--node-ip-address=127.0.0.1", f"--object-store-memory={object_store_memory}", f"--temp-dir={temp}",
          "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,

@@ -40,21 +40,46 @@ def leopart_family_config(arch: str, root, name: str, **over: str):
     return leopart_config(root, name, **{"backbone.arch": arch, "leopart.input_size": f"[{side}, {side}]", **over})
 
 
+#: Ray-only settings of the Leopart runs (the one-process run ignores them; the Ray run of the same config uses them).
+LEOPART_RAY = {"ray.cpus_per_actor": "0.5", "ray.extract_actors": "[1, 2]", "ray.kmeans_shards": "2"}
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """``get(arch, method)``: the finished one-process run (config, manifest) of the tiny TransFGU or Leopart config
+    on ``arch``, made once per module and read-only for the tests: the end-to-end checks and the Ray-equality
+    checks share it instead of running the same configuration twice."""
+    from transfgu.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("one_process")
+    done: dict = {}
+
+    def get(arch: str, method: str):
+        if (arch, method) not in done:
+            torch.set_num_threads(2)
+            if method == "transfgu":
+                cfg = transfgu_config(arch, root / arch / "one", "tf")
+            else:
+                cfg = leopart_family_config(arch, root / arch, "lp_one", **LEOPART_RAY)
+            done[arch, method] = (cfg, run_pipeline(cfg))
+        return done[arch, method]
+
+    return get
+
+
 @pytest.mark.slow  # about a minute per family on the loaded 2-core VM
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_transfgu_end_to_end_then_predict_export_and_mlflow_model(arch, tmp_path):
+def test_transfgu_end_to_end_then_predict_export_and_mlflow_model(arch, one_process_runs, tmp_path):
     from transfgu.data.io import load_rgb
     from transfgu.data.transforms import to_model_input
     from transfgu.engine.step import predict_logits
     from transfgu.export import export_torchscript, load_exported
     from transfgu.mlflow_model import load_pyfunc, save_mlflow_model
-    from transfgu.pipeline import run_pipeline
     from transfgu.predict import load
     from transfgu.store.formats import read_label_bank
 
     torch.set_num_threads(2)
-    cfg = transfgu_config(arch, tmp_path / "runs", "tf")
-    manifest = run_pipeline(cfg)
+    cfg, manifest = one_process_runs(arch, "transfgu")
     assert all(rec["status"] == "done" for rec in manifest["stages"].values())
     run = cfg.run_dir
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
@@ -92,13 +117,11 @@ def test_transfgu_end_to_end_then_predict_export_and_mlflow_model(arch, tmp_path
 
 @pytest.mark.slow  # about a minute per family on the loaded 2-core VM
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_leopart_end_to_end(arch, tmp_path):
+def test_leopart_end_to_end(arch, one_process_runs):
     from transfgu.leopart.pipeline import STAGES, read_segments
-    from transfgu.pipeline import run_pipeline
 
     torch.set_num_threads(2)
-    cfg = leopart_family_config(arch, tmp_path, "lp")
-    manifest = run_pipeline(cfg)
+    cfg, manifest = one_process_runs(arch, "leopart")
     assert [s for s in STAGES if manifest["stages"][s]["status"] == "done"] == list(STAGES)
     metrics = json.loads((cfg.run_dir / "eval" / "metrics.json").read_text())
     assert metrics["method"] == "leopart" and 0.0 <= metrics["mIoU"] <= 1.0
@@ -143,16 +166,14 @@ RAY = {"ray.cpus_per_actor": "0.5", "ray.cpus_per_worker": "0.5", "ray.extract_a
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_ray_runs_equal_the_one_process_runs(arch, ray_local, tmp_path):
+def test_ray_runs_equal_the_one_process_runs(arch, ray_local, one_process_runs, tmp_path):
     from transfgu.concepts import ConceptBank
     from transfgu.distributed.pipeline import run_pipeline_ray
     from transfgu.leopart.pipeline import read_segments
-    from transfgu.pipeline import run_pipeline
     from transfgu.store.formats import read_features, read_label_bank
 
     torch.set_num_threads(2)
-    one = transfgu_config(arch, tmp_path / "one", "tf")
-    run_pipeline(one)
+    one, _ = one_process_runs(arch, "transfgu")
     dist = transfgu_config(arch, tmp_path / "ray", "tf", **RAY)
     manifest = run_pipeline_ray(dist)
     assert all(rec["status"] == "done" for rec in manifest["stages"].values())
@@ -174,10 +195,8 @@ def test_ray_runs_equal_the_one_process_runs(arch, ray_local, tmp_path):
     m2 = json.loads((dist.run_dir / "eval" / "metrics.json").read_text())
     assert m2["mIoU"] == pytest.approx(m1["mIoU"], abs=1e-6 if exact else 1e-4)
 
-    over = {"ray.cpus_per_actor": "0.5", "ray.extract_actors": "[1, 2]", "ray.kmeans_shards": "2"}
-    lp_one = leopart_family_config(arch, tmp_path, "lp_one", **over)
-    run_pipeline(lp_one)
-    lp_dist = leopart_family_config(arch, tmp_path, "lp_ray", **over)
+    lp_one, _ = one_process_runs(arch, "leopart")
+    lp_dist = leopart_family_config(arch, tmp_path, "lp_ray", **LEOPART_RAY)
     run_pipeline_ray(lp_dist)
     a, b = read_segments(lp_one.run_dir, "val"), read_segments(lp_dist.run_dir, "val")
     assert a.keys() == b.keys()
