@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transfgu.config import load_config
+from transfgu.config import LeopartFinetuneMethodConfig, load_config
 from transfgu.layout import RunLayout
 from transfgu.leopart.finetune_stage import backbone_from_state, latest_state
 from transfgu.methods import stage_hashes
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out_dir)
     cfg = load_config(a.config, [*a.overrides, f"run.root={out}"])
-    if cfg.method != "leopart_finetune":
+    if not isinstance(cfg, LeopartFinetuneMethodConfig):  # the tool reads the fine-tuning's own outputs
         raise SystemExit(f"{a.config} is not a method: leopart_finetune preset")
     t0 = time.time()
     run_pipeline(cfg)
