@@ -108,4 +108,9 @@ def test_readme_cluster_example_is_scoped_to_its_own_head():
     ports = {int(p) for p in re.findall(r"--(?:port|dashboard-port|ray-client-server-port) (\d+)", cluster)}
     assert len(ports) == 3 and not ports & {6379, 8265, 10001}
     assert "127.0.0.1:8265" not in cluster
+    # submit only once the head's job API answers (GCS up is not enough), and stop waiting if the head died
+    wait = re.search(r"until (ray job list --address (\S+)) .*?\bdone\b", cluster, re.DOTALL)
+    submit = re.search(r"ray job submit --address (\S+)", cluster)
+    assert wait and submit and wait.group(2) == submit.group(1)
+    assert "kill -0 $RAY_HEAD_PID" in wait.group(0)
     assert re.search(r"dashboard.*asks for the same token", text, re.DOTALL)
