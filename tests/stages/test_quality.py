@@ -275,20 +275,25 @@ def test_sabotage_flipped_gate_lowers_pseudo_label_quality(quality_runs, monkeyp
     assert bad["anchored_mIoU"] < good["anchored_mIoU"] - 0.05
 
 
-def test_sabotage_dropped_teacher_mix_lowers_bootstrapped_student(quality_runs, monkeypatch):
+def _train_with_targets(quality_runs, monkeypatch, name: str, targets) -> tuple[dict, dict]:
+    """Re-run training and evaluation with eq. 12's targets replaced by ``targets(make_targets, pseudo,
+    teacher_logits, variant, **kw)``: the good run's and the sabotaged run's metrics."""
     from transfgu.engine import step as engine_step
     from transfgu.engine import targets as engine_targets
 
     make_targets = engine_targets.make_targets
+    for module in (engine_step, engine_targets):  # the training step and the diagnostics (transfgu.quality)
+        monkeypatch.setattr(module, "make_targets", lambda *a, _t=targets, **kw: _t(make_targets, *a, **kw))
+    _, run_dir = _rerun(quality_runs, name, ["train", "evaluate"])
+    return quality_runs["standin"][1], json.loads((run_dir / "eval" / "metrics.json").read_text())
+
+
+def test_sabotage_dropped_teacher_mix_lowers_bootstrapped_student(quality_runs, monkeypatch):
     # Eq. 12 mixes the teacher's softmax into the targets; the sabotage trains every round on the raw pseudo labels.
-    def dropped(pseudo, teacher_logits, variant, **kw):
+    def dropped(make_targets, pseudo, teacher_logits, variant, **kw):
         return make_targets(pseudo, None, variant, **kw)
 
-    for module in (engine_step, engine_targets):  # the training step and the diagnostics (transfgu.quality)
-        monkeypatch.setattr(module, "make_targets", dropped)
-    good = quality_runs["standin"][1]
-    _, run_dir = _rerun(quality_runs, "sab_mix", ["train", "evaluate"])
-    bad = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    good, bad = _train_with_targets(quality_runs, monkeypatch, "sab_mix", dropped)
     g, b = good["stages"]["rounds"][-1]["student_mIoU"], bad["stages"]["rounds"][-1]["student_mIoU"]
     ga = good["stages"]["targets"][-1]["student_teacher_agreement"]
     ba = bad["stages"]["targets"][-1]["student_teacher_agreement"]
@@ -302,21 +307,12 @@ def test_sabotage_dropped_teacher_mix_lowers_bootstrapped_student(quality_runs, 
 
 
 def test_sabotage_scrambled_teacher_mix_lowers_bootstrapped_student(quality_runs, monkeypatch):
-    from transfgu.engine import step as engine_step
-    from transfgu.engine import targets as engine_targets
-
-    make_targets = engine_targets.make_targets
-
-    def scrambled(pseudo, teacher_logits, variant, **kw):
+    def scrambled(make_targets, pseudo, teacher_logits, variant, **kw):
         # The teacher is mixed in, but its channels are rolled by one: its decisions land on the wrong concepts.
         t = teacher_logits.roll(1, dims=1) if teacher_logits is not None else None
         return make_targets(pseudo, t, variant, **kw)
 
-    for module in (engine_step, engine_targets):  # the training step and the diagnostics (transfgu.quality)
-        monkeypatch.setattr(module, "make_targets", scrambled)
-    good = quality_runs["standin"][1]
-    _, run_dir = _rerun(quality_runs, "sab_mix_roll", ["train", "evaluate"])
-    bad = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    good, bad = _train_with_targets(quality_runs, monkeypatch, "sab_mix_roll", scrambled)
     g, b = good["stages"]["rounds"][-1]["student_mIoU"], bad["stages"]["rounds"][-1]["student_mIoU"]
     print("round-1 student good", g, "scrambled mix", b)
     # Measured: 17.6 % -> 14.6 % (2 rounds of 4 epochs x 8 passes); the size depends on the training's draws.
