@@ -5,7 +5,7 @@ Every fenced ``bash`` block in README.md carries a marker on the line just above
 GitHub) that says how it is checked:
 
 - ``<!-- check: tests -->``  the README's test command; ``.ci/run`` runs it with ``--only tests``.
-- ``<!-- check: ci -->``     cheap; run by ``tests/test_readme.py`` and by ``--level ci``.
+- ``<!-- check: ci -->``     cheap; run by ``tests/unit/test_environment.py`` and by ``--level ci``.
 - ``<!-- check: slow -->``   minutes (the demo, the cluster example); run in document order by ``--level slow``
   (``.ci/run`` does, after the tests).
 - ``<!-- check: skip <why> -->``  cannot run on a machine without the named resource (an AWS account, DINO weights,
