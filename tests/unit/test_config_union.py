@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers.data import REPO
 from pydantic import ValidationError
 
 from transfgu.config import (
@@ -22,7 +22,7 @@ from transfgu.config import (
 )
 from transfgu.methods import REGISTRY, get_method, stage_hashes
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = REPO / "conf"
 PRESETS = sorted(p.stem for p in CONF.glob("*.yaml"))
 SHARED = ("method", "data", "backbone", "run", "mlflow", "ray")
 #: Every method's own top-level keys, written out here (not read from the classes under test).
