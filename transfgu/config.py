@@ -2,7 +2,7 @@
 
 Every entry point builds a :class:`Config` with :func:`load_config` before any work starts, so a typo or a bad value
 fails at once with a message that names the key. Defaults are the paper's COCO-Stuff-27 settings
-(reference_method.md §1.1) where one exists.
+(the authors' per-data-set settings) where one exists.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
 
 class LeopartGridConfig(_Base):
     """``leopart.protocol: paper`` only: the grid over which community detection's hyperparameters are chosen WITH
-    THE TRAINING SPLIT'S LABELS (the authors ran Optuna TPE over these ranges on PVOC train, field_anchors.md §3;
+    THE TRAINING SPLIT'S LABELS (the authors ran Optuna TPE over these ranges on PVOC train, docs/leopart.md;
     here an exhaustive grid, scored by Hungarian mIoU on train at ``eval_size``). A one-value list fixes a key."""
 
     k_community: list[int] = Field(default_factory=lambda: [99, 149, 199], description="authors: 99..249 step 10")
@@ -331,8 +331,9 @@ class LeopartGridConfig(_Base):
 
 
 class LinearProbeConfig(_Base):
-    """Optional linear probe of the frozen dense patch tokens (leopart_appendix.md A.1 "Evaluation details"): a
-    linear layer trained WITH THE TRAINING SPLIT'S LABELS, scored on val by mIoU (no matching: it predicts classes)."""
+    """Optional linear probe of the frozen dense patch tokens (the Leopart paper's appendix A.1, "Evaluation
+    details"): a linear layer trained WITH THE TRAINING SPLIT'S LABELS, scored on val by mIoU (no matching: it
+    predicts classes)."""
 
     enabled: bool = False
     epochs: int = Field(25, ge=1, description="authors: 25")
@@ -351,9 +352,9 @@ class LinearProbeConfig(_Base):
 
 
 class LeopartConfig(_Base):
-    """Leopart's fully unsupervised segmentation, CBFE + community detection (leopart_appendix.md A.1; the
-    authors' script: field_anchors.md §3). Used when ``method: leopart``; defaults are the published ViT-S/16 PVOC
-    choices.
+    """Leopart's fully unsupervised segmentation, CBFE + community detection (the Leopart paper's appendix
+    A.1; the authors' script step by step: docs/leopart.md). Used when ``method: leopart``; defaults are the
+    published ViT-S/16 PVOC choices.
 
     ``protocol: label_free`` (default) fits everything on the training split without labels: the CBFE precision
     threshold, Markov time and edge threshold are fixed values. ``protocol: paper`` chooses the CBFE threshold as the
@@ -482,9 +483,9 @@ class LeopartConfig(_Base):
 
 
 class FinetuneConfig(_Base):
-    """Leopart's dense self-supervised fine-tuning of the backbone (leopart_appendix.md A.1; ``method:
-    leopart_finetune``). Defaults are the appendix's recipe; the output is ``<run>/finetune/backbone.safetensors``,
-    a ``backbone.weights=`` file for any other run."""
+    """Leopart's dense self-supervised fine-tuning of the backbone (the Leopart paper's appendix A.1;
+    ``method: leopart_finetune``). Defaults are the appendix's recipe; the output is
+    ``<run>/finetune/backbone.safetensors``, a ``backbone.weights=`` file for any other run."""
 
     epochs: int = Field(50, ge=1, description="training epochs over the training split (appendix: 50)")
     batch_size: int = Field(64, ge=1, description="images per global step, over all workers (authors: 32 x 2 GPUs)")

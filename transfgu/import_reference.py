@@ -1,4 +1,4 @@
-"""Import the authors' released TransFGU decoder checkpoints (issue 12 item 6; reference_method.md §6, §9.4).
+"""Import the authors' released TransFGU decoder checkpoints (issue 12 item 6; the authors' README and code).
 
 The authors released, per data set, a checkpoint holding the **decoder only** (the Segmenter ``MaskTransformer`` of
 §6); the frozen DINO ViT-S/8 is loaded separately. Their decoder's parameter names are Segmenter's:

@@ -1,4 +1,4 @@
-"""Bootstrapping losses and the teacher/student round schedule (eq. 13-16; reference_method.md §7.2-7.4).
+"""Bootstrapping losses and the teacher/student round schedule (eq. 13-16; the authors' code, docs/fidelity.md).
 
 All loss functions take logits ``(B, C, h, w)`` straight from the decoder (after its class-dim LayerNorm) and
 return scalar tensors. The schedule helpers are plain Python: they say, per epoch, whether the teacher exists,

@@ -2,7 +2,7 @@
 
 The final mIoU alone cannot say which stage failed. This module scores each stage's own output:
 
-* **concepts** (reference_method.md §4): every training crop is assigned to its nearest concept of its pool (the
+* **concepts** (k-means; docs/quality.md): every training crop is assigned to its nearest concept of its pool (the
   k-means assignment) and compared with the crop's *majority ground-truth class* (the most frequent labelled class
   inside the crop's box). Reported: ``purity`` = sum over concepts of the size of their largest class / crops,
   ``balanced_purity`` (the same with every class weighing the same), and ``nmi`` = I(concept; class) / ((H(concept)

@@ -35,7 +35,7 @@ def split_records(cfg: Config, split: str, subset: bool = True) -> list[ImageRec
     """The images of one split, limited by ``data.max_*_images``.
 
     ``subset=False`` ignores the training/evaluation subsets (``curated_list_train``/``curated_list_val``): the crop,
-    concept and label-bank stages see the full train split, as the reference's do (reference_method.md §8).
+    concept and label-bank stages see the full train split, as the reference's do (docs/fidelity.md row 20).
     """
     opts = {k: v for k, v in cfg.data.options.items() if subset or k not in SUBSET_OPTIONS}
     records = list_records(cfg.data.name, cfg.data.root, split, **opts)

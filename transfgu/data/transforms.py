@@ -3,7 +3,7 @@
 Every image reaches the backbone the same way: a uint8 ``(H, W, 3)`` RGB array is resized (bilinear,
 ``align_corners=False``, no anti-aliasing, as the reference does) and normalised with the ImageNet statistics
 (:func:`transfgu.models.backbone.normalize`). Bilinear resizing commutes with the per-channel normalisation, so
-resizing before normalising equals the reference's normalise-then-resize (reference_method.md §7.1, §8).
+resizing before normalising equals the reference's normalise-then-resize (the authors' training and evaluation).
 
 * :func:`to_model_input` returns the normalised float tensor (feature extraction, pseudo labels, prediction, export);
 * :func:`to_uint8_chw` returns the resized image still as uint8 (training and evaluation loaders keep uint8 in

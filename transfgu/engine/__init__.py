@@ -1,4 +1,4 @@
-"""Training and evaluation of the TransFGU decoder (reference_method.md §7.1-7.5 and §8), one module per seam.
+"""Training and evaluation of the TransFGU decoder (as the authors' code; docs/fidelity.md), one module per seam.
 
 =================  ==========================================================================================
 module             what

@@ -1,4 +1,4 @@
-"""Training-batch augmentation of the TransFGU decoder (reference_method.md §7.1).
+"""Training-batch augmentation of the TransFGU decoder (as the authors' code; docs/fidelity.md row 6).
 
 :func:`augment_batch`: colour augmentation, per-sample random crop resized to half resolution, RoI-Align of the pseudo
 labels with the same boxes, horizontal flip. Every random decision is drawn on the host from an explicit

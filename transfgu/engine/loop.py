@@ -1,4 +1,4 @@
-"""The TransFGU decoder's epoch loop and evaluation (reference_method.md §7.4 and §8).
+"""The TransFGU decoder's epoch loop and evaluation (as the authors' code; docs/fidelity.md).
 
 * :func:`train_one_epoch`: frozen backbone, teacher on the same crop, eq. 16, the reference step rule (§7.4).
 * :func:`evaluate`: bilinear logits at the eval size, one confusion matrix for the split, Hungarian matching.

@@ -1,4 +1,4 @@
-"""One training step of the TransFGU decoder (reference_method.md §7.2-7.5): the model helpers and the step's work.
+"""One training step of the TransFGU decoder (docs/fidelity.md): the model helpers and the step's work.
 
 * :func:`make_optimizer`, :func:`make_teacher`, :func:`reboot` (teacher <- student, student <- its saved initial
   weights, eq. 10-12, §7.2), :func:`predict_logits`;

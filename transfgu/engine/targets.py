@@ -1,4 +1,4 @@
-"""Training targets of the TransFGU decoder (reference_method.md §7.3).
+"""Training targets of the TransFGU decoder (as the authors' code builds them; docs/fidelity.md).
 
 :func:`make_targets`: crop-wise min-max normalisation, background channel (eq. 8), teacher mix (eq. 12), hard labels
 and class-axis-permuted negatives.
