@@ -58,7 +58,7 @@ class DataConfig(_Base):
 
 
 class BackboneConfig(_Base):
-    """Frozen self-supervised ViT (§3)."""
+    """Frozen self-supervised ViT."""
 
     arch: str = Field("vit_small_patch8", description="DINO v1 (vit_small_patch8, ...), DINOv2 with registers "
                       "(vit_small_patch14_reg4_dinov2, ...) or DINOv3 (vit_small_patch16_dinov3, ...)")
@@ -87,7 +87,7 @@ class BackboneConfig(_Base):
 
 
 class CropConfig(_Base):
-    """Sliding windows and the foreground prior (§2)."""
+    """Sliding windows and the foreground prior (the reference's crop stage)."""
 
     input_size: tuple[int, int] = (640, 640)
     resize_mode: Literal["bilinear", "nearest"] = Field(
@@ -115,7 +115,7 @@ class CropConfig(_Base):
 
 
 class ConceptConfig(_Base):
-    """k-means concepts (§4): K per pool, fg concepts first."""
+    """k-means concepts: K per pool, fg concepts first."""
 
     k_per_pool: dict[str, int] = Field(default_factory=lambda: {"fg": 12, "bg": 15})
     niter: int = Field(100, ge=1)
@@ -143,7 +143,7 @@ class ConceptConfig(_Base):
 
 
 class PseudoLabelConfig(_Base):
-    """Attention Grad-CAM label bank (§5)."""
+    """Attention Grad-CAM label bank (paper eq. 5-8)."""
 
     input_size: tuple[int, int] = (320, 320)
     resize_mode: Literal["bilinear", "nearest"] = "bilinear"
@@ -159,7 +159,7 @@ class PseudoLabelConfig(_Base):
 
 
 class TrainConfig(_Base):
-    """Decoder training and bootstrapping (§6-7)."""
+    """Decoder training and bootstrapping (paper §3.3)."""
 
     variant: Literal["thingstuff", "things"] = "thingstuff"
     train_size: tuple[int, int] = (320, 320)
@@ -207,7 +207,7 @@ class TrainConfig(_Base):
 
 
 class EvalConfig(_Base):
-    """Evaluation (§8)."""
+    """Evaluation (one Hungarian matching over the whole split, as the reference)."""
 
     eval_size: tuple[int, int] = (320, 320)
     overcluster: Literal["hungarian", "majority"] = "hungarian"
@@ -541,7 +541,7 @@ def paper_protocol(data_name: str) -> dict[str, Any]:
     """The dotted settings ``protocol: paper`` imposes for data set ``data_name``."""
     out = dict(PAPER_PROTOCOL)
     if data_name in ("cityscapes", "lip"):
-        out["concepts.algorithm"] = "minibatch_kmeans"  # sklearn MiniBatchKMeans, reference §4
+        out["concepts.algorithm"] = "minibatch_kmeans"  # sklearn MiniBatchKMeans, as the reference
         out["concepts.seed"] = 0  # its random_state
     if data_name == "coco_stuff":
         out["data.options.with_instances"] = True  # instances_<split>2017.json lists: 117,266 / 4,952 images

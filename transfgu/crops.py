@@ -2,12 +2,12 @@
 
 Everything here follows the authors' code (docs/fidelity.md rows 3-4):
 
-* :func:`window_layout` enumerates the square multi-scale windows of §2.3 on the ViT patch grid;
-* :func:`foreground_prior` binarises the head-mean last-block CLS attention at its mean (§2.2);
-* :func:`select_windows` sorts windows into the fg / bg / all pools by their foreground fraction (§2.3);
+* :func:`window_layout` enumerates the square multi-scale windows of the reference on the ViT patch grid;
+* :func:`foreground_prior` binarises the head-mean last-block CLS attention at its mean;
+* :func:`select_windows` sorts windows into the fg / bg / all pools by their foreground fraction;
 * :func:`crop_and_resize` cuts and resizes the crops in one batched call (the reference slices and calls
   ``F.interpolate`` once per crop);
-* :func:`embed_crops` embeds crops in batches (the reference embeds COCO/VOC crops one at a time, §3);
+* :func:`embed_crops` embeds crops in batches (the reference embeds COCO/VOC crops one at a time);
 * :func:`extract_crops_batch` chains them into the per-image stage function (one image: a batch of one).
 
 Conventions

@@ -41,7 +41,7 @@ def to_model_input(img: np.ndarray, size: tuple[int, int], mode: str = "bilinear
 
 
 def to_uint8_chw(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` -> uint8 ``(3, h, w)`` resized bilinearly (the train and eval loaders, §7.1)."""
+    """uint8 ``(H, W, 3)`` -> uint8 ``(3, h, w)`` resized bilinearly (the train and eval loaders)."""
     x = F.interpolate(_chw_float(img), size=tuple(size), mode="bilinear", align_corners=False)
     return x[0].round().clamp(0, 255).to(torch.uint8)
 

@@ -2,8 +2,8 @@
 outputs every method needs, behind one interface (:class:`DinoViT`).
 
 One forward pass gives the final-LayerNorm CLS token (crop features, as in the authors' code), the patch tokens (decoder
-input §6, Leopart's dense features) and the last block's CLS->patch softmax attention per head (foreground prior §2.2,
-pseudo labels §5, Leopart's noisy foreground mask).
+input, Leopart's dense features) and the last block's CLS->patch softmax attention per head (foreground prior,
+pseudo labels, Leopart's noisy foreground mask).
 
 Two timm model classes are supported, and nothing outside this module knows which one it has:
 

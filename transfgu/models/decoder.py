@@ -176,7 +176,7 @@ class MaskTransformerDecoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def reset_parameters(self) -> None:
-        """Draw fresh random weights with the reference's init (§6). Uses the global torch RNG.
+        """Draw fresh random weights with the reference's init (docs/fidelity.md row 5). Uses the global torch RNG.
 
         To put the student back to *the same* initial weights at a reboot (paper eq. 10-12), save
         :meth:`initial_state` once at start-up and call :meth:`load_initial_state` instead.
