@@ -212,7 +212,7 @@ def vit_forward_flops(
         total             patch embedding + L * per block
 
     Softmax, LayerNorm, GELU and residual adds are O(N D) and left out (< 1 % at these sizes). ViT-S/8 at
-    320x320 (N = 1601): 115.5 GFLOP, the "57.6 GMAC" of reference_method.md §5.
+    320x320 (N = 1601): 115.5 GFLOP, i.e. 57.6 GMAC (one multiply-accumulate = 2 FLOP).
     """
     n = (height // patch) * (width // patch)
     tokens = n + prefix_tokens

@@ -25,7 +25,7 @@ def vit(h: int, w: int) -> float:
 
 
 def decoder_flops(n_patches: int, k: int, d: int = D, layers: int = 2, mlp_ratio: float = 4.0) -> float:
-    """Forward FLOPs of the 2-block Segmenter mask-transformer decoder (reference_method.md §6).
+    """Forward FLOPs of the 2-block Segmenter mask-transformer decoder (the authors' ``MaskTransformer``).
 
     proj_dec ``2 n D^2``; each block on ``T = n + K`` tokens ``(8 + 4r) T D^2 + 4 T^2 D``; proj_patch
     ``2 n D^2``; proj_classes ``2 K D^2``; masks ``2 n K D``.

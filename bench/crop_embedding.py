@@ -1,7 +1,7 @@
 """Crop embedding (stage 1): crops/s batched vs one at a time, and achieved FLOP/s vs this machine's matmul peak.
 
 ``transfgu.crops.embed_crops`` with ``batch_size=B`` against ``batch_size=1`` (the authors embed COCO/VOC crops
-one at a time, reference_method.md §3). Achieved FLOP/s uses the analytic ViT count of
+one at a time in their code). Achieved FLOP/s uses the analytic ViT count of
 :func:`bench.common.vit_forward_flops` (ViT-S/8 on a 320x320 crop: 115.5 GFLOP); the peak is the best of a few
 large square ``torch.matmul`` in the same precision, measured in the same run. Target (issue 6): >= 50 % of
 that peak on CPU. Also timed: the batched cut-and-resize of all 142 windows of a 640x640 image

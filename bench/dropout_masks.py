@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--crop", type=int, default=160, help="crop side in px (half of the 320 train size, §7.1)")
+    p.add_argument("--crop", type=int, default=160, help="crop side in px (half of the 320 train size)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-backbone", action="store_true")
     a = p.parse_args(argv)

@@ -86,7 +86,7 @@ def sharded_lloyd(
 
 
 def write_shards(x: np.ndarray, directory: Path, n_shards: int, pool: str = "all") -> list[Path]:
-    """Write ``x`` as ``n_shards`` features Parquet files in the pipeline's schema (DESIGN.md §3)."""
+    """Write ``x`` as ``n_shards`` features Parquet files in the pipeline's schema (``transfgu.store.formats``)."""
     import pyarrow as pa
 
     from transfgu.store.formats import features_schema, write_parquet_atomic

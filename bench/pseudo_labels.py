@@ -3,8 +3,8 @@
 ``transfgu.pseudo_labels.concept_maps`` (blocks 1..L-1 once without autograd, all K gradients from one batched
 backward through the CLS path of the last block) against ``naive_concept_maps`` (the authors' definition: the
 whole graph kept, one full backward through every block per concept), and against one ``backbone(x)`` forward,
-the floor (reference_method.md §5, last paragraph). Targets (issue 6): >= 40x faster than naive at K=27,
->= 250x at K=171, <= 1.1x one forward at any K.
+the floor (with the gradient restricted to the last block's CLS path the stage costs about one forward). Targets
+(issue 6): >= 40x faster than naive at K=27, >= 250x at K=171, <= 1.1x one forward at any K.
 
 The naive cost is linear in K by construction (one setup forward, then K identical backward passes), so
 ``T_naive(K) = a + b K``. Two estimates are reported per K:

@@ -2,7 +2,7 @@
 
 The reference stores one pickle of a float32 numpy array per image and type: crop features ``(n_crops, 384)``
 (COCO: one file for the fg crops, one for the bg crops) and concept maps ``(K, h, w)`` (COCO: one fg file, one
-bg file), reference_method.md §3 and §5. Here the reference's size is the length of ``pickle.dumps`` of exactly
+bg file), as the authors' code pickles them. Here the reference's size is the length of ``pickle.dumps`` of exactly
 those arrays (measured in memory only; nothing is pickled to disk), and ours is the size of the Parquet files
 the pipeline writes (:mod:`transfgu.store`, zstd). Target (issue 6): <= 25 % of the reference.
 

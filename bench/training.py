@@ -3,7 +3,7 @@
 ``transfgu.engine.loop.train_one_epoch`` on synthetic batches (uint8 images at the train size, pseudo-label maps at
 token resolution) with a teacher (a bootstrapping epoch: augmentation, frozen backbone on the crops, teacher
 decoder, student forward/backward, Adam). Compared in the same run with the same epoch without a teacher and
-with the floor: the frozen backbone's forward pass on the same crops (half the train size, §7.1), which no
+with the floor: the frozen backbone's forward pass on the same crops (half the train size), which no
 training step can avoid. Peak memory: the process's peak RSS (``resource.getrusage``) and, on CUDA,
 ``torch.cuda.max_memory_allocated`` over the bootstrapping epoch.
 """

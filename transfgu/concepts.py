@@ -1,4 +1,4 @@
-"""Stage 2: semantic concepts by k-means over crop CLS features (paper §3.1; reference_method.md §4).
+"""Stage 2: semantic concepts by k-means over crop CLS features (paper §3.1; docs/fidelity.md row 11).
 
 The reference clusters the raw (not L2-normalised) CLS features of all training crops with faiss k-means (L2
 metric, 100 iterations, seed 1, ``max_points_per_centroid`` = 10^7 so nothing is subsampled, random-sample
@@ -30,7 +30,7 @@ __all__ = [
     "order_pools",
 ]
 
-#: Pools that come first, in this order (fg concepts occupy the first channels, reference_method.md §4).
+#: Pools that come first, in this order (fg concepts occupy the first channels, as in the authors' code).
 POOL_ORDER = ("fg", "bg", "all")
 
 
@@ -138,7 +138,7 @@ def fit_concepts(
     """Cluster every pool named in ``k_per_pool`` separately and stack the concepts fg first, then bg.
 
     COCO-Stuff-27: ``{"fg": 12, "bg": 15}``; VOC: ``{"fg": 20}``; Cityscapes/LIP: ``{"all": K}``
-    (reference_method.md §4). Pools present in ``pools`` but not in ``k_per_pool`` are ignored (COCO-80 uses
+    (the authors' settings). Pools present in ``pools`` but not in ``k_per_pool`` are ignored (COCO-80 uses
     only the fg pool). Every pool is clustered with the same seed, as in the reference. ``nredo``/``init`` are
     passed to :func:`kmeans` (reference: 1 / ``"random"``) and recorded in ``extra``. ``algorithm=
     "minibatch_kmeans"`` uses sklearn's MiniBatchKMeans as the reference does for Cityscapes/LIP

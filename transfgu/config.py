@@ -2,7 +2,7 @@
 
 Every entry point builds a :class:`Config` with :func:`load_config` before any work starts, so a typo or a bad value
 fails at once with a message that names the key. Defaults are the paper's COCO-Stuff-27 settings
-(reference_method.md §1.1) where one exists.
+(the authors' per-data-set settings) where one exists.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class DataConfig(_Base):
 
 
 class BackboneConfig(_Base):
-    """Frozen self-supervised ViT (§3)."""
+    """Frozen self-supervised ViT."""
 
     arch: str = Field("vit_small_patch8", description="DINO v1 (vit_small_patch8, ...), DINOv2 with registers "
                       "(vit_small_patch14_reg4_dinov2, ...) or DINOv3 (vit_small_patch16_dinov3, ...)")
@@ -87,7 +87,7 @@ class BackboneConfig(_Base):
 
 
 class CropConfig(_Base):
-    """Sliding windows and the foreground prior (§2)."""
+    """Sliding windows and the foreground prior (the reference's crop stage)."""
 
     input_size: tuple[int, int] = (640, 640)
     resize_mode: Literal["bilinear", "nearest"] = Field(
@@ -115,7 +115,7 @@ class CropConfig(_Base):
 
 
 class ConceptConfig(_Base):
-    """k-means concepts (§4): K per pool, fg concepts first."""
+    """k-means concepts: K per pool, fg concepts first."""
 
     k_per_pool: dict[str, int] = Field(default_factory=lambda: {"fg": 12, "bg": 15})
     niter: int = Field(100, ge=1)
@@ -143,7 +143,7 @@ class ConceptConfig(_Base):
 
 
 class PseudoLabelConfig(_Base):
-    """Attention Grad-CAM label bank (§5)."""
+    """Attention Grad-CAM label bank (paper eq. 5-8)."""
 
     input_size: tuple[int, int] = (320, 320)
     resize_mode: Literal["bilinear", "nearest"] = "bilinear"
@@ -159,7 +159,7 @@ class PseudoLabelConfig(_Base):
 
 
 class TrainConfig(_Base):
-    """Decoder training and bootstrapping (§6-7)."""
+    """Decoder training and bootstrapping (paper §3.3)."""
 
     variant: Literal["thingstuff", "things"] = "thingstuff"
     train_size: tuple[int, int] = (320, 320)
@@ -207,7 +207,7 @@ class TrainConfig(_Base):
 
 
 class EvalConfig(_Base):
-    """Evaluation (§8)."""
+    """Evaluation (one Hungarian matching over the whole split, as the reference)."""
 
     eval_size: tuple[int, int] = (320, 320)
     overcluster: Literal["hungarian", "majority"] = "hungarian"
@@ -312,7 +312,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
 
 class LeopartGridConfig(_Base):
     """``leopart.protocol: paper`` only: the grid over which community detection's hyperparameters are chosen WITH
-    THE TRAINING SPLIT'S LABELS (the authors ran Optuna TPE over these ranges on PVOC train, field_anchors.md §3;
+    THE TRAINING SPLIT'S LABELS (the authors ran Optuna TPE over these ranges on PVOC train, docs/leopart.md;
     here an exhaustive grid, scored by Hungarian mIoU on train at ``eval_size``). A one-value list fixes a key."""
 
     k_community: list[int] = Field(default_factory=lambda: [99, 149, 199], description="authors: 99..249 step 10")
@@ -331,8 +331,9 @@ class LeopartGridConfig(_Base):
 
 
 class LinearProbeConfig(_Base):
-    """Optional linear probe of the frozen dense patch tokens (leopart_appendix.md A.1 "Evaluation details"): a
-    linear layer trained WITH THE TRAINING SPLIT'S LABELS, scored on val by mIoU (no matching: it predicts classes)."""
+    """Optional linear probe of the frozen dense patch tokens (the Leopart paper's appendix A.1, "Evaluation
+    details"): a linear layer trained WITH THE TRAINING SPLIT'S LABELS, scored on val by mIoU (no matching: it
+    predicts classes)."""
 
     enabled: bool = False
     epochs: int = Field(25, ge=1, description="authors: 25")
@@ -351,9 +352,9 @@ class LinearProbeConfig(_Base):
 
 
 class LeopartConfig(_Base):
-    """Leopart's fully unsupervised segmentation, CBFE + community detection (leopart_appendix.md A.1; the
-    authors' script: field_anchors.md §3). Used when ``method: leopart``; defaults are the published ViT-S/16 PVOC
-    choices.
+    """Leopart's fully unsupervised segmentation, CBFE + community detection (the Leopart paper's appendix
+    A.1; the authors' script step by step: docs/leopart.md). Used when ``method: leopart``; defaults are the
+    published ViT-S/16 PVOC choices.
 
     ``protocol: label_free`` (default) fits everything on the training split without labels: the CBFE precision
     threshold, Markov time and edge threshold are fixed values. ``protocol: paper`` chooses the CBFE threshold as the
@@ -482,9 +483,9 @@ class LeopartConfig(_Base):
 
 
 class FinetuneConfig(_Base):
-    """Leopart's dense self-supervised fine-tuning of the backbone (leopart_appendix.md A.1; ``method:
-    leopart_finetune``). Defaults are the appendix's recipe; the output is ``<run>/finetune/backbone.safetensors``,
-    a ``backbone.weights=`` file for any other run."""
+    """Leopart's dense self-supervised fine-tuning of the backbone (the Leopart paper's appendix A.1;
+    ``method: leopart_finetune``). Defaults are the appendix's recipe; the output is
+    ``<run>/finetune/backbone.safetensors``, a ``backbone.weights=`` file for any other run."""
 
     epochs: int = Field(50, ge=1, description="training epochs over the training split (appendix: 50)")
     batch_size: int = Field(64, ge=1, description="images per global step, over all workers (authors: 32 x 2 GPUs)")
@@ -540,7 +541,7 @@ def paper_protocol(data_name: str) -> dict[str, Any]:
     """The dotted settings ``protocol: paper`` imposes for data set ``data_name``."""
     out = dict(PAPER_PROTOCOL)
     if data_name in ("cityscapes", "lip"):
-        out["concepts.algorithm"] = "minibatch_kmeans"  # sklearn MiniBatchKMeans, reference §4
+        out["concepts.algorithm"] = "minibatch_kmeans"  # sklearn MiniBatchKMeans, as the reference
         out["concepts.seed"] = 0  # its random_state
     if data_name == "coco_stuff":
         out["data.options.with_instances"] = True  # instances_<split>2017.json lists: 117,266 / 4,952 images

@@ -1,13 +1,13 @@
 """Stage 1: sliding-window crops, the foreground prior and crop CLS features (paper §3.1, eq. 1-2).
 
-Everything here follows reference_method.md §2-§3:
+Everything here follows the authors' code (docs/fidelity.md rows 3-4):
 
-* :func:`window_layout` enumerates the square multi-scale windows of §2.3 on the ViT patch grid;
-* :func:`foreground_prior` binarises the head-mean last-block CLS attention at its mean (§2.2);
-* :func:`select_windows` sorts windows into the fg / bg / all pools by their foreground fraction (§2.3);
+* :func:`window_layout` enumerates the square multi-scale windows of the reference on the ViT patch grid;
+* :func:`foreground_prior` binarises the head-mean last-block CLS attention at its mean;
+* :func:`select_windows` sorts windows into the fg / bg / all pools by their foreground fraction;
 * :func:`crop_and_resize` cuts and resizes the crops in one batched call (the reference slices and calls
   ``F.interpolate`` once per crop);
-* :func:`embed_crops` embeds crops in batches (the reference embeds COCO/VOC crops one at a time, §3);
+* :func:`embed_crops` embeds crops in batches (the reference embeds COCO/VOC crops one at a time);
 * :func:`extract_crops_batch` chains them into the per-image stage function (one image: a batch of one).
 
 Conventions
@@ -56,7 +56,7 @@ DROPPED = ""
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Window layout (reference_method.md §2.3)
+# Window layout (the reference implementation's sliding windows)
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WindowLayout:
@@ -103,7 +103,7 @@ def _axis_centres(length: int, half: int) -> list[int]:
 
 
 def window_layout(grid_h: int, grid_w: int, betas: Sequence[float]) -> WindowLayout:
-    """Enumerate the reference's sliding windows (reference_method.md §2.3).
+    """Enumerate the reference's sliding windows (the authors' ``generate_box_anchors_by_scale``).
 
     For each scale ``beta`` the side is ``b = int(min(h * beta, w * beta))`` patches (square even on
     non-square grids) and the stride is ``b / 2``. A centre ``(y, x)`` is kept when its window lies inside the
@@ -155,10 +155,10 @@ def window_layout(grid_h: int, grid_w: int, betas: Sequence[float]) -> WindowLay
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Foreground prior and window selection (reference_method.md §2.2-§2.3)
+# Foreground prior and window selection (as the reference implementation)
 # ----------------------------------------------------------------------------------------------------------
 def foreground_prior(attn_cls: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Binary foreground prior from the last block's CLS attention (reference_method.md §2.2).
+    """Binary foreground prior from the last block's CLS attention (as the authors' code computes it).
 
     Args:
         attn_cls: ``(B, heads, h*w)`` (or unbatched ``(heads, h*w)``) softmax attention of the CLS query over
@@ -191,7 +191,7 @@ def select_windows(
 ) -> np.ndarray:
     """Pool label of every window of ``layout``: ``"fg"``, ``"bg"``, ``"all"`` or :data:`DROPPED` (``""``).
 
-    reference_method.md §2.3: ``"fg_bg"`` (COCO) keeps a window as fg when its fg fraction is ``> th_fg`` and
+    As the authors' code: ``"fg_bg"`` (COCO) keeps a window as fg when its fg fraction is ``> th_fg`` and
     as bg when its bg fraction is ``> th_bg`` (fg wins if overlapping thresholds allow both); ``"fg"`` (VOC)
     keeps fg windows only; ``"all"`` (Cityscapes, LIP) keeps every window with no prior. The fractions are
     taken over the window's patches, which equals the reference's pixel fractions after nearest x``p``
@@ -225,7 +225,7 @@ def select_windows(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Crop, resize and embed (reference_method.md §2.3 last bullet, §3)
+# Crop, resize and embed (as the reference implementation)
 # ----------------------------------------------------------------------------------------------------------
 def _as_box_tensor(boxes: Tensor | np.ndarray) -> Tensor:
     # Boxes are checked on the host (a check of a device tensor in an ``if`` would synchronise the GPU).
@@ -331,7 +331,7 @@ def embed_crops(
     batch_size: int,
     autocast_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Final-LayerNorm CLS token of every crop, ``(n, D)`` float32 (reference_method.md §3), in batches.
+    """Final-LayerNorm CLS token of every crop, ``(n, D)`` float32 (the reference's crop features), in batches.
 
     The reference embeds COCO/VOC crops one at a time; batching gives the same features (the ViT is per-sample
     in eval mode). ``autocast_dtype`` (e.g. ``torch.bfloat16`` on GPU) runs the backbone under autocast.
@@ -389,7 +389,7 @@ def extract_crops_batch(
     autocast_dtype: torch.dtype | None = None,
     trim_last_pixel: bool = True,
 ) -> list[CropRecords]:
-    """Crops + CLS features of several equal-size images (reference_method.md §2-§3, checklist step 1).
+    """Crops + CLS features of several equal-size images (the reference's crop stage; docs/architecture.md, "Stages").
 
     Args:
         backbone: a frozen :class:`~transfgu.models.backbone.DinoViT` (or anything with the same outputs).

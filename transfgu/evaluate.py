@@ -1,6 +1,6 @@
 """Score a folder of predicted cluster-id PNGs against ground truth (``transfgu evaluate``).
 
-Protocol (reference_method.md section 8): ONE ``(classes x clusters)`` confusion matrix is accumulated over
+Protocol (the authors' evaluation; docs/fidelity.md): ONE ``(classes x clusters)`` confusion matrix is accumulated over
 every image of the split, then clusters are matched to classes once (Hungarian by default, see
 :func:`transfgu.metrics.segmentation_scores`), giving mIoU, pixel accuracy and per-class IoU. Ground-truth
 pixels equal to the ignore index are not counted.

@@ -1,4 +1,4 @@
-"""Stage 5's method: score a trained decoder on the labelled validation split (§8) and write ``eval/``.
+"""Stage 5's method: score a trained decoder on the labelled validation split (as the reference) and write ``eval/``.
 
 The cluster -> class matching (Hungarian, or majority vote when over-clustering) and the scores are computed by
 :func:`transfgu.engine.loop.evaluate` and :mod:`transfgu.metrics`; this module builds the validation loader, applies

@@ -1,7 +1,7 @@
-"""Import the authors' released TransFGU decoder checkpoints (issue 12 item 6; reference_method.md §6, §9.4).
+"""Import the authors' released TransFGU decoder checkpoints (issue 12 item 6; the authors' README and code).
 
-The authors released, per data set, a checkpoint holding the **decoder only** (the Segmenter ``MaskTransformer`` of
-§6); the frozen DINO ViT-S/8 is loaded separately. Their decoder's parameter names are Segmenter's:
+The authors released, per data set, a checkpoint holding the **decoder only** (the Segmenter ``MaskTransformer``);
+the frozen DINO ViT-S/8 is loaded separately. Their decoder's parameter names are Segmenter's:
 
     cls_emb (1, K, D)                       proj_dec.{weight,bias}
     blocks.<i>.norm1 / norm2.{weight,bias}  blocks.<i>.attn.qkv.weight (no bias)   blocks.<i>.attn.proj.{weight,bias}

@@ -1,4 +1,4 @@
-"""Bootstrapping losses and the teacher/student round schedule (eq. 13-16; reference_method.md §7.2-7.4).
+"""Bootstrapping losses and the teacher/student round schedule (eq. 13-16; the authors' code, docs/fidelity.md).
 
 All loss functions take logits ``(B, C, h, w)`` straight from the decoder (after its class-dim LayerNorm) and
 return scalar tensors. The schedule helpers are plain Python: they say, per epoch, whether the teacher exists,
@@ -32,7 +32,7 @@ def peer_loss(
     Args:
         logits: ``(B, C, h, w)`` decoder logits.
         target: ``(B, h, w)`` int64 hard bootstrapped labels.
-        negative_target: ``(B, h, w)`` labels after the class-axis permutation (§7.3 item 5); ``None`` (or
+        negative_target: ``(B, h, w)`` labels after the class-axis permutation (eq. 13); ``None`` (or
             ``alpha == 0``) gives plain cross-entropy, eq. 9, as used before bootstrapping starts.
         alpha: weight of the negative term.
         ignore_index: label value excluded from both means.
@@ -55,7 +55,7 @@ def uncertainty_loss(
       all C channels, mean over all pixels.
     * "things" variant (VOC, COCO-80, LIP): ``exclude_channel0=True`` (channel 0 is background: the softmax is
       over the foreground channels only) and ``fg_mask`` = ``(B, h, w)`` bool, the pixels whose normalised
-      pseudo label exceeds T_bg (§7.3 item 2); the mean is over those pixels only.
+      pseudo label exceeds T_bg (as the reference); the mean is over those pixels only.
 
     An empty ``fg_mask`` gives a mean over no pixels. The reference then produces NaN, which makes the whole
     step skipped by its ``loss > 0`` rule. Here ``empty_fg="zero"`` (default) returns 0 (still attached to the
@@ -81,7 +81,7 @@ def uncertainty_loss(
 
 
 def diversity_loss(class_emb: Tensor) -> Tensor:
-    """Diversity loss, eq. 15 as the reference code computes it (§7.4).
+    """Diversity loss, eq. 15 as the reference code computes it.
 
     Mean over images and over all class pairs i < j of ``1 + cos(e_i, e_j)``, for class embeddings
     ``(B, K, D)``. (The paper's ``1 + sum(C C^T / sqrt(d)) / K^2`` is not what was trained.) With K = 1 there
@@ -141,14 +141,14 @@ def total_loss(
 
 # -- schedule ------------------------------------------------------------------------------------------------
 def alpha_schedule(epoch_iter: int, alphas: tuple[float, ...] = ALPHA_LIST) -> float:
-    """Peer weight alpha for the ``epoch_iter``-th epoch of a round (0 = the reboot epoch), §7.2."""
+    """Peer weight alpha for the ``epoch_iter``-th epoch of a round (0 = the reboot epoch), the reference's schedule."""
     if epoch_iter < 0:
         raise ValueError(f"epoch_iter must be >= 0, got {epoch_iter}")
     return float(alphas[min(epoch_iter, len(alphas) - 1)])
 
 
 def teacher_interval(epoch: int, intervals: int | tuple[int, ...] | list[int], epoch_step: int = 10) -> int:
-    """Round length in force at ``epoch``: ``intervals[min(epoch // epoch_step, len - 1)]`` (§7.2)."""
+    """Round length in force at ``epoch``: ``intervals[min(epoch // epoch_step, len - 1)]`` (the reference's)."""
     if isinstance(intervals, int):
         return intervals
     return int(intervals[min(epoch // epoch_step, len(intervals) - 1)])
@@ -179,7 +179,7 @@ class EpochPlan:
 
 
 class BootstrapSchedule:
-    """Teacher/student rounds of §7.2.
+    """Teacher/student rounds of the reference (eq. 10-12).
 
     Epochs are 0-based. For ``epoch < start_epoch`` there is no teacher. For ``epoch >= start_epoch`` the
     epoch is a reboot when ``epoch % teacher_interval(epoch) == 0`` (and always at ``start_epoch`` itself).

@@ -1,4 +1,4 @@
-"""Unsupervised segmentation metrics: confusion matrix, cluster-to-class matching, mIoU, pixel accuracy (§8).
+"""Unsupervised segmentation metrics: confusion matrix, cluster-to-class matching, mIoU, pixel accuracy.
 
 Conventions: the confusion matrix is ``(n_classes, n_clusters)`` with ground-truth classes as rows and
 predicted cluster ids as columns, accumulated over the whole evaluation split before any matching (one
@@ -65,7 +65,7 @@ def confusion_matrix(
 def hungarian_match(conf: np.ndarray, overcluster: Overcluster = "hungarian") -> np.ndarray:
     """Map every predicted cluster to a GT class: returns ``cluster_to_class`` of length K (-1 = unmatched).
 
-    ``"hungarian"`` (the reference, §8): a one-to-one assignment that maximises the matched pixel count,
+    ``"hungarian"`` (the reference's evaluation): a one-to-one assignment that maximises the matched pixel count,
     computed with ``scipy.optimize.linear_sum_assignment`` on the rectangular ``C x K`` matrix. With K == C
     every cluster gets a class. With K > C (over-clustering) C of the K clusters are matched and the other
     K - C map to -1: their pixels count as errors, i.e. as false negatives of their GT class, and no class
@@ -105,7 +105,7 @@ def segmentation_scores(
     class_names: Sequence[str] | None = None,
     overcluster: Overcluster = "hungarian",
 ) -> dict[str, Any]:
-    """mIoU and pixel accuracy of a ``(C, K)`` confusion matrix after cluster-to-class matching (§8).
+    """mIoU and pixel accuracy of a ``(C, K)`` confusion matrix after cluster-to-class matching.
 
     ``IoU_c = TP_c / (TP_c + FP_c + FN_c)`` where FN_c counts every GT pixel of class c that is not predicted
     as c, including pixels of unmatched clusters; ``mIoU`` is the nanmean over classes, so classes absent from

@@ -5,12 +5,12 @@ The checkpoint is the run's ``model/`` directory (:mod:`transfgu.checkpoint`): `
 (arch + weights source; the random backbone itself is stored as ``backbone.safetensors``), the decoder shape, the
 eval size and, once the run was evaluated, the cluster -> class matching. Nothing else is read.
 
-Prediction follows the evaluation protocol (reference_method.md §8): the image is resized bilinearly to the eval
-size and ImageNet-normalised, the frozen backbone and the decoder give patch-resolution logits, which are
-upsampled bilinearly (``align_corners=False``) straight to the input's original size, and the argmax is taken
-there. Label maps therefore always have the input's size. With ``as_classes=True`` cluster ids become class ids
-through the Hungarian matching stored in the checkpoint; clusters left unmatched (over-clustering) give
-:data:`UNMATCHED`.
+Prediction follows the authors' evaluation protocol (docs/architecture.md, "Stages"): the image is resized
+bilinearly to the eval size and ImageNet-normalised, the frozen backbone and the decoder give patch-resolution
+logits, which are upsampled bilinearly (``align_corners=False``) straight to the input's original size, and the
+argmax is taken there. Label maps therefore always have the input's size. With ``as_classes=True`` cluster ids
+become class ids through the Hungarian matching stored in the checkpoint; clusters left unmatched (over-clustering)
+give :data:`UNMATCHED`.
 """
 
 from __future__ import annotations

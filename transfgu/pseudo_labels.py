@@ -1,4 +1,4 @@
-"""Concept pseudo labels by attention Grad-CAM (paper eq. 5-7; reference_method.md §5).
+"""Concept pseudo labels by attention Grad-CAM (paper eq. 5-7; the authors' code, docs/fidelity.md rows 1-2, 18).
 
 For an image with final CLS token ``z`` and concept centroid ``c_k`` the objective is (eq. 5)
 

@@ -2,21 +2,21 @@
 
 The final mIoU alone cannot say which stage failed. This module scores each stage's own output:
 
-* **concepts** (reference_method.md §4): every training crop is assigned to its nearest concept of its pool (the
+* **concepts** (k-means; docs/quality.md): every training crop is assigned to its nearest concept of its pool (the
   k-means assignment) and compared with the crop's *majority ground-truth class* (the most frequent labelled class
   inside the crop's box). Reported: ``purity`` = sum over concepts of the size of their largest class / crops,
   ``balanced_purity`` (the same with every class weighing the same), and ``nmi`` = I(concept; class) / ((H(concept)
   + H(class)) / 2) (arithmetic normalisation, as scikit-learn's default); each concept is named by its crops'
   majority class (``concept_class``);
-* **pseudo labels** (§5): the label bank's decisions on the training images -- the argmax over the K concept maps,
+* **pseudo labels** (eq. 5-8): the label bank's decisions on the training images -- the argmax over the K concept maps,
   with the background channel of eq. 8 in the "things" variant (``relu(T_bg - max_k P~_k)`` after the per-image
   min-max normalisation, ties to background) -- against the training labels, one confusion matrix over the split and
-  one Hungarian matching (the protocol of §8), giving ``mIoU`` and ``pixel_accuracy``; and ``anchored_mIoU``, with
+  one Hungarian matching (the evaluation protocol), giving ``mIoU`` and ``pixel_accuracy``; and ``anchored_mIoU``, with
   every channel named by its own concept's crops instead of a matching (does concept k land where k's crops are?);
-* **bootstrapped targets** (§7.3, eq. 12): per round with a teacher, the targets the student trains on (teacher
+* **bootstrapped targets** (eq. 12): per round with a teacher, the targets the student trains on (teacher
   softmax mixed into the pseudo labels) on the training images, scored as the pseudo labels, and the share of
   positions where the round's student agrees with its teacher;
-* **bootstrapping** (§7.2): validation mIoU of the teacher and of the student at the end of every round, read from
+* **bootstrapping** (eq. 10-12): validation mIoU of the teacher and of the student at the end of every round, read from
   the round checkpoints ``train/round_<r>/``.
 
 Everything here is method code: it knows nothing of Ray, and the distributed pipeline reaches it through the same

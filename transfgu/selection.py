@@ -1,7 +1,7 @@
 """Per-epoch validation history and the choice of the final model (``train.select``), issue 12 item 3.
 
 The paper's Table 1 reports, for every data set, the epoch with the highest **mIoU + pixel accuracy on the
-validation set** (reference_method.md §8, "Model selection"): validation labels are used to pick the model. The
+validation set** (the authors' code; docs/fidelity.md row 13): validation labels are used to pick the model. The
 default here is ``train.select=last`` (the final epoch, no label peeking). ``train.select=best_val`` reproduces the
 paper's protocol: the decoder is scored on the labelled validation split after every epoch, the best one is kept in
 ``train/best/`` and becomes the run's model, and every output it produces (``model/model.json``,

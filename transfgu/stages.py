@@ -71,7 +71,7 @@ def extract_features(
     device: torch.device,
     amp: torch.dtype | None = None,
 ) -> pa.Table:
-    """Crop + embed a group of decoded images (§2-3) into rows of the features table."""
+    """Crop + embed a group of decoded images (the reference's crop stage) into rows of the features table."""
     if len(images) == 0:
         return features_table([], split, [], dim=backbone.embed_dim)
     # ``images`` may already be the resized batch (throughput.tensors.prepare_images, run in the prefetch thread).
@@ -125,7 +125,7 @@ def build_label_maps(
 
 
 class ExtractStage(ShardedStage):
-    """Stage 1: crops + CLS features of every training image (§2-3) -> ``features/``."""
+    """Stage 1: crops + CLS features of every training image (paper §3.2) -> ``features/``."""
 
     name = "extract"
 

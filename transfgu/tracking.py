@@ -4,7 +4,7 @@ Store: ``sqlite:///<run.root>/mlflow.db`` with artifacts under ``<run.root>/mlar
 or ``MLFLOW_TRACKING_URI`` names another store (e.g. ``http://mlflow-server:5000`` on a cluster). MLflow >= 3.13
 refuses the old ``./mlruns`` file store, and a SQLite file needs no server.
 
-Run tree (ecosystem_notes.md §4.3)::
+Run tree (a parent run per pipeline, nested child runs per stage and round)::
 
     pipeline <run.name>               params = Config.flat(), tag pretrained, artifacts: config, eval, report PNGs
       ├─ stage extract / concepts / label_bank / train / evaluate   (tag skipped=true when resumed past)
@@ -256,7 +256,7 @@ def _param_value(v: Any) -> str:
 
 
 def run_tags(cfg: Config, kind: str) -> dict[str, str]:
-    """Tags every run of a pipeline carries (ecosystem_notes.md §4.2)."""
+    """Tags every run of a pipeline carries (kind, backbone, data set, config hash, git sha: searchable)."""
     tags = {
         "kind": kind,
         "pretrained": str(cfg.backbone.source.pretrained).lower(),

@@ -66,7 +66,7 @@ def test_vit_flop_formula_matches_torch_flop_counter():
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         bb.vit.forward_features(x)
     assert backbone_flops(bb, 64, 80) == fc.get_total_flops()
-    # the figure quoted in reference_method.md §5: the 12 blocks of ViT-S/8 at 320x320 = 57.6 GMAC
+    # the figure of docs/cost_model.md: the 12 blocks of ViT-S/8 at 320x320 = 57.6 GMAC
     assert 12 * vit_forward_flops(320, 320)["per_block"] / 2 == pytest.approx(57.6e9, rel=1e-3)
 
 

@@ -79,7 +79,7 @@ def test_kmeans_recovers_separated_blobs(init, nredo):
 
 
 def test_kmeans_reference_settings_are_faiss_defaults_plus_means_step():
-    # §4: faiss.Clustering, L2, 100 iterations, seed 1, no subsampling, random init, one run; then the means.
+    # the reference: faiss.Clustering, L2, 100 iterations, seed 1, no subsampling, random init, one run; then the means.
     x, _ = _blobs(k=4, d=8, n_per=200, sep=30.0, seed=7)
     res = kmeans(x, 4, use_gpu=False)
     ref = faiss.Kmeans(8, 4, niter=100, seed=1, max_points_per_centroid=10**7)

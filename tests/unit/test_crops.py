@@ -33,7 +33,7 @@ def _few_threads():
 
 
 def _naive_layout(h: int, w: int, betas) -> list[tuple[int, int, int, int, int]]:
-    """Literal §2.3: loop over every grid position and test the acceptance rules with a float b/2."""
+    """The reference's rule literally: loop over every grid position and test the acceptance rules with a float b/2."""
     out = []
     for s, beta in enumerate(betas):
         b = int(min(h * beta, w * beta))

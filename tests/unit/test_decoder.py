@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 def naive_forward(dec: MaskTransformerDecoder, x: torch.Tensor, grid: tuple[int, int]):
-    """Segmenter's mask transformer written out op by op (eval mode: no dropout), reference_method.md §6."""
+    """Segmenter's mask transformer written out op by op (eval mode: no dropout), as in the authors' code."""
     b, n, _ = x.shape
     k = dec.n_classes
     t = x @ dec.proj_dec.weight.T + dec.proj_dec.bias

@@ -1,4 +1,4 @@
-"""Targets, augmentation alignment, optimiser, reboot, training and evaluation loops (reference §7-8)."""
+"""Targets, augmentation alignment, optimiser, reboot, training and evaluation loops (the reference's)."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_make_targets_matches_loop(variant, with_teacher):
 
 
 def test_negative_is_inverse_permutation_of_argmax():
-    # y_neg = argmax of the channel-permuted map (§7.3 item 5), checked with the same permutation draw
+    # y_neg = argmax of the channel-permuted map (eq. 13), checked with the same permutation draw
     g = torch.Generator().manual_seed(5)
     pseudo = torch.rand(2, 6, 4, 4, generator=g)
     t = make_targets(pseudo, None, "thingstuff", generator=torch.Generator().manual_seed(9))

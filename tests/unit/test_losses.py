@@ -1,4 +1,4 @@
-"""Losses of eq. 13-16 against per-pixel Python-loop oracles, and the bootstrapping schedule of §7.2."""
+"""Losses of eq. 13-16 against per-pixel Python-loop oracles, and the bootstrapping schedule of the reference."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def test_schedule_coco_default():
     assert all(not p.bootstrapping and p.alpha == 0.0 for p in plans[:3])
     assert all(p.bootstrapping for p in plans[3:])
     used = sorted({round(p.alpha, 2) for p in plans[3:]})
-    assert used == [0.03, 0.04, 0.05]  # table §7.2: alpha never exceeds 0.05
+    assert used == [0.03, 0.04, 0.05]  # the reference's alpha list never exceeds 0.05
     assert [(p.epoch_iter, p.reboot) for p in plans[3:9]] == [(0, True), (1, False), (2, False)] * 2
     assert plans[29].epoch_iter == 2 and plans[30].reboot and plans[31].epoch_iter == 1
 

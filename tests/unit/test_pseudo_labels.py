@@ -1,4 +1,4 @@
-"""Pseudo labels (eq. 5-7, reference_method.md §5): the fast path against the reference's K-full-backward definition."""
+"""Pseudo labels (eq. 5-7, docs/fidelity.md row 2): the fast path against the reference's K-full-backward definition."""
 
 from __future__ import annotations
 

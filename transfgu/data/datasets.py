@@ -256,7 +256,7 @@ SUBSET_OPTIONS = ("curated_list_train", "curated_list_val")
 
 def coco_instance_image_ids(root: str | Path, split: str) -> set[str]:
     """Ids (file stems, ``%012d``) of the images with at least one object in ``annotations/instances_<split>.json``,
-    i.e. the keys of pycocotools' ``imgToAnns``, the reference's COCO image list (reference_method.md §2.1)."""
+    i.e. the keys of pycocotools' ``imgToAnns``, the reference's COCO image list (docs/fidelity.md row 19)."""
     import json
 
     sd = _coco_split_dir(split)

@@ -6,7 +6,7 @@ Cityscapes license-plate id). A raw id that is neither in the table nor an ignor
 :meth:`LabelMap.apply` raises :class:`LabelMapError` naming the file, or records it as ignore with
 ``on_unknown="ignore"``.
 
-Mappings follow reference_method.md section 8 "Label mappings":
+Mappings follow the authors' label mappings:
 
 - COCO-Stuff stuffthingmaps ids 0..181 -> COCO-171 / COCO-27 / COCO-80 (+ background 0), read from
   the package copy of ``coco_stuff_labels.csv`` (columns ``stuffthingmap_id, name, kind, used, fine171,
@@ -223,7 +223,7 @@ def _names_by_index(pairs: Iterable[tuple[int, str]], n: int, what: str) -> tupl
 def coco_stuff_label_map(granularity: int = 27) -> LabelMap:
     """COCO-Stuff stuffthingmaps (raw 0..181, 255 unlabeled) -> COCO-171, COCO-27 or COCO-80 (81 classes).
 
-    COCO-80: the 80 things -> 1..80 and every stuff id -> 0 "background" (reference_method.md section 8).
+    COCO-80: the 80 things -> 1..80 and every stuff id -> 0 "background" (as the authors' code maps them).
     """
     rows = _coco_rows()
     if granularity == 171:

@@ -2,7 +2,7 @@
 
 * :class:`BankDataset` -- training images at the train size (uint8) with their pseudo labels from a bank held in
   memory (tests, small tools); training itself streams them (:mod:`transfgu.data.train_store`);
-* :class:`EvalDataset` -- validation images and labels at the eval size, bad samples recorded and left out (§8);
+* :class:`EvalDataset` -- validation images and labels at the eval size, bad samples recorded and left out;
 * :func:`make_train_loader` -- the training loader of one worker: the one-process global batches, or the
   ``rank``-th slice of each of them under Ray Train (:mod:`transfgu.ddp`), streamed in bounded memory;
 * :func:`split_records`, :func:`dataset_classes` -- the images of a split and the label space of the data set.
@@ -35,7 +35,7 @@ def split_records(cfg: Config, split: str, subset: bool = True) -> list[ImageRec
     """The images of one split, limited by ``data.max_*_images``.
 
     ``subset=False`` ignores the training/evaluation subsets (``curated_list_train``/``curated_list_val``): the crop,
-    concept and label-bank stages see the full train split, as the reference's do (reference_method.md §8).
+    concept and label-bank stages see the full train split, as the reference's do (docs/fidelity.md row 20).
     """
     opts = {k: v for k, v in cfg.data.options.items() if subset or k not in SUBSET_OPTIONS}
     records = list_records(cfg.data.name, cfg.data.root, split, **opts)
@@ -50,7 +50,7 @@ def dataset_classes(cfg: Config) -> tuple[tuple[str, ...], int, object]:
 
 
 class BankDataset(torch.utils.data.Dataset):
-    """Training images (resized to the train size, §7.1) with their stored pseudo labels.
+    """Training images (resized to the train size) with their stored pseudo labels.
 
     Decoded images are cached in memory when they fit ``cache_bytes``, since the same images are read every epoch.
     """
@@ -90,7 +90,7 @@ class BankDataset(torch.utils.data.Dataset):
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Validation images resized bilinearly and labels resized with nearest to the eval size (§8).
+    """Validation images resized bilinearly and labels resized with nearest to the eval size (the reference's).
 
     Every record is decoded once when the dataset is built. A record that cannot be scored -- undecodable image or
     label, missing label file (``on_missing_label=keep``), label size different from the image, label ids outside

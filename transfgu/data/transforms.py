@@ -3,7 +3,7 @@
 Every image reaches the backbone the same way: a uint8 ``(H, W, 3)`` RGB array is resized (bilinear,
 ``align_corners=False``, no anti-aliasing, as the reference does) and normalised with the ImageNet statistics
 (:func:`transfgu.models.backbone.normalize`). Bilinear resizing commutes with the per-channel normalisation, so
-resizing before normalising equals the reference's normalise-then-resize (reference_method.md §7.1, §8).
+resizing before normalising equals the reference's normalise-then-resize (the authors' training and evaluation).
 
 * :func:`to_model_input` returns the normalised float tensor (feature extraction, pseudo labels, prediction, export);
 * :func:`to_uint8_chw` returns the resized image still as uint8 (training and evaluation loaders keep uint8 in
@@ -41,7 +41,7 @@ def to_model_input(img: np.ndarray, size: tuple[int, int], mode: str = "bilinear
 
 
 def to_uint8_chw(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` -> uint8 ``(3, h, w)`` resized bilinearly (the train and eval loaders, §7.1)."""
+    """uint8 ``(H, W, 3)`` -> uint8 ``(3, h, w)`` resized bilinearly (the train and eval loaders)."""
     x = F.interpolate(_chw_float(img), size=tuple(size), mode="bilinear", align_corners=False)
     return x[0].round().clamp(0, 255).to(torch.uint8)
 

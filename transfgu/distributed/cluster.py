@@ -1,7 +1,8 @@
 """Connecting to Ray and sizing remote work.
 
 ``ray.init(local_mode=True)`` is gone (Ray >= 2.54); tests use a small real cluster instead, and Ray Train's own
-local mode (``ScalingConfig(num_workers=0)``) for in-process training (ecosystem_notes.md §1.1, §1.7).
+local mode (``ScalingConfig(num_workers=0)``, Train V2) for in-process training, as Ray's testing tips advise for
+2-CPU machines.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Training and evaluation of the TransFGU decoder (reference_method.md §7.1-7.5 and §8), one module per seam.
+"""Training and evaluation of the TransFGU decoder (as the authors' code; docs/fidelity.md), one module per seam.
 
 =================  ==========================================================================================
 module             what
 =================  ==========================================================================================
-:mod:`.augment`    §7.1: colour augmentation, per-sample random crop at half resolution, RoI-Align of the
+:mod:`.augment`    colour augmentation, per-sample random crop at half resolution, RoI-Align of the
                    pseudo labels with the same boxes, horizontal flip (host draws, device application)
-:mod:`.targets`    §7.3: crop-wise min-max normalisation, background channel (eq. 8), teacher mix (eq. 12),
+:mod:`.targets`    crop-wise min-max normalisation, background channel (eq. 8), teacher mix (eq. 12),
                    hard labels and class-axis-permuted negatives
-:mod:`.step`       §7.2-7.5: optimiser, teacher, reboot (eq. 10-12), dropout draws, the step's losses (eq. 16),
+:mod:`.step`       optimiser, teacher, reboot (eq. 10-12), dropout draws, the step's losses (eq. 16),
                    the compiled step kernels
-:mod:`.loop`       §7.4 and §8: the epoch loop (the reference step rule) and the whole-split evaluation
+:mod:`.loop`       the epoch loop (the reference step rule) and the whole-split evaluation
 =================  ==========================================================================================
 
 Everything takes explicit arguments; randomness comes from an explicit ``torch.Generator`` (CPU), in training one

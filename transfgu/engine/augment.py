@@ -1,4 +1,4 @@
-"""Training-batch augmentation of the TransFGU decoder (reference_method.md §7.1).
+"""Training-batch augmentation of the TransFGU decoder (as the authors' code; docs/fidelity.md row 6).
 
 :func:`augment_batch`: colour augmentation, per-sample random crop resized to half resolution, RoI-Align of the pseudo
 labels with the same boxes, horizontal flip. Every random decision is drawn on the host from an explicit
@@ -22,7 +22,7 @@ from transfgu.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 ColourMode = Literal["batch", "per_sample"]
 
-#: Crop scales of §7.1 item 4 (an integer draw over [4, 10) / 10 in the reference: 1.0 never occurs).
+#: Crop scales of the random crop (an integer draw over [4, 10) / 10 in the reference: 1.0 never occurs).
 CROP_SCALES: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -51,7 +51,7 @@ def draw_colour(
     p_blur: float = 0.2,
     blur_sigma: tuple[float, float] = (1.0, 2.0),
 ) -> ColourDraw:
-    """Draw one colour decision (§7.1 item 3); the draws and their order are those of applying it directly."""
+    """Draw a colour decision (docs/fidelity.md row 6); the draws and their order are those of applying it directly."""
     jit = None
     if _bernoulli(generator, p_jitter):
         # torchvision ColorJitter semantics: factors in [max(0, 1-v), 1+v], hue in [-v, v], random op order.
@@ -162,7 +162,7 @@ def crop_images(images: Tensor, boxes: Tensor, out_hw: tuple[int, int]) -> Tenso
 
 
 def crop_labels(pseudo: Tensor, boxes: Tensor, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
-    """RoI-Align the pseudo-label maps over the image-pixel ``boxes`` (§7.1 item 5).
+    """RoI-Align the pseudo-label maps over the image-pixel ``boxes`` (as the reference, with mmcv's ``roi_align``).
 
     Boxes are scaled per axis into label-grid units (label_h / H, label_w / W; the reference's single
     ``spatial_scale`` is the same number for its grids), then ``torchvision.ops.roi_align`` with
@@ -188,7 +188,7 @@ def align_labels(pseudo: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tenso
 
 @dataclass(frozen=True)
 class StepDraws:
-    """Every random decision of one training step for a (global) batch of ``B`` images (§7.1, §7.3 item 5).
+    """Every random decision of one training step for a (global) batch of ``B`` images (with eq. 13's permutation).
 
     Drawn in the order colour, crop boxes, flips, class permutation. Data-parallel ranks draw the same
     ``StepDraws`` for the global batch and each uses :meth:`piece` for its own images.
@@ -286,7 +286,7 @@ def augment_batch(
     p_gray: float = 0.2,
     p_blur: float = 0.2,
 ) -> tuple[Tensor, Tensor]:
-    """The reference's in-model augmentation (§7.1): :func:`draw_step` then :func:`apply_augment`.
+    """The reference's in-model augmentation: :func:`draw_step` then :func:`apply_augment`.
 
     Args:
         images: uint8 ``(B, 3, H, W)`` (on the compute device).

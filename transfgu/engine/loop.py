@@ -1,6 +1,6 @@
-"""The TransFGU decoder's epoch loop and evaluation (reference_method.md §7.4 and §8).
+"""The TransFGU decoder's epoch loop and evaluation (as the authors' code; docs/fidelity.md).
 
-* :func:`train_one_epoch`: frozen backbone, teacher on the same crop, eq. 16, the reference step rule (§7.4).
+* :func:`train_one_epoch`: frozen backbone, teacher on the same crop, eq. 16, the reference step rule (``loss > 0``).
 * :func:`evaluate`: bilinear logits at the eval size, one confusion matrix for the split, Hungarian matching.
 
 Randomness comes from an explicit ``torch.Generator`` (CPU), one per step seeded from ``(seed, epoch, step)``
@@ -73,7 +73,7 @@ def train_one_epoch(
     uses its slice, computes its share of the global loss (:func:`shared_loss`), and one ``all_reduce`` gives
     every rank the global loss, so all ranks take the same step decision (see :mod:`transfgu.ddp`).
 
-    Step rule (§7.4): with ``skip_nonpositive`` (reference) the optimizer steps only if the loss is > 0, which
+    Step rule: with ``skip_nonpositive`` (reference) the optimizer steps only if the loss is > 0, which
     also skips NaN; without it, only non-finite losses are skipped. Gradients are clamped element-wise to
     ``[-clamp_grad, clamp_grad]`` (value clipping, not norm clipping). Reboots are the caller's job
     (:func:`reboot`). ``on_step`` receives a dict per step (global loss, decision, draws, dataset indices).
@@ -226,7 +226,7 @@ def train_one_epoch(
     return out
 
 
-# -- evaluation (§8) -----------------------------------------------------------------------------------------
+# -- evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(
     decoder: nn.Module,
@@ -241,7 +241,7 @@ def evaluate(
     overcluster: Overcluster = "hungarian",
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Whole-split evaluation (§8): one confusion matrix over all batches, then one cluster-to-class matching.
+    """Whole-split evaluation (reference): one confusion matrix over all batches, then one cluster-to-class matching.
 
     Batches are ``{"image": uint8 (B,3,H,W), "label": int64 (B,H,W)}``. With ``eval_hw`` set and different
     from the batch size, images are resized bilinearly and labels with nearest (the reference's protocol);

@@ -1,7 +1,7 @@
-"""One training step of the TransFGU decoder (reference_method.md §7.2-7.5): the model helpers and the step's work.
+"""One training step of the TransFGU decoder (docs/fidelity.md): the model helpers and the step's work.
 
 * :func:`make_optimizer`, :func:`make_teacher`, :func:`reboot` (teacher <- student, student <- its saved initial
-  weights, eq. 10-12, §7.2), :func:`predict_logits`;
+  weights, eq. 10-12), :func:`predict_logits`;
 * :func:`draw_dropout`, :func:`step_losses` (teacher + student decoder, targets, eq. 16), :func:`shared_loss` (the
   data-parallel share of the loss);
 * :class:`StepKernels`: the step's device work, compiled or eager.
@@ -28,7 +28,7 @@ from transfgu.throughput.compile import CompileMode, compile_function
 
 
 def make_optimizer(decoder: nn.Module, lr: float, weight_decay: float = 5e-4) -> torch.optim.Adam:
-    """Adam with coupled L2 (``weight_decay``) on tensors with ndim >= 2 only (§7.5); no LR schedule."""
+    """Adam with coupled L2 (``weight_decay``) on tensors with ndim >= 2 only, as the reference; no LR schedule."""
     decay, no_decay = [], []
     for p in decoder.parameters():
         if p.requires_grad:
@@ -60,7 +60,7 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 def reboot(student: nn.Module, teacher: nn.Module, initial_state: Mapping[str, Tensor]) -> None:
-    """New round (§7.2, eq. 10-12): teacher <- copy of the student, student <- the saved initial weights.
+    """New round (eq. 10-12): teacher <- copy of the student, student <- the saved initial weights.
 
     Weights are copied in place, so the optimizer keeps tracking the student's parameters; its Adam moments
     are NOT reset, as in the reference.
@@ -179,7 +179,7 @@ def step_losses(
     dropout_keep: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The step's decoder and loss kernels: teacher (no grad) and student on the frozen patch tokens, the targets
-    of §7.3 and eq. 16; returns ``(total, peer, diversity, uncertainty)`` attached to the student's graph.
+    (eq. 12) and eq. 16; returns ``(total, peer, diversity, uncertainty)`` attached to the student's graph.
 
     One process: ``fraction=1``, ``fg_total=None`` (exactly :func:`total_loss`, nothing read on the host), and
     :class:`StepKernels` may compile it. Data-parallel ranks pass their share and ``fg_total`` (the all-reduced

@@ -1,4 +1,4 @@
-"""Training targets of the TransFGU decoder (reference_method.md §7.3).
+"""Training targets of the TransFGU decoder (as the authors' code builds them; docs/fidelity.md).
 
 :func:`make_targets`: crop-wise min-max normalisation, background channel (eq. 8), teacher mix (eq. 12), hard labels
 and class-axis-permuted negatives.
@@ -27,7 +27,7 @@ class Targets:
 
 
 def minmax_normalise(pseudo: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-sample min-max over all channels and pixels (§7.3 item 1).
+    """Per-sample min-max over all channels and pixels (the reference's first target step).
 
     A (near-)constant map (range <= ``eps``) becomes all zeros instead of the reference's 0/0 = NaN (which
     made the reference skip the whole batch's step).
@@ -53,7 +53,7 @@ def make_targets(
     eps: float = 1e-6,
     perm: Tensor | None = None,
 ) -> Targets:
-    """Bootstrapped targets from RoI-aligned pseudo-label crops (§7.3).
+    """Bootstrapped targets from RoI-aligned pseudo-label crops (as the reference builds them).
 
     Args:
         pseudo: ``(B, K, h, w)`` pseudo-label crops (Grad-CAM response maps, K foreground/stuff concepts).

@@ -2,7 +2,7 @@
 
 The TransFGU reference clusters raw CLS features with faiss (L2, 100 iterations, seed 1, ``max_points_per_centroid``
 = 10^7 so nothing is subsampled, random-sample initialisation, one redo), assigns every point to its nearest centroid
-and replaces each centroid by the plain mean of its members (reference_method.md §4).
+and replaces each centroid by the plain mean of its members (docs/fidelity.md, row 11).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def kmeans(
     max_points_per_centroid: int | None = None,
     spherical: bool = False,
 ) -> KMeansResult:
-    """faiss k-means as in the reference (reference_method.md §4), followed by the means recomputation.
+    """faiss k-means as in the reference implementation, followed by the means recomputation.
 
     Args:
         x: ``(n, D)`` raw features (cast to float32).

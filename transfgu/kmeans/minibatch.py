@@ -1,4 +1,4 @@
-"""sklearn ``MiniBatchKMeans`` as the reference runs it for Cityscapes and LIP (reference_method.md §4).
+"""sklearn ``MiniBatchKMeans`` as the reference runs it for Cityscapes and LIP (docs/fidelity.md row 11).
 
 The authors cluster the crop CLS features of Cityscapes and LIP with ``sklearn.cluster.MiniBatchKMeans``
 (``max_iter=100``, ``random_state=0``, otherwise sklearn 1.0.1's defaults: k-means++ initialisation, ``n_init=3``,

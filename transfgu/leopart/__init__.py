@@ -1,8 +1,8 @@
 """Leopart's fully unsupervised segmentation: cluster-based foreground extraction (CBFE) and community detection (CD).
 
-Ziegler & Asano, "Self-Supervised Learning of Object Parts for Semantic Segmentation" (CVPR 2022), appendix A.1
-(``../shared/docs/papers/leopart_appendix.md``); the authors' script is described step by step in
-``field_anchors.md`` §3. The method is post-hoc: it works on the dense patch tokens of any frozen ViT.
+Ziegler & Asano, "Self-Supervised Learning of Object Parts for Semantic Segmentation" (CVPR 2022), appendix A.1;
+the authors' script is described step by step in docs/leopart.md, "The method, step by step". The method is
+post-hoc: it works on the dense patch tokens of any frozen ViT.
 
 =========================  =====================================================================================
 module                     step

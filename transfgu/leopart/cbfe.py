@@ -1,4 +1,4 @@
-"""Step 3: cluster-based foreground extraction (CBFE; leopart_appendix.md A.1, field_anchors.md §3 step 3).
+"""Step 3: cluster-based foreground extraction (CBFE; the Leopart paper's appendix A.1, Leopart's code step 3).
 
 All training patches are clustered with spherical k-means (K = 200). A cluster's *precision* is the fraction of its
 patches inside the noisy attention mask, computed per image and averaged over the images where the cluster occurs.

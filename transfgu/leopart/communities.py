@@ -1,4 +1,4 @@
-"""Steps 5-6: the cluster co-occurrence network and its Infomap communities (field_anchors.md §3).
+"""Steps 5-6: the cluster co-occurrence network and its Infomap communities (Leopart's code; docs/leopart.md).
 
 Co-occurrence (the authors use ``skimage.greycomatrix`` per image, in a Python loop, with at most 256 clusters):
 for every image, count the pairs (cluster at p, cluster at p + offset) over the offsets of distances {1, 2} at 8

@@ -1,7 +1,7 @@
 """Step 1: dense patch features and the last block's CLS attention, one Parquet row per image.
 
 The authors' ``forward_backbone`` returns the patch tokens of the last layer and its CLS self-attention for every
-image resized to 448 x 448 (field_anchors.md §3, step 1). Here one row per image holds::
+image resized to 448 x 448 (docs/leopart.md, "The method, step by step"). Here one row per image holds::
 
     image_id    string
     h, w, d     int32                       token grid and feature width

@@ -1,4 +1,4 @@
-"""Leopart's dense self-supervised fine-tuning of a ViT: the method pieces (leopart_appendix.md A.1).
+"""Leopart's dense self-supervised fine-tuning of a ViT: the method pieces (the Leopart paper's appendix A.1).
 
 A student ViT and a teacher (an exponential moving average of the student) see several crops of one image: a few
 *global* crops (224 px) and more *local* crops (96 px), each pair intersecting by at least 1 % of the image. Every

@@ -1,4 +1,4 @@
-"""Step 2: the noisy foreground mask from the last block's CLS attention (field_anchors.md §3, step 2).
+"""Step 2: the noisy foreground mask from the last block's CLS attention (Leopart's code, step 2; docs/leopart.md).
 
 The attention over patches (averaged over heads; DINO's ``visualize_attention`` picks the best head with ground truth
 instead) is blurred with a Gaussian (kernel 7, sigma 0.6), the patches holding the top ``mass`` = 65 % of the

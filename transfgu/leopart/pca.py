@@ -1,4 +1,4 @@
-"""Standardisation + PCA of the patch tokens, fit on the training split only (field_anchors.md §3, step 1).
+"""Standardisation + PCA of the patch tokens, fit on the training split only (Leopart's code, step 1; docs/leopart.md).
 
 The authors standardise with scikit-learn's ``StandardScaler`` (population variance) and reduce to 50 dimensions with
 ``faiss.PCAMatrix``, both fit on train + val together (transductive). Here both are fit on the training split, from

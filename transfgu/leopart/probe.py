@@ -1,6 +1,6 @@
-"""Linear probe of frozen dense patch tokens (leopart_appendix.md A.1, "Evaluation details"): a linear layer on the
-frozen features, trained WITH THE TRAINING SPLIT'S LABELS, scored on val by mIoU with the project's confusion
-matrix and IoU definition (the head predicts classes, so there is no cluster matching).
+"""Linear probe of frozen dense patch tokens (the Leopart paper's appendix A.1, "Evaluation details"): a linear
+layer on the frozen features, trained WITH THE TRAINING SPLIT'S LABELS, scored on val by mIoU with the project's
+confusion matrix and IoU definition (the head predicts classes, so there is no cluster matching).
 
 The appendix's settings: features bilinearly interpolated to the mask size before the head, 25 epochs, learning
 rate 0.01 divided by 10 after epoch 20, batch size 120, training masks 100 x 100, evaluation masks 448 x 448. It does

@@ -1,9 +1,9 @@
 """Frozen self-supervised ViT backbones (DINO, DINOv2 with or without registers, DINOv3; all through timm) with the
 outputs every method needs, behind one interface (:class:`DinoViT`).
 
-One forward pass gives the final-LayerNorm CLS token (crop features, reference_method.md §3), the patch tokens (decoder
-input §6, Leopart's dense features) and the last block's CLS->patch softmax attention per head (foreground prior §2.2,
-pseudo labels §5, Leopart's noisy foreground mask).
+One forward pass gives the final-LayerNorm CLS token (crop features, as in the authors' code), the patch tokens (decoder
+input, Leopart's dense features) and the last block's CLS->patch softmax attention per head (foreground prior,
+pseudo labels, Leopart's noisy foreground mask).
 
 Two timm model classes are supported, and nothing outside this module knows which one it has:
 
@@ -325,7 +325,7 @@ class DinoViT(nn.Module):
         """Final-LayerNorm CLS token given the last block's input tokens, CLS attention row (all keys) and values.
 
         Only the CLS row of the last block's attention reaches the CLS output, which is why the gradient of a
-        CLS-only objective with respect to the attention matrix lives entirely in that row (reference_method §5).
+        CLS-only objective with respect to the attention matrix lives entirely in that row (docs/fidelity.md row 2).
         """
         o = torch.einsum("bht,bhtd->bhd", a_cls, v).reshape(t.shape[0], -1)
         return self.finish_last_block(t[:, 0], o)

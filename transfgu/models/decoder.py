@@ -1,4 +1,4 @@
-"""Segmenter mask-transformer decoder, TransFGU's student and teacher (paper eq. 2, reference_method.md §6).
+"""Segmenter mask-transformer decoder, TransFGU's student and teacher (paper eq. 2; docs/fidelity.md row 5).
 
 The decoder takes the frozen encoder's final-LayerNorm patch tokens, appends K learned class tokens, runs a
 few pre-norm transformer blocks over the joint sequence, and scores every patch against every class by cosine
@@ -113,7 +113,7 @@ class Block(nn.Module):
 
 
 class MaskTransformerDecoder(nn.Module):
-    """Segmenter ``MaskTransformer`` (reference_method.md §6).
+    """Segmenter ``MaskTransformer`` (as in the authors' code).
 
     Args:
         n_classes: output channels K (the "things" variant passes K_fg + 1; channel 0 is background).
@@ -176,7 +176,7 @@ class MaskTransformerDecoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def reset_parameters(self) -> None:
-        """Draw fresh random weights with the reference's init (§6). Uses the global torch RNG.
+        """Draw fresh random weights with the reference's init (docs/fidelity.md row 5). Uses the global torch RNG.
 
         To put the student back to *the same* initial weights at a reboot (paper eq. 10-12), save
         :meth:`initial_state` once at start-up and call :meth:`load_initial_state` instead.

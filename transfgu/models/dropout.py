@@ -1,4 +1,4 @@
-"""Dropout with caller-given masks, keyed per sample (reference_method.md §6: the decoder's dropout 0.1).
+"""Dropout with caller-given masks, keyed per sample (the authors' decoder dropout 0.1; docs/fidelity.md row 16).
 
 ``nn.Dropout`` draws its masks from the global RNG in the order the batch happens to be laid out, so W
 data-parallel ranks, each holding a slice of the global batch, cannot draw the masks one process would. Here the

@@ -1,5 +1,5 @@
-"""On-disk contracts of a pipeline run (DESIGN.md §3), by seam; every file is readable with plain
-``pyarrow.parquet`` or ``json``, nothing is pickled:
+"""On-disk contracts of a pipeline run (docs/architecture.md, "Run directory"), by seam; every file is readable
+with plain ``pyarrow.parquet`` or ``json``, nothing is pickled:
 
 * :mod:`transfgu.store.atomic`: atomic writes (temporary name, fsync, ``os.replace``), file modes, strict
   JSON (no pyarrow, no numpy: light enough for the command line);

@@ -1,4 +1,4 @@
-"""Atomic writes and strict JSON: the way every file of a run is written (DESIGN.md §3).
+"""Atomic writes and strict JSON: the way every file of a run is written (docs/architecture.md, "Run directory").
 
 Files are written to a hidden temporary name in the target directory, fsync'ed and renamed with
 ``os.replace``, so a reader (or a resumed stage) sees either the old complete file or the new complete file,

@@ -1,8 +1,8 @@
-"""The Parquet formats of a pipeline run (DESIGN.md §3): the crop features and the label bank.
+"""The Parquet formats of a pipeline run (docs/architecture.md, "Stages"): the crop features and the label bank.
 
 Every file is readable with plain ``pyarrow.parquet`` or ``json``; nothing is pickled.
 
-``features/*.parquet`` -- one row per kept crop (stage 1, reference_method.md §2-§3)::
+``features/*.parquet`` -- one row per kept crop (stage 1, extract; docs/architecture.md)::
 
     image_id    string                        image identifier (unique within the data set)
     split       string                        data split the image came from
@@ -12,7 +12,7 @@ Every file is readable with plain ``pyarrow.parquet`` or ``json``; nothing is pi
     pool        string                        "fg" | "bg" | "all"
     cls         fixed_size_list<float32>[D]   final-LayerNorm CLS token of the resized crop (raw)
 
-``label_bank/*.parquet`` -- one row per image (stage 3, reference_method.md §5), format ``transfgu.label_bank/2``::
+``label_bank/*.parquet`` -- one row per image (stage 3, label_bank), format ``transfgu.label_bank/2``::
 
     image_id     string
     h, w, K      int32                   token grid and number of concept maps

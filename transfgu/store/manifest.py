@@ -1,4 +1,4 @@
-"""The run manifest and the config hash (DESIGN.md §3).
+"""The run manifest and the config hash (docs/architecture.md, "Stages").
 
 The run manifest ``<run>/_manifest.json`` records per stage its status, row counts, the hash of its inputs,
 outputs, timestamps and free-form extras. It is meant to have a single writer (the driver process); every

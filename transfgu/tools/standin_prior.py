@@ -13,7 +13,7 @@ Objective (two heads, dropped when saving):
 
 * CLS head: cross-entropy against the majority ground-truth class of the crop (what the concept stage clusters),
   with logits = minus the squared distance of the CLS to a learnt prototype per class, so that the classes form
-  Euclidean clusters of the raw CLS (the concept stage's k-means is L2 on raw features, §4);
+  Euclidean clusters of the raw CLS (the concept stage's k-means is L2 on raw features);
 * patch head: cross-entropy of every patch token against the ground-truth class at the patch centre (what the
   decoder reads and what the attention Grad-CAM of the pseudo labels localises).
 
@@ -169,7 +169,7 @@ class StandinModel(nn.Module):
         t = self.vit.forward_features(x)  # (B, 1 + h*w, D) after the final LayerNorm
         p = self.vit.num_prefix_tokens
         if self.prototype:
-            # Classes as Euclidean clusters of the raw CLS: the geometry the concept stage's k-means sees (§4).
+            # Classes as Euclidean clusters of the raw CLS: the geometry the concept stage's k-means sees.
             cls = -torch.cdist(t[:, 0], self.prototypes).pow(2) / t.shape[-1] ** 0.5
         else:
             cls = self.cls_head(t[:, 0])
