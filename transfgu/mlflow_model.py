@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import logging
 import os
@@ -278,8 +279,9 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str | Path, regist
     )
     with tempfile.TemporaryDirectory() as tmp, _tracking_uri(tracking_uri):
         kw = _flavor_kwargs(ckpt, Path(tmp))
-        info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
-                         registered_model_name=registered_name, **kw)
+        with _printed_at_debug():  # "Successfully registered model ...": our line below says it in the log format
+            info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, name=name, run_id=run_id,
+                             model_id=logged.model_id, registered_model_name=registered_name, **kw)
     card = ckpt / MODEL_CARD
     if card.is_file():
         client.log_model_artifact(logged.model_id, str(card))
@@ -290,6 +292,20 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str | Path, regist
              f", registered as {registered_name!r} version {info.registered_model_version}" if registered_name
              else "")
     return info
+
+
+@contextlib.contextmanager
+def _printed_at_debug() -> Iterator[None]:
+    """What MLflow prints with ``print`` (model registration notices, outside its loggers) goes to this module's log
+    at DEBUG instead of the console, so a run's console keeps one line format."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        for line in (out.getvalue() + err.getvalue()).splitlines():
+            if line.strip():
+                log.debug("[mlflow] %s", line)
 
 
 def register_logged_model(tracking_uri: str, model_id: str, name: str) -> str:
