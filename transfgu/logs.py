@@ -6,7 +6,9 @@
   ``verbose`` -- their INFO lines say nothing about the run. ``TRANSFGU_VERBOSE=1`` does the same as ``--verbose``
   in processes the CLI does not start (Ray workers).
 * :class:`Progress` -- a tqdm bar on a terminal; elsewhere (job logs, CI) one line per ``min_interval_s`` seconds;
-  in both cases one log line at the end, with counts, rate and ETA.
+  in both cases one log line at the end, with counts, rate and ETA. In a process whose console nobody sees (a Ray
+  task), :func:`progress_sink` also hands every count to a callback, which relays it to the driver
+  (:mod:`transfgu.distributed.progress`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -153,6 +155,23 @@ def _fmt(sec: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(sec))
 
 
+#: ``(progress id, stage, done, total)`` -> None: where this process's progress also goes (see progress_sink).
+ProgressSink = Callable[[int, str, int, int], None]
+_sink: dict[str, ProgressSink | None] = {"fn": None}
+_SINK_INTERVAL_S = 0.5  # at most two relayed counts a second per bar (and always the last one)
+
+
+@contextlib.contextmanager
+def progress_sink(fn: ProgressSink) -> Iterator[None]:
+    """Within the block every :class:`Progress` of this process also reports ``(id, stage, done, total)`` to ``fn``
+    (throttled to two calls a second, the final count always): how a Ray task's bars reach the driver's console."""
+    before, _sink["fn"] = _sink["fn"], fn
+    try:
+        yield
+    finally:
+        _sink["fn"] = before
+
+
 class Progress:
     """Progress of one stage over ``total`` items: a bar on a terminal, a periodic log line elsewhere.
 
@@ -173,6 +192,8 @@ class Progress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self._sink, self._sunk_at = _sink["fn"], 0.0
+        self._relay()
         stream = stream if stream is not None else sys.stderr
         if bar is None:
             bar = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TRANSFGU_NO_BAR") is None
@@ -196,8 +217,18 @@ class Progress:
                     self._last_line = time.time()
                     self._line()
 
+    def _relay(self, final: bool = False) -> None:
+        if self._sink is None:
+            return
+        now = time.time()
+        if final or self.done >= self.total or now - self._sunk_at >= _SINK_INTERVAL_S:
+            self._sunk_at = now
+            with contextlib.suppress(Exception):  # a lost driver must not fail the work it watches
+                self._sink(id(self), self.stage, self.done, self.total)
+
     def update(self, n: int, extra: str = "") -> None:
         self.done += n
+        self._relay()
         if self._bar is not None:
             self._bar.update(n)
             if extra:
@@ -220,6 +251,7 @@ class Progress:
 
     def close(self) -> None:
         """End the bar; the final count always reaches the log (and so ``pipeline.log``)."""
+        self._relay(final=True)
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()

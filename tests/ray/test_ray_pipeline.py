@@ -9,6 +9,7 @@ image; no deprecated Ray API in the logs.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def test_full_pipeline_matches_one_process_and_resumes(cluster, tiny_run_dir, tm
     assert got["mIoU"] == pytest.approx(ref["mIoU"], abs=1e-6)
     assert got["pixel_accuracy"] == pytest.approx(ref["pixel_accuracy"], abs=1e-6)
     assert got["pretrained"] is False
+    # the evaluation runs as one Ray task; its progress reached the driver's log (transfgu.distributed.progress)
+    assert re.search(r"INFO transfgu: \[evaluate\] (\d+)/\1 \(100\.0%\)", (run_dir / "pipeline.log").read_text())
 
     # a second run recomputes nothing
     everything = ("features", "concepts", "label_bank", "train", "model", "eval")

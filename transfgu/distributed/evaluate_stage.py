@@ -1,5 +1,5 @@
 """TransFGU's evaluate stage on Ray: :func:`transfgu.stages.evaluate_model` in one Ray task (on a GPU when the
-cluster has one)."""
+cluster has one), its progress shown by the driver (:mod:`transfgu.distributed.progress`)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,21 @@ import torch
 from transfgu.config import Config
 from transfgu.context import RunContext
 from transfgu.distributed.cluster import task_resources, torch_threads, worker_config
-from transfgu.logs import setup_logging
+from transfgu.distributed.progress import relay_sink, run_with_progress
+from transfgu.logs import progress_sink, setup_logging
 from transfgu.stages import evaluate_model
 
 
-def _evaluate_task(cfg_dict: dict[str, Any], num_cpus: float, hashes: dict[str, str]) -> dict[str, Any]:
+def _evaluate_task(cfg_dict: dict[str, Any], num_cpus: float, hashes: dict[str, str], relay: Any) -> dict[str, Any]:
+    import ray
+
     setup_logging(worker=True)
     torch.set_num_threads(torch_threads(num_cpus))
     ctx = RunContext(Config.model_validate(cfg_dict), hashes)  # the driver's hashes (see RunContext)
-    return evaluate_model(ctx)
+    with progress_sink(relay_sink(relay)):
+        out = evaluate_model(ctx)
+    ray.get(relay.snapshot.remote())  # one caller's actor calls run in order: every count has arrived
+    return out
 
 
 def run_evaluate_ray(ctx: RunContext) -> dict[str, Any]:
@@ -28,4 +34,5 @@ def run_evaluate_ray(ctx: RunContext) -> dict[str, Any]:
     res = task_resources(ctx.cfg)
     # "DEFAULT": on the cluster, not inside the placement group of a Tune trial that runs this pipeline
     task = ray.remote(_evaluate_task).options(**res, scheduling_strategy="DEFAULT")
-    return ray.get(task.remote(worker_config(ctx.cfg), res["num_cpus"], ctx.hashes))
+    cfg = worker_config(ctx.cfg)
+    return run_with_progress(lambda relay: task.remote(cfg, res["num_cpus"], ctx.hashes, relay))
