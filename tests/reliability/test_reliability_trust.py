@@ -5,6 +5,7 @@ and every refusal is one line with exit code 2 before any work."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -292,8 +293,15 @@ def test_two_concurrent_runs_of_one_directory_the_second_is_refused(tmp_path: Pa
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and not (root / "tiny" / "config.yaml").is_file():
-        time.sleep(0.2)  # the first run has started writing
-    second = _cli("run", *_tiny_args(root, "concepts.k_per_pool={all: 6}"))
+        time.sleep(0.02)  # the first run has taken the directory's lock and started writing
+    # Paused while the second starts: the tiny run can finish in less time than a second CLI takes to start on a
+    # loaded machine, and the probe is about two runs at once
+    assert first.poll() is None, first.communicate()[1]
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = _cli("run", *_tiny_args(root, "concepts.k_per_pool={all: 6}"))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     out, err = first.communicate(timeout=900)
     assert first.returncode == 0, err
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
