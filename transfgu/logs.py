@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -155,10 +156,12 @@ def _fmt(sec: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(sec))
 
 
-#: ``(progress id, stage, done, total)`` -> None: where this process's progress also goes (see progress_sink).
+#: ``(bar id, stage, done, total)`` -> None, ids counting up as bars start: where this process's progress also goes
+#: (see progress_sink).
 ProgressSink = Callable[[int, str, int, int], None]
 _sink: dict[str, ProgressSink | None] = {"fn": None}
 _SINK_INTERVAL_S = 0.5  # at most two relayed counts a second per bar (and always the last one)
+_bar_ids = itertools.count()  # a bar's id for the sink: in creation order, never reused (id() would be)
 
 
 @contextlib.contextmanager
@@ -192,7 +195,7 @@ class Progress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
-        self._sink, self._sunk_at = _sink["fn"], 0.0
+        self._sink, self._sunk_at, self._id = _sink["fn"], 0.0, next(_bar_ids)
         self._relay()
         stream = stream if stream is not None else sys.stderr
         if bar is None:
@@ -224,7 +227,7 @@ class Progress:
         if final or self.done >= self.total or now - self._sunk_at >= _SINK_INTERVAL_S:
             self._sunk_at = now
             with contextlib.suppress(Exception):  # a lost driver must not fail the work it watches
-                self._sink(id(self), self.stage, self.done, self.total)
+                self._sink(self._id, self.stage, self.done, self.total)
 
     def update(self, n: int, extra: str = "") -> None:
         self.done += n

@@ -19,7 +19,8 @@ POLL_S = 1.0
 
 
 class ProgressRelay:
-    """The last ``(stage, done, total)`` of every bar of the watched task, by the bar's id (a Ray actor)."""
+    """The last ``(stage, done, total)`` of every bar of the watched task, by the bar's id (a Ray actor); ids count
+    up in the order the task started its bars."""
 
     def __init__(self) -> None:
         self._bars: dict[int, tuple[str, int, int]] = {}
@@ -53,6 +54,8 @@ def run_with_progress(start: Callable[[Any], Any], poll_s: float = POLL_S) -> An
         for bar, stage, done, total in sorted(ray.get(relay.snapshot.remote())):
             prog = mirrors.get(bar)
             if prog is None:
+                for older in mirrors.values():  # the task's bars run one after the other: a new one ends the rest
+                    older.close()
                 prog = mirrors[bar] = Progress(stage, total, heartbeat=True)
             if done > prog.done:
                 prog.update(done - prog.done)
