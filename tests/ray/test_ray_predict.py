@@ -118,14 +118,32 @@ def test_batch_prediction_equals_the_cli_and_survives_a_killed_actor(local_ray, 
 
 
 def test_cli_ray_flag_with_a_glob_and_a_file_uri(local_ray, tiny_run_dir, inputs, cli_reference, tmp_path):
+    import logging
+
     from transfgu.cli import main
 
+    class Keep(logging.Handler):  # the run's own lines, whatever stream an earlier test left the console handler on
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    keep, ours = Keep(), logging.getLogger("transfgu")
+    ours.addHandler(keep)
     out = tmp_path / "pred"
     uris = [f"file://{p}" for p in sorted(inputs.glob("*.jpg"))]  # single objects: stem = file name
-    rc = main(["predict", str(tiny_run_dir), str(inputs / "**" / "*.png"), *uris, "--out", str(out),
-               "--ray", "--batch-size", "3", "--actors", "1,1"])
+    try:
+        rc = main(["predict", str(tiny_run_dir), str(inputs / "**" / "*.png"), *uris, "--out", str(out),
+                   "--ray", "--batch-size", "3", "--actors", "1,1"])
+    finally:
+        ours.removeHandler(keep)
     assert rc == 0
     _assert_equal_to_cli(out, cli_reference)
+    # not silent while it runs: without a terminal, status lines, then the final count
+    n = len(uris) + 1
+    assert any(m.startswith(f"[predict] {n}/{n} (100.0%)") for m in keep.messages), keep.messages
 
 
 def test_list_inputs_forms(inputs, tmp_path):

@@ -30,6 +30,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter
@@ -44,10 +45,10 @@ import pyarrow.parquet as pq
 from transfgu.cli_args import predict_ray_parser as build_parser
 from transfgu.config import Config
 from transfgu.data.io import decode_rgb
-from transfgu.distributed.cluster import init_ray, map_on_pool, run_pool_with_retries
+from transfgu.distributed.cluster import configure_data_context, init_ray, map_on_pool, run_pool_with_retries
 from transfgu.errors import ErrorLog
 from transfgu.integrity import PREDICT_MARKER, check_predict_output
-from transfgu.logs import setup_logging
+from transfgu.logs import Progress, setup_logging
 from transfgu.mlflow_model import resolve_model_dir
 from transfgu.model_meta import find_checkpoint, read_model_meta
 from transfgu.predict import (
@@ -286,7 +287,7 @@ def predict_ray(
     summary: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_COLUMNS}
     t0 = time.time()
     if todo:
-        DataContext.get_current().enable_progress_bars = False
+        ray_bar = configure_data_context(DataContext.get_current())  # Ray Data's bar on a terminal only
         lo, hi = actors
         res: dict[str, float] = {"num_gpus": 1, "num_cpus": min(1.0, cpus_per_actor)} if gpu else {
             "num_cpus": cpus_per_actor}
@@ -300,6 +301,7 @@ def predict_ray(
             if lost:  # written by an actor that died before reporting them: their rows come from the ledger
                 for k, v in _ledger_summary(out, lost).items():
                     summary[k].append(v)
+                prog.update(len(lost), "(from the ledger)")
             left = [(src, stem) for src, stem in todo if not ledger.get(stem)]
             if not left:
                 return
@@ -322,8 +324,15 @@ def predict_ray(
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for k in SUMMARY_COLUMNS:
                     summary[k].append(batch[k])
+                prog.update(len(batch["stem"]))
 
-        run_pool_with_retries("predict", attempt)
+        # Under Ray Data's bar only the final count is logged; elsewhere a status line every 10 s, also while the
+        # first batches are still running (as the pipeline's per-image stages do)
+        with Progress("predict", len(items), bar=False, min_interval_s=math.inf if ray_bar else 10.0,
+                      heartbeat=not ray_bar) as prog:
+            if kept:
+                prog.update(kept, "(kept)")
+            run_pool_with_retries("predict", attempt)
     got = {k: np.concatenate(v) if v else np.zeros(0, dtype=object) for k, v in summary.items()}
     _check_exactly_once(out, [s for _, s in items], [s for _, s in todo], got)
     (out / "errors.jsonl").unlink(missing_ok=True)  # this run's errors only (the ledger keeps every run's)
