@@ -288,6 +288,10 @@ def predict_ray(
     t0 = time.time()
     if todo:
         ray_bar = configure_data_context(DataContext.get_current())  # Ray Data's bar on a terminal only
+        # Under Ray Data's bar only the final count is logged; elsewhere a status line every 10 s, also while the
+        # first batches are still running (as the pipeline's per-image stages do)
+        prog = Progress("predict", len(items), bar=False, min_interval_s=math.inf if ray_bar else 10.0,
+                        heartbeat=not ray_bar)
         lo, hi = actors
         res: dict[str, float] = {"num_gpus": 1, "num_cpus": min(1.0, cpus_per_actor)} if gpu else {
             "num_cpus": cpus_per_actor}
@@ -326,10 +330,7 @@ def predict_ray(
                     summary[k].append(batch[k])
                 prog.update(len(batch["stem"]))
 
-        # Under Ray Data's bar only the final count is logged; elsewhere a status line every 10 s, also while the
-        # first batches are still running (as the pipeline's per-image stages do)
-        with Progress("predict", len(items), bar=False, min_interval_s=math.inf if ray_bar else 10.0,
-                      heartbeat=not ray_bar) as prog:
+        with prog:
             if kept:
                 prog.update(kept, "(kept)")
             run_pool_with_retries("predict", attempt)
